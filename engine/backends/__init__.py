@@ -1,0 +1,1 @@
+"""Backends that own the model, optimizer and checkpoints (single process, DeepSpeed)."""

@@ -1,0 +1,1 @@
+"""open_clip model construction, weight loading, preprocessing presets and export."""
