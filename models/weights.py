@@ -1,0 +1,163 @@
+"""Weight files in stock open_clip format: safe reading, strict loading, atomic export, logit_scale shape."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+# open_clip keeps these 0-dim; make_logit_scale_1d turns them into shape [1] for DeepSpeed.
+SCALAR_PARAMS = ("logit_scale", "logit_bias")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DeepSpeed engine, torch.compile
+_NUM_EXAMPLES = 5  # mismatches listed per kind in error messages
+
+
+def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in _WRAPPER_PREFIXES:
+        if state_dict and all(key.startswith(prefix) for key in state_dict):
+            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", str(err), flags=re.DOTALL)
+    return match.group(1).strip() if match else str(err).splitlines()[0]
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from `.safetensors` or an open_clip `.bin`/`.pt` file, never unpickling objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file not found: {path}; pass an existing local {'/'.join(WEIGHT_SUFFIXES)} file"
+        )
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(
+            f"unsupported weights file {path}: expected one of {WEIGHT_SUFFIXES}; "
+            "convert it to .safetensors (the state dict of an open_clip model)"
+        )
+    if path.suffix == ".safetensors":
+        try:
+            checkpoint = load_file(path, device="cpu")
+        except SafetensorError as err:
+            raise ValueError(f"cannot read {path} as safetensors ({err}); is the file complete?") from err
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"refusing to load {path}: torch.load(weights_only=True) rejected it "
+                f"({_unpickler_reason(err)}). It is not a plain tensor checkpoint, and unpickling it could "
+                "run arbitrary code; re-save only the model's state dict (or .safetensors) from a trusted "
+                "environment"
+            ) from err
+        except (RuntimeError, EOFError) as err:
+            reason = str(err).splitlines()[0]
+            raise ValueError(f"cannot read {path} ({reason}); is the file complete?") from err
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise ValueError(f"{path} holds no state dict (got {type(checkpoint).__name__})")
+    not_tensors = [key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"{path} is not a model state dict: entries {not_tensors[:_NUM_EXAMPLES]} are not tensors; "
+            "pass a raw state dict or a checkpoint with a 'state_dict' entry"
+        )
+    return _strip_wrapper_prefixes(checkpoint)
+
+
+def _describe_mismatch(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    missing = [key for key in expected if key not in loaded]
+    unexpected = [key for key in loaded if key not in expected]
+    wrong_shape = [
+        f"{key}: file {list(loaded[key].shape)} vs model {list(expected[key].shape)}"
+        for key in expected
+        if key in loaded and loaded[key].shape != expected[key].shape
+    ]
+    parts = [
+        f"{len(items)} {kind} (e.g. {', '.join(items[:_NUM_EXAMPLES])})"
+        for kind, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", wrong_shape))
+        if items
+    ]
+    return "; ".join(parts)
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load `path` into the unwrapped `model` strictly; `logit_scale` may be 0-dim or [1] on either side."""
+    state_dict = read_state_dict(path)
+    expected = model.state_dict()
+    for name in SCALAR_PARAMS:
+        in_both = name in state_dict and name in expected
+        if in_both and state_dict[name].numel() == expected[name].numel() == 1:
+            state_dict[name] = state_dict[name].reshape(expected[name].shape)
+    mismatch = _describe_mismatch(state_dict, expected)
+    if mismatch:
+        raise ValueError(
+            f"weights {path} do not match the model architecture: {mismatch}. Fix: build the model with the "
+            "architecture the checkpoint was trained as (build_model name=...), or pass the right file"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def export_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Atomically write `model`'s state dict as stock open_clip `.safetensors` (0-dim `logit_scale`)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"export path {path} must end in .safetensors (open_clip picks a loader by suffix)")
+    tensors = {}
+    for key, value in _strip_wrapper_prefixes(model.state_dict()).items():
+        if key in SCALAR_PARAMS and value.shape == (1,):
+            value = value.reshape(())
+        tensors[key] = value.detach().to("cpu").contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp_name, metadata={"format": "pt"})
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; exported weights are meant to be shared
+        with open(tmp_name, "rb") as tmp_file:
+            os.fsync(tmp_file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def make_logit_scale_1d(model: torch.nn.Module) -> None:
+    """Re-register 0-dim `logit_scale` (and `logit_bias`, if any) as shape [1], keeping value and grad flag.
+
+    Call before building the optimizer: the old parameter objects are replaced.
+    """
+    if not isinstance(getattr(model, "logit_scale", None), torch.nn.Parameter):
+        raise TypeError(f"{type(model).__name__} has no logit_scale parameter; pass the unwrapped CLIP model")
+    for name in SCALAR_PARAMS:
+        param = getattr(model, name, None)
+        if isinstance(param, torch.nn.Parameter) and param.ndim == 0:
+            value = param.detach().reshape(1).clone()
+            setattr(model, name, torch.nn.Parameter(value, requires_grad=param.requires_grad))
+
+
+def temperature(model: torch.nn.Module) -> float:
+    """Contrastive temperature tau = 1 / exp(logit_scale) of `model`."""
+    logit_scale = getattr(model, "logit_scale", None)
+    if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1:
+        raise ValueError(
+            f"{type(model).__name__} has no single-element logit_scale; pass the unwrapped CLIP model "
+            "(with ZeRO-3, gather the parameter first)"
+        )
+    return float(torch.exp(-logit_scale.detach().float()).reshape(()))
