@@ -1,0 +1,36 @@
+"""The backend interface: what the trainer needs from whoever owns model, optimizer and state."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class Backend(Protocol):
+    """Build once; then backward / step per iteration; moments and state for OSR and checkpoints."""
+
+    model: nn.Module
+    device: torch.device
+
+    def backward(self, loss: Tensor) -> None:
+        """Accumulate the gradient of `loss` (already the global-batch objective of this rank)."""
+
+    def step(self, *, lr: float, grad_clip: float = 0.0) -> float:
+        """One AdamW step at learning rate `lr` (0 in OSR: weights stay bit-identical); returns grad norm."""
+
+    def reset_optimizer_state(self) -> None:
+        """Forget AdamW's moments and step counter (the 'no seeding' ablation)."""
+
+    def optimizer_step_count(self) -> int:
+        """AdamW's step counter t (bias correction uses t)."""
+
+    def full_moments(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Parameter name -> (exp_avg, exp_avg_sq), full (unsharded) tensors on CPU."""
+
+    def state_dict(self) -> dict:
+        """Model and optimizer state for a checkpoint."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""

@@ -1,0 +1,72 @@
+"""Single-process backend: the model on one device with torch AdamW."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; exempt biases, norms, embeddings' gains and scalars (open_clip's rule)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exempt else decay).append(param)
+    return [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+
+
+class SingleProcessBackend:
+    """Model + torch AdamW on one device; implements `engine.backends.base.Backend`."""
+
+    def __init__(self, model: nn.Module, *, device: torch.device, betas: tuple[float, float],
+                 weight_decay: float, eps: float):
+        self.model = model.to(device)
+        self.device = device
+        self.optimizer = torch.optim.AdamW(
+            adamw_param_groups(self.model, weight_decay), lr=0.0, betas=betas, eps=eps
+        )
+        self._names = {id(p): n for n, p in self.model.named_parameters()}
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self, *, lr: float, grad_clip: float = 0.0) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reset_optimizer_state(self) -> None:
+        self.optimizer.state.clear()
+
+    def optimizer_step_count(self) -> int:
+        for state in self.optimizer.state.values():
+            return int(state["step"])
+        return 0
+
+    def full_moments(self) -> dict[str, tuple[Tensor, Tensor]]:
+        out = {}
+        for param, state in self.optimizer.state.items():
+            out[self._names[id(param)]] = (state["exp_avg"].detach().cpu(), state["exp_avg_sq"].detach().cpu())
+        return out
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

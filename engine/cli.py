@@ -1,0 +1,147 @@
+"""Command line: `python run.py <command>` (tune, osr, finetune, eval, export, shards, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+COMMON_FLAGS = {
+    # flag: config key it sets
+    "method": "method",
+    "train": "data.train",
+    "model": "model.name",
+    "weights": "model.weights",
+    "preset": "model.preset",
+    "out": "run.out_dir",
+    "epochs": "run.epochs",
+    "osr_epochs": "osr.epochs",
+    "lr": "optim.lr",
+    "batch_size": "data.batch_size",
+    "margin": "loss.margin",
+    "surrogate": "loss.surrogate",
+    "device": "run.device",
+}
+
+
+def _add_job_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with the job configuration (see configs in README)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set loss.margin=0.2 (repeatable)")
+    for flag in COMMON_FLAGS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None,
+                            help=f"shortcut for --set {COMMON_FLAGS[flag]}=...")
+    parser.add_argument("--no-seed-moments", action="store_true", help="ablation: do not seed AdamW from OSR")
+    parser.add_argument("--no-seed-u", action="store_true", help="ablation: do not seed u from OSR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description="TuneCLIP-engine: self-supervised CLIP fine-tuning")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, text in (("tune", "OSR (if the method uses it) then fine-tuning, with evaluation"),
+                       ("osr", "stage I only: recover AdamW moments and u at frozen weights"),
+                       ("finetune", "stage II only (no OSR), e.g. the OpenCLIP / FastCLIP baselines"),
+                       ("eval", "evaluate the model (weights) on the configured tasks")):
+        _add_job_args(sub.add_parser(name, help=text, description=text))
+
+    export = sub.add_parser("export", help="convert a local checkpoint to open_clip safetensors")
+    export.add_argument("--model", required=True, help="open_clip architecture or shipped config name")
+    export.add_argument("--weights", required=True, help="local .safetensors / .bin / .pt")
+    export.add_argument("--out", required=True, help="output .safetensors path")
+
+    shards = sub.add_parser("shards", help="build or index webdataset shards")
+    shards_sub = shards.add_subparsers(dest="shards_command", required=True)
+    build = shards_sub.add_parser("build", help="CSV (filepath,caption) or image+caption folder -> shards")
+    build.add_argument("source")
+    build.add_argument("out_dir")
+    build.add_argument("--samples-per-shard", type=int, default=1000)
+    index = shards_sub.add_parser("index", help="write manifest.json for existing .tar shards")
+    index.add_argument("shards", help="directory of .tar files or a brace pattern")
+
+    demo = sub.add_parser("demo", help="self-contained demo on synthetic data (no downloads)")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="smaller and shorter (for tests)")
+    return parser
+
+
+def job_config_from_args(args: argparse.Namespace):
+    from engine.config import load_config
+
+    overrides = list(args.overrides)
+    for flag, key in COMMON_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.no_seed_moments:
+        overrides.append("osr.seed_moments=false")
+    if args.no_seed_u:
+        overrides.append("osr.seed_u=false")
+    return load_config(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _dispatch(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from engine.demo import run_demo
+
+        run_demo(Path(args.out), quick=args.quick)
+        return 0
+    if args.command == "export":
+        from models import build_model, export_weights
+
+        bundle = build_model(args.model, weights=args.weights)
+        export_weights(bundle.model, args.out)
+        print(f"wrote {args.out}")
+        return 0
+    if args.command == "shards":
+        return _shards(args)
+
+    from engine.trainer import Trainer
+
+    cfg = job_config_from_args(args)
+    trainer = Trainer(cfg)
+    try:
+        if args.command == "tune":
+            trainer.tune()
+        elif args.command == "osr":
+            trainer.osr()
+        elif args.command == "finetune":
+            trainer.finetune()
+            trainer.export(trainer.out_dir / "final.safetensors")
+        elif args.command == "eval":
+            results = trainer.evaluate(stage="start")
+            print(json.dumps(results, indent=2))
+    finally:
+        trainer.close()
+    return 0
+
+
+def _shards(args: argparse.Namespace) -> int:
+    if args.shards_command == "build":
+        from engine.shards import build_shards
+
+        manifest, report = build_shards(args.source, args.out_dir, samples_per_shard=args.samples_per_shard)
+        print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {args.out_dir}")
+        if report["num_skipped"]:
+            print(f"skipped {report['num_skipped']}: {json.dumps(report['skipped_by_reason'])}")
+        return 0
+    from engine.manifest import index_shards
+
+    manifest = index_shards(args.shards)
+    print(f"indexed {manifest.num_shards} shards, {manifest.num_samples} samples")
+    return 0

@@ -1,0 +1,340 @@
+"""The job configuration: one typed dataclass tree, from YAML plus `section.key=value` overrides.
+
+Every section validates itself; `JobConfig.validate()` reports every problem at once, each
+naming its field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("tuneclip", "fastclip", "openclip")
+SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl")
+PRECISIONS = ("fp32", "bf16")
+BACKENDS = ("single", "deepspeed")
+
+# Paper Table 9: what each method runs.
+METHOD_SURROGATE = {"tuneclip": "hgcl", "fastclip": "gcl", "openclip": "mbcl"}
+METHOD_RUNS_OSR = {"tuneclip": True, "fastclip": False, "openclip": False}
+
+
+@dataclass
+class ModelConfig:
+    """Which open_clip model, from which local weights, with which preprocessing."""
+
+    name: str = "tiny-vit"  # open_clip architecture, shipped config name or JSON path
+    weights: str | None = None  # local .safetensors / .bin / .pt; None = random init
+    preset: str | None = None  # preprocessing preset matching the checkpoint (e.g. dfn5b)
+    precision: str = "fp32"  # fp32 | bf16 (autocast where the device supports it)
+    grad_checkpointing: bool = False
+
+    def errors(self) -> list[str]:
+        out = []
+        if not self.name:
+            out.append("model.name must name an open_clip architecture or a JSON config")
+        if self.precision not in PRECISIONS:
+            out.append(f"model.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.weights is not None and not Path(self.weights).exists():
+            out.append(f"model.weights: file {self.weights} does not exist; give a local checkpoint path")
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Training shards (a directory with manifest.json, or the manifest itself) and batching."""
+
+    train: str = ""
+    batch_size: int = 64  # global batch across all ranks
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    verify_checksums: bool = False
+
+    def errors(self) -> list[str]:
+        out = []
+        if not self.train:
+            out.append("data.train is required: a shard directory with manifest.json (see `run.py shards`)")
+        if self.batch_size < 2:
+            out.append(f"data.batch_size must be >= 2 (contrastive losses need negatives), got {self.batch_size}")
+        if self.num_workers < 0:
+            out.append(f"data.num_workers must be >= 0, got {self.num_workers}")
+        return out
+
+
+@dataclass
+class LossConfig:
+    """Surrogate and SogCLR estimator settings (temperature is fixed from the checkpoint)."""
+
+    surrogate: str = "auto"  # auto = the method's (tuneclip: hgcl, fastclip: gcl, openclip: mbcl)
+    margin: float = 0.1
+    eps: float = 1e-14
+    chunk_size: int = 0  # columns of the global batch per block; 0 = whole batch
+    gamma_min: float = 0.9
+    gamma_decay_epochs: int = 4
+
+    def errors(self) -> list[str]:
+        out = []
+        if self.surrogate not in SURROGATE_CHOICES:
+            out.append(f"loss.surrogate must be one of {SURROGATE_CHOICES}, got {self.surrogate!r}")
+        if self.margin < 0:
+            out.append(f"loss.margin must be >= 0, got {self.margin}")
+        if not self.eps > 0:
+            out.append(f"loss.eps must be > 0 (e.g. 1e-14), got {self.eps}")
+        if self.chunk_size < 0:
+            out.append(f"loss.chunk_size must be >= 0 (0 = no chunking), got {self.chunk_size}")
+        if not 0 < self.gamma_min <= 1:
+            out.append(f"loss.gamma_min must be in (0, 1], got {self.gamma_min}")
+        if self.gamma_decay_epochs < 0:
+            out.append(f"loss.gamma_decay_epochs must be >= 0, got {self.gamma_decay_epochs}")
+        return out
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the cosine learning-rate schedule of the fine-tuning stage."""
+
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.02
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # max global grad norm in fine-tuning; 0 = off (never applied in OSR)
+
+    def errors(self) -> list[str]:
+        out = []
+        if not self.lr > 0:
+            out.append(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            out.append(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0:
+            out.append(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            out.append(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip < 0:
+            out.append(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        return out
+
+
+@dataclass
+class OSRConfig:
+    """Stage I (paper Algorithm 1) and the stage-II seeding switches (paper Table 2)."""
+
+    epochs: int = 5
+    seed_moments: bool = True
+    seed_u: bool = True
+    surrogate: str = "auto"  # auto = the stage-II surrogate
+
+    def errors(self) -> list[str]:
+        out = []
+        if self.epochs < 0:
+            out.append(f"osr.epochs must be >= 0, got {self.epochs}")
+        if self.surrogate not in ("auto", "hgcl", "gcl"):
+            out.append(f"osr.surrogate must be auto, hgcl or gcl, got {self.surrogate!r}")
+        return out
+
+
+@dataclass
+class EvalConfig:
+    """Local evaluation tasks, when to run them, and which metric picks the best checkpoint."""
+
+    zeroshot: list[dict] = field(default_factory=list)  # {name, csv, classnames, templates?}
+    retrieval: list[dict] = field(default_factory=list)  # {name, csv}
+    every_steps: int = 0  # 0 = at epoch ends only
+    at_start: bool = True
+    best_metric: str = ""  # "task/metric", e.g. "imagenet/acc1"; empty = first zero-shot acc1
+    batch_size: int = 128
+
+    def errors(self) -> list[str]:
+        out = []
+        for i, task in enumerate(self.zeroshot):
+            for key in ("name", "csv", "classnames"):
+                if key not in task:
+                    out.append(f"eval.zeroshot[{i}] needs '{key}'")
+        for i, task in enumerate(self.retrieval):
+            for key in ("name", "csv"):
+                if key not in task:
+                    out.append(f"eval.retrieval[{i}] needs '{key}'")
+        if self.every_steps < 0:
+            out.append(f"eval.every_steps must be >= 0, got {self.every_steps}")
+        return out
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go, how long to train, logging and the backend."""
+
+    out_dir: str = "runs/tuneclip"
+    epochs: int = 5  # fine-tuning epochs
+    max_steps_per_epoch: int = 0  # 0 = the whole epoch (useful for smoke runs)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10
+    backend: str = "single"
+    zero_config: str | None = None
+    progress: bool = True
+
+    def errors(self) -> list[str]:
+        out = []
+        if self.epochs < 0:
+            out.append(f"run.epochs must be >= 0, got {self.epochs}")
+        if self.backend not in BACKENDS:
+            out.append(f"run.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.log_every < 1:
+            out.append(f"run.log_every must be >= 1, got {self.log_every}")
+        return out
+
+
+@dataclass
+class JobConfig:
+    """The whole job: method plus one section per component."""
+
+    method: str = "tuneclip"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    osr: OSRConfig = field(default_factory=OSRConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def surrogate(self) -> str:
+        """The fine-tuning surrogate after resolving `auto` from the method."""
+        return METHOD_SURROGATE[self.method] if self.loss.surrogate == "auto" else self.loss.surrogate
+
+    @property
+    def osr_surrogate(self) -> str:
+        """The OSR surrogate: by default the stage-II loss, so u* and m* match what stage II uses."""
+        if self.osr.surrogate != "auto":
+            return self.osr.surrogate
+        return self.surrogate if self.surrogate != "mbcl" else "gcl"
+
+    def errors(self) -> list[str]:
+        out = []
+        if self.method not in METHODS:
+            out.append(f"method must be one of {METHODS}, got {self.method!r}")
+        for section in (self.model, self.data, self.loss, self.optim, self.osr, self.eval, self.run):
+            out.extend(section.errors())
+        return out
+
+    def validate(self) -> JobConfig:
+        """Raise one ValueError listing every problem, or return self."""
+        problems = self.errors()
+        if problems:
+            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Stable hash of the configuration (recorded with logs and checkpoints)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _coerce(value, annotation, where: str):
+    """Convert a YAML/CLI value to the dataclass field's declared type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return value
+    return value
+
+
+def _fill(instance, values: dict, prefix: str, problems: list[str]) -> None:
+    hints = typing.get_type_hints(type(instance))
+    names = {f.name for f in dataclasses.fields(instance)}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            problems.append(f"unknown key '{where}' (known: {', '.join(sorted(names))})")
+            continue
+        current = getattr(instance, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                problems.append(f"'{where}' must be a mapping of its fields")
+                continue
+            _fill(current, value, f"{where}.", problems)
+            continue
+        try:
+            setattr(instance, key, _coerce(value, hints[key], where))
+        except ValueError as exc:
+            problems.append(str(exc))
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'loss.margin=0.2' -> (['loss', 'margin'], 0.2); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, base: dict | None = None) -> JobConfig:
+    """Build a JobConfig from defaults, an optional `base` dict, a YAML file and overrides."""
+    values: dict = {}
+
+    def merge(dst: dict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    if base:
+        merge(values, base)
+    if path:
+        file = Path(path)
+        if not file.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+        merge(values, loaded)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    cfg = JobConfig()
+    problems: list[str] = []
+    _fill(cfg, values, "", problems)
+    problems.extend(cfg.errors())
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return cfg
