@@ -30,9 +30,9 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with the job configuration (see configs in README)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set loss.margin=0.2 (repeatable)")
-    for flag in COMMON_FLAGS:
+    for flag, key in COMMON_FLAGS.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None,
-                            help=f"shortcut for --set {COMMON_FLAGS[flag]}=...")
+                            help=f"shortcut for --set {key}=...")
     parser.add_argument("--no-seed-moments", action="store_true", help="ablation: do not seed AdamW from OSR")
     parser.add_argument("--no-seed-u", action="store_true", help="ablation: do not seed u from OSR")
 

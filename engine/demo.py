@@ -28,10 +28,10 @@ METHODS = ("openclip", "fastclip", "tuneclip")
 
 def _sizes(quick: bool) -> dict:
     if quick:
-        return dict(pretrain=384, finetune=256, per_class=3, retrieval=48, pre_epochs=2, ft_epochs=2,
-                    osr_epochs=1, batch=32, eval_every=4)
-    return dict(pretrain=4000, finetune=2000, per_class=12, retrieval=300, pre_epochs=12, ft_epochs=4,
-                osr_epochs=2, batch=64, eval_every=8)
+        return {"pretrain": 384, "finetune": 256, "per_class": 3, "retrieval": 48, "pre_epochs": 2,
+                "ft_epochs": 2, "osr_epochs": 1, "batch": 32, "eval_every": 4}
+    return {"pretrain": 4000, "finetune": 2000, "per_class": 12, "retrieval": 300, "pre_epochs": 12,
+            "ft_epochs": 4, "osr_epochs": 2, "batch": 64, "eval_every": 8}
 
 
 def _prepare_data(root: Path, sizes: dict) -> dict:

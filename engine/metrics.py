@@ -13,7 +13,7 @@ class JsonlLogger:
     def __init__(self, path: str | Path, *, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
-        self._fh = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._fh = open(self.path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 (kept open)
 
     def write(self, record: dict) -> None:
         if self._fh is None:
