@@ -1,0 +1,277 @@
+import io
+import re
+import tarfile
+import threading
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from engine.data import Batch, ShardLoader, SkipRecord
+from engine.manifest import Manifest, ShardEntry, build_manifest
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+@pytest.fixture(scope="module")
+def transform():
+    return transforms.Compose([transforms.Resize(32), transforms.ToTensor()])
+
+
+def red_of(row: int) -> int:
+    return (row * 7) % 256
+
+
+def make_dataset(tmp_path: Path, sizes: list[int], bad: dict[tuple[int, int], str] | None = None) -> Manifest:
+    """Shards of 36x36 PNGs whose red channel encodes the global row; `bad` maps (shard, position) to a defect."""
+    bad = bad or {}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    paths, row = [], 0
+    for s, size in enumerate(sizes):
+        path = tmp_path / f"shard-{s:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for p in range(size):
+                kind = bad.get((s, p))
+                png = io.BytesIO()
+                Image.new("RGB", (36, 36), (red_of(row), p, s)).save(png, format="PNG")
+                members = {"png": png.getvalue(), "txt": f"shard {s} sample {p}".encode()}
+                if kind == "corrupt":
+                    members["png"] = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 8
+                elif kind == "empty":
+                    members["txt"] = b"  \n"
+                elif kind == "nonutf8":
+                    members["txt"] = b"caf\xe9 \xff"
+                elif kind == "nocaption":
+                    del members["txt"]
+                elif kind == "noimage":
+                    del members["png"]
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"s{s}p{p}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                row += 1
+        paths.append(path)
+    manifest = build_manifest(paths, root=tmp_path)
+    manifest.save(tmp_path / "manifest.json")
+    return manifest
+
+
+def check_batch(batch: Batch, manifest: Manifest, batch_size: int) -> list[int]:
+    """Assert shapes and that every id is the row of its (shard, raw position) and matches its image."""
+    assert batch.images.shape == (batch_size, 3, 32, 32)
+    assert batch.texts.shape == (batch_size, 77) and batch.texts.dtype == torch.long
+    assert batch.sample_ids.shape == (batch_size,) and batch.sample_ids.dtype == torch.long
+    ids = batch.sample_ids.tolist()
+    for i, (key, row) in enumerate(zip(batch.keys, ids)):
+        shard, position = map(int, re.fullmatch(r"s(\d+)p(\d+)", key).groups())
+        assert row == manifest.row(shard, position)
+        assert abs(round(batch.images[i, 0, 16, 16].item() * 255) - red_of(row)) <= 1
+    return ids
+
+
+def run_epoch(loader: ShardLoader, epoch: int, manifest: Manifest) -> list[int]:
+    batches = list(loader.epoch(epoch))
+    assert len(batches) == loader.num_batches()
+    return [row for batch in batches for row in check_batch(batch, manifest, loader.batch_size)]
+
+
+def make_loader(manifest, tokenizer, transform, **kwargs) -> ShardLoader:
+    kwargs = {"batch_size": 2, "shuffle_buffer": 8, **kwargs}
+    return ShardLoader(manifest, image_transform=transform, tokenizer=tokenizer, **kwargs)
+
+
+@pytest.mark.parametrize("sizes", [[23], [7, 5, 9], [8, 4]], ids=["1shard", "3shards", "2shards"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_each_sample_once_per_epoch(tmp_path, tokenizer, transform, sizes, num_workers, world_size):
+    manifest = make_dataset(tmp_path, sizes)
+    batch_size = 3 if sizes == [8, 4] else 2
+    loaders = [
+        make_loader(
+            manifest,
+            tokenizer,
+            transform,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+        )
+        for rank in range(world_size)
+    ]
+    num_batches = loaders[0].num_batches()
+    assert num_batches > 0
+    assert all(loader.num_batches() == num_batches for loader in loaders)
+    for epoch in (0, 1):
+        ids = [row for loader in loaders for row in run_epoch(loader, epoch, manifest)]
+        assert len(ids) == world_size * num_batches * batch_size
+        assert len(set(ids)) == len(ids), "a sample appeared twice in one epoch"
+        assert set(ids) <= set(range(manifest.num_samples))
+    if sizes == [8, 4] and (world_size == 1 or num_workers == 2):
+        # One rank reads all 12 rows, or two ranks split them by sample 6/6: nothing is dropped.
+        assert len(ids) == manifest.num_samples
+    assert all(not loader.skipped for loader in loaders)
+
+
+def test_full_coverage_single_rank(tmp_path, tokenizer, transform):
+    manifest = make_dataset(tmp_path, [7, 5, 9])
+    for num_workers in (0, 2):
+        loader = make_loader(manifest, tokenizer, transform, batch_size=1, num_workers=num_workers)
+        assert loader.num_batches() == 21
+        assert sorted(run_epoch(loader, 0, manifest)) == list(range(21))
+
+
+def test_num_batches_uses_smallest_rank_share(tmp_path, tokenizer, transform):
+    manifest = make_dataset(tmp_path, [7, 5, 9])
+    # Two ranks by shard: one rank may be dealt only the 5-sample shard.
+    loader = make_loader(manifest, tokenizer, transform, batch_size=2, world_size=2)
+    assert loader.num_batches() == 2
+    # Unshuffled, rank 1 always gets shard 1 (5 samples).
+    loader = make_loader(manifest, tokenizer, transform, batch_size=2, world_size=2, shuffle=False)
+    assert loader.num_batches() == 2
+    # Split by sample (3 shards < 2 ranks x 2 workers): rank shares of 21 rows are 11 and 10.
+    loader = make_loader(manifest, tokenizer, transform, batch_size=2, world_size=2, num_workers=2)
+    assert loader.num_batches() == 5
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_epoch_order_seeded(tmp_path, tokenizer, transform, num_workers):
+    manifest = make_dataset(tmp_path, [10, 10, 12])
+    loader = make_loader(manifest, tokenizer, transform, batch_size=4, num_workers=num_workers, seed=3)
+    epoch0, epoch1 = run_epoch(loader, 0, manifest), run_epoch(loader, 1, manifest)
+    assert epoch0 != epoch1
+    assert sorted(epoch0) == sorted(epoch1) == list(range(32))
+    again = make_loader(manifest, tokenizer, transform, batch_size=4, num_workers=num_workers, seed=3)
+    assert run_epoch(again, 1, manifest) == epoch1
+    assert run_epoch(again, 0, manifest) == epoch0
+    other_seed = make_loader(manifest, tokenizer, transform, batch_size=4, num_workers=num_workers, seed=4)
+    assert run_epoch(other_seed, 1, manifest) != epoch1
+
+
+def test_unshuffled_order_is_tar_order(tmp_path, tokenizer, transform):
+    manifest = make_dataset(tmp_path, [4, 3])
+    loader = make_loader(manifest, tokenizer, transform, batch_size=1, shuffle=False)
+    assert run_epoch(loader, 0, manifest) == list(range(7))
+
+
+BAD = {(0, 1): "empty", (0, 3): "nocaption", (1, 0): "corrupt", (1, 2): "nonutf8"}
+BAD_REASONS = {
+    "shard-000000.tar": {"empty caption": 1, "missing caption": 1},
+    "shard-000001.tar": {"corrupt image": 1, "non-UTF-8 caption": 1},
+}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_samples_skipped_counted_and_rows_kept(tmp_path, tokenizer, transform, caplog, num_workers):
+    manifest = make_dataset(tmp_path, [8, 8], BAD)
+    bad_rows = {manifest.row(s, p) for s, p in BAD}
+    # 12 good samples = 2 batches of 6: the whole epoch is read without repeating anything.
+    loader = make_loader(manifest, tokenizer, transform, batch_size=6, num_workers=num_workers, shuffle=False)
+    assert loader.num_batches() == 2
+    with caplog.at_level("WARNING", logger="engine.data"):
+        ids = run_epoch(loader, 0, manifest)
+    assert sorted(ids) == sorted(set(range(16)) - bad_rows)
+    assert {shard: dict(reasons) for shard, reasons in loader.skipped.items()} == BAD_REASONS
+    assert sorted(loader.skipped_log) == sorted(
+        [
+            SkipRecord("shard-000000.tar", "s0p1", "empty caption"),
+            SkipRecord("shard-000000.tar", "s0p3", "missing caption"),
+            SkipRecord("shard-000001.tar", "s1p0", "corrupt image"),
+            SkipRecord("shard-000001.tar", "s1p2", "non-UTF-8 caption"),
+        ]
+    )
+    if num_workers == 0:  # worker processes log to their own stderr
+        assert any("s1p0" in r.getMessage() and "corrupt image" in r.getMessage() for r in caplog.records)
+
+    # Counts accumulate across epochs.
+    run_epoch(loader, 1, manifest)
+    assert loader.skipped["shard-000001.tar"]["corrupt image"] == 2
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_short_rank_refills_without_double_counting(tmp_path, tokenizer, transform, num_workers):
+    bad = {(0, 0): "corrupt", (0, 5): "noimage", (1, 7): "corrupt", (2, 1): "empty"}
+    manifest = make_dataset(tmp_path, [8, 8, 8], bad)
+    # Unshuffled, the refill pass meets s0p0 again before its first piece: it must not be counted twice.
+    loader = make_loader(manifest, tokenizer, transform, batch_size=4, num_workers=num_workers, shuffle=False)
+    assert loader.num_batches() == 6  # 24 rows by the manifest, 20 readable
+    ids = run_epoch(loader, 0, manifest)
+    assert len(ids) == 24
+    assert set(ids) == set(range(24)) - {manifest.row(s, p) for s, p in bad}
+    assert loader.num_skipped == 4
+    assert len(loader.skipped_log) == 4
+
+
+def run_with_timeout(fn, timeout: float = 30.0):
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as exn:  # noqa: BLE001 -- re-raised in the test thread
+            result["error"] = exn
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"epoch did not finish within {timeout} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("damage", ["truncated", "zero-bytes", "deleted"])
+def test_broken_shard_is_counted_and_does_not_hang(tmp_path, tokenizer, transform, num_workers, damage):
+    manifest = make_dataset(tmp_path, [5, 5, 5])
+    path = manifest.shard_path(1)
+    if damage == "truncated":
+        with tarfile.open(path) as tar:
+            cut = tar.getmember("s1p2.png").offset_data + 20
+        path.write_bytes(path.read_bytes()[:cut])
+        lost, read = 3, [manifest.row(1, 0), manifest.row(1, 1)]
+    elif damage == "zero-bytes":
+        path.write_bytes(b"")
+        lost, read = 5, []
+    else:
+        path.unlink()
+        lost, read = 5, []
+    loader = make_loader(manifest, tokenizer, transform, batch_size=2, num_workers=num_workers)
+    ids = run_with_timeout(lambda: run_epoch(loader, 0, manifest))
+    assert len(ids) == 2 * loader.num_batches()
+    readable = set(range(5)) | set(read) | set(range(10, 15))
+    assert set(ids) == readable
+    assert dict(loader.skipped) == {"shard-000001.tar": {"truncated shard": lost}}
+    assert loader.skipped_log == [SkipRecord("shard-000001.tar", None, "truncated shard")]
+
+
+@pytest.mark.parametrize(("cut_before", "kept"), [("s0p3.png", {0, 1, 2}), ("s0p2.txt", {0, 1})])
+def test_shard_cut_at_member_boundary_is_detected(tmp_path, tokenizer, transform, cut_before, kept):
+    manifest = make_dataset(tmp_path, [6])
+    path = manifest.shard_path(0)
+    with tarfile.open(path) as tar:
+        cut = tar.getmember(cut_before).offset  # a header boundary: tarfile just sees a shorter archive
+    path.write_bytes(path.read_bytes()[:cut])
+    loader = make_loader(manifest, tokenizer, transform, batch_size=1, shuffle=False)
+    ids = run_with_timeout(lambda: run_epoch(loader, 0, manifest))
+    # A sample cut between its image and caption is lost with the rest of the shard.
+    assert set(ids) == kept
+    assert dict(loader.skipped) == {"shard-000000.tar": {"truncated shard": 6 - len(kept)}}
+
+
+def test_invalid_arguments(tmp_path, tokenizer, transform):
+    manifest = make_dataset(tmp_path, [2])
+    with pytest.raises(ValueError, match=r"batch_size.*rank.*num_workers"):
+        make_loader(manifest, tokenizer, transform, batch_size=0, rank=2, world_size=2, num_workers=-1)
+    shard = manifest.shards[0]
+    escaping = Manifest(
+        root=tmp_path / "sub",
+        shards=[ShardEntry("../shard-000000.tar", shard.num_samples, shard.num_bytes, shard.sha256)],
+    )
+    with pytest.raises(ValueError, match="escapes"):
+        make_loader(escaping, tokenizer, transform)
