@@ -222,13 +222,20 @@ def _identity_gather(x: Tensor) -> Tensor:
 class GlobalContrastiveLoss:
     """GCL / HGCL with SogCLR normalisers (paper eqs. 2-4, 8, 9), chunked, distribution-ready.
 
-    `gather` concatenates a tensor over ranks along dim 0 without gradient (identity for one
-    process); `offset` is this rank's first index in the global batch.
+    `gather` concatenates a tensor over ranks along dim 0 without gradient and `reduce_sum`
+    sums over ranks (both identity for one process); `offset` is this rank's first index in the
+    global batch. Reported values are global; the objective's gradient, averaged over ranks as
+    data-parallel backends do, is G.
     """
 
-    def __init__(self, spec: SurrogateSpec, *, gather: Gather = _identity_gather):
+    def __init__(self, spec: SurrogateSpec, *, gather: Gather = _identity_gather,
+                 reduce_sum: Gather = _identity_gather, world_size: int = 1):
         self.spec = spec
         self.gather = gather
+        self.reduce_sum = reduce_sum
+        # Backends average parameter gradients over ranks; each rank's objective carries the
+        # full G for its own features, so scale by world_size to make the average equal G.
+        self.grad_scale = float(world_size)
 
     def forward(
         self,
@@ -265,15 +272,16 @@ class GlobalContrastiveLoss:
             image_features, text_features, f_global, g_global, log_wx_global, log_wz_global,
             offset=offset, spec=spec,
         )
-        # Reported values (eq. 2/9): this rank's share of tau/B sum_i [...]; sums over ranks.
-        value = spec.tau / num_global * (log_wx + log_wz).sum()
-        batch_value = spec.tau / num_global * (
-            log_eps_plus(log_phi_x, spec.eps) + log_eps_plus(log_phi_z, spec.eps)
-        ).sum()
+        # Reported values (eq. 2/9): tau/B sum_i [...], summed over ranks' anchors.
+        local_values = torch.stack([
+            (log_wx + log_wz).sum(),
+            (log_eps_plus(log_phi_x, spec.eps) + log_eps_plus(log_phi_z, spec.eps)).sum(),
+        ])
+        value, batch_value = (spec.tau / num_global * self.reduce_sum(local_values)).unbind()
         surrogate = (image_features * grad_f.to(image_features.dtype)).sum() + (
             text_features * grad_g.to(text_features.dtype)
         ).sum()
-        objective = value.detach() + surrogate - surrogate.detach()
+        objective = value.detach() + self.grad_scale * (surrogate - surrogate.detach())
         if not output_dict:
             return objective
         return {
@@ -290,10 +298,16 @@ class GlobalContrastiveLoss:
 
 
 class MiniBatchContrastiveLoss:
-    """MBCL (paper eq. 1): open_clip's ClipLoss over the global batch, fixed temperature."""
+    """MBCL (paper eq. 1): open_clip's ClipLoss over the global batch, fixed temperature.
 
-    def __init__(self, *, tau: float, rank: int = 0, world_size: int = 1):
+    With several ranks it is open_clip's local-loss + gather-with-grad form, whose gradient
+    averaged over ranks equals the global-batch gradient.
+    """
+
+    def __init__(self, *, tau: float, rank: int = 0, world_size: int = 1, reduce_sum: Gather = _identity_gather):
         self.scale = 1.0 / tau
+        self.world_size = world_size
+        self.reduce_sum = reduce_sum
         self.clip_loss = ClipLoss(
             local_loss=world_size > 1, gather_with_grad=world_size > 1, rank=rank, world_size=world_size
         )
@@ -303,7 +317,8 @@ class MiniBatchContrastiveLoss:
         scale = torch.tensor(self.scale, dtype=torch.float32, device=image_features.device)
         loss = self.clip_loss(image_features.float(), text_features.float(), scale)
         if output_dict:
-            return {"loss": loss, "loss_value": loss.detach(), "batch_loss_value": loss.detach()}
+            value = self.reduce_sum(loss.detach()) / self.world_size  # ranks hold equal local batches
+            return {"loss": loss, "loss_value": value, "batch_loss_value": value}
         return loss
 
     __call__ = forward

@@ -92,7 +92,7 @@ def test_osr_keeps_weights_and_accumulates_adam_moments(shards, tmp_path):
     assert trainer.backend.optimizer_step_count() == num_steps
 
     # Step 1's gradient is G(w0, B1) of the paper's formula.
-    lr, g1 = steps[0]
+    _, g1 = steps[0]
     for name, grad in expected_g1.items():
         torch.testing.assert_close(g1[name].double(), grad.double(), rtol=2e-3, atol=1e-7)
 

@@ -1,0 +1,117 @@
+"""Process-group plumbing: who am I, gathers without gradient, sums, and CPU shared-memory cleanup.
+
+Launchers (`deepspeed`, `torchrun`) set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
+without them the job is a single process and every collective here is the identity.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+SHM_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def context_from_env(local_rank_arg: int | None = None) -> DistContext:
+    """Read the launcher's environment (`--local_rank` from the deepspeed launcher as fallback)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher's environment")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def default_device(ctx: DistContext, requested: str = "auto") -> torch.device:
+    """One accelerator per local rank when present, else the CPU."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ctx.local_rank)
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(ctx: DistContext, *, use_deepspeed: bool) -> None:
+    """Join the job's process group (nccl on GPUs, gloo on CPU) once; no-op for one process."""
+    if not ctx.distributed or dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        dist.init_process_group(backend=backend)
+    logger.info("rank %d/%d joined process group (%s)", ctx.rank, ctx.world_size, backend)
+
+
+def gather_no_grad(x: Tensor) -> Tensor:
+    """Concatenate `x` from every rank along dim 0 (equal shapes), without gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of `x` over ranks (a new tensor)."""
+    out = x.detach().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def shm_buffers(master_port: str | int | None = None) -> list[str]:
+    """DeepSpeed's CPU all-reduce shared-memory files (of one master port, or all)."""
+    pattern = f"{SHM_PREFIX}*" if master_port is None else f"{SHM_PREFIX}*_{master_port}_*"
+    return sorted(glob.glob(pattern))
+
+
+def cleanup_shm_buffers(ctx: DistContext) -> None:
+    """Remove this rank's DeepSpeed CPU all-reduce buffer (DeepSpeed never deletes it)."""
+    port = os.environ.get("MASTER_PORT")
+    if port is None:
+        return
+    for path in shm_buffers(port):
+        if path.endswith(f"_{port}_{ctx.rank}"):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+
+def destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

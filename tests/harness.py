@@ -1,0 +1,68 @@
+"""Run a function on N real processes (CPU, gloo), as the launchers do, and collect what each returns.
+
+`run_ranks("tests.dist_cases:loss_equivalence", world_size=2, chunk=3)` starts
+`python -m tests.dist_worker` N times with RANK / WORLD_SIZE / MASTER_PORT set, calls the target
+with keyword arguments on every rank, and returns the list of per-rank results (torch.save'd).
+Each run uses its own port and removes exactly its own DeepSpeed shared-memory buffers.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(target: str, *, world_size: int = 2, timeout: float = 300, env: dict | None = None,
+              **kwargs) -> list:
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="ranks_") as tmp:
+        procs = []
+        for rank in range(world_size):
+            proc_env = {
+                **os.environ,
+                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                **(env or {}),
+            }
+            out = Path(tmp) / f"rank{rank}.pt"
+            cmd = [sys.executable, "-m", "tests.dist_worker", target, str(out), json.dumps(kwargs)]
+            log = open(Path(tmp) / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
+            procs.append((subprocess.Popen(cmd, env=proc_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+        try:
+            failures = []
+            for rank, (proc, log) in enumerate(procs):
+                try:
+                    code = proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    code = "timeout"
+                log.close()
+                if code != 0:
+                    failures.append((rank, code, (Path(tmp) / f"rank{rank}.log").read_text()[-4000:]))
+            if failures:
+                text = "\n".join(f"--- rank {r} exited {c}:\n{t}" for r, c, t in failures)
+                raise AssertionError(f"{target} failed on {len(failures)} rank(s):\n{text}")
+            return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+        finally:
+            for proc, _ in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer*_{port}_*"):
+                os.remove(path)
