@@ -113,19 +113,18 @@ METRICS = (("shapes-zeroshot", "acc1", "zero-shot acc@1"),
 
 
 def format_table(histories: dict) -> str:
-    """Before / first eval / after / best table, one row per method."""
-    lines = []
-    header = f"{'method':<10}" + "".join(
-        f" | {label + ' ' + col:>26}" for _, _, label in METRICS for col in ("base", "first", "final")
-    )
-    lines.append(header)
-    lines.append("-" * len(header))
+    """Per method and metric: base model, first evaluation, lowest, final and best (in %)."""
+    cols = ("base", "first", "lowest", "final", "best")
+    lines = [f"{'':<10}" + "".join(f" | {label:^38}" for _, _, label in METRICS),
+             f"{'method':<10}" + " | ".join([""] + [" ".join(f"{c:>7}" for c in cols)] * len(METRICS))]
+    lines.append("-" * len(lines[1]))
     for method, records in histories.items():
         row = f"{method:<10}"
         for task, metric, _ in METRICS:
             values = [r["results"][task][metric] * 100 for r in records]
-            first = values[1] if len(values) > 1 else values[0]
-            row += f" | {values[0]:>26.2f} | {first:>26.2f} | {values[-1]:>26.2f}"
+            during = values[1:] or values
+            stats = (values[0], during[0], min(during), values[-1], max(during))
+            row += " | " + " ".join(f"{v:>7.2f}" for v in stats)
         lines.append(row)
     return "\n".join(lines)
 

@@ -46,6 +46,11 @@ PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")  # as open_clip.
 _REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 
 
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
 @dataclass
 class ClipBundle:
     """An open_clip model with the transforms and tokenizer that match it."""
@@ -167,6 +172,9 @@ def build_model(
         raise FileNotFoundError(f"weights file not found: {weights}; pass an existing local file or None")
     arch, config = _resolve_architecture(name)
     overrides = _preprocess_overrides(arch, config, preset)
+    quiet = _DropRandomInitNotice() if weights is not None else None
+    if quiet:
+        logging.getLogger().addFilter(quiet)  # weights are loaded below; open_clip cannot know
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
@@ -179,6 +187,8 @@ def build_model(
             image_interpolation=overrides.get("interpolation"),
             image_resize_mode=overrides.get("resize_mode"),
         )
+    if quiet:
+        logging.getLogger().removeFilter(quiet)
     if weights is not None:
         try:
             load_weights(model, weights)
