@@ -1,0 +1,60 @@
+"""The command line as a user runs it: demo, shard building, jobs, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.synthetic import render_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "run.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_table_plot_and_summary(tmp_path):
+    proc = run_cli("demo", "--quick", "--out", tmp_path / "demo")
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["histories"]) == {"openclip", "fastclip", "tuneclip"}
+    for records in summary["histories"].values():
+        assert records[0]["step"] == 0 and len(records) >= 3
+        assert records[-1]["step"] > records[0]["step"]
+        assert 0.0 <= records[-1]["results"]["shapes-zeroshot"]["acc1"] <= 1.0
+    # All methods start from the same base model.
+    starts = {json.dumps(r[0]["results"], sort_keys=True) for r in summary["histories"].values()}
+    assert len(starts) == 1
+    assert (tmp_path / "demo" / "curves.png").stat().st_size > 10_000
+    for method in ("openclip", "fastclip", "tuneclip"):
+        assert method in proc.stdout
+    assert (tmp_path / "demo" / "tuneclip" / "final.safetensors").exists()
+
+
+def test_shards_then_finetune_from_the_command_line(tmp_path):
+    csv = render_pairs(tmp_path / "raw", num_samples=40, seed=0, split_name="train")
+    out = run_cli("shards", "build", csv, tmp_path / "shards", "--samples-per-shard", 16)
+    assert "40 samples" in out.stdout
+    run_cli("finetune", "--method", "fastclip", "--train", tmp_path / "shards", "--out", tmp_path / "run",
+            "--batch-size", 8, "--epochs", 1, "--set", "run.progress=false")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["event"] == "step"]
+    assert steps and all(r["stage"] == "finetune" for r in steps)
+    assert (tmp_path / "run" / "final.safetensors").exists()
+
+
+def test_config_errors_exit_2_with_every_problem(tmp_path):
+    proc = run_cli("tune", "--train", tmp_path / "none", "--set", "loss.margin=-1", "--set", "osr.epochs=x",
+                   "--set", "nope.key=1", check=False)
+    assert proc.returncode == 2
+    for text in ("loss.margin must be >= 0", "osr.epochs must be an integer", "unknown key 'nope'"):
+        assert text in proc.stderr
+    proc = run_cli("tune", "--train", tmp_path / "none", check=False)
+    assert proc.returncode == 2 and "no manifest" in proc.stderr
