@@ -27,6 +27,8 @@ COMMON_FLAGS = {
 
 
 def _add_job_args(parser: argparse.ArgumentParser) -> None:
+    # The deepspeed launcher appends --local_rank=N after the subcommand's own arguments.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file with the job configuration (see configs in README)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set loss.margin=0.2 (repeatable)")
@@ -39,7 +41,6 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run.py", description="TuneCLIP-engine: self-supervised CLIP fine-tuning")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -117,7 +118,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from engine.trainer import Trainer
 
     cfg = job_config_from_args(args)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, local_rank=args.local_rank)
     try:
         if args.command == "tune":
             trainer.tune()

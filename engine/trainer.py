@@ -22,6 +22,15 @@ from tqdm import tqdm
 from engine.backends.single import SingleProcessBackend
 from engine.config import METHOD_RUNS_OSR, JobConfig
 from engine.data import Batch, ShardLoader
+from engine.distributed import (
+    all_reduce_sum,
+    barrier,
+    cleanup_shm_buffers,
+    context_from_env,
+    default_device,
+    gather_no_grad,
+    init_process_group,
+)
 from engine.evaluate import Evaluator, RetrievalTask, ZeroShotTask, headline_metric, write_results
 from engine.losses import GlobalContrastiveLoss, MiniBatchContrastiveLoss, SurrogateSpec
 from engine.manifest import Manifest
@@ -30,6 +39,8 @@ from engine.table import UTable, gamma_at_epoch
 from models import build_model, export_weights, temperature
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_ZERO_CONFIG = str(Path(__file__).resolve().parents[1] / "zero_configs" / "zero2.json")
 
 
 def cosine_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int) -> float:
@@ -41,12 +52,6 @@ def cosine_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int)
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclass
 class History:
     """Evaluation results over the run: (stage, global step, metrics) records."""
@@ -55,17 +60,36 @@ class History:
 
 
 class Trainer:
-    """Owns model, data, u table, loss and backend for one job; `tune()` runs OSR then fine-tuning."""
+    """Owns model, data, u table, loss and backend for one job; `tune()` runs OSR then fine-tuning.
 
-    def __init__(self, cfg: JobConfig):
+    Works as one process or as one rank of a `deepspeed` / `torchrun` job: ranks read their share
+    of every global batch, the losses see the global batch, rank 0 writes logs and exports.
+    """
+
+    def __init__(self, cfg: JobConfig, *, local_rank: int | None = None):
         self.cfg = cfg.validate()
+        self.ctx = context_from_env(local_rank)
+        if self.ctx.distributed and cfg.run.backend == "single":
+            raise ValueError(
+                f"run.backend=single cannot run {self.ctx.world_size} ranks; use run.backend=deepspeed "
+                "with a zero_configs/*.json (run.zero_config)"
+            )
+        if cfg.data.batch_size % self.ctx.world_size:
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size} (global) is not divisible by the {self.ctx.world_size} "
+                "ranks; pick a multiple of the world size"
+            )
+        self.local_batch = cfg.data.batch_size // self.ctx.world_size
+        init_process_group(self.ctx, use_deepspeed=cfg.run.backend == "deepspeed")
         self.out_dir = Path(cfg.run.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)
-        self.device = resolve_device(cfg.run.device)
+        self.device = default_device(self.ctx, cfg.run.device)
 
         self.manifest = Manifest.load(_manifest_path(cfg.data.train))
-        self.manifest.verify(checksums=cfg.data.verify_checksums)
+        if self.ctx.is_main:
+            self.manifest.verify(checksums=cfg.data.verify_checksums)
 
         self.bundle = build_model(cfg.model.name, weights=cfg.model.weights, preset=cfg.model.preset,
                                   seed=cfg.run.seed)
@@ -77,18 +101,15 @@ class Trainer:
                 param.requires_grad_(False)
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        self.backend = SingleProcessBackend(
-            model, device=self.device, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-            eps=cfg.optim.eps,
-        )
+        self.backend = build_backend(cfg, model, device=self.device, micro_batch_size=self.local_batch)
         self.loader = ShardLoader(
-            self.manifest, batch_size=cfg.data.batch_size, image_transform=self.bundle.train_transform,
-            tokenizer=self.bundle.tokenizer, num_workers=cfg.data.num_workers, seed=cfg.run.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer,
+            self.manifest, batch_size=self.local_batch, image_transform=self.bundle.train_transform,
+            tokenizer=self.bundle.tokenizer, rank=self.ctx.rank, world_size=self.ctx.world_size,
+            num_workers=cfg.data.num_workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         )
         self.table = self._open_table()
         self.evaluator = self._build_evaluator()
-        self.log = JsonlLogger(self.out_dir / "log.jsonl")
+        self.log = JsonlLogger(self.out_dir / "log.jsonl", enabled=self.ctx.is_main)
         self.history = History()
         self.global_step = 0  # optimizer steps of this job, OSR and fine-tuning together
         self.u_epochs = 0  # epochs the u estimates have been updated for (drives gamma_t)
@@ -96,15 +117,18 @@ class Trainer:
         self.osr_steps = 0
         self.best = (-math.inf, None)
         self.log.write({"event": "start", "config": cfg.to_dict(), "config_digest": cfg.digest(),
-                        "tau": self.tau, "num_samples": self.manifest.num_samples})
+                        "tau": self.tau, "num_samples": self.manifest.num_samples,
+                        "world_size": self.ctx.world_size})
 
     # ----- construction helpers -----
     def _open_table(self) -> UTable:
+        """Rank 0 creates the table if needed; every rank then maps it and touches only its rows."""
         directory = self.out_dir / "u_table"
         fingerprint = self.manifest.fingerprint()
-        if (directory / "u_table.json").exists():
-            return UTable.open(directory, dataset_fingerprint=fingerprint)
-        return UTable.create(directory, num_rows=self.manifest.num_samples, dataset_fingerprint=fingerprint)
+        if self.ctx.is_main and not (directory / "u_table.json").exists():
+            UTable.create(directory, num_rows=self.manifest.num_samples, dataset_fingerprint=fingerprint).close()
+        barrier()
+        return UTable.open(directory, dataset_fingerprint=fingerprint)
 
     def _build_evaluator(self) -> Evaluator | None:
         ecfg = self.cfg.eval
@@ -116,32 +140,32 @@ class Trainer:
         return Evaluator(tasks, batch_size=ecfg.batch_size, device=self.device)
 
     def _loss_fn(self, surrogate: str):
+        world = self.ctx.world_size
         if surrogate == "mbcl":
-            return MiniBatchContrastiveLoss(tau=self.tau)
+            return MiniBatchContrastiveLoss(tau=self.tau, rank=self.ctx.rank, world_size=world,
+                                            reduce_sum=all_reduce_sum)
         lcfg = self.cfg.loss
         spec = SurrogateSpec(kind=surrogate, margin=lcfg.margin, tau=self.tau, eps=lcfg.eps,
                              chunk_size=lcfg.chunk_size)
-        return GlobalContrastiveLoss(spec)
+        return GlobalContrastiveLoss(spec, gather=gather_no_grad, reduce_sum=all_reduce_sum, world_size=world)
 
     def _autocast(self):
-        if self.cfg.model.precision == "bf16":
+        if self.cfg.model.precision == "bf16" and self.cfg.run.backend == "single":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return contextlib.nullcontext()  # DeepSpeed's bf16 mode holds bf16 weights itself
 
     # ----- the step shared by both stages -----
     def train_step(self, batch: Batch, *, loss_fn, gamma: float, lr: float, grad_clip: float) -> dict:
         """Forward, loss, backward and one AdamW step at `lr` (0 = OSR); returns scalar metrics."""
-        model = self.backend.model
-        images = batch.images.to(self.device, non_blocking=True)
+        images = batch.images.to(self.device, dtype=self.backend.input_dtype, non_blocking=True)
         texts = batch.texts.to(self.device, non_blocking=True)
         with self._autocast():
-            image_features = model.encode_image(images, normalize=True)
-            text_features = model.encode_text(texts, normalize=True)
+            image_features, text_features = encode_pair(self.backend.model, images, texts)
         rows = batch.sample_ids
         if isinstance(loss_fn, GlobalContrastiveLoss):
             log_u_x, log_u_z, seen = self.table.read(rows, device=self.device)
             out = loss_fn(image_features, text_features, log_u_x=log_u_x, log_u_z=log_u_z, seen=seen,
-                          gamma=gamma, output_dict=True)
+                          gamma=gamma, offset=self.ctx.rank * self.local_batch, output_dict=True)
         else:
             out = loss_fn(image_features, text_features, output_dict=True)
         self.backend.backward(out["loss"])
@@ -178,7 +202,8 @@ class Trainer:
         logger.info("%s: %d epochs x %d steps, surrogate %s, tau %.4g", stage, epochs, steps_per_epoch,
                     surrogate, self.tau)
         stage_step = 0
-        bar = tqdm(total=total, desc=stage, unit="step", disable=not self.cfg.run.progress, dynamic_ncols=True)
+        bar = tqdm(total=total, desc=stage, unit="step", dynamic_ncols=True,
+                   disable=not (self.cfg.run.progress and self.ctx.is_main))
         for epoch in range(epochs):
             gamma = gamma_at_epoch(self.u_epochs, gamma_min=self.cfg.loss.gamma_min,
                                    decay_epochs=self.cfg.loss.gamma_decay_epochs)
@@ -193,7 +218,7 @@ class Trainer:
                     clip = ocfg.grad_clip
                 metrics = self.train_step(batch, loss_fn=loss_fn, gamma=gamma, lr=lr, grad_clip=clip)
                 stage_step += 1
-                num_samples += len(batch.keys)
+                num_samples += len(batch.keys) * self.ctx.world_size
                 rate = num_samples / max(1e-9, time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{rate:.0f}")
@@ -213,14 +238,11 @@ class Trainer:
 
     def osr(self) -> None:
         """Stage I: recover AdamW moments and u at frozen w0 (paper Algorithm 1)."""
-        model = self.backend.model
-        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        before = self.backend.weights_digest()
         start = self.global_step
         self.run_stage("osr", epochs=self.cfg.osr.epochs, surrogate=self.cfg.osr_surrogate)
         self.osr_steps = self.global_step - start
-        after = model.state_dict()
-        changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
-        assert not changed, f"OSR changed weights: {changed[:5]}"
+        assert self.backend.weights_digest() == before, "OSR changed the weights"
         self.table.set_provenance({"surrogate": self.cfg.osr_surrogate, "margin": self.cfg.loss.margin,
                                    "tau": self.tau, "eps": self.cfg.loss.eps, "osr_epochs": self.cfg.osr.epochs,
                                    "osr_steps": self.backend.optimizer_step_count()})
@@ -251,12 +273,14 @@ class Trainer:
         """Run every eval task, log it, keep the best weights by `eval.best_metric`."""
         if self.evaluator is None:
             return {}
-        results = self.evaluator(self.backend.model, self.bundle.tokenizer, self.bundle.eval_transform)
+        with self.backend.full_weights():  # ZeRO-3 gathers the partitions for evaluation
+            results = self.evaluator(self.backend.model, self.bundle.tokenizer, self.bundle.eval_transform)
         record = {"event": "eval", "stage": stage, "step": self.global_step, "results": results}
         self.history.records.append(record)
         self.log.write(record)
-        write_results(self.out_dir / f"eval_step{self.global_step:07d}.json", results,
-                      model_name=self.bundle.model_name, pretrained=self.cfg.model.weights or "")
+        if self.ctx.is_main:
+            write_results(self.out_dir / f"eval_step{self.global_step:07d}.json", results,
+                          model_name=self.bundle.model_name, pretrained=self.cfg.model.weights or "")
         key = self.cfg.eval.best_metric or _default_metric(results)
         score = headline_metric(results, key)
         if stage != "start" and score > self.best[0]:
@@ -266,13 +290,45 @@ class Trainer:
         return results
 
     def export(self, path: Path) -> Path:
-        """Write the current weights as a stock open_clip safetensors file."""
-        export_weights(self.backend.model, path)
+        """Write the current weights as a stock open_clip safetensors file (rank 0; collective)."""
+        state = self.backend.full_state_dict()
+        if self.ctx.is_main:
+            export_weights(state, path)
+        barrier()
         return path
 
     def close(self) -> None:
         self.table.close()
         self.log.close()
+        self.backend.close()
+        cleanup_shm_buffers(self.ctx)
+
+
+def encode_pair(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor):
+    """Normalised image and text features through the model's own forward.
+
+    The top-level forward (not encode_image / encode_text) is what ZeRO-3's hooks gather the
+    parameters for, including the text projection owned by the top module.
+    """
+    out = model(images, texts)
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"]
+    return out[0], out[1]
+
+
+def build_backend(cfg: JobConfig, model: torch.nn.Module, *, device: torch.device, micro_batch_size: int):
+    """The backend named by run.backend, with AdamW settings from the optim section."""
+    ocfg = cfg.optim
+    if cfg.run.backend == "deepspeed":
+        from engine.backends.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(
+            model, device=device, zero_config=cfg.run.zero_config or DEFAULT_ZERO_CONFIG,
+            micro_batch_size=micro_batch_size, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
+            eps=ocfg.eps, grad_clip=ocfg.grad_clip, precision=cfg.model.precision,
+        )
+    return SingleProcessBackend(model, device=device, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
+                                eps=ocfg.eps)
 
 
 def _default_metric(results: dict) -> str:

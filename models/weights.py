@@ -109,13 +109,17 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     model.load_state_dict(state_dict, strict=True)
 
 
-def export_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Atomically write `model`'s state dict as stock open_clip `.safetensors` (0-dim `logit_scale`)."""
+def export_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Atomically write `model`'s (or a full state dict's) weights as stock open_clip `.safetensors`.
+
+    `logit_scale` is written 0-dim as open_clip expects.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"export path {path} must end in .safetensors (open_clip picks a loader by suffix)")
     tensors = {}
-    for key, value in _strip_wrapper_prefixes(model.state_dict()).items():
+    state_dict = model if isinstance(model, dict) else model.state_dict()
+    for key, value in _strip_wrapper_prefixes(state_dict).items():
         if key in SCALAR_PARAMS and value.shape == (1,):
             value = value.reshape(())
         tensors[key] = value.detach().to("cpu").contiguous()

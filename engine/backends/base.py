@@ -13,6 +13,7 @@ class Backend(Protocol):
 
     model: nn.Module
     device: torch.device
+    input_dtype: torch.dtype  # dtype the model's inputs are cast to
 
     def backward(self, loss: Tensor) -> None:
         """Accumulate the gradient of `loss` (already the global-batch objective of this rank)."""
@@ -34,3 +35,15 @@ class Backend(Protocol):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
+
+    def weights_digest(self) -> str:
+        """A digest of this rank's weights (model and master copies): equal iff bit-identical."""
+
+    def full_weights(self):
+        """Context manager in which `model` holds complete (gathered) weights, e.g. for evaluation."""
+
+    def full_state_dict(self) -> dict:
+        """Complete model state dict, valid on rank 0 (collective call on every rank)."""
+
+    def close(self) -> None:
+        """Release what the backend holds (engines, process-group resources)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +34,7 @@ class SingleProcessBackend:
             adamw_param_groups(self.model, weight_decay), lr=0.0, betas=betas, eps=eps
         )
         self._names = {id(p): n for n, p in self.model.named_parameters()}
+        self.input_dtype = torch.float32  # bf16 runs under autocast with fp32 weights
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()
@@ -70,3 +74,22 @@ class SingleProcessBackend:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def weights_digest(self) -> str:
+        """sha256 over every parameter's bytes (OSR must leave it unchanged)."""
+        digest = hashlib.sha256()
+        for name, param in self.model.named_parameters():
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def full_weights(self):
+        """Context in which `model` holds its full weights (always true here)."""
+        return contextlib.nullcontext()
+
+    def full_state_dict(self) -> dict:
+        """The model's complete state dict (for export)."""
+        return self.model.state_dict()
+
+    def close(self) -> None:
+        """Nothing to release for one process."""
