@@ -77,3 +77,19 @@ def mbcl_ranks() -> dict:
     dist.barrier()
     return {"params": {k: all_reduce_sum(v) / ctx.world_size for k, v in grads.items()},
             "loss_value": out["loss_value"]}
+
+
+def table_writer(directory: str, num_rows: int, rounds: int) -> dict:
+    """Every rank writes its own interleaved rows (row % world == rank) of one shared table, many times."""
+    from engine.table import UTable
+
+    ctx = context_from_env()
+    init_process_group(ctx, use_deepspeed=False)
+    table = UTable.open(directory, dataset_fingerprint="shared")
+    mine = torch.arange(ctx.rank, num_rows, ctx.world_size)
+    dist.barrier()  # start writing together so the writes overlap in time
+    for r in range(rounds):
+        value = torch.full((len(mine),), float(r)) + mine.float() / 1000
+        table.write(mine, value, -value)
+    table.flush()
+    return {"rows": mine}
