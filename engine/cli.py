@@ -23,6 +23,9 @@ COMMON_FLAGS = {
     "margin": "loss.margin",
     "surrogate": "loss.surrogate",
     "device": "run.device",
+    "resume": "run.resume",
+    "osr_from": "osr.load_from",
+    "save_every": "run.save_every_steps",
 }
 
 
@@ -123,10 +126,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "tune":
             trainer.tune()
         elif args.command == "osr":
-            trainer.osr()
+            trainer.tune(finetune=False)
+            print(f"recovered statistics: {trainer.checkpoints.find('latest')} (reuse with --osr-from)")
         elif args.command == "finetune":
-            trainer.finetune()
-            trainer.export(trainer.out_dir / "final.safetensors")
+            trainer.tune(osr=False)
         elif args.command == "eval":
             results = trainer.evaluate(stage="start")
             print(json.dumps(results, indent=2))

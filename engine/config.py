@@ -130,9 +130,12 @@ class OSRConfig:
     seed_moments: bool = True
     seed_u: bool = True
     surrogate: str = "auto"  # auto = the stage-II surrogate
+    load_from: str | None = None  # end-of-OSR checkpoint to start stage II from (skips OSR)
 
     def errors(self) -> list[str]:
         out = []
+        if self.load_from is not None and not Path(self.load_from).is_dir():
+            out.append(f"osr.load_from: {self.load_from} is not a checkpoint folder (see `run.py osr`)")
         if self.epochs < 0:
             out.append(f"osr.epochs must be >= 0, got {self.epochs}")
         if self.surrogate not in ("auto", "hgcl", "gcl"):
@@ -179,6 +182,10 @@ class RunConfig:
     backend: str = "single"
     zero_config: str | None = None
     progress: bool = True
+    save_every_steps: int = 0  # 0 = no periodic checkpoints
+    keep_last_n: int = 2
+    resume: str | None = None  # "latest" or a checkpoint folder
+    max_bad_steps: int = 5  # consecutive non-finite steps skipped before the run aborts
 
     def errors(self) -> list[str]:
         out = []
@@ -188,6 +195,12 @@ class RunConfig:
             out.append(f"run.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.log_every < 1:
             out.append(f"run.log_every must be >= 1, got {self.log_every}")
+        if self.save_every_steps < 0:
+            out.append(f"run.save_every_steps must be >= 0 (0 = off), got {self.save_every_steps}")
+        if self.keep_last_n < 1:
+            out.append(f"run.keep_last_n must be >= 1, got {self.keep_last_n}")
+        if self.max_bad_steps < 1:
+            out.append(f"run.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         return out
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,27 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def sparse_copy(src: Path, dst: Path, *, block: int = 1 << 24) -> None:
+    """Copy `src` to `dst` reading only its data regions (SEEK_DATA/SEEK_HOLE), then fsync."""
+    size = os.path.getsize(src)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fout.truncate(size)
+        fd_in, fd_out, pos = fin.fileno(), fout.fileno(), 0
+        while pos < size:
+            try:
+                start = os.lseek(fd_in, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                break
+            end = os.lseek(fd_in, start, os.SEEK_HOLE)
+            while start < end:
+                chunk = os.pread(fd_in, min(block, end - start), start)
+                os.pwrite(fd_out, chunk, start)
+                start += len(chunk)
+            pos = end
+        fout.flush()
+        os.fsync(fd_out)
 
 
 class UTable:
@@ -162,11 +182,11 @@ class UTable:
         self._rows.flush()
 
     def copy_to(self, directory: str | os.PathLike) -> UTable:
-        """Flush and copy the table (sparse-aware copy where the OS supports it) to `directory`."""
+        """Flush and copy the table to `directory`, copying only allocated regions (holes stay holes)."""
         self.flush()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.directory / DATA_FILE, directory / DATA_FILE)
+        sparse_copy(self.directory / DATA_FILE, directory / DATA_FILE)
         _write_json_atomic(directory / HEADER_FILE, self.header)
         return UTable(directory, dict(self.header))
 

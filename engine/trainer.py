@@ -10,6 +10,7 @@ restarted.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -19,8 +20,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from engine import __version__
 from engine.backends.single import SingleProcessBackend
-from engine.config import METHOD_RUNS_OSR, JobConfig
+from engine.checkpoint import CheckpointManager, read_state
+from engine.config import METHOD_RUNS_OSR, JobConfig, load_config
 from engine.data import Batch, ShardLoader
 from engine.distributed import (
     all_reduce_sum,
@@ -115,10 +118,17 @@ class Trainer:
         self.u_epochs = 0  # epochs the u estimates have been updated for (drives gamma_t)
         self.data_epoch = 0  # passes over the data (each has its own shuffle)
         self.osr_steps = 0
+        self.stage, self.stage_step = "start", 0  # position: stage and batches done in it
+        self.num_bad_steps = 0  # consecutive non-finite steps skipped
         self.best = (-math.inf, None)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n)
         self.log.write({"event": "start", "config": cfg.to_dict(), "config_digest": cfg.digest(),
                         "tau": self.tau, "num_samples": self.manifest.num_samples,
                         "world_size": self.ctx.world_size})
+        if cfg.run.resume:
+            self.resume(cfg.run.resume)
+        elif cfg.osr.load_from:
+            self.load_osr(cfg.osr.load_from)
 
     # ----- construction helpers -----
     def _open_table(self) -> UTable:
@@ -156,7 +166,12 @@ class Trainer:
 
     # ----- the step shared by both stages -----
     def train_step(self, batch: Batch, *, loss_fn, gamma: float, lr: float, grad_clip: float) -> dict:
-        """Forward, loss, backward and one AdamW step at `lr` (0 = OSR); returns scalar metrics."""
+        """Forward, loss, backward and one AdamW step at `lr` (0 = OSR); returns scalar metrics.
+
+        A non-finite loss or feature gradient on any rank skips the step on every rank (no
+        optimizer update, u rows untouched) and is logged with the batch's sample keys; after
+        `run.max_bad_steps` consecutive ones the run stops.
+        """
         images = batch.images.to(self.device, dtype=self.backend.input_dtype, non_blocking=True)
         texts = batch.texts.to(self.device, non_blocking=True)
         with self._autocast():
@@ -168,16 +183,36 @@ class Trainer:
                           gamma=gamma, offset=self.ctx.rank * self.local_batch, output_dict=True)
         else:
             out = loss_fn(image_features, text_features, output_dict=True)
+        local_bad = ~torch.isfinite(out["loss_value"]) | ~torch.isfinite(image_features).all() | (
+            ~torch.isfinite(text_features).all()
+        )
+        if "log_u_x" in out:
+            local_bad |= ~torch.isfinite(out["log_u_x"]).all() | ~torch.isfinite(out["log_u_z"]).all()
+        if all_reduce_sum(local_bad.float().reshape(1)).item() > 0:
+            return self._skip_step(batch)
         self.backend.backward(out["loss"])
-        if not torch.isfinite(out["loss"]).item():
-            self.backend.zero_grad()
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}; batch keys {batch.keys[:8]}")
         grad_norm = self.backend.step(lr=lr, grad_clip=grad_clip)
         if "log_u_x" in out:
             self.table.write(rows, out["log_u_x"], out["log_u_z"])
         self.global_step += 1
+        self.num_bad_steps = 0
         return {"loss": float(out["loss_value"]), "batch_loss": float(out["batch_loss_value"]),
                 "grad_norm": grad_norm, "lr": lr, "gamma": gamma}
+
+    def _skip_step(self, batch: Batch) -> dict:
+        self.num_bad_steps += 1
+        self.backend.zero_grad()
+        logger.warning("non-finite loss/features at step %d: step skipped (%d in a row); batch keys %s",
+                       self.global_step, self.num_bad_steps, batch.keys[:16])
+        self.log.write({"event": "bad_step", "step": self.global_step, "keys": batch.keys,
+                        "consecutive": self.num_bad_steps})
+        if self.num_bad_steps >= self.cfg.run.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.num_bad_steps} consecutive non-finite steps (last at step {self.global_step}): "
+                "lower optim.lr, check the data for broken samples (keys in log.jsonl), or use fp32"
+            )
+        return {"loss": float("nan"), "batch_loss": float("nan"), "grad_norm": float("nan"), "lr": 0.0,
+                "gamma": 0.0, "skipped": True}
 
     # ----- stages -----
     def _steps_per_epoch(self) -> int:
@@ -186,7 +221,13 @@ class Trainer:
         return min(n, cap) if cap > 0 else n
 
     def run_stage(self, stage: str, *, epochs: int, surrogate: str) -> None:
-        """Run `epochs` epochs of `stage` ('osr' keeps lr = 0; 'finetune' follows the cosine schedule)."""
+        """Run (or continue, after a resume) `epochs` epochs of `stage`.
+
+        'osr' keeps lr = 0; 'finetune' follows the cosine schedule. `self.stage_step` batches of
+        this stage are already done when resuming mid-stage.
+        """
+        if self.stage != stage:
+            self._enter(stage)
         if epochs == 0:
             return
         loss_fn = self._loss_fn(surrogate)
@@ -197,57 +238,67 @@ class Trainer:
                 "training samples: lower the batch size or add data"
             )
         total = epochs * steps_per_epoch
-        ocfg = self.cfg.optim
+        ocfg, rcfg = self.cfg.optim, self.cfg.run
         eval_every = self.cfg.eval.every_steps
-        logger.info("%s: %d epochs x %d steps, surrogate %s, tau %.4g", stage, epochs, steps_per_epoch,
-                    surrogate, self.tau)
-        stage_step = 0
-        bar = tqdm(total=total, desc=stage, unit="step", dynamic_ncols=True,
-                   disable=not (self.cfg.run.progress and self.ctx.is_main))
-        for epoch in range(epochs):
+        logger.info("%s: %d epochs x %d steps, surrogate %s, tau %.4g%s", stage, epochs, steps_per_epoch,
+                    surrogate, self.tau, f", resuming at step {self.stage_step}" if self.stage_step else "")
+        bar = tqdm(total=total, initial=self.stage_step, desc=stage, unit="step", dynamic_ncols=True,
+                   disable=not (rcfg.progress and self.ctx.is_main))
+        while self.stage_step < total:
+            epoch, start_batch = divmod(self.stage_step, steps_per_epoch)
             gamma = gamma_at_epoch(self.u_epochs, gamma_min=self.cfg.loss.gamma_min,
                                    decay_epochs=self.cfg.loss.gamma_decay_epochs)
             started, num_samples = time.perf_counter(), 0
-            for i, batch in enumerate(self.loader.epoch(self.data_epoch)):
-                if i >= steps_per_epoch:
-                    break
+            batches = (self.loader.epoch(self.data_epoch, start_batch=start_batch) if start_batch
+                       else self.loader.epoch(self.data_epoch))
+            for batch in itertools.islice(batches, steps_per_epoch - start_batch):
                 if stage == "osr":
                     lr, clip = 0.0, 0.0
                 else:
-                    lr = cosine_lr(stage_step, base_lr=ocfg.lr, total_steps=total, warmup_steps=ocfg.warmup_steps)
+                    lr = cosine_lr(self.stage_step, base_lr=ocfg.lr, total_steps=total,
+                                   warmup_steps=ocfg.warmup_steps)
                     clip = ocfg.grad_clip
                 metrics = self.train_step(batch, loss_fn=loss_fn, gamma=gamma, lr=lr, grad_clip=clip)
-                stage_step += 1
+                self.stage_step += 1
                 num_samples += len(batch.keys) * self.ctx.world_size
                 rate = num_samples / max(1e-9, time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{rate:.0f}")
-                if stage_step % self.cfg.run.log_every == 0 or stage_step == total:
+                if self.stage_step % rcfg.log_every == 0 or self.stage_step == total or metrics.get("skipped"):
                     self.log.write({"event": "step", "stage": stage, "epoch": epoch, "step": self.global_step,
-                                    "samples_per_s": rate, **metrics})
-                if stage == "finetune" and eval_every and stage_step % eval_every == 0 and stage_step != total:
+                                    "stage_step": self.stage_step, "samples_per_s": rate, **metrics})
+                done_epoch = self.stage_step % steps_per_epoch == 0
+                if done_epoch:
+                    self._end_epoch(stage, epoch)
+                if stage == "finetune" and (
+                    (eval_every and self.stage_step % eval_every == 0) or self.stage_step == total
+                ):
                     self.evaluate(stage=stage)
-            self.data_epoch += 1
-            self.u_epochs += 1
-            self.log.write({"event": "epoch_end", "stage": stage, "epoch": epoch, "step": self.global_step,
-                            "skipped": dict(self.loader.skipped)})
-            if stage == "finetune" and epoch == epochs - 1:
-                self.evaluate(stage=stage)
+                if rcfg.save_every_steps and self.stage_step % rcfg.save_every_steps == 0:
+                    self.save_checkpoint()
         bar.close()
         self.table.flush()
+
+    def _end_epoch(self, stage: str, epoch: int) -> None:
+        self.data_epoch += 1
+        self.u_epochs += 1
+        skipped = {shard: dict(reasons) for shard, reasons in self.loader.skipped.items()}
+        self.log.write({"event": "epoch_end", "stage": stage, "epoch": epoch, "step": self.global_step,
+                        "skipped": skipped, "num_skipped": self.loader.num_skipped})
+        if skipped:
+            logger.warning("epoch %d: skipped %d bad samples so far: %s", epoch, self.loader.num_skipped, skipped)
 
     def osr(self) -> None:
         """Stage I: recover AdamW moments and u at frozen w0 (paper Algorithm 1)."""
         before = self.backend.weights_digest()
-        start = self.global_step
         self.run_stage("osr", epochs=self.cfg.osr.epochs, surrogate=self.cfg.osr_surrogate)
-        self.osr_steps = self.global_step - start
         assert self.backend.weights_digest() == before, "OSR changed the weights"
+        self.osr_steps = self.backend.optimizer_step_count()
         self.table.set_provenance({"surrogate": self.cfg.osr_surrogate, "margin": self.cfg.loss.margin,
                                    "tau": self.tau, "eps": self.cfg.loss.eps, "osr_epochs": self.cfg.osr.epochs,
-                                   "osr_steps": self.backend.optimizer_step_count()})
-        self.log.write({"event": "osr_done", "step": self.global_step,
-                        "adam_step": self.backend.optimizer_step_count(), "u_seen": self.table.num_seen()})
+                                   "osr_steps": self.osr_steps})
+        self.log.write({"event": "osr_done", "step": self.global_step, "adam_step": self.osr_steps,
+                        "u_seen": self.table.num_seen()})
         if not self.cfg.osr.seed_moments:
             self.backend.reset_optimizer_state()
         if not self.cfg.osr.seed_u:
@@ -258,15 +309,102 @@ class Trainer:
         """Stage II: fine-tune with the method's loss from the current moments and u."""
         self.run_stage("finetune", epochs=self.cfg.run.epochs, surrogate=self.cfg.surrogate)
 
-    def tune(self) -> History:
-        """The whole method: evaluate w0, OSR if the method uses it, fine-tune, export."""
-        if self.cfg.eval.at_start:
-            self.evaluate(stage="start")
-        if METHOD_RUNS_OSR[self.cfg.method] and self.cfg.osr.epochs > 0:
+    def tune(self, *, osr: bool = True, finetune: bool = True) -> History:
+        """The whole method: evaluate w0, OSR if the method uses it, fine-tune, export.
+
+        After `resume`, stages already finished are skipped and the current one continues.
+        `finetune=False` stops after OSR with a checkpoint of the recovered statistics (reusable
+        by several fine-tuning runs through `load_osr`).
+        """
+        if self.stage == "start":
+            if self.cfg.eval.at_start:
+                self.evaluate(stage="start")
+            run_osr = osr and METHOD_RUNS_OSR[self.cfg.method] and self.cfg.osr.epochs > 0
+            self._enter("osr" if run_osr else "finetune")
+        if self.stage == "osr":
             self.osr()
-        self.finetune()
-        self.export(self.out_dir / "final.safetensors")
+            self._enter("finetune")
+            if self.cfg.run.save_every_steps or not finetune:
+                self.save_checkpoint()  # the recovered statistics, ready for stage II (or reuse)
+        if self.stage == "finetune" and finetune:
+            self.finetune()
+            self._enter("done")
+            self.export(self.out_dir / "final.safetensors")
+            if self.cfg.run.save_every_steps:
+                self.save_checkpoint()
         return self.history
+
+    def _enter(self, stage: str) -> None:
+        self.stage, self.stage_step = stage, 0
+
+    def load_osr(self, path: str | Path) -> None:
+        """Start stage II from recovered statistics saved by an OSR run (e.g. for an lr sweep).
+
+        Refused when they were computed for another model, weights, data, loss, margin or eps.
+        """
+        path = Path(path)
+        state = read_state(path)
+        if state["stage"] != "finetune" or state["stage_step"] != 0:
+            raise ValueError(f"{path} is not an end-of-OSR checkpoint (stage {state['stage']}, "
+                             f"step {state['stage_step']}); use the one `run.py osr` wrote")
+        old, new = _flatten(state["config"]), _flatten(self.cfg.to_dict())
+        problems = [f"{key}: statistics computed with {old.get(key)!r}, this job has {new.get(key)!r}"
+                    for key in OSR_DEFINING_KEYS if old.get(key) != new.get(key)]
+        old_cfg = load_config(base=state["config"])
+        if old_cfg.osr_surrogate != self.cfg.osr_surrogate:
+            problems.append(f"OSR loss {old_cfg.osr_surrogate!r} != this job's {self.cfg.osr_surrogate!r}")
+        if state["manifest_fingerprint"] != self.manifest.fingerprint():
+            problems.append("the training data (manifest fingerprint) differs")
+        if state["world_size"] != self.ctx.world_size:
+            problems.append(f"world size {self.ctx.world_size} != {state['world_size']} of the OSR run")
+        if problems:
+            raise ValueError(f"cannot reuse OSR statistics from {path}:\n  - " + "\n  - ".join(problems))
+        self.backend.load(path / "backend")
+        self.table.close()
+        self.checkpoints.restore_table(path, self.out_dir / "u_table", dataset_fingerprint=self.manifest.fingerprint())
+        self.table = UTable.open(self.out_dir / "u_table", dataset_fingerprint=self.manifest.fingerprint())
+        self.u_epochs, self.osr_steps = state["u_epochs"], state["osr_steps"]
+        self.data_epoch = state["data_epoch"]
+        self._enter("finetune")
+        self.log.write({"event": "osr_loaded", "from": str(path), "adam_step": self.backend.optimizer_step_count()})
+
+    # ----- checkpoints -----
+    def trainer_state(self) -> dict:
+        """Everything besides backend and u table that a resumed run needs."""
+        return {
+            "stage": self.stage, "stage_step": self.stage_step, "global_step": self.global_step,
+            "data_epoch": self.data_epoch, "u_epochs": self.u_epochs, "osr_steps": self.osr_steps,
+            "best_score": self.best[0] if math.isfinite(self.best[0]) else None, "best_step": self.best[1],
+            "num_bad_steps": self.num_bad_steps, "world_size": self.ctx.world_size,
+            "num_workers": self.cfg.data.num_workers, "manifest_fingerprint": self.manifest.fingerprint(),
+            "model": self.bundle.model_name, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
+            "version": __version__,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Atomic checkpoint of backend, u table and position (collective)."""
+        return self.checkpoints.save(self.global_step, backend=self.backend, table=self.table,
+                                     state=self.trainer_state())
+
+    def resume(self, spec: str = "latest") -> dict:
+        """Restore backend, u table and position from a checkpoint (`latest` or a folder)."""
+        path = self.checkpoints.find(spec)
+        state = read_state(path)
+        problems = _resume_conflicts(state, self)
+        if problems:
+            raise ValueError(f"cannot resume from {path}:\n  - " + "\n  - ".join(problems))
+        self.backend.load(path / "backend")
+        self.table.close()
+        self.checkpoints.restore_table(path, self.out_dir / "u_table", dataset_fingerprint=self.manifest.fingerprint())
+        self.table = UTable.open(self.out_dir / "u_table", dataset_fingerprint=self.manifest.fingerprint())
+        self.stage, self.stage_step = state["stage"], state["stage_step"]
+        self.global_step, self.data_epoch, self.u_epochs = state["global_step"], state["data_epoch"], state["u_epochs"]
+        self.osr_steps, self.num_bad_steps = state["osr_steps"], state["num_bad_steps"]
+        self.best = (state["best_score"] if state["best_score"] is not None else -math.inf, state["best_step"])
+        self.log.write({"event": "resume", "from": str(path), "step": self.global_step, "stage": self.stage,
+                        "stage_step": self.stage_step})
+        logger.info("resumed from %s: stage %s, step %d", path, self.stage, self.global_step)
+        return state
 
     # ----- evaluation, export -----
     def evaluate(self, *, stage: str) -> dict:
@@ -329,6 +467,44 @@ def build_backend(cfg: JobConfig, model: torch.nn.Module, *, device: torch.devic
         )
     return SingleProcessBackend(model, device=device, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
                                 eps=ocfg.eps)
+
+
+# Settings that define recovered OSR statistics: reusing them needs the same values.
+OSR_DEFINING_KEYS = ("model.name", "model.weights", "model.preset", "model.precision", "loss.margin", "loss.eps",
+                     "loss.gamma_min", "loss.gamma_decay_epochs", "osr.epochs", "optim.betas",
+                     "data.batch_size", "run.seed")
+
+# Settings that may change between a run and its resumption (they do not change the math).
+RESUME_FREE_KEYS = ("run.progress", "run.log_every", "run.save_every_steps", "run.keep_last_n",
+                    "run.resume", "eval.every_steps", "eval.at_start", "eval.batch_size", "run.device",
+                    "osr.load_from")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _resume_conflicts(state: dict, trainer: Trainer) -> list[str]:
+    """What differs between a checkpoint and the job trying to resume it (empty = compatible)."""
+    problems = []
+    if state["manifest_fingerprint"] != trainer.manifest.fingerprint():
+        problems.append("the training data (manifest fingerprint) differs from the checkpoint's")
+    if state["model"] != trainer.bundle.model_name:
+        problems.append(f"model {trainer.bundle.model_name!r} != checkpoint's {state['model']!r}")
+    if state["world_size"] != trainer.ctx.world_size:
+        problems.append(f"world size {trainer.ctx.world_size} != checkpoint's {state['world_size']}")
+    old, new = _flatten(state["config"]), _flatten(trainer.cfg.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(RESUME_FREE_KEYS) or old.get(key) == new.get(key):
+            continue
+        problems.append(f"config {key}: checkpoint has {old.get(key)!r}, this job {new.get(key)!r}")
+    return problems
 
 
 def _default_metric(results: dict) -> str:

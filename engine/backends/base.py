@@ -30,11 +30,11 @@ class Backend(Protocol):
     def full_moments(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Parameter name -> (exp_avg, exp_avg_sq), full (unsharded) tensors on CPU."""
 
-    def state_dict(self) -> dict:
-        """Model and optimizer state for a checkpoint."""
+    def save(self, directory, *, client_state: dict) -> None:
+        """Write model and optimizer state into `directory` (collective; each rank its own part)."""
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned."""
+    def load(self, directory) -> dict:
+        """Restore what `save` wrote; returns its client_state."""
 
     def weights_digest(self) -> str:
         """A digest of this rank's weights (model and master copies): equal iff bit-identical."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 
@@ -68,12 +70,19 @@ class SingleProcessBackend:
             out[self._names[id(param)]] = (state["exp_avg"].detach().cpu(), state["exp_avg_sq"].detach().cpu())
         return out
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+    def save(self, directory: Path, *, client_state: dict) -> None:
+        """Model weights (safetensors) and AdamW state (tensors only) into `directory`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                  directory / "model.safetensors")
+        torch.save({"optimizer": self.optimizer.state_dict(), "client_state": client_state}, directory / "optim.pt")
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+    def load(self, directory: Path) -> dict:
+        """Restore what `save` wrote (no pickled code is executed: weights_only loading)."""
+        self.model.load_state_dict(load_file(directory / "model.safetensors", device=str(self.device)))
+        state = torch.load(directory / "optim.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        return state["client_state"]
 
     def weights_digest(self) -> str:
         """sha256 over every parameter's bytes (OSR must leave it unchanged)."""
