@@ -245,7 +245,8 @@ class JobConfig:
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON-compatible dict (tuples as lists), as stored in logs and checkpoints."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def digest(self) -> str:
         """Stable hash of the configuration (recorded with logs and checkpoints)."""
