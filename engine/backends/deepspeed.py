@@ -1,0 +1,309 @@
+"""DeepSpeed ZeRO backend: the model wrapped by `deepspeed.initialize`, AdamW state partitioned over ranks.
+
+Same interface as `engine.backends.single.SingleProcessBackend`. OSR runs through it unchanged:
+a step at lr = 0 with clipping off accumulates raw gradients into the partitioned fp32 moments,
+advances every partition's step counter and leaves fp32 masters and model weights bit-identical
+(AdamW's decoupled weight decay is multiplied by lr). The trainer drives lr itself: no DeepSpeed
+LR scheduler is ever attached.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from engine.backends.single import adamw_param_groups
+from models.weights import make_logit_scale_1d
+
+logger = logging.getLogger(__name__)
+
+ZERO_STAGES = (1, 2, 3)
+PRECISIONS = ("fp32", "bf16")
+CHECKPOINT_TAG = "deepspeed"  # one DeepSpeed checkpoint per directory; the trainer names the directories
+_ADAM_TYPES = ("adamw", "adam")
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+_CLIENT_STATE_KEY = "engine_client_state"
+ENCODER_METHODS = ("encode_image", "encode_text")  # run through the engine (see _EngineRoutedEncoders)
+
+
+def _load_zero_config(zero_config: str | os.PathLike | dict) -> tuple[dict, str]:
+    """The config as a fresh dict, and how to name it in error messages."""
+    if isinstance(zero_config, dict):
+        return copy.deepcopy(zero_config), "the zero_config dict"
+    path = Path(zero_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} not found; pass a file from zero_configs/ "
+                                "or a dict")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+
+
+def _same(ours, theirs) -> bool:
+    if isinstance(ours, (list, tuple)):
+        return isinstance(theirs, (list, tuple)) and len(ours) == len(theirs) and all(
+            _same(a, b) for a, b in zip(ours, theirs))
+    return isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and float(ours) == float(theirs)
+
+
+def _fill(section: dict, key: str, ours, *, where: str, source: str, fix: str, errors: list[str]) -> None:
+    """Set `section[key]` to ours; a different value already there is reported, never overridden."""
+    if key in section and not _same(ours, section[key]):
+        errors.append(f"{source}: {where}{key} = {section[key]!r} disagrees with the engine's value "
+                      f"{ours!r}; {fix}")
+    section[key] = list(ours) if isinstance(ours, tuple) else ours
+
+
+def build_deepspeed_config(
+    zero_config: str | os.PathLike | dict,
+    *,
+    micro_batch_size: int,
+    world_size: int,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float,
+    grad_clip: float,
+    precision: str = "fp32",
+) -> dict:
+    """The DeepSpeed config dict: the ZeRO file (or dict) with batch sizes and AdamW settings filled in.
+
+    Raises ValueError listing every conflict (file, key, both values, fix), an unsupported ZeRO
+    stage or precision, an LR scheduler, or a non-Adam optimizer. The input is not modified.
+    """
+    cfg, source = _load_zero_config(zero_config)
+    errors: list[str] = []
+    if micro_batch_size < 1:
+        errors.append(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if world_size < 1:
+        errors.append(f"world_size must be >= 1, got {world_size}")
+    if precision not in PRECISIONS:
+        errors.append(f"precision must be one of {PRECISIONS} with DeepSpeed, got {precision!r}")
+
+    zero = cfg.get("zero_optimization")
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    if stage not in ZERO_STAGES:
+        errors.append(f"{source}: zero_optimization.stage = {stage!r} is not a supported ZeRO stage; "
+                      f"set it to one of {ZERO_STAGES}")
+    offload = isinstance(zero, dict) and (zero.get("offload_optimizer") or {}).get("device", "none") != "none"
+
+    batch_fix = ("remove the key from the file: the engine sets batch sizes from data.batch_size and "
+                 "the world size")
+    for key, ours in (("train_micro_batch_size_per_gpu", micro_batch_size),
+                      ("gradient_accumulation_steps", 1),
+                      ("train_batch_size", micro_batch_size * world_size)):
+        _fill(cfg, key, ours, where="", source=source, fix=batch_fix, errors=errors)
+    _fill(cfg, "gradient_clipping", grad_clip, where="", source=source,
+          fix="remove the key from the file and set optim.grad_clip instead", errors=errors)
+
+    optimizer = cfg.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": not offload}})
+    if str(optimizer.get("type", "")).lower() not in _ADAM_TYPES:
+        errors.append(f"{source}: optimizer.type = {optimizer.get('type')!r} is not supported; use \"AdamW\" "
+                      "(the method seeds AdamW's moments)")
+    params = optimizer.setdefault("params", {})
+    if params.get("adam_w_mode") is False:
+        errors.append(f"{source}: optimizer.params.adam_w_mode = false gives L2-coupled Adam, whose weight "
+                      "decay leaks into the OSR moments; remove the key")
+    optim_fix = "remove the key from the file and set it in the optim section of the job config"
+    _fill(params, "lr", 0.0, where="optimizer.params.", source=source,
+          fix="remove the key from the file: the trainer sets lr every step (optim.lr and its schedule)",
+          errors=errors)
+    for key, ours in (("betas", tuple(betas)), ("eps", eps), ("weight_decay", weight_decay)):
+        _fill(params, key, ours, where="optimizer.params.", source=source, fix=optim_fix, errors=errors)
+    if "scheduler" in cfg:
+        errors.append(f"{source}: has a \"scheduler\" section; remove it: the trainer drives lr itself "
+                      "(a DeepSpeed scheduler would also move lr during OSR)")
+
+    if (cfg.get("fp16") or {}).get("enabled", False):
+        errors.append(f"{source}: fp16.enabled = true is not supported; use precision bf16 or fp32")
+    bf16_key = "bfloat16" if "bfloat16" in cfg else "bf16"  # DeepSpeed reads either name
+    file_bf16 = (cfg.get(bf16_key) or {}).get("enabled")
+    if file_bf16 is not None and bool(file_bf16) != (precision == "bf16"):
+        errors.append(f"{source}: {bf16_key}.enabled = {str(file_bf16).lower()} disagrees with the engine's "
+                      f"precision {precision!r}; pick the matching file (zero*_bf16.json for bf16) or change "
+                      "model.precision")
+    if precision == "bf16":
+        cfg.setdefault(bf16_key, {})["enabled"] = True
+
+    if errors:
+        raise ValueError("invalid DeepSpeed config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _world_size() -> int:
+    """Ranks in the job: the process group's, or the launcher's before DeepSpeed creates the group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError(
+            "the DeepSpeed backend needs a launcher: run under `deepspeed` or `torchrun` (one process: "
+            "`deepspeed --num_gpus 1 ...`), or join a process group first "
+            "(engine.distributed.init_process_group)"
+        )
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class DeepSpeedBackend:
+    """Model + AdamW under DeepSpeed ZeRO 1/2/3; implements `engine.backends.base.Backend`.
+
+    `model` is the unwrapped module (call `encode_image` / `encode_text` on it); `engine` is the
+    DeepSpeed engine. Checkpoints go through `save` / `load` (each rank writes its own partition)
+    instead of the protocol's in-memory `state_dict`. Every method that gathers or writes
+    (`full_moments`, `save`, `load`) is collective: call it on every rank.
+    """
+
+    def __init__(self, model: nn.Module, *, device: torch.device, zero_config: str | os.PathLike | dict,
+                 micro_batch_size: int, betas: tuple[float, float], weight_decay: float, eps: float,
+                 grad_clip: float = 0.0, precision: str = "fp32"):
+        import deepspeed
+
+        world_size = _world_size()
+        config = build_deepspeed_config(
+            zero_config, micro_batch_size=micro_batch_size, world_size=world_size, betas=betas,
+            weight_decay=weight_decay, eps=eps, grad_clip=grad_clip, precision=precision,
+        )
+        make_logit_scale_1d(model)  # DeepSpeed's parameter broadcast rejects 0-dim tensors
+        groups = [g for g in adamw_param_groups(model, weight_decay) if g["params"]]
+        self.engine, _, _, _ = deepspeed.initialize(model=model.to(device), model_parameters=groups,
+                                                    config=config)
+        self.model = self.engine.module
+        self.device = device
+        self.zero_stage = int(config["zero_optimization"]["stage"])
+        self._trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._encoders = _EngineRoutedEncoders(self.engine, self.model, ENCODER_METHODS)
+        logger.info("DeepSpeed ZeRO-%d, %s, %d rank(s), micro batch %d", self.zero_stage, precision,
+                    world_size, micro_batch_size)
+
+    @property
+    def _adam(self) -> torch.optim.Optimizer:
+        """The AdamW that owns this rank's fp32 partitions and their state."""
+        return self.engine.optimizer.optimizer
+
+    def backward(self, loss: Tensor) -> None:
+        """Backward of this rank's objective; DeepSpeed averages gradients over ranks, unscaled here."""
+        self.engine.backward(loss)
+
+    def step(self, *, lr: float, grad_clip: float = 0.0) -> float:
+        """AdamW step of every partition at `lr`, clipped to `grad_clip` if > 0; returns the grad norm."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        # Clipping lives in the ZeRO optimizer; off (0) in OSR so the moments see raw gradients.
+        self.engine.optimizer.clip_grad = grad_clip
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    def zero_grad(self) -> None:
+        self.engine.optimizer.zero_grad(set_to_none=True)
+
+    def reset_optimizer_state(self) -> None:
+        # In place: ZeRO-1/2 parameters hold views into these state tensors.
+        for state in self._adam.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    value.zero_()
+                elif key == "step":
+                    state[key] = 0
+
+    def optimizer_step_count(self) -> int:
+        for state in self._adam.state.values():
+            return int(state["step"])
+        return 0
+
+    def full_moments(self) -> dict[str, tuple[Tensor, Tensor]]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        if not self._adam.state:  # no step yet: DeepSpeed creates the state in the first one
+            return {}
+        if self.zero_stage in (1, 2):
+            _relink_optimizer_state(self.engine.optimizer)
+        out = {}
+        for name, param in self._trainable:
+            exp_avg, exp_avg_sq = (safe_get_full_optimizer_state(param, key) for key in _MOMENT_KEYS)
+            out[name] = (exp_avg.detach().float().cpu().clone(), exp_avg_sq.detach().float().cpu().clone())
+        return out
+
+    def save(self, directory: str | os.PathLike, client_state: dict) -> None:
+        """Write this rank's partition of weights and optimizer state, plus `client_state`, to `directory`."""
+        # Nested under one key: DeepSpeed merges client_state into its own checkpoint dict.
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG,
+                                    client_state={_CLIENT_STATE_KEY: client_state}, save_latest=False)
+
+    def load(self, directory: str | os.PathLike) -> dict:
+        """Restore weights, moments and step counter written by `save` at the same world size.
+
+        Returns the `client_state` given to `save`.
+        """
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{CHECKPOINT_TAG}' in {directory}")
+        return client_state[_CLIENT_STATE_KEY]
+
+    def close(self) -> None:
+        """Release DeepSpeed's hooks and buffers; the process group stays (the caller owns it)."""
+        self._encoders.remove()
+        self.engine.destroy()
+
+
+class _EngineRoutedEncoders:
+    """Runs the module's `encode_image` / `encode_text` as `engine(...)` calls.
+
+    DeepSpeed does its per-forward bookkeeping in `engine.forward`: ZeRO-1/2 clear the previous
+    step's gradient accumulators, ZeRO-3 gathers the root module's own parameters (open_clip's
+    `positional_embedding`, `text_projection`) and those read outside their module's forward
+    (`nn.MultiheadAttention.out_proj`). Calling the encoders on the bare module skips all of it.
+    """
+
+    def __init__(self, engine, module: nn.Module, method_names: tuple[str, ...]):
+        self.engine = engine
+        self.module = module
+        self.depth = 0  # > 0 inside the module's forward: nested encoder calls run directly
+        self.hooks = [module.register_forward_pre_hook(self._enter),
+                      module.register_forward_hook(self._leave, always_call=True)]
+        self.method_names = [name for name in method_names if callable(getattr(module, name, None))]
+        for name in self.method_names:
+            setattr(module, name, self._routed(getattr(module, name)))
+
+    def remove(self) -> None:
+        """Give the module back its own encoders."""
+        for hook in self.hooks:
+            hook.remove()
+        for name in self.method_names:
+            delattr(self.module, name)
+
+    def _enter(self, module, args) -> None:
+        self.depth += 1
+
+    def _leave(self, module, args, output) -> None:
+        self.depth -= 1
+
+    def _routed(self, method):
+        def call(*args, **kwargs):
+            if self.depth > 0:
+                return method(*args, **kwargs)
+            self.module.forward = method  # the engine calls module.forward: point it at the encoder
+            try:
+                return self.engine(*args, **kwargs)
+            finally:
+                del self.module.forward
+
+        call.__doc__ = method.__doc__
+        return call
+
+
+def _relink_optimizer_state(zero_optimizer) -> None:
+    """Point every parameter's optimizer-state fragments at the current state tensors (ZeRO-1/2).
+
+    ZeRO-1/2 link them once, right after the first param group's first step, so later groups
+    (our decay group) stay unlinked; `load_checkpoint` drops the links. Until relinked,
+    `safe_get_full_optimizer_state` raises on the ranks that own a fragment.
+    """
+    zero_optimizer._hp_optimizer_states_linked = False
+    zero_optimizer._lazy_init_hp_params_optimizer_state()
