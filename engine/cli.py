@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 COMMON_FLAGS = {
@@ -30,7 +32,7 @@ COMMON_FLAGS = {
 
 
 def _add_job_args(parser: argparse.ArgumentParser) -> None:
-    # The deepspeed launcher appends --local_rank=N after the subcommand's own arguments.
+    # Accepted after the subcommand too (where some launchers put it).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file with the job configuration (see configs in README)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -44,6 +46,9 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run.py", description="TuneCLIP-engine: self-supervised CLIP fine-tuning")
+    # The deepspeed launcher inserts --local_rank=N right after the script name.
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -65,7 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("out_dir")
     build.add_argument("--samples-per-shard", type=int, default=1000)
     index = shards_sub.add_parser("index", help="write manifest.json for existing .tar shards")
-    index.add_argument("shards", help="directory of .tar files or a brace pattern")
+    index.add_argument("shards", help="directory of .tar files, brace/glob pattern, wids shardindex.json; "
+                                      "join several with '::'")
+    index.add_argument("--read-tars", action="store_true",
+                       help="read every tar (counts + sha256) even where img2dataset/wids declared the counts")
+    index.add_argument("--workers", type=int, default=None, help="processes reading tars (default: one per core)")
+    check = shards_sub.add_parser("check", help="per-shard data quality report; exit 1 if a shard is broken")
+    check.add_argument("shards", help="shard directory or manifest.json (or what `shards index` accepts)")
+    check.add_argument("--min-size", type=int, default=0, help="count images smaller than this many pixels a side")
+    check.add_argument("--workers", type=int, default=None, help="processes checking shards (default: one per core)")
 
     demo = sub.add_parser("demo", help="self-contained demo on synthetic data (no downloads)")
     demo.add_argument("--out", default="runs/demo")
@@ -93,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     # Our loggers at INFO; third-party chatter (open_clip's root-logger INFO lines) at WARNING.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    main_rank = os.environ.get("RANK", "0") == "0"  # other ranks report warnings only
     for name in ("engine", "models"):
-        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO if main_rank else logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     try:
         return _dispatch(args)
     except (ValueError, FileNotFoundError) as exc:
@@ -121,7 +136,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from engine.trainer import Trainer
 
     cfg = job_config_from_args(args)
-    trainer = Trainer(cfg, local_rank=args.local_rank)
+    local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
+    trainer = Trainer(cfg, local_rank=local_rank)
     try:
         if args.command == "tune":
             trainer.tune()
@@ -147,8 +163,21 @@ def _shards(args: argparse.Namespace) -> int:
         if report["num_skipped"]:
             print(f"skipped {report['num_skipped']}: {json.dumps(report['skipped_by_reason'])}")
         return 0
+    if args.shards_command == "check":
+        from engine.shards import check_shards
+
+        report = check_shards(args.shards, min_size=args.min_size, num_workers=args.workers, progress=True)
+        print(report.table())
+        broken = report.broken
+        if broken:
+            print(f"{len(broken)} broken shard(s): {', '.join(shard.path for shard in broken[:5])}"
+                  + (" ..." if len(broken) > 5 else ""))
+        return 1 if broken else 0
     from engine.manifest import index_shards
 
-    manifest = index_shards(args.shards)
+    manifest = index_shards(args.shards, read_tars=args.read_tars, num_workers=args.workers)
     print(f"indexed {manifest.num_shards} shards, {manifest.num_samples} samples")
+    if not manifest.checksums_available:
+        unread = sum(not shard.has_checksum for shard in manifest.shards)
+        print(f"{unread} shard(s) counted from img2dataset/wids indexes without reading them (no checksums)")
     return 0

@@ -128,10 +128,11 @@ class UTable:
     def provenance(self) -> dict:
         return dict(self.header.get("provenance", {}))
 
-    def set_provenance(self, provenance: dict) -> None:
-        """Record what computed the statistics (loss, margin, tau, eps, ...)."""
+    def set_provenance(self, provenance: dict, *, write: bool = True) -> None:
+        """Record what computed the statistics (loss, margin, tau, eps, ...); `write` on one rank only."""
         self.header["provenance"] = dict(provenance)
-        _write_json_atomic(self.directory / HEADER_FILE, self.header)
+        if write:
+            _write_json_atomic(self.directory / HEADER_FILE, self.header)
 
     def _indices(self, rows: Tensor) -> np.ndarray:
         idx = rows.detach().cpu().numpy().astype(np.int64, copy=False)

@@ -175,7 +175,7 @@ class Trainer:
         images = batch.images.to(self.device, dtype=self.backend.input_dtype, non_blocking=True)
         texts = batch.texts.to(self.device, non_blocking=True)
         with self._autocast():
-            image_features, text_features = encode_pair(self.backend.model, images, texts)
+            image_features, text_features = features_of(self.backend.forward(images, texts))
         rows = batch.sample_ids
         if isinstance(loss_fn, GlobalContrastiveLoss):
             log_u_x, log_u_z, seen = self.table.read(rows, device=self.device)
@@ -296,13 +296,16 @@ class Trainer:
         self.osr_steps = self.backend.optimizer_step_count()
         self.table.set_provenance({"surrogate": self.cfg.osr_surrogate, "margin": self.cfg.loss.margin,
                                    "tau": self.tau, "eps": self.cfg.loss.eps, "osr_epochs": self.cfg.osr.epochs,
-                                   "osr_steps": self.osr_steps})
+                                   "osr_steps": self.osr_steps}, write=self.ctx.is_main)
         self.log.write({"event": "osr_done", "step": self.global_step, "adam_step": self.osr_steps,
                         "u_seen": self.table.num_seen()})
         if not self.cfg.osr.seed_moments:
             self.backend.reset_optimizer_state()
         if not self.cfg.osr.seed_u:
-            self.table.reset()
+            barrier()
+            if self.ctx.is_main:  # the file is shared: one rank empties it, the others see zeros
+                self.table.reset()
+            barrier()
             self.u_epochs = 0
 
     def finetune(self) -> None:
@@ -442,13 +445,8 @@ class Trainer:
         cleanup_shm_buffers(self.ctx)
 
 
-def encode_pair(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor):
-    """Normalised image and text features through the model's own forward.
-
-    The top-level forward (not encode_image / encode_text) is what ZeRO-3's hooks gather the
-    parameters for, including the text projection owned by the top module.
-    """
-    out = model(images, texts)
+def features_of(out) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image_features, text_features) from an open_clip forward's dict or tuple output."""
     if isinstance(out, dict):
         return out["image_features"], out["text_features"]
     return out[0], out[1]

@@ -15,6 +15,9 @@ class Backend(Protocol):
     device: torch.device
     input_dtype: torch.dtype  # dtype the model's inputs are cast to
 
+    def forward(self, images: Tensor, texts: Tensor):
+        """The model's forward on a batch (open_clip CLIP: normalised features)."""
+
     def backward(self, loss: Tensor) -> None:
         """Accumulate the gradient of `loss` (already the global-batch objective of this rank)."""
 

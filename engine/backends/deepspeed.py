@@ -9,7 +9,9 @@ LR scheduler is ever attached.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -178,8 +180,35 @@ class DeepSpeedBackend:
         self.zero_stage = int(config["zero_optimization"]["stage"])
         self._trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._encoders = _EngineRoutedEncoders(self.engine, self.model, ENCODER_METHODS)
+        self.input_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         logger.info("DeepSpeed ZeRO-%d, %s, %d rank(s), micro batch %d", self.zero_stage, precision,
                     world_size, micro_batch_size)
+
+    def forward(self, images: Tensor, texts: Tensor):
+        """The model's forward as one engine forward (DeepSpeed's per-forward bookkeeping included)."""
+        return self.engine(images, texts)
+
+    def weights_digest(self) -> str:
+        """sha256 of this rank's model parameters (its ZeRO-3 slices) and fp32 master partitions."""
+        digest = hashlib.sha256()
+        tensors = [getattr(p, "ds_tensor", p) for p in self.model.parameters()]
+        tensors += [p for group in self._adam.param_groups for p in group["params"]]
+        for tensor in tensors:
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def full_weights(self):
+        """Context in which every rank's module holds the complete weights (ZeRO-3 gathers them)."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+
+    def full_state_dict(self) -> dict:
+        """The complete module state dict (float32 copies), gathered on every rank."""
+        with self.full_weights():
+            return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
 
     @property
     def _adam(self) -> torch.optim.Optimizer:

@@ -38,6 +38,10 @@ class SingleProcessBackend:
         self._names = {id(p): n for n, p in self.model.named_parameters()}
         self.input_dtype = torch.float32  # bf16 runs under autocast with fp32 weights
 
+    def forward(self, images: Tensor, texts: Tensor):
+        """The model's own forward (normalised image and text features)."""
+        return self.model(images, texts)
+
     def backward(self, loss: Tensor) -> None:
         loss.backward()
 
