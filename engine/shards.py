@@ -1,25 +1,42 @@
-"""Build webdataset tar shards (`<key>.<jpg|png|webp>` + `<key>.txt`) and their manifest from local data."""
+"""Build webdataset tar shards (`<key>.<jpg|png|webp>` + `<key>.txt`) and their manifest from local data,
+and check existing shards for what the loader would skip or choke on.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
+import re
+import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from tqdm import tqdm
 from webdataset import TarWriter
 
-from engine.manifest import MANIFEST_NAME, Manifest, build_manifest
+from engine.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    Manifest,
+    build_manifest,
+    default_num_workers,
+    find_shards,
+    sample_key,
+)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# Member extensions a sample's image may have in a shard, in order of preference.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # PIL format name -> member extension written into the shard.
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _EXT_FORMAT = {ext: fmt for fmt, ext in _FORMAT_EXT.items()}
@@ -237,3 +254,252 @@ def build_shards(
         report["skipped_by_reason"],
     )
     return manifest, report
+
+
+# Members webdataset never hands out as sample parts (its skip_meta default).
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
+_TAR_END_BYTES = 1024  # a complete tar ends with two zero blocks of 512 bytes
+
+
+@dataclass
+class ShardCheck:
+    """What `check_shards` found in one tar; `error` is set when the tar is unreadable or truncated.
+
+    `expected_samples` is the manifest's count (or the writer's declared count), None when unknown.
+    `empty_captions` counts captions that are blank or not UTF-8.
+    """
+
+    path: str
+    num_samples: int = 0
+    expected_samples: int | None = None
+    undecodable_images: int = 0
+    missing_images: int = 0
+    missing_captions: int = 0
+    empty_captions: int = 0
+    duplicate_keys: int = 0
+    small_images: int = 0
+    error: str | None = None
+
+    @property
+    def count_mismatch(self) -> bool:
+        return self.expected_samples is not None and self.expected_samples != self.num_samples
+
+    @property
+    def broken(self) -> bool:
+        """Unreadable or truncated, or holding another number of samples than the manifest says."""
+        return self.error is not None or self.count_mismatch
+
+    @property
+    def num_defects(self) -> int:
+        """Samples the loader would skip or that are suspicious (small images, duplicate keys)."""
+        return (
+            self.undecodable_images
+            + self.missing_images
+            + self.missing_captions
+            + self.empty_captions
+            + self.duplicate_keys
+            + self.small_images
+        )
+
+    def status(self) -> str:
+        if self.broken:
+            problems = [self.error] if self.error else []
+            if self.count_mismatch:
+                problems.append(f"{self.num_samples} samples, expected {self.expected_samples}")
+            return "BROKEN: " + "; ".join(problems)
+        return "defects" if self.num_defects else "ok"
+
+
+_CHECK_COLUMNS = (
+    ("samples", "num_samples"),
+    ("expected", "expected_samples"),
+    ("bad_img", "undecodable_images"),
+    ("no_img", "missing_images"),
+    ("no_txt", "missing_captions"),
+    ("empty_txt", "empty_captions"),
+    ("dup_key", "duplicate_keys"),
+    ("small", "small_images"),
+)
+
+
+@dataclass
+class CheckReport:
+    """Per-shard findings of `check_shards`, in dataset order."""
+
+    shards: list[ShardCheck] = field(default_factory=list)
+    min_size: int = 0
+
+    @property
+    def broken(self) -> list[ShardCheck]:
+        return [shard for shard in self.shards if shard.broken]
+
+    def totals(self) -> dict[str, int]:
+        return {
+            attr: sum(getattr(s, attr) or 0 for s in self.shards)
+            for _, attr in _CHECK_COLUMNS
+            if attr != "expected_samples"
+        }
+
+    def table(self) -> str:
+        """A fixed-width table, one line per shard and a total line."""
+        header = ["shard", *(name for name, _ in _CHECK_COLUMNS), "status"]
+        rows = [
+            [
+                shard.path,
+                *("-" if getattr(shard, a) is None else str(getattr(shard, a)) for _, a in _CHECK_COLUMNS),
+            ]
+            + [shard.status()]
+            for shard in self.shards
+        ]
+        totals = self.totals()
+        rows.append(
+            ["total", *("" if a == "expected_samples" else str(totals[a]) for _, a in _CHECK_COLUMNS)]
+            + [f"{len(self.broken)} broken of {len(self.shards)}"]
+        )
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+
+        def line(row: list[str]) -> str:
+            cells = [row[0].ljust(widths[0])] + [
+                cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:])
+            ]
+            return "  ".join([*cells, row[-1]])
+
+        return "\n".join([line(header), *map(line, rows)])
+
+
+def _iter_tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """(key, [(extension, bytes)]) per sample, grouped as webdataset groups members (consecutive equal keys)."""
+    key, parts = None, []
+    for info in tar:
+        if not info.isreg() or _META_MEMBER.match(info.name):
+            continue
+        data = tar.extractfile(info).read()
+        member_key = sample_key(info.name)
+        if member_key is None:
+            continue
+        if member_key != key:
+            if key is not None:
+                yield key, parts
+            key, parts = member_key, []
+        parts.append((info.name[len(member_key) + 1 :].lower(), data))
+    if key is not None:
+        yield key, parts
+
+
+def _check_sample(result: ShardCheck, parts: list[tuple[str, bytes]], min_size: int) -> None:
+    members = dict(parts)
+    if len(members) < len(parts):
+        result.duplicate_keys += 1
+    caption = members.get("txt")
+    if caption is None:
+        result.missing_captions += 1
+    else:
+        try:
+            if not caption.decode("utf-8").strip():
+                result.empty_captions += 1
+        except UnicodeDecodeError:
+            result.empty_captions += 1
+    image_bytes = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+    if image_bytes is None:
+        result.missing_images += 1
+        return
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            image.load()
+            size = image.size
+    except IMAGE_ERRORS:
+        result.undecodable_images += 1
+        return
+    if min(size) < min_size:
+        result.small_images += 1
+
+
+def check_shard(
+    path: str | os.PathLike, *, min_size: int = 0, expected_samples: int | None = None
+) -> ShardCheck:
+    """Read one tar completely: count samples and defects, decode every image, detect truncation."""
+    path = Path(path)
+    result = ShardCheck(path=str(path), expected_samples=expected_samples)
+    if not path.is_file():
+        result.error = "missing"
+        return result
+    seen: set[str] = set()
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for key, parts in _iter_tar_samples(tar):
+                result.num_samples += 1
+                if key in seen:
+                    result.duplicate_keys += 1
+                seen.add(key)
+                _check_sample(result, parts, min_size)
+            end = tar.offset
+        with open(path, "rb") as f:
+            f.seek(end)
+            tail = f.read(_TAR_END_BYTES)
+        if len(tail) < _TAR_END_BYTES or tail.strip(b"\0"):
+            result.error = f"truncated: no end-of-archive marker after {result.num_samples} sample(s)"
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        message = str(exn).splitlines()[0] if str(exn) else type(exn).__name__
+        state = "unreadable" if result.num_samples == 0 else f"truncated after {result.num_samples} sample(s)"
+        result.error = f"{state} ({message})"
+    return result
+
+
+def _check_job(job: tuple[str, int, int | None]) -> ShardCheck:
+    path, min_size, expected = job
+    return check_shard(path, min_size=min_size, expected_samples=expected)
+
+
+def _is_manifest_file(path: Path) -> bool:
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
+
+
+def check_shards(
+    source: str | os.PathLike, *, min_size: int = 0, num_workers: int | None = None, progress: bool = False
+) -> CheckReport:
+    """Check every shard of `source`: a manifest (or a folder holding one), or anything `find_shards` accepts.
+
+    With a manifest, each shard's sample count is compared with the manifest's; otherwise with the count
+    img2dataset or wids declared, if any. Images narrower or lower than `min_size` pixels count as small.
+    Shards are checked in `num_workers` processes (default: one per core).
+    """
+    if min_size < 0:
+        raise ValueError(f"min_size must be >= 0 pixels, got {min_size}")
+    spec = Path(os.fspath(source))
+    if (spec.is_dir() and (spec / MANIFEST_NAME).is_file()) or _is_manifest_file(spec):
+        manifest = Manifest.load(spec)
+        jobs = [
+            (str(manifest.shard_path(i)), min_size, shard.num_samples)
+            for i, shard in enumerate(manifest.shards)
+        ]
+        names = [shard.path for shard in manifest.shards]
+    else:
+        paths, declared = find_shards(source)
+        jobs = [(str(p), min_size, declared[p].num_samples if p in declared else None) for p in paths]
+        root = Path(os.path.commonpath([p.parent for p in paths]))
+        names = [p.relative_to(root).as_posix() for p in paths]
+    workers = default_num_workers(len(jobs)) if num_workers is None else num_workers
+    bar = tqdm(total=len(jobs), desc="checking shards", unit="shard", disable=not progress)
+    results = []
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            results.append(_check_job(job))
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as executor:
+            for result in executor.map(_check_job, jobs):
+                results.append(result)
+                bar.update(1)
+    bar.close()
+    for name, result in zip(names, results):
+        result.path = name
+    report = CheckReport(shards=results, min_size=min_size)
+    for shard in report.broken:
+        logger.error("shard %s: %s", shard.path, shard.status())
+    return report
