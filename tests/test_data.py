@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from engine.data import Batch, ShardLoader, SkipRecord
-from engine.manifest import Manifest, ShardEntry, build_manifest
+from engine.data import Batch, ShardLoader, SkipRecord, shard_order, slot_shards
+from engine.manifest import COUNT_FROM_STATS, Manifest, ShardEntry, build_manifest
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +275,106 @@ def test_invalid_arguments(tmp_path, tokenizer, transform):
     )
     with pytest.raises(ValueError, match="escapes"):
         make_loader(escaping, tokenizer, transform)
+
+
+def dealt_rows(loader: ShardLoader, epoch: int) -> set[int]:
+    """Rows the split deals to `loader`'s rank in `epoch`, computed from the manifest alone."""
+    manifest, workers = loader.manifest, loader.workers_per_rank
+    order = shard_order(manifest.num_shards, seed=loader.seed, epoch=epoch, shuffle=loader.shuffle)
+    rows = set()
+    for slot in range(loader.rank * workers, (loader.rank + 1) * workers):
+        shards, row_filter = slot_shards(
+            manifest, slot=slot, world_size=loader.world_size, workers_per_rank=workers, order=order
+        )
+        for i in shards:
+            shard_rows = range(manifest.offsets[i], manifest.offsets[i + 1])
+            rows.update(r for r in shard_rows if row_filter is None or r % row_filter[0] == row_filter[1])
+    return rows
+
+
+@pytest.mark.parametrize(
+    "sizes", [[29], [9, 4, 13], [6, 3, 9, 5, 7, 2, 8, 4]], ids=["1shard", "3shards", "8shards"]
+)
+def test_two_ranks_two_workers_each_sample_once(tmp_path, tokenizer, transform, sizes):
+    manifest = make_dataset(tmp_path, sizes)
+    loaders = [
+        make_loader(manifest, tokenizer, transform, batch_size=1, rank=rank, world_size=2, num_workers=2)
+        for rank in range(2)
+    ]
+    num_batches = loaders[0].num_batches()
+    for epoch in (0, 1):
+        per_rank = [run_epoch(loader, epoch, manifest) for loader in loaders]
+        ids = per_rank[0] + per_rank[1]
+        assert len(ids) == len(set(ids)) == 2 * num_batches, "a sample appeared twice in one epoch"
+        dealt = [dealt_rows(loader, epoch) for loader in loaders]
+        assert not dealt[0] & dealt[1] and dealt[0] | dealt[1] == set(range(manifest.num_samples))
+        for rank in range(2):
+            # Each rank delivers its own rows only; one whose share is the batch count delivers all of them.
+            assert set(per_rank[rank]) <= dealt[rank]
+            if len(dealt[rank]) == num_batches:
+                assert set(per_rank[rank]) == dealt[rank]
+        # Split by sample the count is the smaller share; by shard, the smallest share any shuffle can deal.
+        assert num_batches == min(map(len, dealt)) if len(sizes) < 4 else num_batches <= min(map(len, dealt))
+    assert num_batches == {1: 14, 3: 12, 8: 2 + 3 + 4 + 5}[len(sizes)]
+
+
+def test_fewer_shards_than_readers_does_not_hang(tmp_path, tokenizer, transform):
+    # One shard of 3 samples for 2 ranks x 2 workers: slot 3 has no sample at all.
+    manifest = make_dataset(tmp_path, [3])
+    loaders = [
+        make_loader(manifest, tokenizer, transform, batch_size=1, rank=rank, world_size=2, num_workers=2)
+        for rank in range(2)
+    ]
+    assert [loader.num_batches() for loader in loaders] == [1, 1]
+    ids = [run_with_timeout(lambda loader=loader: run_epoch(loader, 0, manifest)) for loader in loaders]
+    assert len(ids[0]) == len(ids[1]) == 1 and not set(ids[0]) & set(ids[1])
+
+
+def stated_manifest(manifest: Manifest, counts: list[int]) -> Manifest:
+    """The same shards with the counts a stale img2dataset _stats.json could state."""
+    shards = [
+        ShardEntry(s.path, n, s.num_bytes, "", COUNT_FROM_STATS) for s, n in zip(manifest.shards, counts)
+    ]
+    return Manifest(root=manifest.root, shards=shards)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_tar_with_more_or_fewer_samples_than_stated(tmp_path, tokenizer, transform, num_workers):
+    # Shard 0 holds 6 samples but is stated to hold 4; shard 1 holds 3 of a stated 5.
+    stated = stated_manifest(make_dataset(tmp_path, [6, 3, 4]), [4, 5, 4])
+    loader = make_loader(stated, tokenizer, transform, batch_size=1, num_workers=num_workers, shuffle=False)
+    assert loader.num_batches() == 13
+    batches = run_with_timeout(lambda: list(loader.epoch(0)))
+    assert len(batches) == 13
+    # (key, row) pairs: shard 0 keeps its first 4 at rows 0-3; s0p4 and s0p5 would have collided with shard 1.
+    first_pass = [(b.keys[0], b.sample_ids.item()) for b in batches[:11]]
+    expected = [(f"s0p{p}", p) for p in range(4)] + [(f"s1p{p}", 4 + p) for p in range(3)]
+    expected += [(f"s2p{p}", 9 + p) for p in range(4)]
+    assert sorted(first_pass, key=lambda kr: kr[1]) == expected  # workers interleave their shards
+    assert dict(loader.skipped) == {
+        "shard-000000.tar": {"samples beyond manifest count": 2},
+        "shard-000001.tar": {"truncated shard": 2},
+    }
+
+
+def test_extra_samples_counted_once_across_readers(tmp_path, tokenizer, transform):
+    # Split by sample (1 shard < 4 readers): each extra sample is counted by exactly one reader.
+    stated = stated_manifest(make_dataset(tmp_path, [11]), [8])
+    loaders = [
+        make_loader(stated, tokenizer, transform, batch_size=2, rank=rank, world_size=2, num_workers=2)
+        for rank in range(2)
+    ]
+    ids = [
+        row
+        for loader in loaders
+        for b in run_with_timeout(lambda loader=loader: list(loader.epoch(0)))
+        for row in b.sample_ids.tolist()
+    ]
+    assert sorted(ids) == list(range(8))
+    assert sum(loader.skipped["shard-000000.tar"]["samples beyond manifest count"] for loader in loaders) == 3
+
+
+def test_pin_memory_follows_cuda(tmp_path, tokenizer, transform):
+    manifest = make_dataset(tmp_path, [2])
+    assert make_loader(manifest, tokenizer, transform).pin_memory == torch.cuda.is_available()
+    assert make_loader(manifest, tokenizer, transform, pin_memory=False).pin_memory is False

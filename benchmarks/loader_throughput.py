@@ -1,0 +1,185 @@
+"""Does the shard loader keep up with training? Loader samples/s vs. the tiny model's training step.
+
+Target: with 2 worker processes the loader alone delivers at least as many samples per second as the
+tiny model ("tiny-vit") trains on alone: loader(2 workers) / model step >= 1.0, i.e. the loader is not
+the bottleneck. Exit status 1 when missed.
+
+Data: synthetic image-caption pairs (engine.synthetic) rendered at --image-size pixels, written as JPEG
+webdataset shards (engine.shards.build_shards) as img2dataset would store them. The loader runs the
+tiny model's own training transform (random resized crop to 32 px, normalisation) and tokenizer, with
+its seeded shard shuffle and shuffle buffer. One measurement = one full epoch, worker start-up included
+(every epoch pays it). The model step = forward of both towers, symmetric InfoNCE on the batch,
+backward, AdamW step, on random inputs of the same batch size. Every figure is the median of --repeats
+runs; the paths run in interleaved rounds so load from other processes hits them alike. The last
+table row runs the two together (the loader with 2 workers feeding the step), which on a machine with
+few cores shows how they compete for the same cores; it is reported, not checked.
+
+    python benchmarks/loader_throughput.py            # about a minute on 2 cores
+    python benchmarks/loader_throughput.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from engine.data import ShardLoader
+from engine.shards import build_shards
+from engine.synthetic import render_pairs
+from models import build_model
+
+MODEL = "tiny-vit"
+TARGET_RATIO = 1.0
+WORKER_COUNTS = (0, 2)
+
+
+def loader_rate(manifest, bundle, *, batch_size: int, num_workers: int, epoch: int) -> float:
+    """Samples/s of one loader epoch, worker start-up included."""
+    loader = ShardLoader(
+        manifest,
+        batch_size=batch_size,
+        image_transform=bundle.train_transform,
+        tokenizer=bundle.tokenizer,
+        num_workers=num_workers,
+        seed=0,
+    )
+    started = time.perf_counter()
+    num_samples = sum(len(batch) for batch in loader.epoch(epoch))
+    return num_samples / (time.perf_counter() - started)
+
+
+class TrainStep:
+    """Forward + symmetric InfoNCE + backward + AdamW on the tiny model."""
+
+    def __init__(self, bundle):
+        self.model = bundle.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> None:
+        image_features = self.model.encode_image(images, normalize=True)
+        text_features = self.model.encode_text(texts, normalize=True)
+        logits = image_features @ text_features.T / 0.07
+        labels = torch.arange(len(images))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def model_rate(step: TrainStep, *, batch_size: int, image_size: int, context: int, num_steps: int) -> float:
+    """Samples/s of `num_steps` training steps on random inputs (after one warm-up step)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    texts = torch.randint(1, 49407, (batch_size, context), generator=generator)
+    step(images, texts)
+    started = time.perf_counter()
+    for _ in range(num_steps):
+        step(images, texts)
+    return num_steps * batch_size / (time.perf_counter() - started)
+
+
+def together_rate(manifest, bundle, step: TrainStep, *, batch_size: int, epoch: int) -> float:
+    """Samples/s of the training step fed by the loader with 2 workers."""
+    loader = ShardLoader(
+        manifest,
+        batch_size=batch_size,
+        image_transform=bundle.train_transform,
+        tokenizer=bundle.tokenizer,
+        num_workers=2,
+        seed=0,
+    )
+    started, num_samples = time.perf_counter(), 0
+    for batch in loader.epoch(epoch):
+        step(batch.images, batch.texts)
+        num_samples += len(batch)
+    return num_samples / (time.perf_counter() - started)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
+        csv_path = render_pairs(
+            Path(tmp) / "raw", num_samples=args.samples, seed=0, image_size=args.image_size
+        )
+        manifest, _ = build_shards(
+            csv_path, Path(tmp) / "shards", samples_per_shard=args.samples // 8, image_ext="jpg"
+        )
+        bundle = build_model(MODEL, seed=0)
+        step = TrainStep(bundle)
+        vision_size = bundle.model.visual.image_size
+        vision_size = vision_size[0] if isinstance(vision_size, (tuple, list)) else vision_size
+        context = bundle.model.context_length
+        num_steps = max(3, args.samples // args.batch_size)
+        rates: dict[str, list[float]] = {}
+        for round_index in range(args.repeats):
+            for workers in WORKER_COUNTS:
+                rate = loader_rate(
+                    manifest, bundle, batch_size=args.batch_size, num_workers=workers, epoch=round_index
+                )
+                rates.setdefault(f"loader, num_workers={workers}", []).append(rate)
+            rates.setdefault(f"model step ({MODEL}, AdamW)", []).append(
+                model_rate(
+                    step,
+                    batch_size=args.batch_size,
+                    image_size=vision_size,
+                    context=context,
+                    num_steps=num_steps,
+                )
+            )
+            rates.setdefault("loader (2 workers) + step together", []).append(
+                together_rate(manifest, bundle, step, batch_size=args.batch_size, epoch=round_index)
+            )
+
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    cores = os.cpu_count() or 1
+    print(
+        f"{args.samples} samples ({args.image_size}px JPEG, {manifest.num_shards} shards), batch {args.batch_size}, "
+        f"{MODEL}, {cores} CPU cores, torch threads {torch.get_num_threads()}, median of {args.repeats} runs"
+    )
+    width = max(map(len, medians))
+    print(f"{'path':<{width}}  {'samples/s':>10}  {'runs':>s}")
+    for name, value in medians.items():
+        runs = " ".join(f"{v:.0f}" for v in rates[name])
+        print(f"{name:<{width}}  {value:>10.0f}  {runs}")
+    ratio = medians["loader, num_workers=2"] / medians[f"model step ({MODEL}, AdamW)"]
+    met = ratio >= TARGET_RATIO
+    if not met and cores <= 2:
+        print(
+            f"note: on {cores} cores the 2 loader workers have no core of their own; decoding + augmenting a "
+            f"{args.image_size}px JPEG costs more CPU than the tiny model's step on it, so the target needs "
+            "more cores (or a larger model)"
+        )
+    print(
+        f"loader (2 workers) / model step = {ratio:.2f} (target >= {TARGET_RATIO:.1f}: "
+        f"{'met, the loader is not the bottleneck' if met else 'MISSED, the loader is the bottleneck'})"
+    )
+    return 0 if met else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=2048, help="synthetic samples (8 shards)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=64, help="rendered image side in pixels")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="256 samples, 1 run (smoke test)")
+    args = parser.parse_args()
+    if args.quick:
+        args.samples, args.repeats = 256, 1
+    sys.exit(run(args))
+
+
+if __name__ == "__main__":
+    main()

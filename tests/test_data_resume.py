@@ -1,0 +1,258 @@
+"""ShardLoader positions (resume mid-epoch, saved state) and resampled epochs."""
+
+import itertools
+import json
+
+import open_clip
+import pytest
+import torch
+from test_data import check_batch, make_dataset, make_loader, run_with_timeout, stated_manifest
+from torchvision import transforms
+
+import engine.data
+from engine.data import ShardLoader
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+@pytest.fixture(scope="module")
+def transform():
+    return transforms.Compose([transforms.Resize(32), transforms.ToTensor()])
+
+
+def rows_of(batches) -> list[list[int]]:
+    return [batch.sample_ids.tolist() for batch in batches]
+
+
+def rank_loaders(manifest, tokenizer, transform, **kwargs) -> list:
+    """Factories of the two ranks' loaders (2 ranks x 2 workers)."""
+    kwargs = {"batch_size": 3, "world_size": 2, "num_workers": 2, "shuffle_buffer": 5, **kwargs}
+    return [
+        lambda rank=rank: make_loader(manifest, tokenizer, transform, rank=rank, **kwargs)
+        for rank in range(2)
+    ]
+
+
+BAD = {(0, 1): "corrupt", (3, 2): "empty", (5, 0): "noimage", (6, 4): "corrupt"}
+
+
+def resume_everywhere(
+    new_loader, manifest, *, epoch: int, batch_size: int, ks=None, step: int = 1, check_pixels: bool = True
+) -> int:
+    """Check that stopping after k batches, saving state and resuming a new loader gives the straight run.
+
+    Returns how many of the saved positions fell inside a piece (a batch boundary within a worker's piece).
+    """
+    straight_loader = new_loader()
+    straight = rows_of(straight_loader.epoch(epoch))
+    assert len(straight) == straight_loader.num_batches() > 1
+    num_inside = 0
+    for k in ks or range(1, len(straight), step):
+        first = new_loader()
+        batches = first.epoch(epoch)
+        head = rows_of(itertools.islice(batches, k))
+        state = json.loads(json.dumps(first.state(epoch, k)))  # survives a checkpoint file
+        num_inside += state["straddle"] is not None
+        del batches
+        resumed = new_loader()
+        assert resumed.load_state(state) == (epoch, k)
+        tail = resumed.epoch(epoch, start_batch=k)
+        rest = [check_batch(b, manifest, batch_size) if check_pixels else b.sample_ids.tolist() for b in tail]
+        assert head + rest == straight  # same order, nothing repeated, nothing missing
+        assert resumed.skipped == straight_loader.skipped  # skip counts continue, neither restart nor double
+    return num_inside
+
+
+@pytest.mark.parametrize("defects", [False, True], ids=["clean", "corrupt"])
+def test_resume_two_ranks_two_workers(tmp_path, tokenizer, transform, defects):
+    manifest = make_dataset(tmp_path, [9, 4, 13, 7, 5, 11, 6, 8], BAD if defects else None)
+    for new_loader in rank_loaders(manifest, tokenizer, transform):
+        assert new_loader().num_batches() == 7
+        resume_everywhere(new_loader, manifest, epoch=1, batch_size=3, ks=[1, 3, 5, 6])
+
+
+def test_resume_inside_pieces_of_uneven_workers(tmp_path, tokenizer, transform):
+    # Unshuffled, each rank's worker 0 reads a 3-sample shard and worker 1 a 20-sample one: once worker 0
+    # is done, batch boundaries fall inside worker 1's pieces.
+    bad = {(2, 4): "corrupt", (3, 0): "nocaption", (3, 9): "corrupt", (2, 17): "empty"}
+    manifest = make_dataset(tmp_path, [3, 3, 20, 20], bad)
+    num_inside = 0
+    for new_loader in rank_loaders(manifest, tokenizer, transform, batch_size=2, shuffle=False):
+        num_inside += resume_everywhere(new_loader, manifest, epoch=0, batch_size=2, step=2)
+    assert num_inside >= 6
+    # Shuffled, one rank, a worker per shard: the same with a shuffle buffer in the stream.
+    manifest = make_dataset(tmp_path / "two", [3, 20], {(1, 4): "corrupt", (1, 11): "empty"})
+    single = rank_loaders(manifest, tokenizer, transform, batch_size=2, world_size=1)[0]
+    assert resume_everywhere(single, manifest, epoch=3, batch_size=2, step=2) >= 3
+
+
+def test_resume_counts_shard_level_skips_once(tmp_path, tokenizer, transform):
+    # Stale declared counts: shard 0 holds 2 samples more than stated, shard 1 two fewer (a refill pass).
+    stated = stated_manifest(make_dataset(tmp_path, [6, 3, 8]), [4, 5, 8])
+    new_loader = rank_loaders(stated, tokenizer, transform, batch_size=2, world_size=1, num_workers=0)[0]
+    straight = new_loader()
+    list(straight.epoch(0))
+    assert dict(straight.skipped) == {
+        "shard-000000.tar": {"samples beyond manifest count": 2},
+        "shard-000001.tar": {"truncated shard": 2},
+    }
+    # Rows of shards 1 and 2 are not those their pixels encode here: compare rows only.
+    resume_everywhere(new_loader, stated, epoch=0, batch_size=2, check_pixels=False)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_start_batch_without_state_uses_manifest_counts(tmp_path, tokenizer, transform, num_workers):
+    # No saved state (e.g. a trainer that only knows its step): exact when nothing was skipped.
+    manifest = make_dataset(tmp_path, [9, 4, 13])
+    for new_loader in rank_loaders(manifest, tokenizer, transform, num_workers=num_workers):
+        straight = rows_of(new_loader().epoch(2))
+        for k in range(1, len(straight) + 1):
+            assert rows_of(new_loader().epoch(2, start_batch=k)) == straight[k:]
+
+
+def test_same_loader_resumes_where_it_stopped(tmp_path, tokenizer, transform):
+    manifest = make_dataset(tmp_path, [9, 4, 13], {(2, 3): "corrupt"})
+    loader = make_loader(manifest, tokenizer, transform, batch_size=4, num_workers=2, shuffle_buffer=5)
+    straight = rows_of(
+        make_loader(manifest, tokenizer, transform, batch_size=4, num_workers=2, shuffle_buffer=5).epoch(0)
+    )
+    head = rows_of(itertools.islice(loader.epoch(0), 2))
+    assert head + rows_of(loader.epoch(0, start_batch=2)) == straight
+
+
+def test_fast_forward_does_not_decode(tmp_path, tokenizer, transform, monkeypatch):
+    manifest = make_dataset(tmp_path, [12, 12])
+    straight = rows_of(make_loader(manifest, tokenizer, transform, batch_size=4).epoch(0))
+    decoded = []
+    original = engine.data._EpochReader._decode
+
+    def counting_decode(self, sample, skips):
+        decoded.append(sample.row)
+        return original(self, sample, skips)
+
+    monkeypatch.setattr(engine.data._EpochReader, "_decode", counting_decode)
+    tail = rows_of(make_loader(manifest, tokenizer, transform, batch_size=4).epoch(0, start_batch=4))
+    assert tail == straight[4:]
+    assert sorted(decoded) == sorted(row for batch in tail for row in batch)
+
+
+def test_state_refused_for_another_setup(tmp_path, tokenizer, transform):
+    manifest = make_dataset(tmp_path / "a", [6, 6])
+    loader = make_loader(manifest, tokenizer, transform, batch_size=2, world_size=2, num_workers=2, seed=1)
+    batches = loader.epoch(0)
+    next(batches)
+    state = loader.state(0, 1)
+    with pytest.raises(ValueError, match=r"last position is epoch 0 after 1 batches"):
+        loader.state(0, 2)
+    other = make_loader(manifest, tokenizer, transform, batch_size=2, world_size=4, num_workers=1, seed=2)
+    with pytest.raises(
+        ValueError, match=r"world_size: saved 2, this loader 4.*num_workers: saved 2.*seed: saved 1"
+    ):
+        other.load_state(state)
+    other_data = make_dataset(tmp_path / "b", [6, 5])
+    with pytest.raises(ValueError, match="manifest_fingerprint"):
+        make_loader(
+            other_data, tokenizer, transform, batch_size=2, world_size=2, num_workers=2, seed=1
+        ).load_state(state)
+    with pytest.raises(ValueError, match=r"start_batch must be in \[0, 3\]"):
+        loader.epoch(0, start_batch=4)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resampled_epoch_has_requested_batches(tmp_path, tokenizer, transform, num_workers):
+    manifest = make_dataset(tmp_path, [5, 3, 8])
+
+    def loader(rank: int, seed: int = 0) -> ShardLoader:
+        return make_loader(
+            manifest,
+            tokenizer,
+            transform,
+            batch_size=4,
+            rank=rank,
+            world_size=2,
+            num_workers=num_workers,
+            resampled=True,
+            samples_per_epoch=45,
+            seed=seed,
+        )
+
+    assert loader(0).num_batches() == 5  # 45 samples over 2 ranks x 4
+    epochs = {}
+    for rank in range(2):
+        for epoch in (0, 1):
+            batches = run_with_timeout(lambda rank=rank, epoch=epoch: list(loader(rank).epoch(epoch)))
+            assert len(batches) == 5
+            epochs[rank, epoch] = [row for batch in batches for row in check_batch(batch, manifest, 4)]
+    # Drawn with replacement, seeded per rank, worker and epoch: reproducible, and different elsewhere.
+    assert rows_of(loader(1).epoch(1)) == [epochs[1, 1][i : i + 4] for i in range(0, 20, 4)]
+    assert epochs[0, 0] != epochs[1, 0] and epochs[0, 0] != epochs[0, 1]
+    assert rows_of(loader(0, seed=5).epoch(0)) != rows_of(loader(0).epoch(0))
+    # Resuming works the same way.
+    assert rows_of(loader(1).epoch(1, start_batch=3)) == [epochs[1, 1][i : i + 4] for i in range(12, 20, 4)]
+
+
+def test_resampled_arguments(tmp_path, tokenizer, transform):
+    manifest = make_dataset(tmp_path, [4])
+    with pytest.raises(ValueError, match="samples_per_epoch >= batch_size x world_size = 8"):
+        make_loader(
+            manifest, tokenizer, transform, batch_size=4, world_size=2, resampled=True, samples_per_epoch=7
+        )
+    with pytest.raises(ValueError, match="samples_per_epoch sets the epoch length of resampled=True only"):
+        make_loader(manifest, tokenizer, transform, samples_per_epoch=100)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupt"])
+def test_resampled_unreadable_data_raises_instead_of_hanging(
+    tmp_path, tokenizer, transform, monkeypatch, damage
+):
+    manifest = make_dataset(tmp_path, [3, 3], {(s, p): "corrupt" for s in range(2) for p in range(3)})
+    if damage == "deleted":
+        for i in range(2):
+            manifest.shard_path(i).unlink()
+    monkeypatch.setattr(engine.data, "MAX_UNDECODABLE_RUN", 50)
+    loader = make_loader(manifest, tokenizer, transform, batch_size=2, resampled=True, samples_per_epoch=8)
+    with pytest.raises(RuntimeError, match="shards check"):
+        run_with_timeout(lambda: list(loader.epoch(0)))
+
+
+def test_short_rank_with_less_than_a_batch_raises(tmp_path, tokenizer, transform):
+    manifest = make_dataset(tmp_path, [4], {(0, p): "corrupt" for p in range(3)})
+    loader = make_loader(manifest, tokenizer, transform, batch_size=2)
+    with pytest.raises(RuntimeError, match="1 readable sample"):
+        run_with_timeout(lambda: list(loader.epoch(0)))
+
+
+def add_noise(image: torch.Tensor) -> torch.Tensor:
+    return image + 0.01 * torch.rand_like(image)  # the test images are flat colours: make draws visible
+
+
+def test_augmentations_follow_the_sample(tmp_path, tokenizer):
+    # Random augmentations depend on (seed, epoch, row) only: equal across worker counts and after a resume.
+    augment = transforms.Compose(
+        [transforms.RandomResizedCrop(16, scale=(0.2, 1.0)), transforms.ToTensor(), add_noise]
+    )
+    manifest = make_dataset(tmp_path, [9, 4, 13])
+
+    def images_by_row(batches) -> dict:
+        return {row: batch.images[i] for batch in batches for i, row in enumerate(batch.sample_ids.tolist())}
+
+    def new_loader(num_workers: int, seed: int = 0):
+        return make_loader(manifest, tokenizer, augment, batch_size=2, num_workers=num_workers, seed=seed)
+
+    in_process = images_by_row(new_loader(0).epoch(0))
+    two_workers = images_by_row(new_loader(2).epoch(0))
+    resumed = images_by_row(new_loader(2).epoch(0, start_batch=5))
+    assert sorted(in_process) == sorted(two_workers) == list(range(26)) and len(resumed) == 16
+    assert all(torch.equal(in_process[row], two_workers[row]) for row in in_process)
+    assert all(torch.equal(in_process[row], resumed[row]) for row in resumed)
+    other_seed = images_by_row(new_loader(0, seed=1).epoch(0))
+    assert sum(not torch.equal(in_process[row], other_seed[row]) for row in in_process) > 20
+    # The caller's RNG is left as it was.
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    list(new_loader(0).epoch(1))
+    assert torch.equal(torch.rand(3), expected)
