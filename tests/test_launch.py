@@ -1,0 +1,96 @@
+"""Launching as users do: the deepspeed launcher (1 node x 2 ranks, 2 nodes x 1 rank) and torchrun."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from engine.shards import build_shards
+from engine.synthetic import render_pairs
+from engine.table import UTable
+from models import register_shipped_configs
+from tests.harness import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ["--batch-size", "8", "--epochs", "1", "--osr-epochs", "1", "--lr", "1e-3", "--set", "run.backend=deepspeed",
+       "--set", "run.progress=false", "--set", "eval.at_start=false"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch_data")
+    csv = render_pairs(root / "raw", num_samples=48, seed=0, split_name="train")
+    build_shards(csv, root / "shards", samples_per_shard=12)
+    return root / "shards"
+
+
+def launch(commands: list[list[str]], port: int, timeout: float = 300) -> None:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in commands]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+        for proc, out in zip(procs, outputs):
+            assert proc.returncode == 0, out[-4000:]
+        # The engine removes its own DeepSpeed shared-memory buffers at shutdown.
+        assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer*_{port}_*") == []
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer*_{port}_*"):
+            os.remove(path)
+
+
+def check_run(out: Path, *, world_size: int, osr_steps: int) -> None:
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["world_size"] == world_size
+    done = [r for r in log if r["event"] == "osr_done"]
+    assert [r["adam_step"] for r in done] == ([osr_steps] if osr_steps else [])
+    steps = [r for r in log if r["event"] == "step"]
+    assert steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    register_shipped_configs()
+    model, _, _ = open_clip.create_model_and_transforms("tiny-vit", pretrained=str(out / "final.safetensors"))
+    initial = open_clip.create_model("tiny-vit")  # only for shapes: weights differ from any trained run
+    assert model.state_dict().keys() == initial.state_dict().keys()
+    table = UTable.open(out / "u_table")
+    visits = table.visits(torch.arange(table.num_rows))
+    # Every sample was used once per epoch (OSR + fine-tuning) across both ranks.
+    assert visits.min().item() >= 1 and visits.sum().item() == 48 * (1 + (1 if osr_steps else 0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_launcher_two_ranks(shards, tmp_path, zero):
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "run.py", "tune", "--train", str(shards),
+           "--out", str(tmp_path), *JOB, "--set", f"run.zero_config=zero_configs/{zero}.json"]
+    launch([cmd], port)
+    check_run(tmp_path, world_size=2, osr_steps=6)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine(shards, tmp_path):
+    port = free_port()
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    commands = [["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n), "--num_nodes", "2",
+                 "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "run.py", "tune",
+                 "--train", str(shards), "--out", str(tmp_path / "run"), *JOB] for n in (0, 1)]
+    launch(commands, port)
+    check_run(tmp_path / "run", world_size=2, osr_steps=6)
+
+
+@pytest.mark.slow
+def test_torchrun_with_deepspeed_backend(shards, tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "run.py", "finetune", "--method", "fastclip", "--train", str(shards), "--out", str(tmp_path), *JOB]
+    launch([cmd], port)
+    check_run(tmp_path, world_size=2, osr_steps=0)
