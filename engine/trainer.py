@@ -249,8 +249,7 @@ class Trainer:
             gamma = gamma_at_epoch(self.u_epochs, gamma_min=self.cfg.loss.gamma_min,
                                    decay_epochs=self.cfg.loss.gamma_decay_epochs)
             started, num_samples = time.perf_counter(), 0
-            batches = (self.loader.epoch(self.data_epoch, start_batch=start_batch) if start_batch
-                       else self.loader.epoch(self.data_epoch))
+            batches = self.loader.epoch(self.data_epoch, start_batch=start_batch)
             for batch in itertools.islice(batches, steps_per_epoch - start_batch):
                 if stage == "osr":
                     lr, clip = 0.0, 0.0

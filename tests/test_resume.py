@@ -1,0 +1,196 @@
+"""Checkpoints: atomic saves, exact resume (in-process crash and SIGKILL), OSR reuse, bad-step guard."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.checkpoint import is_complete
+from engine.config import load_config
+from engine.shards import build_shards
+from engine.synthetic import render_pairs
+from engine.table import UTable
+from engine.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume_data")
+    csv = render_pairs(root / "raw", num_samples=48, seed=0, split_name="train")
+    build_shards(csv, root / "shards", samples_per_shard=20)
+    return root / "shards"
+
+
+def job(shards, out, **run):
+    return {
+        "method": "tuneclip",
+        "model": {"name": "tiny-vit"},
+        "data": {"train": str(shards), "batch_size": 8, "shuffle_buffer": 8},
+        "optim": {"lr": 1e-3},
+        "osr": {"epochs": 1},
+        "eval": {"at_start": False},
+        "run": {"out_dir": str(out), "epochs": 2, "progress": False, "seed": 0, "save_every_steps": 2,
+                "keep_last_n": 2, **run},
+    }
+
+
+def final_state(out: Path, shards: Path) -> dict:
+    """Weights, u table rows and Adam moments/step of a finished run."""
+    weights = load_file(out / "final.safetensors")
+    table = UTable.open(out / "u_table")
+    rows = torch.arange(table.num_rows)
+    log_u_x, log_u_z, seen = table.read(rows)
+    latest = max(p for p in (out / "checkpoints").glob("step_*") if is_complete(p))
+    optim = torch.load(latest / "backend" / "optim.pt", weights_only=True)["optimizer"]
+    return {"weights": weights, "u": (log_u_x, log_u_z, seen, table.visits(rows)), "optim": optim}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["weights"].keys() == b["weights"].keys()
+    for key in a["weights"]:
+        assert torch.equal(a["weights"][key], b["weights"][key]), key
+    for x, y in zip(a["u"], b["u"]):
+        assert torch.equal(x, y)
+    for pid, state in a["optim"]["state"].items():
+        other = b["optim"]["state"][pid]
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[name], other[name]), (pid, name)
+
+
+@pytest.fixture(scope="module")
+def straight_run(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    trainer = Trainer(load_config(base=job(shards, out)))
+    trainer.tune()
+    trainer.close()
+    return final_state(out, shards)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("crash_after", [3, 9])  # inside OSR (6 steps), inside fine-tuning
+def test_resume_after_crash_matches_straight_run(shards, tmp_path, straight_run, crash_after):
+    trainer = Trainer(load_config(base=job(shards, tmp_path)))
+    original = trainer.train_step
+    calls = {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        if calls["n"] == crash_after:
+            raise Crash("simulated failure")
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    trainer.train_step = crashing_step
+    with pytest.raises(Crash):
+        trainer.tune()
+    trainer.close()
+    resumed = Trainer(load_config(base=job(shards, tmp_path, resume="latest")))
+    assert resumed.global_step == (crash_after // 2) * 2  # the last checkpoint before the crash
+    resumed.tune()
+    resumed.close()
+    assert_same_state(final_state(tmp_path, shards), straight_run)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(shards, tmp_path):
+    trainer = Trainer(load_config(base=job(shards, tmp_path)))
+    trainer.cfg.run.max_steps_per_epoch = 0
+    trainer.tune(finetune=False)  # OSR: checkpoints at steps 2, 4, 6 (+ end of OSR)
+    before = (tmp_path / "checkpoints" / "latest").read_text()
+
+    def broken_copy(directory):
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "u_table.bin").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    trainer.table.copy_to = broken_copy
+    with pytest.raises(OSError, match="No space"):
+        trainer.save_checkpoint()
+    trainer.close()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == before
+    partial = list((tmp_path / "checkpoints").glob(".partial-*"))
+    assert partial and not any(is_complete(p) for p in partial)
+    resumed = Trainer(load_config(base=job(shards, tmp_path, resume="latest")))
+    assert resumed.stage == "finetune" and resumed.stage_step == 0
+    resumed.close()
+
+
+def test_osr_statistics_reused_by_another_run_and_refused_for_another_margin(shards, tmp_path):
+    osr = Trainer(load_config(base=job(shards, tmp_path / "osr")))
+    osr.tune(finetune=False)
+    osr_ckpt = osr.checkpoints.find("latest")
+    moments = osr.backend.full_moments()
+    num_seen = osr.table.num_seen()
+    osr.close()
+
+    sweep = job(shards, tmp_path / "lr_sweep")
+    sweep["optim"]["lr"] = 5e-4
+    sweep["osr"]["load_from"] = str(osr_ckpt)
+    reuse = Trainer(load_config(base=sweep))
+    assert reuse.stage == "finetune" and reuse.backend.optimizer_step_count() == 6
+    for name, (m, v) in reuse.backend.full_moments().items():
+        assert torch.equal(m, moments[name][0]) and torch.equal(v, moments[name][1])
+    assert reuse.table.num_seen() == num_seen > 0
+    reuse.close()
+
+    other = job(shards, tmp_path / "other_margin")
+    other["loss"] = {"margin": 0.3}
+    other["osr"]["load_from"] = str(osr_ckpt)
+    with pytest.raises(ValueError, match="loss.margin"):
+        Trainer(load_config(base=other))
+
+
+def test_resume_refuses_changed_config(shards, tmp_path):
+    trainer = Trainer(load_config(base=job(shards, tmp_path)))
+    trainer.tune(finetune=False)
+    trainer.close()
+    changed = job(shards, tmp_path, resume="latest")
+    changed["loss"] = {"margin": 0.5}
+    with pytest.raises(ValueError, match="loss.margin"):
+        Trainer(load_config(base=changed))
+
+
+def test_non_finite_steps_are_skipped_then_abort(shards, tmp_path):
+    trainer = Trainer(load_config(base=job(shards, tmp_path, max_bad_steps=3, save_every_steps=0)))
+    model = trainer.backend.model
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.visual.conv1.weight.fill_(float("nan"))
+    w0["visual.conv1.weight"] = model.visual.conv1.weight.clone()
+    with pytest.raises(FloatingPointError, match="3 consecutive non-finite steps"):
+        trainer.tune()
+    assert trainer.global_step == 0 and trainer.backend.optimizer_step_count() == 0
+    assert trainer.table.num_seen() == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, w0[key]) or torch.isnan(value).all(), key
+    trainer.close()
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_then_resume_matches_straight_run(shards, tmp_path, straight_run):
+    """A real SIGKILL mid-run (no chance to clean up), then `--resume latest` from the CLI."""
+    args = [sys.executable, "run.py", "tune", "--train", str(shards), "--out", str(tmp_path), "--batch-size", "8",
+            "--lr", "1e-3", "--epochs", "2", "--osr-epochs", "1", "--set", "eval.at_start=false",
+            "--set", "data.shuffle_buffer=8", "--set", "run.progress=false", "--save-every", "2"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step_00000008":
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "final.safetensors").exists()
+    subprocess.run(args + ["--resume", "latest"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert_same_state(final_state(tmp_path, shards), straight_run)
