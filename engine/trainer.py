@@ -395,7 +395,15 @@ class Trainer:
         problems = _resume_conflicts(state, self)
         if problems:
             raise ValueError(f"cannot resume from {path}:\n  - " + "\n  - ".join(problems))
-        self.backend.load(path / "backend")
+        if state["world_size"] != self.ctx.world_size:
+            # Weights, moments, step and u rows carry over exactly; the data order of the rest of
+            # the epoch is the new world size's (same global batch count, different composition).
+            logger.warning("resuming a %d-rank checkpoint on %d ranks: converting it (DeepSpeed universal "
+                           "checkpoint); the rest of this epoch is dealt to the new ranks in a new order",
+                           state["world_size"], self.ctx.world_size)
+            self.backend.load(path / "backend", reshard=True)
+        else:
+            self.backend.load(path / "backend")
         self.table.close()
         self.checkpoints.restore_table(path, self.out_dir / "u_table", dataset_fingerprint=self.manifest.fingerprint())
         self.table = UTable.open(self.out_dir / "u_table", dataset_fingerprint=self.manifest.fingerprint())
@@ -494,8 +502,9 @@ def _resume_conflicts(state: dict, trainer: Trainer) -> list[str]:
         problems.append("the training data (manifest fingerprint) differs from the checkpoint's")
     if state["model"] != trainer.bundle.model_name:
         problems.append(f"model {trainer.bundle.model_name!r} != checkpoint's {state['model']!r}")
-    if state["world_size"] != trainer.ctx.world_size:
-        problems.append(f"world size {trainer.ctx.world_size} != checkpoint's {state['world_size']}")
+    if state["world_size"] != trainer.ctx.world_size and trainer.cfg.run.backend != "deepspeed":
+        problems.append(f"world size {trainer.ctx.world_size} != checkpoint's {state['world_size']}: resuming "
+                        "on another number of ranks needs run.backend=deepspeed (universal checkpoint)")
     old, new = _flatten(state["config"]), _flatten(trainer.cfg.to_dict())
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESUME_FREE_KEYS) or old.get(key) == new.get(key):

@@ -174,3 +174,30 @@ def bf16_osr_checks(config: str) -> dict:
            "osr_count": backend.optimizer_step_count(), "osr_moments": backend.full_moments()}
     backend.close()
     return out if ctx.rank == 0 else {k: v for k, v in out.items() if k != "osr_moments"}
+
+
+def reshard_round(stage: int, save_dir: str, load_dir: str | None) -> dict:
+    """Optionally load (resharded) a checkpoint of another world size, then train/save; returns full state.
+
+    With `load_dir` the state right after loading is returned; without it, OSR + one fine-tuning
+    step are run first. Either way the state is then saved to `save_dir`.
+    """
+    ctx = context_from_env()
+    init_process_group(ctx, use_deepspeed=True)
+    backend = deepspeed_backend(0 if load_dir is None else 1, f"zero{stage}.json")
+    if load_dir is None:
+        loss_fn = GlobalContrastiveLoss(SPEC, gather=gather_no_grad, reduce_sum=all_reduce_sum,
+                                        world_size=ctx.world_size)
+        lo, hi = ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH
+        for index, lr in [(i, 0.0) for i in range(OSR_STEPS)] + [(FINETUNE_BATCH, LR)]:
+            images, texts = global_batch(index, ctx.world_size)
+            forward_backward(backend, loss_fn, images[lo:hi], texts[lo:hi], offset=lo)
+            backend.step(lr=lr)
+    else:
+        backend.load(load_dir, reshard=True)
+    weights, masters = _gathered(backend)
+    out = {"weights": weights, "masters": masters, "moments": backend.full_moments(),
+           "count": backend.optimizer_step_count()}
+    backend.save(save_dir, {"world_size": ctx.world_size})
+    backend.close()
+    return out if ctx.rank == 0 else {}

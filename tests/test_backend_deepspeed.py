@@ -328,3 +328,30 @@ def test_bf16_osr_leaves_weights_and_masters_untouched():
     ref = adamw_reference()
     assert_all_close(exp_avg(rank0["osr_moments"]), exp_avg(ref["osr_moments"]), tol=0.15,
                      what="bf16 OSR m vs fp32")
+
+
+def _assert_same_full_state(a: dict, b: dict) -> None:
+    assert a["count"] == b["count"]
+    for key in ("weights", "masters"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for name, (m, v) in a["moments"].items():
+        assert torch.equal(m, b["moments"][name][0]) and torch.equal(v, b["moments"][name][1]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,back_to_two", [(2, True), (3, False)])
+def test_checkpoint_resharded_to_another_world_size_is_exact(tmp_path, stage, back_to_two):
+    """2 ranks -> 1 rank (and 1 -> 2) through DeepSpeed's universal checkpoint: weights, fp32 masters,
+    moments and step counter carry over bit for bit."""
+    two = run_ranks("tests.dist_cases_deepspeed:reshard_round", world_size=2, stage=stage,
+                    save_dir=str(tmp_path / "two"), load_dir=None)[0]
+    one = run_ranks("tests.dist_cases_deepspeed:reshard_round", world_size=1, stage=stage,
+                    save_dir=str(tmp_path / "one"), load_dir=str(tmp_path / "two"))[0]
+    assert two["count"] == OSR_STEPS + 1
+    _assert_same_full_state(two, one)
+    if back_to_two:
+        again = run_ranks("tests.dist_cases_deepspeed:reshard_round", world_size=2, stage=stage,
+                          save_dir=str(tmp_path / "again"), load_dir=str(tmp_path / "one"))[0]
+        _assert_same_full_state(one, again)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 ZERO_STAGES = (1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
-CHECKPOINT_TAG = "deepspeed"  # one DeepSpeed checkpoint per directory; the trainer names the directories
+CHECKPOINT_TAG = "deepspeed"
+UNIVERSAL_TAG = "universal"  # the same checkpoint converted for another world size  # one DeepSpeed checkpoint per directory; the trainer names the directories
 _ADAM_TYPES = ("adamw", "adam")
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _CLIENT_STATE_KEY = "engine_client_state"
@@ -265,20 +267,47 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG,
                                     client_state={_CLIENT_STATE_KEY: client_state}, save_latest=False)
 
-    def load(self, directory: str | os.PathLike) -> dict:
-        """Restore weights, moments and step counter written by `save` at the same world size.
+    def load(self, directory: str | os.PathLike, *, reshard: bool = False) -> dict:
+        """Restore weights, moments and step counter written by `save`; returns its `client_state`.
 
-        Returns the `client_state` given to `save`.
+        `reshard=True` (the checkpoint was written by another number of ranks) converts it once to
+        DeepSpeed's universal format (rank 0, inside the checkpoint folder) and loads that.
         """
-        path, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        directory = Path(directory)
+        tag = CHECKPOINT_TAG
+        if reshard:
+            tag = UNIVERSAL_TAG
+            if dist.get_rank() == 0 and not (directory / UNIVERSAL_TAG / "zero").is_dir():
+                _convert_to_universal(directory / CHECKPOINT_TAG, directory / UNIVERSAL_TAG)
+            dist.barrier()
+            self.engine._config.load_universal_checkpoint = True
+        try:
+            path, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint '{CHECKPOINT_TAG}' in {directory}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' in {directory}")
         return client_state[_CLIENT_STATE_KEY]
 
     def close(self) -> None:
         """Release DeepSpeed's hooks and buffers; the process group stays (the caller owns it)."""
         self._encoders.remove()
         self.engine.destroy()
+
+
+def _convert_to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's own converter (ds_to_universal), into a staging folder renamed when complete."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    logger.info("converting %s to a universal checkpoint (world size changed)", source)
+    ds_to_universal(Namespace(input_folder=str(source), output_folder=str(staging), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True))
+    os.replace(staging, target)
 
 
 class _EngineRoutedEncoders:
