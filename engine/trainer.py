@@ -32,6 +32,7 @@ from engine.distributed import (
     context_from_env,
     default_device,
     gather_no_grad,
+    gather_objects,
     init_process_group,
 )
 from engine.evaluate import Evaluator, RetrievalTask, ZeroShotTask, headline_metric, write_results
@@ -384,9 +385,11 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        """Atomic checkpoint of backend, u table and position (collective)."""
+        """Atomic checkpoint of backend, u table and position, with every rank's loader position (collective)."""
+        batches_in_epoch = self.stage_step % self._steps_per_epoch() if self.stage in ("osr", "finetune") else 0
+        loader_states = gather_objects(self.loader.state(self.data_epoch, batches_in_epoch))
         return self.checkpoints.save(self.global_step, backend=self.backend, table=self.table,
-                                     state=self.trainer_state())
+                                     state={**self.trainer_state(), "loader_states": loader_states})
 
     def resume(self, spec: str = "latest") -> dict:
         """Restore backend, u table and position from a checkpoint (`latest` or a folder)."""
@@ -411,6 +414,8 @@ class Trainer:
         self.global_step, self.data_epoch, self.u_epochs = state["global_step"], state["data_epoch"], state["u_epochs"]
         self.osr_steps, self.num_bad_steps = state["osr_steps"], state["num_bad_steps"]
         self.best = (state["best_score"] if state["best_score"] is not None else -math.inf, state["best_step"])
+        if state["world_size"] == self.ctx.world_size:  # exact position, skip counts included
+            self.loader.load_state(state["loader_states"][self.ctx.rank])
         self.log.write({"event": "resume", "from": str(path), "step": self.global_step, "stage": self.stage,
                         "stage_step": self.stage_step})
         logger.info("resumed from %s: stage %s, step %d", path, self.stage, self.global_step)
