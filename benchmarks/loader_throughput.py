@@ -8,7 +8,9 @@ Data: synthetic image-caption pairs (engine.synthetic) rendered at --image-size 
 webdataset shards (engine.shards.build_shards) as img2dataset would store them. The loader runs the
 tiny model's own training transform (random resized crop to 32 px, normalisation) and tokenizer, with
 its seeded shard shuffle and shuffle buffer. One measurement = one full epoch, worker start-up included
-(every epoch pays it). The model step = forward of both towers, symmetric InfoNCE on the batch,
+(every epoch pays it). Next to samples/s the table shows CPU milliseconds per sample (this process
+plus its finished worker processes), which other load on the machine does not inflate the way it
+inflates wall time. The model step = forward of both towers, symmetric InfoNCE on the batch,
 backward, AdamW step, on random inputs of the same batch size. Every figure is the median of --repeats
 runs; the paths run in interleaved rounds so load from other processes hits them alike. The last
 table row runs the two together (the loader with 2 workers feeding the step), which on a machine with
@@ -23,10 +25,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,8 +49,22 @@ TARGET_RATIO = 1.0
 WORKER_COUNTS = (0, 2)
 
 
-def loader_rate(manifest, bundle, *, batch_size: int, num_workers: int, epoch: int) -> float:
-    """Samples/s of one loader epoch, worker start-up included."""
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers are joined each epoch)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def measured(run_block: Callable[[], int]) -> tuple[float, float]:
+    """(samples/s wall clock, CPU ms/sample) of `run_block`, which returns how many samples it handled."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    num_samples = run_block()
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    return num_samples / wall, 1000 * cpu / num_samples
+
+
+def loader_rate(manifest, bundle, *, batch_size: int, num_workers: int, epoch: int) -> tuple[float, float]:
+    """(samples/s, CPU ms/sample) of one loader epoch, worker start-up included."""
     loader = ShardLoader(
         manifest,
         batch_size=batch_size,
@@ -55,9 +73,7 @@ def loader_rate(manifest, bundle, *, batch_size: int, num_workers: int, epoch: i
         num_workers=num_workers,
         seed=0,
     )
-    started = time.perf_counter()
-    num_samples = sum(len(batch) for batch in loader.epoch(epoch))
-    return num_samples / (time.perf_counter() - started)
+    return measured(lambda: sum(len(batch) for batch in loader.epoch(epoch)))
 
 
 class TrainStep:
@@ -78,20 +94,25 @@ class TrainStep:
         self.optimizer.step()
 
 
-def model_rate(step: TrainStep, *, batch_size: int, image_size: int, context: int, num_steps: int) -> float:
-    """Samples/s of `num_steps` training steps on random inputs (after one warm-up step)."""
+def model_rate(
+    step: TrainStep, *, batch_size: int, image_size: int, context: int, num_steps: int
+) -> tuple[float, float]:
+    """(samples/s, CPU ms/sample) of `num_steps` training steps on random inputs (after one warm-up step)."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
     texts = torch.randint(1, 49407, (batch_size, context), generator=generator)
     step(images, texts)
-    started = time.perf_counter()
-    for _ in range(num_steps):
-        step(images, texts)
-    return num_steps * batch_size / (time.perf_counter() - started)
+
+    def steps() -> int:
+        for _ in range(num_steps):
+            step(images, texts)
+        return num_steps * batch_size
+
+    return measured(steps)
 
 
-def together_rate(manifest, bundle, step: TrainStep, *, batch_size: int, epoch: int) -> float:
-    """Samples/s of the training step fed by the loader with 2 workers."""
+def together_rate(manifest, bundle, step: TrainStep, *, batch_size: int, epoch: int) -> tuple[float, float]:
+    """(samples/s, CPU ms/sample) of the training step fed by the loader with 2 workers."""
     loader = ShardLoader(
         manifest,
         batch_size=batch_size,
@@ -100,15 +121,20 @@ def together_rate(manifest, bundle, step: TrainStep, *, batch_size: int, epoch: 
         num_workers=2,
         seed=0,
     )
-    started, num_samples = time.perf_counter(), 0
-    for batch in loader.epoch(epoch):
-        step(batch.images, batch.texts)
-        num_samples += len(batch)
-    return num_samples / (time.perf_counter() - started)
+
+    def fed_steps() -> int:
+        num_samples = 0
+        for batch in loader.epoch(epoch):
+            step(batch.images, batch.texts)
+            num_samples += len(batch)
+        return num_samples
+
+    return measured(fed_steps)
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
         csv_path = render_pairs(
             Path(tmp) / "raw", num_samples=args.samples, seed=0, image_size=args.image_size
@@ -122,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         vision_size = vision_size[0] if isinstance(vision_size, (tuple, list)) else vision_size
         context = bundle.model.context_length
         num_steps = max(3, args.samples // args.batch_size)
-        rates: dict[str, list[float]] = {}
+        rates: dict[str, list[tuple[float, float]]] = {}
         for round_index in range(args.repeats):
             for workers in WORKER_COUNTS:
                 rate = loader_rate(
@@ -142,17 +168,19 @@ def run(args: argparse.Namespace) -> int:
                 together_rate(manifest, bundle, step, batch_size=args.batch_size, epoch=round_index)
             )
 
-    medians = {name: statistics.median(values) for name, values in rates.items()}
+    medians = {name: statistics.median(rate for rate, _ in values) for name, values in rates.items()}
+    cpu_costs = {name: statistics.median(cost for _, cost in values) for name, values in rates.items()}
     cores = os.cpu_count() or 1
     print(
         f"{args.samples} samples ({args.image_size}px JPEG, {manifest.num_shards} shards), batch {args.batch_size}, "
-        f"{MODEL}, {cores} CPU cores, torch threads {torch.get_num_threads()}, median of {args.repeats} runs"
+        f"{MODEL}, {cores} CPU cores, torch threads {torch.get_num_threads()}, median of {args.repeats} runs; "
+        f"load average before/after {load_before:.1f}/{os.getloadavg()[0]:.1f} (other processes compete)"
     )
     width = max(map(len, medians))
-    print(f"{'path':<{width}}  {'samples/s':>10}  {'runs':>s}")
+    print(f"{'path':<{width}}  {'samples/s':>10}  {'CPU ms/sample':>13}  runs (samples/s)")
     for name, value in medians.items():
-        runs = " ".join(f"{v:.0f}" for v in rates[name])
-        print(f"{name:<{width}}  {value:>10.0f}  {runs}")
+        runs = " ".join(f"{rate:.0f}" for rate, _ in rates[name])
+        print(f"{name:<{width}}  {value:>10.0f}  {cpu_costs[name]:>13.2f}  {runs}")
     ratio = medians["loader, num_workers=2"] / medians[f"model step ({MODEL}, AdamW)"]
     met = ratio >= TARGET_RATIO
     if not met and cores <= 2:
