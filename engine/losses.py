@@ -163,31 +163,37 @@ def feature_gradients(
         for start, stop in _chunks(num_global, spec.chunk_size):
             diag = _diag_mask(offset, num_local, start, stop, f_local.device)
             pos_k = pos_global[start:stop].unsqueeze(0)
-            lwx_k = log_wx_global[start:stop].unsqueeze(0)
-            lwz_k = log_wz_global[start:stop].unsqueeze(0)
-            s_fg = f_local @ g_global[start:stop].T  # [b,c] = s_{a,k}
-            s_gf = g_local @ f_global[start:stop].T  # [b,c] = s_{k,b}
+            g_chunk, f_chunk = g_global[start:stop], f_global[start:stop]
+            # Blocks are consumed as soon as possible: at most ~4 [b, chunk] tensors live at once.
+            s_fg = f_local @ g_chunk.T  # [b,c] = s_{a,k}
             # A[a,k]: image anchor a (local) vs text k; C[k,a]: text anchor k vs image a (local).
-            a_rows = _coefficient(s_fg - pos_local, lwx_local, diag, spec) * scale
-            c_cols = _coefficient(s_fg - pos_k, lwz_k, diag, spec) * scale
+            a_rows = _coefficient_(s_fg - pos_local, lwx_local, diag, spec)
+            c_cols = _coefficient_(s_fg.sub_(pos_k), log_wz_global[start:stop].unsqueeze(0), diag, spec)
+            del s_fg
+            row_sum += a_rows.sum(dim=1, keepdim=True)
+            grad_f.addmm_(a_rows.add_(c_cols), g_chunk, alpha=scale)
+            del a_rows, c_cols
+            s_gf = g_local @ f_chunk.T  # [b,c] = s_{k,b}
             # C[b,k]: text anchor b (local) vs image k; A[k,b]: image anchor k vs text b (local).
-            c_rows = _coefficient(s_gf - pos_local, lwz_local, diag, spec) * scale
-            a_cols = _coefficient(s_gf - pos_k, lwx_k, diag, spec) * scale
-            grad_f += (a_rows + c_cols) @ g_global[start:stop]
-            grad_g += (c_rows + a_cols) @ f_global[start:stop]
-            row_sum += a_rows.sum(dim=1, keepdim=True) + c_rows.sum(dim=1, keepdim=True)
+            c_rows = _coefficient_(s_gf - pos_local, lwz_local, diag, spec)
+            a_cols = _coefficient_(s_gf.sub_(pos_k), log_wx_global[start:stop].unsqueeze(0), diag, spec)
+            del s_gf
+            row_sum += c_rows.sum(dim=1, keepdim=True)
+            grad_g.addmm_(c_rows.add_(a_cols), f_chunk, alpha=scale)
+            del c_rows, a_cols
         # s_aa enters every term of both of sample a's anchor rows with a minus sign.
-        grad_f -= row_sum * g_local
-        grad_g -= row_sum * f_local
+        grad_f -= scale * row_sum * g_local
+        grad_g -= scale * row_sum * f_local
     return grad_f, grad_g
 
 
-def _coefficient(d: Tensor, log_w: Tensor, diag: Tensor, spec: SurrogateSpec) -> Tensor:
-    """exp(l(d)/tau - log w) * l'(d), zero on the positive pair."""
-    l_over_tau = pairwise_surrogate(d, kind=spec.kind, margin=spec.margin) / spec.tau
-    weight = torch.exp(l_over_tau - log_w)
-    slope = pairwise_surrogate_slope(d, kind=spec.kind, margin=spec.margin)
-    return (weight * slope).masked_fill(diag, 0.0)
+def _coefficient_(d: Tensor, log_w: Tensor, diag: Tensor, spec: SurrogateSpec) -> Tensor:
+    """exp(l(d)/tau - log w) * l'(d), zero on the positive pair; overwrites `d` (a temporary)."""
+    if spec.kind == "gcl":  # l(d) = d, l' = 1
+        return d.div_(spec.tau).sub_(log_w).exp_().masked_fill_(diag, 0.0)
+    hinge = d.add_(spec.margin).clamp_(min=0.0)  # max(d + m, 0)
+    weight = hinge.square().div_(spec.tau).sub_(log_w).exp_()
+    return weight.mul_(hinge).mul_(2.0).masked_fill_(diag, 0.0)  # l'(d) = 2 max(d + m, 0)
 
 
 def update_log_estimate(
