@@ -182,13 +182,24 @@ def run(args: argparse.Namespace) -> int:
         runs = " ".join(f"{rate:.0f}" for rate, _ in rates[name])
         print(f"{name:<{width}}  {value:>10.0f}  {cpu_costs[name]:>13.2f}  {runs}")
     ratio = medians["loader, num_workers=2"] / medians[f"model step ({MODEL}, AdamW)"]
-    met = ratio >= TARGET_RATIO
-    if not met and cores <= 2:
+    paired = statistics.median(
+        loader[0] / model[0]
+        for loader, model in zip(rates["loader, num_workers=2"], rates[f"model step ({MODEL}, AdamW)"])
+    )
+    print(f"per-round ratio loader (2 workers) / model step, median: {paired:.2f}")
+    if load_before > cores:
         print(
-            f"note: on {cores} cores the 2 loader workers have no core of their own; decoding + augmenting a "
-            f"{args.image_size}px JPEG costs more CPU than the tiny model's step on it, so the target needs "
-            "more cores (or a larger model)"
+            f"note: started under a load average of {load_before:.1f} on {cores} cores: torch's multi-threaded step slows "
+            "down far more than the single-threaded loader workers when cores are oversubscribed, so rerun "
+            "on an idle machine before trusting the ratio"
         )
+    if cores <= 2:
+        print(
+            f"note: in training the 2 loader workers and the model's {torch.get_num_threads()} threads share "
+            f"these {cores} cores (last row); the side-by-side target says the loader alone is fast enough, "
+            "not that training keeps the model's speed here"
+        )
+    met = ratio >= TARGET_RATIO
     print(
         f"loader (2 workers) / model step = {ratio:.2f} (target >= {TARGET_RATIO:.1f}: "
         f"{'met, the loader is not the bottleneck' if met else 'MISSED, the loader is the bottleneck'})"
