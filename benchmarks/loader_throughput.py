@@ -172,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
     cpu_costs = {name: statistics.median(cost for _, cost in values) for name, values in rates.items()}
     cores = os.cpu_count() or 1
     print(
-        f"{args.samples} samples ({args.image_size}px JPEG, {manifest.num_shards} shards), batch {args.batch_size}, "
-        f"{MODEL}, {cores} CPU cores, torch threads {torch.get_num_threads()}, median of {args.repeats} runs; "
+        f"{args.samples} samples ({args.image_size}px JPEG, {manifest.num_shards} shards), "
+        f"batch {args.batch_size}, {MODEL}, {cores} CPU cores, torch threads {torch.get_num_threads()}, "
+        f"median of {args.repeats} runs; "
         f"load average before/after {load_before:.1f}/{os.getloadavg()[0]:.1f} (other processes compete)"
     )
     width = max(map(len, medians))
@@ -189,9 +190,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"per-round ratio loader (2 workers) / model step, median: {paired:.2f}")
     if load_before > cores:
         print(
-            f"note: started under a load average of {load_before:.1f} on {cores} cores: torch's multi-threaded step slows "
-            "down far more than the single-threaded loader workers when cores are oversubscribed, so rerun "
-            "on an idle machine before trusting the ratio"
+            f"note: started under a load average of {load_before:.1f} on {cores} cores: torch's "
+            "multi-threaded step slows down far more than the single-threaded loader workers when cores are "
+            "oversubscribed, so rerun on an idle machine before trusting the ratio"
         )
     if cores <= 2:
         print(

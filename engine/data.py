@@ -133,7 +133,7 @@ class _Piece:
 
 @dataclass(frozen=True)
 class _WorkerStart:
-    """Where a worker (re)starts: its next piece number and the raw samples before it; `done`: nothing left."""
+    """Where a worker (re)starts: its next piece number, the raw samples before it; `done`: nothing left."""
 
     next_piece: int = 0
     raw: int = 0
@@ -292,7 +292,7 @@ class _EpochReader(IterableDataset):
             yield from self._read_shard(shard_index, row_filter, skips)
 
     def _resampled_samples(self, slot: int, skips: list[tuple[SkipRecord, int]]) -> Iterator[_RawSample]:
-        """Whole shards drawn with replacement, forever; stops with an error if the draws keep coming up empty."""
+        """Whole shards drawn with replacement, forever; an error if the draws keep coming up empty."""
         rng = _resample_rng(self.seed, self.epoch, slot)
         limit = MAX_EMPTY_DRAWS + 4 * self.manifest.num_shards
         num_empty = 0
@@ -345,7 +345,7 @@ class _EpochReader(IterableDataset):
                 pending, current_key = None, key
                 position += 1
                 if position >= entry.num_samples:
-                    # Its row would be the next shard's: never used, counted (by one slot) to the end of the tar.
+                    # Its row would be the next shard's: never used; counted (by one slot) to the tar's end.
                     num_extra += mine(position)
                     continue
                 pending = _RawSample(shard_index, position, offset + position, key)
@@ -363,7 +363,7 @@ class _EpochReader(IterableDataset):
         if complete and mine(pending.position):
             yield pending
         if num_extra:
-            detail = f" (the tar holds {position + 1}, the manifest lists {entry.num_samples}; re-index the shards)"
+            detail = f" (the tar holds {position + 1}, the manifest {entry.num_samples}; re-index the shards)"
             self._skip(skips, SkipRecord(entry.path, None, SKIP_EXTRA_SAMPLES), num_extra, detail)
         if not truncated:
             return
@@ -485,7 +485,7 @@ class _EpochReader(IterableDataset):
 def slot_shards(
     manifest: Manifest, *, slot: int, world_size: int, workers_per_rank: int, order: list[int]
 ) -> tuple[list[int], tuple[int, int] | None]:
-    """(shards reader `slot` reads in this order, row filter (num_slots, slot) or None when it owns whole shards)."""
+    """(shards reader `slot` reads, in order; row filter (num_slots, slot), or None when it owns whole shards)."""
     num_slots = world_size * workers_per_rank
     if manifest.num_shards >= num_slots:
         rank, worker = divmod(slot, workers_per_rank)
@@ -758,7 +758,7 @@ class ShardLoader:
         return self._planned_position(epoch, start_batch)
 
     def _planned_position(self, epoch: int, batches_done: int) -> _Position:
-        """The position after `batches_done` batches if every sample decodes and every tar matches the manifest."""
+        """The position after `batches_done` batches if every sample decodes and every tar matches its count."""
         workers_per_rank = self.workers_per_rank
         sizes = []
         for worker in range(workers_per_rank):
@@ -891,7 +891,7 @@ class ShardLoader:
 def _position_after(
     epoch: int, batches_done: int, read_pass: int, merger: _PieceMerger, queue: deque[_Piece]
 ) -> _Position:
-    """The position once `batches_done` batches are out; `queue` holds what is left of the last piece taken."""
+    """The position once `batches_done` batches are out; `queue` holds the rest of the last piece taken."""
     workers = merger.progress()
     straddle = None
     if queue:

@@ -453,7 +453,7 @@ def _is_wids_index(path: Path) -> bool:
 
 
 def read_wids_index(path: str | os.PathLike) -> dict[Path, DeclaredCount]:
-    """Shard counts of a wids `shardindex.json`, in its order; urls resolve against `base_path` or its folder."""
+    """Shard counts of a wids `shardindex.json`, in order; urls resolve against `base_path` or its folder."""
     path = Path(os.path.abspath(path))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

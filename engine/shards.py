@@ -368,7 +368,7 @@ class CheckReport:
 
 
 def _iter_tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """(key, [(extension, bytes)]) per sample, grouped as webdataset groups members (consecutive equal keys)."""
+    """(key, [(extension, bytes)]) per sample, grouped as webdataset does (consecutive equal keys)."""
     key, parts = None, []
     for info in tar:
         if not info.isreg() or _META_MEMBER.match(info.name):

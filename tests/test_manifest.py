@@ -220,7 +220,7 @@ def test_index_shards_directory_and_patterns(tmp_path):
 
 
 def img2dataset_dir(folder: Path, sizes: list[int], *, stats: bool = True) -> list[Path]:
-    """img2dataset-like output: 00000.tar ... with keys that have gaps, plus <stem>_stats.json and .parquet."""
+    """img2dataset-like output: 00000.tar ... with gaps in the keys, <stem>_stats.json and .parquet."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for s, size in enumerate(sizes):
