@@ -4,11 +4,13 @@ Layout under `<out_dir>/checkpoints/`:
   step_00001234/backend/      the backend's own files (each rank writes its partition)
   step_00001234/u_table/      copy of the u table at that step (so table and model never disagree)
   step_00001234/state.json    trainer position (stage, steps, epochs, batches done), config digest
-  step_00001234/COMPLETE      written last; folders without it are ignored
+  step_00001234/COMPLETE      written last: the size of every file in the folder; folders
+                              without it, or whose files no longer have those sizes, are skipped
   latest                      name of the newest complete folder (replaced atomically)
 
 A save is staged in a `.partial-*` folder and renamed once every rank has finished, so a crash
-during a save leaves the previous checkpoint intact.
+during a save leaves the previous checkpoint intact. Re-saving an existing step first renames
+the old folder away (`.old-*`), so at every instant some complete checkpoint exists.
 """
 
 from __future__ import annotations
@@ -47,16 +49,41 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != COMPLETE}
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """Why `path` is not a usable checkpoint (empty list: complete, every file at its written size)."""
+    marker = path / COMPLETE
+    if not marker.exists():
+        return [f"no {COMPLETE} marker (interrupted while saving)"]
+    try:
+        expected = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return [f"unreadable {COMPLETE} marker"]
+    problems = []
+    for name, size in expected.items():
+        file = path / name
+        if not file.exists():
+            problems.append(f"{name} is missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{name} has {file.stat().st_size} bytes, {size} were written")
+    return problems
+
+
 def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).exists() and (path / STATE).exists()
+    return not checkpoint_problems(path)
 
 
 def read_state(path: Path) -> dict:
     """The trainer state of a complete checkpoint folder."""
-    if not is_complete(path):
+    problems = checkpoint_problems(path)
+    if problems:
         raise FileNotFoundError(
-            f"{path} is not a complete checkpoint (no {COMPLETE} marker): it was interrupted while "
-            "saving; resume from `latest` or an earlier step_* folder"
+            f"{path} is not a usable checkpoint ({'; '.join(problems[:3])}); resume from `latest` "
+            "or an earlier step_* folder"
         )
     return json.loads((path / STATE).read_text())
 
@@ -85,11 +112,14 @@ class CheckpointManager:
             (staging / STATE).write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
         barrier()  # every rank's backend partition is written
         if self.ctx.is_main:
-            _write_atomic(staging / COMPLETE, "ok\n")
-            if final.exists():
-                shutil.rmtree(final)
+            _write_atomic(staging / COMPLETE, json.dumps({"files": _file_sizes(staging)}, indent=1))
+            old = self.root / f".old-{final.name}"
+            if final.exists():  # the same step saved again: move the old copy away atomically first
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(staging, final)
             _fsync_dir(self.root)
+            shutil.rmtree(old, ignore_errors=True)
             _write_atomic(self.root / LATEST, final.name + "\n")
             self._purge()
             logger.info("checkpoint saved: %s", final)
@@ -102,8 +132,8 @@ class CheckpointManager:
         folders = sorted(p for p in self.root.glob("step_*") if is_complete(p))
         for old in folders[: -self.keep_last_n]:
             shutil.rmtree(old, ignore_errors=True)
-        for partial in self.root.glob(".partial-*"):
-            shutil.rmtree(partial, ignore_errors=True)
+        for leftover in (*self.root.glob(".partial-*"), *self.root.glob(".old-*")):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def find(self, spec: str) -> Path:
         """`latest` (newest complete folder) or a path to a checkpoint folder."""
@@ -111,15 +141,15 @@ class CheckpointManager:
             path = Path(spec)
             read_state(path)
             return path
-        pointer = self.root / LATEST
-        if pointer.exists():
-            candidate = self.root / pointer.read_text().strip()
-            if is_complete(candidate):
+        for candidate in sorted(self.root.glob("step_*"), reverse=True):
+            problems = checkpoint_problems(candidate)
+            if not problems:
                 return candidate
-        complete = sorted(p for p in self.root.glob("step_*") if is_complete(p))
-        if not complete:
-            raise FileNotFoundError(f"no complete checkpoint under {self.root}; start without --resume")
-        return complete[-1]
+            logger.warning("skipping checkpoint %s: %s", candidate, "; ".join(problems[:3]))
+        raise FileNotFoundError(f"no complete checkpoint under {self.root}; start without --resume")
+
+    def has_checkpoints(self) -> bool:
+        return any(is_complete(p) for p in self.root.glob("step_*"))
 
     def restore_table(self, checkpoint: Path, live_dir: Path, *, dataset_fingerprint: str) -> None:
         """Replace the live u table by the checkpoint's copy (rank 0 copies; every rank waits)."""

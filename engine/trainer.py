@@ -88,6 +88,13 @@ class Trainer:
         self.out_dir = Path(cfg.run.out_dir)
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n)
+        fresh = not (cfg.run.resume or cfg.osr.load_from)
+        if fresh and self.checkpoints.has_checkpoints():
+            raise ValueError(
+                f"run.out_dir {self.out_dir} holds checkpoints of an earlier run: continue it with "
+                "--resume latest, or start a new run in another --out (nothing was overwritten)"
+            )
         torch.manual_seed(cfg.run.seed)
         self.device = default_device(self.ctx, cfg.run.device)
 
@@ -111,7 +118,7 @@ class Trainer:
             tokenizer=self.bundle.tokenizer, rank=self.ctx.rank, world_size=self.ctx.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         )
-        self.table = self._open_table()
+        self.table = self._open_table(fresh=fresh)
         self.evaluator = self._build_evaluator()
         self.log = JsonlLogger(self.out_dir / "log.jsonl", enabled=self.ctx.is_main)
         self.history = History()
@@ -122,7 +129,6 @@ class Trainer:
         self.stage, self.stage_step = "start", 0  # position: stage and batches done in it
         self.num_bad_steps = 0  # consecutive non-finite steps skipped
         self.best = (-math.inf, None)
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n)
         self.log.write({"event": "start", "config": cfg.to_dict(), "config_digest": cfg.digest(),
                         "tau": self.tau, "num_samples": self.manifest.num_samples,
                         "world_size": self.ctx.world_size})
@@ -132,11 +138,12 @@ class Trainer:
             self.load_osr(cfg.osr.load_from)
 
     # ----- construction helpers -----
-    def _open_table(self) -> UTable:
-        """Rank 0 creates the table if needed; every rank then maps it and touches only its rows."""
+    def _open_table(self, *, fresh: bool) -> UTable:
+        """Rank 0 creates the table (a fresh run always starts from an empty one, even over the
+        leftovers of a run killed before its first checkpoint); every rank then maps it."""
         directory = self.out_dir / "u_table"
         fingerprint = self.manifest.fingerprint()
-        if self.ctx.is_main and not (directory / "u_table.json").exists():
+        if self.ctx.is_main and (fresh or not (directory / "u_table.json").exists()):
             UTable.create(directory, num_rows=self.manifest.num_samples, dataset_fingerprint=fingerprint).close()
         barrier()
         return UTable.open(directory, dataset_fingerprint=fingerprint)
@@ -391,13 +398,8 @@ class Trainer:
         return self.checkpoints.save(self.global_step, backend=self.backend, table=self.table,
                                      state={**self.trainer_state(), "loader_states": loader_states})
 
-    def resume(self, spec: str = "latest") -> dict:
-        """Restore backend, u table and position from a checkpoint (`latest` or a folder)."""
-        path = self.checkpoints.find(spec)
-        state = read_state(path)
-        problems = _resume_conflicts(state, self)
-        if problems:
-            raise ValueError(f"cannot resume from {path}:\n  - " + "\n  - ".join(problems))
+    def _load_backend(self, path: Path, state: dict) -> None:
+        """Backend state from checkpoint `path`, converted first when the world size changed."""
         if state["world_size"] != self.ctx.world_size:
             # Weights, moments, step and u rows carry over exactly; the data order of the rest of
             # the epoch is the new world size's (same global batch count, different composition).
@@ -407,6 +409,21 @@ class Trainer:
             self.backend.load(path / "backend", reshard=True)
         else:
             self.backend.load(path / "backend")
+
+    def resume(self, spec: str = "latest") -> dict:
+        """Restore backend, u table and position from a checkpoint (`latest` or a folder)."""
+        path = self.checkpoints.find(spec)
+        state = read_state(path)
+        problems = _resume_conflicts(state, self)
+        if problems:
+            raise ValueError(f"cannot resume from {path}:\n  - " + "\n  - ".join(problems))
+        try:
+            self._load_backend(path, state)
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise ValueError(
+                f"checkpoint {path} could not be loaded ({type(exc).__name__}: {str(exc)[:200]}); resume from "
+                f"an earlier one: --resume {self.checkpoints.root}/step_<N>"
+            ) from exc
         self.table.close()
         self.checkpoints.restore_table(path, self.out_dir / "u_table", dataset_fingerprint=self.manifest.fingerprint())
         self.table = UTable.open(self.out_dir / "u_table", dataset_fingerprint=self.manifest.fingerprint())
@@ -487,7 +504,7 @@ OSR_DEFINING_KEYS = ("model.name", "model.weights", "model.preset", "model.preci
 # Settings that may change between a run and its resumption (they do not change the math).
 RESUME_FREE_KEYS = ("run.progress", "run.log_every", "run.save_every_steps", "run.keep_last_n",
                     "run.resume", "eval.every_steps", "eval.at_start", "eval.batch_size", "run.device",
-                    "osr.load_from")
+                    "osr.load_from", "run.out_dir", "data.train", "model.weights")  # moved folders / files
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -194,3 +194,37 @@ def test_sigkill_during_training_then_resume_matches_straight_run(shards, tmp_pa
     assert not (tmp_path / "final.safetensors").exists()
     subprocess.run(args + ["--resume", "latest"], cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert_same_state(final_state(tmp_path, shards), straight_run)
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints_and_forgets_a_killed_runs_table(shards, tmp_path):
+    # Killed before its first checkpoint: the live u table has rows, no checkpoint exists.
+    early = Trainer(load_config(base=job(shards, tmp_path / "early", save_every_steps=0)))
+    early.cfg.run.max_steps_per_epoch = 1
+    early.osr()  # one OSR step, no checkpoint
+    assert early.table.num_seen() > 0 and not early.checkpoints.has_checkpoints()
+    early.close()
+    again = Trainer(load_config(base=job(shards, tmp_path / "early")))
+    assert again.table.num_seen() == 0  # a fresh run starts from an empty table
+    again.close()
+    # A folder with checkpoints is never silently reused by a fresh run.
+    done = Trainer(load_config(base=job(shards, tmp_path / "done")))
+    done.tune(finetune=False)
+    done.close()
+    with pytest.raises(ValueError, match="--resume latest"):
+        Trainer(load_config(base=job(shards, tmp_path / "done")))
+
+
+def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(shards, tmp_path):
+    trainer = Trainer(load_config(base=job(shards, tmp_path, keep_last_n=3)))
+    trainer.tune(finetune=False)  # checkpoints at steps 2, 4, 6 (6 saved twice: end of OSR)
+    trainer.close()
+    folders = sorted((tmp_path / "checkpoints").glob("step_*"))
+    assert [f.name for f in folders] == ["step_00000002", "step_00000004", "step_00000006"]
+    assert not list((tmp_path / "checkpoints").glob(".old-*"))
+    optim = folders[-1] / "backend" / "optim.pt"
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])
+    resumed = Trainer(load_config(base=job(shards, tmp_path, resume="latest", keep_last_n=3)))
+    assert resumed.global_step == 4 and resumed.stage == "osr"
+    resumed.close()
+    with pytest.raises(FileNotFoundError, match="optim.pt has"):
+        Trainer(load_config(base=job(shards, tmp_path, resume=str(folders[-1]), keep_last_n=3)))
