@@ -56,6 +56,8 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000
     verify_checksums: bool = False
+    resampled: bool = False  # draw shards with replacement (very large data); epoch = samples_per_epoch
+    samples_per_epoch: int | None = None  # all ranks together; required with resampled
 
     def errors(self) -> list[str]:
         out = []
@@ -65,6 +67,10 @@ class DataConfig:
             out.append(f"data.batch_size must be >= 2 (contrastive losses need negatives), got {self.batch_size}")
         if self.num_workers < 0:
             out.append(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.resampled and not self.samples_per_epoch:
+            out.append("data.samples_per_epoch is required with data.resampled=true (samples of all ranks per epoch)")
+        if not self.resampled and self.samples_per_epoch is not None:
+            out.append("data.samples_per_epoch applies to data.resampled=true only; drop it or set resampled")
         return out
 
 

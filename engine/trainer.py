@@ -117,6 +117,7 @@ class Trainer:
             self.manifest, batch_size=self.local_batch, image_transform=self.bundle.train_transform,
             tokenizer=self.bundle.tokenizer, rank=self.ctx.rank, world_size=self.ctx.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+            resampled=cfg.data.resampled, samples_per_epoch=cfg.data.samples_per_epoch,
         )
         self.table = self._open_table(fresh=fresh)
         self.evaluator = self._build_evaluator()
