@@ -442,14 +442,20 @@ def _expand_shard_pattern(pattern: str) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def _is_wids_index(path: Path) -> bool:
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in `path` if it is a readable .json file holding one, else None."""
     if path.suffix != ".json" or not path.is_file():
-        return False
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and "wids_version" in data and "shardlist" in data
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_wids_index(path: Path) -> bool:
+    data = read_json_object(path)
+    return data is not None and "wids_version" in data and "shardlist" in data
 
 
 def read_wids_index(path: str | os.PathLike) -> dict[Path, DeclaredCount]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from engine.manifest import (
     build_manifest,
     default_num_workers,
     find_shards,
+    read_json_object,
     sample_key,
 )
 
@@ -451,13 +451,8 @@ def _check_job(job: tuple[str, int, int | None]) -> ShardCheck:
 
 
 def _is_manifest_file(path: Path) -> bool:
-    if path.suffix != ".json" or not path.is_file():
-        return False
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
+    data = read_json_object(path)
+    return data is not None and data.get("format") == MANIFEST_FORMAT
 
 
 def check_shards(
