@@ -3,13 +3,16 @@
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from engine.shards import build_shards
 from engine.synthetic import render_pairs
@@ -94,3 +97,44 @@ def test_torchrun_with_deepspeed_backend(shards, tmp_path):
            "run.py", "finetune", "--method", "fastclip", "--train", str(shards), "--out", str(tmp_path), *JOB]
     launch([cmd], port)
     check_run(tmp_path, world_size=2, osr_steps=0)
+
+
+@pytest.mark.slow
+def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, tmp_path):
+    """Kill a 2-rank DeepSpeed job (the whole launcher process group) mid-run, resume, compare."""
+    def cmd(out, port, *extra):
+        return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "run.py", "tune", "--train",
+                str(shards), "--out", str(out), *JOB, "--set", "run.zero_config=zero_configs/zero2.json",
+                "--save-every", "2", *extra]
+
+    straight_port = free_port()
+    launch([cmd(tmp_path / "straight", straight_port)], straight_port)
+
+    port = free_port()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd(tmp_path / "killed", port), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if latest.exists() and latest.read_text().strip() >= "step_00000008":
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer*_{port}_*"):
+            os.remove(path)
+    assert not (tmp_path / "killed" / "final.safetensors").exists()
+    resume_port = free_port()
+    launch([cmd(tmp_path / "killed", resume_port, "--resume", "latest")], resume_port)
+
+    a = load_file(tmp_path / "straight" / "final.safetensors")
+    b = load_file(tmp_path / "killed" / "final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ta, tb = UTable.open(tmp_path / "straight" / "u_table"), UTable.open(tmp_path / "killed" / "u_table")
+    rows = torch.arange(ta.num_rows)
+    for x, y in zip((*ta.read(rows), ta.visits(rows)), (*tb.read(rows), tb.visits(rows))):
+        assert torch.equal(x, y)

@@ -228,3 +228,17 @@ def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(shards, tmp
     resumed.close()
     with pytest.raises(FileNotFoundError, match="optim.pt has"):
         Trainer(load_config(base=job(shards, tmp_path, resume=str(folders[-1]), keep_last_n=3)))
+
+
+def test_checkpoint_of_another_model_and_indivisible_batch_are_refused(shards, tmp_path, monkeypatch):
+    trainer = Trainer(load_config(base=job(shards, tmp_path)))
+    trainer.tune(finetune=False)
+    trainer.close()
+    other = job(shards, tmp_path, resume="latest")
+    other["model"] = {"name": "tiny-vit-quickgelu"}
+    with pytest.raises(ValueError, match="model 'tiny-vit-quickgelu' != checkpoint's 'tiny-vit'"):
+        Trainer(load_config(base=other))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="not divisible by the 3 ranks"):
+        Trainer(load_config(base={**job(shards, tmp_path / "three"), "run": {"backend": "deepspeed"}}))
