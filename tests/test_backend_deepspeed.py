@@ -355,3 +355,27 @@ def test_checkpoint_resharded_to_another_world_size_is_exact(tmp_path, stage, ba
         again = run_ranks("tests.dist_cases_deepspeed:reshard_round", world_size=2, stage=stage,
                           save_dir=str(tmp_path / "again"), load_dir=str(tmp_path / "one"))[0]
         _assert_same_full_state(one, again)
+
+
+class _Planted:
+    """Unpickling this runs code (creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_checkpoint_with_code_in_a_pickle_is_refused_before_loading(tmp_path):
+    from engine.backends.deepspeed import refuse_unsafe_pickles
+
+    folder = tmp_path / "deepspeed"
+    folder.mkdir()
+    torch.save({"weights": torch.zeros(2)}, folder / "mp_rank_00_model_states.pt")
+    refuse_unsafe_pickles(folder)  # plain tensors pass
+    marker = tmp_path / "ran"
+    torch.save({"state": _Planted(str(marker))}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        refuse_unsafe_pickles(folder)
+    assert not marker.exists()

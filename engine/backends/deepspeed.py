@@ -275,6 +275,9 @@ class DeepSpeedBackend:
         """
         directory = Path(directory)
         tag = CHECKPOINT_TAG
+        if dist.get_rank() == 0:
+            refuse_unsafe_pickles(directory / CHECKPOINT_TAG)
+        dist.barrier()
         if reshard:
             tag = UNIVERSAL_TAG
             if dist.get_rank() == 0 and not (directory / UNIVERSAL_TAG / "zero").is_dir():
@@ -293,6 +296,29 @@ class DeepSpeedBackend:
         """Release DeepSpeed's hooks and buffers; the process group stays (the caller owns it)."""
         self._encoders.remove()
         self.engine.destroy()
+
+
+def _safe_deepspeed_globals() -> list:
+    """Plain-data classes DeepSpeed pickles into its checkpoints (no code runs when they load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def refuse_unsafe_pickles(folder: Path) -> None:
+    """Load every .pt of a DeepSpeed checkpoint with weights_only=True first (DeepSpeed itself uses
+    weights_only=False); a file that needs any other global is refused before it can run code."""
+    with torch.serialization.safe_globals(_safe_deepspeed_globals()):
+        for path in sorted(folder.rglob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # any failure means: do not unpickle this file
+                raise ValueError(
+                    f"checkpoint file {path} cannot be loaded safely (weights_only: {str(exc).splitlines()[0][:200]}); "
+                    "only load checkpoints written by this engine from a trusted location"
+                ) from exc
 
 
 def _convert_to_universal(source: Path, target: Path) -> None:
