@@ -1,0 +1,394 @@
+"""Scale evidence: a random-init ViT-H-14-quickgelu (986 M parameters) trains under ZeRO-3 on 2 CPU ranks.
+
+Target: under ZeRO-3 bf16 on 2 ranks, one OSR step (lr = 0) leaves every rank's weights
+bit-identical (its bf16 model partition and fp32 masters) with AdamW's step counter at 1, one
+fine-tuning step (lr = 1e-5) changes them, and each rank holds about 1/W of the parameters and of
+the optimizer state. Exits non-zero when any of that fails. The headline is the largest rank's
+peak RSS over the model state plain data parallelism would need per rank.
+
+What runs: 2 ranks (tests.harness: gloo, DS_ACCELERATOR=cpu, one thread each) with glibc
+`MALLOC_MMAP_THRESHOLD_=1048576`, so freed tensors go back to the OS instead of fragmenting the
+heap. Each rank builds the model on the CPU normally: `DeepSpeedBackend` takes a built module and
+has no `deepspeed.zero.Init` path, so every rank first holds the whole fp32 model ("peak build").
+It wraps it in `DeepSpeedBackend` (bf16) and runs two training steps on its slice of a random
+global batch (images at the model's 224 px, random tokens): forward of both towers through the
+engine, HGCL through `GlobalContrastiveLoss` with the all-gather and all-reduce of the
+distributed path, the u rows carried from step 1 to step 2, backward, AdamW step.
+
+Config: `zero_configs/zero3_bf16.json` plus MEMORY_OVERRIDES of its zero_optimization section.
+As shipped (`--file-defaults`) it does not fit two ViT-H ranks in 24 GB: AdamW steps each rank's
+whole 493 M-element partition at once (fp32 gradient copy 2 GB, temporaries 4 GB, on top of m and
+v), and with stage3_max_reuse_distance 1e9 > N the second step keeps every gathered layer (2 GB).
+Measured here: the kernel's OOM killer stopped rank 0 at 11.4 GB during the first optimizer step;
+with sub_group_size 5e7 and reuse distance 1e8 the ranks peaked at 11.8 GB (1.6 GB left on the
+machine); adding max_live_parameters 1e8 brings the peak to about 10.5 GB.
+
+Memory: `ru_maxrss` (the process's peak resident set) after each phase, and the parent's 1 s
+samples of each rank's RSS. The DDP comparison is computed from the parameter count N: fp32
+training holds params + grads + Adam m, v = 16 B/param; bf16 mixed precision as DeepSpeed keeps
+it (bf16 params 2 + bf16 grads 2 + fp32 master 4 + m 4 + v 4) is also 16 B/param; ZeRO-3 divides
+all of it by W. Activations, gathered layers and the runtime come on top in every case.
+
+    python benchmarks/zero3_vith.py                    # ViT-H-14-quickgelu, global batch 2, ~3-4 min
+    python benchmarks/zero3_vith.py --model ViT-L-14   # a smaller model on a smaller machine
+
+The parent stops the ranks when the machine's available memory falls below `--min-free-gb`,
+rather than let the kernel's OOM killer pick a victim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "ViT-H-14-quickgelu"
+ZERO_CONFIG = REPO_ROOT / "zero_configs" / "zero3_bf16.json"
+WORLD_SIZE = 2
+OSR_LR, FINETUNE_LR = 0.0, 1e-5
+BETAS, WEIGHT_DECAY, ADAM_EPS = (0.9, 0.98), 0.02, 1e-6
+MARGIN, GAMMA = 0.1, 0.9
+DDP_BYTES_PER_PARAM = {  # per rank, model state only
+    "DDP fp32 (params 4 + grads 4 + m 4 + v 4)": 16,
+    "DDP bf16 mixed (params 2 + grads 2 + master 4 + m 4 + v 4)": 16,
+}
+PARTITION_TOLERANCE = 0.01  # a rank's share may exceed 1/W by padding only
+# On top of zero3_bf16.json, whose values do not fit two ViT-H ranks in 24 GB (see the module doc).
+MEMORY_OVERRIDES = {
+    "sub_group_size": 50_000_000,  # AdamW steps 50 M-element slices: fp32 grads and temporaries per slice
+    "stage3_max_reuse_distance": 100_000_000,  # release gathered layers instead of keeping the whole model
+    "stage3_max_live_parameters": 100_000_000,  # at most ~0.2 GB of gathered bf16 weights at a time
+}
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+GB = 1e9
+
+
+def _vm_kib(field: str) -> int:
+    """A `VmXXX:` field of /proc/<self>/status in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # ru_maxrss is in KiB on Linux
+
+
+def _digest(tensors) -> str:
+    """sha256 over the bytes of `tensors`, in order."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def zero_config(overrides: dict) -> dict:
+    """zero3_bf16.json with `overrides` applied to its zero_optimization section."""
+    config = json.loads(ZERO_CONFIG.read_text())
+    config["zero_optimization"].update(overrides)
+    return config
+
+
+def rank_run(model_name: str, global_batch: int, overrides: dict, seed: int = 0) -> dict:
+    """One rank: build, wrap in ZeRO-3 bf16, OSR step, fine-tuning step; returns measurements."""
+    from engine.backends.deepspeed import DeepSpeedBackend
+    from engine.distributed import (
+        all_reduce_sum,
+        cleanup_shm_buffers,
+        context_from_env,
+        gather_no_grad,
+        init_process_group,
+    )
+    from engine.losses import GlobalContrastiveLoss, SurrogateSpec
+    from engine.trainer import features_of
+    from models import build_model, temperature
+
+    def say(text: str) -> None:
+        print(f"[rank {ctx.rank} {time.perf_counter() - started:6.0f} s] {text}", flush=True)
+
+    started = time.perf_counter()
+    ctx = context_from_env()
+    init_process_group(ctx, use_deepspeed=True)
+    local_batch = global_batch // ctx.world_size
+    out = {"rank": ctx.rank, "peak_gb": {}}
+    out["peak_gb"]["start"] = _peak_gb()
+
+    bundle = build_model(model_name, seed=seed)
+    model = bundle.model
+    tau = temperature(model)
+    for name, param in model.named_parameters():  # the temperature stays fixed, as in the trainer
+        if "logit_scale" in name or "logit_bias" in name:
+            param.requires_grad_(False)
+    num_params = sum(p.numel() for p in model.parameters())
+    context_length, vocab_size = model.context_length, model.vocab_size
+    image_size = model.visual.image_size
+    out["build_s"] = time.perf_counter() - started
+    out["peak_gb"]["build"] = _peak_gb()
+    say(f"built {model_name}: {num_params:,} params, peak {out['peak_gb']['build']:.2f} GB")
+
+    mark = time.perf_counter()
+    backend = DeepSpeedBackend(model, device=torch.device("cpu"), zero_config=zero_config(overrides),
+                               micro_batch_size=local_batch, betas=BETAS, weight_decay=WEIGHT_DECAY,
+                               eps=ADAM_EPS, precision="bf16")
+    del model, bundle
+    out["wrap_s"] = time.perf_counter() - mark
+    out["peak_gb"]["wrap"] = _peak_gb()
+    out["rss_after_wrap_gb"] = _vm_kib("VmRSS") * 1024 / GB
+    params = list(backend.model.parameters())
+    zero_optimizer = backend.engine.optimizer
+    out["num_params"] = sum(p.ds_numel for p in params)
+    out["num_local_params"] = sum(p.ds_tensor.numel() for p in params)
+    # Parameters below stage3_param_persistence_threshold stay whole on every rank besides their slice.
+    out["num_persistent_params"] = sum(p.ds_numel for p in params if getattr(p, "ds_persist", False))
+    out["num_local_master"] = sum(t.numel() for t in zero_optimizer.fp32_partitioned_groups_flat)
+    out["param_dtypes"] = sorted({str(p.ds_tensor.dtype) for p in params})
+    say(f"ZeRO-3 wrap: {out['num_local_params']:,} of {out['num_params']:,} params held here, "
+        f"peak {out['peak_gb']['wrap']:.2f} GB, RSS now {out['rss_after_wrap_gb']:.2f} GB")
+
+    loss_fn = GlobalContrastiveLoss(SurrogateSpec(kind="hgcl", margin=MARGIN, tau=tau), gather=gather_no_grad,
+                                    reduce_sum=all_reduce_sum, world_size=ctx.world_size)
+    gen = torch.Generator().manual_seed(seed + 1)  # the same global batch on every rank
+    images = torch.randn(global_batch, 3, *image_size, generator=gen)
+    texts = torch.randint(1, vocab_size, (global_batch, context_length), generator=gen)
+    lo, hi = ctx.rank * local_batch, (ctx.rank + 1) * local_batch
+    images, texts = images[lo:hi].to(backend.input_dtype), texts[lo:hi]
+    log_u_x = log_u_z = torch.zeros(local_batch)
+    seen = torch.zeros(local_batch, dtype=torch.bool)
+
+    def module_digest() -> str:
+        return _digest(p.ds_tensor for p in params)
+
+    steps = []
+    for stage, lr in (("osr", OSR_LR), ("finetune", FINETUNE_LR)):
+        before, before_module = backend.weights_digest(), module_digest()
+        t0 = time.perf_counter()
+        image_features, text_features = features_of(backend.forward(images, texts))
+        result = loss_fn(image_features, text_features, log_u_x=log_u_x, log_u_z=log_u_z, seen=seen,
+                         gamma=GAMMA, offset=lo, output_dict=True)
+        t1, peak_forward = time.perf_counter(), _peak_gb()
+        backend.backward(result["loss"])
+        t2, peak_backward = time.perf_counter(), _peak_gb()
+        grad_norm = backend.step(lr=lr)
+        t3 = time.perf_counter()
+        log_u_x, log_u_z = result["log_u_x"], result["log_u_z"]
+        seen = torch.ones(local_batch, dtype=torch.bool)
+        after, after_module = backend.weights_digest(), module_digest()
+        steps.append({
+            "stage": stage, "lr": lr, "loss": float(result["loss_value"]), "grad_norm": grad_norm,
+            "forward_s": t1 - t0, "backward_s": t2 - t1, "step_s": t3 - t2, "total_s": t3 - t0,
+            "weights_changed": before != after, "module_changed": before_module != after_module,
+            "step_count": backend.optimizer_step_count(), "peak_forward_gb": peak_forward,
+            "peak_backward_gb": peak_backward, "peak_gb": _peak_gb(),
+        })
+        say(f"{stage}: {t3 - t0:.1f} s (fwd {t1 - t0:.1f}, bwd {t2 - t1:.1f}, step {t3 - t2:.1f}), "
+            f"loss {steps[-1]['loss']:.4f}, weights changed {before != after}, peak {_peak_gb():.2f} GB")
+    out["steps"] = steps
+    out["num_local_moments"] = sum(
+        state["exp_avg"].numel() + state["exp_avg_sq"].numel()
+        for state in zero_optimizer.optimizer.state.values()
+    )
+    out["peak_gb"]["end"] = _peak_gb()
+    backend.close()
+    cleanup_shm_buffers(ctx)
+    return out
+
+
+class MemoryWatch(threading.Thread):
+    """Samples the ranks' RSS and the machine's available memory; kills the ranks below a floor."""
+
+    def __init__(self, *, min_free_gb: float, interval_s: float = 1.0, report_every_s: float = 30.0):
+        super().__init__(daemon=True)
+        self.min_free_gb, self.interval_s, self.report_every_s = min_free_gb, interval_s, report_every_s
+        self.min_available_gb = float("inf")
+        self.max_ranks_rss_gb = 0.0
+        self.max_rank_rss_gb: dict[int, float] = {}  # by pid
+        self.killed = False
+        self.stopped = threading.Event()
+
+    @staticmethod
+    def _children() -> list[int]:
+        me, pids = os.getpid(), []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me:
+                pids.append(int(entry))
+        return sorted(pids)
+
+    @staticmethod
+    def _rss_gb(pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024 / GB
+        except OSError:
+            pass
+        return 0.0
+
+    @staticmethod
+    def available_gb() -> float:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GB
+        return float("inf")
+
+    @staticmethod
+    def _last_line(pid: int) -> str:
+        try:
+            with open(f"/proc/{pid}/fd/1", errors="replace") as log:
+                lines = [line for line in log.read().splitlines() if line.startswith("[rank")]
+            return lines[-1] if lines else ""
+        except OSError:
+            return ""
+
+    def run(self) -> None:
+        started = last_report = time.perf_counter()
+        while not self.stopped.wait(self.interval_s):
+            pids = self._children()
+            rss = [self._rss_gb(pid) for pid in pids]
+            available = self.available_gb()
+            self.min_available_gb = min(self.min_available_gb, available)
+            self.max_ranks_rss_gb = max(self.max_ranks_rss_gb, sum(rss))
+            for pid, value in zip(pids, rss):
+                self.max_rank_rss_gb[pid] = max(self.max_rank_rss_gb.get(pid, 0.0), value)
+            if available < self.min_free_gb and pids:
+                print(f"available memory {available:.1f} GB < {self.min_free_gb} GB: stopping the ranks",
+                      file=sys.stderr, flush=True)
+                self.killed = True
+                for pid in pids:
+                    os.kill(pid, 9)
+            now = time.perf_counter()
+            if now - last_report >= self.report_every_s and pids:
+                last_report = now
+                print(f"  [{now - started:5.0f} s] ranks RSS {', '.join(f'{r:.1f}' for r in rss)} GB, "
+                      f"machine available {available:.1f} GB | {self._last_line(pids[0])}",
+                      file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--global-batch", type=int, default=WORLD_SIZE)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the ranks are killed")
+    parser.add_argument("--min-free-gb", type=float, default=1.5,
+                        help="stop the ranks when the machine's available memory falls below this")
+    parser.add_argument("--file-defaults", action="store_true",
+                        help=f"run {ZERO_CONFIG.name} unmodified (without MEMORY_OVERRIDES)")
+    args = parser.parse_args()
+    overrides = {} if args.file_defaults else MEMORY_OVERRIDES
+    if args.global_batch % WORLD_SIZE:
+        parser.error(f"--global-batch must be a multiple of {WORLD_SIZE}")
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from tests.harness import run_ranks
+
+    watch = MemoryWatch(min_free_gb=args.min_free_gb)
+    print(f"{args.model} under ZeRO-3 bf16 ({ZERO_CONFIG.name}, zero_optimization overrides "
+          f"{overrides or 'none'}), {WORLD_SIZE} CPU ranks, global batch {args.global_batch}, random images "
+          f"at the model's size; machine available {watch.available_gb():.1f} GB", flush=True)
+    started = time.perf_counter()
+    watch.start()
+    try:
+        ranks = run_ranks("benchmarks.zero3_vith:rank_run", world_size=WORLD_SIZE, timeout=args.timeout,
+                          env=MALLOC_ENV, model_name=args.model, global_batch=args.global_batch,
+                          overrides=overrides)
+    except AssertionError as err:
+        print(f"FAILED after {time.perf_counter() - started:.0f} s"
+              f"{' (stopped by the memory watch)' if watch.killed else ''}:\n{err}", file=sys.stderr)
+        return 2
+    finally:
+        watch.stopped.set()
+        watch.join()
+    elapsed = time.perf_counter() - started
+    return report(ranks, args, elapsed=elapsed, watch=watch)
+
+
+def report(ranks: list[dict], args, *, elapsed: float, watch: MemoryWatch) -> int:
+    """Print the per-rank table, the DDP comparison and the headline; return the exit code."""
+    num_params = ranks[0]["num_params"]
+    share = 1.0 / WORLD_SIZE
+    header = (f"{'rank':>4} {'params held':>13} {'share':>6} {'fp32 master':>12} {'m+v elems':>13} "
+              f"{'peak build':>10} {'peak wrap':>9} {'peak end':>8} {'OSR s':>6} {'FT s':>6} "
+              f"{'OSR same':>8} {'FT moved':>8} {'t after':>7}")
+    print(f"\nparameters: {num_params:,} in total; local partition dtype {ranks[0]['param_dtypes']}; "
+          f"{ranks[0]['num_persistent_params']:,} of them in small persistent tensors that every rank also "
+          "keeps whole (stage3_param_persistence_threshold)")
+    print(header)
+    print("-" * len(header))
+    problems = []
+    for r in ranks:
+        osr, ft = r["steps"]
+        held = r["num_local_params"] / num_params
+        print(f"{r['rank']:>4} {r['num_local_params']:>13,} {held:>6.3f} {r['num_local_master']:>12,} "
+              f"{r['num_local_moments']:>13,} {r['peak_gb']['build']:>9.2f}G {r['peak_gb']['wrap']:>8.2f}G "
+              f"{r['peak_gb']['end']:>7.2f}G {osr['total_s']:>6.1f} {ft['total_s']:>6.1f} "
+              f"{'NO' if osr['weights_changed'] else 'yes':>8} {'yes' if ft['weights_changed'] else 'NO':>8} "
+              f"{osr['step_count']:>3}->{ft['step_count']}")
+        if osr["weights_changed"]:
+            problems.append(f"rank {r['rank']}: the OSR step (lr = 0) changed the weights")
+        if osr["step_count"] != 1:
+            problems.append(f"rank {r['rank']}: step counter after OSR is {osr['step_count']}, expected 1")
+        if not ft["weights_changed"]:
+            problems.append(f"rank {r['rank']}: the fine-tuning step (lr = {FINETUNE_LR}) left the weights "
+                            "unchanged")
+        for what, count, per_param in (("parameters", r["num_local_params"], 1),
+                                       ("fp32 masters", r["num_local_master"], 1),
+                                       ("Adam moments", r["num_local_moments"], 2)):
+            fraction = count / (per_param * num_params)
+            if not fraction <= share + PARTITION_TOLERANCE:
+                problems.append(f"rank {r['rank']}: holds {fraction:.3f} of the {what}, "
+                                f"expected ~{share:.3f}")
+    rank0 = ranks[0]
+    for r in ranks:
+        osr, ft = r["steps"]
+        print(f"rank {r['rank']} seconds, fwd+loss / bwd / step: OSR {osr['forward_s']:.1f} / "
+              f"{osr['backward_s']:.1f} / {osr['step_s']:.1f}, FT {ft['forward_s']:.1f} / "
+              f"{ft['backward_s']:.1f} / {ft['step_s']:.1f}; build {r['build_s']:.0f} s, "
+              f"wrap {r['wrap_s']:.0f} s")
+        print(f"rank {r['rank']} peak GB after fwd / bwd / step: OSR {osr['peak_forward_gb']:.2f} / "
+              f"{osr['peak_backward_gb']:.2f} / {osr['peak_gb']:.2f}, FT {ft['peak_forward_gb']:.2f} / "
+              f"{ft['peak_backward_gb']:.2f} / {ft['peak_gb']:.2f}; RSS right after the wrap "
+              f"{r['rss_after_wrap_gb']:.2f}; bf16 module partition changed: OSR {osr['module_changed']}, "
+              f"FT {ft['module_changed']}")
+    print(f"losses: OSR {rank0['steps'][0]['loss']:.4f}, FT {rank0['steps'][1]['loss']:.4f}; "
+          f"grad norms {rank0['steps'][0]['grad_norm']:.4g}, {rank0['steps'][1]['grad_norm']:.4g}")
+
+    print("\nper-rank memory for the model state, from the parameter count:")
+    for label, per_param in DDP_BYTES_PER_PARAM.items():
+        print(f"  {label:<62} {per_param:>2} B/param = {num_params * per_param / GB:6.2f} GB")
+    zero3_state = num_params * 16 / WORLD_SIZE / GB
+    zero3_label = f"ZeRO-3 bf16, W = {WORLD_SIZE} (16 B/param / W)"
+    print(f"  {zero3_label:<62} {16 / WORLD_SIZE:>2.0f} B/param = {zero3_state:6.2f} GB")
+    ddp_gb = num_params * 16 / GB
+    peak = max(r["peak_gb"]["end"] for r in ranks)
+    sampled = ", ".join(f"{value:.2f}" for value in watch.max_rank_rss_gb.values())
+    print(f"machine: lowest available memory {watch.min_available_gb:.1f} GB; sampled RSS maxima per rank "
+          f"{sampled} GB, of both together {watch.max_ranks_rss_gb:.1f} GB; wall time {elapsed:.0f} s")
+    for problem in problems:
+        print(f"FAIL: {problem}")
+    print(f"headline: {args.model} ZeRO-3 bf16 on {WORLD_SIZE} ranks peaks at {peak:.2f} GB per rank = "
+          f"{peak / ddp_gb:.2f}x the {ddp_gb:.2f} GB model state DDP would need per rank; "
+          f"OSR unchanged, FT changed, state sharded: {'yes' if not problems else 'NO'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
