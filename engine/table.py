@@ -105,8 +105,8 @@ class UTable:
         header_path = directory / HEADER_FILE
         if not header_path.exists() or not (directory / DATA_FILE).exists():
             raise FileNotFoundError(
-                f"no u table in {directory} (expected {HEADER_FILE} and {DATA_FILE}); "
-                "start without --u-table or point it at a table written by this engine"
+                f"no u table in {directory} (expected {HEADER_FILE} and {DATA_FILE}); the folder is not a "
+                "table written by this engine or was damaged"
             )
         header = json.loads(header_path.read_text())
         expected_size = int(header["num_rows"]) * ROW_DTYPE.itemsize
