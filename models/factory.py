@@ -13,31 +13,10 @@ from pathlib import Path
 import open_clip
 import torch
 
-from models.presets import PRESETS, Preset, check_preset_matches_model, get_preset
+from models.presets import check_preset_matches_model, get_preset
 from models.weights import (
-    export_weights,
     load_weights,
-    make_logit_scale_1d,
-    read_state_dict,
-    temperature,
 )
-
-# Re-exported: the factory is the models package's entry point.
-__all__ = [
-    "CONFIG_DIR",
-    "PRECISIONS",
-    "PRESETS",
-    "ClipBundle",
-    "Preset",
-    "build_model",
-    "build_transforms",
-    "export_weights",
-    "load_weights",
-    "make_logit_scale_1d",
-    "read_state_dict",
-    "register_shipped_configs",
-    "temperature",
-]
 
 logger = logging.getLogger(__name__)
 
