@@ -4,24 +4,12 @@ import tarfile
 import threading
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms
 
 from engine.data import Batch, ShardLoader, SkipRecord, shard_order, slot_shards
 from engine.manifest import COUNT_FROM_STATS, Manifest, ShardEntry, build_manifest
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return open_clip.get_tokenizer("ViT-B-32")
-
-
-@pytest.fixture(scope="module")
-def transform():
-    return transforms.Compose([transforms.Resize(32), transforms.ToTensor()])
 
 
 def red_of(row: int) -> int:

@@ -3,7 +3,6 @@
 import itertools
 import json
 
-import open_clip
 import pytest
 import torch
 from test_data import check_batch, make_dataset, make_loader, run_with_timeout, stated_manifest
@@ -11,16 +10,6 @@ from torchvision import transforms
 
 import engine.data
 from engine.data import ShardLoader
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return open_clip.get_tokenizer("ViT-B-32")
-
-
-@pytest.fixture(scope="module")
-def transform():
-    return transforms.Compose([transforms.Resize(32), transforms.ToTensor()])
 
 
 def rows_of(batches) -> list[list[int]]:

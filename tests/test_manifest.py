@@ -1,9 +1,7 @@
 import hashlib
-import io
 import json
 import os
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,15 +18,7 @@ from engine.manifest import (
     iter_sample_keys,
     sample_key,
 )
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+from tests.conftest import write_tar
 
 
 def sample_members(keys: list[str]) -> list[tuple[str, bytes]]:

@@ -13,20 +13,13 @@ from safetensors.torch import load_file
 
 from engine.checkpoint import is_complete
 from engine.config import load_config
-from engine.shards import build_shards
-from engine.synthetic import render_pairs
 from engine.table import UTable
 from engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume_data")
-    csv = render_pairs(root / "raw", num_samples=48, seed=0, split_name="train")
-    build_shards(csv, root / "shards", samples_per_shard=20)
-    return root / "shards"
+
 
 
 def job(shards, out, **run):

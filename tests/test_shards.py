@@ -11,6 +11,7 @@ from PIL import Image
 from engine.cli import main as cli_main
 from engine.manifest import Manifest, build_manifest
 from engine.shards import build_shards, check_shard, check_shards
+from tests.conftest import write_tar
 
 
 def png_bytes(color: tuple[int, int, int], size: int = 8) -> bytes:
@@ -164,13 +165,7 @@ def test_bad_arguments(csv_source, tmp_path):
         build_shards(bad_header, tmp_path / "o4")
 
 
-def write_members(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+
 
 
 def good(key: str, *, jpeg: bool = False) -> list[tuple[str, bytes]]:
@@ -203,9 +198,9 @@ def defect_shards(tmp_path: Path) -> Path:
         ("h.png", png_bytes((6, 6, 6))),  # the same member twice in one sample
         ("h.txt", b"twice"),
     ]
-    write_members(shards / "00000.tar", defects)
-    write_members(shards / "00001.tar", [m for k in "xyz" for m in good(k, jpeg=True)])
-    write_members(shards / "00002.tar", [m for k in "pqrs" for m in good(k)])
+    write_tar(shards / "00000.tar", defects)
+    write_tar(shards / "00001.tar", [m for k in "xyz" for m in good(k, jpeg=True)])
+    write_tar(shards / "00002.tar", [m for k in "pqrs" for m in good(k)])
     manifest = build_manifest(sorted(shards.glob("*.tar")), root=shards)
     manifest.save(shards / "manifest.json")
     return shards
@@ -311,7 +306,7 @@ def test_check_flags_broken_shards_and_cli_exits_nonzero(defect_shards, capsys, 
 
 
 def test_check_without_manifest_uses_declared_counts(tmp_path, capsys):
-    write_members(tmp_path / "00000.tar", [m for k in "ab" for m in good(k)])
+    write_tar(tmp_path / "00000.tar", [m for k in "ab" for m in good(k)])
     (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 3}))
     shard = check_shards(tmp_path).shards[0]
     assert (shard.num_samples, shard.expected_samples, shard.broken) == (2, 3, True)

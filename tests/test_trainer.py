@@ -7,17 +7,7 @@ import torch
 
 from engine.config import load_config
 from engine.losses import pairwise_surrogate
-from engine.shards import build_shards
-from engine.synthetic import render_pairs
 from engine.trainer import Trainer, cosine_lr
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer_data")
-    csv = render_pairs(root / "raw", num_samples=48, seed=0, split_name="train")
-    build_shards(csv, root / "shards", samples_per_shard=20)  # uneven shards: 20, 20, 8
-    return root / "shards"
 
 
 def make_trainer(shards, tmp_path, **sections):
