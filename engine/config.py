@@ -59,9 +59,9 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement (very large data); epoch = samples_per_epoch
     samples_per_epoch: int | None = None  # all ranks together; required with resampled
 
-    def errors(self) -> list[str]:
+    def errors(self, *, training: bool = True) -> list[str]:
         out = []
-        if not self.train:
+        if training and not self.train:
             out.append("data.train is required: a shard directory with manifest.json (see `run.py shards`)")
         if self.batch_size < 2:
             out.append(f"data.batch_size must be >= 2 (contrastive losses need negatives), got {self.batch_size}")
@@ -235,17 +235,19 @@ class JobConfig:
             return self.osr.surrogate
         return self.surrogate if self.surrogate != "mbcl" else "gcl"
 
-    def errors(self) -> list[str]:
+    def errors(self, *, training: bool = True) -> list[str]:
+        """Every problem of the configuration; `training=False` (evaluation) needs no training data."""
         out = []
         if self.method not in METHODS:
             out.append(f"method must be one of {METHODS}, got {self.method!r}")
-        for section in (self.model, self.data, self.loss, self.optim, self.osr, self.eval, self.run):
+        out.extend(self.data.errors(training=training))
+        for section in (self.model, self.loss, self.optim, self.osr, self.eval, self.run):
             out.extend(section.errors())
         return out
 
-    def validate(self) -> JobConfig:
+    def validate(self, *, training: bool = True) -> JobConfig:
         """Raise one ValueError listing every problem, or return self."""
-        problems = self.errors()
+        problems = self.errors(training=training)
         if problems:
             raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self
@@ -329,8 +331,12 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, base: dict | None = None) -> JobConfig:
-    """Build a JobConfig from defaults, an optional `base` dict, a YAML file and overrides."""
+def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, base: dict | None = None,
+                training: bool = True) -> JobConfig:
+    """Build a JobConfig from defaults, an optional `base` dict, a YAML file and overrides.
+
+    `training=False` validates for evaluation only (no training data needed).
+    """
     values: dict = {}
 
     def merge(dst: dict, src: dict) -> None:
@@ -359,7 +365,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, b
     cfg = JobConfig()
     problems: list[str] = []
     _fill(cfg, values, "", problems)
-    problems.extend(cfg.errors())
+    problems.extend(cfg.errors(training=training))
     if problems:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
