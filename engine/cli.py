@@ -54,9 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("tune", "OSR (if the method uses it) then fine-tuning, with evaluation"),
                        ("osr", "stage I only: recover AdamW moments and u at frozen weights"),
-                       ("finetune", "stage II only (no OSR), e.g. the OpenCLIP / FastCLIP baselines"),
-                       ("eval", "evaluate the model (weights) on the configured tasks")):
+                       ("finetune", "stage II only (no OSR), e.g. the OpenCLIP / FastCLIP baselines")):
         _add_job_args(sub.add_parser(name, help=text, description=text))
+
+    text = "evaluate a model (weights) on the config's eval tasks; needs no training data or run folder"
+    evaluate = sub.add_parser("eval", help=text, description=text)
+    evaluate.add_argument("--config", help="YAML file whose eval section lists the tasks")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config field, e.g. --set eval.batch_size=32 (repeatable)")
+    for flag, key in EVAL_FLAGS.items():
+        evaluate.add_argument(f"--{flag}", default=None, help=f"shortcut for --set {key}=...")
+    evaluate.add_argument("--out", help="folder to write eval_results.json (clip_benchmark-style) into")
 
     export = sub.add_parser("export", help="convert a local checkpoint to open_clip safetensors")
     export.add_argument("--model", required=True, help="open_clip architecture or shipped config name")
@@ -132,6 +140,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "shards":
         return _shards(args)
+    if args.command == "eval":
+        return _eval(args)
 
     from engine.trainer import Trainer
 
@@ -146,11 +156,37 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"recovered statistics: {trainer.checkpoints.find('latest')} (reuse with --osr-from)")
         elif args.command == "finetune":
             trainer.tune(osr=False)
-        elif args.command == "eval":
-            results = trainer.evaluate(stage="start")
-            print(json.dumps(results, indent=2))
     finally:
         trainer.close()
+    return 0
+
+
+EVAL_FLAGS = {"model": "model.name", "weights": "model.weights", "preset": "model.preset", "device": "run.device"}
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """`run.py eval`: one model on the config's eval tasks; prints a table, writes --out/eval_results.json."""
+    from engine.config import load_config
+    from engine.distributed import context_from_env, default_device
+    from engine.evaluate import Evaluator, build_tasks, results_table, write_results
+    from models import build_model
+
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, flag)}" for flag, key in EVAL_FLAGS.items() if getattr(args, flag)]
+    cfg = load_config(args.config, overrides, training=False)
+    tasks = build_tasks(cfg.eval)
+    if not tasks:
+        raise ValueError("no evaluation tasks: list them under eval.zeroshot / eval.retrieval in --config, "
+                         "or --set 'eval.retrieval=[{name: NAME, csv: FILE}]'")
+    device = default_device(context_from_env(args.launcher_local_rank), cfg.run.device)
+    bundle = build_model(cfg.model.name, weights=cfg.model.weights, preset=cfg.model.preset, seed=cfg.run.seed)
+    evaluator = Evaluator(tasks, batch_size=cfg.eval.batch_size, device=device)
+    results = evaluator(bundle.model.to(device), bundle.tokenizer, bundle.eval_transform)
+    print(results_table(results))
+    if args.out:
+        path = write_results(Path(args.out) / "eval_results.json", results, model_name=bundle.model_name,
+                             pretrained=cfg.model.weights or "")
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,0 +1,96 @@
+"""`run.py eval` in-process: a model file on CSV tasks with no training data; its table, JSON and errors."""
+
+import json
+import re
+
+import pytest
+import yaml
+
+from engine.cli import main
+from engine.evaluate import Evaluator, RetrievalTask, ZeroShotTask
+from engine.synthetic import render_retrieval_task, render_zeroshot_task
+from models import build_model, export_weights
+
+
+@pytest.fixture(scope="module")
+def task_specs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval_tasks")
+    zs_csv, classnames, templates = render_zeroshot_task(folder, num_per_class=2, seed=0)
+    rt_csv = render_retrieval_task(folder, num_images=12, seed=0)
+    return {
+        "zeroshot": [{"name": "shapes", "csv": str(zs_csv), "classnames": str(classnames),
+                      "templates": str(templates)}],
+        "retrieval": [{"name": "pairs", "csv": str(rt_csv)}],
+    }
+
+
+def direct_results(task_specs, **model_args):
+    bundle = build_model("tiny-vit", **model_args)
+    (zs,), (rt,) = task_specs["zeroshot"], task_specs["retrieval"]
+    tasks = [ZeroShotTask.from_csv(zs["csv"], zs["classnames"], zs["templates"], name=zs["name"]),
+             RetrievalTask.from_csv(rt["csv"], name=rt["name"])]
+    return Evaluator(tasks, batch_size=128)(bundle.model, bundle.tokenizer, bundle.eval_transform)
+
+
+def printed_rows(stdout: str) -> dict[tuple[str, str], str]:
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["task", "metric", "value"]
+    return {(task, metric): value for task, metric, value in (line.split() for line in lines[1:] if line.strip()
+                                                             and not line.startswith("wrote "))}
+
+
+def test_eval_a_run_folder_weights_file_with_no_training_data(task_specs, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000010").mkdir(parents=True)  # a run folder with checkpoints is no obstacle
+    weights = run / "final.safetensors"
+    export_weights(build_model("tiny-vit", seed=7).model, weights)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"eval": task_specs}))
+
+    assert main(["eval", "--model", "tiny-vit", "--weights", str(weights), "--config", str(config),
+                 "--out", str(run)]) == 0
+    stdout = capsys.readouterr().out
+
+    expected = direct_results(task_specs, weights=weights)
+    assert printed_rows(stdout) == {
+        (task, metric): f"{value:.4f}" for task, metrics in expected.items() for metric, value in metrics.items()
+    }
+    records = json.loads((run / "eval_results.json").read_text())
+    assert {r["dataset"]: r["metrics"] for r in records} == expected  # exact: same weights, same computation
+    assert [(r["model"], r["pretrained"], r["task"]) for r in records] == [
+        ("tiny-vit", str(weights), "zeroshot_classification"), ("tiny-vit", str(weights), "zeroshot_retrieval")
+    ]
+    assert f"wrote {run / 'eval_results.json'}" in stdout
+    # Different weights give different numbers, so the comparison above can fail.
+    assert direct_results(task_specs, seed=0) != expected
+
+
+def test_eval_tasks_from_set_with_random_weights_and_no_out(task_specs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    retrieval = json.dumps(task_specs["retrieval"])  # YAML flow syntax
+    assert main(["eval", "--model", "tiny-vit", "--set", f"eval.retrieval={retrieval}",
+                 "--set", f"eval.zeroshot={json.dumps(task_specs['zeroshot'])}", "--set", "run.seed=3"]) == 0
+    expected = direct_results(task_specs, seed=3)
+    assert printed_rows(capsys.readouterr().out)[("pairs", "mean_recall@1")] == \
+        f"{expected['pairs']['mean_recall@1']:.4f}"
+    assert list(tmp_path.iterdir()) == []  # nothing written without --out
+
+
+@pytest.mark.parametrize(
+    ("specs", "match"),
+    [
+        ({"retrieval": [{"name": "gone", "csv": "missing/pairs.csv"}]},
+         r"^error: eval\.retrieval\[0\] 'gone': missing/pairs\.csv: CSV file not found$"),
+        ({}, r"^error: no evaluation tasks: "),
+    ],
+)
+def test_eval_bad_input_is_one_error_line(tmp_path, capsys, specs, match):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"eval": specs, "model": {"name": "tiny-vit"}}))
+    assert main(["eval", "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert re.match(match, lines[0])
+    assert not (tmp_path / "out").exists()
