@@ -149,7 +149,7 @@ def _build_rank_inputs(global_batch: int, *, world_size: int, seed: int) -> dict
     """Everything one rank holds before its loss call: global tensors, local leaves, u rows."""
     import torch
 
-    from engine.losses import SurrogateSpec, anchor_log_phi, log_eps_plus
+    from engine.objectives.contrastive import SurrogateSpec, anchor_log_phi, log_eps_plus
 
     num_local = global_batch // world_size
     offset = (world_size // 2) * num_local
@@ -176,7 +176,7 @@ def _build_rank_inputs(global_batch: int, *, world_size: int, seed: int) -> dict
 
 def _loss_step(inputs: dict, *, chunk_size: int) -> None:
     """One rank's loss call as a training step runs it: forward, then backward of the objective."""
-    from engine.losses import GlobalContrastiveLoss, SurrogateSpec
+    from engine.objectives.contrastive import GlobalContrastiveLoss, SurrogateSpec
 
     loss = GlobalContrastiveLoss(
         SurrogateSpec(kind="hgcl", chunk_size=chunk_size),

@@ -65,9 +65,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from engine.checkpoint import COMPLETE, LATEST, is_complete
+from engine.objectives.table import UTable
 from engine.shards import build_shards
 from engine.synthetic import render_pairs
-from engine.table import UTable
 
 NUM_SAMPLES = 64
 BATCH_SIZE = 8
@@ -184,8 +184,8 @@ class InSave:
             if self.phase == "backend":
                 return (staging / "backend" / "optim.pt").exists()
             if self.phase == "marker":
-                return (staging / f".{COMPLETE}.tmp").exists() or (staging / COMPLETE).exists()
-            return (staging / COMPLETE).exists() and not (step_dir(out, self.step) / "u_table").exists()
+                return any(staging.glob(f".{COMPLETE}.*")) or (staging / COMPLETE).exists()
+            return (staging / COMPLETE).exists() and not (step_dir(out, self.step) / "normaliser").exists()
         # Staging renamed already, or the job moved on: the moment was missed; kill now anyway.
         return self.seen_staging or any(r["event"] == "step" and r["step"] > self.step for r in records)
 

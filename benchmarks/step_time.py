@@ -55,13 +55,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from engine.data import Batch
-from engine.distributed import all_reduce_sum, barrier, gather_no_grad
-from engine.losses import GlobalContrastiveLoss, MiniBatchContrastiveLoss, SurrogateSpec
-from engine.table import UTable
+from engine.distributed import barrier
+from engine.objectives import total_loss
+from engine.objectives.table import UTable
 
 TARGET_RATIO = 1.10
 LR = 1e-5
-GAMMA = 0.9
 TABLE_ROWS = 10_000_000
 NUM_SAMPLES = 16  # shards only give the Trainer a manifest; batches are synthetic
 LOSS_ONLY_REPEATS = 20
@@ -112,27 +111,21 @@ def build_trainer(case: Case, *, shards: str, out_dir: str):
     if case.backend == "deepspeed":
         base["run"]["zero_config"] = str(REPO_ROOT / "zero_configs" / ZERO_CONFIG)
     trainer = Trainer(load_config(base=base))
-    trainer.table.close()
+    normaliser = trainer.normaliser
+    normaliser.table.close()
     table_dir = Path(out_dir) / "large_u_table"
     fingerprint = trainer.manifest.fingerprint()
     if trainer.ctx.is_main:
         UTable.create(table_dir, num_rows=TABLE_ROWS, dataset_fingerprint=fingerprint).close()
     barrier()
-    trainer.table = UTable.open(table_dir, dataset_fingerprint=fingerprint)
+    normaliser.table = UTable.open(table_dir, dataset_fingerprint=fingerprint)
+    normaliser.epochs = trainer.cfg.loss.gamma_decay_epochs  # gamma_t at its floor (0.9)
     return trainer
 
 
 def losses_of(trainer) -> dict:
-    """The two losses as the trainer builds them for its methods (MBCL for openclip, HGCL for tuneclip)."""
-    ctx, lcfg = trainer.ctx, trainer.cfg.loss
-    spec = SurrogateSpec(kind="hgcl", margin=lcfg.margin, tau=trainer.tau, eps=lcfg.eps,
-                         chunk_size=lcfg.chunk_size)
-    return {
-        "mbcl": MiniBatchContrastiveLoss(tau=trainer.tau, rank=ctx.rank, world_size=ctx.world_size,
-                                         reduce_sum=all_reduce_sum),
-        "hgcl": GlobalContrastiveLoss(spec, gather=gather_no_grad, reduce_sum=all_reduce_sum,
-                                      world_size=ctx.world_size),
-    }
+    """The two objectives as the trainer builds them for its methods (MBCL for openclip, HGCL for tuneclip)."""
+    return {name: trainer.objective_for(name) for name in ("mbcl", "hgcl")}
 
 
 def measure(trainer, case: Case, *, seed: int = 0) -> dict:
@@ -157,7 +150,7 @@ def measure(trainer, case: Case, *, seed: int = 0) -> dict:
             batch = Batch(images=images, texts=texts, sample_ids=rows, keys=keys)
             barrier()
             started = time.perf_counter()
-            metrics = trainer.train_step(batch, loss_fn=losses[name], gamma=GAMMA, lr=LR, grad_clip=grad_clip)
+            metrics = trainer.train_step(batch, objective=losses[name], lr=LR, grad_clip=grad_clip)
             elapsed = time.perf_counter() - started
             if metrics.get("skipped"):
                 raise FloatingPointError(f"{case.model}: the {name} step was skipped (non-finite values)")
@@ -174,7 +167,7 @@ def measure_loss_only(trainer, losses: dict, images, texts, gen) -> dict:
     """
     model = trainer.backend.model
     with torch.no_grad():
-        image_features = model.encode_image(images.to(trainer.backend.input_dtype), normalize=True).float()
+        image_features = model.encode_image(images.to(next(model.parameters()).dtype), normalize=True).float()
         text_features = model.encode_text(texts, normalize=True).float()
     num_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -187,7 +180,7 @@ def measure_loss_only(trainer, losses: dict, images, texts, gen) -> dict:
 def _time_losses(trainer, losses: dict, image_features, text_features, gen) -> dict:
     ctx, local = trainer.ctx, image_features.shape[0]
     out = {}
-    for name, loss_fn in losses.items():
+    for name, objective in losses.items():
         times = []
         for _ in range(LOSS_ONLY_REPEATS):
             rows = torch.randint(0, TABLE_ROWS, (local * ctx.world_size,), generator=gen)
@@ -196,14 +189,8 @@ def _time_losses(trainer, losses: dict, image_features, text_features, gen) -> d
             g = text_features.clone().requires_grad_(True)
             barrier()
             t0 = time.perf_counter()
-            if name == "hgcl":
-                log_u_x, log_u_z, seen = trainer.table.read(rows)
-                result = loss_fn(f, g, log_u_x=log_u_x, log_u_z=log_u_z, seen=seen, gamma=GAMMA,
-                                 offset=ctx.rank * local, output_dict=True)
-                result["loss"].backward()
-                trainer.table.write(rows, result["log_u_x"], result["log_u_z"])
-            else:
-                loss_fn(f, g).backward()
+            total_loss(objective(f, g, rows=rows)).backward()
+            objective.after_step()  # HGCL: the table write
             times.append(time.perf_counter() - t0)
         out[name] = statistics.median(times)
     return out

@@ -103,23 +103,16 @@ def zero_config(overrides: dict) -> dict:
 def rank_run(model_name: str, global_batch: int, overrides: dict, seed: int = 0) -> dict:
     """One rank: build, wrap in ZeRO-3 bf16, OSR step, fine-tuning step; returns measurements."""
     from engine.backends.deepspeed import DeepSpeedBackend
-    from engine.distributed import (
-        all_reduce_sum,
-        cleanup_shm_buffers,
-        context_from_env,
-        gather_no_grad,
-        init_process_group,
-    )
-    from engine.losses import GlobalContrastiveLoss, SurrogateSpec
-    from engine.trainer import features_of
-    from models import build_model, temperature
+    from engine.distributed import all_reduce_sum, context_from_env, gather_no_grad
+    from engine.objectives.contrastive import GlobalContrastiveLoss, SurrogateSpec
+    from models import build_model, features_of, temperature
 
     def say(text: str) -> None:
         print(f"[rank {ctx.rank} {time.perf_counter() - started:6.0f} s] {text}", flush=True)
 
     started = time.perf_counter()
     ctx = context_from_env()
-    init_process_group(ctx, use_deepspeed=True)
+    DeepSpeedBackend.init_distributed(ctx)
     local_batch = global_batch // ctx.world_size
     out = {"rank": ctx.rank, "peak_gb": {}}
     out["peak_gb"]["start"] = _peak_gb()
@@ -199,8 +192,7 @@ def rank_run(model_name: str, global_batch: int, overrides: dict, seed: int = 0)
         for state in zero_optimizer.optimizer.state.values()
     )
     out["peak_gb"]["end"] = _peak_gb()
-    backend.close()
-    cleanup_shm_buffers(ctx)
+    backend.close()  # removes this rank's DeepSpeed shared-memory buffer too
     return out
 
 

@@ -1,9 +1,10 @@
-"""Checkpoints: one folder = one consistent state (backend, u table, trainer position), written atomically.
+"""Checkpoints: one folder = one consistent state of every stateful part, written atomically.
 
 Layout under `<out_dir>/checkpoints/`:
-  step_00001234/backend/      the backend's own files (each rank writes its partition)
-  step_00001234/u_table/      copy of the u table at that step (so table and model never disagree)
-  step_00001234/state.json    trainer position (stage, steps, epochs, batches done), config digest
+  step_00001234/<part>/       a folder part's own files (`save(directory)`: backend partitions,
+                              the normaliser's rows)
+  step_00001234/ranks/<part>/rank_00000.json   per-rank parts (each rank's data position)
+  step_00001234/state.json    the JSON parts (`state_dict()`: trainer position, schedules)
   step_00001234/COMPLETE      written last: the size of every file in the folder; folders
                               without it, or whose files no longer have those sizes, are skipped
   latest                      name of the newest complete folder (replaced atomically)
@@ -11,6 +12,8 @@ Layout under `<out_dir>/checkpoints/`:
 A save is staged in a `.partial-*` folder and renamed once every rank has finished, so a crash
 during a save leaves the previous checkpoint intact. Re-saving an existing step first renames
 the old folder away (`.old-*`), so at every instant some complete checkpoint exists.
+
+What may be loaded into which job is decided here too (`resume_conflicts`, `osr_reuse_conflicts`).
 """
 
 from __future__ import annotations
@@ -20,33 +23,32 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from engine.distributed import DistContext, barrier
-from engine.table import UTable
+from engine.io import fsync_dir, write_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 STATE = "state.json"
 LATEST = "latest"
+RANKS = "ranks"
+TRAIN_STATE = "train_state"  # the part whose state_dict describes the job (checked before loading)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+@runtime_checkable
+class FolderStateful(Protocol):
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path, *, reshard: bool = False) -> None: ...
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:
@@ -77,8 +79,19 @@ def is_complete(path: Path) -> bool:
     return not checkpoint_problems(path)
 
 
-def read_state(path: Path) -> dict:
-    """The trainer state of a complete checkpoint folder."""
+def step_folders(root: Path) -> list[Path]:
+    """The `step_*` folders of `root`, oldest step first (by number: names outgrow their padding)."""
+    folders = [p for p in Path(root).glob("step_*") if p.name.removeprefix("step_").isdigit()]
+    return sorted(folders, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def has_checkpoints(root: Path) -> bool:
+    """Whether folder `root` holds a complete checkpoint."""
+    return any(is_complete(p) for p in step_folders(root))
+
+
+def read_state(path: Path) -> dict[str, dict]:
+    """The JSON parts of a complete checkpoint folder (part name -> state_dict)."""
     problems = checkpoint_problems(path)
     if problems:
         raise FileNotFoundError(
@@ -89,14 +102,24 @@ def read_state(path: Path) -> dict:
 
 
 class CheckpointManager:
-    """save(step, ...) / find(spec) / restore_table(...) for one run directory."""
+    """`save(step)` / `load(spec)` of a dict of stateful parts, for one run directory.
 
-    def __init__(self, root: Path, ctx: DistContext, *, keep_last_n: int = 2):
+    `parts`: name -> object with `state_dict`/`load_state_dict` (kept in state.json), with
+    `save(directory)`/`load(directory)` (its own folder, collective), or both. `rank_parts`: name ->
+    Stateful whose state differs per rank (each rank writes its own file). The `train_state` part
+    describes the job; `load` checks it against the live one before touching anything.
+    """
+
+    def __init__(self, root: Path, ctx: DistContext, *, parts: dict[str, Any],
+                 rank_parts: dict[str, Stateful] | None = None, keep_last_n: int = 2):
         self.root = Path(root)
         self.ctx = ctx
+        self.parts = parts
+        self.rank_parts = rank_parts or {}
         self.keep_last_n = keep_last_n
 
-    def save(self, step: int, *, backend, table: UTable, state: dict) -> Path:
+    # ----- save -----
+    def save(self, step: int) -> Path:
         """Write a checkpoint of `step` on every rank (collective); returns its folder."""
         final = self.root / f"step_{step:08d}"
         staging = self.root / f".partial-step_{step:08d}"
@@ -104,23 +127,25 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier()
-        table.flush()
-        barrier()  # every rank's rows are on disk before the copy
-        backend.save(staging / "backend", client_state={"step": step})
+        for name, part in self.parts.items():
+            if isinstance(part, FolderStateful):
+                part.save(staging / name)
+        for name, part in self.rank_parts.items():
+            write_json_atomic(staging / RANKS / name / f"rank_{self.ctx.rank:05d}.json", part.state_dict())
         if self.ctx.is_main:
-            table.copy_to(staging / "u_table")
-            (staging / STATE).write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
-        barrier()  # every rank's backend partition is written
+            states = {name: part.state_dict() for name, part in self.parts.items() if isinstance(part, Stateful)}
+            write_json_atomic(staging / STATE, {**states, "step": step})
+        barrier()  # every rank's files are written
         if self.ctx.is_main:
-            _write_atomic(staging / COMPLETE, json.dumps({"files": _file_sizes(staging)}, indent=1))
+            write_json_atomic(staging / COMPLETE, {"files": _file_sizes(staging)}, indent=1)
             old = self.root / f".old-{final.name}"
             if final.exists():  # the same step saved again: move the old copy away atomically first
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
             os.replace(staging, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(old, ignore_errors=True)
-            _write_atomic(self.root / LATEST, final.name + "\n")
+            write_atomic(self.root / LATEST, final.name + "\n")
             self._purge()
             logger.info("checkpoint saved: %s", final)
         barrier()
@@ -129,19 +154,20 @@ class CheckpointManager:
     def _purge(self) -> None:
         if self.keep_last_n <= 0:
             return
-        folders = sorted(p for p in self.root.glob("step_*") if is_complete(p))
+        folders = [p for p in step_folders(self.root) if is_complete(p)]
         for old in folders[: -self.keep_last_n]:
             shutil.rmtree(old, ignore_errors=True)
         for leftover in (*self.root.glob(".partial-*"), *self.root.glob(".old-*")):
             shutil.rmtree(leftover, ignore_errors=True)
 
+    # ----- find and load -----
     def find(self, spec: str) -> Path:
         """`latest` (newest complete folder) or a path to a checkpoint folder."""
         if spec != "latest":
             path = Path(spec)
             read_state(path)
             return path
-        for candidate in sorted(self.root.glob("step_*"), reverse=True):
+        for candidate in reversed(step_folders(self.root)):
             problems = checkpoint_problems(candidate)
             if not problems:
                 return candidate
@@ -149,14 +175,104 @@ class CheckpointManager:
         raise FileNotFoundError(f"no complete checkpoint under {self.root}; start without --resume")
 
     def has_checkpoints(self) -> bool:
-        return any(is_complete(p) for p in self.root.glob("step_*"))
+        return has_checkpoints(self.root)
 
-    def restore_table(self, checkpoint: Path, live_dir: Path, *, dataset_fingerprint: str) -> None:
-        """Replace the live u table by the checkpoint's copy (rank 0 copies; every rank waits)."""
-        if self.ctx.is_main:
-            snapshot = UTable.open(checkpoint / "u_table", dataset_fingerprint=dataset_fingerprint, readonly=True)
-            shutil.rmtree(live_dir, ignore_errors=True)
-            snapshot.copy_to(live_dir).close()
-            snapshot.close()
-        barrier()
+    def load(self, spec: str, *, purpose: str = "resume", can_reshard: bool = False) -> dict[str, dict]:
+        """Restore every part from checkpoint `spec` (`latest` or a folder); returns its JSON states.
 
+        `purpose="resume"`: everything, checked by `resume_conflicts`; per-rank parts only when the
+        world size is unchanged. `purpose="osr"`: the folder parts (moments, estimates) of an
+        end-of-OSR checkpoint, checked by `osr_reuse_conflicts`; the caller takes what it needs from
+        the returned states. Raises ValueError naming every conflict, before anything is changed.
+        """
+        path = self.find(spec)
+        saved = read_state(path)
+        live = self.parts[TRAIN_STATE].state_dict()
+        check = {"resume": resume_conflicts, "osr": osr_reuse_conflicts}[purpose]
+        problems = check(saved[TRAIN_STATE], live, can_reshard=can_reshard)
+        if problems:
+            what = "resume from" if purpose == "resume" else "reuse OSR statistics from"
+            raise ValueError(f"cannot {what} {path}:\n  - " + "\n  - ".join(problems))
+        same_world = saved[TRAIN_STATE]["world_size"] == self.ctx.world_size
+        for name, part in self.parts.items():
+            if isinstance(part, FolderStateful):
+                self._load_folder(name, part, path, reshard=not same_world)
+        if purpose == "resume":
+            for name, part in self.parts.items():
+                if isinstance(part, Stateful) and name in saved:
+                    part.load_state_dict(saved[name])
+            if same_world:  # exact data position, skip counts included
+                for name, part in self.rank_parts.items():
+                    state_file = path / RANKS / name / f"rank_{self.ctx.rank:05d}.json"
+                    part.load_state_dict(json.loads(state_file.read_text()))
+        saved["path"] = str(path)
+        return saved
+
+    def _load_folder(self, name: str, part: FolderStateful, path: Path, *, reshard: bool) -> None:
+        try:
+            part.load(path / name, reshard=reshard)
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise ValueError(
+                f"checkpoint {path} could not be loaded ({name}: {type(exc).__name__}: {str(exc)[:200]}); "
+                f"resume from an earlier one: --resume {self.root}/step_<N>"
+            ) from exc
+
+
+# ----- what may be loaded into which job -----
+
+# Settings that define recovered OSR statistics: reusing them needs the same values.
+OSR_DEFINING_KEYS = ("model.name", "model.weights", "model.preset", "model.precision", "loss.margin", "loss.eps",
+                     "loss.gamma_min", "loss.gamma_decay_epochs", "osr.epochs", "optim.betas",
+                     "data.batch_size", "run.seed")
+
+# Settings that may change between a run and its resumption (they do not change the math).
+RESUME_FREE_KEYS = ("run.progress", "run.log_every", "run.save_every_steps", "run.keep_last_n",
+                    "run.resume", "eval.every_steps", "eval.at_start", "eval.batch_size", "run.device",
+                    "osr.load_from", "run.out_dir", "data.train", "model.weights")  # moved folders / files
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_conflicts(saved: dict, live: dict, *, can_reshard: bool) -> list[str]:
+    """What differs between a checkpoint's job and the job trying to resume it (empty = compatible)."""
+    problems = []
+    if saved["manifest_fingerprint"] != live["manifest_fingerprint"]:
+        problems.append("the training data (manifest fingerprint) differs from the checkpoint's")
+    if saved["model"] != live["model"]:
+        problems.append(f"model {live['model']!r} != checkpoint's {saved['model']!r}")
+    if saved["world_size"] != live["world_size"] and not can_reshard:
+        problems.append(f"world size {live['world_size']} != checkpoint's {saved['world_size']}: this backend "
+                        "cannot reshard; resume on the same number of ranks or use run.backend=deepspeed "
+                        "(universal checkpoint)")
+    old, new = flatten(saved["config"]), flatten(live["config"])
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(RESUME_FREE_KEYS) or old.get(key) == new.get(key):
+            continue
+        problems.append(f"config {key}: checkpoint has {old.get(key)!r}, this job {new.get(key)!r}")
+    return problems
+
+
+def osr_reuse_conflicts(saved: dict, live: dict, *, can_reshard: bool = False) -> list[str]:
+    """Why recovered statistics (an end-of-OSR checkpoint) cannot seed this job (empty = they can)."""
+    if saved["stage"] != "finetune" or saved["stage_step"] != 0:
+        return [(f"not an end-of-OSR checkpoint (stage {saved['stage']}, step {saved['stage_step']}); "
+                 "use the one `run.py osr` wrote")]
+    old, new = flatten(saved["config"]), flatten(live["config"])
+    problems = [f"{key}: statistics computed with {old.get(key)!r}, this job has {new.get(key)!r}"
+                for key in OSR_DEFINING_KEYS if old.get(key) != new.get(key)]
+    if saved["osr_surrogate"] != live["osr_surrogate"]:
+        problems.append(f"OSR loss {saved['osr_surrogate']!r} != this job's {live['osr_surrogate']!r}")
+    if saved["manifest_fingerprint"] != live["manifest_fingerprint"]:
+        problems.append("the training data (manifest fingerprint) differs")
+    if saved["world_size"] != live["world_size"]:
+        problems.append(f"world size {live['world_size']} != {saved['world_size']} of the OSR run")
+    return problems

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from engine.backends import backend_names
+
 METHODS = ("tuneclip", "fastclip", "openclip")
 SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl")
-PRECISIONS = ("fp32", "bf16")
-BACKENDS = ("single", "deepspeed")
+PRECISIONS = ("fp32", "bf16")  # training precisions (weights fp32; bf16 compute)
 
 # Paper Table 9: what each method runs.
 METHOD_SURROGATE = {"tuneclip": "hgcl", "fastclip": "gcl", "openclip": "mbcl"}
@@ -185,7 +186,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10
-    backend: str = "single"
+    backend: str = "single"  # any name in the backend registry (engine.backends): single | deepspeed
     zero_config: str | None = None
     progress: bool = True
     save_every_steps: int = 0  # 0 = no periodic checkpoints
@@ -197,8 +198,8 @@ class RunConfig:
         out = []
         if self.epochs < 0:
             out.append(f"run.epochs must be >= 0, got {self.epochs}")
-        if self.backend not in BACKENDS:
-            out.append(f"run.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in backend_names():
+            out.append(f"run.backend must be one of {backend_names()}, got {self.backend!r}")
         if self.log_every < 1:
             out.append(f"run.log_every must be >= 1, got {self.log_every}")
         if self.save_every_steps < 0:

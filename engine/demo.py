@@ -95,7 +95,7 @@ def run_demo(root: Path, *, quick: bool = False) -> dict:
         # x axis = fine-tuning steps: OSR steps do not move the weights.
         histories[method] = [
             {"step": 0 if r["stage"] == "start" else r["step"] - trainer.osr_steps, "results": r["results"]}
-            for r in history.records
+            for r in history
         ]
         trainer.close()
 

@@ -1,4 +1,4 @@
-"""Process-group plumbing: who am I, gathers without gradient, sums, and CPU shared-memory cleanup.
+"""Process-group plumbing: who am I, joining the group, gathers without gradient, sums (nothing backend-specific).
 
 Launchers (`deepspeed`, `torchrun`) set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
 without them the job is a single process and every collective here is the identity.
@@ -6,7 +6,6 @@ without them the job is a single process and every collective here is the identi
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
-
-SHM_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
 
 
 @dataclass(frozen=True)
@@ -57,17 +54,12 @@ def default_device(ctx: DistContext, requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(ctx: DistContext, *, use_deepspeed: bool) -> None:
+def init_process_group(ctx: DistContext) -> None:
     """Join the job's process group (nccl on GPUs, gloo on CPU) once; no-op for one process."""
     if not ctx.distributed or dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if use_deepspeed:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend)
-    else:
-        dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend)
     logger.info("rank %d/%d joined process group (%s)", ctx.rank, ctx.world_size, backend)
 
 
@@ -100,25 +92,6 @@ def gather_objects(obj) -> list:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def shm_buffers(master_port: str | int | None = None) -> list[str]:
-    """DeepSpeed's CPU all-reduce shared-memory files (of one master port, or all)."""
-    pattern = f"{SHM_PREFIX}*" if master_port is None else f"{SHM_PREFIX}*_{master_port}_*"
-    return sorted(glob.glob(pattern))
-
-
-def cleanup_shm_buffers(ctx: DistContext) -> None:
-    """Remove this rank's DeepSpeed CPU all-reduce buffer (DeepSpeed never deletes it)."""
-    port = os.environ.get("MASTER_PORT")
-    if port is None:
-        return
-    for path in shm_buffers(port):
-        if path.endswith(f"_{port}_{ctx.rank}"):
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
 
 
 def destroy_process_group() -> None:

@@ -2,10 +2,11 @@
 
 from models.factory import (
     CONFIG_DIR,
-    PRECISIONS,
+    OPEN_CLIP_PRECISIONS,
     ClipBundle,
     build_model,
     build_transforms,
+    features_of,
     register_shipped_configs,
 )
 from models.presets import PRESETS, Preset, get_preset
@@ -13,13 +14,14 @@ from models.weights import export_weights, load_weights, make_logit_scale_1d, re
 
 __all__ = [
     "CONFIG_DIR",
-    "PRECISIONS",
+    "OPEN_CLIP_PRECISIONS",
     "PRESETS",
     "ClipBundle",
     "Preset",
     "build_model",
     "build_transforms",
     "export_weights",
+    "features_of",
     "get_preset",
     "load_weights",
     "make_logit_scale_1d",

@@ -21,7 +21,7 @@ from models.weights import (
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")  # as open_clip.create_model understands them
+OPEN_CLIP_PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")  # as open_clip.create_model understands them
 _REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 
 
@@ -145,8 +145,8 @@ def build_model(
     `preset`: key of PRESETS whose preprocessing the checkpoint needs; None keeps open_clip defaults.
     `seed`: seeds the random init without touching the caller's global RNG state.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
+    if precision not in OPEN_CLIP_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {OPEN_CLIP_PRECISIONS}")
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"weights file not found: {weights}; pass an existing local file or None")
     arch, config = _resolve_architecture(name)
@@ -181,3 +181,10 @@ def build_model(
         tokenizer=open_clip.get_tokenizer(arch),
         model_name=arch,
     )
+
+
+def features_of(out) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image_features, text_features) from an open_clip forward's dict or tuple output."""
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"]
+    return out[0], out[1]

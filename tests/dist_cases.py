@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from engine.distributed import all_reduce_sum, context_from_env, gather_no_grad, init_process_group
-from engine.losses import GlobalContrastiveLoss, MiniBatchContrastiveLoss, SurrogateSpec
+from engine.objectives.contrastive import GlobalContrastiveLoss, MiniBatchContrastiveLoss, SurrogateSpec
 
 LOCAL_BATCH, IN_DIM, DIM = 3, 10, 8
 
@@ -50,7 +50,7 @@ def global_loss_ranks(cases: list) -> dict:
     """Distributed GCL/HGCL on this rank for each (kind, chunk_size); parameter grads averaged
     over ranks as DeepSpeed/DDP do."""
     ctx = context_from_env()
-    init_process_group(ctx, use_deepspeed=False)
+    init_process_group(ctx)
     results = {}
     for kind, chunk_size in cases:
         spec = SurrogateSpec(kind=kind, margin=0.1, tau=0.05, eps=1e-10, chunk_size=chunk_size)
@@ -64,7 +64,7 @@ def global_loss_ranks(cases: list) -> dict:
 def mbcl_ranks() -> dict:
     """Distributed MBCL (open_clip local loss + gather with grad), grads averaged over ranks."""
     ctx = context_from_env()
-    init_process_group(ctx, use_deepspeed=False)
+    init_process_group(ctx)
     enc_img, enc_txt, x, z, *_ = toy_problem(ctx.world_size)
     lo, hi = ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH
     f = F.normalize(enc_img(x[lo:hi]), dim=1)
@@ -81,10 +81,10 @@ def mbcl_ranks() -> dict:
 
 def table_writer(directory: str, num_rows: int, rounds: int) -> dict:
     """Every rank writes its own interleaved rows (row % world == rank) of one shared table, many times."""
-    from engine.table import UTable
+    from engine.objectives.table import UTable
 
     ctx = context_from_env()
-    init_process_group(ctx, use_deepspeed=False)
+    init_process_group(ctx)
     table = UTable.open(directory, dataset_fingerprint="shared")
     mine = torch.arange(ctx.rank, num_rows, ctx.world_size)
     dist.barrier()  # start writing together so the writes overlap in time

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from engine.backends.deepspeed import DeepSpeedBackend
-from engine.distributed import all_reduce_sum, context_from_env, gather_no_grad, init_process_group
-from engine.losses import GlobalContrastiveLoss, SurrogateSpec
+from engine.distributed import all_reduce_sum, context_from_env, gather_no_grad
+from engine.objectives.contrastive import GlobalContrastiveLoss, SurrogateSpec
 from models import build_model, make_logit_scale_1d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def deepspeed_backend(seed: int, config: str, **kwargs) -> DeepSpeedBackend:
 def zero_stage_checks(stage: int, checkpoint_dir: str) -> dict:
     """OSR, a fine-tuning step, reset, save and load on one ZeRO stage; returns what the test asserts on."""
     ctx = context_from_env()
-    init_process_group(ctx, use_deepspeed=True)
+    DeepSpeedBackend.init_distributed(ctx)
     loss_fn = GlobalContrastiveLoss(SPEC, gather=gather_no_grad, reduce_sum=all_reduce_sum,
                                     world_size=ctx.world_size)
     lo, hi = ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH
@@ -125,10 +125,9 @@ def zero_stage_checks(stage: int, checkpoint_dir: str) -> dict:
     out["reset_step_weights"], _ = _gathered(backend)
     out.update(reset_step_count=backend.optimizer_step_count(), reset_step_moments=backend.full_moments())
 
-    client_state = {"global_step": 7, "data": {"epoch": 1, "position": [3, 5]}}
-    backend.save(checkpoint_dir, client_state)
+    backend.save(checkpoint_dir)
     resumed = build(seed=1)
-    out["loaded_client_state"] = resumed.load(checkpoint_dir)
+    resumed.load(checkpoint_dir)
     saved_weights, saved_masters = _gathered(backend)
     loaded_weights, loaded_masters = _gathered(resumed)
     saved_moments, loaded_moments = backend.full_moments(), resumed.full_moments()
@@ -149,14 +148,14 @@ def zero_stage_checks(stage: int, checkpoint_dir: str) -> dict:
     backend.close()
     resumed.close()
     if ctx.rank != 0:  # rank 0 carries the tensors; the others only their own checks
-        out = {k: v for k, v in out.items() if not isinstance(v, dict) or k == "loaded_client_state"}
+        out = {k: v for k, v in out.items() if not isinstance(v, dict)}
     return out
 
 
 def bf16_osr_checks(config: str) -> dict:
     """OSR under bf16 (autocast forward, as the trainer runs it): bf16 weights and fp32 masters untouched."""
     ctx = context_from_env()
-    init_process_group(ctx, use_deepspeed=True)
+    DeepSpeedBackend.init_distributed(ctx)
     loss_fn = GlobalContrastiveLoss(SPEC, gather=gather_no_grad, reduce_sum=all_reduce_sum,
                                     world_size=ctx.world_size)
     lo, hi = ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH
@@ -183,7 +182,7 @@ def reshard_round(stage: int, save_dir: str, load_dir: str | None) -> dict:
     step are run first. Either way the state is then saved to `save_dir`.
     """
     ctx = context_from_env()
-    init_process_group(ctx, use_deepspeed=True)
+    DeepSpeedBackend.init_distributed(ctx)
     backend = deepspeed_backend(0 if load_dir is None else 1, f"zero{stage}.json")
     if load_dir is None:
         loss_fn = GlobalContrastiveLoss(SPEC, gather=gather_no_grad, reduce_sum=all_reduce_sum,
@@ -198,6 +197,6 @@ def reshard_round(stage: int, save_dir: str, load_dir: str | None) -> dict:
     weights, masters = _gathered(backend)
     out = {"weights": weights, "masters": masters, "moments": backend.full_moments(),
            "count": backend.optimizer_step_count()}
-    backend.save(save_dir, {"world_size": ctx.world_size})
+    backend.save(save_dir)
     backend.close()
     return out if ctx.rank == 0 else {}

@@ -9,7 +9,7 @@ import torch
 
 from engine.backends.deepspeed import build_deepspeed_config
 from engine.backends.single import SingleProcessBackend, adamw_param_groups
-from engine.losses import GlobalContrastiveLoss
+from engine.objectives.contrastive import GlobalContrastiveLoss
 from tests.dist_cases_deepspeed import (
     BETAS,
     EPS,
@@ -267,7 +267,6 @@ def test_zero_stage_matches_single_process(stage, tmp_path):
         assert res["osr_count"] == OSR_STEPS and res["finetune_count"] == OSR_STEPS + 1
         assert res["reset_count"] == 0 and res["reset_step_count"] == 1
         # Save -> load into a model built from another seed: everything restored exactly.
-        assert res["loaded_client_state"] == {"global_step": 7, "data": {"epoch": 1, "position": [3, 5]}}
         assert res["loaded_count"] == res["saved_count"] == 1
         assert res["num_moments"] == res["num_loaded_moments"] == len(trained)
         assert res["loaded_differing_weights"] == [] and res["loaded_differing_masters"] == []
@@ -347,8 +346,16 @@ def test_checkpoint_resharded_to_another_world_size_is_exact(tmp_path, stage, ba
     moments and step counter carry over bit for bit."""
     two = run_ranks("tests.dist_cases_deepspeed:reshard_round", world_size=2, stage=stage,
                     save_dir=str(tmp_path / "two"), load_dir=None)[0]
+    # A universal folder found in the checkpoint is never trusted: code planted there must not run.
+    marker = tmp_path / "ran"
+    planted = tmp_path / "two" / "universal"
+    (planted / "zero" / "visual.proj").mkdir(parents=True)
+    torch.save({"x": _Planted(str(marker))}, planted / "mp_rank_00_model_states.pt")
+    torch.save({"param": _Planted(str(marker))}, planted / "zero" / "visual.proj" / "fp32.pt")
+    (planted / "zero" / "optimizer_state.pt").write_bytes((planted / "mp_rank_00_model_states.pt").read_bytes())
     one = run_ranks("tests.dist_cases_deepspeed:reshard_round", world_size=1, stage=stage,
                     save_dir=str(tmp_path / "one"), load_dir=str(tmp_path / "two"))[0]
+    assert not marker.exists()
     assert two["count"] == OSR_STEPS + 1
     _assert_same_full_state(two, one)
     if back_to_two:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from engine.checkpoint import is_complete
 from engine.config import load_config
-from engine.table import UTable
+from engine.objectives.table import UTable
 from engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_crash_during_save_keeps_previous_checkpoint(shards, tmp_path):
         (Path(directory) / "u_table.bin").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    trainer.table.copy_to = broken_copy
+    trainer.normaliser.table.copy_to = broken_copy
     with pytest.raises(OSError, match="No space"):
         trainer.save_checkpoint()
     trainer.close()
@@ -122,7 +122,7 @@ def test_osr_statistics_reused_by_another_run_and_refused_for_another_margin(sha
     osr.tune(finetune=False)
     osr_ckpt = osr.checkpoints.find("latest")
     moments = osr.backend.full_moments()
-    num_seen = osr.table.num_seen()
+    num_seen = osr.normaliser.table.num_seen()
     osr.close()
 
     sweep = job(shards, tmp_path / "lr_sweep")
@@ -132,7 +132,7 @@ def test_osr_statistics_reused_by_another_run_and_refused_for_another_margin(sha
     assert reuse.stage == "finetune" and reuse.backend.optimizer_step_count() == 6
     for name, (m, v) in reuse.backend.full_moments().items():
         assert torch.equal(m, moments[name][0]) and torch.equal(v, moments[name][1])
-    assert reuse.table.num_seen() == num_seen > 0
+    assert reuse.normaliser.table.num_seen() == num_seen > 0
     reuse.close()
 
     other = job(shards, tmp_path / "other_margin")
@@ -162,7 +162,7 @@ def test_non_finite_steps_are_skipped_then_abort(shards, tmp_path):
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite steps"):
         trainer.tune()
     assert trainer.global_step == 0 and trainer.backend.optimizer_step_count() == 0
-    assert trainer.table.num_seen() == 0
+    assert trainer.normaliser.table.num_seen() == 0
     for key, value in model.state_dict().items():
         assert torch.equal(value, w0[key]) or torch.isnan(value).all(), key
     trainer.close()
@@ -194,10 +194,10 @@ def test_fresh_run_refuses_a_folder_with_checkpoints_and_forgets_a_killed_runs_t
     early = Trainer(load_config(base=job(shards, tmp_path / "early", save_every_steps=0)))
     early.cfg.run.max_steps_per_epoch = 1
     early.osr()  # one OSR step, no checkpoint
-    assert early.table.num_seen() > 0 and not early.checkpoints.has_checkpoints()
+    assert early.normaliser.table.num_seen() > 0 and not early.checkpoints.has_checkpoints()
     early.close()
     again = Trainer(load_config(base=job(shards, tmp_path / "early")))
-    assert again.table.num_seen() == 0  # a fresh run starts from an empty table
+    assert again.normaliser.table.num_seen() == 0  # a fresh run starts from an empty table
     again.close()
     # A folder with checkpoints is never silently reused by a fresh run.
     done = Trainer(load_config(base=job(shards, tmp_path / "done")))

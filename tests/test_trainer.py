@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.losses import pairwise_surrogate
-from engine.trainer import Trainer, cosine_lr
+from engine.objectives.contrastive import pairwise_surrogate
+from engine.trainer import Trainer
 
 
 def make_trainer(shards, tmp_path, **sections):
@@ -100,11 +100,11 @@ def test_osr_keeps_weights_and_accumulates_adam_moments(shards, tmp_path):
 
     # Every sample was seen once per OSR epoch and carries a finite estimate.
     rows = torch.arange(trainer.manifest.num_samples)
-    visits = trainer.table.visits(rows)
+    visits = trainer.normaliser.table.visits(rows)
     assert visits.max().item() == 2 and (visits > 0).sum().item() >= num_steps // 2 * 16
-    log_u_x, log_u_z, seen = trainer.table.read(rows[visits > 0])
+    log_u_x, log_u_z, seen = trainer.normaliser.table.read(rows[visits > 0])
     assert torch.isfinite(log_u_x).all() and torch.isfinite(log_u_z).all() and seen.all()
-    assert trainer.table.provenance["surrogate"] == "hgcl"
+    assert trainer.normaliser.table.provenance["surrogate"] == "hgcl"
     trainer.close()
 
 
@@ -148,12 +148,12 @@ def test_ablation_switches_reset_what_they_name(shards, tmp_path):
     trainer = make_trainer(shards, tmp_path / "a", osr={"epochs": 1, "seed_moments": False})
     trainer.osr()
     assert trainer.backend.optimizer_step_count() == 0
-    assert trainer.table.num_seen() > 0
+    assert trainer.normaliser.table.num_seen() > 0
     trainer.close()
     trainer = make_trainer(shards, tmp_path / "b", osr={"epochs": 1, "seed_u": False})
     trainer.osr()
     assert trainer.backend.optimizer_step_count() == trainer.loader.num_batches()
-    assert trainer.table.num_seen() == 0
+    assert trainer.normaliser.table.num_seen() == 0
     trainer.close()
 
 
@@ -166,25 +166,8 @@ def test_methods_run_their_loss_and_update_weights(shards, tmp_path, method, exp
     assert not torch.equal(trainer.backend.model.visual.conv1.weight, w0)
     assert (trainer.out_dir / "final.safetensors").exists()
     uses_table = expected != "mbcl"
-    assert (trainer.table.num_seen() > 0) == uses_table
+    assert (trainer.normaliser.table.num_seen() > 0) == uses_table
     assert trainer.osr_steps == (trainer.loader.num_batches() if method == "tuneclip" else 0)
     # The temperature stays fixed at the checkpoint's value.
     assert math.isclose(1 / trainer.backend.model.logit_scale.exp().item(), trainer.tau, rel_tol=1e-7)
     trainer.close()
-
-
-def test_cosine_lr_schedule():
-    assert cosine_lr(0, base_lr=1.0, total_steps=10, warmup_steps=0) == 1.0
-    assert cosine_lr(5, base_lr=1.0, total_steps=10, warmup_steps=0) == pytest.approx(0.5)
-    assert cosine_lr(0, base_lr=1.0, total_steps=10, warmup_steps=2) == pytest.approx(0.5)
-    assert cosine_lr(10, base_lr=1.0, total_steps=10, warmup_steps=0) == pytest.approx(0.0)
-
-
-def test_config_errors_are_reported_together(shards, tmp_path):
-    with pytest.raises(ValueError) as info:
-        load_config(base={"method": "simclr", "loss": {"margin": -1, "gamma_min": 2.0, "bogus": 1},
-                          "data": {"train": str(shards), "batch_size": 1}})
-    text = str(info.value)
-    for expected in ("method must be one of", "loss.margin", "loss.gamma_min", "unknown key 'loss.bogus'",
-                     "data.batch_size"):
-        assert expected in text

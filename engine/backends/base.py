@@ -1,28 +1,55 @@
-"""The backend interface: what the trainer needs from whoever owns model, optimizer and state."""
+"""The backend interface (what the trainer needs from whoever owns model, optimizer and their state)
+and the helpers every backend shares."""
 
 from __future__ import annotations
 
-from typing import Protocol
+import hashlib
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from engine.config import JobConfig
+    from engine.distributed import DistContext
+
 
 class Backend(Protocol):
-    """Build once; then backward / step per iteration; moments and state for OSR and checkpoints."""
+    """Owns the model and AdamW for one rank: forward, backward, step; moments for OSR; checkpoints.
 
+    Every method that gathers or writes (`full_moments`, `full_state_dict`, `save`, `load`) is
+    collective: call it on every rank.
+    """
+
+    name: ClassVar[str]
+    supports_reshard: ClassVar[bool]  # can `load` a checkpoint written by another number of ranks
+    max_ranks: ClassVar[int | None]  # None: any number of ranks
     model: nn.Module
     device: torch.device
-    input_dtype: torch.dtype  # dtype the model's inputs are cast to
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, model: nn.Module, *, ctx: DistContext, device: torch.device,
+                    micro_batch_size: int) -> Backend:
+        """Wrap `model` with the optimizer settings of `cfg` (its optim and model sections)."""
+
+    @classmethod
+    def init_distributed(cls, ctx: DistContext) -> None:
+        """Join the job's process group the way this backend needs (no-op for one process)."""
 
     def forward(self, images: Tensor, texts: Tensor):
-        """The model's forward on a batch (open_clip CLIP: normalised features)."""
+        """The model's forward on a batch, in this backend's precision (open_clip: normalised features)."""
 
     def backward(self, loss: Tensor) -> None:
-        """Accumulate the gradient of `loss` (already the global-batch objective of this rank)."""
+        """Accumulate the gradient of `loss` (this rank's share of the global objective)."""
 
     def step(self, *, lr: float, grad_clip: float = 0.0) -> float:
-        """One AdamW step at learning rate `lr` (0 in OSR: weights stay bit-identical); returns grad norm."""
+        """One AdamW step at `lr` (0 in OSR: weights stay unchanged); returns the global grad norm."""
+
+    def zero_grad(self) -> None:
+        """Drop accumulated gradients (a skipped step)."""
 
     def reset_optimizer_state(self) -> None:
         """Forget AdamW's moments and step counter (the 'no seeding' ablation)."""
@@ -31,22 +58,47 @@ class Backend(Protocol):
         """AdamW's step counter t (bias correction uses t)."""
 
     def full_moments(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Parameter name -> (exp_avg, exp_avg_sq), full (unsharded) tensors on CPU."""
+        """Parameter name -> (exp_avg, exp_avg_sq), complete tensors on CPU."""
 
-    def save(self, directory, *, client_state: dict) -> None:
-        """Write model and optimizer state into `directory` (collective; each rank its own part)."""
+    def save(self, directory: Path) -> None:
+        """Write model and optimizer state into `directory` (each rank its own part)."""
 
-    def load(self, directory) -> dict:
-        """Restore what `save` wrote; returns its client_state."""
+    def load(self, directory: Path, *, reshard: bool = False) -> None:
+        """Restore what `save` wrote; `reshard`: it was written by another number of ranks."""
 
     def weights_digest(self) -> str:
         """A digest of this rank's weights (model and master copies): equal iff bit-identical."""
 
-    def full_weights(self):
-        """Context manager in which `model` holds complete (gathered) weights, e.g. for evaluation."""
+    def full_weights(self) -> AbstractContextManager:
+        """Context in which `model` holds complete (gathered) weights, e.g. for evaluation."""
 
-    def full_state_dict(self) -> dict:
-        """Complete model state dict, valid on rank 0 (collective call on every rank)."""
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The complete model state dict on every rank."""
 
     def close(self) -> None:
-        """Release what the backend holds (engines, process-group resources)."""
+        """Release what the backend holds (engines, buffers); the process group stays."""
+
+
+def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; exempt biases, norms, embeddings' gains and scalars (open_clip's rule)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exempt else decay).append(param)
+    return [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+
+
+def tensors_digest(tensors: Iterable[Tensor], *, names: Iterable[str] | None = None) -> str:
+    """sha256 over the bytes of `tensors` (and their `names`, when given), in order."""
+    digest = hashlib.sha256()
+    names = iter(names) if names is not None else None
+    for tensor in tensors:
+        if names is not None:
+            digest.update(next(names).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

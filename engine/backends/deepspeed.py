@@ -11,29 +11,35 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
+import glob
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engine.backends.single import adamw_param_groups
+from engine.backends.base import adamw_param_groups, tensors_digest
+from engine.config import PRECISIONS
 from models.weights import make_logit_scale_1d
+
+if TYPE_CHECKING:
+    from engine.config import JobConfig
+    from engine.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
 ZERO_STAGES = (1, 2, 3)
-PRECISIONS = ("fp32", "bf16")
-CHECKPOINT_TAG = "deepspeed"
-UNIVERSAL_TAG = "universal"  # the same checkpoint converted for another world size  # one DeepSpeed checkpoint per directory; the trainer names the directories
+DEFAULT_ZERO_CONFIG = Path(__file__).resolve().parents[2] / "zero_configs" / "zero2.json"
+CHECKPOINT_TAG = "deepspeed"  # one DeepSpeed checkpoint per directory; the checkpoint manager names them
+UNIVERSAL_TAG = "universal"  # the same checkpoint converted for another world size
+SHM_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
 _ADAM_TYPES = ("adamw", "adam")
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
-_CLIENT_STATE_KEY = "engine_client_state"
 ENCODER_METHODS = ("encode_image", "encode_text")  # run through the engine (see _EngineRoutedEncoders)
 
 
@@ -158,10 +164,13 @@ class DeepSpeedBackend:
     """Model + AdamW under DeepSpeed ZeRO 1/2/3; implements `engine.backends.base.Backend`.
 
     `model` is the unwrapped module (call `encode_image` / `encode_text` on it); `engine` is the
-    DeepSpeed engine. Checkpoints go through `save` / `load` (each rank writes its own partition)
-    instead of the protocol's in-memory `state_dict`. Every method that gathers or writes
-    (`full_moments`, `save`, `load`) is collective: call it on every rank.
+    DeepSpeed engine. Checkpoints go through `save` / `load` (each rank writes its own partition).
+    Every method that gathers or writes (`full_moments`, `save`, `load`) is collective.
     """
+
+    name: ClassVar[str] = "deepspeed"
+    supports_reshard: ClassVar[bool] = True  # through DeepSpeed's universal checkpoint
+    max_ranks: ClassVar[int | None] = None
 
     def __init__(self, model: nn.Module, *, device: torch.device, zero_config: str | os.PathLike | dict,
                  micro_batch_size: int, betas: tuple[float, float], weight_decay: float, eps: float,
@@ -182,22 +191,38 @@ class DeepSpeedBackend:
         self.zero_stage = int(config["zero_optimization"]["stage"])
         self._trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._encoders = _EngineRoutedEncoders(self.engine, self.model, ENCODER_METHODS)
-        self.input_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.input_dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # DeepSpeed holds bf16 weights
         logger.info("DeepSpeed ZeRO-%d, %s, %d rank(s), micro batch %d", self.zero_stage, precision,
                     world_size, micro_batch_size)
 
+    @classmethod
+    def from_config(cls, cfg: JobConfig, model: nn.Module, *, ctx: DistContext, device: torch.device,
+                    micro_batch_size: int) -> DeepSpeedBackend:
+        """ZeRO settings from run.zero_config (default zero_configs/zero2.json), AdamW from the optim section."""
+        ocfg = cfg.optim
+        return cls(model, device=device, zero_config=cfg.run.zero_config or DEFAULT_ZERO_CONFIG,
+                   micro_batch_size=micro_batch_size, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
+                   eps=ocfg.eps, grad_clip=ocfg.grad_clip, precision=cfg.model.precision)
+
+    @classmethod
+    def init_distributed(cls, ctx: DistContext) -> None:
+        """DeepSpeed's own process-group set-up (nccl on GPUs, gloo on CPU); no-op for one process."""
+        if not ctx.distributed or dist.is_initialized():
+            return
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
     def forward(self, images: Tensor, texts: Tensor):
         """The model's forward as one engine forward (DeepSpeed's per-forward bookkeeping included)."""
-        return self.engine(images, texts)
+        images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
+        return self.engine(images, texts.to(self.device, non_blocking=True))
 
     def weights_digest(self) -> str:
         """sha256 of this rank's model parameters (its ZeRO-3 slices) and fp32 master partitions."""
-        digest = hashlib.sha256()
         tensors = [getattr(p, "ds_tensor", p) for p in self.model.parameters()]
         tensors += [p for group in self._adam.param_groups for p in group["params"]]
-        for tensor in tensors:
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return tensors_digest(tensors)
 
     def full_weights(self):
         """Context in which every rank's module holds the complete weights (ZeRO-3 gathers them)."""
@@ -261,17 +286,16 @@ class DeepSpeedBackend:
             out[name] = (exp_avg.detach().float().cpu().clone(), exp_avg_sq.detach().float().cpu().clone())
         return out
 
-    def save(self, directory: str | os.PathLike, client_state: dict) -> None:
-        """Write this rank's partition of weights and optimizer state, plus `client_state`, to `directory`."""
-        # Nested under one key: DeepSpeed merges client_state into its own checkpoint dict.
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG,
-                                    client_state={_CLIENT_STATE_KEY: client_state}, save_latest=False)
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write this rank's partition of weights and optimizer state to `directory`."""
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
 
-    def load(self, directory: str | os.PathLike, *, reshard: bool = False) -> dict:
-        """Restore weights, moments and step counter written by `save`; returns its `client_state`.
+    def load(self, directory: str | os.PathLike, *, reshard: bool = False) -> None:
+        """Restore weights, moments and step counter written by `save`.
 
-        `reshard=True` (the checkpoint was written by another number of ranks) converts it once to
-        DeepSpeed's universal format (rank 0, inside the checkpoint folder) and loads that.
+        `reshard=True` (the checkpoint was written by another number of ranks) converts it to
+        DeepSpeed's universal format (rank 0, into a fresh folder inside the checkpoint) and loads
+        that. Every pickle DeepSpeed will read, converted ones included, is vetted first.
         """
         directory = Path(directory)
         tag = CHECKPOINT_TAG
@@ -280,22 +304,24 @@ class DeepSpeedBackend:
         dist.barrier()
         if reshard:
             tag = UNIVERSAL_TAG
-            if dist.get_rank() == 0 and not (directory / UNIVERSAL_TAG / "zero").is_dir():
+            if dist.get_rank() == 0:
+                # Never trust a universal folder found on disk: it is rebuilt from the vetted files.
                 _convert_to_universal(directory / CHECKPOINT_TAG, directory / UNIVERSAL_TAG)
+                refuse_unsafe_pickles(directory / UNIVERSAL_TAG)
             dist.barrier()
             self.engine._config.load_universal_checkpoint = True
         try:
-            path, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
+            path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
         finally:
             self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' in {directory}")
-        return client_state[_CLIENT_STATE_KEY]
 
     def close(self) -> None:
-        """Release DeepSpeed's hooks and buffers; the process group stays (the caller owns it)."""
+        """Release DeepSpeed's hooks, engine and this rank's CPU shared-memory buffer."""
         self._encoders.remove()
         self.engine.destroy()
+        remove_shm_buffer()
 
 
 def _safe_deepspeed_globals() -> list:
@@ -322,7 +348,7 @@ def refuse_unsafe_pickles(folder: Path) -> None:
 
 
 def _convert_to_universal(source: Path, target: Path) -> None:
-    """DeepSpeed's own converter (ds_to_universal), into a staging folder renamed when complete."""
+    """DeepSpeed's own converter (ds_to_universal) into a staging folder that replaces `target`."""
     from argparse import Namespace
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
@@ -333,7 +359,25 @@ def _convert_to_universal(source: Path, target: Path) -> None:
     ds_to_universal(Namespace(input_folder=str(source), output_folder=str(staging), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True))
+    shutil.rmtree(target, ignore_errors=True)  # whatever was there is replaced, never loaded
     os.replace(staging, target)
+
+
+def shm_buffers(master_port: str | int | None = None) -> list[str]:
+    """DeepSpeed's CPU all-reduce shared-memory files (of one master port, or all)."""
+    pattern = f"{SHM_PREFIX}*" if master_port is None else f"{SHM_PREFIX}*_{master_port}_*"
+    return sorted(glob.glob(pattern))
+
+
+def remove_shm_buffer() -> None:
+    """Remove this rank's DeepSpeed CPU all-reduce buffer (DeepSpeed never deletes it)."""
+    port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK", "0")
+    if port is None:
+        return
+    for path in shm_buffers(port):
+        if path.endswith(f"_{port}_{rank}"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 class _EngineRoutedEncoders:

@@ -1,46 +1,58 @@
-"""Single-process backend: the model on one device with torch AdamW."""
+"""Single-process backend: the model on one device with torch AdamW (bf16 through autocast)."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from engine.backends.base import adamw_param_groups, tensors_digest
 
-def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; exempt biases, norms, embeddings' gains and scalars (open_clip's rule)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if exempt else decay).append(param)
-    return [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": weight_decay},
-    ]
+if TYPE_CHECKING:
+    from engine.config import JobConfig
+    from engine.distributed import DistContext
 
 
 class SingleProcessBackend:
     """Model + torch AdamW on one device; implements `engine.backends.base.Backend`."""
 
+    name: ClassVar[str] = "single"
+    supports_reshard: ClassVar[bool] = False
+    max_ranks: ClassVar[int | None] = 1
+
     def __init__(self, model: nn.Module, *, device: torch.device, betas: tuple[float, float],
-                 weight_decay: float, eps: float):
+                 weight_decay: float, eps: float, precision: str = "fp32"):
         self.model = model.to(device)
         self.device = device
         self.optimizer = torch.optim.AdamW(
             adamw_param_groups(self.model, weight_decay), lr=0.0, betas=betas, eps=eps
         )
         self._names = {id(p): n for n, p in self.model.named_parameters()}
-        self.input_dtype = torch.float32  # bf16 runs under autocast with fp32 weights
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None  # fp32 weights either way
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, model: nn.Module, *, ctx: DistContext, device: torch.device,
+                    micro_batch_size: int) -> SingleProcessBackend:
+        ocfg = cfg.optim
+        return cls(model, device=device, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay, eps=ocfg.eps,
+                   precision=cfg.model.precision)
+
+    @classmethod
+    def init_distributed(cls, ctx: DistContext) -> None:
+        """One process: no process group."""
 
     def forward(self, images: Tensor, texts: Tensor):
-        """The model's own forward (normalised image and text features)."""
-        return self.model(images, texts)
+        """The model's own forward (normalised image and text features), under bf16 autocast if asked."""
+        images = images.to(self.device, dtype=torch.float32, non_blocking=True)
+        texts = texts.to(self.device, non_blocking=True)
+        if self.autocast_dtype is None:
+            return self.model(images, texts)
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+            return self.model(images, texts)
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()
@@ -74,33 +86,31 @@ class SingleProcessBackend:
             out[self._names[id(param)]] = (state["exp_avg"].detach().cpu(), state["exp_avg_sq"].detach().cpu())
         return out
 
-    def save(self, directory: Path, *, client_state: dict) -> None:
+    def save(self, directory: Path) -> None:
         """Model weights (safetensors) and AdamW state (tensors only) into `directory`."""
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                   directory / "model.safetensors")
-        torch.save({"optimizer": self.optimizer.state_dict(), "client_state": client_state}, directory / "optim.pt")
+        torch.save({"optimizer": self.optimizer.state_dict()}, directory / "optim.pt")
 
-    def load(self, directory: Path) -> dict:
+    def load(self, directory: Path, *, reshard: bool = False) -> None:
         """Restore what `save` wrote (no pickled code is executed: weights_only loading)."""
+        if reshard:
+            raise ValueError("run.backend=single cannot load a checkpoint written by several ranks")
         self.model.load_state_dict(load_file(directory / "model.safetensors", device=str(self.device)))
         state = torch.load(directory / "optim.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
-        return state["client_state"]
 
     def weights_digest(self) -> str:
-        """sha256 over every parameter's bytes (OSR must leave it unchanged)."""
-        digest = hashlib.sha256()
-        for name, param in self.model.named_parameters():
-            digest.update(name.encode())
-            digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        """sha256 over every parameter's name and bytes (OSR must leave it unchanged)."""
+        names, params = zip(*self.model.named_parameters())
+        return tensors_digest(params, names=names)
 
     def full_weights(self):
         """Context in which `model` holds its full weights (always true here)."""
         return contextlib.nullcontext()
 
-    def full_state_dict(self) -> dict:
+    def full_state_dict(self) -> dict[str, Tensor]:
         """The model's complete state dict (for export)."""
         return self.model.state_dict()
 

@@ -1,6 +1,5 @@
 """u table: round trip, first-visit semantics, out-of-RAM opening, provenance checks."""
 
-import math
 import subprocess
 import sys
 import textwrap
@@ -8,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from engine.table import UTable, gamma_at_epoch
+from engine.objectives.table import UTable
 
 
 def test_round_trip_and_visits(tmp_path):
@@ -57,7 +56,7 @@ def test_hundred_million_rows_stay_out_of_ram(tmp_path):
     script = textwrap.dedent(
         f"""
         import torch
-        from engine.table import UTable
+        from engine.objectives.table import UTable
         def rss_mb():
             for line in open("/proc/self/status"):
                 if line.startswith("RssAnon"):
@@ -80,19 +79,6 @@ def test_hundred_million_rows_stay_out_of_ram(tmp_path):
     # Sparse on disk: only the touched pages are allocated.
     allocated = (tmp_path / "big" / "u_table.bin").stat().st_blocks * 512
     assert allocated < 100 * 2**20
-
-
-def test_gamma_schedule():
-    assert gamma_at_epoch(0, gamma_min=0.9, decay_epochs=4) == 1.0
-    assert gamma_at_epoch(2, gamma_min=0.9, decay_epochs=4) == pytest.approx(0.95)
-    assert gamma_at_epoch(1, gamma_min=0.9, decay_epochs=4) == pytest.approx(
-        0.9 + 0.1 * 0.5 * (1 + math.cos(math.pi / 4))
-    )
-    assert gamma_at_epoch(4, gamma_min=0.9, decay_epochs=4) == 0.9
-    assert gamma_at_epoch(9, gamma_min=0.9, decay_epochs=4) == 0.9
-    assert gamma_at_epoch(0, gamma_min=0.5, decay_epochs=0) == 0.5
-    with pytest.raises(ValueError, match="gamma_min"):
-        gamma_at_epoch(0, gamma_min=1.5, decay_epochs=4)
 
 
 def test_concurrent_ranks_write_their_own_rows_without_corruption(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.losses import GlobalContrastiveLoss, MiniBatchContrastiveLoss, SurrogateSpec
+from engine.objectives.contrastive import GlobalContrastiveLoss, MiniBatchContrastiveLoss, SurrogateSpec
 from tests.dist_cases import LOCAL_BATCH, toy_problem
 from tests.harness import run_ranks
 

@@ -15,7 +15,6 @@ Layout of a table directory:
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -23,28 +22,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from engine.io import write_json_atomic
+
 ROW_DTYPE = np.dtype([("log_u_x", "<f4"), ("log_u_z", "<f4"), ("visits", "<u4")])
 DATA_FILE = "u_table.bin"
 HEADER_FILE = "u_table.json"
 FORMAT_VERSION = 1
-
-
-def gamma_at_epoch(epoch: int, *, gamma_min: float, decay_epochs: int) -> float:
-    """gamma_t: cosine from 1.0 at epoch 0 down to gamma_min at `decay_epochs`, then constant."""
-    if not 0.0 < gamma_min <= 1.0:
-        raise ValueError(f"gamma_min must be in (0, 1], got {gamma_min}")
-    if decay_epochs <= 0 or epoch >= decay_epochs:
-        return gamma_min
-    return gamma_min + (1.0 - gamma_min) * 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs))
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def sparse_copy(src: Path, dst: Path, *, block: int = 1 << 24) -> None:
@@ -94,7 +77,7 @@ class UTable:
             "dataset_fingerprint": dataset_fingerprint,
             "provenance": provenance or {},
         }
-        _write_json_atomic(directory / HEADER_FILE, header)
+        write_json_atomic(directory / HEADER_FILE, header)
         return cls(directory, header)
 
     @classmethod
@@ -132,7 +115,7 @@ class UTable:
         """Record what computed the statistics (loss, margin, tau, eps, ...); `write` on one rank only."""
         self.header["provenance"] = dict(provenance)
         if write:
-            _write_json_atomic(self.directory / HEADER_FILE, self.header)
+            write_json_atomic(self.directory / HEADER_FILE, self.header)
 
     def _indices(self, rows: Tensor) -> np.ndarray:
         idx = rows.detach().cpu().numpy().astype(np.int64, copy=False)
@@ -188,7 +171,7 @@ class UTable:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         sparse_copy(self.directory / DATA_FILE, directory / DATA_FILE)
-        _write_json_atomic(directory / HEADER_FILE, self.header)
+        write_json_atomic(directory / HEADER_FILE, self.header)
         return UTable(directory, dict(self.header))
 
     def close(self) -> None:

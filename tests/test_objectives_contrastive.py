@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.losses import (
+from engine.objectives.contrastive import (
     GlobalContrastiveLoss,
     MiniBatchContrastiveLoss,
     SurrogateSpec,

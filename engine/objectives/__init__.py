@@ -1,0 +1,121 @@
+"""Objectives: what a training step minimises, as named terms.
+
+An objective is called on this rank's features and batch and returns a dict. Every entry whose key
+ends in `_loss` is a term: a scalar tensor whose value is the term's global value (all ranks'
+batches) and whose gradient is this rank's share of the term's gradient, so the trainer
+back-propagates `sum(terms)` and logs each. Other entries are detached diagnostics (global values)
+logged by name. `after_step()` / `skip_step()` tell the objective whether the optimizer step was
+taken, so state it updates (a normaliser's estimates) changes only with the weights.
+
+`build_objective(kind, ...)` is the registry: `mbcl` (OpenCLIP), `gcl` (FastCLIP), `hgcl` (TuneCLIP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from torch import Tensor
+
+from engine.objectives.contrastive import (
+    GlobalContrastiveLoss,
+    MiniBatchContrastiveLoss,
+    SurrogateSpec,
+)
+from engine.objectives.normaliser import Normaliser
+
+TERM_SUFFIX = "_loss"
+
+
+class Objective(Protocol):
+    """Named terms of one step; told afterwards whether the step was taken."""
+
+    def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor) -> dict[str, Tensor]:
+        """Terms (`*_loss`) and diagnostics of the global batch; `rows` are this rank's sample ids."""
+
+    def after_step(self) -> None:
+        """The optimizer step was taken: keep what this step updated."""
+
+    def skip_step(self) -> None:
+        """The step was skipped (non-finite values): forget what this step updated."""
+
+
+def total_loss(out: dict[str, Tensor]) -> Tensor:
+    """The sum of an objective's `*_loss` terms (what is back-propagated)."""
+    return sum(value for key, value in out.items() if key.endswith(TERM_SUFFIX))
+
+
+class MiniBatchObjective:
+    """OpenCLIP's mini-batch contrastive loss (MBCL) over the global batch: term `contrastive_loss`."""
+
+    def __init__(self, *, tau: float, rank: int, world_size: int, reduce_sum: Callable[[Tensor], Tensor]):
+        self.loss = MiniBatchContrastiveLoss(tau=tau, rank=rank, world_size=world_size, reduce_sum=reduce_sum)
+
+    def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor) -> dict[str, Tensor]:
+        out = self.loss(image_features, text_features, output_dict=True)
+        # Value of the global batch, gradient of this rank's local loss.
+        term = out["loss"] + (out["loss_value"] - out["loss"]).detach()
+        return {"contrastive_loss": term, "batch_loss_value": out["batch_loss_value"]}
+
+    def after_step(self) -> None:
+        """Nothing is carried between steps."""
+
+    def skip_step(self) -> None:
+        """Nothing is carried between steps."""
+
+
+class GlobalContrastiveObjective:
+    """GCL / HGCL with per-sample normalisers (SogCLR): term `contrastive_loss`.
+
+    The normaliser gives the prior estimates and gamma_t; the updated estimates are stored only
+    after the optimizer step is taken.
+    """
+
+    def __init__(self, spec: SurrogateSpec, normaliser: Normaliser, *, offset: int,
+                 gather: Callable[[Tensor], Tensor], reduce_sum: Callable[[Tensor], Tensor], world_size: int):
+        self.loss = GlobalContrastiveLoss(spec, gather=gather, reduce_sum=reduce_sum, world_size=world_size)
+        self.normaliser = normaliser
+        self.offset = offset  # this rank's first index in the global batch
+
+    def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor) -> dict[str, Tensor]:
+        prior = self.normaliser.prior(rows, device=image_features.device)
+        out = self.loss(image_features, text_features, log_u_x=prior.log_u_x, log_u_z=prior.log_u_z,
+                        seen=prior.seen, gamma=self.normaliser.gamma(), offset=self.offset, output_dict=True)
+        self.normaliser.stage(rows, out["log_u_x"], out["log_u_z"])
+        # loss_value is summed over ranks, and a non-finite feature or u row on any rank makes it
+        # non-finite: the term's value carries that to every rank.
+        return {"contrastive_loss": out["loss"], "batch_loss_value": out["batch_loss_value"]}
+
+    def after_step(self) -> None:
+        self.normaliser.commit()
+
+    def skip_step(self) -> None:
+        self.normaliser.discard()
+
+
+def _mbcl(*, tau: float, rank: int, world_size: int, reduce_sum, **_) -> Objective:
+    return MiniBatchObjective(tau=tau, rank=rank, world_size=world_size, reduce_sum=reduce_sum)
+
+
+def _global(kind: str):
+    def build(*, tau: float, margin: float, eps: float, chunk_size: int, normaliser: Normaliser, rank: int,
+              world_size: int, local_batch: int, gather, reduce_sum) -> Objective:
+        spec = SurrogateSpec(kind=kind, margin=margin, tau=tau, eps=eps, chunk_size=chunk_size)
+        return GlobalContrastiveObjective(spec, normaliser, offset=rank * local_batch, gather=gather,
+                                          reduce_sum=reduce_sum, world_size=world_size)
+
+    return build
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {"mbcl": _mbcl, "gcl": _global("gcl"), "hgcl": _global("hgcl")}
+
+
+def build_objective(kind: str, *, tau: float, margin: float, eps: float, chunk_size: int,
+                    normaliser: Normaliser, rank: int, world_size: int, local_batch: int,
+                    gather: Callable[[Tensor], Tensor], reduce_sum: Callable[[Tensor], Tensor]) -> Objective:
+    """The objective registered as `kind` (`mbcl`, `gcl`, `hgcl`) for this rank of the job."""
+    if kind not in OBJECTIVES:
+        raise ValueError(f"unknown objective {kind!r}; registered: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[kind](tau=tau, margin=margin, eps=eps, chunk_size=chunk_size, normaliser=normaliser,
+                            rank=rank, world_size=world_size, local_batch=local_batch, gather=gather,
+                            reduce_sum=reduce_sum)

@@ -1,0 +1,168 @@
+"""Per-sample normalisers: the u estimates a global contrastive objective divides by.
+
+`Normaliser` is what an objective needs from them: the prior estimates of a batch's samples, the
+moving-average weight gamma_t, and a place to put the updated estimates once the optimizer step
+they served has been taken. `TableNormaliser` keeps one (log u_x, log u_z) row per training sample
+in the memory-mapped `UTable` (SogCLR); a learned normaliser (NeuCLIP) is the next implementation.
+Everything that must survive a restart goes through `state_dict` (small, JSON) and `save`/`load`
+(the rows, into a checkpoint folder).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from engine.distributed import DistContext, barrier
+from engine.objectives.table import UTable
+from engine.schedules import gamma_at_epoch
+
+
+class Prior(NamedTuple):
+    """Estimates of a batch's anchors before this step: log u_x, log u_z and whether each was seen."""
+
+    log_u_x: Tensor
+    log_u_z: Tensor
+    seen: Tensor
+
+
+class Normaliser(Protocol):
+    """What a global contrastive objective reads and updates, and what a checkpoint keeps."""
+
+    def prior(self, rows: Tensor, *, device: torch.device) -> Prior:
+        """The current estimates of samples `rows` ([b] int64, global sample ids)."""
+
+    def gamma(self) -> float:
+        """The moving-average weight gamma_t of this epoch (paper eq. 3)."""
+
+    def stage(self, rows: Tensor, log_u_x: Tensor, log_u_z: Tensor) -> None:
+        """Hold this step's updated estimates until `commit` (a skipped step discards them)."""
+
+    def commit(self) -> None:
+        """Store the staged estimates: the optimizer step they belong to was taken."""
+
+    def discard(self) -> None:
+        """Drop the staged estimates: the step was skipped."""
+
+    def end_epoch(self) -> None:
+        """One more epoch of updates (advances gamma_t's schedule)."""
+
+    def reset(self) -> None:
+        """Forget every estimate and restart gamma_t (the 'no seeding of u' ablation). Collective."""
+
+    def set_provenance(self, provenance: dict) -> None:
+        """Record what computed the estimates (loss, margin, tau, eps, OSR steps). Collective."""
+
+    def state_dict(self) -> dict:
+        """Small JSON state (schedule position)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`."""
+
+    def save(self, directory: Path) -> None:
+        """Write the estimates into checkpoint folder `directory` (collective)."""
+
+    def load(self, directory: Path, *, reshard: bool = False) -> None:
+        """Replace the live estimates by those `save` wrote, by any number of ranks (collective)."""
+
+    def close(self) -> None:
+        """Flush and release files."""
+
+
+class TableNormaliser:
+    """SogCLR's per-sample estimators, one memory-mapped row per training sample.
+
+    The live table is `<live_dir>` (shared by the ranks of one machine through the page cache);
+    rank 0 creates, copies and resets it, every rank reads and writes the rows of its own samples.
+    """
+
+    def __init__(self, live_dir: Path, *, num_rows: int, dataset_fingerprint: str, ctx: DistContext,
+                 gamma_min: float, gamma_decay_epochs: int, fresh: bool):
+        self.live_dir = Path(live_dir)
+        self.num_rows = num_rows
+        self.fingerprint = dataset_fingerprint
+        self.ctx = ctx
+        self.gamma_min = gamma_min
+        self.gamma_decay_epochs = gamma_decay_epochs
+        self.epochs = 0  # epochs the estimates have been updated for (drives gamma_t)
+        self._staged: tuple[Tensor, Tensor, Tensor] | None = None
+        # A fresh run starts from an empty table, even over the leftovers of a run killed before
+        # its first checkpoint.
+        if ctx.is_main and (fresh or not (self.live_dir / "u_table.json").exists()):
+            UTable.create(self.live_dir, num_rows=num_rows, dataset_fingerprint=dataset_fingerprint).close()
+        barrier()
+        self.table = UTable.open(self.live_dir, dataset_fingerprint=dataset_fingerprint)
+
+    def prior(self, rows: Tensor, *, device: torch.device) -> Prior:
+        return Prior(*self.table.read(rows, device=device))
+
+    def gamma(self) -> float:
+        return gamma_at_epoch(self.epochs, gamma_min=self.gamma_min, decay_epochs=self.gamma_decay_epochs)
+
+    def stage(self, rows: Tensor, log_u_x: Tensor, log_u_z: Tensor) -> None:
+        self._staged = (rows, log_u_x, log_u_z)
+
+    def commit(self) -> None:
+        if self._staged is not None:
+            self.table.write(*self._staged)
+            self._staged = None
+
+    def discard(self) -> None:
+        self._staged = None
+
+    def end_epoch(self) -> None:
+        self.epochs += 1
+
+    def flush(self) -> None:
+        """Write this rank's dirty rows to the file."""
+        self.table.flush()
+
+    def num_seen(self) -> int:
+        """Samples with an estimate."""
+        return self.table.num_seen()
+
+    def reset(self) -> None:
+        barrier()
+        if self.ctx.is_main:  # the file is shared: one rank empties it, the others see zeros
+            self.table.reset()
+        barrier()
+        self.epochs = 0
+
+    def set_provenance(self, provenance: dict) -> None:
+        self.table.set_provenance(provenance, write=self.ctx.is_main)
+
+    @property
+    def provenance(self) -> dict:
+        return self.table.provenance
+
+    def state_dict(self) -> dict:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs = int(state["epochs"])
+
+    def save(self, directory: Path) -> None:
+        self.table.flush()
+        barrier()  # every rank's rows are on disk before the copy
+        if self.ctx.is_main:
+            self.table.copy_to(directory).close()
+        barrier()
+
+    def load(self, directory: Path, *, reshard: bool = False) -> None:
+        # Rows are keyed by sample, not by rank: nothing to reshard. Every rank checks the snapshot
+        # (another dataset, truncated) before the live table is touched.
+        snapshot = UTable.open(directory, dataset_fingerprint=self.fingerprint, readonly=True)
+        self.table.close()
+        if self.ctx.is_main:
+            shutil.rmtree(self.live_dir, ignore_errors=True)
+            snapshot.copy_to(self.live_dir).close()
+        snapshot.close()
+        barrier()
+        self.table = UTable.open(self.live_dir, dataset_fingerprint=self.fingerprint)
+
+    def close(self) -> None:
+        self.table.close()
