@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from engine.checkpoint import COMPLETE, LATEST, is_complete
 from engine.objectives.table import UTable
-from engine.shards import build_shards
+from engine.data.build import build_shards
 from engine.synthetic import render_pairs
 
 NUM_SAMPLES = 64

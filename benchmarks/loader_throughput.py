@@ -5,7 +5,7 @@ tiny model ("tiny-vit") trains on alone: loader(2 workers) / model step >= 1.0, 
 the bottleneck. Exit status 1 when missed.
 
 Data: synthetic image-caption pairs (engine.synthetic) rendered at --image-size pixels, written as JPEG
-webdataset shards (engine.shards.build_shards) as img2dataset would store them. The loader runs the
+webdataset shards (engine.data.build.build_shards) as img2dataset would store them. The loader runs the
 tiny model's own training transform (random resized crop to 32 px, normalisation) and tokenizer, with
 its seeded shard shuffle and shuffle buffer. One measurement = one full epoch, worker start-up included
 (every epoch pays it). Next to samples/s the table shows CPU milliseconds per sample (this process
@@ -40,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from engine.data import ShardLoader
-from engine.shards import build_shards
+from engine.data.build import build_shards
 from engine.synthetic import render_pairs
 from models import build_model
 

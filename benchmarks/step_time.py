@@ -213,7 +213,7 @@ def rank_case(model: str, batch: int, warmup: int, rounds: int, shards: str, out
 
 
 def make_shards(root: Path) -> str:
-    from engine.shards import build_shards
+    from engine.data.build import build_shards
     from engine.synthetic import render_pairs
 
     csv = render_pairs(root / "raw", num_samples=NUM_SAMPLES, seed=0, split_name="train")

@@ -192,7 +192,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _shards(args: argparse.Namespace) -> int:
     if args.shards_command == "build":
-        from engine.shards import build_shards
+        from engine.data.build import build_shards
 
         manifest, report = build_shards(args.source, args.out_dir, samples_per_shard=args.samples_per_shard)
         print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {args.out_dir}")
@@ -200,7 +200,7 @@ def _shards(args: argparse.Namespace) -> int:
             print(f"skipped {report['num_skipped']}: {json.dumps(report['skipped_by_reason'])}")
         return 0
     if args.shards_command == "check":
-        from engine.shards import check_shards
+        from engine.data.check import check_shards
 
         report = check_shards(args.shards, min_size=args.min_size, num_workers=args.workers, progress=True)
         print(report.table())
@@ -209,7 +209,7 @@ def _shards(args: argparse.Namespace) -> int:
             print(f"{len(broken)} broken shard(s): {', '.join(shard.path for shard in broken[:5])}"
                   + (" ..." if len(broken) > 5 else ""))
         return 1 if broken else 0
-    from engine.manifest import index_shards
+    from engine.data.sources import index_shards
 
     manifest = index_shards(args.shards, read_tars=args.read_tars, num_workers=args.workers)
     print(f"indexed {manifest.num_shards} shards, {manifest.num_samples} samples")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from engine.config import load_config
-from engine.shards import build_shards
+from engine.data.build import build_shards
 from engine.synthetic import render_pairs, render_retrieval_task, render_zeroshot_task
 from engine.trainer import Trainer
 

@@ -37,7 +37,7 @@ def transform():
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
     """48 synthetic pairs in uneven shards (20, 20, 8), for trainer and resume tests."""
-    from engine.shards import build_shards
+    from engine.data.build import build_shards
     from engine.synthetic import render_pairs
 
     root = tmp_path_factory.mktemp("pairs48")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.objectives.table import UTable
-from engine.shards import build_shards
+from engine.data.build import build_shards
 from engine.synthetic import render_pairs
 from models import register_shipped_configs
 from tests.harness import free_port

@@ -1,3 +1,5 @@
+"""ShardLoader epochs: every sample once, the split over ranks and workers, skipped and broken samples."""
+
 import io
 import re
 import tarfile
@@ -8,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.data import Batch, ShardLoader, SkipRecord, shard_order, slot_shards
-from engine.manifest import COUNT_FROM_STATS, Manifest, ShardEntry, build_manifest
+from engine.data import Batch, Manifest, ShardEntry, ShardLoader, SkipRecord
+from engine.data.manifest import COUNT_FROM_STATS
+from engine.data.plan import shard_order, slot_shards
+from engine.data.sources import build_manifest
 
 
 def red_of(row: int) -> int:

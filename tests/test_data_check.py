@@ -1,6 +1,7 @@
+"""`shards check`: every planted defect found, broken shards flagged, the CLI's exit code."""
+
 import io
 import json
-import logging
 import re
 import tarfile
 from pathlib import Path
@@ -9,8 +10,8 @@ import pytest
 from PIL import Image
 
 from engine.cli import main as cli_main
-from engine.manifest import Manifest, build_manifest
-from engine.shards import build_shards, check_shard, check_shards
+from engine.data.check import check_shard, check_shards
+from engine.data.sources import build_manifest
 from tests.conftest import write_tar
 
 
@@ -24,148 +25,6 @@ def image_bytes(color: tuple[int, int, int], fmt: str) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (8, 8), color).save(out, format=fmt)
     return out.getvalue()
-
-
-def read_shard(path: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-
-
-@pytest.fixture
-def csv_source(tmp_path: Path) -> Path:
-    """7 good rows, then one row per skip reason (corrupt, missing file, empty caption, non-UTF-8 caption)."""
-    src = tmp_path / "src"
-    (src / "images").mkdir(parents=True)
-    lines = [b"filepath,caption"]
-    for i in range(7):
-        (src / "images" / f"im{i}.png").write_bytes(png_bytes((10 * i, 0, 0)))
-        lines.append(f"images/im{i}.png,a red square number {i}".encode())
-    (src / "images" / "broken.png").write_bytes(png_bytes((1, 2, 3))[:40])
-    lines.append(b"images/broken.png,truncated png")
-    lines.append(b"images/absent.png,no such file")
-    lines.append(b'images/im0.png,"   "')
-    lines.append(b"images/im1.png,caf\xe9 latin-1")
-    (src / "pairs.csv").write_bytes(b"\n".join(lines) + b"\n")
-    return src / "pairs.csv"
-
-
-def test_build_from_csv(csv_source, tmp_path, caplog):
-    out = tmp_path / "shards"
-    with caplog.at_level(logging.WARNING, logger="engine.shards"):
-        manifest, report = build_shards(csv_source, out, samples_per_shard=3)
-
-    assert [s.path for s in manifest.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-    assert [s.num_samples for s in manifest.shards] == [3, 3, 1]
-    assert Manifest.load(out / "manifest.json") == manifest
-    manifest.verify(checksums=True)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json",
-        "shard-000000.tar",
-        "shard-000001.tar",
-        "shard-000002.tar",
-    ]
-
-    assert report["num_written"] == 7
-    assert report["num_skipped"] == 4
-    assert report["skipped_by_reason"] == {
-        "corrupt image": 1,
-        "missing image file": 1,
-        "empty caption": 1,
-        "non-UTF-8 caption": 1,
-    }
-    assert [s["reason"] for s in report["skipped"]] == [
-        "corrupt image",
-        "missing image file",
-        "empty caption",
-        "non-UTF-8 caption",
-    ]
-    assert "broken.png" in report["skipped"][0]["source"]
-    logged = [r.getMessage() for r in caplog.records]
-    assert any("broken.png" in m and "corrupt image" in m for m in logged)
-    assert any("absent.png" in m and "missing image file" in m for m in logged)
-
-    members = [m for i in range(3) for m in read_shard(manifest.shard_path(i))]
-    assert [name for name, _ in members] == [f"{k:09d}.{ext}" for k in range(7) for ext in ("png", "txt")]
-    captions = [data.decode() for name, data in members if name.endswith(".txt")]
-    assert captions == [f"a red square number {i}" for i in range(7)]
-    # PNG sources are stored byte for byte.
-    assert members[2][1] == (csv_source.parent / "images" / "im1.png").read_bytes()
-
-
-def test_build_from_folder(tmp_path):
-    src = tmp_path / "folder"
-    (src / "nested").mkdir(parents=True)
-    (src / "cat.jpg").write_bytes(image_bytes((200, 10, 10), "JPEG"))
-    (src / "cat.txt").write_text("a cat")
-    (src / "dog.webp").write_bytes(image_bytes((10, 200, 10), "WEBP"))
-    (src / "dog.txt").write_text("a dog\n")
-    (src / "nested" / "fox.png").write_bytes(png_bytes((10, 10, 200)))
-    (src / "nested" / "fox.txt").write_text("a fox")
-    (src / "nocaption.png").write_bytes(png_bytes((5, 5, 5)))
-    (src / "orphan.txt").write_text("a caption without an image")
-    (src / "garbage.png").write_bytes(b"\x89PNG not really")
-    (src / "garbage.txt").write_text("garbage")
-    (src / "blank.png").write_bytes(png_bytes((7, 7, 7)))
-    (src / "blank.txt").write_text("\n  \n")
-
-    manifest, report = build_shards(src, tmp_path / "out", samples_per_shard=100)
-    assert manifest.num_samples == 3
-    assert report["skipped_by_reason"] == {
-        "missing image file": 1,
-        "missing caption": 1,
-        "corrupt image": 1,
-        "empty caption": 1,
-    }
-    members = dict(read_shard(manifest.shard_path(0)))
-    assert sorted(members) == sorted(
-        [
-            "000000000.jpg",
-            "000000000.txt",
-            "000000001.webp",
-            "000000001.txt",
-            "000000002.png",
-            "000000002.txt",
-        ]
-    )
-    assert members["000000000.txt"] == b"a cat"
-    assert members["000000001.txt"] == b"a dog"
-    assert members["000000002.txt"] == b"a fox"
-
-
-def test_image_ext_reencodes(tmp_path):
-    src = tmp_path / "folder"
-    src.mkdir()
-    (src / "a.png").write_bytes(png_bytes((100, 50, 25)))
-    (src / "a.txt").write_text("a square")
-    manifest, _ = build_shards(src, tmp_path / "out", image_ext="jpg")
-    members = dict(read_shard(manifest.shard_path(0)))
-    image = Image.open(io.BytesIO(members["000000000.jpg"]))
-    assert image.format == "JPEG"
-    assert abs(image.convert("RGB").getpixel((4, 4))[0] - 100) <= 3
-
-
-def test_rebuild_is_byte_identical_and_refuses_nonempty_out(csv_source, tmp_path):
-    first, _ = build_shards(csv_source, tmp_path / "one", samples_per_shard=4)
-    second, _ = build_shards(csv_source, tmp_path / "two", samples_per_shard=4)
-    assert first.fingerprint() == second.fingerprint()
-    with pytest.raises(ValueError, match="already holds shards"):
-        build_shards(csv_source, tmp_path / "one")
-
-
-def test_bad_arguments(csv_source, tmp_path):
-    with pytest.raises(ValueError, match="samples_per_shard"):
-        build_shards(csv_source, tmp_path / "o1", samples_per_shard=0)
-    with pytest.raises(ValueError, match="image_ext"):
-        build_shards(csv_source, tmp_path / "o2", image_ext="gif")
-    with pytest.raises(ValueError, match="does not exist"):
-        build_shards(tmp_path / "nothing.csv", tmp_path / "o3")
-    bad_header = tmp_path / "bad.csv"
-    bad_header.write_text("path,text\na.png,hello\n")
-    with pytest.raises(ValueError, match="filepath,caption"):
-        build_shards(bad_header, tmp_path / "o4")
-
-
-
 
 
 def good(key: str, *, jpeg: bool = False) -> list[tuple[str, bytes]]:

@@ -1,15 +1,16 @@
-"""ShardLoader positions (resume mid-epoch, saved state) and resampled epochs."""
+"""ShardLoader positions (state_dict / load_state_dict, resume mid-epoch) and resampled epochs."""
 
 import itertools
 import json
 
 import pytest
 import torch
-from test_data import check_batch, make_dataset, make_loader, run_with_timeout, stated_manifest
+from test_data_loader import check_batch, make_dataset, make_loader, run_with_timeout, stated_manifest
 from torchvision import transforms
 
-import engine.data
+import engine.data.reader
 from engine.data import ShardLoader
+from engine.data.reader import EpochReader
 
 
 def rows_of(batches) -> list[list[int]]:
@@ -43,11 +44,12 @@ def resume_everywhere(
         first = new_loader()
         batches = first.epoch(epoch)
         head = rows_of(itertools.islice(batches, k))
-        state = json.loads(json.dumps(first.state(epoch, k)))  # survives a checkpoint file
+        state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint file
+        assert (state["epoch"], state["batches_done"]) == (epoch, k)
         num_inside += state["straddle"] is not None
         del batches
         resumed = new_loader()
-        assert resumed.load_state(state) == (epoch, k)
+        resumed.load_state_dict(state)
         tail = resumed.epoch(epoch, start_batch=k)
         rest = [check_batch(b, manifest, batch_size) if check_pixels else b.sample_ids.tolist() for b in tail]
         assert head + rest == straight  # same order, nothing repeated, nothing missing
@@ -116,13 +118,13 @@ def test_fast_forward_does_not_decode(tmp_path, tokenizer, transform, monkeypatc
     manifest = make_dataset(tmp_path, [12, 12])
     straight = rows_of(make_loader(manifest, tokenizer, transform, batch_size=4).epoch(0))
     decoded = []
-    original = engine.data._EpochReader._decode
+    original = EpochReader._decode
 
     def counting_decode(self, sample, skips):
         decoded.append(sample.row)
         return original(self, sample, skips)
 
-    monkeypatch.setattr(engine.data._EpochReader, "_decode", counting_decode)
+    monkeypatch.setattr(EpochReader, "_decode", counting_decode)
     tail = rows_of(make_loader(manifest, tokenizer, transform, batch_size=4).epoch(0, start_batch=4))
     assert tail == straight[4:]
     assert sorted(decoded) == sorted(row for batch in tail for row in batch)
@@ -133,19 +135,19 @@ def test_state_refused_for_another_setup(tmp_path, tokenizer, transform):
     loader = make_loader(manifest, tokenizer, transform, batch_size=2, world_size=2, num_workers=2, seed=1)
     batches = loader.epoch(0)
     next(batches)
-    state = loader.state(0, 1)
-    with pytest.raises(ValueError, match=r"last position is epoch 0 after 1 batches"):
-        loader.state(0, 2)
+    state = loader.state_dict()
     other = make_loader(manifest, tokenizer, transform, batch_size=2, world_size=4, num_workers=1, seed=2)
     with pytest.raises(
         ValueError, match=r"world_size: saved 2, this loader 4.*num_workers: saved 2.*seed: saved 1"
     ):
-        other.load_state(state)
+        other.load_state_dict(state)
     other_data = make_dataset(tmp_path / "b", [6, 5])
     with pytest.raises(ValueError, match="manifest_fingerprint"):
         make_loader(
             other_data, tokenizer, transform, batch_size=2, world_size=2, num_workers=2, seed=1
-        ).load_state(state)
+        ).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a ShardLoader state"):
+        loader.load_state_dict({"epoch": 0})
     with pytest.raises(ValueError, match=r"start_batch must be in \[0, 3\]"):
         loader.epoch(0, start_batch=4)
 
@@ -201,7 +203,7 @@ def test_resampled_unreadable_data_raises_instead_of_hanging(
     if damage == "deleted":
         for i in range(2):
             manifest.shard_path(i).unlink()
-    monkeypatch.setattr(engine.data, "MAX_UNDECODABLE_RUN", 50)
+    monkeypatch.setattr(engine.data.reader, "MAX_UNDECODABLE_RUN", 50)
     loader = make_loader(manifest, tokenizer, transform, batch_size=2, resampled=True, samples_per_epoch=8)
     with pytest.raises(RuntimeError, match="shards check"):
         run_with_timeout(lambda: list(loader.epoch(0)))

@@ -1,0 +1,232 @@
+"""`shards build`: webdataset tar shards (`<key>.<jpg|png|webp>` + `<key>.txt`) and their manifest from
+local data (a `filepath,caption` CSV or a folder of images with .txt captions).
+
+Each pair is judged by the loader's own validator (`samples.validate_pair`), so a pair that is
+written is one the loader uses, and a pair that is skipped is skipped for the reason the loader gives.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from webdataset import TarWriter
+
+from engine.data.manifest import MANIFEST_NAME, Manifest
+from engine.data.samples import (
+    CAPTION_EXTENSION,
+    IMAGE_ERRORS,
+    SKIP_CORRUPT_IMAGE,
+    Rejection,
+    validate_pair,
+)
+from engine.data.sources import build_manifest
+from engine.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# PIL format name -> member extension written into the shard.
+_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_EXT_FORMAT = {ext: fmt for fmt, ext in _FORMAT_EXT.items()}
+
+
+@dataclass
+class _SourceItem:
+    """One (image, caption) pair to write; `caption` is None when the caption file is missing."""
+
+    name: str
+    image_path: Path
+    caption: bytes | None
+
+
+def _items_from_csv(csv_path: Path) -> Iterator[_SourceItem]:
+    # surrogateescape keeps undecodable bytes so one bad row is skipped instead of failing the file.
+    with open(csv_path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"filepath", "caption"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(
+                f"{csv_path}: header must contain 'filepath,caption' (missing {', '.join(sorted(missing))})"
+            )
+        for line, row in enumerate(reader, start=2):
+            filepath = (row["filepath"] or "").strip()
+            caption = row["caption"]
+            yield _SourceItem(
+                name=f"{csv_path}:{line} ({filepath})",
+                image_path=csv_path.parent / filepath,
+                caption=None if caption is None else caption.encode("utf-8", errors="surrogateescape"),
+            )
+
+
+def _items_from_folder(folder: Path) -> Iterator[_SourceItem]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    image_stems = {p.with_suffix("") for p in images}
+    for path in files:
+        if path.suffix == ".txt" and path.with_suffix("") not in image_stems:
+            yield _SourceItem(name=str(path), image_path=path.with_suffix(""), caption=path.read_bytes())
+    for path in images:
+        caption_path = path.with_suffix(".txt")
+        caption = caption_path.read_bytes() if caption_path.is_file() else None
+        yield _SourceItem(name=str(path), image_path=path, caption=caption)
+
+
+def _read_image(path: Path) -> bytes | None:
+    """The file's bytes; None when there is no such file, b"" (undecodable) when it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exn:
+        logger.debug("cannot read %s: %s", path, exn)
+        return b""
+
+
+def _encode_image(data: bytes, rgb: Image.Image, image_ext: str | None) -> tuple[str, bytes]:
+    """(member extension, bytes) of a validated image (`rgb`: its RGB decoding), re-encoded if need be."""
+    with Image.open(io.BytesIO(data)) as image:
+        fmt = image.format
+        target = image_ext or _FORMAT_EXT.get(fmt, "png")
+        if _FORMAT_EXT.get(fmt) == target:
+            return target, data
+        out = io.BytesIO()
+        if _EXT_FORMAT[target] == "JPEG":
+            rgb.save(out, format="JPEG")
+        else:
+            image.load()
+            image.save(out, format=_EXT_FORMAT[target])
+        return target, out.getvalue()
+
+
+class _ShardSequenceWriter:
+    """Writes `shard-NNNNNN.tar` files of `samples_per_shard` samples, each moved into place when complete."""
+
+    def __init__(self, out_dir: Path, samples_per_shard: int):
+        self.out_dir = out_dir
+        self.samples_per_shard = samples_per_shard
+        self.paths: list[Path] = []
+        self._open_shard: ExitStack | None = None
+        self._writer: TarWriter | None = None
+        self._count = 0
+
+    def write(self, key: str, ext: str, image: bytes, caption: str) -> None:
+        if self._writer is None:
+            self._open()
+        assert self._writer is not None
+        self._writer.write({"__key__": key, ext: image, CAPTION_EXTENSION: caption.encode("utf-8")})
+        self._count += 1
+        if self._count == self.samples_per_shard:
+            self.close()
+
+    def _open(self) -> None:
+        path = self.out_dir / f"shard-{len(self.paths):06d}.tar"
+        stack = ExitStack()
+        tmp = stack.enter_context(atomic_path(path))
+        file = stack.enter_context(open(tmp, "wb"))  # noqa: SIM115 -- the stack closes it
+        # Fixed mtime: the same source gives byte-identical shards (and sha256).
+        self._writer = stack.enter_context(TarWriter(file, encoder=False, mtime=0))
+        self._open_shard = stack
+        self.paths.append(path)
+        self._count = 0
+
+    def close(self) -> None:
+        """Finish the open shard, if any, and move it to its final name."""
+        if self._open_shard is not None:
+            stack, self._open_shard, self._writer = self._open_shard, None, None
+            stack.close()
+
+    def abort(self, exn: BaseException) -> None:
+        """Drop the half-written shard."""
+        if self._open_shard is not None:
+            stack, self._open_shard, self._writer = self._open_shard, None, None
+            stack.__exit__(type(exn), exn, exn.__traceback__)
+            self.paths.pop()
+
+
+def build_shards(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    samples_per_shard: int = 1000,
+    image_ext: str | None = None,
+) -> tuple[Manifest, dict[str, Any]]:
+    """Write shards + `manifest.json` to `out_dir` from a `filepath,caption` CSV or an image/.txt folder.
+
+    Images stay in their own bytes when JPEG, PNG or WebP (other formats become PNG) unless `image_ext`
+    ("jpg" | "png" | "webp") asks for one format. Returns (manifest, report); the report holds
+    `num_written`, `num_skipped`, `skipped_by_reason` {reason: count} and `skipped` [{source, reason}].
+    """
+    source = Path(source)
+    out_dir = Path(out_dir)
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    if image_ext is not None and image_ext not in _EXT_FORMAT:
+        raise ValueError(f"image_ext must be one of {sorted(_EXT_FORMAT)} or None, got {image_ext!r}")
+    if source.is_dir():
+        items = _items_from_folder(source)
+    elif source.is_file():
+        items = _items_from_csv(source)
+    else:
+        raise ValueError(f"source {source} does not exist; give a CSV (filepath,caption) or a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    existing = sorted(
+        p.name for p in out_dir.iterdir() if p.name.startswith("shard-") or p.name == MANIFEST_NAME
+    )
+    if existing:
+        raise ValueError(
+            f"out_dir {out_dir} already holds shards ({', '.join(existing[:3])}); use an empty directory"
+        )
+
+    skipped: list[dict[str, str]] = []
+    writer = _ShardSequenceWriter(out_dir, samples_per_shard)
+    num_written = 0
+    try:
+        for item in items:
+            data = _read_image(item.image_path)
+            judged = validate_pair(data, item.caption)
+            if not isinstance(judged, Rejection):
+                assert data is not None
+                try:
+                    ext, image = _encode_image(data, judged.image, image_ext)
+                except IMAGE_ERRORS as exn:
+                    judged = Rejection(SKIP_CORRUPT_IMAGE, f" (re-encoding: {type(exn).__name__}: {exn})")
+            if isinstance(judged, Rejection):
+                logger.warning("skipping %s: %s%s", item.name, judged.reason, judged.detail)
+                skipped.append({"source": item.name, "reason": judged.reason})
+                continue
+            writer.write(f"{num_written:09d}", ext, image, judged.caption)
+            num_written += 1
+        writer.close()
+    except BaseException as exn:
+        writer.abort(exn)
+        raise
+
+    report = {
+        "num_written": num_written,
+        "num_skipped": len(skipped),
+        "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)),
+        "skipped": skipped,
+    }
+    if num_written == 0:
+        raise ValueError(f"no usable samples in {source}: skipped {report['skipped_by_reason']}")
+    manifest = build_manifest(writer.paths, root=out_dir)
+    manifest.save(out_dir / MANIFEST_NAME)
+    logger.info(
+        "wrote %d samples in %d shards to %s, skipped %d %s",
+        num_written,
+        len(writer.paths),
+        out_dir,
+        len(skipped),
+        report["skipped_by_reason"],
+    )
+    return manifest, report

@@ -1,0 +1,249 @@
+"""The one tar reader and the one sample validator: what a sample is and when it is skipped.
+
+A webdataset shard is a tar whose members are grouped into samples by key (the member name up to the
+first dot of its basename); consecutive members with the same key form one sample, numbered 0, 1, ...
+in tar order before anything is decoded. That number is the sample's raw position, which fixes its
+u-table row. The loader, `shards index`, `shards build` and `shards check` all read and judge samples
+here, so they cannot disagree about a bad sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, NamedTuple
+
+from PIL import Image
+from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
+
+# Member extensions a sample's image may have, in order of preference.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSION = "txt"
+# Decoding errors PIL raises for broken image bytes (UnidentifiedImageError is an OSError).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+# Why a sample is skipped: one text per reason, wherever it is found.
+SKIP_DUPLICATE_MEMBER = "duplicate member"
+SKIP_MISSING_IMAGE = "missing image"
+SKIP_MISSING_CAPTION = "missing caption"
+SKIP_NON_UTF8_CAPTION = "non-UTF-8 caption"
+SKIP_EMPTY_CAPTION = "empty caption"
+SKIP_CORRUPT_IMAGE = "corrupt image"
+# Why samples of a shard are lost as a whole (skip records without a key).
+SKIP_TRUNCATED_SHARD = "truncated shard"
+SKIP_EXTRA_SAMPLES = "samples beyond manifest count"
+
+# Members webdataset never hands out as sample parts (tar_file_iterator's skip_meta default).
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
+_TAR_END_BYTES = 1024  # a complete tar ends with two zero blocks of 512 bytes
+
+
+class SkipRecord(NamedTuple):
+    """One skipped sample (or, with key None, samples of a shard that were not read or not used)."""
+
+    shard: str
+    key: str | None
+    reason: str
+
+
+def sample_key(member_name: str) -> str | None:
+    """Key of the sample a tar member belongs to (name up to the first dot of its basename), as webdataset."""
+    key, _ = base_plus_ext(member_name)
+    return key
+
+
+def _is_meta_member(name: str) -> bool:
+    """Whether webdataset's tar_file_iterator drops this member before grouping."""
+    if "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix):
+        return True
+    return _META_MEMBER.match(name) is not None
+
+
+@dataclass
+class RawSample:
+    """The undecoded members (extension -> bytes) of the sample at raw `position` of its tar.
+
+    `duplicate_member`: one extension occurred twice (the later bytes are kept).
+    """
+
+    position: int
+    key: str
+    parts: dict[str, bytes] = field(default_factory=dict)
+    duplicate_member: bool = False
+
+    def has_image_and_caption(self) -> bool:
+        return CAPTION_EXTENSION in self.parts and any(ext in self.parts for ext in IMAGE_EXTENSIONS)
+
+
+class _HashingReader:
+    """Read-only file wrapper that hashes and counts every byte read through it."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw = raw
+        self.digest = hashlib.sha256()
+        self.num_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        self.num_bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+class TarSamples:
+    """One pass over a tar shard: its samples in tar order, then how the reading ended.
+
+    Iterating yields the samples whose raw position `keep` accepts (all by default), each once a
+    following member shows it is complete; the members of other samples are not extracted. Reading
+    stops at the first error (missing file, damaged tar) instead of raising. Afterwards:
+
+    - `num_started`: samples whose first member was read (its count, for an index);
+    - `truncated`: reading stopped on an error, or (with `expected`, the count a manifest states)
+      fewer samples were found. The last sample of a truncated tar is handed out only if it holds an
+      image and a caption (it may have lost members): `num_whole` counts the samples kept as read;
+    - `error`, `end_marker` (the tar ends with its two zero blocks; None when unknown: compressed),
+      and with `checksum`, `num_bytes` and `sha256` of the whole file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        keep: Callable[[int], bool] | None = None,
+        expected: int | None = None,
+        checksum: bool = False,
+    ):
+        self.path = Path(path)
+        self.keep = keep
+        self.expected = expected
+        self.checksum = checksum
+        self.num_started = 0
+        self.num_whole = 0
+        self.error: Exception | None = None
+        self.end_marker: bool | None = None
+        self.num_bytes: int | None = None
+        self.sha256: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.error is not None or (self.expected is not None and self.num_started < self.expected)
+
+    def __iter__(self) -> Iterator[RawSample]:
+        try:
+            file = open(self.path, "rb")  # noqa: SIM115 -- closed below, after the last yield
+        except OSError as exn:
+            self.error = exn
+            return
+        with file:
+            source = _HashingReader(file) if self.checksum else file
+            last = yield from self._samples(source, file)
+            if self.checksum and self.error is None:
+                source.drain()
+                self.num_bytes, self.sha256 = source.num_bytes, source.digest.hexdigest()
+            # A truncated tar may have cut its last sample short: keep it only if it is usable.
+            last_cut = self.truncated and self.num_started > 0 and not (last and last.has_image_and_caption())
+            self.num_whole = self.num_started - last_cut
+            if last is not None and not last_cut:
+                yield last
+
+    def _samples(self, source: IO[bytes], file: IO[bytes]) -> Iterator[RawSample]:
+        """Yield the kept samples but the last started one, which is returned (None when not kept)."""
+        pending: RawSample | None = None
+        current_key = None
+        try:
+            with tarfile.open(fileobj=source, mode="r|*") as tar:
+                for info in tar:
+                    tar.members = []  # stream mode: keep no member list
+                    if not info.isreg() or _is_meta_member(info.name):
+                        continue
+                    key = sample_key(info.name)
+                    if key is None:
+                        continue
+                    if key != current_key:
+                        if pending is not None:
+                            yield pending
+                        position = self.num_started
+                        self.num_started += 1
+                        current_key = key
+                        pending = (
+                            RawSample(position, key) if self.keep is None or self.keep(position) else None
+                        )
+                    if pending is None:
+                        continue
+                    data = tar.extractfile(info).read()
+                    suffix = info.name[len(key) + 1 :].lower()
+                    pending.duplicate_member |= suffix in pending.parts
+                    pending.parts[suffix] = data
+                if getattr(tar.fileobj, "comptype", "tar") == "tar":
+                    tail = os.pread(file.fileno(), _TAR_END_BYTES, tar.offset)
+                    self.end_marker = len(tail) == _TAR_END_BYTES and not tail.strip(b"\0")
+        except Exception as exn:  # noqa: BLE001 -- a damaged tar ends its shard, whatever tarfile raises
+            self.error = exn
+        return pending  # the last started sample, if kept: no member follows it
+
+
+def describe_error(exn: BaseException) -> str:
+    """`Type: message` of a reading error, for logs and reports."""
+    message = str(getattr(exn, "strerror", None) or (exn.args[0] if exn.args else ""))
+    return f"{type(exn).__name__}: {message.splitlines()[0] if message else ''}"
+
+
+class DecodedSample(NamedTuple):
+    """A usable sample: its image converted to RGB and its stripped caption."""
+
+    image: Image.Image
+    caption: str
+
+
+class Rejection(NamedTuple):
+    """Why a sample is skipped (a SKIP_* reason), with a detail for the log."""
+
+    reason: str
+    detail: str = ""
+
+
+def check_caption(raw: bytes | None) -> str | Rejection:
+    """The stripped caption, or why it is unusable (missing, not UTF-8, empty)."""
+    if raw is None:
+        return Rejection(SKIP_MISSING_CAPTION)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return Rejection(SKIP_NON_UTF8_CAPTION)
+    text = text.strip()
+    return text if text else Rejection(SKIP_EMPTY_CAPTION)
+
+
+def validate_pair(
+    image: bytes | None, caption: bytes | None, *, duplicate_member: bool = False
+) -> DecodedSample | Rejection:
+    """Judge one (image bytes, caption bytes) pair; reasons are checked in the order of SKIP_* above."""
+    if duplicate_member:
+        return Rejection(SKIP_DUPLICATE_MEMBER)
+    if image is None:
+        return Rejection(SKIP_MISSING_IMAGE)
+    text = check_caption(caption)
+    if isinstance(text, Rejection):
+        return text
+    try:
+        with Image.open(io.BytesIO(image)) as opened:
+            rgb = opened.convert("RGB")
+    except IMAGE_ERRORS as exn:
+        return Rejection(SKIP_CORRUPT_IMAGE, f" ({type(exn).__name__}: {exn})")
+    return DecodedSample(rgb, text)
+
+
+def decode_sample(sample: RawSample) -> DecodedSample | Rejection:
+    """The sample's image (first of IMAGE_EXTENSIONS present) and caption (`txt`), or why it is skipped."""
+    image = next((sample.parts[ext] for ext in IMAGE_EXTENSIONS if ext in sample.parts), None)
+    return validate_pair(image, sample.parts.get(CAPTION_EXTENSION), duplicate_member=sample.duplicate_member)
