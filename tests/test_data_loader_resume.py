@@ -130,6 +130,71 @@ def test_fast_forward_does_not_decode(tmp_path, tokenizer, transform, monkeypatc
     assert sorted(decoded) == sorted(row for batch in tail for row in batch)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_state_dict_holds_the_position_after_the_last_batch_at_any_time(
+    tmp_path, tokenizer, transform, num_workers
+):
+    manifest = make_dataset(tmp_path, [9, 4, 13], {(0, 2): "corrupt", (2, 5): "empty"})
+
+    def new_loader():
+        return make_loader(
+            manifest, tokenizer, transform, batch_size=3, num_workers=num_workers, shuffle_buffer=5
+        )
+
+    straight_loader = new_loader()
+    straight = rows_of(straight_loader.epoch(1))
+    loader = new_loader()
+    before = loader.state_dict()
+    assert (before["epoch"], before["batches_done"], before["skipped"]) == (0, 0, {})  # before any epoch
+    batches = loader.epoch(1)
+    head = rows_of(itertools.islice(batches, 3))
+    saved = json.loads(json.dumps(loader.state_dict()))
+    assert (saved["epoch"], saved["batches_done"]) == (1, 3)
+    # Unrelated calls meanwhile, while its workers read ahead: the position stays after batch 3.
+    assert loader.num_batches() == len(straight)
+    assert rows_of(new_loader().epoch(0))
+    assert loader.state_dict() == saved
+    later = json.loads(json.dumps(loader.state_dict()))
+    assert later == saved
+    del batches
+    resumed = new_loader()
+    resumed.load_state_dict(later)
+    assert resumed.state_dict() == later  # restored, before any batch
+    assert head + rows_of(resumed.epoch(1, start_batch=3)) == straight
+    assert resumed.skipped == straight_loader.skipped
+
+
+def test_epoch_stopped_early_then_next_epoch(tmp_path, tokenizer, transform):
+    # A trainer with max_steps_per_epoch takes k < num_batches batches, then asks for the next epoch.
+    manifest = make_dataset(tmp_path, [9, 4, 13], {(1, 1): "corrupt"})
+
+    def new_loader():
+        return make_loader(manifest, tokenizer, transform, batch_size=3, num_workers=2, shuffle_buffer=5)
+
+    straight = [rows_of(new_loader().epoch(e)) for e in (0, 1, 2)]
+    loader = new_loader()
+    assert rows_of(itertools.islice(loader.epoch(0), 2)) == straight[0][:2]
+    assert loader.state_dict()["batches_done"] == 2
+    batches = loader.epoch(1, start_batch=0)
+    assert (loader.state_dict()["epoch"], loader.state_dict()["batches_done"]) == (1, 0)
+    assert rows_of(itertools.islice(batches, 2)) == straight[1][:2]
+    saved = json.loads(json.dumps(loader.state_dict()))
+    del batches
+    # Restored after an early stop: the next epoch starts from its beginning, the saved one continues.
+    resumed = new_loader()
+    resumed.load_state_dict(saved)
+    assert rows_of(resumed.epoch(2)) == straight[2]
+    resumed.load_state_dict(saved)
+    assert rows_of(resumed.epoch(1, start_batch=2)) == straight[1][2:]
+    # At the end of an epoch the state is its clean end; continuing it yields nothing.
+    end = resumed.state_dict()
+    assert (end["epoch"], end["batches_done"], end["straddle"]) == (1, len(straight[1]), None)
+    fresh = new_loader()
+    fresh.load_state_dict(end)
+    assert rows_of(fresh.epoch(1, start_batch=len(straight[1]))) == []
+    assert rows_of(fresh.epoch(2)) == straight[2]
+
+
 def test_state_refused_for_another_setup(tmp_path, tokenizer, transform):
     manifest = make_dataset(tmp_path / "a", [6, 6])
     loader = make_loader(manifest, tokenizer, transform, batch_size=2, world_size=2, num_workers=2, seed=1)
