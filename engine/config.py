@@ -59,6 +59,7 @@ class DataConfig:
     verify_checksums: bool = False
     resampled: bool = False  # draw shards with replacement (very large data); epoch = samples_per_epoch
     samples_per_epoch: int | None = None  # all ranks together; required with resampled
+    max_image_pixels: int = 8192 * 8192  # larger images (width x height) are skipped before decoding
 
     def errors(self, *, training: bool = True) -> list[str]:
         out = []
@@ -72,6 +73,8 @@ class DataConfig:
             out.append("data.samples_per_epoch is required with data.resampled=true (samples of all ranks per epoch)")
         if not self.resampled and self.samples_per_epoch is not None:
             out.append("data.samples_per_epoch applies to data.resampled=true only; drop it or set resampled")
+        if self.max_image_pixels < 1:
+            out.append(f"data.max_image_pixels must be >= 1 (width x height), got {self.max_image_pixels}")
         return out
 
 

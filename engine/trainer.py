@@ -87,6 +87,7 @@ class Trainer:
             tokenizer=self.bundle.tokenizer, rank=self.ctx.rank, world_size=self.ctx.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
             resampled=cfg.data.resampled, samples_per_epoch=cfg.data.samples_per_epoch,
+            max_image_pixels=cfg.data.max_image_pixels,
         )
         tasks = build_tasks(cfg.eval)
         self.evaluator = Evaluator(tasks, batch_size=cfg.eval.batch_size, device=self.device) if tasks else None

@@ -13,6 +13,7 @@ from engine.cli import main as cli_main
 from engine.data.check import check_shard, check_shards
 from engine.data.sources import build_manifest
 from tests.conftest import write_tar
+from tests.test_data_images import png_header_only
 
 
 def png_bytes(color: tuple[int, int, int], size: int = 8) -> bytes:
@@ -56,6 +57,8 @@ def defect_shards(tmp_path: Path) -> Path:
         ("h.png", png_bytes((5, 5, 5))),
         ("h.png", png_bytes((6, 6, 6))),  # the same member twice in one sample
         ("h.txt", b"twice"),
+        ("i.png", png_header_only(9000, 8000)),  # over the default pixel cap (72 Mpx)
+        ("i.txt", b"too large"),
     ]
     write_tar(shards / "00000.tar", defects)
     write_tar(shards / "00001.tar", [m for k in "xyz" for m in good(k, jpeg=True)])
@@ -73,6 +76,7 @@ def test_check_finds_each_planted_defect(defect_shards):
         "num_samples": first.num_samples,
         "expected_samples": first.expected_samples,
         "undecodable_images": first.undecodable_images,
+        "large_images": first.large_images,
         "missing_images": first.missing_images,
         "missing_captions": first.missing_captions,
         "empty_captions": first.empty_captions,
@@ -80,9 +84,10 @@ def test_check_finds_each_planted_defect(defect_shards):
         "small_images": first.small_images,
     }
     assert found == {
-        "num_samples": 9,
-        "expected_samples": 9,
+        "num_samples": 10,
+        "expected_samples": 10,
         "undecodable_images": 1,
+        "large_images": 1,
         "missing_images": 1,
         "missing_captions": 1,
         "empty_captions": 2,
@@ -92,13 +97,14 @@ def test_check_finds_each_planted_defect(defect_shards):
     assert first.error is None and not first.broken and first.status() == "defects"
     assert [s.status() for s in report.shards[1:]] == ["ok", "ok"]
     assert report.broken == []
-    assert report.totals()["num_samples"] == 16
+    assert report.totals()["num_samples"] == 17
     lines = report.table().splitlines()
     assert lines[0].split() == [
         "shard",
         "samples",
         "expected",
         "bad_img",
+        "too_big",
         "no_img",
         "no_txt",
         "empty_txt",
@@ -106,11 +112,14 @@ def test_check_finds_each_planted_defect(defect_shards):
         "small",
         "status",
     ]
-    assert lines[1].split() == ["00000.tar", "9", "9", "1", "1", "1", "2", "2", "1", "defects"]
-    assert lines[-1].split()[:2] == ["total", "16"] and lines[-1].endswith("0 broken of 3")
+    assert lines[1].split() == ["00000.tar", "10", "10", "1", "1", "1", "1", "2", "2", "1", "defects"]
+    assert lines[-1].split()[:2] == ["total", "17"] and lines[-1].endswith("0 broken of 3")
     # Without a minimum size nothing is small; the 8-pixel JPEGs pass min_size 8 but not 9.
     assert check_shards(defect_shards, num_workers=1).shards[0].small_images == 0
     assert check_shards(defect_shards, min_size=9, num_workers=1).shards[1].small_images == 3
+    # The pixel cap is the loader's: raised, the large image is decoded (and its garbage data rejects it).
+    raised = check_shards(defect_shards, max_image_pixels=9000 * 8000, num_workers=1).shards[0]
+    assert (raised.large_images, raised.undecodable_images) == (0, 2)
 
 
 def cut_tar(path: Path, member: str, extra: int) -> None:

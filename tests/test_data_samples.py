@@ -15,6 +15,7 @@ from engine.data.samples import (
     SKIP_CORRUPT_IMAGE,
     SKIP_DUPLICATE_MEMBER,
     SKIP_EMPTY_CAPTION,
+    SKIP_IMAGE_TOO_LARGE,
     SKIP_MISSING_CAPTION,
     SKIP_MISSING_IMAGE,
     SKIP_NON_UTF8_CAPTION,
@@ -27,6 +28,7 @@ from engine.data.samples import (
 )
 from engine.data.sources import build_manifest
 from tests.conftest import write_tar
+from tests.test_data_images import png_header_only
 
 
 def image_bytes(fmt: str = "PNG", color: tuple[int, int, int] = (9, 8, 7), size: int = 8) -> bytes:
@@ -145,6 +147,8 @@ DEFECT_SHARD = [
     ("k09.TXT", b"upper-case extensions"),
     ("k10.png", b"garbage"),
     ("k10.txt", b""),  # two defects: the first reason in the validator's order
+    ("k12.png", png_header_only(9000, 8000)),  # over the default pixel cap: judged from its header
+    ("k12.txt", b"too large"),
     *good("k11"),  # cut by the truncation below
 ]
 EXPECTED_SKIPS = [
@@ -156,6 +160,7 @@ EXPECTED_SKIPS = [
     ("k07", SKIP_DUPLICATE_MEMBER),
     ("k08", SKIP_MISSING_IMAGE),
     ("k10", SKIP_EMPTY_CAPTION),
+    ("k12", SKIP_IMAGE_TOO_LARGE),
 ]
 USABLE = ["k00", "k01", "k00", "k09"]
 
@@ -168,8 +173,8 @@ def test_every_defect_judged_alike_by_check_loader_index_and_build(
     shard = write_tar(tmp_path / "shards" / "shard-000000.tar", DEFECT_SHARD)
     manifest = build_manifest([shard], root=shard.parent)
     intact = check_shard(shard, expected_samples=manifest.shards[0].num_samples)
-    # The index counts what check reads: 13 samples, one row each, defective or not.
-    assert manifest.num_samples == intact.num_samples == 13 and not intact.broken
+    # The index counts what check reads: 14 samples, one row each, defective or not.
+    assert manifest.num_samples == intact.num_samples == 14 and not intact.broken
     assert intact.skipped == EXPECTED_SKIPS and intact.repeated_keys == 1
 
     with tarfile.open(shard) as tar:
@@ -177,7 +182,7 @@ def test_every_defect_judged_alike_by_check_loader_index_and_build(
     shard.write_bytes(shard.read_bytes()[:cut])
     checked = check_shard(shard, expected_samples=manifest.shards[0].num_samples)
     assert checked.skipped == EXPECTED_SKIPS
-    assert checked.num_samples == 12 and checked.status().startswith("BROKEN: truncated after 12 sample(s)")
+    assert checked.num_samples == 13 and checked.status().startswith("BROKEN: truncated after 13 sample(s)")
     with pytest.raises(ValueError, match="not a readable tar"):
         build_manifest([shard], root=shard.parent)
 
@@ -190,7 +195,7 @@ def test_every_defect_judged_alike_by_check_loader_index_and_build(
         num_workers=num_workers,
     )
     keys = [key for batch in loader.epoch(0) for key in batch.keys]
-    # 13 rows by the manifest, 4 usable: the first pass yields them, refill passes repeat them.
+    # 14 rows by the manifest, 4 usable: the first pass yields them, refill passes repeat them.
     assert sorted(keys[:4]) == sorted(USABLE) and set(keys) == set(USABLE)
     if num_workers == 0:
         assert keys[:4] == USABLE

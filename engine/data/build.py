@@ -24,9 +24,11 @@ from webdataset import TarWriter
 from engine.data.manifest import MANIFEST_NAME, Manifest
 from engine.data.samples import (
     CAPTION_EXTENSION,
+    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_ERRORS,
     SKIP_CORRUPT_IMAGE,
     Rejection,
+    open_image,
     validate_pair,
 )
 from engine.data.sources import build_manifest
@@ -94,7 +96,7 @@ def _read_image(path: Path) -> bytes | None:
 
 def _encode_image(data: bytes, rgb: Image.Image, image_ext: str | None) -> tuple[str, bytes]:
     """(member extension, bytes) of a validated image (`rgb`: its RGB decoding), re-encoded if need be."""
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data) as image:
         fmt = image.format
         target = image_ext or _FORMAT_EXT.get(fmt, "png")
         if _FORMAT_EXT.get(fmt) == target:
@@ -159,11 +161,13 @@ def build_shards(
     *,
     samples_per_shard: int = 1000,
     image_ext: str | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[Manifest, dict[str, Any]]:
     """Write shards + `manifest.json` to `out_dir` from a `filepath,caption` CSV or an image/.txt folder.
 
     Images stay in their own bytes when JPEG, PNG or WebP (other formats become PNG) unless `image_ext`
-    ("jpg" | "png" | "webp") asks for one format. Returns (manifest, report); the report holds
+    ("jpg" | "png" | "webp") asks for one format. Images of more than `max_image_pixels` pixels are
+    skipped, as the loader with that cap skips them. Returns (manifest, report); the report holds
     `num_written`, `num_skipped`, `skipped_by_reason` {reason: count} and `skipped` [{source, reason}].
     """
     source = Path(source)
@@ -193,7 +197,7 @@ def build_shards(
     try:
         for item in items:
             data = _read_image(item.image_path)
-            judged = validate_pair(data, item.caption)
+            judged = validate_pair(data, item.caption, max_image_pixels=max_image_pixels)
             if not isinstance(judged, Rejection):
                 assert data is not None
                 try:

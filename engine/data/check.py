@@ -15,9 +15,11 @@ from pathlib import Path
 from engine.data.manifest import Manifest
 from engine.data.parallel import map_shards
 from engine.data.samples import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     SKIP_CORRUPT_IMAGE,
     SKIP_DUPLICATE_MEMBER,
     SKIP_EMPTY_CAPTION,
+    SKIP_IMAGE_TOO_LARGE,
     SKIP_MISSING_CAPTION,
     SKIP_MISSING_IMAGE,
     SKIP_NON_UTF8_CAPTION,
@@ -55,6 +57,11 @@ class ShardCheck:
     @property
     def undecodable_images(self) -> int:
         return self.skipped_by_reason[SKIP_CORRUPT_IMAGE]
+
+    @property
+    def large_images(self) -> int:
+        """Images of more pixels than the check's `max_image_pixels` (skipped before decoding)."""
+        return self.skipped_by_reason[SKIP_IMAGE_TOO_LARGE]
 
     @property
     def missing_images(self) -> int:
@@ -102,6 +109,7 @@ _CHECK_COLUMNS = (
     ("samples", "num_samples"),
     ("expected", "expected_samples"),
     ("bad_img", "undecodable_images"),
+    ("too_big", "large_images"),
     ("no_img", "missing_images"),
     ("no_txt", "missing_captions"),
     ("empty_txt", "empty_captions"),
@@ -116,6 +124,7 @@ class CheckReport:
 
     shards: list[ShardCheck] = field(default_factory=list)
     min_size: int = 0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     @property
     def broken(self) -> list[ShardCheck]:
@@ -156,7 +165,11 @@ class CheckReport:
 
 
 def check_shard(
-    path: str | os.PathLike, *, min_size: int = 0, expected_samples: int | None = None
+    path: str | os.PathLike,
+    *,
+    min_size: int = 0,
+    expected_samples: int | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ShardCheck:
     """Read one tar completely: count samples and judge each as the loader does, detect truncation.
 
@@ -172,7 +185,7 @@ def check_shard(
     for sample in tar:
         result.repeated_keys += sample.key in seen
         seen.add(sample.key)
-        judged = decode_sample(sample)
+        judged = decode_sample(sample, max_image_pixels=max_image_pixels)
         if isinstance(judged, Rejection):
             result.skipped.append((sample.key, judged.reason))
         elif min(judged.image.size) < min_size:
@@ -187,39 +200,50 @@ def check_shard(
     return result
 
 
-def _check_job(job: tuple[str, int, int | None]) -> ShardCheck:
-    path, min_size, expected = job
-    return check_shard(path, min_size=min_size, expected_samples=expected)
+def _check_job(job: tuple[str, int, int | None, int]) -> ShardCheck:
+    path, min_size, expected, max_image_pixels = job
+    return check_shard(path, min_size=min_size, expected_samples=expected, max_image_pixels=max_image_pixels)
 
 
 def check_shards(
-    source: str | os.PathLike, *, min_size: int = 0, num_workers: int | None = None, progress: bool = False
+    source: str | os.PathLike,
+    *,
+    min_size: int = 0,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    num_workers: int | None = None,
+    progress: bool = False,
 ) -> CheckReport:
     """Check every shard of `source`: a manifest (or a folder holding one), or anything `find_shards` accepts.
 
     With a manifest, each shard's sample count is compared with the manifest's; otherwise with the count
-    img2dataset or wids declared, if any. Images narrower or lower than `min_size` pixels count as small.
+    img2dataset or wids declared, if any. Images narrower or lower than `min_size` pixels count as small;
+    images of more than `max_image_pixels` pixels are skipped as the loader with that cap skips them.
     Shards are checked in `num_workers` processes (default: one per core).
     """
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0 pixels, got {min_size}")
+    if max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be at least 1, got {max_image_pixels}")
     manifest_path = find_manifest(source)
     if manifest_path is not None:
         manifest = Manifest.load(manifest_path)
         jobs = [
-            (str(manifest.shard_path(i)), min_size, shard.num_samples)
+            (str(manifest.shard_path(i)), min_size, shard.num_samples, max_image_pixels)
             for i, shard in enumerate(manifest.shards)
         ]
         names = [shard.path for shard in manifest.shards]
     else:
         paths, declared = find_shards(source)
-        jobs = [(str(p), min_size, declared[p].num_samples if p in declared else None) for p in paths]
+        jobs = [
+            (str(p), min_size, declared[p].num_samples if p in declared else None, max_image_pixels)
+            for p in paths
+        ]
         root = Path(os.path.commonpath([p.parent for p in paths]))
         names = [p.relative_to(root).as_posix() for p in paths]
     results = map_shards(_check_job, jobs, num_workers=num_workers, desc="checking shards", progress=progress)
     for name, result in zip(names, results):
         result.path = name
-    report = CheckReport(shards=results, min_size=min_size)
+    report = CheckReport(shards=results, min_size=min_size, max_image_pixels=max_image_pixels)
     for shard in report.broken:
         logger.error("shard %s: %s", shard.path, shard.status())
     return report

@@ -37,7 +37,7 @@ from engine.data.batching import (
 from engine.data.manifest import Manifest
 from engine.data.plan import rank_num_samples, shard_order, slot_num_samples, stable_seed
 from engine.data.reader import EpochReader, StreamSettings
-from engine.data.samples import SkipRecord
+from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS, SkipRecord
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class ShardLoader:
     `resampled`: each reader slot draws shards with replacement (seeded by seed, epoch, slot) and an epoch
     is `samples_per_epoch` samples over all ranks. `pin_memory` (default: when CUDA is available) pins
     batches for fast host-to-device copies; `prefetch_factor` is the pieces each worker keeps ready.
+    Images of more than `max_image_pixels` pixels are skipped from their header, before decoding.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class ShardLoader:
         samples_per_epoch: int | None = None,
         pin_memory: bool | None = None,
         prefetch_factor: int = 2,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         problems = []
         if batch_size < 1:
@@ -82,6 +84,8 @@ class ShardLoader:
             problems.append(f"shuffle_buffer must be at least 1 when shuffling, got {shuffle_buffer}")
         if prefetch_factor < 1:
             problems.append(f"prefetch_factor must be at least 1, got {prefetch_factor}")
+        if max_image_pixels < 1:
+            problems.append(f"max_image_pixels must be at least 1, got {max_image_pixels}")
         if resampled and (samples_per_epoch is None or samples_per_epoch < batch_size * world_size):
             problems.append(
                 f"resampled needs samples_per_epoch >= batch_size x world_size = {batch_size * world_size} "
@@ -121,6 +125,7 @@ class ShardLoader:
             shuffle=shuffle,
             shuffle_buffer=shuffle_buffer,
             resampled=resampled,
+            max_image_pixels=max_image_pixels,
         )
         self.skipped: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.skipped_log: list[SkipRecord] = []

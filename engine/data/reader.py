@@ -65,6 +65,7 @@ class StreamSettings:
     shuffle: bool
     shuffle_buffer: int
     resampled: bool
+    max_image_pixels: int
 
     @property
     def workers_per_rank(self) -> int:
@@ -204,7 +205,7 @@ class EpochReader(IterableDataset):
 
     def _decode(self, sample: _ShardSample, skips: Skips) -> tuple[Tensor, str] | None:
         """(image tensor, caption), or None after recording why the sample is skipped."""
-        decoded = decode_sample(sample.raw)
+        decoded = decode_sample(sample.raw, max_image_pixels=self.settings.max_image_pixels)
         if isinstance(decoded, Rejection):
             shard = self.settings.manifest.shards[sample.shard_index].path
             self._skip(skips, SkipRecord(shard, sample.raw.key, decoded.reason), 1, decoded.detail)

@@ -14,11 +14,14 @@ import io
 import os
 import re
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NamedTuple
 
+import numpy as np
 from PIL import Image
 from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
@@ -27,6 +30,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSION = "txt"
 # Decoding errors PIL raises for broken image bytes (UnidentifiedImageError is an OSError).
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# Images with more pixels (width x height, read from the header) are skipped before decoding.
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
 # Why a sample is skipped: one text per reason, wherever it is found.
 SKIP_DUPLICATE_MEMBER = "duplicate member"
@@ -34,6 +39,7 @@ SKIP_MISSING_IMAGE = "missing image"
 SKIP_MISSING_CAPTION = "missing caption"
 SKIP_NON_UTF8_CAPTION = "non-UTF-8 caption"
 SKIP_EMPTY_CAPTION = "empty caption"
+SKIP_IMAGE_TOO_LARGE = "image too large"
 SKIP_CORRUPT_IMAGE = "corrupt image"
 # Why samples of a shard are lost as a whole (skip records without a key).
 SKIP_TRUNCATED_SHARD = "truncated shard"
@@ -224,10 +230,63 @@ def check_caption(raw: bytes | None) -> str | Rejection:
     return text if text else Rejection(SKIP_EMPTY_CAPTION)
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def open_image(data: bytes) -> Iterator[Image.Image]:
+    """`Image.open` of `data` (lazy: the header only) without PIL's own decompression-bomb check.
+
+    The caller judges the size against its own cap (`max_image_pixels`), so PIL's `MAX_IMAGE_PIXELS`
+    (a warning above 89 Mpx, an error above twice that) is off while the header is read, then restored.
+    """
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            image = Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with image:
+        yield image
+
+
+# Modes whose values are not 8-bit and the largest value each maps to 255 (I: PNG's 16-bit grey in old PIL).
+_HIGH_DEPTH_MAX = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, whatever its mode.
+
+    Transparency (an alpha band, or a palette or colour marked transparent) is composited over white,
+    as img2dataset stores the images open_clip models are trained on. 16-bit modes (I;16*, and I as PNG's
+    16-bit grey) scale 0..65535 to 0..255, float mode F scales 0..1 to 0..255 (both clipped): PIL's
+    own convert("RGB") clips them at 255, which turns a 16-bit image white. Other modes (1, L, P, CMYK,
+    YCbCr, ...) convert as PIL does.
+    """
+    if image.mode in _HIGH_DEPTH_MAX:
+        values = np.asarray(image, dtype=np.float64) * (255.0 / _HIGH_DEPTH_MAX[image.mode])
+        grey = np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def validate_pair(
-    image: bytes | None, caption: bytes | None, *, duplicate_member: bool = False
+    image: bytes | None,
+    caption: bytes | None,
+    *,
+    duplicate_member: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> DecodedSample | Rejection:
-    """Judge one (image bytes, caption bytes) pair; reasons are checked in the order of SKIP_* above."""
+    """Judge one (image bytes, caption bytes) pair; reasons are checked in the order of SKIP_* above.
+
+    An image of more than `max_image_pixels` pixels is rejected from its header, before it is decoded.
+    """
     if duplicate_member:
         return Rejection(SKIP_DUPLICATE_MEMBER)
     if image is None:
@@ -236,14 +295,25 @@ def validate_pair(
     if isinstance(text, Rejection):
         return text
     try:
-        with Image.open(io.BytesIO(image)) as opened:
-            rgb = opened.convert("RGB")
+        with open_image(image) as opened:
+            width, height = opened.size
+            if width * height > max_image_pixels:
+                detail = f" ({width} x {height} = {width * height} pixels > max_image_pixels {max_image_pixels})"
+                return Rejection(SKIP_IMAGE_TOO_LARGE, detail)
+            rgb = to_rgb(opened)
     except IMAGE_ERRORS as exn:
         return Rejection(SKIP_CORRUPT_IMAGE, f" ({type(exn).__name__}: {exn})")
     return DecodedSample(rgb, text)
 
 
-def decode_sample(sample: RawSample) -> DecodedSample | Rejection:
+def decode_sample(
+    sample: RawSample, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> DecodedSample | Rejection:
     """The sample's image (first of IMAGE_EXTENSIONS present) and caption (`txt`), or why it is skipped."""
     image = next((sample.parts[ext] for ext in IMAGE_EXTENSIONS if ext in sample.parts), None)
-    return validate_pair(image, sample.parts.get(CAPTION_EXTENSION), duplicate_member=sample.duplicate_member)
+    return validate_pair(
+        image,
+        sample.parts.get(CAPTION_EXTENSION),
+        duplicate_member=sample.duplicate_member,
+        max_image_pixels=max_image_pixels,
+    )
