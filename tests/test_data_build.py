@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from engine.data import Manifest
+from engine.data import Manifest, ShardLoader
 from engine.data.build import build_shards
 
 
@@ -128,6 +129,43 @@ def test_build_from_folder(tmp_path):
     assert members["000000000.txt"] == b"a cat"
     assert members["000000001.txt"] == b"a dog"
     assert members["000000002.txt"] == b"a fox"
+
+
+DOTTED_STEMS = [
+    "clipart_flying_wasp_gerald_g._01",
+    "clipart_flying_wasp_gerald_g._02",
+    "a.b.c",
+    "a.b",
+    "v1.0",
+]
+
+
+@pytest.mark.parametrize("source", ["folder", "csv"])
+def test_dotted_file_names_stay_pairs_under_webdataset_rule(tmp_path, source, tokenizer, transform):
+    # Read by webdataset's own grouping (key = name up to the first dot), every written pair is one sample
+    # with its image and caption, and the loader uses them all.
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = [b"filepath,caption"]
+    for i, stem in enumerate(DOTTED_STEMS):
+        (src / f"{stem}.png").write_bytes(png_bytes((40 * i, 0, 0)))
+        if source == "folder":
+            (src / f"{stem}.txt").write_text(f"caption of {stem}")
+        rows.append(f"{stem}.png,caption of {stem}".encode())
+    (src / "pairs.csv").write_bytes(b"\n".join(rows) + b"\n")
+    manifest, report = build_shards(
+        src if source == "folder" else src / "pairs.csv", tmp_path / "out", samples_per_shard=2
+    )
+    assert report["num_skipped"] == 0 and manifest.num_samples == len(DOTTED_STEMS)
+    urls = [str(manifest.shard_path(i)) for i in range(manifest.num_shards)]
+    samples = list(group_by_keys(tar_file_expander(url_opener([{"url": url} for url in urls]))))
+    assert [sorted(k for k in sample if not k.startswith("__")) for sample in samples] == [["png", "txt"]] * 5
+    keys = [sample["__key__"] for sample in samples]
+    assert len(set(keys)) == len(keys) and not any("." in key for key in keys)
+    assert sorted(sample["txt"].decode() for sample in samples) == sorted(f"caption of {s}" for s in DOTTED_STEMS)
+    loader = ShardLoader(manifest, batch_size=1, image_transform=transform, tokenizer=tokenizer)
+    assert sorted(key for batch in loader.epoch(0) for key in batch.keys) == sorted(keys)
+    assert not loader.skipped
 
 
 def test_image_ext_reencodes(tmp_path):

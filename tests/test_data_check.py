@@ -59,6 +59,8 @@ def defect_shards(tmp_path: Path) -> Path:
         ("h.txt", b"twice"),
         ("i.png", png_header_only(9000, 8000)),  # over the default pixel cap (72 Mpx)
         ("i.txt", b"too large"),
+        ("j.k.png", png_bytes((5, 5, 5))),  # dotted names: parts of sample "j" under webdataset's rule
+        ("j.k.txt", b"dotted"),
     ]
     write_tar(shards / "00000.tar", defects)
     write_tar(shards / "00001.tar", [m for k in "xyz" for m in good(k, jpeg=True)])
@@ -81,23 +83,25 @@ def test_check_finds_each_planted_defect(defect_shards):
         "missing_captions": first.missing_captions,
         "empty_captions": first.empty_captions,
         "duplicate_keys": first.duplicate_keys,
+        "key_collisions": first.key_collisions,
         "small_images": first.small_images,
     }
     assert found == {
-        "num_samples": 10,
-        "expected_samples": 10,
+        "num_samples": 11,
+        "expected_samples": 11,
         "undecodable_images": 1,
         "large_images": 1,
         "missing_images": 1,
         "missing_captions": 1,
         "empty_captions": 2,
         "duplicate_keys": 2,
+        "key_collisions": 1,
         "small_images": 1,
     }
     assert first.error is None and not first.broken and first.status() == "defects"
     assert [s.status() for s in report.shards[1:]] == ["ok", "ok"]
     assert report.broken == []
-    assert report.totals()["num_samples"] == 17
+    assert report.totals()["num_samples"] == 18
     lines = report.table().splitlines()
     assert lines[0].split() == [
         "shard",
@@ -109,11 +113,12 @@ def test_check_finds_each_planted_defect(defect_shards):
         "no_txt",
         "empty_txt",
         "dup_key",
+        "dot_key",
         "small",
         "status",
     ]
-    assert lines[1].split() == ["00000.tar", "10", "10", "1", "1", "1", "1", "2", "2", "1", "defects"]
-    assert lines[-1].split()[:2] == ["total", "17"] and lines[-1].endswith("0 broken of 3")
+    assert lines[1].split() == ["00000.tar", "11", "11", "1", "1", "1", "1", "2", "2", "1", "1", "defects"]
+    assert lines[-1].split()[:2] == ["total", "18"] and lines[-1].endswith("0 broken of 3")
     # Without a minimum size nothing is small; the 8-pixel JPEGs pass min_size 8 but not 9.
     assert check_shards(defect_shards, num_workers=1).shards[0].small_images == 0
     assert check_shards(defect_shards, min_size=9, num_workers=1).shards[1].small_images == 3

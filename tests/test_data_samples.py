@@ -16,6 +16,7 @@ from engine.data.samples import (
     SKIP_DUPLICATE_MEMBER,
     SKIP_EMPTY_CAPTION,
     SKIP_IMAGE_TOO_LARGE,
+    SKIP_KEY_COLLISION,
     SKIP_MISSING_CAPTION,
     SKIP_MISSING_IMAGE,
     SKIP_NON_UTF8_CAPTION,
@@ -23,6 +24,7 @@ from engine.data.samples import (
     DecodedSample,
     Rejection,
     TarSamples,
+    decode_sample,
     sample_key,
     validate_pair,
 )
@@ -149,6 +151,8 @@ DEFECT_SHARD = [
     ("k10.txt", b""),  # two defects: the first reason in the validator's order
     ("k12.png", png_header_only(9000, 8000)),  # over the default pixel cap: judged from its header
     ("k12.txt", b"too large"),
+    ("k13.b.png", image_bytes()),  # dotted names: parts 'b.png' and 'b.txt' of sample k13
+    ("k13.b.txt", b"a dotted pair"),
     *good("k11"),  # cut by the truncation below
 ]
 EXPECTED_SKIPS = [
@@ -161,6 +165,7 @@ EXPECTED_SKIPS = [
     ("k08", SKIP_MISSING_IMAGE),
     ("k10", SKIP_EMPTY_CAPTION),
     ("k12", SKIP_IMAGE_TOO_LARGE),
+    ("k13", SKIP_KEY_COLLISION),
 ]
 USABLE = ["k00", "k01", "k00", "k09"]
 
@@ -173,8 +178,8 @@ def test_every_defect_judged_alike_by_check_loader_index_and_build(
     shard = write_tar(tmp_path / "shards" / "shard-000000.tar", DEFECT_SHARD)
     manifest = build_manifest([shard], root=shard.parent)
     intact = check_shard(shard, expected_samples=manifest.shards[0].num_samples)
-    # The index counts what check reads: 14 samples, one row each, defective or not.
-    assert manifest.num_samples == intact.num_samples == 14 and not intact.broken
+    # The index counts what check reads: 15 samples, one row each, defective or not.
+    assert manifest.num_samples == intact.num_samples == 15 and not intact.broken
     assert intact.skipped == EXPECTED_SKIPS and intact.repeated_keys == 1
 
     with tarfile.open(shard) as tar:
@@ -182,7 +187,7 @@ def test_every_defect_judged_alike_by_check_loader_index_and_build(
     shard.write_bytes(shard.read_bytes()[:cut])
     checked = check_shard(shard, expected_samples=manifest.shards[0].num_samples)
     assert checked.skipped == EXPECTED_SKIPS
-    assert checked.num_samples == 13 and checked.status().startswith("BROKEN: truncated after 13 sample(s)")
+    assert checked.num_samples == 14 and checked.status().startswith("BROKEN: truncated after 14 sample(s)")
     with pytest.raises(ValueError, match="not a readable tar"):
         build_manifest([shard], root=shard.parent)
 
@@ -195,7 +200,7 @@ def test_every_defect_judged_alike_by_check_loader_index_and_build(
         num_workers=num_workers,
     )
     keys = [key for batch in loader.epoch(0) for key in batch.keys]
-    # 14 rows by the manifest, 4 usable: the first pass yields them, refill passes repeat them.
+    # 15 rows by the manifest, 4 usable: the first pass yields them, refill passes repeat them.
     assert sorted(keys[:4]) == sorted(USABLE) and set(keys) == set(USABLE)
     if num_workers == 0:
         assert keys[:4] == USABLE
@@ -228,5 +233,39 @@ def test_build_skips_a_source_pair_for_the_reason_the_loader_gives(tmp_path):
             (source / f"{key}.{ext}").write_bytes(data)
     _, report = build_shards(source, tmp_path / "out")
     judged = sorted((Path(s["source"]).stem, s["reason"]) for s in report["skipped"])
-    assert judged == sorted(skip for skip in EXPECTED_SKIPS if skip[0] not in ("k07", "k08"))
-    assert report["num_written"] == len({"k00", "k01", "k09", "k11"})
+    # k13's files k13.b.png + k13.b.txt are a pair for the builder, which keys samples by number.
+    assert judged == sorted(skip for skip in EXPECTED_SKIPS if skip[0] not in ("k07", "k08", "k13"))
+    assert report["num_written"] == len({"k00", "k01", "k09", "k11", "k13"})
+
+
+def test_key_collision_names_the_members_and_the_rule(tmp_path):
+    stem = "clipart_flying_wasp_gerald_g._01"
+    path = write_tar(
+        tmp_path / "s.tar",
+        [
+            (f"{stem}.jpg", image_bytes("JPEG")),
+            (f"{stem}.txt", b"a wasp"),
+            ("x/a.1.png", image_bytes()),
+            ("x/a.1.txt", b"one"),
+            ("x/a.2.png", image_bytes()),
+            ("x/a.2.txt", b"two"),
+            ("c.png", image_bytes()),
+            ("c.v2.txt", b"the caption under a dotted name"),
+            ("d.png", image_bytes()),
+            ("d.seg.json", b"{}"),  # a dotted member that is neither image nor caption: just no caption
+        ],
+    )
+    judged = [decode_sample(sample) for sample in TarSamples(path)]
+    rule = "under webdataset's first-dot rule (rename them so that only the extension follows the first dot)"
+    assert judged == [
+        Rejection(
+            SKIP_KEY_COLLISION,
+            f": members '{stem}.jpg' and '{stem}.txt' share key 'clipart_flying_wasp_gerald_g' {rule}",
+        ),
+        Rejection(
+            SKIP_KEY_COLLISION,
+            ": members 'x/a.1.png', 'x/a.1.txt', 'x/a.2.png' and 1 more share key 'x/a' " + rule,
+        ),
+        Rejection(SKIP_KEY_COLLISION, ": member 'c.v2.txt' has key 'c' " + rule),
+        Rejection(SKIP_MISSING_CAPTION),
+    ]

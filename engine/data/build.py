@@ -3,6 +3,7 @@ local data (a `filepath,caption` CSV or a folder of images with .txt captions).
 
 Each pair is judged by the loader's own validator (`samples.validate_pair`), so a pair that is
 written is one the loader uses, and a pair that is skipped is skipped for the reason the loader gives.
+Samples are keyed by their number, not their file names, so dots in names cannot split a pair.
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ def _encode_image(data: bytes, rgb: Image.Image, image_ext: str | None) -> tuple
         return target, out.getvalue()
 
 
+def shard_key(index: int) -> str:
+    """Key of the `index`-th sample written: its number, unique and without a dot whatever the source's
+    file names (webdataset's key ends at the first dot, so `a.b.jpg` + `a.b.txt` would be parts of `a`)."""
+    return f"{index:09d}"
+
+
 class _ShardSequenceWriter:
     """Writes `shard-NNNNNN.tar` files of `samples_per_shard` samples, each moved into place when complete."""
 
@@ -208,7 +215,7 @@ def build_shards(
                 logger.warning("skipping %s: %s%s", item.name, judged.reason, judged.detail)
                 skipped.append({"source": item.name, "reason": judged.reason})
                 continue
-            writer.write(f"{num_written:09d}", ext, image, judged.caption)
+            writer.write(shard_key(num_written), ext, image, judged.caption)
             num_written += 1
         writer.close()
     except BaseException as exn:

@@ -20,6 +20,7 @@ from engine.data.samples import (
     SKIP_DUPLICATE_MEMBER,
     SKIP_EMPTY_CAPTION,
     SKIP_IMAGE_TOO_LARGE,
+    SKIP_KEY_COLLISION,
     SKIP_MISSING_CAPTION,
     SKIP_MISSING_IMAGE,
     SKIP_NON_UTF8_CAPTION,
@@ -83,6 +84,11 @@ class ShardCheck:
         return self.skipped_by_reason[SKIP_DUPLICATE_MEMBER] + self.repeated_keys
 
     @property
+    def key_collisions(self) -> int:
+        """Samples without image or caption because dotted member names share a key (webdataset's first dot)."""
+        return self.skipped_by_reason[SKIP_KEY_COLLISION]
+
+    @property
     def count_mismatch(self) -> bool:
         return self.expected_samples is not None and self.expected_samples != self.num_samples
 
@@ -114,6 +120,7 @@ _CHECK_COLUMNS = (
     ("no_txt", "missing_captions"),
     ("empty_txt", "empty_captions"),
     ("dup_key", "duplicate_keys"),
+    ("dot_key", "key_collisions"),
     ("small", "small_images"),
 )
 

@@ -35,6 +35,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
 # Why a sample is skipped: one text per reason, wherever it is found.
 SKIP_DUPLICATE_MEMBER = "duplicate member"
+SKIP_KEY_COLLISION = "key collision"
 SKIP_MISSING_IMAGE = "missing image"
 SKIP_MISSING_CAPTION = "missing caption"
 SKIP_NON_UTF8_CAPTION = "non-UTF-8 caption"
@@ -75,12 +76,14 @@ def _is_meta_member(name: str) -> bool:
 class RawSample:
     """The undecoded members (extension -> bytes) of the sample at raw `position` of its tar.
 
-    `duplicate_member`: one extension occurred twice (the later bytes are kept).
+    `members`: the member names as in the tar; `duplicate_member`: one extension occurred twice (the later
+    bytes are kept).
     """
 
     position: int
     key: str
     parts: dict[str, bytes] = field(default_factory=dict)
+    members: list[str] = field(default_factory=list)
     duplicate_member: bool = False
 
     def has_image_and_caption(self) -> bool:
@@ -190,6 +193,7 @@ class TarSamples:
                     suffix = info.name[len(key) + 1 :].lower()
                     pending.duplicate_member |= suffix in pending.parts
                     pending.parts[suffix] = data
+                    pending.members.append(info.name)
                 if getattr(tar.fileobj, "comptype", "tar") == "tar":
                     tail = os.pread(file.fileno(), _TAR_END_BYTES, tar.offset)
                     self.end_marker = len(tail) == _TAR_END_BYTES and not tail.strip(b"\0")
@@ -306,14 +310,43 @@ def validate_pair(
     return DecodedSample(rgb, text)
 
 
+def key_collision(sample: RawSample, missing: set[str]) -> Rejection | None:
+    """Why a sample lacks the parts with `missing` extensions though dotted member names end in them, or None.
+
+    webdataset's key is the member name up to the first dot of its basename, so `a.b.jpg` and `a.b.txt`
+    are the parts `b.jpg` and `b.txt` of sample `a` (and `a.c.jpg` joins them): no `jpg`, no `txt`.
+    """
+    dotted = [
+        name
+        for name in sample.members
+        if "." in (suffix := name[len(sample.key) + 1 :]) and suffix.rsplit(".", 1)[1].lower() in missing
+    ]
+    if not dotted:
+        return None
+    names = [repr(name) for name in dotted[:3]] + ([f"{len(dotted) - 3} more"] if len(dotted) > 3 else [])
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    shares = "member " + listed + " has" if len(names) == 1 else "members " + listed + " share"
+    return Rejection(
+        SKIP_KEY_COLLISION,
+        f": {shares} key {sample.key!r} under webdataset's first-dot rule "
+        "(rename them so that only the extension follows the first dot)",
+    )
+
+
 def decode_sample(
     sample: RawSample, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> DecodedSample | Rejection:
-    """The sample's image (first of IMAGE_EXTENSIONS present) and caption (`txt`), or why it is skipped."""
+    """The sample's image (first of IMAGE_EXTENSIONS present) and caption (`txt`), or why it is skipped.
+
+    A sample without image or caption whose members have dots in their names is a key collision.
+    """
     image = next((sample.parts[ext] for ext in IMAGE_EXTENSIONS if ext in sample.parts), None)
+    caption = sample.parts.get(CAPTION_EXTENSION)
+    missing = {*(IMAGE_EXTENSIONS if image is None else ()), *((CAPTION_EXTENSION,) if caption is None else ())}
+    if missing and not sample.duplicate_member:
+        collision = key_collision(sample, missing)
+        if collision is not None:
+            return collision
     return validate_pair(
-        image,
-        sample.parts.get(CAPTION_EXTENSION),
-        duplicate_member=sample.duplicate_member,
-        max_image_pixels=max_image_pixels,
+        image, caption, duplicate_member=sample.duplicate_member, max_image_pixels=max_image_pixels
     )
