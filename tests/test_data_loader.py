@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from engine.data import Batch, Manifest, ShardEntry, ShardLoader, SkipRecord
+from engine.data.loader import SKIP_WARNINGS_PER_EPOCH
 from engine.data.manifest import COUNT_FROM_STATS
 from engine.data.plan import shard_order, slot_shards
 from engine.data.sources import build_manifest
@@ -177,12 +178,30 @@ def test_bad_samples_skipped_counted_and_rows_kept(tmp_path, tokenizer, transfor
             SkipRecord("shard-000001.tar", "s1p2", "non-UTF-8 caption"),
         ]
     )
-    if num_workers == 0:  # worker processes log to their own stderr
-        assert any("s1p0" in r.getMessage() and "corrupt image" in r.getMessage() for r in caplog.records)
+    # Logged by the main process, also for samples that worker processes read.
+    assert any("s1p0" in r.getMessage() and "corrupt image" in r.getMessage() for r in caplog.records)
 
     # Counts accumulate across epochs.
     run_epoch(loader, 1, manifest)
     assert loader.skipped["shard-000001.tar"]["corrupt image"] == 2
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skipped_samples_logged_a_few_per_epoch_then_totalled(tmp_path, tokenizer, transform, caplog, num_workers):
+    bad = {(s, p): "corrupt" if p % 2 else "empty" for s in range(2) for p in range(1, 10)}
+    manifest = make_dataset(tmp_path, [12, 12], bad)  # 18 of 24 samples skipped each epoch
+    loader = make_loader(manifest, tokenizer, transform, batch_size=2, num_workers=num_workers)
+    for epoch in (0, 1):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="engine.data"):
+            run_epoch(loader, epoch, manifest)
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum(m.startswith("skipping sample") for m in messages) == SKIP_WARNINGS_PER_EPOCH == 5
+        assert f"rank 0 epoch {epoch}: 5 samples skipped; more are counted, not logged one by one" in "".join(messages)
+        totals = [m for m in messages if "not logged one by one):" in m]
+        expected = f"rank 0 epoch {epoch}: 18 samples skipped (13 not logged one by one): "
+        assert totals == [expected + "{'corrupt image': 10, 'empty caption': 8}"]
+    assert loader.num_skipped == 36
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

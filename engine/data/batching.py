@@ -13,6 +13,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,6 +34,14 @@ class Batch:
         return len(self.keys)
 
 
+class Skip(NamedTuple):
+    """`count` samples skipped for `record`'s reason, with a detail for the log (the error, the counts)."""
+
+    record: SkipRecord
+    count: int
+    detail: str = ""
+
+
 @dataclass
 class Piece:
     """Piece `index` of a worker: its next decoded samples (up to batch_size) and the skips made meanwhile.
@@ -51,7 +60,7 @@ class Piece:
     texts: Tensor | None
     sample_ids: list[int]
     keys: list[str]
-    skips: list[tuple[SkipRecord, int]] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
     offset: int = 0
 
     def __len__(self) -> int:

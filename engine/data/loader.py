@@ -9,6 +9,9 @@ A rank left short by skipped samples reads its share again (logged) rather than 
 The loader tracks its position (see `batching.py`): `state_dict()` is the position after the last batch
 it yielded, with the skip counts so far; `load_state_dict()` restores it, and `epoch(e, start_batch=k)`
 continues there exactly, each worker passing over the samples it had already delivered.
+
+Skipped samples are counted per shard (`skipped`); the first SKIP_WARNINGS_PER_EPOCH of an epoch are
+logged one by one, then only their totals at the epoch's end. Lost shard parts are always logged.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from engine.data.batching import (
     Piece,
     PieceMerger,
     Position,
+    Skip,
     WorkerStart,
     keep_piece,
     planned_position,
@@ -43,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 LOADER_STATE_FORMAT = "tuneclip-loader-state"
 LOADER_STATE_VERSION = 1
+# Skipped samples logged one by one per epoch and rank; the rest are counted (and totalled at the epoch's end).
+SKIP_WARNINGS_PER_EPOCH = 5
 
 
 class ShardLoader:
@@ -129,6 +135,7 @@ class ShardLoader:
         )
         self.skipped: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.skipped_log: list[SkipRecord] = []
+        self._epoch_skips: tuple[int, Counter[str]] = (-1, Counter())  # skipped samples of the epoch being read
         # After the last batch yielded, as restored by load_state_dict, or where epoch() was asked to start.
         self._position = Position.pass_start(0, self.workers_per_rank)
         if resampled:
@@ -208,10 +215,47 @@ class ShardLoader:
         )
         yield from loader
 
-    def _record(self, skips: list[tuple[SkipRecord, int]]) -> None:
-        for record, count in skips:
+    def _record(self, skips: list[Skip], epoch: int) -> None:
+        """Count skips; log lost shard parts always, skipped samples up to SKIP_WARNINGS_PER_EPOCH per epoch."""
+        if self._epoch_skips[0] != epoch:
+            self._epoch_skips = (epoch, Counter())
+        counts = self._epoch_skips[1]
+        for record, count, detail in skips:
             self.skipped[record.shard][record.reason] += count
             self.skipped_log.append(record)
+            if record.key is None:
+                logger.error(
+                    "rank %d: shard %s: %s, %d sample(s) lost%s", self.rank, record.shard, record.reason, count, detail
+                )
+                continue
+            num_logged = sum(counts.values())
+            counts[record.reason] += count
+            if num_logged < SKIP_WARNINGS_PER_EPOCH:
+                logger.warning(
+                    "skipping sample %s of shard %s: %s%s", record.key, record.shard, record.reason, detail
+                )
+                if num_logged + 1 == SKIP_WARNINGS_PER_EPOCH:
+                    logger.warning(
+                        "rank %d epoch %d: %d samples skipped; more are counted, not logged one by one "
+                        "(totals at the end of the epoch)",
+                        self.rank,
+                        epoch,
+                        SKIP_WARNINGS_PER_EPOCH,
+                    )
+
+    def _log_epoch_skips(self, epoch: int) -> None:
+        """At the end of an epoch, the totals of its skipped samples if some were not logged one by one."""
+        skip_epoch, counts = self._epoch_skips
+        num_skipped = sum(counts.values())
+        if skip_epoch == epoch and num_skipped > SKIP_WARNINGS_PER_EPOCH:
+            logger.warning(
+                "rank %d epoch %d: %d samples skipped (%d not logged one by one): %s",
+                self.rank,
+                epoch,
+                num_skipped,
+                num_skipped - SKIP_WARNINGS_PER_EPOCH,
+                dict(sorted(counts.items())),
+            )
 
     def _batches(self, position: Position) -> Iterator[Batch]:
         num_batches = self.num_batches()
@@ -234,7 +278,7 @@ class ShardLoader:
                     ):
                         piece = piece.cut(straddle[1])  # its first samples (and its skips) went out before
                     else:
-                        self._record(piece.skips)
+                        self._record(piece.skips, position.epoch)
                     if not len(piece):
                         continue
                     queue.append(piece)
@@ -247,6 +291,8 @@ class ShardLoader:
                         self._position = self._position_after(
                             position.epoch, num_yielded, read_pass, merger, queue
                         )
+                        if num_yielded == num_batches:
+                            self._log_epoch_skips(position.epoch)
                         yield batch
                     if num_yielded == num_batches:
                         break

@@ -4,6 +4,7 @@ Each DataLoader worker (or the main process, without workers) reads its reader s
 passes the raw samples through a shuffle buffer seeded by (seed, epoch, slot), decodes and augments
 them (augmentation seeded by (seed, epoch, row)) and sends pieces (see `batching.py`). A worker that
 restarts mid-epoch passes over the raw samples it had already delivered without decoding them.
+Skips travel with the pieces; the main process counts and logs them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from engine.data.batching import Piece, WorkerStart
+from engine.data.batching import Piece, Skip, WorkerStart
 from engine.data.manifest import Manifest
 from engine.data.plan import (
     resample_rng,
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 MAX_UNDECODABLE_RUN = 10_000
 MAX_EMPTY_DRAWS = 16
 
-Skips = list[tuple[SkipRecord, int]]
+Skips = list[Skip]
 
 
 @dataclass(frozen=True)
@@ -138,17 +139,9 @@ class EpochReader(IterableDataset):
         yield from self._pieces(samples, skips, worker=worker, start=start)
 
     def _skip(self, skips: Skips, record: SkipRecord, count: int, detail: str = "") -> None:
-        if not self.record_skips or count == 0 or self._passing_over:
-            return
-        skips.append((record, count))
-        if record.key is None:
-            logger.error(
-                "shard %s: %s, %d sample(s) of this reader lost%s", record.shard, record.reason, count, detail
-            )
-        else:
-            logger.warning(
-                "skipping sample %s of shard %s: %s%s", record.key, record.shard, record.reason, detail
-            )
+        """Note a skip for the main process, which counts and logs it (workers log nothing themselves)."""
+        if self.record_skips and count and not self._passing_over:
+            skips.append(Skip(record, count, detail))
 
     def _resampled_samples(self, slot: int, skips: Skips) -> Iterator[_ShardSample]:
         """Whole shards drawn with replacement, forever; an error if the draws keep coming up empty."""
