@@ -60,6 +60,7 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement (very large data); epoch = samples_per_epoch
     samples_per_epoch: int | None = None  # all ranks together; required with resampled
     max_image_pixels: int = 8192 * 8192  # larger images (width x height) are skipped before decoding
+    train_transform: str = "augment"  # augment: the model's random-resized-crop train transform; eval: none
 
     def errors(self, *, training: bool = True) -> list[str]:
         out = []
@@ -75,6 +76,11 @@ class DataConfig:
             out.append("data.samples_per_epoch applies to data.resampled=true only; drop it or set resampled")
         if self.max_image_pixels < 1:
             out.append(f"data.max_image_pixels must be >= 1 (width x height), got {self.max_image_pixels}")
+        if self.train_transform not in ("augment", "eval"):
+            out.append(
+                f"data.train_transform must be 'augment' (random crops) or 'eval' (no augmentation), "
+                f"got {self.train_transform!r}"
+            )
         return out
 
 

@@ -83,7 +83,9 @@ class Trainer:
         self.backend = backend_cls.from_config(cfg, model, ctx=self.ctx, device=self.device,
                                                micro_batch_size=self.local_batch)
         self.loader = ShardLoader(
-            self.manifest, batch_size=self.local_batch, image_transform=self.bundle.train_transform,
+            self.manifest, batch_size=self.local_batch,
+            image_transform=(self.bundle.eval_transform if cfg.data.train_transform == "eval"
+                             else self.bundle.train_transform),
             tokenizer=self.bundle.tokenizer, rank=self.ctx.rank, world_size=self.ctx.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
             resampled=cfg.data.resampled, samples_per_epoch=cfg.data.samples_per_epoch,
