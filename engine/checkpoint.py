@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from engine.distributed import DistContext, barrier
+from engine.distributed import DistContext, barrier, gather_objects
 from engine.io import fsync_dir, write_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,10 @@ def read_state(path: Path) -> dict[str, dict]:
     return json.loads((path / STATE).read_text())
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, permissions); nothing of it was kept."""
+
+
 class CheckpointManager:
     """`save(step)` / `load(spec)` of a dict of stateful parts, for one run directory.
 
@@ -127,15 +131,14 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier()
-        for name, part in self.parts.items():
-            if isinstance(part, FolderStateful):
-                part.save(staging / name)
-        for name, part in self.rank_parts.items():
-            write_json_atomic(staging / RANKS / name / f"rank_{self.ctx.rank:05d}.json", part.state_dict())
-        if self.ctx.is_main:
-            states = {name: part.state_dict() for name, part in self.parts.items() if isinstance(part, Stateful)}
-            write_json_atomic(staging / STATE, {**states, "step": step})
-        barrier()  # every rank's files are written
+        try:
+            self._write_parts(staging, step)
+            failure = None
+        except OSError as exc:  # disk full, quota, permissions: reported below on every rank
+            failure = f"rank {self.ctx.rank}: {exc.filename or staging}: {exc.strerror or exc}"
+        failures = [f for f in gather_objects(failure) if f]  # also: every rank's files are written
+        if failures:
+            self._abandon(staging, step, failures)
         if self.ctx.is_main:
             write_json_atomic(staging / COMPLETE, {"files": _file_sizes(staging)}, indent=1)
             old = self.root / f".old-{final.name}"
@@ -150,6 +153,32 @@ class CheckpointManager:
             logger.info("checkpoint saved: %s", final)
         barrier()
         return final
+
+    def _write_parts(self, staging: Path, step: int) -> None:
+        for name, part in self.parts.items():
+            if isinstance(part, FolderStateful):
+                part.save(staging / name)
+        for name, part in self.rank_parts.items():
+            write_json_atomic(staging / RANKS / name / f"rank_{self.ctx.rank:05d}.json", part.state_dict())
+        if self.ctx.is_main:
+            states = {name: part.state_dict() for name, part in self.parts.items() if isinstance(part, Stateful)}
+            write_json_atomic(staging / STATE, {**states, "step": step})
+
+    def _abandon(self, staging: Path, step: int, failures: list[str]) -> None:
+        """Remove a save that failed on some rank and raise one message saying why and what is intact."""
+        barrier()
+        if self.ctx.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        barrier()
+        previous = [p for p in step_folders(self.root) if is_complete(p)]
+        needed = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else 0
+        free = shutil.disk_usage(self.root).free
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(
+            f"checkpoint of step {step} could not be written ({'; '.join(failures[:3])}); {free:,} bytes free "
+            f"in {self.root}, a checkpoint takes about {needed:,}; {kept}; free space (or fix the folder) and "
+            "continue with --resume latest"
+        )
 
     def _purge(self) -> None:
         if self.keep_last_n <= 0:
@@ -225,10 +254,20 @@ OSR_DEFINING_KEYS = ("model.name", "model.weights", "model.preset", "model.preci
                      "loss.gamma_min", "loss.gamma_decay_epochs", "osr.epochs", "optim.betas",
                      "data.batch_size", "run.seed")
 
-# Settings that may change between a run and its resumption (they do not change the math).
+# Schedule-only settings a resumed run may change (e.g. a lower lr after non-finite steps); logged.
+SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.grad_clip", "run.max_bad_steps")
+
+# Settings that may change between a run and its resumption (they do not change the method).
 RESUME_FREE_KEYS = ("run.progress", "run.log_every", "run.save_every_steps", "run.keep_last_n",
                     "run.resume", "eval.every_steps", "eval.at_start", "eval.batch_size", "run.device",
-                    "osr.load_from", "run.out_dir", "data.train", "model.weights")  # moved folders / files
+                    "osr.load_from", "run.out_dir", "data.train", "model.weights",  # moved folders / files
+                    "run.collective_timeout_s", *SCHEDULE_KEYS)
+
+
+def schedule_changes(saved: dict, live: dict) -> list[str]:
+    """The schedule-only settings (SCHEDULE_KEYS) a resuming job changes, as 'key: old -> new'."""
+    old, new = flatten(saved["config"]), flatten(live["config"])
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in SCHEDULE_KEYS if old.get(key) != new.get(key)]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

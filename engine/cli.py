@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
+
+from engine.preemption import EXIT_PREEMPTED, Preempted
 
 COMMON_FLAGS = {
     # flag: config key it sets
@@ -120,9 +123,28 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     try:
         return _dispatch(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Preempted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+# Errors a user can act on: bad input, a stopped run's reason, files and folders the OS refused.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of `exc` for an `error:` line (OS errors name the file and the reason)."""
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.filename:
+        hint = {errno.EACCES: "check the folder's permissions or pick another --out",
+                errno.EROFS: "the filesystem is read-only; pick another --out",
+                errno.ENOSPC: "free space or pick another --out"}.get(exc.errno, "")
+        return f"{exc.filename}: {exc.strerror}" + (f"; {hint}" if hint else "")
+    return str(exc)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -143,6 +165,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         return _eval(args)
 
+    from engine.heartbeat import is_collective_timeout
     from engine.trainer import Trainer
 
     cfg = job_config_from_args(args)
@@ -156,6 +179,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"recovered statistics: {trainer.checkpoints.find('latest')} (reuse with --osr-from)")
         elif args.command == "finetune":
             trainer.tune(osr=False)
+    except RuntimeError as exc:
+        if trainer.heartbeat is None or not is_collective_timeout(exc):
+            raise
+        raise ValueError(trainer.heartbeat.timeout_report(exc)) from exc
     finally:
         trainer.close()
     return 0

@@ -202,6 +202,7 @@ class RunConfig:
     keep_last_n: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
     max_bad_steps: int = 5  # consecutive non-finite steps skipped before the run aborts
+    collective_timeout_s: int = 600  # a rank waiting this long in a collective fails the job (dead/frozen rank)
 
     def errors(self) -> list[str]:
         out = []
@@ -215,6 +216,8 @@ class RunConfig:
             out.append(f"run.save_every_steps must be >= 0 (0 = off), got {self.save_every_steps}")
         if self.keep_last_n < 1:
             out.append(f"run.keep_last_n must be >= 1, got {self.keep_last_n}")
+        if self.collective_timeout_s < 1:
+            out.append(f"run.collective_timeout_s must be >= 1 (seconds), got {self.collective_timeout_s}")
         if self.max_bad_steps < 1:
             out.append(f"run.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         return out

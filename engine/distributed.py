@@ -6,6 +6,7 @@ without them the job is a single process and every collective here is the identi
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -54,12 +55,15 @@ def default_device(ctx: DistContext, requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(ctx: DistContext) -> None:
-    """Join the job's process group (nccl on GPUs, gloo on CPU) once; no-op for one process."""
+def init_process_group(ctx: DistContext, *, timeout_s: float = 600) -> None:
+    """Join the job's process group (nccl on GPUs, gloo on CPU) once; no-op for one process.
+
+    A collective that waits `timeout_s` for another rank fails instead of hanging.
+    """
     if not ctx.distributed or dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     logger.info("rank %d/%d joined process group (%s)", ctx.rank, ctx.world_size, backend)
 
 
@@ -87,6 +91,15 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` (picklable) on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

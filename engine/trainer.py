@@ -22,13 +22,16 @@ from tqdm import tqdm
 
 from engine import __version__
 from engine.backends import select_backend
-from engine.checkpoint import TRAIN_STATE, CheckpointManager, has_checkpoints
+from engine.checkpoint import TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
 from engine.config import METHOD_RUNS_OSR, JobConfig
 from engine.data import Batch, Manifest, ShardLoader
 from engine.distributed import all_reduce_sum, barrier, context_from_env, default_device, gather_no_grad
 from engine.evaluate import Evaluator, build_tasks, headline_metric, write_results
+from engine.heartbeat import Heartbeat
 from engine.objectives import Objective, build_objective, total_loss
 from engine.objectives.normaliser import TableNormaliser
+from engine.preemption import Preempted, StopRequests
+from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
 from models import build_model, export_weights, features_of, temperature
@@ -53,10 +56,19 @@ class Trainer:
                 "ranks; pick a multiple of the world size"
             )
         self.local_batch = cfg.data.batch_size // self.ctx.world_size
-        backend_cls.init_distributed(self.ctx)
+        backend_cls.init_distributed(self.ctx, timeout_s=cfg.run.collective_timeout_s)
         self.out_dir = Path(cfg.run.out_dir)
-        if self.ctx.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.out_dir, self.ctx)
+        self.stop_requests = self.heartbeat = None
+        try:
+            self._build(backend_cls)
+        except BaseException:
+            self._release_run()
+            raise
+
+    def _build(self, backend_cls) -> None:
+        """Every part of the job, then the state to continue from (a checkpoint or OSR statistics)."""
+        cfg = self.cfg
         fresh = not (cfg.run.resume or cfg.osr.load_from)
         if fresh and has_checkpoints(self.out_dir / "checkpoints"):
             raise ValueError(
@@ -111,6 +123,11 @@ class Trainer:
             rank_parts={"loader": self.loader},
         )
         self.log = JsonlLogger(self.out_dir / "log.jsonl", enabled=self.ctx.is_main)
+        self.stop_requests = StopRequests(device=self.device).install()
+        # Names a dead or frozen rank when a collective times out (one process has no peers).
+        if self.ctx.distributed:
+            self.heartbeat = Heartbeat(self.out_dir / ".heartbeat", self.ctx,
+                                       timeout_s=cfg.run.collective_timeout_s).start()
         self.log.write({"event": "start", "config": cfg.to_dict(), "config_digest": cfg.digest(),
                         "tau": self.tau, "num_samples": self.manifest.num_samples,
                         "world_size": self.ctx.world_size})
@@ -141,9 +158,18 @@ class Trainer:
         # Terms carry global values, so every rank takes the same decision without a collective.
         if not torch.isfinite(total).item():
             objective.skip_step()
-            return self._skip_step(batch)
+            return self._skip_step(batch, reason="non-finite loss/features")
         self.backend.backward(total)
         grad_norm = self.backend.step(lr=lr, grad_clip=grad_clip)
+        if not math.isfinite(grad_norm):
+            objective.skip_step()
+            if not self.backend.state_finite():  # the update went in: nothing after the last checkpoint is kept
+                raise FloatingPointError(
+                    f"step {self.global_step + 1} had a non-finite gradient norm and made the weights or AdamW "
+                    "state non-finite; nothing was saved after it. Resume from the last checkpoint with a lower "
+                    "learning rate (--resume latest --lr ...) or check the data (batch keys in log.jsonl)"
+                )
+            return self._skip_step(batch, reason="non-finite gradient norm (update not applied)")
         objective.after_step()
         self.global_step += 1
         self.num_bad_steps = 0
@@ -151,17 +177,18 @@ class Trainer:
         return {"loss": float(total.detach()), **values, "grad_norm": grad_norm, "lr": lr,
                 "gamma": self.normaliser.gamma()}
 
-    def _skip_step(self, batch: Batch) -> dict:
+    def _skip_step(self, batch: Batch, *, reason: str) -> dict:
         self.num_bad_steps += 1
         self.backend.zero_grad()
-        logger.warning("non-finite loss/features at step %d: step skipped (%d in a row); batch keys %s",
-                       self.global_step, self.num_bad_steps, batch.keys[:16])
-        self.log.write({"event": "bad_step", "step": self.global_step, "keys": batch.keys,
+        logger.warning("%s at step %d: step skipped (%d in a row); batch keys %s",
+                       reason, self.global_step, self.num_bad_steps, batch.keys[:16])
+        self.log.write({"event": "bad_step", "step": self.global_step, "reason": reason, "keys": batch.keys,
                         "consecutive": self.num_bad_steps})
         if self.num_bad_steps >= self.cfg.run.max_bad_steps:
             raise FloatingPointError(
-                f"{self.num_bad_steps} consecutive non-finite steps (last at step {self.global_step}): "
-                "lower optim.lr, check the data for broken samples (keys in log.jsonl), or use fp32"
+                f"{self.num_bad_steps} consecutive non-finite steps (last at step {self.global_step}, {reason}); "
+                "nothing was saved after them. Resume from the last checkpoint with a lower learning rate "
+                "(--resume latest --lr ...), check the data for broken samples (keys in log.jsonl), or use fp32"
             )
         return {"loss": float("nan"), "batch_loss": float("nan"), "grad_norm": float("nan"), "lr": 0.0,
                 "gamma": 0.0, "skipped": True}
@@ -223,8 +250,18 @@ class Trainer:
                 ):
                     self.evaluate(stage=stage)
                 if rcfg.save_every_steps and self.stage_step % rcfg.save_every_steps == 0:
-                    self.checkpoints.save(self.global_step)
+                    self.save_checkpoint()
+                self._stop_if_requested()
         bar.close()
+
+    def _stop_if_requested(self) -> None:
+        """Checkpoint and raise `Preempted` if any rank was asked to stop (collective, every step)."""
+        reason = self.stop_requests.agreed()
+        if reason is None:
+            return
+        path = self.save_checkpoint()
+        self.log.write({"event": "preempted", "reason": reason, "step": self.global_step, "checkpoint": str(path)})
+        raise Preempted(reason, step=self.global_step, checkpoint=str(path))
 
     def _end_epoch(self, stage: str, epoch: int) -> None:
         self.data_epoch += 1
@@ -272,13 +309,13 @@ class Trainer:
             self.osr()
             self._enter("finetune")
             if self.cfg.run.save_every_steps or not finetune:
-                self.checkpoints.save(self.global_step)  # the recovered statistics, for stage II or reuse
+                self.save_checkpoint()  # the recovered statistics, for stage II or reuse
         if self.stage == "finetune" and finetune:
             self.finetune()
             self._enter("done")
             self.export(self.out_dir / "final.safetensors")
             if self.cfg.run.save_every_steps:
-                self.checkpoints.save(self.global_step)
+                self.save_checkpoint()
         return self.history
 
     def _enter(self, stage: str) -> None:
@@ -307,6 +344,10 @@ class Trainer:
     def resume(self, spec: str = "latest") -> dict:
         """Restore every part from a checkpoint (`latest` or a folder)."""
         saved = self.checkpoints.load(spec, purpose="resume", can_reshard=self.backend.supports_reshard)
+        changes = schedule_changes(saved[TRAIN_STATE], self.state_dict())
+        if changes:
+            logger.warning("resuming with changed schedule settings: %s", "; ".join(changes))
+            self.log.write({"event": "schedule_changed", "changes": changes})
         if saved[TRAIN_STATE]["world_size"] != self.ctx.world_size:
             # Weights, moments, step and estimates carry over exactly; the data order of the rest of
             # the epoch is the new world size's (same global batch count, different composition).
@@ -357,10 +398,24 @@ class Trainer:
         barrier()
         return path
 
+    def save_checkpoint(self) -> Path:
+        """Checkpoint every part at the current step (collective), if this job still owns the folder."""
+        self.lock.verify()
+        return self.checkpoints.save(self.global_step)
+
     def close(self) -> None:
         self.normaliser.close()
         self.log.close()
         self.backend.close()
+        self._release_run()
+
+    def _release_run(self) -> None:
+        """Give back the signal handlers, the heartbeat and the folder lock (also after a failed start)."""
+        if self.stop_requests is not None:
+            self.stop_requests.uninstall()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        self.lock.release()
 
 
 def _default_metric(results: dict) -> str:

@@ -34,7 +34,7 @@ class ToyBackend:
         return cls(model, device=device, lr_log=[], weight_decay=cfg.optim.weight_decay)
 
     @classmethod
-    def init_distributed(cls, ctx):
+    def init_distributed(cls, ctx, *, timeout_s=600):
         pass
 
     def forward(self, images, texts):
@@ -53,6 +53,9 @@ class ToyBackend:
 
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)
+
+    def state_finite(self):
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def reset_optimizer_state(self):
         self.optimizer.state.clear()

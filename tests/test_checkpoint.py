@@ -14,6 +14,7 @@ from engine.checkpoint import (
     CheckpointManager,
     checkpoint_problems,
     has_checkpoints,
+    schedule_changes,
 )
 from engine.config import JobConfig
 from engine.distributed import DistContext
@@ -271,7 +272,7 @@ def test_resume_refuses_another_job_listing_every_conflict_and_changes_nothing(t
     root = tmp_path / "ck"
     save_job(root, job())
     live, live_ranks = make_parts(2, state=job(model="ViT-B-32", manifest_fingerprint="manifest-2",
-                                                **{"loss.margin": 0.3, "optim.lr": 2e-5}))
+                                                **{"loss.margin": 0.3, "optim.weight_decay": 0.05}))
     before = snapshot(live, live_ranks)
     with pytest.raises(ValueError) as info:
         manager(root, live, live_ranks).load("latest")
@@ -279,7 +280,7 @@ def test_resume_refuses_another_job_listing_every_conflict_and_changes_nothing(t
     assert text.startswith("cannot resume from")
     for expected in ("model 'ViT-B-32' != checkpoint's 'tiny-vit'", "manifest fingerprint",
                      "config loss.margin: checkpoint has 0.1, this job 0.3",
-                     "config optim.lr: checkpoint has 1e-05, this job 2e-05"):
+                     "config optim.weight_decay: checkpoint has 0.02, this job 0.05"):
         assert expected in text
     assert text.count("\n  - ") == 4
     assert snapshot(live, live_ranks) == before
@@ -416,3 +417,12 @@ def test_step_folders_sort_by_number_past_their_padding(tmp_path):
     manager.save(100_000_000)
     assert [p.name for p in (tmp_path / "ck").glob("step_*")] == ["step_100000000"]
     assert manager.find("latest").name == "step_100000000"
+
+
+def test_schedule_only_settings_may_change_on_resume_and_are_reported(tmp_path):
+    root = tmp_path / "ck"
+    save_job(root, job())
+    changed = job(**{"optim.lr": 2e-6, "run.max_bad_steps": 9})
+    live, live_ranks = make_parts(2, state=changed)
+    manager(root, live, live_ranks).load("latest")  # accepted
+    assert schedule_changes(job(), changed) == ["optim.lr: 1e-05 -> 2e-06", "run.max_bad_steps: 5 -> 9"]

@@ -1,5 +1,6 @@
 """Launching as users do: the deepspeed launcher (1 node x 2 ranks, 2 nodes x 1 rank) and torchrun."""
 
+import contextlib
 import glob
 import json
 import os
@@ -14,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.objectives.table import UTable
 from engine.data.build import build_shards
+from engine.objectives.table import UTable
 from engine.synthetic import render_pairs
 from models import register_shipped_configs
 from tests.harness import free_port
@@ -138,3 +139,64 @@ def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, tmp_path)
     rows = torch.arange(ta.num_rows)
     for x, y in zip((*ta.read(rows), ta.visits(rows)), (*tb.read(rows), tb.visits(rows))):
         assert torch.equal(x, y)
+
+
+def _descendant_with_rank(root_pid: int, rank: int) -> int | None:
+    """The process below `root_pid` whose environment has RANK=`rank` (a launcher's worker)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo = list(children.get(root_pid, []))
+    while todo:
+        pid = todo.pop()
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+        todo.extend(children.get(pid, []))
+    return None
+
+
+@pytest.mark.slow
+def test_frozen_rank_fails_the_job_within_the_collective_timeout_naming_it(shards, tmp_path):
+    port = free_port()
+    out = tmp_path / "frozen"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "run.py", "tune", "--train", str(shards),
+           "--out", str(out), *JOB, "--epochs", "20", "--set", "run.zero_config=zero_configs/zero2.json",
+           "--set", "run.collective_timeout_s=8", "--set", "run.log_every=1"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    frozen = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            log = out / "log.jsonl"
+            if log.exists() and '"event": "step"' in log.read_text():
+                frozen = _descendant_with_rank(proc.pid, 1)
+                break
+            time.sleep(0.05)
+        assert frozen is not None, "the job never reached its first step"
+        os.kill(frozen, signal.SIGSTOP)
+        stopped_at = time.time()
+        output = proc.communicate(timeout=180)[0]
+        waited = time.time() - stopped_at
+    finally:
+        if frozen is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer*_{port}_*"):
+            os.remove(path)
+    assert proc.returncode != 0
+    assert waited < 8 + 60, f"the job took {waited:.0f} s to notice a frozen rank"
+    lines = [line for line in output.splitlines() if "error: rank 0: a collective waited more than 8 s" in line]
+    assert lines and "not responding: rank 1 (host" in lines[0], output[-3000:]

@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import is_complete
+from engine.checkpoint import CheckpointWriteError, is_complete
 from engine.config import load_config
 from engine.objectives.table import UTable
+from engine.preemption import EXIT_PREEMPTED
+from engine.runlog import read_jsonl
 from engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,12 +108,14 @@ def test_crash_during_save_keeps_previous_checkpoint(shards, tmp_path):
         raise OSError(28, "No space left on device")
 
     trainer.normaliser.table.copy_to = broken_copy
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(CheckpointWriteError) as info:
         trainer.save_checkpoint()
     trainer.close()
+    message = str(info.value)
+    for expected in ("No space left on device", "bytes free", f"{before.strip()} is intact", "--resume latest"):
+        assert expected in message
     assert (tmp_path / "checkpoints" / "latest").read_text() == before
-    partial = list((tmp_path / "checkpoints").glob(".partial-*"))
-    assert partial and not any(is_complete(p) for p in partial)
+    assert not list((tmp_path / "checkpoints").glob(".partial-*"))  # the half-written save is gone
     resumed = Trainer(load_config(base=job(shards, tmp_path, resume="latest")))
     assert resumed.stage == "finetune" and resumed.stage_step == 0
     resumed.close()
@@ -168,12 +172,48 @@ def test_non_finite_steps_are_skipped_then_abort(shards, tmp_path):
     trainer.close()
 
 
+def test_non_finite_gradient_with_finite_loss_is_never_applied_nor_saved_and_resume_may_lower_lr(shards, tmp_path):
+    """The loss is finite but the gradient is not (what made weights NaN and got checkpointed before):
+    the update is not applied, nothing is saved after it, and the abort's advice (resume with a lower
+    lr) is accepted."""
+    trainer = Trainer(load_config(base=job(shards, tmp_path, max_bad_steps=2)))
+    backend = trainer.backend
+    original_backward = backend.backward
+    poisoned = {"from_step": 9}  # OSR is 6 steps; poison fine-tuning from its 3rd step on
+
+    def backward(loss):
+        original_backward(loss)
+        if trainer.global_step + 1 >= poisoned["from_step"]:
+            next(p for p in backend.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+    backend.backward = backward
+    with pytest.raises(FloatingPointError, match="--resume latest --lr"):
+        trainer.tune()
+    assert trainer.global_step == 8 and backend.optimizer_step_count() == 8
+    assert backend.state_finite()  # never applied: weights and moments stay finite
+    trainer.close()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+
+    lower = job(shards, tmp_path, max_bad_steps=2, resume="latest")
+    lower["optim"]["lr"] = 1e-4
+    resumed = Trainer(load_config(base=lower))
+    assert resumed.global_step == 8
+    resumed.tune()
+    resumed.close()
+    changed = [r for r in read_jsonl(tmp_path / "log.jsonl") if r["event"] == "schedule_changed"]
+    assert changed and changed[0]["changes"] == ["optim.lr: 0.001 -> 0.0001"]
+    assert torch.isfinite(torch.stack([v.float().sum() for v in load_file(tmp_path / "final.safetensors").values()])).all()
+
+
 @pytest.mark.slow
-def test_sigkill_during_training_then_resume_matches_straight_run(shards, tmp_path, straight_run):
-    """A real SIGKILL mid-run (no chance to clean up), then `--resume latest` from the CLI."""
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_signal_during_training_then_resume_matches_straight_run(shards, tmp_path, straight_run, stop):
+    """A real SIGKILL (no chance to clean up) or SIGTERM (preemption: checkpoint, exit 75) mid-run,
+    then `--resume latest` from the CLI."""
     args = [sys.executable, "run.py", "tune", "--train", str(shards), "--out", str(tmp_path), "--batch-size", "8",
             "--lr", "1e-3", "--epochs", "2", "--osr-epochs", "1", "--set", "eval.at_start=false",
-            "--set", "data.shuffle_buffer=8", "--set", "run.progress=false", "--save-every", "2"]
+            "--set", "data.shuffle_buffer=8", "--set", "run.progress=false", "--save-every", "2",
+            "--set", "run.log_every=1"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "checkpoints" / "latest"
     deadline = time.time() + 120
@@ -182,9 +222,16 @@ def test_sigkill_during_training_then_resume_matches_straight_run(shards, tmp_pa
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, stop)
+    proc.wait(timeout=120)
     assert not (tmp_path / "final.safetensors").exists()
+    if stop == signal.SIGTERM:  # stopped at a step boundary with a checkpoint of exactly that step
+        assert proc.returncode == EXIT_PREEMPTED
+        records = read_jsonl(tmp_path / "log.jsonl")
+        stopped = [r for r in records if r["event"] == "preempted"]
+        last_step = max(r["step"] for r in records if r["event"] == "step")
+        assert len(stopped) == 1 and stopped[0]["step"] == last_step and stopped[0]["reason"] == "SIGTERM"
+        assert latest.read_text().strip() == f"step_{last_step:08d}"
     subprocess.run(args + ["--resume", "latest"], cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert_same_state(final_state(tmp_path, shards), straight_run)
 

@@ -36,8 +36,9 @@ class Backend(Protocol):
         """Wrap `model` with the optimizer settings of `cfg` (its optim and model sections)."""
 
     @classmethod
-    def init_distributed(cls, ctx: DistContext) -> None:
-        """Join the job's process group the way this backend needs (no-op for one process)."""
+    def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:
+        """Join the job's process group the way this backend needs (no-op for one process); a
+        collective that waits `timeout_s` for a rank fails instead of hanging."""
 
     def forward(self, images: Tensor, texts: Tensor):
         """The model's forward on a batch, in this backend's precision (open_clip: normalised features)."""
@@ -46,7 +47,14 @@ class Backend(Protocol):
         """Accumulate the gradient of `loss` (this rank's share of the global objective)."""
 
     def step(self, *, lr: float, grad_clip: float = 0.0) -> float:
-        """One AdamW step at `lr` (0 in OSR: weights stay unchanged); returns the global grad norm."""
+        """One AdamW step at `lr` (0 in OSR: weights stay unchanged); returns the global grad norm.
+
+        A backend that can see a non-finite norm before updating does not update (`state_finite`
+        then still holds); one that cannot leaves the caller to find out through `state_finite`.
+        """
+
+    def state_finite(self) -> bool:
+        """Whether weights and optimizer state are finite on every rank (collective)."""
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (a skipped step)."""

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import glob
 import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -152,10 +154,9 @@ def _world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     if "MASTER_ADDR" not in os.environ:
-        raise RuntimeError(
-            "the DeepSpeed backend needs a launcher: run under `deepspeed` or `torchrun` (one process: "
-            "`deepspeed --num_gpus 1 ...`), or join a process group first "
-            "(engine.distributed.init_process_group)"
+        raise ValueError(
+            "run.backend=deepspeed needs a launcher: run under `deepspeed` or `torchrun` (one process: "
+            "`deepspeed --num_gpus 1 run.py ...`), or use run.backend=single"
         )
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -205,13 +206,16 @@ class DeepSpeedBackend:
                    eps=ocfg.eps, grad_clip=ocfg.grad_clip, precision=cfg.model.precision)
 
     @classmethod
-    def init_distributed(cls, ctx: DistContext) -> None:
+    def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:
         """DeepSpeed's own process-group set-up (nccl on GPUs, gloo on CPU); no-op for one process."""
         if not ctx.distributed or dist.is_initialized():
             return
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        if ctx.local_rank == 0:
+            remove_stale_shm_buffers()
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=datetime.timedelta(seconds=timeout_s))
 
     def forward(self, images: Tensor, texts: Tensor):
         """The model's forward as one engine forward (DeepSpeed's per-forward bookkeeping included)."""
@@ -258,6 +262,15 @@ class DeepSpeedBackend:
 
     def zero_grad(self) -> None:
         self.engine.optimizer.zero_grad(set_to_none=True)
+
+    def state_finite(self) -> bool:
+        """Model partitions, fp32 masters and moments of every rank all finite (one all-reduce)."""
+        tensors = [getattr(p, "ds_tensor", p) for p in self.model.parameters()]
+        tensors += [p for group in self._adam.param_groups for p in group["params"]]
+        tensors += [v for state in self._adam.state.values() for v in state.values() if torch.is_tensor(v)]
+        bad = torch.tensor([float(not all(bool(torch.isfinite(t).all()) for t in tensors))], device=self.device)
+        dist.all_reduce(bad)
+        return bad.item() == 0
 
     def reset_optimizer_state(self) -> None:
         # In place: ZeRO-1/2 parameters hold views into these state tensors.
@@ -367,6 +380,42 @@ def shm_buffers(master_port: str | int | None = None) -> list[str]:
     """DeepSpeed's CPU all-reduce shared-memory files (of one master port, or all)."""
     pattern = f"{SHM_PREFIX}*" if master_port is None else f"{SHM_PREFIX}*_{master_port}_*"
     return sorted(glob.glob(pattern))
+
+
+def _mapped_files() -> set[str] | None:
+    """Every file some process of this machine has mapped; None if any process could not be read."""
+    mapped: set[str] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or entry.name == "1":  # the init process runs no job
+            continue
+        try:
+            with open(f"/proc/{entry.name}/maps") as fh:
+                mapped.update(line.split(maxsplit=5)[5].strip() for line in fh if line.count(" ") >= 5
+                              and "/dev/shm/" in line)
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        except OSError:
+            return None  # another user's process: cannot tell what it maps
+    return mapped
+
+
+def remove_stale_shm_buffers(*, min_age_s: float = 60.0) -> list[str]:
+    """Remove DeepSpeed CPU all-reduce buffers no live process maps (left by killed jobs); returns them."""
+    candidates = [p for p in shm_buffers() if time.time() - os.path.getmtime(p) > min_age_s]
+    if not candidates:
+        return []
+    mapped = _mapped_files()
+    if mapped is None:
+        return []
+    removed = []
+    for path in candidates:
+        if path not in mapped:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
+    if removed:
+        logger.info("removed %d stale DeepSpeed shared-memory buffer(s) of dead jobs", len(removed))
+    return removed
 
 
 def remove_shm_buffer() -> None:

@@ -42,7 +42,7 @@ class SingleProcessBackend:
                    precision=cfg.model.precision)
 
     @classmethod
-    def init_distributed(cls, ctx: DistContext) -> None:
+    def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:
         """One process: no process group."""
 
     def forward(self, images: Tensor, texts: Tensor):
@@ -65,9 +65,15 @@ class SingleProcessBackend:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if torch.isfinite(norm):  # a non-finite gradient would poison weights and moments: not applied
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def state_finite(self) -> bool:
+        tensors = [*self.model.parameters()]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
