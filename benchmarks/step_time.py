@@ -23,7 +23,7 @@ alongside; on idle cores all three agree. A second table times the loss alone (l
 backward on fixed features, plus the table read/write for HGCL): the absolute cost the ratio hides.
 
 Configurations: ViT-B-32 batch 32 (main), the tiny test model `tiny-vit` (32 px) at batch 64, and
-`tiny-vit` on 2 DeepSpeed ranks (ZeRO-2, global batch 64, one thread per rank, tests.harness).
+`tiny-vit` on 2 DeepSpeed ranks (ZeRO-2, global batch 64, one thread per rank, tests.helpers.harness).
 The tiny model's encoders cost a few milliseconds, so there the loss's fixed cost is a visible
 share of the step; the output says so when its ratio is above the target. ViT-B-32 under ZeRO-2
 (global batch 32) is opt-in with `--zero2-vit`: about 2 more minutes (18 s per step on shared
@@ -206,7 +206,7 @@ def run_case(case: Case, *, shards: str, out_dir: str) -> dict:
 
 
 def rank_case(model: str, batch: int, warmup: int, rounds: int, shards: str, out_dir: str) -> dict:
-    """Entry point of one DeepSpeed rank (tests.harness.run_ranks)."""
+    """Entry point of one DeepSpeed rank (tests.helpers.harness.run_ranks)."""
     logging.basicConfig(level=logging.ERROR)
     case = Case(model, "deepspeed", batch, warmup=warmup, rounds=rounds)
     return run_case(case, shards=shards, out_dir=out_dir)
@@ -238,7 +238,7 @@ def main() -> int:
             if case.backend == "single":
                 measured = run_case(case, shards=shards, out_dir=out_dir)
             else:
-                from tests.harness import run_ranks
+                from tests.helpers.harness import run_ranks
 
                 per_rank = run_ranks("benchmarks.step_time:rank_case", world_size=2, timeout=600,
                                      model=case.model, batch=case.batch, warmup=case.warmup,

@@ -6,7 +6,7 @@ fine-tuning step (lr = 1e-5) changes them, and each rank holds about 1/W of the 
 the optimizer state. Exits non-zero when any of that fails. The headline is the largest rank's
 peak RSS over the model state plain data parallelism would need per rank.
 
-What runs: 2 ranks (tests.harness: gloo, DS_ACCELERATOR=cpu, one thread each) with glibc
+What runs: 2 ranks (tests.helpers.harness: gloo, DS_ACCELERATOR=cpu, one thread each) with glibc
 `MALLOC_MMAP_THRESHOLD_=1048576`, so freed tensors go back to the OS instead of fragmenting the
 heap. Each rank builds the model on the CPU normally: `DeepSpeedBackend` takes a built module and
 has no `deepspeed.zero.Init` path, so every rank first holds the whole fp32 model ("peak build").
@@ -290,7 +290,7 @@ def main() -> int:
         parser.error(f"--global-batch must be a multiple of {WORLD_SIZE}")
 
     sys.path.insert(0, str(REPO_ROOT))
-    from tests.harness import run_ranks
+    from tests.helpers.harness import run_ranks
 
     watch = MemoryWatch(min_free_gb=args.min_free_gb)
     print(f"{args.model} under ZeRO-3 bf16 ({ZERO_CONFIG.name}, zero_optimization overrides "

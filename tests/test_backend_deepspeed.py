@@ -10,7 +10,7 @@ import torch
 from engine.backends.deepspeed import build_deepspeed_config
 from engine.backends.single import SingleProcessBackend, adamw_param_groups
 from engine.objectives.contrastive import GlobalContrastiveLoss
-from tests.dist_cases_deepspeed import (
+from tests.helpers.dist_cases_deepspeed import (
     BETAS,
     EPS,
     FINETUNE_BATCH,
@@ -24,7 +24,7 @@ from tests.dist_cases_deepspeed import (
     global_batch,
     tiny_model,
 )
-from tests.harness import run_ranks
+from tests.helpers.harness import run_ranks
 
 WORLD = 2
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "zero_configs"
@@ -249,7 +249,7 @@ def ema(grads: list[dict], beta: float, *, power: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_matches_single_process(stage, tmp_path):
-    rank0, rank1 = run_ranks("tests.dist_cases_deepspeed:zero_stage_checks", world_size=WORLD, stage=stage,
+    rank0, rank1 = run_ranks("tests.helpers.dist_cases_deepspeed:zero_stage_checks", world_size=WORLD, stage=stage,
                              checkpoint_dir=str(tmp_path / "ckpt"))
     ref = adamw_reference()
     decay = decay_names()
@@ -317,7 +317,7 @@ def test_zero_stage_matches_single_process(stage, tmp_path):
 
 @pytest.mark.slow
 def test_bf16_osr_leaves_weights_and_masters_untouched():
-    rank0, rank1 = run_ranks("tests.dist_cases_deepspeed:bf16_osr_checks", world_size=WORLD,
+    rank0, rank1 = run_ranks("tests.helpers.dist_cases_deepspeed:bf16_osr_checks", world_size=WORLD,
                              config="zero3_bf16.json")
     for res in (rank0, rank1):
         assert res["weight_dtypes"] == ["torch.bfloat16"]
@@ -344,7 +344,7 @@ def _assert_same_full_state(a: dict, b: dict) -> None:
 def test_checkpoint_resharded_to_another_world_size_is_exact(tmp_path, stage, back_to_two):
     """2 ranks -> 1 rank (and 1 -> 2) through DeepSpeed's universal checkpoint: weights, fp32 masters,
     moments and step counter carry over bit for bit."""
-    two = run_ranks("tests.dist_cases_deepspeed:reshard_round", world_size=2, stage=stage,
+    two = run_ranks("tests.helpers.dist_cases_deepspeed:reshard_round", world_size=2, stage=stage,
                     save_dir=str(tmp_path / "two"), load_dir=None)[0]
     # A universal folder found in the checkpoint is never trusted: code planted there must not run.
     marker = tmp_path / "ran"
@@ -353,13 +353,13 @@ def test_checkpoint_resharded_to_another_world_size_is_exact(tmp_path, stage, ba
     torch.save({"x": _Planted(str(marker))}, planted / "mp_rank_00_model_states.pt")
     torch.save({"param": _Planted(str(marker))}, planted / "zero" / "visual.proj" / "fp32.pt")
     (planted / "zero" / "optimizer_state.pt").write_bytes((planted / "mp_rank_00_model_states.pt").read_bytes())
-    one = run_ranks("tests.dist_cases_deepspeed:reshard_round", world_size=1, stage=stage,
+    one = run_ranks("tests.helpers.dist_cases_deepspeed:reshard_round", world_size=1, stage=stage,
                     save_dir=str(tmp_path / "one"), load_dir=str(tmp_path / "two"))[0]
     assert not marker.exists()
     assert two["count"] == OSR_STEPS + 1
     _assert_same_full_state(two, one)
     if back_to_two:
-        again = run_ranks("tests.dist_cases_deepspeed:reshard_round", world_size=2, stage=stage,
+        again = run_ranks("tests.helpers.dist_cases_deepspeed:reshard_round", world_size=2, stage=stage,
                           save_dir=str(tmp_path / "again"), load_dir=str(tmp_path / "one"))[0]
         _assert_same_full_state(one, again)
 

@@ -12,6 +12,7 @@ from engine.backends import backend_class, backend_names, register_backend, sele
 from engine.backends.base import adamw_param_groups, tensors_digest
 from engine.config import load_config
 from engine.trainer import Trainer
+from tests.helpers.jobs import job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,12 +96,7 @@ register_backend("toy", ToyBackend)
 
 
 def toy_job(shards, out, **run):
-    return load_config(base={
-        "method": "tuneclip", "model": {"name": "tiny-vit"},
-        "data": {"train": str(shards), "batch_size": 16, "shuffle_buffer": 8},
-        "optim": {"lr": 1e-3}, "osr": {"epochs": 1}, "eval": {"at_start": False},
-        "run": {"out_dir": str(out), "epochs": 1, "progress": False, "backend": "toy", **run},
-    })
+    return load_config(base=job(shards, out, data={"batch_size": 16}, run={"backend": "toy", **run}))
 
 
 def test_registry_lists_builtins_and_refuses_unknown_names():

@@ -12,7 +12,7 @@ from engine.config import EvalConfig
 from engine.evaluate import EvalTask, RetrievalTask, ZeroShotTask, build_tasks
 from engine.evaluate.tasks import DEFAULT_TEMPLATES, retrieval_metrics, zero_shot_metrics
 from engine.synthetic import render_retrieval_task, render_zeroshot_task
-from tests.eval_fixtures import (
+from tests.helpers.eval_fixtures import (
     naive_retrieval,
     naive_zero_shot,
     retrieval_fixture,

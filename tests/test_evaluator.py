@@ -18,7 +18,7 @@ from engine.evaluate import (
 )
 from engine.synthetic import render_retrieval_task, render_zeroshot_task
 from models import build_model
-from tests.eval_fixtures import IdTransform, naive_retrieval, naive_zero_shot, retrieval_fixture, unit
+from tests.helpers.eval_fixtures import IdTransform, naive_retrieval, naive_zero_shot, retrieval_fixture, unit
 
 # ---------------------------------------------------------------------------- the evaluator
 

@@ -19,7 +19,7 @@ from engine.data.build import build_shards
 from engine.objectives.table import UTable
 from engine.synthetic import render_pairs
 from models import register_shipped_configs
-from tests.harness import free_port
+from tests.helpers.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ["--batch-size", "8", "--epochs", "1", "--osr-epochs", "1", "--lr", "1e-3", "--set", "run.backend=deepspeed",

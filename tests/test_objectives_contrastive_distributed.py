@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.objectives.contrastive import GlobalContrastiveLoss, MiniBatchContrastiveLoss, SurrogateSpec
-from tests.dist_cases import LOCAL_BATCH, toy_problem
-from tests.harness import run_ranks
+from tests.helpers.dist_cases import LOCAL_BATCH, toy_problem
+from tests.helpers.harness import run_ranks
 
 WORLD = 2
 
@@ -31,7 +31,7 @@ CASES = [(kind, chunk) for kind in ("gcl", "hgcl") for chunk in (1, 5, 0)]  # on
 
 @pytest.fixture(scope="module")
 def ranks_results():
-    return run_ranks("tests.dist_cases:global_loss_ranks", world_size=WORLD, cases=CASES)
+    return run_ranks("tests.helpers.dist_cases:global_loss_ranks", world_size=WORLD, cases=CASES)
 
 
 @pytest.mark.slow
@@ -53,7 +53,7 @@ def test_distributed_global_loss_equals_single_process(ranks_results, kind, chun
 
 @pytest.mark.slow
 def test_distributed_mbcl_equals_single_process():
-    ranks = run_ranks("tests.dist_cases:mbcl_ranks", world_size=WORLD)
+    ranks = run_ranks("tests.helpers.dist_cases:mbcl_ranks", world_size=WORLD)
     enc_img, enc_txt, x, z, *_ = toy_problem(WORLD)
     f, g = F.normalize(enc_img(x), dim=1), F.normalize(enc_txt(z), dim=1)
     loss = MiniBatchContrastiveLoss(tau=0.05)(f, g)

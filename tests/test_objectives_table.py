@@ -83,11 +83,11 @@ def test_hundred_million_rows_stay_out_of_ram(tmp_path):
 
 def test_concurrent_ranks_write_their_own_rows_without_corruption(tmp_path):
     """2 processes write interleaved rows (sharing every page) concurrently; nothing is lost."""
-    from tests.harness import run_ranks
+    from tests.helpers.harness import run_ranks
 
     num_rows, rounds = 4096, 400
     UTable.create(tmp_path / "u", num_rows=num_rows, dataset_fingerprint="shared").close()
-    run_ranks("tests.dist_cases:table_writer", world_size=2, directory=str(tmp_path / "u"), num_rows=num_rows,
+    run_ranks("tests.helpers.dist_cases:table_writer", world_size=2, directory=str(tmp_path / "u"), num_rows=num_rows,
               rounds=rounds)
     table = UTable.open(tmp_path / "u", dataset_fingerprint="shared")
     rows = torch.arange(num_rows)

@@ -17,6 +17,7 @@ from engine.objectives.table import UTable
 from engine.preemption import EXIT_PREEMPTED
 from engine.runlog import read_jsonl
 from engine.trainer import Trainer
+from tests.helpers.jobs import job as base_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,16 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def job(shards, out, **run):
-    return {
-        "method": "tuneclip",
-        "model": {"name": "tiny-vit"},
-        "data": {"train": str(shards), "batch_size": 8, "shuffle_buffer": 8},
-        "optim": {"lr": 1e-3},
-        "osr": {"epochs": 1},
-        "eval": {"at_start": False},
-        "run": {"out_dir": str(out), "epochs": 2, "progress": False, "seed": 0, "save_every_steps": 2,
-                "keep_last_n": 2, **run},
-    }
+    return base_job(shards, out, run={"epochs": 2, "save_every_steps": 2, "keep_last_n": 2, **run})
 
 
 def final_state(out: Path, shards: Path) -> dict:

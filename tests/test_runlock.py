@@ -11,6 +11,7 @@ from engine.config import load_config
 from engine.distributed import DistContext
 from engine.runlock import OWNER_FILE, RunLock, read_owner
 from engine.trainer import Trainer
+from tests.helpers.jobs import job
 
 
 def test_second_claim_is_refused_naming_the_holder_then_free_after_release(tmp_path):
@@ -49,8 +50,7 @@ def test_folder_taken_over_by_another_job_is_detected(tmp_path):
 
 
 def test_two_trainers_on_one_folder(shards, tmp_path):
-    base = {"model": {"name": "tiny-vit"}, "data": {"train": str(shards), "batch_size": 8},
-            "eval": {"at_start": False}, "run": {"out_dir": str(tmp_path / "run"), "progress": False}}
+    base = job(shards, tmp_path / "run")
     first = Trainer(load_config(base=base))
     with pytest.raises(ValueError, match="is in use by job"):
         Trainer(load_config(base=base))

@@ -8,24 +8,12 @@ import torch
 from engine.config import load_config
 from engine.objectives.contrastive import pairwise_surrogate
 from engine.trainer import Trainer
+from tests.helpers.jobs import job, merge
 
 
 def make_trainer(shards, tmp_path, **sections):
-    base = {
-        "method": "tuneclip",
-        "model": {"name": "tiny-vit"},
-        "data": {"train": str(shards), "batch_size": 16, "shuffle_buffer": 8},
-        "optim": {"lr": 1e-3},
-        "osr": {"epochs": 2},
-        "eval": {"at_start": False},
-        "run": {"out_dir": str(tmp_path / "run"), "epochs": 1, "progress": False, "seed": 0},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            base.setdefault(key, {}).update(value)
-        else:
-            base[key] = value
-    return Trainer(load_config(base=base))
+    base = job(shards, tmp_path / "run", data={"batch_size": 16}, osr={"epochs": 2})
+    return Trainer(load_config(base=merge(base, **sections)))
 
 
 def record_steps(trainer):

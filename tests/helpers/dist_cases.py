@@ -1,4 +1,4 @@
-"""Functions run on every rank by tests.harness.run_ranks (real processes, gloo)."""
+"""Functions run on every rank by tests.helpers.harness.run_ranks (real processes, gloo)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Functions run on every rank by tests.harness.run_ranks for the DeepSpeed backend tests (2 CPU ranks)."""
+"""Functions run on every rank by tests.helpers.harness.run_ranks for the DeepSpeed backend tests (2 CPU ranks)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from engine.distributed import all_reduce_sum, context_from_env, gather_no_grad
 from engine.objectives.contrastive import GlobalContrastiveLoss, SurrogateSpec
 from models import build_model, make_logit_scale_1d
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-vit"
 IMAGE_SIZE, CONTEXT_LENGTH, TEXT_WIDTH = 32, 32, 64  # models/configs/tiny-vit.json
 VOCAB_SIZE = 512  # instead of 49,408: 0.3 M parameters to partition, gather and save instead of 3.4 M

@@ -1,7 +1,7 @@
 """Run a function on N real processes (CPU, gloo), as the launchers do, and collect what each returns.
 
-`run_ranks("tests.dist_cases:loss_equivalence", world_size=2, chunk=3)` starts
-`python -m tests.dist_worker` N times with RANK / WORLD_SIZE / MASTER_PORT set, calls the target
+`run_ranks("tests.helpers.dist_cases:loss_equivalence", world_size=2, chunk=3)` starts
+`python -m tests.helpers.dist_worker` N times with RANK / WORLD_SIZE / MASTER_PORT set, calls the target
 with keyword arguments on every rank, and returns the list of per-rank results (torch.save'd).
 Each run uses its own port and removes exactly its own DeepSpeed shared-memory buffers.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -42,7 +42,7 @@ def run_ranks(target: str, *, world_size: int = 2, timeout: float = 300, env: di
                 **(env or {}),
             }
             out = Path(tmp) / f"rank{rank}.pt"
-            cmd = [sys.executable, "-m", "tests.dist_worker", target, str(out), json.dumps(kwargs)]
+            cmd = [sys.executable, "-m", "tests.helpers.dist_worker", target, str(out), json.dumps(kwargs)]
             log = open(Path(tmp) / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
             procs.append((subprocess.Popen(cmd, env=proc_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
         try:

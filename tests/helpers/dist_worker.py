@@ -1,4 +1,4 @@
-"""Entry point of one rank for tests.harness.run_ranks: `python -m tests.dist_worker module:fn out.pt kwargs`."""
+"""Entry point of one rank for tests.helpers.harness.run_ranks: `python -m tests.helpers.dist_worker module:fn out.pt kwargs`."""
 
 import importlib
 import json
