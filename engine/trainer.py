@@ -29,7 +29,7 @@ from engine.distributed import all_reduce_sum, barrier, context_from_env, defaul
 from engine.evaluate import Evaluator, build_tasks, headline_metric, write_results
 from engine.heartbeat import Heartbeat
 from engine.objectives import Objective, build_objective, total_loss
-from engine.objectives.normaliser import TableNormaliser
+from engine.objectives.normaliser import build_normaliser
 from engine.preemption import Preempted, StopRequests
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
@@ -112,11 +112,8 @@ class Trainer:
         self.stage, self.stage_step = "start", 0  # position: stage and batches done in it
         self.num_bad_steps = 0  # consecutive non-finite steps skipped
         self.best = (-math.inf, None)
-        self.normaliser = TableNormaliser(
-            self.out_dir / "u_table", num_rows=self.manifest.num_samples,
-            dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, gamma_min=cfg.loss.gamma_min,
-            gamma_decay_epochs=cfg.loss.gamma_decay_epochs, fresh=fresh,
-        )
+        self.normaliser = build_normaliser(cfg.loss, out_dir=self.out_dir, num_rows=self.manifest.num_samples,
+                                           dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh)
         self.checkpoints = CheckpointManager(
             self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n,
             parts={TRAIN_STATE: self, "backend": self.backend, "normaliser": self.normaliser},
@@ -283,7 +280,7 @@ class Trainer:
             "eps": self.cfg.loss.eps, "osr_epochs": self.cfg.osr.epochs, "osr_steps": self.osr_steps,
         })
         self.log.write({"event": "osr_done", "step": self.global_step, "adam_step": self.osr_steps,
-                        "u_seen": self.normaliser.num_seen()})
+                        **self.normaliser.summary()})
         if not self.cfg.osr.seed_moments:
             self.backend.reset_optimizer_state()
         if not self.cfg.osr.seed_u:

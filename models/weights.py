@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from engine.io import atomic_path
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -123,23 +124,8 @@ def export_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: str |
         if key in SCALAR_PARAMS and value.shape == (1,):
             value = value.reshape(())
         tensors[key] = value.detach().to("cpu").contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata={"format": "pt"})
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; exported weights are meant to be shared
-        with open(tmp_name, "rb") as tmp_file:
-            os.fsync(tmp_file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
 
 
 def make_logit_scale_1d(model: torch.nn.Module) -> None:

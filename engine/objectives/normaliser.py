@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from torch import Tensor
 from engine.distributed import DistContext, barrier
 from engine.objectives.table import UTable
 from engine.schedules import gamma_at_epoch
+
+if TYPE_CHECKING:
+    from engine.config import LossConfig
 
 
 class Prior(NamedTuple):
@@ -56,6 +59,9 @@ class Normaliser(Protocol):
 
     def set_provenance(self, provenance: dict) -> None:
         """Record what computed the estimates (loss, margin, tau, eps, OSR steps). Collective."""
+
+    def summary(self) -> dict:
+        """Diagnostics for the run log (e.g. how many samples have an estimate)."""
 
     def state_dict(self) -> dict:
         """Small JSON state (schedule position)."""
@@ -125,6 +131,9 @@ class TableNormaliser:
         """Samples with an estimate."""
         return self.table.num_seen()
 
+    def summary(self) -> dict:
+        return {"u_seen": self.num_seen()}
+
     def reset(self) -> None:
         barrier()
         if self.ctx.is_main:  # the file is shared: one rank empties it, the others see zeros
@@ -166,3 +175,11 @@ class TableNormaliser:
 
     def close(self) -> None:
         self.table.close()
+
+
+def build_normaliser(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, dataset_fingerprint: str,
+                     ctx: DistContext, fresh: bool) -> Normaliser:
+    """This job's per-sample normaliser: SogCLR's u table, live under `<out_dir>/u_table`."""
+    return TableNormaliser(Path(out_dir) / "u_table", num_rows=num_rows, dataset_fingerprint=dataset_fingerprint,
+                           ctx=ctx, gamma_min=loss_cfg.gamma_min, gamma_decay_epochs=loss_cfg.gamma_decay_epochs,
+                           fresh=fresh)
