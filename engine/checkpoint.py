@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -240,9 +241,10 @@ class CheckpointManager:
     def _load_folder(self, name: str, part: FolderStateful, path: Path, *, reshard: bool) -> None:
         try:
             part.load(path / name, reshard=reshard)
-        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise ValueError(
-                f"checkpoint {path} could not be loaded ({name}: {type(exc).__name__}: {str(exc)[:200]}); "
+                f"checkpoint {path} could not be loaded ({name}: {type(exc).__name__}: {reason}); "
                 f"resume from an earlier one: --resume {self.root}/step_<N>"
             ) from exc
 

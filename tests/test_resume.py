@@ -1,5 +1,6 @@
 """Checkpoints: atomic saves, exact resume (in-process crash and SIGKILL), OSR reuse, bad-step guard."""
 
+import json
 import os
 import signal
 import subprocess
@@ -274,3 +275,29 @@ def test_checkpoint_of_another_model_and_indivisible_batch_are_refused(shards, t
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="not divisible by the 3 ranks"):
         Trainer(load_config(base={**job(shards, tmp_path / "three"), "run": {"backend": "deepspeed"}}))
+
+
+class _Planted:
+    """Unpickling this runs code (creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_code_planted_in_a_single_process_checkpoint_never_runs(shards, tmp_path):
+    trainer = Trainer(load_config(base=job(shards, tmp_path, max_steps_per_epoch=2)))
+    trainer.tune(finetune=False)
+    trainer.close()
+    latest = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    marker = tmp_path / "ran"
+    optim = latest / "backend" / "optim.pt"
+    torch.save({"optimizer": _Planted(str(marker))}, optim)
+    complete = json.loads((latest / "COMPLETE").read_text())  # same size: only the content is bad
+    complete["files"]["backend/optim.pt"] = optim.stat().st_size
+    (latest / "COMPLETE").write_text(json.dumps(complete))
+    with pytest.raises(ValueError, match="could not be loaded"):
+        Trainer(load_config(base=job(shards, tmp_path, max_steps_per_epoch=2, resume="latest")))
+    assert not marker.exists()
