@@ -159,3 +159,23 @@ def test_methods_run_their_loss_and_update_weights(shards, tmp_path, method, exp
     # The temperature stays fixed at the checkpoint's value.
     assert math.isclose(1 / trainer.backend.model.logit_scale.exp().item(), trainer.tau, rel_tol=1e-7)
     trainer.close()
+
+
+def test_osr_accepts_negative_zeros_of_fp16_checkpoints(shards, tmp_path):
+    """OpenAI's fp16 checkpoints hold -0.0; AdamW at lr 0 turns some into +0.0 (same value, other bytes)."""
+    from models import build_model, export_weights
+
+    model = build_model("tiny-vit", seed=0).model
+    with torch.no_grad():
+        weight = model.visual.transformer.resblocks[0].mlp.c_fc.weight
+        weight.view(-1)[:256] = -0.0
+    export_weights(model, tmp_path / "fp16ish.safetensors")
+    trainer = make_trainer(shards, tmp_path, model={"weights": str(tmp_path / "fp16ish.safetensors")})
+    before = {n: p.detach().clone() for n, p in trainer.backend.model.named_parameters()}
+    trainer.osr()  # used to stop with "OSR changed the weights"
+    after = dict(trainer.backend.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)  # values unchanged
+    flipped = (torch.signbit(before["visual.transformer.resblocks.0.mlp.c_fc.weight"])
+               != torch.signbit(after["visual.transformer.resblocks.0.mlp.c_fc.weight"].detach())).sum()
+    assert flipped > 0  # the case really occurred: some -0.0 became +0.0
+    trainer.close()

@@ -75,7 +75,8 @@ class Backend(Protocol):
         """Restore what `save` wrote; `reshard`: it was written by another number of ranks."""
 
     def weights_digest(self) -> str:
-        """A digest of this rank's weights (model and master copies): equal iff bit-identical."""
+        """A digest of this rank's weight values (model and master copies): equal iff every value is
+        equal (-0.0 and +0.0 alike: AdamW at lr = 0 may flip the sign of a zero)."""
 
     def full_weights(self) -> AbstractContextManager:
         """Context in which `model` holds complete (gathered) weights, e.g. for evaluation."""
@@ -102,11 +103,18 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def tensors_digest(tensors: Iterable[Tensor], *, names: Iterable[str] | None = None) -> str:
-    """sha256 over the bytes of `tensors` (and their `names`, when given), in order."""
+    """sha256 over the values of `tensors` (and their `names`, when given), in order.
+
+    Floating zeros are hashed as +0.0: AdamW at lr = 0 turns a -0.0 weight whose gradient is negative
+    into +0.0 (`w - 0 * update`), which changes bytes but not values (fp16 checkpoints hold -0.0).
+    """
     digest = hashlib.sha256()
     names = iter(names) if names is not None else None
     for tensor in tensors:
         if names is not None:
             digest.update(next(names).encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        values = tensor.detach().cpu().contiguous().reshape(-1)
+        if values.is_floating_point():
+            values = values + 0.0  # -0.0 + 0.0 == +0.0; every other value is unchanged
+        digest.update(values.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
