@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="self-contained demo on synthetic data (no downloads)")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="smaller and shorter (for tests)")
+    demo.add_argument("--overwrite", action="store_true", help="replace --out if it exists (asked, never silent)")
     return parser
 
 
@@ -151,7 +152,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from engine.demo import run_demo
 
-        run_demo(Path(args.out), quick=args.quick)
+        run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
         return 0
     if args.command == "export":
         from models import build_model, export_weights

@@ -63,13 +63,19 @@ def _job(root: Path, *, method: str, train: str, out: str, weights: str | None, 
     }
 
 
-def run_demo(root: Path, *, quick: bool = False) -> dict:
-    """Run the whole demo under `root`; returns the summary it also writes to summary.json."""
+def run_demo(root: Path, *, quick: bool = False, overwrite: bool = False) -> dict:
+    """Run the whole demo under `root`; returns the summary it also writes to summary.json.
+
+    An existing, non-empty `root` is replaced only with `overwrite` (never silently).
+    """
     started = time.perf_counter()
     sizes = _sizes(quick)
-    if root.exists():
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise ValueError(f"--out {root} exists and is not empty; pass --overwrite to replace it, or pick "
+                             "another --out")
         shutil.rmtree(root)
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     print(f"[demo] rendering synthetic data under {root}")
     eval_cfg = _prepare_data(root, sizes)
 

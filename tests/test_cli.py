@@ -58,3 +58,12 @@ def test_config_errors_exit_2_with_every_problem(tmp_path):
         assert text in proc.stderr
     proc = run_cli("tune", "--train", tmp_path / "none", check=False)
     assert proc.returncode == 2 and "no manifest" in proc.stderr
+
+
+def test_demo_never_replaces_an_existing_folder_unasked(tmp_path):
+    keep = tmp_path / "mine" / "notes.txt"
+    keep.parent.mkdir()
+    keep.write_text("do not delete")
+    proc = run_cli("demo", "--quick", "--out", tmp_path / "mine", check=False)
+    assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
+    assert keep.read_text() == "do not delete"
