@@ -162,7 +162,9 @@ def test_dotted_file_names_stay_pairs_under_webdataset_rule(tmp_path, source, to
     assert [sorted(k for k in sample if not k.startswith("__")) for sample in samples] == [["png", "txt"]] * 5
     keys = [sample["__key__"] for sample in samples]
     assert len(set(keys)) == len(keys) and not any("." in key for key in keys)
-    assert sorted(sample["txt"].decode() for sample in samples) == sorted(f"caption of {s}" for s in DOTTED_STEMS)
+    assert sorted(sample["txt"].decode() for sample in samples) == sorted(
+        f"caption of {s}" for s in DOTTED_STEMS
+    )
     loader = ShardLoader(manifest, batch_size=1, image_transform=transform, tokenizer=tokenizer)
     assert sorted(key for batch in loader.epoch(0) for key in batch.keys) == sorted(keys)
     assert not loader.skipped

@@ -156,6 +156,8 @@ def test_loader_skips_images_over_its_cap_and_the_config_validates_it(tmp_path, 
     assert {key for batch in loader.epoch(0) for key in batch.keys} == {"k0", "k2"}  # 16 x 16 > 100
     assert dict(loader.skipped) == {"shard-000000.tar": {SKIP_IMAGE_TOO_LARGE: 1}}
     with pytest.raises(ValueError, match="max_image_pixels must be at least 1"):
-        ShardLoader(manifest, batch_size=1, image_transform=transform, tokenizer=tokenizer, max_image_pixels=0)
+        ShardLoader(
+            manifest, batch_size=1, image_transform=transform, tokenizer=tokenizer, max_image_pixels=0
+        )
     assert DataConfig().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
     assert any("data.max_image_pixels must be >= 1" in e for e in DataConfig(max_image_pixels=0).errors())

@@ -1,6 +1,10 @@
-"""ShardLoader epochs: every sample once, the split over ranks and workers, skipped and broken samples."""
+"""ShardLoader epochs: every sample once, the split over ranks and workers, skipped and broken samples.
+
+Epochs with planted bad samples on 1 and 2 ranks x 2 workers, and their resume: `test_data_loader_fill.py`.
+"""
 
 import io
+import math
 import re
 import tarfile
 import threading
@@ -13,7 +17,7 @@ from PIL import Image
 from engine.data import Batch, Manifest, ShardEntry, ShardLoader, SkipRecord
 from engine.data.loader import SKIP_WARNINGS_PER_EPOCH
 from engine.data.manifest import COUNT_FROM_STATS
-from engine.data.plan import shard_order, slot_shards
+from engine.data.plan import shard_order, slot_segments
 from engine.data.sources import build_manifest
 
 
@@ -74,6 +78,20 @@ def run_epoch(loader: ShardLoader, epoch: int, manifest: Manifest) -> list[int]:
     return [row for batch in batches for row in check_batch(batch, manifest, loader.batch_size)]
 
 
+def split_epoch(loader: ShardLoader, epoch: int, manifest: Manifest) -> tuple[list[int], list[int]]:
+    """(rows used, rows repeated to fill) of one rank's epoch; the repeats are its first rows, in order."""
+    batches = list(loader.epoch(epoch))
+    assert len(batches) == loader.num_batches()
+    used, repeated = [], []
+    for batch in batches:
+        rows = check_batch(batch, manifest, loader.batch_size)
+        num_used = len(rows) - batch.num_repeated
+        used += rows[:num_used]
+        repeated += rows[num_used:]
+        assert rows[num_used:] == used[: batch.num_repeated]  # a fill is the start of the first batch
+    return used, repeated
+
+
 def make_loader(manifest, tokenizer, transform, **kwargs) -> ShardLoader:
     kwargs = {"batch_size": 2, "shuffle_buffer": 8, **kwargs}
     return ShardLoader(manifest, image_transform=transform, tokenizer=tokenizer, **kwargs)
@@ -98,16 +116,19 @@ def test_each_sample_once_per_epoch(tmp_path, tokenizer, transform, sizes, num_w
         for rank in range(world_size)
     ]
     num_batches = loaders[0].num_batches()
-    assert num_batches > 0
     assert all(loader.num_batches() == num_batches for loader in loaders)
+    # Enough batches for the largest rank share (ceil(M / W) rows): nothing is left out.
+    assert num_batches == math.ceil(math.ceil(manifest.num_samples / world_size) / batch_size)
     for epoch in (0, 1):
-        ids = [row for loader in loaders for row in run_epoch(loader, epoch, manifest)]
-        assert len(ids) == world_size * num_batches * batch_size
-        assert len(set(ids)) == len(ids), "a sample appeared twice in one epoch"
-        assert set(ids) <= set(range(manifest.num_samples))
-    if sizes == [8, 4] and (world_size == 1 or num_workers == 2):
-        # One rank reads all 12 rows, or two ranks split them by sample 6/6: nothing is dropped.
-        assert len(ids) == manifest.num_samples
+        used, repeated = zip(*(split_epoch(loader, epoch, manifest) for loader in loaders))
+        rows = [row for rank_rows in used for row in rank_rows]
+        assert sorted(rows) == list(range(manifest.num_samples)), "every sample exactly once"
+        assert sum(map(len, repeated)) == world_size * num_batches * batch_size - manifest.num_samples
+    assert sum(loader.num_repeated for loader in loaders) == 2 * (
+        world_size * num_batches * batch_size - manifest.num_samples
+    )
+    if sizes == [8, 4]:  # 12 rows, 6 per rank: 2 batches of 3, nothing repeated
+        assert sum(loader.num_repeated for loader in loaders) == 0
     assert all(not loader.skipped for loader in loaders)
 
 
@@ -119,17 +140,21 @@ def test_full_coverage_single_rank(tmp_path, tokenizer, transform):
         assert sorted(run_epoch(loader, 0, manifest)) == list(range(21))
 
 
-def test_num_batches_uses_smallest_rank_share(tmp_path, tokenizer, transform):
+@pytest.mark.parametrize(
+    ("world_size", "batch_size", "expected"),
+    [(1, 5, 5), (2, 2, 6), (2, 5, 3), (4, 5, 2), (4, 6, 0), (3, 7, 1)],
+)
+def test_num_batches_fits_the_largest_rank_share(
+    tmp_path, tokenizer, transform, world_size, batch_size, expected
+):
+    # 21 rows: rank shares of ceil(21 / W) or floor(21 / W) rows, batches for the larger; none when the
+    # smaller share is under one batch (4 x 5 rows < 6). Workers and shuffling do not change it.
     manifest = make_dataset(tmp_path, [7, 5, 9])
-    # Two ranks by shard: one rank may be dealt only the 5-sample shard.
-    loader = make_loader(manifest, tokenizer, transform, batch_size=2, world_size=2)
-    assert loader.num_batches() == 2
-    # Unshuffled, rank 1 always gets shard 1 (5 samples).
-    loader = make_loader(manifest, tokenizer, transform, batch_size=2, world_size=2, shuffle=False)
-    assert loader.num_batches() == 2
-    # Split by sample (3 shards < 2 ranks x 2 workers): rank shares of 21 rows are 11 and 10.
-    loader = make_loader(manifest, tokenizer, transform, batch_size=2, world_size=2, num_workers=2)
-    assert loader.num_batches() == 5
+    for kwargs in ({}, {"shuffle": False}, {"num_workers": 2}):
+        loader = make_loader(
+            manifest, tokenizer, transform, batch_size=batch_size, world_size=world_size, **kwargs
+        )
+        assert loader.num_batches() == expected
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -163,12 +188,12 @@ BAD_REASONS = {
 def test_bad_samples_skipped_counted_and_rows_kept(tmp_path, tokenizer, transform, caplog, num_workers):
     manifest = make_dataset(tmp_path, [8, 8], BAD)
     bad_rows = {manifest.row(s, p) for s, p in BAD}
-    # 12 good samples = 2 batches of 6: the whole epoch is read without repeating anything.
+    # 16 rows by the manifest: 3 batches of 6; 12 good ones fill 2, the third repeats the first.
     loader = make_loader(manifest, tokenizer, transform, batch_size=6, num_workers=num_workers, shuffle=False)
-    assert loader.num_batches() == 2
+    assert loader.num_batches() == 3
     with caplog.at_level("WARNING", logger="engine.data"):
-        ids = run_epoch(loader, 0, manifest)
-    assert sorted(ids) == sorted(set(range(16)) - bad_rows)
+        used, repeated = split_epoch(loader, 0, manifest)
+    assert sorted(used) == sorted(set(range(16)) - bad_rows) and len(repeated) == 6
     assert {shard: dict(reasons) for shard, reasons in loader.skipped.items()} == BAD_REASONS
     assert sorted(loader.skipped_log) == sorted(
         [
@@ -184,10 +209,13 @@ def test_bad_samples_skipped_counted_and_rows_kept(tmp_path, tokenizer, transfor
     # Counts accumulate across epochs.
     run_epoch(loader, 1, manifest)
     assert loader.skipped["shard-000001.tar"]["corrupt image"] == 2
+    assert loader.num_repeated == 12
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_skipped_samples_logged_a_few_per_epoch_then_totalled(tmp_path, tokenizer, transform, caplog, num_workers):
+def test_skipped_samples_logged_a_few_per_epoch_then_totalled(
+    tmp_path, tokenizer, transform, caplog, num_workers
+):
     bad = {(s, p): "corrupt" if p % 2 else "empty" for s in range(2) for p in range(1, 10)}
     manifest = make_dataset(tmp_path, [12, 12], bad)  # 18 of 24 samples skipped each epoch
     loader = make_loader(manifest, tokenizer, transform, batch_size=2, num_workers=num_workers)
@@ -197,7 +225,9 @@ def test_skipped_samples_logged_a_few_per_epoch_then_totalled(tmp_path, tokenize
             run_epoch(loader, epoch, manifest)
         messages = [r.getMessage() for r in caplog.records]
         assert sum(m.startswith("skipping sample") for m in messages) == SKIP_WARNINGS_PER_EPOCH == 5
-        assert f"rank 0 epoch {epoch}: 5 samples skipped; more are counted, not logged one by one" in "".join(messages)
+        assert f"rank 0 epoch {epoch}: 5 samples skipped; more are counted, not logged one by one" in "".join(
+            messages
+        )
         totals = [m for m in messages if "not logged one by one):" in m]
         expected = f"rank 0 epoch {epoch}: 18 samples skipped (13 not logged one by one): "
         assert totals == [expected + "{'corrupt image': 10, 'empty caption': 8}"]
@@ -205,17 +235,30 @@ def test_skipped_samples_logged_a_few_per_epoch_then_totalled(tmp_path, tokenize
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_short_rank_refills_without_double_counting(tmp_path, tokenizer, transform, num_workers):
+@pytest.mark.parametrize("batch_size", [4, 3])
+def test_short_rank_fills_its_last_batches_with_its_first_samples(
+    tmp_path, tokenizer, transform, caplog, num_workers, batch_size
+):
     bad = {(0, 0): "corrupt", (0, 5): "noimage", (1, 7): "corrupt", (2, 1): "empty"}
     manifest = make_dataset(tmp_path, [8, 8, 8], bad)
-    # Unshuffled, the refill pass meets s0p0 again before its first piece: it must not be counted twice.
-    loader = make_loader(manifest, tokenizer, transform, batch_size=4, num_workers=num_workers, shuffle=False)
-    assert loader.num_batches() == 6  # 24 rows by the manifest, 20 readable
-    ids = run_epoch(loader, 0, manifest)
-    assert len(ids) == 24
-    assert set(ids) == set(range(24)) - {manifest.row(s, p) for s, p in bad}
-    assert loader.num_skipped == 4
-    assert len(loader.skipped_log) == 4
+    loader = make_loader(
+        manifest, tokenizer, transform, batch_size=batch_size, num_workers=num_workers, shuffle=False
+    )
+    # 24 rows by the manifest, 20 readable: batches of 4 -> 5 used, 1 repeated; of 3 -> 6 used, a seventh
+    # with 2 used and 1 repeated, an eighth repeated.
+    assert loader.num_batches() == {4: 6, 3: 8}[batch_size]
+    with caplog.at_level("INFO", logger="engine.data"):
+        batches = list(loader.epoch(0))
+    assert [b.num_repeated for b in batches[-2:]] == {4: [0, 4], 3: [1, 3]}[batch_size]
+    used, repeated = split_epoch(loader, 0, manifest)
+    assert sorted(used) == sorted(set(range(24)) - {manifest.row(s, p) for s, p in bad})
+    assert len(repeated) == 4 and loader.num_repeated == 8
+    assert loader.num_skipped == 8 and len(loader.skipped_log) == 8  # 4 per epoch, each counted once
+    num_left = {4: 1, 3: 2}[batch_size]
+    assert (
+        f"rank 0 epoch 0: its usable samples fill all but its last {num_left} batch(es); 4 of its first"
+        in (caplog.text)
+    )
 
 
 def run_with_timeout(fn, timeout: float = 30.0):
@@ -288,18 +331,17 @@ def test_invalid_arguments(tmp_path, tokenizer, transform):
         make_loader(escaping, tokenizer, transform)
 
 
-def dealt_rows(loader: ShardLoader, epoch: int) -> set[int]:
+def dealt_rows(loader: ShardLoader, epoch: int) -> list[int]:
     """Rows the split deals to `loader`'s rank in `epoch`, computed from the manifest alone."""
     manifest, workers = loader.manifest, loader.workers_per_rank
     order = shard_order(manifest.num_shards, seed=loader.seed, epoch=epoch, shuffle=loader.shuffle)
-    rows = set()
+    rows = []
     for slot in range(loader.rank * workers, (loader.rank + 1) * workers):
-        shards, row_filter = slot_shards(
+        segments = slot_segments(
             manifest, slot=slot, world_size=loader.world_size, workers_per_rank=workers, order=order
         )
-        for i in shards:
-            shard_rows = range(manifest.offsets[i], manifest.offsets[i + 1])
-            rows.update(r for r in shard_rows if row_filter is None or r % row_filter[0] == row_filter[1])
+        for shard, start, stop in segments:
+            rows += [manifest.offsets[shard] + position for position in range(start, stop)]
     return rows
 
 
@@ -313,32 +355,29 @@ def test_two_ranks_two_workers_each_sample_once(tmp_path, tokenizer, transform, 
         for rank in range(2)
     ]
     num_batches = loaders[0].num_batches()
+    assert num_batches == {1: 15, 3: 13, 8: 22}[len(sizes)]  # ceil(M / 2)
     for epoch in (0, 1):
-        per_rank = [run_epoch(loader, epoch, manifest) for loader in loaders]
-        ids = per_rank[0] + per_rank[1]
-        assert len(ids) == len(set(ids)) == 2 * num_batches, "a sample appeared twice in one epoch"
         dealt = [dealt_rows(loader, epoch) for loader in loaders]
-        assert not dealt[0] & dealt[1] and dealt[0] | dealt[1] == set(range(manifest.num_samples))
-        for rank in range(2):
-            # Each rank delivers its own rows only; one whose share is the batch count delivers all of them.
-            assert set(per_rank[rank]) <= dealt[rank]
-            if len(dealt[rank]) == num_batches:
-                assert set(per_rank[rank]) == dealt[rank]
-        # Split by sample the count is the smaller share; by shard, the smallest share any shuffle can deal.
-        assert num_batches == min(map(len, dealt)) if len(sizes) < 4 else num_batches <= min(map(len, dealt))
-    assert num_batches == {1: 14, 3: 12, 8: 2 + 3 + 4 + 5}[len(sizes)]
+        # Contiguous shares of the epoch's shard sequence: disjoint, covering, sizes differing by at most 1.
+        assert sorted(dealt[0] + dealt[1]) == list(range(manifest.num_samples))
+        assert sorted(map(len, dealt)) == [manifest.num_samples // 2, num_batches]
+        for rank, loader in enumerate(loaders):
+            used, repeated = split_epoch(loader, epoch, manifest)
+            assert sorted(used) == sorted(dealt[rank])  # each rank delivers exactly its own rows
+            assert len(repeated) == num_batches - len(dealt[rank])
 
 
 def test_fewer_shards_than_readers_does_not_hang(tmp_path, tokenizer, transform):
-    # One shard of 3 samples for 2 ranks x 2 workers: slot 3 has no sample at all.
+    # One shard of 3 samples for 2 ranks x 2 workers: shares of 2 and 1, slot 3 has no sample at all.
     manifest = make_dataset(tmp_path, [3])
     loaders = [
         make_loader(manifest, tokenizer, transform, batch_size=1, rank=rank, world_size=2, num_workers=2)
         for rank in range(2)
     ]
-    assert [loader.num_batches() for loader in loaders] == [1, 1]
-    ids = [run_with_timeout(lambda loader=loader: run_epoch(loader, 0, manifest)) for loader in loaders]
-    assert len(ids[0]) == len(ids[1]) == 1 and not set(ids[0]) & set(ids[1])
+    assert [loader.num_batches() for loader in loaders] == [2, 2]
+    splits = [run_with_timeout(lambda loader=loader: split_epoch(loader, 0, manifest)) for loader in loaders]
+    assert sorted(splits[0][0] + splits[1][0]) == [0, 1, 2]
+    assert [len(repeated) for _, repeated in splits] == [0, 1]
 
 
 def stated_manifest(manifest: Manifest, counts: list[int]) -> Manifest:
@@ -358,6 +397,8 @@ def test_tar_with_more_or_fewer_samples_than_stated(tmp_path, tokenizer, transfo
     batches = run_with_timeout(lambda: list(loader.epoch(0)))
     assert len(batches) == 13
     # (key, row) pairs: shard 0 keeps its first 4 at rows 0-3; s0p4 and s0p5 would have collided with shard 1.
+    # 11 samples are read, the 2 shard 1 lacks are filled by repeats.
+    assert [b.num_repeated for b in batches] == [0] * 11 + [1, 1]
     first_pass = [(b.keys[0], b.sample_ids.item()) for b in batches[:11]]
     expected = [(f"s0p{p}", p) for p in range(4)] + [(f"s1p{p}", 4 + p) for p in range(3)]
     expected += [(f"s2p{p}", 9 + p) for p in range(4)]

@@ -54,6 +54,7 @@ def resume_everywhere(
         rest = [check_batch(b, manifest, batch_size) if check_pixels else b.sample_ids.tolist() for b in tail]
         assert head + rest == straight  # same order, nothing repeated, nothing missing
         assert resumed.skipped == straight_loader.skipped  # skip counts continue, neither restart nor double
+        assert resumed.num_repeated == straight_loader.num_repeated
     return num_inside
 
 
@@ -61,27 +62,29 @@ def resume_everywhere(
 def test_resume_two_ranks_two_workers(tmp_path, tokenizer, transform, defects):
     manifest = make_dataset(tmp_path, [9, 4, 13, 7, 5, 11, 6, 8], BAD if defects else None)
     for new_loader in rank_loaders(manifest, tokenizer, transform):
-        assert new_loader().num_batches() == 7
-        resume_everywhere(new_loader, manifest, epoch=1, batch_size=3, ks=[1, 3, 5, 6])
+        assert new_loader().num_batches() == 11  # 63 rows: shares of 32 and 31
+        resume_everywhere(new_loader, manifest, epoch=1, batch_size=3, ks=[1, 3, 5, 8, 9, 10])
 
 
 def test_resume_inside_pieces_of_uneven_workers(tmp_path, tokenizer, transform):
-    # Unshuffled, each rank's worker 0 reads a 3-sample shard and worker 1 a 20-sample one: once worker 0
-    # is done, batch boundaries fall inside worker 1's pieces.
-    bad = {(2, 4): "corrupt", (3, 0): "nocaption", (3, 9): "corrupt", (2, 17): "empty"}
+    # Unshuffled, each rank's worker 0 loses 7 of its 12 samples: once its final (odd) piece is taken, batch
+    # boundaries fall inside worker 1's pieces; the last batches are fill batches.
+    bad = {(0, 0): "corrupt", (0, 1): "empty", (0, 2): "corrupt", (1, 0): "noimage", (1, 1): "corrupt"}
+    bad |= {(2, 2): "corrupt", (2, 3): "nocaption", (2, 17): "corrupt", (2, 18): "empty", (3, 0): "empty"}
+    bad |= {(3, 1): "corrupt", (3, 4): "corrupt", (3, 6): "corrupt", (3, 7): "nonutf8"}
     manifest = make_dataset(tmp_path, [3, 3, 20, 20], bad)
     num_inside = 0
     for new_loader in rank_loaders(manifest, tokenizer, transform, batch_size=2, shuffle=False):
-        num_inside += resume_everywhere(new_loader, manifest, epoch=0, batch_size=2, step=2)
-    assert num_inside >= 6
-    # Shuffled, one rank, a worker per shard: the same with a shuffle buffer in the stream.
-    manifest = make_dataset(tmp_path / "two", [3, 20], {(1, 4): "corrupt", (1, 11): "empty"})
+        num_inside += resume_everywhere(new_loader, manifest, epoch=0, batch_size=2, ks=[2, 5, 6, 7, 10, 11])
+    assert num_inside == 6
+    # Shuffled, one rank: the same with a shuffle buffer in the stream.
+    manifest = make_dataset(tmp_path / "two", [3, 20], {(1, p): "corrupt" for p in range(7)})
     single = rank_loaders(manifest, tokenizer, transform, batch_size=2, world_size=1)[0]
-    assert resume_everywhere(single, manifest, epoch=3, batch_size=2, step=2) >= 3
+    assert resume_everywhere(single, manifest, epoch=3, batch_size=2, ks=[3, 5, 6, 7, 11]) == 3
 
 
 def test_resume_counts_shard_level_skips_once(tmp_path, tokenizer, transform):
-    # Stale declared counts: shard 0 holds 2 samples more than stated, shard 1 two fewer (a refill pass).
+    # Stale declared counts: shard 0 holds 2 samples more than stated, shard 1 two fewer (fill batches).
     stated = stated_manifest(make_dataset(tmp_path, [6, 3, 8]), [4, 5, 8])
     new_loader = rank_loaders(stated, tokenizer, transform, batch_size=2, world_size=1, num_workers=0)[0]
     straight = new_loader()

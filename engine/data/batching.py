@@ -4,7 +4,7 @@ Each worker (reader slot) sends "pieces": its next batch_size decoded samples, w
 made while collecting them, numbered 0, 1, ... and ending with a final piece. The main process takes
 the pieces in (number, worker) order and cuts them into batches of exactly batch_size. The position
 after any batch is therefore a few counters per worker (pieces taken, raw samples they spanned) plus
-how much of a partly used piece went out.
+how much of a partly used piece went out; once every worker is done, only fill batches remain.
 """
 
 from __future__ import annotations
@@ -23,12 +23,17 @@ from engine.data.samples import SkipRecord
 
 @dataclass
 class Batch:
-    """images [B,3,H,W] float, texts [B,ctx] long, sample_ids [B] long (global u-table rows), tar keys."""
+    """images [B,3,H,W] float, texts [B,ctx] long, sample_ids [B] long (global u-table rows), tar keys.
+
+    The last `num_repeated` entries repeat samples already yielded this epoch (they fill a rank's last
+    batches when its share holds fewer usable samples than its batches take).
+    """
 
     images: Tensor
     texts: Tensor
     sample_ids: Tensor
     keys: list[str]
+    num_repeated: int = 0
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -86,6 +91,11 @@ class Piece:
         )
 
 
+def as_piece(batch: Batch) -> Piece:
+    """A batch's samples as a piece of no worker, to queue again (fill batches)."""
+    return Piece(-1, -1, 0, 0, True, batch.images, batch.texts, batch.sample_ids.tolist(), list(batch.keys))
+
+
 def keep_piece(piece: Piece) -> Piece:
     """DataLoader collate function: pieces arrive whole."""
     return piece
@@ -102,27 +112,26 @@ class WorkerStart:
 
 @dataclass(frozen=True)
 class Position:
-    """A rank's place in an epoch: after `batches_done` batches, in read pass `read_pass`.
+    """A rank's place in an epoch: after `batches_done` batches.
 
     `straddle` = (worker, n): that worker's next piece went partly into the last batch, its first n samples.
+    With every worker done, the rest of the epoch are fill batches.
     """
 
     epoch: int
     batches_done: int
-    read_pass: int
     workers: tuple[WorkerStart, ...]
     straddle: tuple[int, int] | None = None
 
     @classmethod
-    def pass_start(
-        cls, epoch: int, num_workers: int, *, batches_done: int = 0, read_pass: int = 0
-    ) -> Position:
-        """The start of a read pass: every worker from its first sample."""
-        return cls(epoch, batches_done, read_pass, (WorkerStart(),) * num_workers)
+    def start(cls, epoch: int, num_workers: int, *, batches_done: int = 0) -> Position:
+        """Every worker from its first sample (with `batches_done` > 0: the clean end of an epoch)."""
+        return cls(epoch, batches_done, (WorkerStart(),) * num_workers)
 
     @property
-    def at_pass_start(self) -> bool:
-        return self.straddle is None and all(w == WorkerStart() for w in self.workers)
+    def all_read(self) -> bool:
+        """Every worker has delivered all its pieces."""
+        return all(w.done for w in self.workers)
 
 
 class PieceMerger:
@@ -158,9 +167,7 @@ class PieceMerger:
             )
 
 
-def position_after(
-    epoch: int, batches_done: int, read_pass: int, merger: PieceMerger, queue: deque[Piece]
-) -> Position:
+def position_after(epoch: int, batches_done: int, merger: PieceMerger, queue: deque[Piece]) -> Position:
     """The position once `batches_done` batches are out; `queue` holds the rest of the last piece taken."""
     workers = merger.progress()
     straddle = None
@@ -170,11 +177,14 @@ def position_after(
         # The worker must produce that piece again; its first `offset` samples are then dropped.
         workers[rest.worker] = WorkerStart(rest.index, rest.raw_start, False)
         straddle = (rest.worker, rest.offset)
-    return Position(epoch, batches_done, read_pass, tuple(workers), straddle)
+    return Position(epoch, batches_done, tuple(workers), straddle)
 
 
 def planned_position(epoch: int, batches_done: int, *, slot_sizes: list[float], batch_size: int) -> Position:
-    """The position after `batches_done` batches if worker w reads `slot_sizes[w]` samples, all usable."""
+    """The position after `batches_done` batches if worker w reads `slot_sizes[w]` samples, all usable.
+
+    Past the batches those samples fill, every worker is done (the rest are fill batches).
+    """
     merger = PieceMerger((WorkerStart(),) * len(slot_sizes))
     queue: deque[Piece] = deque()
     num_queued = num_yielded = 0
@@ -202,8 +212,8 @@ def planned_position(epoch: int, batches_done: int, *, slot_sizes: list[float], 
             num_queued -= batch_size
             num_yielded += 1
             if num_yielded == batches_done:
-                return position_after(epoch, num_yielded, 0, merger, queue)
-    raise AssertionError(f"batch {batches_done} is beyond the planned epoch")
+                return position_after(epoch, num_yielded, merger, queue)
+    return Position(epoch, batches_done, tuple(merger.progress()))
 
 
 def take_counts(queue: deque[Piece], batch_size: int) -> None:

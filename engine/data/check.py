@@ -85,7 +85,7 @@ class ShardCheck:
 
     @property
     def key_collisions(self) -> int:
-        """Samples without image or caption because dotted member names share a key (webdataset's first dot)."""
+        """Samples lacking image or caption because dotted member names share a key (webdataset's rule)."""
         return self.skipped_by_reason[SKIP_KEY_COLLISION]
 
     @property

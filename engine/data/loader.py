@@ -1,10 +1,20 @@
 """ShardLoader: one rank's batches of (images, tokenized texts, u-table row ids), and its position.
 
-Every rank yields the same number of batches per epoch: as many full batches as the smallest share any
-rank can be dealt holds (see `plan.py`). With shard splitting, equal shard sizes and a shard count
-divisible by world_size waste nothing; otherwise the surplus of larger shares waits for a later epoch.
-A rank left short by skipped samples reads its share again (logged) rather than stall the others. In
-`resampled` mode (data too large for epochs) an epoch is `samples_per_epoch` samples over all ranks.
+Every usable sample is used exactly once per epoch, on any number of ranks and workers, skips or not.
+The rule that keeps ranks' batch counts equal depends on the manifest alone, so every rank computes it
+without communicating:
+
+- each epoch's M rows (the manifest's samples, in the epoch's shuffled shard order) are dealt to the W
+  ranks as contiguous shares of floor(M / W) or ceil(M / W) rows (see `plan.py`);
+- every rank yields num_batches() = ceil(ceil(M / W) / B) batches of B, enough for the largest share,
+  so no usable sample is ever left out (0 when the smallest share is under one batch);
+- a rank yields every usable sample of its share once; when they are fewer than its batches take (its
+  share is not a multiple of B, is the smaller one, or had samples skipped), its last batch(es) are
+  completed with its first samples of the epoch, in order (its first batch). These repeats come last in
+  a batch, are counted (`num_repeated`, `Batch.num_repeated`) and logged; a rank with fewer usable
+  samples than one batch raises instead.
+
+In `resampled` mode (data too large for epochs) an epoch is `samples_per_epoch` samples over all ranks.
 
 The loader tracks its position (see `batching.py`): `state_dict()` is the position after the last batch
 it yielded, with the skip counts so far; `load_state_dict()` restores it, and `epoch(e, start_batch=k)`
@@ -33,6 +43,7 @@ from engine.data.batching import (
     Position,
     Skip,
     WorkerStart,
+    as_piece,
     keep_piece,
     planned_position,
     position_after,
@@ -46,8 +57,8 @@ from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS, SkipRecord
 logger = logging.getLogger(__name__)
 
 LOADER_STATE_FORMAT = "tuneclip-loader-state"
-LOADER_STATE_VERSION = 1
-# Skipped samples logged one by one per epoch and rank; the rest are counted (and totalled at the epoch's end).
+LOADER_STATE_VERSION = 2
+# Skipped samples logged one by one per epoch and rank; the rest are counted, totalled at the epoch's end.
 SKIP_WARNINGS_PER_EPOCH = 5
 
 
@@ -135,39 +146,36 @@ class ShardLoader:
         )
         self.skipped: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.skipped_log: list[SkipRecord] = []
-        self._epoch_skips: tuple[int, Counter[str]] = (-1, Counter())  # skipped samples of the epoch being read
+        # The epoch being read and its skipped samples by reason (for the log).
+        self._epoch_skips: tuple[int, Counter[str]] = (-1, Counter())
+        self.num_repeated = 0  # samples yielded again to fill last batches, over all epochs
         # After the last batch yielded, as restored by load_state_dict, or where epoch() was asked to start.
-        self._position = Position.pass_start(0, self.workers_per_rank)
+        self._position = Position.start(0, self.workers_per_rank)
+        self._fill: tuple[int, Piece] | None = None  # (epoch, its first batch): what fills its last batches
         if resampled:
             self._num_batches = samples_per_epoch // (batch_size * world_size)
             return
-        shares = [
-            rank_num_samples(
-                manifest,
-                rank=r,
-                world_size=world_size,
-                workers_per_rank=self.workers_per_rank,
-                shuffle=shuffle,
-            )
-            for r in range(world_size)
-        ]
-        self._num_batches = min(shares) // batch_size
-        num_used = self._num_batches * batch_size * world_size
-        if num_used == 0:
+        share = rank_num_samples(manifest, rank=rank, world_size=world_size)
+        smallest = manifest.num_samples // world_size
+        largest = -(-manifest.num_samples // world_size)
+        self._num_batches = -(-largest // batch_size) if smallest >= batch_size else 0
+        if self._num_batches == 0:
             logger.warning(
                 "ShardLoader: %d samples give no full batch of %d per rank on %d rank(s)",
                 manifest.num_samples,
                 batch_size,
                 world_size,
             )
-        elif num_used < manifest.num_samples and rank == 0:
+        elif self._num_batches * batch_size > share:
             logger.info(
-                "ShardLoader: %d of %d samples per epoch fit %d batch(es) of %d on each of %d rank(s)",
-                num_used,
+                "ShardLoader: rank %d is dealt %d of %d samples per epoch for %d batch(es) of %d: its last "
+                "batch repeats %d of its first samples (more if samples are skipped)",
+                rank,
+                share,
                 manifest.num_samples,
-                self.num_batches(),
+                self._num_batches,
                 batch_size,
-                world_size,
+                self._num_batches * batch_size - share,
             )
 
     @property
@@ -175,7 +183,7 @@ class ShardLoader:
         return max(self.num_workers, 1)
 
     def num_batches(self) -> int:
-        """Batches per epoch on every rank (drop_last): the smallest full-batch count any rank can be dealt."""
+        """Batches per epoch on every rank: ceil(ceil(M / W) / B), enough for the largest rank share."""
         return self._num_batches
 
     @property
@@ -196,6 +204,8 @@ class ShardLoader:
                 f"start_batch must be in [0, {self.num_batches()}] (batches per epoch), got {start_batch}"
             )
         self._position = self._position_at(epoch, start_batch)
+        if start_batch == 0:
+            self._epoch_skips = (epoch, Counter())
         return self._batches(self._position)
 
     def _pieces(self, reader: EpochReader) -> Iterator[Piece]:
@@ -216,7 +226,7 @@ class ShardLoader:
         yield from loader
 
     def _record(self, skips: list[Skip], epoch: int) -> None:
-        """Count skips; log lost shard parts always, skipped samples up to SKIP_WARNINGS_PER_EPOCH per epoch."""
+        """Count skips; log lost shard parts always, skipped samples SKIP_WARNINGS_PER_EPOCH an epoch."""
         if self._epoch_skips[0] != epoch:
             self._epoch_skips = (epoch, Counter())
         counts = self._epoch_skips[1]
@@ -225,7 +235,12 @@ class ShardLoader:
             self.skipped_log.append(record)
             if record.key is None:
                 logger.error(
-                    "rank %d: shard %s: %s, %d sample(s) lost%s", self.rank, record.shard, record.reason, count, detail
+                    "rank %d: shard %s: %s, %d sample(s) lost%s",
+                    self.rank,
+                    record.shard,
+                    record.reason,
+                    count,
+                    detail,
                 )
                 continue
             num_logged = sum(counts.values())
@@ -258,16 +273,18 @@ class ShardLoader:
             )
 
     def _batches(self, position: Position) -> Iterator[Batch]:
-        num_batches = self.num_batches()
-        num_yielded, read_pass = position.batches_done, position.read_pass
-        while num_yielded < num_batches:
-            reader = EpochReader(
-                self.settings, epoch=position.epoch, record_skips=read_pass == 0, starts=position.workers
-            )
-            merger = PieceMerger(position.workers)
-            queue: deque[Piece] = deque()
-            num_queued = num_read = 0
-            first_yielded = num_yielded
+        """The batches after `position`: its share's usable samples, then fill batches (see the module)."""
+        epoch, num_batches = position.epoch, self.num_batches()
+        num_yielded = position.batches_done
+        if num_yielded >= num_batches:
+            return
+        merger = PieceMerger(position.workers)
+        queue: deque[Piece] = deque()
+        num_queued = 0
+        # The last batch waits for the end of the stream (all skips counted); a resampled stream never ends.
+        num_before_end = num_batches if self.resampled else num_batches - 1
+        if not position.all_read:
+            reader = EpochReader(self.settings, epoch=epoch, record_skips=True, starts=position.workers)
             pieces = self._pieces(reader)
             try:
                 for piece in merger.merge(pieces):
@@ -278,64 +295,96 @@ class ShardLoader:
                     ):
                         piece = piece.cut(straddle[1])  # its first samples (and its skips) went out before
                     else:
-                        self._record(piece.skips, position.epoch)
+                        self._record(piece.skips, epoch)
                     if not len(piece):
                         continue
                     queue.append(piece)
                     num_queued += len(piece)
-                    num_read += len(piece)
-                    while num_queued >= self.batch_size and num_yielded < num_batches:
+                    while num_queued >= self.batch_size and num_yielded < num_before_end:
                         batch = take_batch(queue, self.batch_size, pin=self.pin_memory)
                         num_queued -= self.batch_size
                         num_yielded += 1
-                        self._position = self._position_after(
-                            position.epoch, num_yielded, read_pass, merger, queue
-                        )
-                        if num_yielded == num_batches:
-                            self._log_epoch_skips(position.epoch)
-                        yield batch
+                        yield self._yielding(batch, position_after(epoch, num_yielded, merger, queue))
                     if num_yielded == num_batches:
                         break
             finally:
                 del pieces  # stops DataLoader workers when the epoch ends early
-            if num_yielded == num_batches:
-                break
-            if position.at_pass_start and num_yielded == first_yielded:
-                raise RuntimeError(
-                    f"rank {self.rank}: its part of epoch {position.epoch} holds {num_read} readable sample(s), "
-                    f"less than one batch of {self.batch_size} (skipped: {dict(self.skipped)}); check the shards "
-                    "with `python run.py shards check <dir>` or lower the batch size"
-                )
-            logger.warning(
-                "rank %d epoch %d: %d of %d batches after skipped samples; reading its samples again to fill%s",
-                self.rank,
-                position.epoch,
-                num_yielded,
-                num_batches,
-                f" ({num_queued} left over are dropped)" if num_queued else "",
+        if num_yielded == num_batches:
+            return
+        assert num_queued <= self.batch_size, "a share never holds more usable samples than its batches take"
+        if num_yielded == 0 and num_queued < self.batch_size:
+            raise RuntimeError(
+                f"rank {self.rank}: its part of epoch {epoch} holds {num_queued} readable sample(s), "
+                f"less than one batch of {self.batch_size} (skipped: {dict(self.skipped)}); check the shards "
+                "with `python run.py shards check <dir>` or lower the batch size"
             )
-            read_pass += 1
-            position = Position.pass_start(
-                position.epoch, self.workers_per_rank, batches_done=num_yielded, read_pass=read_pass
-            )
+        logged = False
+        while num_yielded < num_batches:
+            num_fill = self.batch_size - num_queued
+            if num_fill:
+                if not logged:
+                    self._log_fill(epoch, num_batches - num_yielded, num_fill)
+                    logged = True
+                queue.append(self._first_batch(epoch))
+            batch = take_batch(queue, self.batch_size, pin=self.pin_memory)
+            batch.num_repeated = num_fill
+            queue.clear()
+            num_queued = 0
+            num_yielded += 1
+            self.num_repeated += num_fill
+            yield self._yielding(batch, Position(epoch, num_yielded, tuple(merger.progress())))
+
+    def _yielding(self, batch: Batch, position: Position) -> Batch:
+        """Note the position after `batch` (an epoch's end as its clean end); keep the epoch's first batch."""
+        epoch, num_done = position.epoch, position.batches_done
+        if num_done == 1 and batch.num_repeated == 0:
+            self._fill = (epoch, as_piece(batch))
+        if num_done == self.num_batches():
+            position = Position.start(epoch, self.workers_per_rank, batches_done=num_done)
+            self._log_epoch_skips(epoch)
+        self._position = position
+        return batch
+
+    def _first_batch(self, epoch: int) -> Piece:
+        """The epoch's first batch as a piece: kept when this loader yielded it, else read again."""
+        if self._fill is None or self._fill[0] != epoch:
+            start = Position.start(epoch, self.workers_per_rank)
+            reader = EpochReader(self.settings, epoch=epoch, record_skips=False, starts=start.workers)
+            queue: deque[Piece] = deque()
+            pieces = self._pieces(reader)
+            try:
+                for piece in PieceMerger(start.workers).merge(pieces):
+                    queue.append(piece)
+                    if sum(map(len, queue)) >= self.batch_size:
+                        break
+            finally:
+                del pieces
+            if sum(map(len, queue)) < self.batch_size:
+                raise RuntimeError(f"rank {self.rank}: epoch {epoch} no longer holds its first batch")
+            self._fill = (epoch, as_piece(take_batch(queue, self.batch_size)))
+        return self._fill[1]
+
+    def _log_fill(self, epoch: int, num_left: int, num_fill: int) -> None:
+        """Log that the last `num_left` batches are filled (the first with `num_fill` repeats)."""
+        num_repeats = num_fill + (num_left - 1) * self.batch_size
+        logger.info(
+            "rank %d epoch %d: its usable samples fill all but its last %d batch(es); "
+            "%d of its first samples are repeated to fill them",
+            self.rank,
+            epoch,
+            num_left,
+            num_repeats,
+        )
 
     # ----- positions -----
-    def _position_after(
-        self, epoch: int, batches_done: int, read_pass: int, merger: PieceMerger, queue: deque[Piece]
-    ) -> Position:
-        """The position after a batch; the end of an epoch is kept as a clean pass start."""
-        if batches_done == self.num_batches():
-            return Position.pass_start(epoch, self.workers_per_rank, batches_done=batches_done)
-        return position_after(epoch, batches_done, read_pass, merger, queue)
-
     def _position_at(self, epoch: int, start_batch: int) -> Position:
         if start_batch == 0:
-            return Position.pass_start(epoch, self.workers_per_rank)
+            return Position.start(epoch, self.workers_per_rank)
         known = self._position
         if (known.epoch, known.batches_done) == (epoch, start_batch):
             return known
         if start_batch == self.num_batches():
-            return Position.pass_start(epoch, self.workers_per_rank, batches_done=start_batch)
+            return Position.start(epoch, self.workers_per_rank, batches_done=start_batch)
         logger.info(
             "rank %d: resuming epoch %d at batch %d from the manifest's counts (exact unless samples before it "
             "were skipped; restore a saved state_dict() for an exact resume)",
@@ -375,10 +424,11 @@ class ShardLoader:
             "shuffle_buffer": self.shuffle_buffer,
             "resampled": self.resampled,
             "samples_per_epoch": self.samples_per_epoch,
+            "max_image_pixels": self.settings.max_image_pixels,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able position of this rank, with the skip counts so far, for `load_state_dict`.
+        """JSON-able position of this rank, with the skip and repeat counts so far, for `load_state_dict`.
 
         The position is the one after the last batch this loader yielded, else the one restored or asked
         of `epoch()` (before any: the start of epoch 0). Valid at any time, on every rank.
@@ -390,27 +440,32 @@ class ShardLoader:
             **self._identity(),
             "epoch": position.epoch,
             "batches_done": position.batches_done,
-            "read_pass": position.read_pass,
             "workers": [[w.next_piece, w.raw, w.done] for w in position.workers],
             "straddle": list(position.straddle) if position.straddle else None,
             "skipped": {shard: dict(reasons) for shard, reasons in self.skipped.items()},
+            "num_repeated": self.num_repeated,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict()` saved by a loader over the same data and split, skip counts included.
 
         Continue with `epoch(state["epoch"], start_batch=state["batches_done"])`. ValueError names every
-        setting that differs.
+        setting that differs. A version 1 state (dealt by whole shards, before this engine's rule) keeps its
+        epoch, batch and counts, and continues from the manifest's counts under the current rule (logged).
         """
         if not isinstance(state, dict) or state.get("format") != LOADER_STATE_FORMAT:
             raise ValueError("not a ShardLoader state (missing format 'tuneclip-loader-state')")
-        if state.get("version") != LOADER_STATE_VERSION:
+        version = state.get("version")
+        if version not in (1, LOADER_STATE_VERSION):
             raise ValueError(
-                f"loader state version {state.get('version')!r}; this engine reads {LOADER_STATE_VERSION}"
+                f"loader state version {version!r}; this engine reads 1 and {LOADER_STATE_VERSION}"
             )
+        identity = self._identity()
+        if version == 1:
+            del identity["max_image_pixels"]  # not recorded then
         problems = [
             f"{key}: saved {state.get(key)!r}, this loader {value!r}"
-            for key, value in self._identity().items()
+            for key, value in identity.items()
             if state.get(key) != value
         ]
         if problems:
@@ -419,14 +474,29 @@ class ShardLoader:
                 "manifest, world size, rank, workers, seed and batching, or restart the epoch from batch 0"
             )
         workers = tuple(WorkerStart(int(n), int(raw), bool(done)) for n, raw, done in state["workers"])
-        batches_done = int(state["batches_done"])
+        epoch, batches_done = int(state["epoch"]), int(state["batches_done"])
+        self.skipped = defaultdict(Counter, {shard: Counter(r) for shard, r in state["skipped"].items()})
+        self.num_repeated = int(state.get("num_repeated", 0))
+        if version == 1:
+            batches_done = min(batches_done, self.num_batches())
+            logger.warning(
+                "rank %d: loader state version 1 (samples dealt by whole shards): epoch %d continues at "
+                "batch %d from the manifest's counts under the current rule (this epoch may repeat or miss "
+                "samples)",
+                self.rank,
+                epoch,
+                batches_done,
+            )
+            self._position = (
+                Position.start(epoch, self.workers_per_rank, batches_done=batches_done)
+                if batches_done in (0, self.num_batches())
+                else self._planned_position(epoch, batches_done)
+            )
+            return
         if len(workers) != self.workers_per_rank or not 0 <= batches_done <= self.num_batches():
             raise ValueError(
                 f"loader state is inconsistent: {len(workers)} worker positions for {self.workers_per_rank} "
                 f"workers, batch {batches_done} of {self.num_batches()}"
             )
         straddle = tuple(state["straddle"]) if state["straddle"] else None
-        self._position = Position(
-            int(state["epoch"]), batches_done, int(state["read_pass"]), workers, straddle
-        )
-        self.skipped = defaultdict(Counter, {shard: Counter(r) for shard, r in state["skipped"].items()})
+        self._position = Position(epoch, batches_done, workers, straddle)

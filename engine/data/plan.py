@@ -1,17 +1,20 @@
-"""Who reads what in an epoch: shard order, reader slots and their shares (pure functions).
+"""Who reads what in an epoch: shard order, each rank's and reader slot's share (pure functions).
 
-Per epoch the shard list is shuffled with (seed, epoch), identically on every rank. There are
-`world_size * workers_per_rank` reader slots (slot = rank * workers_per_rank + worker). With at least
-one shard per slot, rank r reads shards order[r::world_size] and its worker w every
-workers_per_rank-th of those; with fewer shards, every slot reads every shard and keeps the samples
-whose global row satisfies row % num_slots == slot. Either way each row belongs to exactly one slot.
-In resampled mode each slot instead draws shards with replacement from its own seeded generator.
+Per epoch the shard list is shuffled with (seed, epoch), identically on every rank, and read as one
+sequence of the manifest's rows (each shard's raw positions 0..n-1 in turn). The sequence is cut into
+`world_size` contiguous shares of floor(M / world_size) or one more rows (M = the manifest's samples),
+and each rank's share into `workers_per_rank` contiguous parts, one per reader slot (slot = rank *
+workers_per_rank + worker). Each row thus belongs to exactly one slot, ranks' shares differ by at most
+one row, and a shard is read by the slots whose parts meet it (a slot starting inside a shard passes
+over its first members without extracting them). In resampled mode each slot instead draws whole shards
+with replacement from its own seeded generator.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from typing import NamedTuple
 
 from engine.data.manifest import Manifest
 
@@ -39,39 +42,49 @@ def resample_rng(seed: int, epoch: int, slot: int) -> random.Random:
     return random.Random(f"tuneclip-resample/{seed}/{epoch}/{slot}")
 
 
-def slot_shards(
+class Segment(NamedTuple):
+    """Raw positions start..stop-1 of shard `shard_index` (in its tar, counted before any decoding)."""
+
+    shard_index: int
+    start: int
+    stop: int
+
+
+def share(num_items: int, *, index: int, num_parts: int, first: int = 0) -> range:
+    """Part `index` of `num_parts` contiguous near-equal parts of first..first+num_items-1 (larger first)."""
+    base, extra = divmod(num_items, num_parts)
+    begin = first + index * base + min(index, extra)
+    return range(begin, begin + base + (index < extra))
+
+
+def slot_segments(
     manifest: Manifest, *, slot: int, world_size: int, workers_per_rank: int, order: list[int]
-) -> tuple[list[int], tuple[int, int] | None]:
-    """(shards reader `slot` reads, in order; row filter (num_slots, slot), or None when it owns whole shards)."""
-    num_slots = world_size * workers_per_rank
-    if manifest.num_shards >= num_slots:
-        rank, worker = divmod(slot, workers_per_rank)
-        return order[rank::world_size][worker::workers_per_rank], None
-    return order, (num_slots, slot)
+) -> list[Segment]:
+    """The shard segments reader `slot` reads in an epoch whose shard order is `order`, in reading order."""
+    rank, worker = divmod(slot, workers_per_rank)
+    rank_span = share(manifest.num_samples, index=rank, num_parts=world_size)
+    span = share(len(rank_span), index=worker, num_parts=workers_per_rank, first=rank_span.start)
+    segments = []
+    begin = 0  # where the shard starts in the epoch's sequence
+    for shard_index in order:
+        size = manifest.shards[shard_index].num_samples
+        start, stop = max(span.start, begin), min(span.stop, begin + size)
+        if start < stop:
+            segments.append(Segment(shard_index, start - begin, stop - begin))
+        begin += size
+    return segments
 
 
 def slot_num_samples(
     manifest: Manifest, *, slot: int, world_size: int, workers_per_rank: int, order: list[int]
 ) -> int:
     """Samples reader `slot` is dealt by the manifest's counts (counting corrupt ones)."""
-    shards, row_filter = slot_shards(
+    segments = slot_segments(
         manifest, slot=slot, world_size=world_size, workers_per_rank=workers_per_rank, order=order
     )
-    if row_filter is None:
-        return sum(manifest.shards[i].num_samples for i in shards)
-    return len(range(row_filter[1], manifest.num_samples, row_filter[0]))
+    return sum(segment.stop - segment.start for segment in segments)
 
 
-def rank_num_samples(
-    manifest: Manifest, *, rank: int, world_size: int, workers_per_rank: int, shuffle: bool
-) -> int:
-    """Samples `rank` is guaranteed to be dealt in any epoch (counting corrupt ones)."""
-    num_slots = world_size * workers_per_rank
-    sizes = [shard.num_samples for shard in manifest.shards]
-    if len(sizes) < num_slots:
-        slots = range(rank * workers_per_rank, (rank + 1) * workers_per_rank)
-        return sum(len(range(slot, manifest.num_samples, num_slots)) for slot in slots)
-    if not shuffle:
-        return sum(sizes[rank::world_size])
-    # Shuffled: the rank gets len(sizes) // world_size shards or one more, in the worst case the smallest.
-    return sum(sorted(sizes)[: len(sizes) // world_size])
+def rank_num_samples(manifest: Manifest, *, rank: int, world_size: int) -> int:
+    """Samples `rank` is dealt in every epoch (counting corrupt ones): floor(M / world_size) or one more."""
+    return len(share(manifest.num_samples, index=rank, num_parts=world_size))

@@ -24,10 +24,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from engine.data.batching import Piece, Skip, WorkerStart
 from engine.data.manifest import Manifest
 from engine.data.plan import (
+    Segment,
     resample_rng,
     sample_shuffle_rng,
     shard_order,
-    slot_shards,
+    slot_segments,
     stable_seed,
 )
 from engine.data.samples import (
@@ -82,9 +83,10 @@ class _ShardSample(NamedTuple):
 
 
 class EpochReader(IterableDataset):
-    """The sample stream of one rank for one read pass of an epoch; each DataLoader worker reads its slot.
+    """The sample stream of one rank for an epoch; each DataLoader worker reads its slot.
 
-    `starts[w]` is where worker w begins; skip records are made only when `record_skips` (the first pass).
+    `starts[w]` is where worker w begins; skip records are made only when `record_skips` (not when the
+    epoch's first batch is read again).
     """
 
     def __init__(
@@ -109,7 +111,7 @@ class EpochReader(IterableDataset):
         if cfg.resampled:
             samples = self._resampled_samples(slot, skips)
         else:
-            shards, row_filter = slot_shards(
+            segments = slot_segments(
                 cfg.manifest,
                 slot=slot,
                 world_size=cfg.world_size,
@@ -118,7 +120,7 @@ class EpochReader(IterableDataset):
                     cfg.manifest.num_shards, seed=cfg.seed, epoch=self.epoch, shuffle=cfg.shuffle
                 ),
             )
-            samples = itertools.chain.from_iterable(self._read_shard(i, row_filter, skips) for i in shards)
+            samples = itertools.chain.from_iterable(self._read_segment(seg, skips) for seg in segments)
         if cfg.shuffle:
             rng = sample_shuffle_rng(cfg.seed, self.epoch, slot)
             samples = wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)(samples)
@@ -151,7 +153,9 @@ class EpochReader(IterableDataset):
         num_empty = 0
         while True:
             num_read = 0
-            for sample in self._read_shard(rng.randrange(manifest.num_shards), None, skips):
+            shard_index = rng.randrange(manifest.num_shards)
+            whole = Segment(shard_index, 0, manifest.shards[shard_index].num_samples)
+            for sample in self._read_segment(whole, skips):
                 num_read += 1
                 yield sample
             num_empty = 0 if num_read else num_empty + 1
@@ -161,29 +165,28 @@ class EpochReader(IterableDataset):
                     "check the shards with `python run.py shards check <dir>`"
                 )
 
-    def _read_shard(
-        self, shard_index: int, row_filter: tuple[int, int] | None, skips: Skips
-    ) -> Iterator[_ShardSample]:
-        """The shard's samples of this slot in tar order, numbered by the manifest before any decoding.
+    def _read_segment(self, segment: Segment, skips: Skips) -> Iterator[_ShardSample]:
+        """The segment's samples in tar order, numbered by the manifest before any decoding.
 
-        Samples beyond the manifest's count are not used (their rows would be the next shard's); samples
-        a truncated tar lost are counted (by the slot that owns their rows).
+        Reading stops after the segment unless it ends the shard: then samples beyond the manifest's count
+        are counted as not used (their rows would be the next shard's). Samples of the segment that a
+        truncated tar lost are counted.
         """
         manifest = self.settings.manifest
+        shard_index, start, stop = segment
         entry = manifest.shards[shard_index]
         offset = manifest.offsets[shard_index]
-
-        def mine(position: int) -> bool:
-            return row_filter is None or (offset + position) % row_filter[0] == row_filter[1]
-
         tar = TarSamples(
             manifest.shard_path(shard_index),
-            keep=lambda position: position < entry.num_samples and mine(position),
+            keep=lambda position: start <= position < stop,
             expected=entry.num_samples,
         )
+        ends_shard = stop == entry.num_samples
         for raw in tar:
             yield _ShardSample(shard_index, offset + raw.position, raw)
-        num_extra = sum(1 for p in range(entry.num_samples, tar.num_started) if mine(p))
+            if raw.position == stop - 1 and not ends_shard:
+                return  # the rest of the shard is other slots'
+        num_extra = max(0, tar.num_started - entry.num_samples) if ends_shard else 0
         if num_extra:
             detail = (
                 f" (the tar holds {tar.num_started}, the manifest {entry.num_samples}; re-index the shards)"
@@ -191,7 +194,7 @@ class EpochReader(IterableDataset):
             self._skip(skips, SkipRecord(entry.path, None, SKIP_EXTRA_SAMPLES), num_extra, detail)
         if not tar.truncated:
             return
-        lost = sum(1 for p in range(tar.num_whole, entry.num_samples) if mine(p))
+        lost = stop - max(start, min(stop, tar.num_whole))
         cause = describe_error(tar.error) if tar.error else "tar ends early"
         detail = f" ({cause}; read {tar.num_whole} of {entry.num_samples} samples)"
         self._skip(skips, SkipRecord(entry.path, None, SKIP_TRUNCATED_SHARD), lost, detail)

@@ -302,7 +302,9 @@ def validate_pair(
         with open_image(image) as opened:
             width, height = opened.size
             if width * height > max_image_pixels:
-                detail = f" ({width} x {height} = {width * height} pixels > max_image_pixels {max_image_pixels})"
+                detail = (
+                    f" ({width} x {height} = {width * height} pixels > max_image_pixels {max_image_pixels})"
+                )
                 return Rejection(SKIP_IMAGE_TOO_LARGE, detail)
             rgb = to_rgb(opened)
     except IMAGE_ERRORS as exn:
@@ -342,7 +344,10 @@ def decode_sample(
     """
     image = next((sample.parts[ext] for ext in IMAGE_EXTENSIONS if ext in sample.parts), None)
     caption = sample.parts.get(CAPTION_EXTENSION)
-    missing = {*(IMAGE_EXTENSIONS if image is None else ()), *((CAPTION_EXTENSION,) if caption is None else ())}
+    missing = {
+        *(IMAGE_EXTENSIONS if image is None else ()),
+        *((CAPTION_EXTENSION,) if caption is None else ()),
+    }
     if missing and not sample.duplicate_member:
         collision = key_collision(sample, missing)
         if collision is not None:
