@@ -1,18 +1,21 @@
-"""Runs that survive: SIGKILL a tuning job, corrupt its checkpoints, resume it, compare with a straight run.
+"""Runs that survive: SIGKILL, preempt or double-start a tuning job, corrupt its checkpoints, resume it.
 
 Target: every fault run completes through `python run.py tune ... --resume latest` (a corrupted newest
 checkpoint is either skipped for the previous complete one or refused with the CLI's `error:` line, not
 a traceback), loses at most `--save-every` steps per kill (2 x that when the newest checkpoint is
-corrupted), visits every sample exactly as often as the uninterrupted run, and ends bit for bit in the
-uninterrupted run's final state: weights in final.safetensors, u table rows and visit counts, AdamW
-moments and step counter in the last checkpoint's backend/optim.pt (loaded with weights_only=True).
-Exit status 1 when any of it is missed.
+corrupted) and 0 steps per SIGTERM / SIGUSR1 stop, visits every sample exactly as often as the
+uninterrupted run, and ends bit for bit in the uninterrupted run's final state: weights in
+final.safetensors, u table rows and visit counts, AdamW moments and step counter in the last
+checkpoint's backend/optim.pt (loaded with weights_only=True). Besides: a launch after a SIGKILL reports
+and takes over the dead job's stale run lock; a stop request ends the job with exit 75 and a `preempted`
+record and checkpoint of its last logged step; a second job on a folder in use exits 2 with one `is in
+use by job` line naming the first job's pid and writes nothing. Exit status 1 when any of it is missed.
 
 Job: 64 synthetic image-caption pairs (engine.synthetic) in 4 shards, batch 8, tiny-vit, TuneCLIP with
 OSR 1 epoch (8 steps at lr 0) then fine-tuning 2 epochs (16 steps), a checkpoint every 2 steps, one
 step event per step in log.jsonl. Every launch is the real CLI in its own process group (one torch
-thread), killed with SIGKILL (no handler runs, nothing is flushed by the job). Scenarios, each its own
-run directory next to one straight reference run:
+thread), killed with SIGKILL (no handler runs, nothing is flushed by the job) unless a scenario says
+otherwise. Scenarios, each its own run directory next to one straight reference run:
 
   random kills      several kills at seeded random delays after the launch's first step (once a
                     checkpoint exists); resume with `--resume latest` after each.
@@ -30,16 +33,46 @@ run directory next to one straight reference run:
                     crash? After an error the job is resumed from the previous folder by path.
   kill before ckpt  a kill after the first step, before any checkpoint exists: `--resume latest`
                     must refuse, and the documented way on is to start again without --resume.
+  SIGTERM           preemption: SIGTERM (to the process group, as a scheduler sends it) at seeded
+                    random moments: an OSR step (+0-50 ms), inside an OSR checkpoint save and inside
+                    the end-of-OSR boundary save (a random stage of each, as in kill in save), a
+                    fine-tuning step (+0-100 ms) and a fine-tuning save; then one SIGUSR1 at a
+                    fine-tuning step (`--quick`: the OSR step, the fine-tuning save, SIGUSR1). The
+                    harness waits for the job to stop by itself (60 s at most). Per stop: exit 75
+                    (EXIT_PREEMPTED), a `preempted` record whose reason is the signal and whose step
+                    is the launch's last logged step, `checkpoints/latest` and the newest complete
+                    checkpoint are that step, the owner file says the lock was released; then
+                    `--resume latest` resumes from exactly that step (0 steps lost) and reports no
+                    stale lock.
+  two jobs          the job runs; when a seeded step is logged the harness pauses it (SIGSTOP to its
+                    group, so it surely still holds the folder however slow the machine), runs the
+                    same command on the same --out, then that command with `--resume latest`, and
+                    lets the first job go on (SIGCONT). Each second job must exit 2 within 20 s of its
+                    start (imports included; a lock that waited would hang, the first job is paused)
+                    with one stderr line, `error: run.out_dir <out> is in use by job <run id> (host H,
+                    pid <first job's pid>, started T); ...`. Nothing of theirs may be written: no file
+                    under the folder changes while they run (size, mtime), and after the first job ends
+                    its log.jsonl has one `start`, no `resume` and steps 1..24 once each, the owner file
+                    names the first job (released), the folder holds the same files as the straight
+                    run's, and the final state equals it. faults = second jobs started.
+  stale lock        folded into random kills: every launch after a SIGKILL that left the owner file
+                    `active` must log the takeover warning naming the killed pid (`taking over the
+                    stale lock of job ...`) and go on. (A kill can land after the job released its
+                    lock, at the very end: then no warning is due, and the note counts such kills.)
 
-Steps lost per kill = the last step logged before the kill minus the step the next launch resumed
+Not here: a change of world size on resume and the universal-checkpoint payload need 2-rank DeepSpeed
+launches, too slow for this benchmark; tests/ covers them.
+
+Steps lost per kill (or stop) = the last step logged before it minus the step the next launch resumed
 from (log.jsonl `step` / `resume` events). Samples lost = u table rows whose visit count differs from
 the straight run's (lost or repeated). The straight run and the fault runs use the same command, so
-any difference is the engine's. Process start-up dominates (each of the ~23 launches imports torch
-and open_clip): 1.7 minutes on 2 CPU cores at load average 3, 5.3 minutes at load average 12 (other
-jobs on the machine); `--quick` makes fewer kills (17 launches, 1.5 minutes at load average 3).
+any difference is the engine's. Process start-up dominates (each of the ~32 launches imports torch
+and open_clip): 2.6 minutes on 2 CPU cores at load average 2, 3.7 minutes at load average 5 (other
+jobs on the machine); `--quick` makes fewer faults (~24 launches, 2.2 minutes at load average 2.3).
 
-    python benchmarks/faults.py            # full run
-    python benchmarks/faults.py --quick    # fewer kills
+    python benchmarks/faults.py                         # full run
+    python benchmarks/faults.py --quick                 # fewer faults
+    python benchmarks/faults.py --only sigterm twojobs  # some of the scenarios (names: --help)
 """
 
 from __future__ import annotations
@@ -65,8 +98,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from engine.checkpoint import COMPLETE, LATEST, is_complete
-from engine.objectives.table import UTable
 from engine.data.build import build_shards
+from engine.objectives.table import UTable
+from engine.preemption import EXIT_PREEMPTED
+from engine.runlock import read_owner
 from engine.synthetic import render_pairs
 
 NUM_SAMPLES = 64
@@ -75,6 +110,10 @@ SAVE_EVERY = 2
 OSR_STEPS = NUM_SAMPLES // BATCH_SIZE  # 1 OSR epoch
 TOTAL_STEPS = OSR_STEPS * 3  # + 2 fine-tuning epochs
 LAUNCH_TIMEOUT_S = 240.0
+STOP_TIMEOUT_S = 60.0  # a SIGTERM / SIGUSR1 must end the job (one step and a checkpoint) within this
+REFUSAL_LIMIT_S = 20.0  # a second job on a held folder must be refused within this (start-up included)
+EXIT_USER_ERROR = 2  # the CLI's `error:` exit status
+SAVE_PHASES = ("staging", "backend", "marker")
 # Failure notes that mean "did not resume" (the headline counts them apart from lost steps or samples).
 RESUME_FAILURES = ("--resume latest", "the job did not complete", "scenario stopped")
 
@@ -124,8 +163,8 @@ class AfterDelay:
 
     spin = False
 
-    def __init__(self, delay: float):
-        self.delay = delay
+    def __init__(self, delay: float, *, sig: signal.Signals = signal.SIGKILL):
+        self.delay, self.sig = delay, sig
         self.seen_step = False
         self.armed_at: float | None = None
         self.label = f"{delay:.2f} s after a launch's first step"
@@ -140,15 +179,18 @@ class AfterDelay:
 
 
 class OnRecord:
-    """As soon as a log record with these field values appears."""
+    """As soon as a log record with these field values appears (then `delay` seconds later)."""
 
     spin = False
 
-    def __init__(self, label: str, **match):
-        self.label, self.match = label, match
+    def __init__(self, label: str, *, sig: signal.Signals = signal.SIGKILL, delay: float = 0.0, **match):
+        self.label, self.sig, self.delay, self.match = label, sig, delay, match
+        self.seen_at: float | None = None
 
     def poll(self, out: Path, records: list[dict]) -> bool:
-        return any(all(r.get(k) == v for k, v in self.match.items()) for r in records)
+        if self.seen_at is None and any(all(r.get(k) == v for k, v in self.match.items()) for r in records):
+            self.seen_at = time.perf_counter()
+        return self.seen_at is not None and time.perf_counter() - self.seen_at >= self.delay
 
 
 class InSave:
@@ -159,10 +201,11 @@ class InSave:
     the same step at the end of OSR or of the run, armed by what the job does between the two).
     """
 
-    def __init__(self, step: int, phase: str, *, second: bool = False):
-        self.step, self.phase, self.second = step, phase, second
+    def __init__(self, step: int, phase: str, *, second: bool = False, sig: signal.Signals = signal.SIGKILL):
+        self.step, self.phase, self.second, self.sig = step, phase, second, sig
         self.spin = False  # armed: the runner polls without sleeping
         self.seen_staging = False
+        self.missed = False
         self.label = f"save of step {step}{' (2nd)' if second else ''}, {phase}"
 
     def _armed_by(self, out: Path, records: list[dict]) -> bool:
@@ -187,7 +230,9 @@ class InSave:
                 return any(staging.glob(f".{COMPLETE}.*")) or (staging / COMPLETE).exists()
             return (staging / COMPLETE).exists() and not (step_dir(out, self.step) / "normaliser").exists()
         # Staging renamed already, or the job moved on: the moment was missed; kill now anyway.
-        return self.seen_staging or any(r["event"] == "step" and r["step"] > self.step for r in records)
+        moved_on = any(r["event"] == "step" and r["step"] > self.step for r in records)
+        self.missed = self.seen_staging or moved_on
+        return self.missed
 
 
 @dataclass
@@ -197,11 +242,24 @@ class Launch:
     argv: list[str]
     records: list[dict]
     returncode: int
-    killed: bool
+    killed: bool  # SIGKILLed by the harness
     stderr: str
     trigger: str = ""
     inside_save: bool | None = None
     handled: bool = False  # a failure the scenario has judged already
+    pid: int = 0
+    stopped_by: str | None = None  # SIGTERM / SIGUSR1 sent by the harness (the job was left to stop)
+    step_at_signal: int | None = None  # the last step the harness had seen logged when it sent it
+    lock_after_s: float | None = None  # from the process start to taking the run lock (owner file's time)
+    left_lock_active: bool = False  # the owner file still named this process as running when it ended
+
+    @property
+    def faulted(self) -> bool:
+        return self.killed or self.stopped_by is not None
+
+    @property
+    def preempted(self) -> dict | None:
+        return next((r for r in self.records if r["event"] == "preempted"), None)
 
     @property
     def resumed_from(self) -> dict | None:
@@ -237,11 +295,15 @@ class Runner:
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     def launch(self, *, resume: str | None = None, trigger=None) -> Launch:
+        """Run the job once; when `trigger` fires: SIGKILL it (its `sig`), or send SIGTERM / SIGUSR1 and
+        wait for it to stop by itself, or (a trigger with `act`) let the trigger act on the live job."""
         argv = job_argv(self.shards, self.out, resume=resume)
         err_path = self.logs / f"{self.out.name}_{len(self.launches):02d}.err"
         records: list[dict] = []
         killed, polls = False, 0
-        started = time.perf_counter()
+        stopped_by, step_at_signal, inside_save, deadline = None, None, None, LAUNCH_TIMEOUT_S
+        label = getattr(trigger, "label", "")
+        started, started_wall = time.perf_counter(), time.time()
         with open(err_path, "w") as err:
             proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=err,
                                     start_new_session=True)
@@ -252,12 +314,27 @@ class Runner:
                     new = self.tail.read() if not spinning or polls % 64 == 0 else []
                     records += new
                     if trigger is not None and trigger.poll(self.out, new):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
-                        killed = True
-                        break
-                    if time.perf_counter() - started > LAUNCH_TIMEOUT_S:
-                        raise TimeoutError(f"{' '.join(argv)} ran longer than {LAUNCH_TIMEOUT_S:.0f} s")
+                        sig = getattr(trigger, "sig", signal.SIGKILL)
+                        if hasattr(trigger, "act"):
+                            trigger.act(self, proc)
+                        elif sig == signal.SIGKILL:
+                            os.killpg(proc.pid, signal.SIGKILL)
+                            proc.wait()
+                            killed = True
+                            break
+                        else:  # a stop request: the job finishes its step, checkpoints and exits by itself
+                            os.killpg(proc.pid, sig)
+                            stopped_by = sig.name
+                            records += self.tail.read()
+                            logged = [r["step"] for r in records if r["event"] == "step"]
+                            step_at_signal = max(logged, default=None)
+                            if isinstance(trigger, InSave):
+                                inside_save = not trigger.missed
+                            deadline = time.perf_counter() - started + STOP_TIMEOUT_S
+                        trigger = None
+                    if time.perf_counter() - started > deadline:
+                        what = f"{stopped_by} was sent" if stopped_by else "it started"
+                        raise TimeoutError(f"{' '.join(argv)} still ran {deadline:.0f} s after {what}")
                     if not spinning:
                         time.sleep(0.002)
             finally:
@@ -265,10 +342,15 @@ class Runner:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
         records += self.tail.read()
-        launch = Launch(argv, records, proc.returncode, killed, err_path.read_text(),
-                        trigger=getattr(trigger, "label", ""))
+        launch = Launch(argv, records, proc.returncode, killed, err_path.read_text(), trigger=label,
+                        pid=proc.pid, stopped_by=stopped_by, step_at_signal=step_at_signal,
+                        inside_save=inside_save)
         if killed and isinstance(trigger, InSave):
             launch.inside_save = staging_dir(self.out, trigger.step).exists()
+        owner = read_owner(self.out) or {}
+        if owner.get("pid") == proc.pid:
+            launch.lock_after_s = owner.get("started", started_wall) - started_wall
+            launch.left_lock_active = owner.get("active") is True
         self.launches.append(launch)
         return launch
 
@@ -331,6 +413,7 @@ class Outcome:
 
     name: str
     max_lost_allowed: int = SAVE_EVERY
+    fault_word: str = "kill"
     num_faults: int = 0
     num_resumed: int = 0
     steps_lost: list[int] = field(default_factory=list)
@@ -383,7 +466,7 @@ def settle(outcome: Outcome, runner: Runner, reference: dict) -> Outcome:
         outcome.num_resumed += launch.resumed_from is not None
         if not launch.killed and launch.returncode != 0 and not launch.handled:
             outcome.failures.append(f"a launch exited with status {launch.returncode}: {launch.error}")
-        if not launch.killed:
+        if not launch.faulted:
             continue
         outcome.num_faults += 1
         # The next launch that got going (a refused resume logs neither a resume nor a step).
@@ -394,9 +477,10 @@ def settle(outcome: Outcome, runner: Runner, reference: dict) -> Outcome:
             outcome.steps_lost.append(launch.last_step - (resumed["step"] if resumed else 0))
             positions.append(f"{launch.last_step}->{resumed['step'] if resumed else 0}")
     if positions:
-        outcome.notes.append("step at each kill -> step resumed from: " + ", ".join(positions))
+        outcome.notes.append(f"step at each {outcome.fault_word} -> step resumed from: "
+                             + ", ".join(positions))
     if outcome.steps_lost and max(outcome.steps_lost) > outcome.max_lost_allowed:
-        outcome.failures.append(f"lost {max(outcome.steps_lost)} steps in one kill (at most "
+        outcome.failures.append(f"lost {max(outcome.steps_lost)} steps in one {outcome.fault_word} (at most "
                                 f"{outcome.max_lost_allowed} expected)")
     if not runner.finished():
         outcome.failures.append("the job did not complete")
@@ -408,12 +492,29 @@ def settle(outcome: Outcome, runner: Runner, reference: dict) -> Outcome:
 
 
 # ----- scenarios -----
+def stale_lock_takeovers(runner: Runner, outcome: Outcome) -> None:
+    """Every launch after a SIGKILL that left the lock held (the owner file still said `active`: the
+    job died before releasing it) must report the lock as stale, naming the dead pid, and go on."""
+    pairs = [(dead, after) for dead, after in zip(runner.launches, runner.launches[1:])
+             if dead.killed and dead.left_lock_active]
+    taken = [after for dead, after in pairs
+             if "taking over the stale lock of job" in after.stderr and f"pid {dead.pid}," in after.stderr]
+    went_on = [after for after in taken if after.resumed_from or after.returncode == 0]
+    released = sum(x.killed and not x.left_lock_active for x in runner.launches)
+    outcome.notes.append(f"stale lock: {len(taken)}/{len(pairs)} launches after a kill reported taking over "
+                         f"the dead job's lock (its pid named), {len(went_on)} went on"
+                         + (f"; {released} kill(s) after the job had released it" if released else ""))
+    if len(went_on) < len(pairs):
+        outcome.failures.append("a launch after a SIGKILL did not report and take over the stale lock")
+
+
 def random_kills(runner: Runner, rng: random.Random, *, num_kills: int) -> Outcome:
     outcome = Outcome("random kills")
     triggers = [AfterDelay(rng.uniform(0.1, 0.8)) for _ in range(num_kills)]
     run_with_kills(runner, outcome, triggers)
     outcome.notes.append("kills " + ", ".join(x.trigger.split()[0] for x in runner.launches if x.killed)
                          + " s after a launch's first step")
+    stale_lock_takeovers(runner, outcome)
     return outcome
 
 
@@ -488,6 +589,202 @@ def kill_before_checkpoint(runner: Runner) -> Outcome:
     return outcome
 
 
+def check_stop(runner: Runner, launch: Launch, outcome: Outcome) -> None:
+    """A SIGTERM / SIGUSR1 stop: exit 75, a `preempted` record of the last logged step, the newest
+    complete checkpoint of exactly that step, the run lock released."""
+    launch.handled = True
+    record, step = launch.preempted, launch.last_step
+    problems = []
+    if launch.returncode != EXIT_PREEMPTED:
+        problems.append(f"exit status {launch.returncode} (not {EXIT_PREEMPTED}): {launch.error}")
+    if record is None:
+        problems.append("no preempted record in log.jsonl")
+    else:
+        if record.get("reason") != launch.stopped_by:
+            problems.append(f"preempted reason {record.get('reason')!r}")
+        if record.get("step") != step:
+            problems.append(f"preempted step {record.get('step')} but last logged step {step}")
+        if Path(record.get("checkpoint", "")).name != step_dir(runner.out, step).name:
+            problems.append(f"preempted checkpoint {record.get('checkpoint')}")
+    newest = complete_checkpoints(runner.out)
+    latest = (runner.out / "checkpoints" / LATEST).read_text().strip()
+    if not newest or newest[-1].name != step_dir(runner.out, step).name or latest != newest[-1].name:
+        problems.append(f"newest checkpoint {latest} (complete: {newest[-1].name if newest else None}), "
+                        f"last step {step}")
+    owner = read_owner(runner.out) or {}
+    if owner.get("pid") != launch.pid or owner.get("active") is not False:
+        problems.append(f"run lock not released: {owner}")
+    where = " (inside a save)" if launch.inside_save else ""
+    after = "?" if launch.step_at_signal is None else f"{launch.step_at_signal}"
+    outcome.notes.append(f"{launch.stopped_by} at {launch.trigger}{where}: step {after} logged when sent, "
+                         f"stopped after step {step}, exit {launch.returncode}, preempted step "
+                         f"{record.get('step') if record else None}, newest checkpoint {latest}")
+    for problem in problems:
+        outcome.failures.append(f"{launch.stopped_by} at {launch.trigger}: {problem}")
+
+
+def preemption(runner: Runner, rng: random.Random, *, quick: bool) -> Outcome:
+    """SIGTERMs at seeded random moments (mid-OSR, inside saves, the OSR boundary checkpoint,
+    fine-tuning) and one SIGUSR1, each followed by `--resume latest`; 0 steps may be lost."""
+    outcome = Outcome("SIGTERM", max_lost_allowed=0, fault_word="stop")
+    term, usr1 = signal.SIGTERM, signal.SIGUSR1
+
+    def osr_step(pos: int):
+        k = rng.randint(1, 2)
+        return OnRecord(f"OSR step {k} +{1000 * (d := rng.uniform(0, 0.05)):.0f} ms", sig=term, delay=d,
+                        event="step", stage="osr", stage_step=k)
+
+    def osr_save(pos: int):
+        return InSave(rng.choice([s for s in range(SAVE_EVERY, OSR_STEPS, SAVE_EVERY) if s > pos]),
+                      rng.choice(SAVE_PHASES), sig=term)
+
+    def osr_boundary_save(pos: int):
+        return InSave(OSR_STEPS, rng.choice(SAVE_PHASES), second=True, sig=term)
+
+    def finetune_step(pos: int, sig=term, last: int = TOTAL_STEPS - 2):
+        t = rng.randint(max(pos, OSR_STEPS) + 1, min(max(pos, OSR_STEPS) + 4, last))
+        return OnRecord(f"step {t} +{1000 * (d := rng.uniform(0, 0.1)):.0f} ms", sig=sig, delay=d,
+                        event="step", step=t)
+
+    def finetune_save(pos: int):
+        first = max(pos, OSR_STEPS) + 1
+        return InSave(rng.choice(range(first + first % SAVE_EVERY, TOTAL_STEPS - 2, SAVE_EVERY)),
+                      rng.choice(SAVE_PHASES), sig=term)
+
+    def sigusr1(pos: int):
+        return finetune_step(pos, sig=usr1)
+
+    plan = ([osr_step, finetune_save, sigusr1] if quick
+            else [osr_step, osr_save, osr_boundary_save, finetune_step, finetune_save, sigusr1])
+    launch, pos = None, 0
+    for make in plan:
+        launch = runner.launch(resume="latest" if launch else None, trigger=make(pos))
+        if launch.stopped_by is None:
+            outcome.notes.append(f"a planned stop ({launch.trigger}) not made: the job had finished")
+            break
+        check_stop(runner, launch, outcome)
+        pos = launch.last_step
+    if launch is not None and launch.stopped_by is not None:
+        runner.launch(resume="latest")
+    stale = [x for x in runner.launches if "stale lock" in x.stderr]
+    if stale:
+        outcome.failures.append(f"{len(stale)} launch(es) after a clean stop reported a stale lock")
+    return outcome
+
+
+def file_states(out: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `out`: relative path -> (size, mtime in ns)."""
+    return {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+class SecondJobs:
+    """When step `step` is logged: pause the job (SIGSTOP to its group, so that it surely holds the
+    folder however slow the machine), run the same command on the same --out (then once more with
+    `--resume latest`), note what they answered and whether any file changed, let the job go on."""
+
+    spin = False
+
+    def __init__(self, step: int):
+        self.step = step
+        self.label = f"step {step}"
+        self.results: list[dict] = []
+        self.owner: dict | None = None
+        self.changed: list[str] = []
+
+    def poll(self, out: Path, records: list[dict]) -> bool:
+        return any(r["event"] == "step" and r["step"] == self.step for r in records)
+
+    def act(self, runner: Runner, proc: subprocess.Popen) -> None:
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            paused_by = time.perf_counter() + 5.0
+            while _proc_state(proc.pid) not in ("T", "t", "Z", None) and time.perf_counter() < paused_by:
+                time.sleep(0.001)
+            before = file_states(runner.out)
+            self.owner = read_owner(runner.out)
+            for resume in (None, "latest"):
+                argv = job_argv(runner.shards, runner.out, resume=resume)
+                started = time.perf_counter()
+                second = subprocess.Popen(argv, cwd=REPO_ROOT, env=runner.env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+                try:
+                    stdout, stderr = second.communicate(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(second.pid, signal.SIGKILL)
+                    stdout, stderr = second.communicate()
+                self.results.append({"resume": resume, "returncode": second.returncode, "stderr": stderr,
+                                     "stdout": stdout, "seconds": time.perf_counter() - started})
+            after = file_states(runner.out)
+            self.changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def two_jobs(runner: Runner, rng: random.Random, *, reference_files: set[str],
+             lock_after_s: float | None) -> Outcome:
+    outcome = Outcome("two jobs, one folder", max_lost_allowed=0)
+    trigger = SecondJobs(rng.randint(SAVE_EVERY + 1, TOTAL_STEPS - 3))
+    first = runner.launch(trigger=trigger)
+    owner = trigger.owner or {}
+    for result in trigger.results:
+        outcome.num_faults += 1
+        lines = [line for line in result["stderr"].splitlines() if line.strip()]
+        command = "same command" + (" + --resume latest" if result["resume"] else "")
+        outcome.notes.append(f"{command} while the first job (pid {first.pid}) held the folder: exit "
+                             f"{result['returncode']} {result['seconds']:.1f} s after its start: "
+                             + (" | ".join(lines)[:300] or "no stderr"))
+        expected = (f"error: run.out_dir {runner.out} is in use by job {owner.get('run_id')} (host "
+                    f"{owner.get('host')}, pid {first.pid}, started ")
+        if result["returncode"] != EXIT_USER_ERROR:
+            outcome.failures.append(f"{command}: exit {result['returncode']}, not {EXIT_USER_ERROR}")
+        if len(lines) != 1 or not lines[0].startswith(expected):
+            outcome.failures.append(f"{command}: stderr is not the one `is in use by job` line naming pid "
+                                    f"{first.pid} and run {owner.get('run_id')}")
+        if result["seconds"] > REFUSAL_LIMIT_S:
+            outcome.failures.append(f"{command}: refused {result['seconds']:.1f} s after its start "
+                                    f"(> {REFUSAL_LIMIT_S:.0f})")
+    if lock_after_s is not None:
+        outcome.notes.append(f"(start-up: the straight run took its lock {lock_after_s:.1f} s after its "
+                             "start)")
+    if len(trigger.results) != 2:
+        outcome.failures.append("the second jobs were not started (the first job ended before step "
+                                f"{trigger.step})")
+    if trigger.changed:
+        outcome.failures.append("files changed while the first job was paused: "
+                                + ", ".join(trigger.changed[:5]))
+    events = [r["event"] for r in first.records]
+    steps = [r["step"] for r in first.records if r["event"] == "step"]
+    final_owner = read_owner(runner.out) or {}
+    files = set(file_states(runner.out))
+    outcome.notes.append(
+        f"first job paused after step {trigger.step} while they ran; {len(trigger.changed)} files changed "
+        f"meanwhile; it exited {first.returncode}; its log: {events.count('start')} start, "
+        f"{events.count('resume')} resume, "
+        f"{len(steps)} step records ({len(set(steps))} distinct); owner file at the end: pid "
+        f"{final_owner.get('pid')}, active {final_owner.get('active')}; files as the straight run: "
+        f"{'yes' if files == reference_files else 'no'}")
+    if events.count("start") != 1 or "resume" in events or steps != list(range(1, TOTAL_STEPS + 1)):
+        outcome.failures.append("the first job's log.jsonl holds records of another job")
+    if (final_owner.get("run_id") != owner.get("run_id") or final_owner.get("pid") != first.pid
+            or final_owner.get("active") is not False):
+        outcome.failures.append("owner file at the end does not name the first job as released: "
+                                f"{final_owner}")
+    if files != reference_files:
+        extra, missing = sorted(files - reference_files), sorted(reference_files - files)
+        outcome.failures.append(f"files differ from the straight run's: extra {extra[:5]}, "
+                                f"missing {missing[:5]}")
+    return outcome
+
+
 def format_table(outcomes: list[Outcome]) -> str:
     header = ("scenario", "faults", "resumed", "steps lost/kill", "samples lost", "equal to straight", "ok")
     rows = []
@@ -528,6 +825,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"the straight run failed: {straight.launches[-1].error}")
             return 1
         reference = final_state(straight.out)
+        reference_files = set(file_states(straight.out))
         outcomes = []
         scenarios = [
             ("random", lambda r: random_kills(r, rng, num_kills=2 if args.quick else 4)),
@@ -536,7 +834,17 @@ def run(args: argparse.Namespace) -> int:
             ("nomarker", lambda r: corrupt_newest(r, rng, damage="no COMPLETE")),
             ("truncated", lambda r: corrupt_newest(r, rng, damage="optim.pt cut")),
             ("early", kill_before_checkpoint),
+            ("sigterm", lambda r: preemption(r, rng, quick=args.quick)),
+            ("twojobs", lambda r: two_jobs(r, rng, reference_files=reference_files,
+                                             lock_after_s=straight.launches[0].lock_after_s)),
         ]
+        if args.only:
+            unknown = set(args.only) - {name for name, _ in scenarios}
+            if unknown:
+                known = ", ".join(name for name, _ in scenarios)
+                print(f"unknown scenario(s) {sorted(unknown)}; known: {known}")
+                return 2
+            scenarios = [(name, scenario) for name, scenario in scenarios if name in args.only]
         for name, scenario in scenarios:
             fault_runner = runner(name)
             try:
@@ -556,22 +864,31 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(outcomes))
     num_runs = len(outcomes)
     failed_resume = [o for o in outcomes if any(f.startswith(RESUME_FAILURES) for f in o.failures)]
-    max_lost = max((n for o in outcomes for n in o.steps_lost), default=0)
+    max_lost = max((n for o in outcomes if o.fault_word == "kill" for n in o.steps_lost), default=0)
+    stops = [n for o in outcomes if o.fault_word == "stop" for n in o.steps_lost]
+    second = [o for o in outcomes if o.name == "two jobs, one folder"]
     samples_lost = sum(o.samples_lost or 0 for o in outcomes)
     num_equal = sum(o.equal for o in outcomes)
     resumed = (f"all {num_runs} fault runs resumed" if not failed_resume
                else f"{len(failed_resume)} of {num_runs} fault runs failed to resume by --resume latest")
     equal = "yes" if num_equal == num_runs else f"no ({num_equal} of {num_runs})"
-    print(f"{resumed}; max steps lost per fault {max_lost}; samples lost {samples_lost}; "
-          f"final state equal to uninterrupted run: {equal}")
+    stop_part = f" (per SIGTERM/SIGUSR1 stop {max(stops)})" if stops else ""
+    second_part = ""
+    if second:
+        second_part = f"; second job on a held folder refused: {'yes' if all(o.ok for o in second) else 'NO'}"
+    print(f"{resumed}; max steps lost per kill {max_lost}{stop_part}; samples lost {samples_lost}"
+          f"{second_part}; final state equal to uninterrupted run: {equal}")
     return 0 if all(o.ok for o in outcomes) else 1
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="fewer kills (2 random, 2 in saves, 2 around OSR)")
+                        help="fewer faults (2 random kills, 2 in saves, 2 around OSR, 3 stop requests)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill delays and targeted steps")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="run only these scenarios: random save osr nomarker truncated early sigterm "
+                             "twojobs")
     parser.add_argument("--keep-stderr", type=Path, default=None, help="copy every launch's stderr here")
     args = parser.parse_args()
     sys.exit(run(args))
