@@ -147,7 +147,7 @@ def measure(trainer, case: Case, *, seed: int = 0) -> dict:
         order = ("mbcl", "hgcl") if round_index % 2 == 0 else ("hgcl", "mbcl")
         for name in order:
             rows = torch.randint(0, TABLE_ROWS, (case.batch,), generator=gen)[lo : lo + local]
-            batch = Batch(images=images, texts=texts, sample_ids=rows, keys=keys)
+            batch = Batch(images=images, texts=texts, rows=rows, keys=keys)
             barrier()
             started = time.perf_counter()
             metrics = trainer.train_step(batch, objective=losses[name], lr=LR, grad_clip=grad_clip)

@@ -150,7 +150,7 @@ class Trainer:
         after `run.max_bad_steps` consecutive ones the run stops.
         """
         image_features, text_features = features_of(self.backend.forward(batch.images, batch.texts))
-        out = objective(image_features, text_features, rows=batch.sample_ids)
+        out = objective(image_features, text_features, rows=batch.rows)
         total = total_loss(out)
         # Terms carry global values, so every rank takes the same decision without a collective.
         if not torch.isfinite(total).item():

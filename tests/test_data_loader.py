@@ -63,8 +63,8 @@ def check_batch(batch: Batch, manifest: Manifest, batch_size: int) -> list[int]:
     """Assert shapes and that every id is the row of its (shard, raw position) and matches its image."""
     assert batch.images.shape == (batch_size, 3, 32, 32)
     assert batch.texts.shape == (batch_size, 77) and batch.texts.dtype == torch.long
-    assert batch.sample_ids.shape == (batch_size,) and batch.sample_ids.dtype == torch.long
-    ids = batch.sample_ids.tolist()
+    assert batch.rows.shape == (batch_size,) and batch.rows.dtype == torch.long
+    ids = batch.rows.tolist()
     for i, (key, row) in enumerate(zip(batch.keys, ids)):
         shard, position = map(int, re.fullmatch(r"s(\d+)p(\d+)", key).groups())
         assert row == manifest.row(shard, position)
@@ -399,7 +399,7 @@ def test_tar_with_more_or_fewer_samples_than_stated(tmp_path, tokenizer, transfo
     # (key, row) pairs: shard 0 keeps its first 4 at rows 0-3; s0p4 and s0p5 would have collided with shard 1.
     # 11 samples are read, the 2 shard 1 lacks are filled by repeats.
     assert [b.num_repeated for b in batches] == [0] * 11 + [1, 1]
-    first_pass = [(b.keys[0], b.sample_ids.item()) for b in batches[:11]]
+    first_pass = [(b.keys[0], b.rows.item()) for b in batches[:11]]
     expected = [(f"s0p{p}", p) for p in range(4)] + [(f"s1p{p}", 4 + p) for p in range(3)]
     expected += [(f"s2p{p}", 9 + p) for p in range(4)]
     assert sorted(first_pass, key=lambda kr: kr[1]) == expected  # workers interleave their shards
@@ -420,7 +420,7 @@ def test_extra_samples_counted_once_across_readers(tmp_path, tokenizer, transfor
         row
         for loader in loaders
         for b in run_with_timeout(lambda loader=loader: list(loader.epoch(0)))
-        for row in b.sample_ids.tolist()
+        for row in b.rows.tolist()
     ]
     assert sorted(ids) == list(range(8))
     assert sum(loader.skipped["shard-000000.tar"]["samples beyond manifest count"] for loader in loaders) == 3

@@ -94,8 +94,8 @@ def test_resume_at_any_batch_keeps_every_good_sample_once(tmp_path, tokenizer, t
             resumed.load_state_dict(state)
             tail = list(resumed.epoch(2, start_batch=k))
             assert len(head) + len(tail) == num_batches
-            assert [b.sample_ids.tolist() for b in head + tail] == [
-                b.sample_ids.tolist() for b in straight[rank]
+            assert [b.rows.tolist() for b in head + tail] == [
+                b.rows.tolist() for b in straight[rank]
             ]
             assert [b.num_repeated for b in head + tail] == [b.num_repeated for b in straight[rank]]
             used += used_and_repeated(head + tail, manifest)[0]
@@ -114,8 +114,8 @@ def test_fill_batches_after_a_truncated_shard_and_a_resume_in_them(tmp_path, tok
     assert [b.num_repeated for b in batches] == [0, 0, 0, 0, 0, 4, 4]
     assert loader.skipped == {"shard-000001.tar": {"truncated shard": 5}} and loader.num_repeated == 8
     assert "its usable samples fill all but its last 2 batch(es); 8 of its first samples" in caplog.text
-    first = batches[0].sample_ids.tolist()
-    assert all(b.sample_ids.tolist() == first for b in batches[-2:])
+    first = batches[0].rows.tolist()
+    assert all(b.rows.tolist() == first for b in batches[-2:])
     # Resumed in the fill batches by a new loader: it reads its first batch again (counting nothing twice).
     stopped = make_loader(manifest, tokenizer, transform, batch_size=4, num_workers=2, shuffle=False)
     head = stopped.epoch(0)
@@ -126,14 +126,14 @@ def test_fill_batches_after_a_truncated_shard_and_a_resume_in_them(tmp_path, tok
     resumed = make_loader(manifest, tokenizer, transform, batch_size=4, num_workers=2, shuffle=False)
     resumed.load_state_dict(state)
     (last,) = resumed.epoch(0, start_batch=6)
-    assert last.sample_ids.tolist() == first and last.num_repeated == 4
+    assert last.rows.tolist() == first and last.num_repeated == 4
     assert resumed.skipped == loader.skipped  # reading the first batch again counts nothing
 
 
 def test_version_1_state_continues_from_the_manifest_counts(tmp_path, tokenizer, transform, caplog):
     manifest = make_dataset(tmp_path, [9, 4, 13])
     loader = make_loader(manifest, tokenizer, transform, batch_size=3, num_workers=2, shuffle_buffer=5)
-    straight = [b.sample_ids.tolist() for b in loader.epoch(1)]
+    straight = [b.rows.tolist() for b in loader.epoch(1)]
     identity = {key: value for key, value in loader.state_dict().items() if key != "max_image_pixels"}
     old = identity | {
         "format": LOADER_STATE_FORMAT,
@@ -150,7 +150,7 @@ def test_version_1_state_continues_from_the_manifest_counts(tmp_path, tokenizer,
     with caplog.at_level(logging.WARNING, logger="engine.data"):
         resumed.load_state_dict(old)
     assert "loader state version 1" in caplog.text
-    assert [b.sample_ids.tolist() for b in resumed.epoch(1, start_batch=4)] == straight[4:]
+    assert [b.rows.tolist() for b in resumed.epoch(1, start_batch=4)] == straight[4:]
     assert resumed.skipped == {"shard-000000.tar": {"corrupt image": 2}}
     assert resumed.state_dict()["version"] == 2
     with pytest.raises(ValueError, match="loader state version 7; this engine reads 1 and 2"):

@@ -14,7 +14,7 @@ from engine.data.reader import EpochReader
 
 
 def rows_of(batches) -> list[list[int]]:
-    return [batch.sample_ids.tolist() for batch in batches]
+    return [batch.rows.tolist() for batch in batches]
 
 
 def rank_loaders(manifest, tokenizer, transform, **kwargs) -> list:
@@ -51,7 +51,7 @@ def resume_everywhere(
         resumed = new_loader()
         resumed.load_state_dict(state)
         tail = resumed.epoch(epoch, start_batch=k)
-        rest = [check_batch(b, manifest, batch_size) if check_pixels else b.sample_ids.tolist() for b in tail]
+        rest = [check_batch(b, manifest, batch_size) if check_pixels else b.rows.tolist() for b in tail]
         assert head + rest == straight  # same order, nothing repeated, nothing missing
         assert resumed.skipped == straight_loader.skipped  # skip counts continue, neither restart nor double
         assert resumed.num_repeated == straight_loader.num_repeated
@@ -296,7 +296,7 @@ def test_augmentations_follow_the_sample(tmp_path, tokenizer):
     manifest = make_dataset(tmp_path, [9, 4, 13])
 
     def images_by_row(batches) -> dict:
-        return {row: batch.images[i] for batch in batches for i, row in enumerate(batch.sample_ids.tolist())}
+        return {row: batch.images[i] for batch in batches for i, row in enumerate(batch.rows.tolist())}
 
     def new_loader(num_workers: int, seed: int = 0):
         return make_loader(manifest, tokenizer, augment, batch_size=2, num_workers=num_workers, seed=seed)

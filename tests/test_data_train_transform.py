@@ -35,7 +35,7 @@ def test_trainer_gives_the_loader_the_chosen_transform(shards, tmp_path, choice)
         {
             row: batch.images[i]
             for batch in trainer.loader.epoch(epoch)
-            for i, row in enumerate(batch.sample_ids.tolist())
+            for i, row in enumerate(batch.rows.tolist())
         }
         for epoch in (0, 1)
     ]

@@ -23,7 +23,8 @@ from engine.data.samples import SkipRecord
 
 @dataclass
 class Batch:
-    """images [B,3,H,W] float, texts [B,ctx] long, sample_ids [B] long (global u-table rows), tar keys.
+    """images [B,3,H,W] float, texts [B,ctx] long, rows [B] long (global sample rows: the manifest's
+    numbering, also the u table's), tar keys.
 
     The last `num_repeated` entries repeat samples already yielded this epoch (they fill a rank's last
     batches when its share holds fewer usable samples than its batches take).
@@ -31,7 +32,7 @@ class Batch:
 
     images: Tensor
     texts: Tensor
-    sample_ids: Tensor
+    rows: Tensor
     keys: list[str]
     num_repeated: int = 0
 
@@ -63,7 +64,7 @@ class Piece:
     final: bool
     images: Tensor | None
     texts: Tensor | None
-    sample_ids: list[int]
+    rows: list[int]
     keys: list[str]
     skips: list[Skip] = field(default_factory=list)
     offset: int = 0
@@ -84,7 +85,7 @@ class Piece:
             self,
             images=self.images[n:] if self.images is not None else None,
             texts=self.texts[n:] if self.texts is not None else None,
-            sample_ids=self.sample_ids[n:],
+            rows=self.rows[n:],
             keys=self.keys[n:],
             skips=[],
             offset=self.offset + n,
@@ -93,7 +94,7 @@ class Piece:
 
 def as_piece(batch: Batch) -> Piece:
     """A batch's samples as a piece of no worker, to queue again (fill batches)."""
-    return Piece(-1, -1, 0, 0, True, batch.images, batch.texts, batch.sample_ids.tolist(), list(batch.keys))
+    return Piece(-1, -1, 0, 0, True, batch.images, batch.texts, batch.rows.tolist(), list(batch.keys))
 
 
 def keep_piece(piece: Piece) -> Piece:
@@ -229,7 +230,7 @@ def take_counts(queue: deque[Piece], batch_size: int) -> None:
 
 def take_batch(queue: deque[Piece], batch_size: int, *, pin: bool = False) -> Batch:
     """Cut the first `batch_size` samples off the queued pieces."""
-    images, texts, sample_ids, keys = [], [], [], []
+    images, texts, rows, keys = [], [], [], []
     needed = batch_size
     while needed:
         piece = queue.popleft()
@@ -237,7 +238,7 @@ def take_batch(queue: deque[Piece], batch_size: int, *, pin: bool = False) -> Ba
         assert piece.images is not None and piece.texts is not None
         images.append(piece.images[:n])
         texts.append(piece.texts[:n])
-        sample_ids.extend(piece.sample_ids[:n])
+        rows.extend(piece.rows[:n])
         keys.extend(piece.keys[:n])
         if n < len(piece):
             queue.appendleft(piece.cut(n))
@@ -245,11 +246,11 @@ def take_batch(queue: deque[Piece], batch_size: int, *, pin: bool = False) -> Ba
     batch = Batch(
         images=_concat(images, pin),
         texts=_concat(texts, pin),
-        sample_ids=torch.tensor(sample_ids, dtype=torch.long),
+        rows=torch.tensor(rows, dtype=torch.long),
         keys=keys,
     )
     if pin:
-        batch.sample_ids = batch.sample_ids.pin_memory()
+        batch.rows = batch.rows.pin_memory()
     return batch
 
 

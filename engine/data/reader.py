@@ -276,7 +276,7 @@ class EpochReader(IterableDataset):
             final=final,
             images=torch.stack(images) if images else None,
             texts=self.settings.tokenizer(captions) if captions else None,
-            sample_ids=rows,
+            rows=rows,
             keys=keys,
             skips=list(skips),
         )
