@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -111,6 +112,8 @@ class Trainer:
         self.osr_steps = 0
         self.stage, self.stage_step = "start", 0  # position: stage and batches done in it
         self.num_bad_steps = 0  # consecutive non-finite steps skipped
+        self._num_skips_reported = 0  # loader skip records already written to the skip file
+        self._skip_log: JsonlLogger | None = None
         self.best = (-math.inf, None)
         self.normaliser = build_normaliser(cfg.loss, out_dir=self.out_dir, num_rows=self.manifest.num_samples,
                                            dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh)
@@ -266,8 +269,26 @@ class Trainer:
         skipped = {shard: dict(reasons) for shard, reasons in self.loader.skipped.items()}
         self.log.write({"event": "epoch_end", "stage": stage, "epoch": epoch, "step": self.global_step,
                         "skipped": skipped, "num_skipped": self.loader.num_skipped})
-        if skipped:
-            logger.warning("epoch %d: skipped %d bad samples so far: %s", epoch, self.loader.num_skipped, skipped)
+        self._report_skips(epoch)
+
+    def _report_skips(self, epoch: int) -> None:
+        """This epoch's skipped samples: one line per shard with counts by reason; every sample (key,
+        reason) in `<out_dir>/skipped/rank_<r>.jsonl`."""
+        records = self.loader.skipped_log[self._num_skips_reported:]
+        self._num_skips_reported = len(self.loader.skipped_log)
+        if not records:
+            return
+        if self._skip_log is None:
+            (self.out_dir / "skipped").mkdir(exist_ok=True)
+            self._skip_log = JsonlLogger(self.out_dir / "skipped" / f"rank_{self.ctx.rank:05d}.jsonl")
+        for record in records:
+            self._skip_log.write({"epoch": epoch, **record._asdict()})
+        by_shard: dict[str, Counter] = {}
+        for record in records:
+            by_shard.setdefault(record.shard, Counter())[record.reason] += 1
+        for shard, reasons in sorted(by_shard.items()):
+            logger.warning("epoch %d: shard %s: skipped %s (each sample in %s)", epoch, shard,
+                           ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())), self._skip_log.path)
 
     def osr(self) -> None:
         """Stage I: recover AdamW moments and the normaliser at frozen w0 (paper Algorithm 1)."""
@@ -403,6 +424,8 @@ class Trainer:
     def close(self) -> None:
         self.normaliser.close()
         self.log.close()
+        if self._skip_log is not None:
+            self._skip_log.close()
         self.backend.close()
         self._release_run()
 

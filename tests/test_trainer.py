@@ -179,3 +179,39 @@ def test_osr_accepts_negative_zeros_of_fp16_checkpoints(shards, tmp_path):
                != torch.signbit(after["visual.transformer.resblocks.0.mlp.c_fc.weight"].detach())).sum()
     assert flipped > 0  # the case really occurred: some -0.0 became +0.0
     trainer.close()
+
+
+def test_skipped_samples_go_to_a_skip_file_and_one_line_per_shard(tmp_path, caplog):
+    import io
+    import json
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from engine.data.sources import index_shards
+    from tests.conftest import write_tar
+
+    rng = np.random.default_rng(0)
+    bad = {3, 17, 30}
+    (tmp_path / "data").mkdir()
+    for shard in range(2):
+        members = []
+        for i in range(shard * 20, shard * 20 + 20):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+            members += [(f"{i:04d}.png", b"broken" if i in bad else buf.getvalue()), (f"{i:04d}.txt", b"a cat")]
+        write_tar(tmp_path / "data" / f"shard-{shard}.tar", members)
+    index_shards(str(tmp_path / "data"), read_tars=True, num_workers=1)
+    trainer = make_trainer(tmp_path / "data", tmp_path, method="openclip", data={"batch_size": 8},
+                           run={"epochs": 2})
+    with caplog.at_level(logging.WARNING, logger="engine.trainer"):
+        trainer.tune()
+    trainer.close()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "skipped" / "rank_00000.jsonl").read_text().splitlines()]
+    assert sorted((r["epoch"], r["key"]) for r in lines) == sorted((e, f"{i:04d}") for e in (0, 1) for i in bad)
+    assert {r["reason"] for r in lines} == {"corrupt image"}
+    per_shard = [m for m in caplog.messages if m.startswith("epoch ")]
+    assert sorted(per_shard) == sorted(
+        f"epoch {e}: shard shard-{s}.tar: skipped {n} corrupt image (each sample in "
+        f"{tmp_path / 'run' / 'skipped' / 'rank_00000.jsonl'})" for e in (0, 1) for s, n in ((0, 2), (1, 1)))
