@@ -1,6 +1,7 @@
 """`shards build`: shards and manifest from a CSV or a folder; pairs judged by the loader's validator."""
 
 import io
+import json
 import logging
 import tarfile
 from pathlib import Path
@@ -84,11 +85,14 @@ def test_build_from_csv(csv_source, tmp_path, caplog):
     assert any("absent.png" in m and "missing image" in m for m in logged)
 
     members = [m for i in range(3) for m in read_shard(manifest.shard_path(i))]
-    assert [name for name, _ in members] == [f"{k:09d}.{ext}" for k in range(7) for ext in ("png", "txt")]
+    assert [name for name, _ in members] == [f"{k:09d}.{ext}" for k in range(7) for ext in ("json", "png", "txt")]
     captions = [data.decode() for name, data in members if name.endswith(".txt")]
     assert captions == [f"a red square number {i}" for i in range(7)]
+    # Each sample keeps its original file name (keys are numbers: no dots).
+    sources = [json.loads(data)["source"] for name, data in members if name.endswith(".json")]
+    assert len(sources) == 7 and sources[1] == "images/im1.png"
     # PNG sources are stored byte for byte.
-    assert members[2][1] == (csv_source.parent / "images" / "im1.png").read_bytes()
+    assert members[4][1] == (csv_source.parent / "images" / "im1.png").read_bytes()
 
 
 def test_build_from_folder(tmp_path):
@@ -120,12 +124,16 @@ def test_build_from_folder(tmp_path):
         [
             "000000000.jpg",
             "000000000.txt",
+            "000000000.json",
             "000000001.webp",
             "000000001.txt",
+            "000000001.json",
             "000000002.png",
             "000000002.txt",
+            "000000002.json",
         ]
     )
+    assert json.loads(members["000000002.json"]) == {"source": "nested/fox.png"}
     assert members["000000000.txt"] == b"a cat"
     assert members["000000001.txt"] == b"a dog"
     assert members["000000002.txt"] == b"a fox"
@@ -159,7 +167,9 @@ def test_dotted_file_names_stay_pairs_under_webdataset_rule(tmp_path, source, to
     assert report["num_skipped"] == 0 and manifest.num_samples == len(DOTTED_STEMS)
     urls = [str(manifest.shard_path(i)) for i in range(manifest.num_shards)]
     samples = list(group_by_keys(tar_file_expander(url_opener([{"url": url} for url in urls]))))
-    assert [sorted(k for k in sample if not k.startswith("__")) for sample in samples] == [["png", "txt"]] * 5
+    assert [sorted(k for k in sample if not k.startswith("__")) for sample in samples] == [["json", "png", "txt"]] * 5
+    # The original (dotted) names are kept in each sample's .json.
+    assert sorted(json.loads(sample["json"])["source"] for sample in samples) == sorted(f"{s}.png" for s in DOTTED_STEMS)
     keys = [sample["__key__"] for sample in samples]
     assert len(set(keys)) == len(keys) and not any("." in key for key in keys)
     assert sorted(sample["txt"].decode() for sample in samples) == sorted(

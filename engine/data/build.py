@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 from collections import Counter
@@ -128,11 +129,13 @@ class _ShardSequenceWriter:
         self._writer: TarWriter | None = None
         self._count = 0
 
-    def write(self, key: str, ext: str, image: bytes, caption: str) -> None:
+    def write(self, key: str, ext: str, image: bytes, caption: str, *, source: str) -> None:
+        """One sample; `source` (its original file name, which may hold dots) goes into its `.json`."""
         if self._writer is None:
             self._open()
         assert self._writer is not None
-        self._writer.write({"__key__": key, ext: image, CAPTION_EXTENSION: caption.encode("utf-8")})
+        self._writer.write({"__key__": key, ext: image, CAPTION_EXTENSION: caption.encode("utf-8"),
+                            "json": json.dumps({"source": source}, ensure_ascii=False).encode("utf-8")})
         self._count += 1
         if self._count == self.samples_per_shard:
             self.close()
@@ -215,7 +218,8 @@ def build_shards(
                 logger.warning("skipping %s: %s%s", item.name, judged.reason, judged.detail)
                 skipped.append({"source": item.name, "reason": judged.reason})
                 continue
-            writer.write(shard_key(num_written), ext, image, judged.caption)
+            writer.write(shard_key(num_written), ext, image, judged.caption,
+                         source=os.path.relpath(item.image_path, source if source.is_dir() else source.parent))
             num_written += 1
         writer.close()
     except BaseException as exn:
