@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
 from engine.preemption import EXIT_PREEMPTED, Preempted
 
 COMMON_FLAGS = {
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("source")
     build.add_argument("out_dir")
     build.add_argument("--samples-per-shard", type=int, default=1000)
+    build.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                       help="skip larger images (width x height), as training does (data.max_image_pixels)")
     index = shards_sub.add_parser("index", help="write manifest.json for existing .tar shards")
     index.add_argument("shards", help="directory of .tar files, brace/glob pattern, wids shardindex.json; "
                                       "join several with '::'")
@@ -90,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("shards", help="shard directory or manifest.json (or what `shards index` accepts)")
     check.add_argument("--min-size", type=int, default=0, help="count images smaller than this many pixels a side")
     check.add_argument("--workers", type=int, default=None, help="processes checking shards (default: one per core)")
+    check.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                       help="report larger images (width x height) as too big, as training skips them")
 
     demo = sub.add_parser("demo", help="self-contained demo on synthetic data (no downloads)")
     demo.add_argument("--out", default="runs/demo")
@@ -222,7 +227,8 @@ def _shards(args: argparse.Namespace) -> int:
     if args.shards_command == "build":
         from engine.data.build import build_shards
 
-        manifest, report = build_shards(args.source, args.out_dir, samples_per_shard=args.samples_per_shard)
+        manifest, report = build_shards(args.source, args.out_dir, samples_per_shard=args.samples_per_shard,
+                                        max_image_pixels=args.max_image_pixels)
         print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {args.out_dir}")
         if report["num_skipped"]:
             print(f"skipped {report['num_skipped']}: {json.dumps(report['skipped_by_reason'])}")
@@ -230,7 +236,8 @@ def _shards(args: argparse.Namespace) -> int:
     if args.shards_command == "check":
         from engine.data.check import check_shards
 
-        report = check_shards(args.shards, min_size=args.min_size, num_workers=args.workers, progress=True)
+        report = check_shards(args.shards, min_size=args.min_size, num_workers=args.workers, progress=True,
+                              max_image_pixels=args.max_image_pixels)
         print(report.table())
         broken = report.broken
         if broken:

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from engine.backends import backend_names
+from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
 
 METHODS = ("tuneclip", "fastclip", "openclip")
 SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl")
@@ -59,7 +60,7 @@ class DataConfig:
     verify_checksums: bool = False
     resampled: bool = False  # draw shards with replacement (very large data); epoch = samples_per_epoch
     samples_per_epoch: int | None = None  # all ranks together; required with resampled
-    max_image_pixels: int = 8192 * 8192  # larger images (width x height) are skipped before decoding
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images (width x height) are skipped before decoding
     train_transform: str = "augment"  # augment: the model's random-resized-crop train transform; eval: none
 
     def errors(self, *, training: bool = True) -> list[str]:
