@@ -367,10 +367,11 @@ class Trainer:
             logger.warning("resuming with changed schedule settings: %s", "; ".join(changes))
             self.log.write({"event": "schedule_changed", "changes": changes})
         if saved[TRAIN_STATE]["world_size"] != self.ctx.world_size:
-            # Weights, moments, step and estimates carry over exactly; the data order of the rest of
-            # the epoch is the new world size's (same global batch count, different composition).
-            logger.warning("resumed a %d-rank checkpoint on %d ranks; the rest of this epoch is dealt to the "
-                           "new ranks in a new order", saved[TRAIN_STATE]["world_size"], self.ctx.world_size)
+            # Weights, moments, step and estimates carry over exactly; the rest of the epoch is dealt
+            # afresh by the new world size's plan, which does not know what the old ranks consumed.
+            logger.warning("resumed a %d-rank checkpoint on %d ranks; the rest of this epoch is dealt afresh: "
+                           "in it some samples may be used twice and others not at all (later epochs are exact)",
+                           saved[TRAIN_STATE]["world_size"], self.ctx.world_size)
         self.log.write({"event": "resume", "from": saved["path"], "step": self.global_step, "stage": self.stage,
                         "stage_step": self.stage_step})
         logger.info("resumed from %s: stage %s, step %d", saved["path"], self.stage, self.global_step)
