@@ -180,11 +180,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "tune":
             trainer.tune()
+            _report(trainer)
         elif args.command == "osr":
             trainer.tune(finetune=False)
             print(f"recovered statistics: {trainer.checkpoints.find('latest')} (reuse with --osr-from)")
         elif args.command == "finetune":
             trainer.tune(osr=False)
+            _report(trainer)
     except RuntimeError as exc:
         if trainer.heartbeat is None or not is_collective_timeout(exc):
             raise
@@ -192,6 +194,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     return 0
+
+
+def _report(trainer) -> None:
+    """Print the end-of-run report (rank 0)."""
+    from engine.report import run_report
+
+    if trainer.ctx.is_main:
+        print(run_report(trainer.out_dir, metric=trainer.cfg.eval.best_metric))
 
 
 EVAL_FLAGS = {"model": "model.name", "weights": "model.weights", "preset": "model.preset", "device": "run.device"}

@@ -32,6 +32,7 @@ from engine.heartbeat import Heartbeat
 from engine.objectives import Objective, build_objective, total_loss
 from engine.objectives.normaliser import build_normaliser
 from engine.preemption import Preempted, StopRequests
+from engine.report import default_metric
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
@@ -401,7 +402,7 @@ class Trainer:
         if self.ctx.is_main:
             write_results(self.out_dir / f"eval_step{self.global_step:07d}.json", results,
                           model_name=self.bundle.model_name, pretrained=self.cfg.model.weights or "")
-        key = self.cfg.eval.best_metric or _default_metric(results)
+        key = self.cfg.eval.best_metric or default_metric(results)
         score = headline_metric(results, key)
         if stage != "start" and score > self.best[0]:
             self.best = (score, self.global_step)
@@ -437,14 +438,6 @@ class Trainer:
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.lock.release()
-
-
-def _default_metric(results: dict) -> str:
-    for task, metrics in results.items():
-        if "acc1" in metrics:
-            return f"{task}/acc1"
-    task, metrics = next(iter(results.items()))
-    return f"{task}/{next(iter(metrics))}"
 
 
 def _manifest_path(train: str) -> Path:

@@ -42,8 +42,10 @@ def test_shards_then_finetune_from_the_command_line(tmp_path):
     csv = render_pairs(tmp_path / "raw", num_samples=40, seed=0, split_name="train")
     out = run_cli("shards", "build", csv, tmp_path / "shards", "--samples-per-shard", 16)
     assert "40 samples" in out.stdout
-    run_cli("finetune", "--method", "fastclip", "--train", tmp_path / "shards", "--out", tmp_path / "run",
-            "--batch-size", 8, "--epochs", 1, "--set", "run.progress=false")
+    done = run_cli("finetune", "--method", "fastclip", "--train", tmp_path / "shards", "--out", tmp_path / "run",
+                   "--batch-size", 8, "--epochs", 1, "--set", "run.progress=false")
+    # No eval tasks were given: the end-of-run report says so and where the weights are.
+    assert done.stdout.startswith("no evaluation ran") and str(tmp_path / "run" / "final.safetensors") in done.stdout
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if r["event"] == "step"]
     assert steps and all(r["stage"] == "finetune" for r in steps)
