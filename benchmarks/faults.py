@@ -100,7 +100,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from engine.checkpoint import COMPLETE, LATEST, is_complete
 from engine.data.build import build_shards
 from engine.objectives.table import UTable
-from engine.preemption import EXIT_PREEMPTED
+from engine.preemption import EXIT_PREEMPTED, proc_stat
 from engine.runlock import read_owner
 from engine.synthetic import render_pairs
 
@@ -722,11 +722,8 @@ class SecondJobs:
 
 
 def _proc_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
+    fields = proc_stat(pid)
+    return fields[0] if fields else None
 
 
 def two_jobs(runner: Runner, rng: random.Random, *, reference_files: set[str],

@@ -33,20 +33,26 @@ class Preempted(Exception):
         self.reason, self.step, self.checkpoint = reason, step, checkpoint
 
 
-def _parent_of(pid: int) -> int | None:
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of `/proc/<pid>/stat` after the command name (state first, ppid second, start
+    time 20th), or None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
+    return fields if len(fields) > 19 else None
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of process `pid`, or None when it is gone."""
+    fields = proc_stat(pid)
+    return int(fields[1]) if fields else None
 
 
 def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = proc_stat(pid)
+    return fields[19] if fields else None
 
 
 def _cmdline(pid: int) -> str:
@@ -61,10 +67,10 @@ def launcher_ancestors(pid: int | None = None) -> list[tuple[int, str]]:
     """(pid, start time) of the launcher processes above `pid` (this process): the nearest
     ancestors whose command line names a launcher, up to the first that does not."""
     out = []
-    parent = _parent_of(pid or os.getpid())
+    parent = parent_pid(pid or os.getpid())
     while parent and parent > 1 and any(word in _cmdline(parent) for word in LAUNCHER_WORDS):
         out.append((parent, _start_time(parent)))
-        parent = _parent_of(parent)
+        parent = parent_pid(parent)
     return out
 
 

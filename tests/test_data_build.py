@@ -12,18 +12,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from engine.data import Manifest, ShardLoader
 from engine.data.build import build_shards
-
-
-def png_bytes(color: tuple[int, int, int], size: int = 8) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(out, format="PNG")
-    return out.getvalue()
-
-
-def image_bytes(color: tuple[int, int, int], fmt: str) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (8, 8), color).save(out, format=fmt)
-    return out.getvalue()
+from tests.helpers.images import image_bytes, png_bytes
 
 
 def read_shard(path: Path) -> list[tuple[str, bytes]]:

@@ -1,31 +1,18 @@
 """`shards check`: every planted defect found, broken shards flagged, the CLI's exit code."""
 
-import io
 import json
 import re
 import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from engine.cli import main as cli_main
 from engine.data.check import check_shard, check_shards
 from engine.data.sources import build_manifest
 from tests.conftest import write_tar
+from tests.helpers.images import image_bytes, png_bytes
 from tests.test_data_images import png_header_only
-
-
-def png_bytes(color: tuple[int, int, int], size: int = 8) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(out, format="PNG")
-    return out.getvalue()
-
-
-def image_bytes(color: tuple[int, int, int], fmt: str) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (8, 8), color).save(out, format=fmt)
-    return out.getvalue()
 
 
 def good(key: str, *, jpeg: bool = False) -> list[tuple[str, bytes]]:

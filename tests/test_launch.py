@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from engine.data.build import build_shards
 from engine.objectives.table import UTable
+from engine.preemption import parent_pid
 from engine.synthetic import render_pairs
 from models import register_shipped_configs
 from tests.helpers.harness import free_port
@@ -145,11 +146,8 @@ def _descendant_with_rank(root_pid: int, rank: int) -> int | None:
     """The process below `root_pid` whose environment has RANK=`rank` (a launcher's worker)."""
     children = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
+        ppid = parent_pid(int(entry)) if entry.isdigit() else None
+        if ppid is not None:
             children.setdefault(ppid, []).append(int(entry))
     todo = list(children.get(root_pid, []))
     while todo:
