@@ -252,7 +252,8 @@ class CheckpointManager:
 # ----- what may be loaded into which job -----
 
 # Settings that define recovered OSR statistics: reusing them needs the same values.
-OSR_DEFINING_KEYS = ("model.name", "model.weights", "model.preset", "model.precision", "loss.margin", "loss.eps",
+OSR_DEFINING_KEYS = ("model.name", "model.weights", "model.preset", "model.pretrained_tag", "model.mean",
+                     "model.std", "model.resize_mode", "model.interpolation", "model.precision", "loss.margin", "loss.eps",
                      "loss.gamma_min", "loss.gamma_decay_epochs", "osr.epochs", "optim.betas",
                      "data.batch_size", "run.seed")
 

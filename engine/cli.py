@@ -21,6 +21,7 @@ COMMON_FLAGS = {
     "model": "model.name",
     "weights": "model.weights",
     "preset": "model.preset",
+    "pretrained_tag": "model.pretrained_tag",
     "out": "run.out_dir",
     "epochs": "run.epochs",
     "osr_epochs": "osr.epochs",
@@ -67,10 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config field, e.g. --set eval.batch_size=32 (repeatable)")
     for flag, key in EVAL_FLAGS.items():
-        evaluate.add_argument(f"--{flag}", default=None, help=f"shortcut for --set {key}=...")
+        evaluate.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None,
+                              help=f"shortcut for --set {key}=...")
     evaluate.add_argument("--out", help="folder to write eval_results.json (clip_benchmark-style) into")
 
-    export = sub.add_parser("export", help="convert a local checkpoint to open_clip safetensors")
+    export = sub.add_parser("export", aliases=["convert"],
+                            help="convert a local checkpoint (open_clip, OpenAI state dict or TorchScript) "
+                                 "to open_clip safetensors")
     export.add_argument("--model", required=True, help="open_clip architecture or shipped config name")
     export.add_argument("--weights", required=True, help="local .safetensors / .bin / .pt")
     export.add_argument("--out", required=True, help="output .safetensors path")
@@ -159,7 +163,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
         return 0
-    if args.command == "export":
+    if args.command in ("export", "convert"):
         from models import build_model, export_weights
 
         bundle = build_model(args.model, weights=args.weights)
@@ -204,7 +208,8 @@ def _report(trainer) -> None:
         print(run_report(trainer.out_dir, metric=trainer.cfg.eval.best_metric))
 
 
-EVAL_FLAGS = {"model": "model.name", "weights": "model.weights", "preset": "model.preset", "device": "run.device"}
+EVAL_FLAGS = {"model": "model.name", "weights": "model.weights", "preset": "model.preset",
+              "pretrained_tag": "model.pretrained_tag", "device": "run.device"}
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -222,7 +227,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("no evaluation tasks: list them under eval.zeroshot / eval.retrieval in --config, "
                          "or --set 'eval.retrieval=[{name: NAME, csv: FILE}]'")
     device = default_device(context_from_env(args.launcher_local_rank), cfg.run.device)
-    bundle = build_model(cfg.model.name, weights=cfg.model.weights, preset=cfg.model.preset, seed=cfg.run.seed)
+    bundle = build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
     evaluator = Evaluator(tasks, batch_size=cfg.eval.batch_size, device=device)
     results = evaluator(bundle.model.to(device), bundle.tokenizer, bundle.eval_transform)
     print(results_table(results))

@@ -18,6 +18,7 @@ import yaml
 
 from engine.backends import backend_names
 from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
+from models.pretrained import INTERPOLATIONS, RESIZE_MODES
 
 METHODS = ("tuneclip", "fastclip", "openclip")
 SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl")
@@ -34,12 +35,43 @@ class ModelConfig:
 
     name: str = "tiny-vit"  # open_clip architecture, shipped config name or JSON path
     weights: str | None = None  # local .safetensors / .bin / .pt; None = random init
-    preset: str | None = None  # preprocessing preset matching the checkpoint (e.g. dfn5b)
+    # open_clip pretrained tag the weights were trained as (openai, webli, laion2b_s34b_b79k, dfn5b, ...):
+    # open_clip's pretrained config for it sets mean, std, interpolation, resize mode and the activation.
+    pretrained_tag: str | None = None
+    preset: str | None = None  # former name of pretrained_tag (dfn5b | openai); same meaning
+    mean: list[float] | None = None  # overrides the tag's (3 numbers)
+    std: list[float] | None = None  # overrides the tag's (3 numbers)
+    resize_mode: str | None = None  # shortest | longest | squash; overrides the tag's
+    interpolation: str | None = None  # bicubic | bilinear | random; overrides the tag's
     precision: str = "fp32"  # fp32 | bf16 (autocast where the device supports it)
     grad_checkpointing: bool = False
 
+    @property
+    def tag(self) -> str | None:
+        """The pretrained tag (`pretrained_tag`, or the older `preset`)."""
+        return self.pretrained_tag or self.preset
+
+    def build_kwargs(self) -> dict:
+        """Keyword arguments of `models.build_model` for this section (besides the name)."""
+        preprocess = {key: getattr(self, key) for key in ("mean", "std", "resize_mode", "interpolation")}
+        return {"weights": self.weights, "pretrained_tag": self.tag,
+                "preprocess": {key: value for key, value in preprocess.items() if value is not None}}
+
     def errors(self) -> list[str]:
         out = []
+        if self.preset and self.pretrained_tag and self.preset != self.pretrained_tag:
+            out.append(f"model.preset {self.preset!r} and model.pretrained_tag {self.pretrained_tag!r} disagree; "
+                       "keep only model.pretrained_tag")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 3 or not all(isinstance(v, (int, float)) for v in value)):
+                out.append(f"model.{key} must be 3 numbers (one per RGB channel), got {value!r}")
+        if self.std is not None and len(self.std) == 3 and not all(v > 0 for v in self.std):
+            out.append(f"model.std must be > 0, got {self.std!r}")
+        if self.resize_mode not in (None, *RESIZE_MODES):
+            out.append(f"model.resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.interpolation not in (None, *INTERPOLATIONS):
+            out.append(f"model.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if not self.name:
             out.append("model.name must name an open_clip architecture or a JSON config")
         if self.precision not in PRECISIONS:

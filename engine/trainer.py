@@ -84,8 +84,7 @@ class Trainer:
         if self.ctx.is_main:
             self.manifest.verify(checksums=cfg.data.verify_checksums)
 
-        self.bundle = build_model(cfg.model.name, weights=cfg.model.weights, preset=cfg.model.preset,
-                                  seed=cfg.run.seed)
+        self.bundle = build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
         model = self.bundle.model
         self.tau = temperature(model)
         # The temperature stays fixed at the checkpoint's value (TuneCLIP never learns it).

@@ -1,4 +1,4 @@
-"""open_clip model construction, weight loading, preprocessing presets and export."""
+"""open_clip model construction, pretrained-tag preprocessing, safe weight loading and export."""
 
 from models.factory import (
     CONFIG_DIR,
@@ -9,22 +9,33 @@ from models.factory import (
     features_of,
     register_shipped_configs,
 )
-from models.presets import PRESETS, Preset, get_preset
-from models.weights import export_weights, load_weights, make_logit_scale_1d, read_state_dict, temperature
+from models.pretrained import PRESET_TAGS, Preprocessing, PretrainedIdentity, identify
+from models.weights import (
+    Checkpoint,
+    export_weights,
+    load_weights,
+    make_logit_scale_1d,
+    read_checkpoint,
+    read_state_dict,
+    temperature,
+)
 
 __all__ = [
     "CONFIG_DIR",
     "OPEN_CLIP_PRECISIONS",
-    "PRESETS",
+    "PRESET_TAGS",
+    "Checkpoint",
     "ClipBundle",
-    "Preset",
+    "Preprocessing",
+    "PretrainedIdentity",
     "build_model",
     "build_transforms",
     "export_weights",
     "features_of",
-    "get_preset",
+    "identify",
     "load_weights",
     "make_logit_scale_1d",
+    "read_checkpoint",
     "read_state_dict",
     "register_shipped_configs",
     "temperature",

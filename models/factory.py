@@ -13,10 +13,8 @@ from pathlib import Path
 import open_clip
 import torch
 
-from models.presets import check_preset_matches_model, get_preset
-from models.weights import (
-    load_weights,
-)
+from models.pretrained import Preprocessing, check_activation, identify
+from models.weights import OPENAI_LAYOUTS, load_weights, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -104,27 +102,28 @@ def _resolve_architecture(name: str) -> tuple[str, dict]:
     return arch, config
 
 
-def _preprocess_overrides(arch: str, config: dict, preset: str | None) -> dict[str, object]:
-    if preset is None:
-        return {}
-    check_preset_matches_model(preset, model_name=arch, quick_gelu=bool(config.get("quick_gelu", False)))
-    return get_preset(preset).preprocess_overrides()
+def _preprocessing(arch: str, config: dict, tag: str | None, overrides: dict | None) -> Preprocessing:
+    """The tag's preprocessing (open_clip's pretrained config) with explicit `overrides` on top."""
+    identity = identify(arch, tag)
+    check_activation(identity, model_name=arch, quick_gelu=bool(config.get("quick_gelu", False)))
+    return identity.preprocessing.overridden_by(**(overrides or {}))
 
 
-def build_transforms(name: str, *, preset: str | None = None) -> tuple[Callable, Callable]:
+def build_transforms(name: str, *, pretrained_tag: str | None = None,
+                     preprocess: dict | None = None) -> tuple[Callable, Callable]:
     """(train, eval) image transforms build_model would return, without instantiating the model."""
     arch, config = _resolve_architecture(name)
-    overrides = _preprocess_overrides(arch, config, preset)
+    preprocessing = _preprocessing(arch, config, pretrained_tag, preprocess)
     image_size = config["vision_cfg"].get("image_size", 224)
 
     def transform(is_train: bool) -> Callable:
         return open_clip.image_transform(
             image_size,
             is_train=is_train,
-            mean=overrides.get("mean"),
-            std=overrides.get("std"),
-            resize_mode=overrides.get("resize_mode"),
-            interpolation=overrides.get("interpolation"),
+            mean=preprocessing.mean,
+            std=preprocessing.std,
+            resize_mode=preprocessing.resize_mode,
+            interpolation=preprocessing.interpolation,
         )
 
     return transform(is_train=True), transform(is_train=False)
@@ -134,7 +133,8 @@ def build_model(
     name: str,
     *,
     weights: str | os.PathLike | None = None,
-    preset: str | None = None,
+    pretrained_tag: str | None = None,
+    preprocess: dict | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     seed: int | None = None,
@@ -142,7 +142,10 @@ def build_model(
     """Build open_clip model `name` with its transforms and tokenizer; load local `weights` strictly if given.
 
     `name`: open_clip architecture ("ViT-B-16"), shipped config ("tiny-vit") or JSON config path.
-    `preset`: key of PRESETS whose preprocessing the checkpoint needs; None keeps open_clip defaults.
+    `pretrained_tag`: the open_clip tag the weights were trained as ("openai", "webli", "dfn5b", ...):
+    its pretrained config sets mean, std, interpolation, resize mode and the expected activation.
+    Weights in OpenAI's own layouts imply "openai". None (and no OpenAI layout) keeps open_clip defaults.
+    `preprocess`: explicit mean / std / interpolation / resize_mode, over the tag's.
     `seed`: seeds the random init without touching the caller's global RNG state.
     """
     if precision not in OPEN_CLIP_PRECISIONS:
@@ -150,7 +153,12 @@ def build_model(
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"weights file not found: {weights}; pass an existing local file or None")
     arch, config = _resolve_architecture(name)
-    overrides = _preprocess_overrides(arch, config, preset)
+    checkpoint = read_checkpoint(weights) if weights is not None else None
+    if checkpoint is not None and checkpoint.layout in OPENAI_LAYOUTS and pretrained_tag is None:
+        pretrained_tag = "openai"  # what open_clip's pretrained="openai" path assumes of these files
+        logger.info("%s is in OpenAI's %s layout: preprocessing and activation of pretrained tag 'openai'",
+                    weights, checkpoint.layout)
+    preprocessing = _preprocessing(arch, config, pretrained_tag, preprocess)
     quiet = _DropRandomInitNotice() if weights is not None else None
     if quiet:
         logging.getLogger().addFilter(quiet)  # weights are loaded below; open_clip cannot know
@@ -158,19 +166,13 @@ def build_model(
         if seed is not None:
             torch.manual_seed(seed)
         model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-            arch,
-            precision=precision,
-            device=device,
-            image_mean=overrides.get("mean"),
-            image_std=overrides.get("std"),
-            image_interpolation=overrides.get("interpolation"),
-            image_resize_mode=overrides.get("resize_mode"),
+            arch, precision=precision, device=device, **preprocessing.create_kwargs(),
         )
     if quiet:
         logging.getLogger().removeFilter(quiet)
-    if weights is not None:
+    if checkpoint is not None:
         try:
-            load_weights(model, weights)
+            load_weights(model, checkpoint.state_dict, source=weights)
         except ValueError as err:
             raise ValueError(f"{err} [model was built as {arch!r}]") from err
         logger.info("loaded weights %s into %s", weights, arch)

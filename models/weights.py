@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +21,51 @@ WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 SCALAR_PARAMS = ("logit_scale", "logit_bias")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DeepSpeed engine, torch.compile
 _NUM_EXAMPLES = 5  # mismatches listed per kind in error messages
+# OpenAI's checkpoints carry these next to the weights; open_clip drops them (factory.load_state_dict).
+OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+OPENAI_LAYOUTS = ("openai-state-dict", "torchscript")  # layouts only OpenAI's CLIP files use
+
+
+@dataclass
+class Checkpoint:
+    """A state dict read from a weights file and the layout it came in."""
+
+    state_dict: dict[str, torch.Tensor]
+    layout: str  # "open_clip" | "openai-state-dict" (with OPENAI_METADATA_KEYS) | "torchscript"
+
+
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """Whether `path` is a TorchScript archive (a zip with a `code/` folder of TorchScript source)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+
+
+def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a TorchScript archive (OpenAI's released CLIP `.pt` files).
+
+    Why this is safe where `torch.load` of a pickle is not: `torch.jit.load` never runs the Python
+    unpickler. The archive's code is TorchScript source, which TorchScript's own compiler parses into
+    a graph (it is not Python: it cannot import modules or call Python functions), and its data files
+    are read by TorchScript's C++ unpickler, which rebuilds only tensors, primitive values and the
+    classes defined by that TorchScript code - it resolves no Python globals, so a payload like
+    `os.system` has nothing to bind to. We then only read tensors (`state_dict`) and never call a
+    method of the loaded module, so none of its TorchScript code runs either.
+    """
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ValueError(f"cannot read TorchScript archive {path} ({reason}); is the file complete?") from err
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def _drop_openai_metadata(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    found = [key for key in OPENAI_METADATA_KEYS if key in state_dict]
+    if not found:
+        return state_dict, False
+    return {key: value for key, value in state_dict.items() if key not in OPENAI_METADATA_KEYS}, True
 
 
 def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -34,7 +81,13 @@ def _unpickler_reason(err: pickle.UnpicklingError) -> str:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from `.safetensors` or an open_clip `.bin`/`.pt` file, never unpickling objects."""
+    """Read a state dict from `.safetensors`, an open_clip `.bin`/`.pt` file or an OpenAI TorchScript
+    archive, never unpickling objects; OpenAI's metadata entries are dropped."""
+    return read_checkpoint(path).state_dict
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """`read_state_dict` plus the layout the file was in (OpenAI layouts imply QuickGELU, OpenAI preprocessing)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -45,7 +98,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"unsupported weights file {path}: expected one of {WEIGHT_SUFFIXES}; "
             "convert it to .safetensors (the state dict of an open_clip model)"
         )
-    if path.suffix == ".safetensors":
+    layout = "open_clip"
+    if path.suffix != ".safetensors" and is_torchscript_archive(path):
+        checkpoint, layout = _read_torchscript(path), "torchscript"
+    elif path.suffix == ".safetensors":
         try:
             checkpoint = load_file(path, device="cpu")
         except SafetensorError as err:
@@ -73,7 +129,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path} is not a model state dict: entries {not_tensors[:_NUM_EXAMPLES]} are not tensors; "
             "pass a raw state dict or a checkpoint with a 'state_dict' entry"
         )
-    return _strip_wrapper_prefixes(checkpoint)
+    state_dict, had_metadata = _drop_openai_metadata(_strip_wrapper_prefixes(checkpoint))
+    if had_metadata and layout == "open_clip":
+        layout = "openai-state-dict"
+    return Checkpoint(state_dict=state_dict, layout=layout)
 
 
 def _describe_mismatch(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
@@ -93,10 +152,18 @@ def _describe_mismatch(loaded: dict[str, torch.Tensor], expected: dict[str, torc
     return "; ".join(parts)
 
 
-def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load `path` into the unwrapped `model` strictly; `logit_scale` may be 0-dim or [1] on either side."""
-    state_dict = read_state_dict(path)
+def load_weights(model: torch.nn.Module, path: str | os.PathLike | dict[str, torch.Tensor], *,
+                 source: str | os.PathLike | None = None) -> None:
+    """Load `path` (or a state dict read from `source`) into the unwrapped `model` strictly;
+    `logit_scale` may be 0-dim or [1] on either side."""
+    if isinstance(path, dict):
+        state_dict, path = dict(path), source
+    else:
+        state_dict = read_state_dict(path)
     expected = model.state_dict()
+    # Buffers the model rebuilds itself (non-persistent, e.g. attn_mask) are not weights; TorchScript keeps them.
+    computed = {name for name, _ in model.named_buffers()} - expected.keys()
+    state_dict = {key: value for key, value in state_dict.items() if key not in computed}
     for name in SCALAR_PARAMS:
         in_both = name in state_dict and name in expected
         if in_both and state_dict[name].numel() == expected[name].numel() == 1:

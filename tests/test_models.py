@@ -1,4 +1,4 @@
-"""models/: tiny CLIP build, weight round trips in stock open_clip format, safe loading, presets."""
+"""models/: tiny CLIP build, weight round trips in stock open_clip format, safe loading, pretrained tags."""
 
 import json
 import math
@@ -253,52 +253,52 @@ def _eval_steps(transform):
     return {type(step): step for step in transform.transforms}
 
 
-def test_preset_dfn5b_squashes_with_openai_stats():
-    bundle = build_model("tiny-vit-quickgelu", preset="dfn5b", seed=0)
+def test_tag_dfn5b_squashes_with_openai_stats():
+    bundle = build_model("tiny-vit-quickgelu", pretrained_tag="dfn5b", seed=0)
     steps = _eval_steps(bundle.eval_transform)
     assert steps[Resize].size == (32, 32)  # squash: both sides resized, aspect ratio dropped
     assert steps[Resize].interpolation == InterpolationMode.BICUBIC
     assert CenterCrop not in steps
     assert tuple(steps[Normalize].mean) == OPENAI_MEAN and tuple(steps[Normalize].std) == OPENAI_STD
     assert bundle.eval_transform(Image.new("RGB", (64, 16))).shape == (3, 32, 32)
-    _, eval_transform = build_transforms("tiny-vit-quickgelu", preset="dfn5b")
+    _, eval_transform = build_transforms("tiny-vit-quickgelu", pretrained_tag="dfn5b")
     assert repr(eval_transform) == repr(bundle.eval_transform)
 
 
-@pytest.mark.parametrize("preset", ["openai", None])
-def test_preset_openai_and_default_resize_shortest_side_then_crop(preset):
-    name = "tiny-vit-quickgelu" if preset else "tiny-vit"
-    bundle = build_model(name, preset=preset, seed=0)
+@pytest.mark.parametrize("tag", ["openai", None])
+def test_tag_openai_and_default_resize_shortest_side_then_crop(tag):
+    name = "tiny-vit-quickgelu" if tag else "tiny-vit"
+    bundle = build_model(name, pretrained_tag=tag, seed=0)
     steps = _eval_steps(bundle.eval_transform)
     assert steps[Resize].size == 32 and steps[CenterCrop].size == (32, 32)
     assert tuple(steps[Normalize].mean) == OPENAI_MEAN and tuple(steps[Normalize].std) == OPENAI_STD
-    assert repr(build_transforms(name, preset=preset)[1]) == repr(bundle.eval_transform)
+    assert repr(build_transforms(name, pretrained_tag=tag)[1]) == repr(bundle.eval_transform)
 
 
-def test_dfn5b_preset_on_full_architecture_without_instantiating():
-    _, eval_transform = build_transforms("ViT-H-14-quickgelu", preset="dfn5b")
+def test_explicit_preprocessing_overrides_the_tag():
+    _, eval_transform = build_transforms("tiny-vit", pretrained_tag="webli",
+                                         preprocess={"mean": [0.1, 0.2, 0.3], "resize_mode": "shortest"})
     steps = _eval_steps(eval_transform)
-    assert steps[Resize].size == (224, 224) and CenterCrop not in steps
-    assert tuple(steps[Normalize].mean) == OPENAI_MEAN and tuple(steps[Normalize].std) == OPENAI_STD
-    assert models.PRESETS["dfn5b"].model_name == "ViT-H-14-quickgelu"
+    assert steps[Resize].size == 32 and steps[CenterCrop].size == (32, 32)
+    assert tuple(steps[Normalize].mean) == (0.1, 0.2, 0.3) and tuple(steps[Normalize].std) == (0.5, 0.5, 0.5)
 
 
 @pytest.mark.parametrize(
-    ("name", "preset", "suggestion"),
+    ("name", "tag", "suggestion"),
     [("ViT-H-14", "dfn5b", "ViT-H-14-quickgelu"), ("ViT-B-16", "openai", "ViT-B-16-quickgelu"),
      ("tiny-vit", "dfn5b", "tiny-vit-quickgelu")],
 )
-def test_preset_refuses_gelu_model_for_quickgelu_checkpoint(name, preset, suggestion):
+def test_tag_refuses_gelu_model_for_quickgelu_checkpoint(name, tag, suggestion):
     # Raised before the model is instantiated, so this is fast even for ViT-H-14.
     with pytest.raises(ValueError, match=rf"QuickGELU.*name='{suggestion}'"):
-        build_model(name, preset=preset)
+        build_model(name, pretrained_tag=tag)
     with pytest.raises(ValueError, match="QuickGELU"):
-        build_transforms(name, preset=preset)
+        build_transforms(name, pretrained_tag=tag)
 
 
 def test_user_errors_name_the_input_and_fix(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown preset 'laion'.*\['dfn5b', 'openai'\]"):
-        build_model("tiny-vit", preset="laion")
+    with pytest.raises(ValueError, match=r"pretrained_tag 'laion' is not a pretrained tag.*list_pretrained"):
+        build_model("tiny-vit", pretrained_tag="laion")
     with pytest.raises(ValueError, match=r"unknown model architecture 'ViT-Q-99'.*list_models"):
         build_model("ViT-Q-99")
     missing_config = tmp_path / "absent.json"
