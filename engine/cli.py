@@ -76,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="convert a local checkpoint (open_clip, OpenAI state dict or TorchScript) "
                                  "to open_clip safetensors")
     export.add_argument("--model", required=True, help="open_clip architecture or shipped config name")
-    export.add_argument("--weights", required=True, help="local .safetensors / .bin / .pt")
+    export.add_argument("--weights", default=None,
+                        help="local .safetensors / .bin / .pt (an OpenAI TorchScript .pt too); "
+                             "hf-hub:/local-dir: models default to their own file")
     export.add_argument("--out", required=True, help="output .safetensors path")
+    export.add_argument("--pretrained-tag", dest="pretrained_tag", default=None,
+                        help="open_clip pretrained tag of the weights (checks the activation; OpenAI files imply openai)")
 
     shards = sub.add_parser("shards", help="build or index webdataset shards")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True)
@@ -164,10 +168,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
         return 0
     if args.command in ("export", "convert"):
-        from models import build_model, export_weights
+        from models import build_model, export_model
 
-        bundle = build_model(args.model, weights=args.weights)
-        export_weights(bundle.model, args.out)
+        bundle = build_model(args.model, weights=args.weights, pretrained_tag=args.pretrained_tag)
+        export_model(bundle, bundle.model, args.out)
         print(f"wrote {args.out}")
         return 0
     if args.command == "shards":

@@ -20,13 +20,14 @@ from engine.backends import backend_names
 from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
 from models.pretrained import INTERPOLATIONS, RESIZE_MODES
 
-METHODS = ("tuneclip", "fastclip", "openclip")
-SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl")
+METHODS = ("tuneclip", "fastclip", "openclip", "siglip")
+SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl", "siglip")
 PRECISIONS = ("fp32", "bf16")  # training precisions (weights fp32; bf16 compute)
 
 # Paper Table 9: what each method runs.
-METHOD_SURROGATE = {"tuneclip": "hgcl", "fastclip": "gcl", "openclip": "mbcl"}
-METHOD_RUNS_OSR = {"tuneclip": True, "fastclip": False, "openclip": False}
+# siglip: SigLIP's own sigmoid loss (open_clip's SigLipLoss), the baseline for SigLIP checkpoints.
+METHOD_SURROGATE = {"tuneclip": "hgcl", "fastclip": "gcl", "openclip": "mbcl", "siglip": "siglip"}
+METHOD_RUNS_OSR = {"tuneclip": True, "fastclip": False, "openclip": False, "siglip": False}
 
 
 @dataclass
@@ -43,6 +44,7 @@ class ModelConfig:
     std: list[float] | None = None  # overrides the tag's (3 numbers)
     resize_mode: str | None = None  # shortest | longest | squash; overrides the tag's
     interpolation: str | None = None  # bicubic | bilinear | random; overrides the tag's
+    tokenizer: str | None = None  # local folder (or hub id) of a Hugging Face tokenizer; None = the model's
     precision: str = "fp32"  # fp32 | bf16 (autocast where the device supports it)
     grad_checkpointing: bool = False
 
@@ -54,7 +56,7 @@ class ModelConfig:
     def build_kwargs(self) -> dict:
         """Keyword arguments of `models.build_model` for this section (besides the name)."""
         preprocess = {key: getattr(self, key) for key in ("mean", "std", "resize_mode", "interpolation")}
-        return {"weights": self.weights, "pretrained_tag": self.tag,
+        return {"weights": self.weights, "pretrained_tag": self.tag, "tokenizer": self.tokenizer,
                 "preprocess": {key: value for key, value in preprocess.items() if value is not None}}
 
     def errors(self) -> list[str]:
@@ -279,7 +281,7 @@ class JobConfig:
         """The OSR surrogate: by default the stage-II loss, so u* and m* match what stage II uses."""
         if self.osr.surrogate != "auto":
             return self.osr.surrogate
-        return self.surrogate if self.surrogate != "mbcl" else "gcl"
+        return self.surrogate if self.surrogate not in ("mbcl", "siglip") else "gcl"
 
     def errors(self, *, training: bool = True) -> list[str]:
         """Every problem of the configuration; `training=False` (evaluation) needs no training data."""

@@ -29,14 +29,14 @@ from engine.data import Batch, Manifest, ShardLoader
 from engine.distributed import all_reduce_sum, barrier, context_from_env, default_device, gather_no_grad
 from engine.evaluate import Evaluator, build_tasks, headline_metric, write_results
 from engine.heartbeat import Heartbeat
-from engine.objectives import Objective, build_objective, total_loss
+from engine.objectives import Objective, build_objective, total_loss, trained_scalars
 from engine.objectives.normaliser import build_normaliser
 from engine.preemption import Preempted, StopRequests
 from engine.report import default_metric
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
-from models import build_model, export_weights, features_of, temperature
+from models import build_model, export_model, features_of, logit_bias_of, temperature
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,11 @@ class Trainer:
         self.bundle = build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
         model = self.bundle.model
         self.tau = temperature(model)
-        # The temperature stays fixed at the checkpoint's value (TuneCLIP never learns it).
+        # The temperature stays fixed at the checkpoint's value (TuneCLIP never learns it); a bias only
+        # an objective that uses it learns (SigLIP's loss).
+        learned = trained_scalars(cfg.surrogate)
         for name, param in model.named_parameters():
-            if "logit_scale" in name or "logit_bias" in name:
+            if ("logit_scale" in name or "logit_bias" in name) and name not in learned:
                 param.requires_grad_(False)
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
@@ -152,8 +154,9 @@ class Trainer:
         optimizer update, objective state untouched) and is logged with the batch's sample keys;
         after `run.max_bad_steps` consecutive ones the run stops.
         """
-        image_features, text_features = features_of(self.backend.forward(batch.images, batch.texts))
-        out = objective(image_features, text_features, rows=batch.rows)
+        model_out = self.backend.forward(batch.images, batch.texts)
+        image_features, text_features = features_of(model_out)
+        out = objective(image_features, text_features, rows=batch.rows, logit_bias=logit_bias_of(model_out))
         total = total_loss(out)
         # Terms carry global values, so every rank takes the same decision without a collective.
         if not torch.isfinite(total).item():
@@ -410,10 +413,11 @@ class Trainer:
         return results
 
     def export(self, path: Path) -> Path:
-        """Write the current weights as a stock open_clip safetensors file (rank 0; collective)."""
+        """Write the current weights as a stock open_clip safetensors file (and, for hf-hub:/local-dir:
+        models, a local-dir: folder beside it) (rank 0; collective)."""
         state = self.backend.full_state_dict()
         if self.ctx.is_main:
-            export_weights(state, path)
+            export_model(self.bundle, state, path)
         barrier()
         return path
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
+import open_clip.factory
 import torch
 
-from models.pretrained import Preprocessing, check_activation, identify
-from models.weights import OPENAI_LAYOUTS, load_weights, read_checkpoint
+from models.hub import HubModel, export_local_dir, resolve_hub_name
+from models.pretrained import PREPROCESS_FIELDS, Preprocessing, check_activation, identify
+from models.weights import OPENAI_LAYOUTS, export_weights, load_weights, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,8 @@ class ClipBundle:
     train_transform: Callable
     eval_transform: Callable
     tokenizer: Callable
-    model_name: str  # registered open_clip architecture; open_clip.create_model(model_name) rebuilds it
+    model_name: str  # open_clip architecture or hf-hub:/local-dir: name; open_clip.create_model(model_name) rebuilds it
+    model_cfg: dict = field(default_factory=dict)  # the open_clip model config it was built from
 
 
 def _read_model_config(path: Path) -> dict:
@@ -74,14 +78,13 @@ def register_shipped_configs() -> list[str]:
     return [_register_config_file(path) for path in sorted(CONFIG_DIR.glob("*.json"))]
 
 
-def _resolve_architecture(name: str) -> tuple[str, dict]:
-    """Registered open_clip architecture name and config for `name` (architecture, shipped or JSON path)."""
+def _resolve_architecture(name: str) -> tuple[str, dict, HubModel | None]:
+    """open_clip name and model config for `name` (architecture, shipped config, JSON path, or an
+    `hf-hub:` / `local-dir:` name, which open_clip resolves itself)."""
     shipped = register_shipped_configs()
-    if ":" in name and not name.endswith(".json"):
-        raise ValueError(
-            f"model name {name!r} uses an open_clip schema (hf-hub:, local-dir:), which is not supported; "
-            "pass the architecture name or JSON config path, and the weights file via weights="
-        )
+    hub = resolve_hub_name(name)
+    if hub is not None:
+        return hub.name, hub.model_cfg, hub
     if name.endswith(".json"):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -97,23 +100,57 @@ def _resolve_architecture(name: str) -> tuple[str, dict]:
         close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
         raise ValueError(
             f"unknown model architecture {name!r} (close names: {close}); pass a name from "
-            f"open_clip.list_models(), a shipped config {shipped}, or a path to a JSON model config"
+            f"open_clip.list_models(), a shipped config {shipped}, a path to a JSON model config, or "
+            "hf-hub:org/name / local-dir:path"
         )
-    return arch, config
+    return arch, config, None
 
 
-def _preprocessing(arch: str, config: dict, tag: str | None, overrides: dict | None) -> Preprocessing:
-    """The tag's preprocessing (open_clip's pretrained config) with explicit `overrides` on top."""
+def _preprocessing(arch: str, config: dict, tag: str | None, overrides: dict | None,
+                   hub: HubModel | None = None) -> Preprocessing:
+    """The hub folder's preprocessing, the tag's (open_clip's pretrained config) over it, explicit
+    `overrides` over both."""
     identity = identify(arch, tag)
     check_activation(identity, model_name=arch, quick_gelu=bool(config.get("quick_gelu", False)))
-    return identity.preprocessing.overridden_by(**(overrides or {}))
+    base = Preprocessing().overridden_by(**{key: (hub.preprocess_cfg if hub else {}).get(key)
+                                            for key in PREPROCESS_FIELDS})
+    tagged = base.overridden_by(**{key: getattr(identity.preprocessing, key) for key in PREPROCESS_FIELDS})
+    return tagged.overridden_by(**(overrides or {}))
+
+
+def _uses_hf_tokenizer(arch: str, config: dict) -> bool:
+    # open_clip.get_tokenizer: hf_tokenizer_name in text_cfg, else SigLipTokenizer for "siglip" names.
+    return bool(config.get("text_cfg", {}).get("hf_tokenizer_name")) or "siglip" in arch.lower()
+
+
+def build_tokenizer(arch: str, config: dict, *, source: str | None = None) -> Callable:
+    """open_clip's tokenizer for `arch`, or a Hugging Face tokenizer read from `source` (a local folder or
+    a hub id, resolved from the local Hugging Face cache when HF_HUB_OFFLINE=1)."""
+    text_cfg = config.get("text_cfg", {})
+    hf_name = source or text_cfg.get("hf_tokenizer_name") or arch
+    if (source or _uses_hf_tokenizer(arch, config)) and importlib.util.find_spec("transformers") is None:
+        raise ValueError(f"model {arch!r} uses the Hugging Face tokenizer {hf_name!r}, which needs the "
+                         "`transformers` package: pip install -e '.[siglip]'")
+    try:
+        if source is None:
+            return open_clip.get_tokenizer(arch)
+        return open_clip.tokenizer.HFTokenizer(
+            source, context_length=text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH),
+            tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
+    except OSError as err:  # transformers / huggingface_hub: files not found locally (and no network)
+        reason = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"tokenizer {hf_name!r} of model {arch!r} could not be read ({reason}); put it in the local Hugging "
+            "Face cache (HF_HUB_CACHE or HF_HOME, and HF_HUB_OFFLINE=1 without network) or set model.tokenizer "
+            "to a folder holding its tokenizer files (tokenizer.json, tokenizer_config.json)"
+        ) from err
 
 
 def build_transforms(name: str, *, pretrained_tag: str | None = None,
                      preprocess: dict | None = None) -> tuple[Callable, Callable]:
     """(train, eval) image transforms build_model would return, without instantiating the model."""
-    arch, config = _resolve_architecture(name)
-    preprocessing = _preprocessing(arch, config, pretrained_tag, preprocess)
+    arch, config, hub = _resolve_architecture(name)
+    preprocessing = _preprocessing(arch, config, pretrained_tag, preprocess, hub)
     image_size = config["vision_cfg"].get("image_size", 224)
 
     def transform(is_train: bool) -> Callable:
@@ -135,30 +172,37 @@ def build_model(
     weights: str | os.PathLike | None = None,
     pretrained_tag: str | None = None,
     preprocess: dict | None = None,
+    tokenizer: str | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     seed: int | None = None,
 ) -> ClipBundle:
     """Build open_clip model `name` with its transforms and tokenizer; load local `weights` strictly if given.
 
-    `name`: open_clip architecture ("ViT-B-16"), shipped config ("tiny-vit") or JSON config path.
+    `name`: open_clip architecture ("ViT-B-16"), shipped config ("tiny-vit"), JSON config path, or
+    "hf-hub:org/name" / "local-dir:path" (config, preprocessing and weights from the local Hugging Face
+    cache or the folder, as open_clip reads them; `weights` still overrides the file).
     `pretrained_tag`: the open_clip tag the weights were trained as ("openai", "webli", "dfn5b", ...):
     its pretrained config sets mean, std, interpolation, resize mode and the expected activation.
     Weights in OpenAI's own layouts imply "openai". None (and no OpenAI layout) keeps open_clip defaults.
     `preprocess`: explicit mean / std / interpolation / resize_mode, over the tag's.
+    `tokenizer`: a local folder (or hub id) with a Hugging Face tokenizer, instead of the config's.
     `seed`: seeds the random init without touching the caller's global RNG state.
     """
     if precision not in OPEN_CLIP_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {OPEN_CLIP_PRECISIONS}")
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"weights file not found: {weights}; pass an existing local file or None")
-    arch, config = _resolve_architecture(name)
+    arch, config, hub = _resolve_architecture(name)
+    if weights is None and hub is not None and hub.weights is not None:
+        weights = hub.weights  # the file open_clip would load for this name
     checkpoint = read_checkpoint(weights) if weights is not None else None
     if checkpoint is not None and checkpoint.layout in OPENAI_LAYOUTS and pretrained_tag is None:
         pretrained_tag = "openai"  # what open_clip's pretrained="openai" path assumes of these files
         logger.info("%s is in OpenAI's %s layout: preprocessing and activation of pretrained tag 'openai'",
                     weights, checkpoint.layout)
-    preprocessing = _preprocessing(arch, config, pretrained_tag, preprocess)
+    preprocessing = _preprocessing(arch, config, pretrained_tag, preprocess, hub)
+    text_tokenizer = build_tokenizer(arch, config, source=tokenizer)  # before the model: fails fast
     quiet = _DropRandomInitNotice() if weights is not None else None
     if quiet:
         logging.getLogger().addFilter(quiet)  # weights are loaded below; open_clip cannot know
@@ -166,7 +210,7 @@ def build_model(
         if seed is not None:
             torch.manual_seed(seed)
         model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-            arch, precision=precision, device=device, **preprocessing.create_kwargs(),
+            arch, precision=precision, device=device, load_weights=False, **preprocessing.create_kwargs(),
         )
     if quiet:
         logging.getLogger().removeFilter(quiet)
@@ -180,8 +224,9 @@ def build_model(
         model=model,
         train_transform=train_transform,
         eval_transform=eval_transform,
-        tokenizer=open_clip.get_tokenizer(arch),
+        tokenizer=text_tokenizer,
         model_name=arch,
+        model_cfg=config,
     )
 
 
@@ -190,3 +235,22 @@ def features_of(out) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(out, dict):
         return out["image_features"], out["text_features"]
     return out[0], out[1]
+
+
+def logit_bias_of(out) -> torch.Tensor | None:
+    """The model's `logit_bias` from an open_clip forward's output (SigLIP models), else None."""
+    if isinstance(out, dict):
+        return out.get("logit_bias")
+    return out[3] if len(out) > 3 else None
+
+
+def export_model(bundle: ClipBundle, weights: torch.nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write `weights` (the bundle's model or a full state dict) where open_clip loads them under the
+    model's own name: `path` (.safetensors) for `open_clip.create_model(name, pretrained=path)`, and for
+    `hf-hub:` / `local-dir:` models also the folder `path` without suffix, for `local-dir:<folder>`."""
+    path = Path(path)
+    export_weights(weights, path)
+    if open_clip.factory.parse_model_name(bundle.model_name)[0] is not None:
+        folder = export_local_dir(bundle.model, bundle.tokenizer, bundle.model_cfg, path, path.with_suffix(""))
+        logger.info("exported %s as local-dir:%s", bundle.model_name, folder)
+    return path

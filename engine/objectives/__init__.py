@@ -7,7 +7,9 @@ back-propagates `sum(terms)` and logs each. Other entries are detached diagnosti
 logged by name. `after_step()` / `skip_step()` tell the objective whether the optimizer step was
 taken, so state it updates (a normaliser's estimates) changes only with the weights.
 
-`build_objective(kind, ...)` is the registry: `mbcl` (OpenCLIP), `gcl` (FastCLIP), `hgcl` (TuneCLIP).
+`build_objective(kind, ...)` is the registry: `mbcl` (OpenCLIP), `gcl` (FastCLIP), `hgcl` (TuneCLIP),
+`siglip` (SigLIP's sigmoid loss, the baseline of SigLIP checkpoints). `TRAINED_SCALARS` names the model
+scalars (besides the encoders) an objective learns; every other `logit_*` stays fixed from the checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from engine.objectives.contrastive import (
     SurrogateSpec,
 )
 from engine.objectives.normaliser import Normaliser
+from engine.objectives.sigmoid import SigmoidObjective
 
 TERM_SUFFIX = "_loss"
 
@@ -30,8 +33,10 @@ TERM_SUFFIX = "_loss"
 class Objective(Protocol):
     """Named terms of one step; told afterwards whether the step was taken."""
 
-    def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor) -> dict[str, Tensor]:
-        """Terms (`*_loss`) and diagnostics of the global batch; `rows` are this rank's sample ids."""
+    def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor,
+                 logit_bias: Tensor | None = None) -> dict[str, Tensor]:
+        """Terms (`*_loss`) and diagnostics of the global batch; `rows` are this rank's sample ids;
+        `logit_bias` is the model's (SigLIP models), from its forward."""
 
     def after_step(self) -> None:
         """The optimizer step was taken: keep what this step updated."""
@@ -51,7 +56,8 @@ class MiniBatchObjective:
     def __init__(self, *, tau: float, rank: int, world_size: int, reduce_sum: Callable[[Tensor], Tensor]):
         self.loss = MiniBatchContrastiveLoss(tau=tau, rank=rank, world_size=world_size, reduce_sum=reduce_sum)
 
-    def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor) -> dict[str, Tensor]:
+    def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor,
+                 logit_bias: Tensor | None = None) -> dict[str, Tensor]:
         out = self.loss(image_features, text_features, output_dict=True)
         # Value of the global batch, gradient of this rank's local loss.
         term = out["loss"] + (out["loss_value"] - out["loss"]).detach()
@@ -77,7 +83,8 @@ class GlobalContrastiveObjective:
         self.normaliser = normaliser
         self.offset = offset  # this rank's first index in the global batch
 
-    def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor) -> dict[str, Tensor]:
+    def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor,
+                 logit_bias: Tensor | None = None) -> dict[str, Tensor]:
         prior = self.normaliser.prior(rows, device=image_features.device)
         out = self.loss(image_features, text_features, log_u_x=prior.log_u_x, log_u_z=prior.log_u_z,
                         seen=prior.seen, gamma=self.normaliser.gamma(), offset=self.offset, output_dict=True)
@@ -107,13 +114,24 @@ def _global(kind: str):
     return build
 
 
-OBJECTIVES: dict[str, Callable[..., Objective]] = {"mbcl": _mbcl, "gcl": _global("gcl"), "hgcl": _global("hgcl")}
+def _siglip(*, tau: float, rank: int, world_size: int, reduce_sum, **_) -> Objective:
+    return SigmoidObjective(tau=tau, rank=rank, world_size=world_size, reduce_sum=reduce_sum)
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {"mbcl": _mbcl, "gcl": _global("gcl"), "hgcl": _global("hgcl"),
+                                                   "siglip": _siglip}
+TRAINED_SCALARS: dict[str, tuple[str, ...]] = {"siglip": ("logit_bias",)}  # SigLIP's loss learns its bias
+
+
+def trained_scalars(kind: str) -> tuple[str, ...]:
+    """Model scalars (`logit_bias`, ...) the objective `kind` learns; the others stay at the checkpoint's value."""
+    return TRAINED_SCALARS.get(kind, ())
 
 
 def build_objective(kind: str, *, tau: float, margin: float, eps: float, chunk_size: int,
                     normaliser: Normaliser, rank: int, world_size: int, local_batch: int,
                     gather: Callable[[Tensor], Tensor], reduce_sum: Callable[[Tensor], Tensor]) -> Objective:
-    """The objective registered as `kind` (`mbcl`, `gcl`, `hgcl`) for this rank of the job."""
+    """The objective registered as `kind` (`mbcl`, `gcl`, `hgcl`, `siglip`) for this rank of the job."""
     if kind not in OBJECTIVES:
         raise ValueError(f"unknown objective {kind!r}; registered: {', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[kind](tau=tau, margin=margin, eps=eps, chunk_size=chunk_size, normaliser=normaliser,
