@@ -31,12 +31,19 @@ def save_tiny_tokenizer(folder: Path, *, vocab_size: int = 256) -> Path:
     return folder
 
 
-def put_in_hub_cache(cache: Path, repo_id: str, folder: Path) -> Path:
+def put_in_hub_cache(cache: Path, repo_id: str, folder: Path, *, absent: tuple[str, ...] = ("config.json",)) -> Path:
     """Lay the files of `folder` out as huggingface_hub's cache holds repo `repo_id` at `main`
-    (`models--org--name/refs/main`, `snapshots/<commit>/...`); returns the snapshot folder."""
+    (`models--org--name/refs/main`, `snapshots/<commit>/...`); returns the snapshot folder.
+
+    `absent` files get the `.no_exist/<commit>/` markers huggingface_hub writes when an online lookup
+    found them missing (transformers' AutoTokenizer asks for config.json, which tokenizer-only repos lack).
+    """
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / _COMMIT
     shutil.copytree(folder, snapshot, dirs_exist_ok=True)
+    (repo / ".no_exist" / _COMMIT).mkdir(parents=True, exist_ok=True)
+    for name in absent:
+        (repo / ".no_exist" / _COMMIT / name).touch()
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(_COMMIT)
     return snapshot

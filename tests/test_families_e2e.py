@@ -1,0 +1,116 @@
+"""Each model family, saved the way it ships, through `run.py` as a user runs it: OSR + fine-tuning +
+export, and the export loads in stock open_clip under the family's own name with the same features."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from models import build_model, export_weights, register_shipped_configs
+from tests.helpers.families import SIGLIP_TOKENIZER_REPO, put_in_hub_cache, save_tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT_RUN = ["--osr-epochs", "1", "--epochs", "1", "--batch-size", "8", "--set", "run.max_steps_per_epoch=2",
+             "--set", "run.progress=false", "--set", "eval.at_start=false", "--lr", "1e-3"]
+CAPTIONS = ["a red circle", "a blue square on a green background"]
+
+
+def run_cli(*args, env=None):
+    proc = subprocess.run([sys.executable, "run.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          check=False, timeout=600, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _features(model, transform, tokenizer):
+    model.eval()
+    images = torch.stack([transform(Image.new("RGB", (300, 180), (200, 30, 90))),
+                          transform(Image.radial_gradient("L").convert("RGB"))])
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(tokenizer(CAPTIONS))
+
+
+def _assert_same_features(left, right):
+    for a, b in zip(left, right):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _osr_steps(out: Path) -> int:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return sum(1 for r in records if r.get("stage") == "osr" and "loss" in r)
+
+
+@pytest.mark.slow
+def test_openai_fp16_state_dict_with_metadata_tunes_and_exports(shards, tmp_path):
+    register_shipped_configs()
+    base = build_model("tiny-vit-quickgelu", seed=1).model
+    state = {key: value.detach().half().clone() for key, value in base.state_dict().items()}
+    state["visual.conv1.weight"].view(-1)[:8] = -0.0  # fp16 OpenAI checkpoints hold signed zeros
+    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(32), vocab_size=torch.tensor(49408))
+    weights = tmp_path / "ViT-tiny-openai.pt"
+    torch.save(state, weights)
+    out = tmp_path / "run"
+    run_cli("tune", "--train", shards, "--model", "tiny-vit-quickgelu", "--weights", weights, "--out", out,
+            *SHORT_RUN)
+    final = out / "final.safetensors"
+    assert _osr_steps(out) > 0
+    assert not torch.equal(load_file(final)["visual.conv1.weight"], base.state_dict()["visual.conv1.weight"].half().float())
+    model, _, reference_eval = open_clip.create_model_and_transforms("tiny-vit-quickgelu", pretrained=str(final))
+    ours = build_model("tiny-vit-quickgelu", weights=final, pretrained_tag="openai")
+    assert repr(ours.eval_transform) == repr(reference_eval)
+    tokenizer = open_clip.get_tokenizer("tiny-vit-quickgelu")
+    _assert_same_features(_features(model, reference_eval, tokenizer),
+                          _features(ours.model, ours.eval_transform, ours.tokenizer))
+
+
+@pytest.fixture
+def hub_cache(tmp_path):
+    """A Hugging Face cache holding the tiny SigLIP tokenizer and an open_clip SigLIP repo
+    (open_clip_config.json with webli preprocessing + weights), and the env that points at it offline."""
+    register_shipped_configs()
+    cache = tmp_path / "hf-cache"
+    put_in_hub_cache(cache, SIGLIP_TOKENIZER_REPO, save_tiny_tokenizer(tmp_path / "tokenizer"))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    model_cfg = open_clip.get_model_config("tiny-siglip")
+    webli = open_clip.get_pretrained_cfg("ViT-B-16-SigLIP", "webli")
+    preprocess_cfg = {key: webli[key] for key in ("mean", "std", "interpolation", "resize_mode")}
+    (repo / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}))
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        model = open_clip.create_model("tiny-siglip")
+    export_weights(model, repo / "open_clip_model.safetensors")
+    put_in_hub_cache(cache, "tuneclip-engine/tiny-siglip", repo)
+    return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["siglip", "tuneclip"])
+def test_siglip_from_hub_cache_tunes_and_exports_as_local_dir(shards, tmp_path, hub_cache, method):
+    env, base = hub_cache
+    out = tmp_path / "run"
+    run_cli("tune", "--train", shards, "--model", "hf-hub:tuneclip-engine/tiny-siglip", "--method", method,
+            "--out", out, *SHORT_RUN, env=env)
+    assert (_osr_steps(out) > 0) == (method == "tuneclip")
+    exported = load_file(out / "final.safetensors")
+    assert torch.equal(exported["logit_scale"], base.logit_scale.detach())  # temperature fixed for every method
+    bias_moved = not torch.equal(exported["logit_bias"], base.logit_bias.detach())
+    assert bias_moved == (method == "siglip")  # learned by SigLIP's loss only
+    # Stock open_clip loads the folder under its local-dir: name, tokenizer and preprocessing included.
+    folder = f"local-dir:{out / 'final'}"
+    model, _, reference_eval = open_clip.create_model_and_transforms(folder)
+    tokenizer = open_clip.get_tokenizer(folder)
+    steps = {type(step).__name__: step for step in reference_eval.transforms}
+    assert steps["Resize"].size == (160, 160) and "CenterCrop" not in steps  # webli: squash
+    assert tuple(steps["Normalize"].mean) == (0.5, 0.5, 0.5)
+    ours = build_model(folder)
+    _assert_same_features(_features(model, reference_eval, tokenizer),
+                          _features(ours.model, ours.eval_transform, ours.tokenizer))
