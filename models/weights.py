@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,9 @@ def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
     method of the loaded module, so none of its TorchScript code runs either.
     """
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch >= 2.9 marks jit.load deprecated; it still reads these files
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[0]
         raise ValueError(f"cannot read TorchScript archive {path} ({reason}); is the file complete?") from err

@@ -11,7 +11,7 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from models import build_model, export_weights, register_shipped_configs
 from tests.helpers.families import SIGLIP_TOKENIZER_REPO, put_in_hub_cache, save_tiny_tokenizer
