@@ -1,5 +1,6 @@
-"""Each model family, saved the way it ships, through `run.py` as a user runs it: OSR + fine-tuning +
-export, and the export loads in stock open_clip under the family's own name with the same features."""
+"""Each model family, saved the way it ships: OSR + fine-tuning + export (through `run.py` for the
+offline hub cache), and the export loads in stock open_clip under the family's own name with the same
+features."""
 
 import json
 import os
@@ -13,8 +14,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from engine.config import load_config
+from engine.trainer import Trainer
 from models import build_model, export_weights, register_shipped_configs
 from tests.helpers.families import SIGLIP_TOKENIZER_REPO, put_in_hub_cache, save_tiny_tokenizer
+from tests.helpers.jobs import job
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_RUN = ["--osr-epochs", "1", "--epochs", "1", "--batch-size", "8", "--set", "run.max_steps_per_epoch=2",
@@ -48,6 +52,17 @@ def _osr_steps(out: Path) -> int:
     return sum(1 for r in records if r.get("stage") == "osr" and "loss" in r)
 
 
+def _tune(shards, out, **sections):
+    """OSR + fine-tuning + export in this process (the CLI path is covered by the hub-cache test)."""
+    config = job(shards, out, **sections)
+    config["run"].update(max_steps_per_epoch=2)
+    trainer = Trainer(load_config(base=config))
+    try:
+        trainer.tune()
+    finally:
+        trainer.close()
+
+
 @pytest.mark.slow
 def test_openai_fp16_state_dict_with_metadata_tunes_and_exports(shards, tmp_path):
     register_shipped_configs()
@@ -58,8 +73,7 @@ def test_openai_fp16_state_dict_with_metadata_tunes_and_exports(shards, tmp_path
     weights = tmp_path / "ViT-tiny-openai.pt"
     torch.save(state, weights)
     out = tmp_path / "run"
-    run_cli("tune", "--train", shards, "--model", "tiny-vit-quickgelu", "--weights", weights, "--out", out,
-            *SHORT_RUN)
+    _tune(shards, out, model={"name": "tiny-vit-quickgelu", "weights": str(weights)})
     final = out / "final.safetensors"
     assert _osr_steps(out) > 0
     assert not torch.equal(load_file(final)["visual.conv1.weight"], base.state_dict()["visual.conv1.weight"].half().float())
@@ -72,14 +86,11 @@ def test_openai_fp16_state_dict_with_metadata_tunes_and_exports(shards, tmp_path
 
 
 @pytest.fixture
-def hub_cache(tmp_path):
-    """A Hugging Face cache holding the tiny SigLIP tokenizer and an open_clip SigLIP repo
-    (open_clip_config.json with webli preprocessing + weights), and the env that points at it offline."""
+def siglip_repo(tmp_path):
+    """An open_clip SigLIP repository folder as `push_to_hf_hub` lays it out (open_clip_config.json with
+    webli preprocessing, weights, tokenizer files), and the random base model in it."""
     register_shipped_configs()
-    cache = tmp_path / "hf-cache"
-    put_in_hub_cache(cache, SIGLIP_TOKENIZER_REPO, save_tiny_tokenizer(tmp_path / "tokenizer"))
-    repo = tmp_path / "repo"
-    repo.mkdir()
+    repo = save_tiny_tokenizer(tmp_path / "repo")
     model_cfg = open_clip.get_model_config("tiny-siglip")
     webli = open_clip.get_pretrained_cfg("ViT-B-16-SigLIP", "webli")
     preprocess_cfg = {key: webli[key] for key in ("mean", "std", "interpolation", "resize_mode")}
@@ -88,18 +99,10 @@ def hub_cache(tmp_path):
         torch.manual_seed(2)
         model = open_clip.create_model("tiny-siglip")
     export_weights(model, repo / "open_clip_model.safetensors")
-    put_in_hub_cache(cache, "tuneclip-engine/tiny-siglip", repo)
-    return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}, model
+    return repo, model
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["siglip", "tuneclip"])
-def test_siglip_from_hub_cache_tunes_and_exports_as_local_dir(shards, tmp_path, hub_cache, method):
-    env, base = hub_cache
-    out = tmp_path / "run"
-    run_cli("tune", "--train", shards, "--model", "hf-hub:tuneclip-engine/tiny-siglip", "--method", method,
-            "--out", out, *SHORT_RUN, env=env)
-    assert (_osr_steps(out) > 0) == (method == "tuneclip")
+def _check_siglip_export(out: Path, base, *, method: str):
     exported = load_file(out / "final.safetensors")
     assert torch.equal(exported["logit_scale"], base.logit_scale.detach())  # temperature fixed for every method
     bias_moved = not torch.equal(exported["logit_bias"], base.logit_bias.detach())
@@ -114,3 +117,25 @@ def test_siglip_from_hub_cache_tunes_and_exports_as_local_dir(shards, tmp_path, 
     ours = build_model(folder)
     _assert_same_features(_features(model, reference_eval, tokenizer),
                           _features(ours.model, ours.eval_transform, ours.tokenizer))
+
+
+@pytest.mark.slow
+def test_siglip_from_offline_hub_cache_with_siglip_method_via_run_py(shards, tmp_path, siglip_repo):
+    repo, base = siglip_repo
+    cache = tmp_path / "hf-cache"
+    put_in_hub_cache(cache, SIGLIP_TOKENIZER_REPO, save_tiny_tokenizer(tmp_path / "tokenizer"))
+    put_in_hub_cache(cache, "tuneclip-engine/tiny-siglip", repo)
+    out = tmp_path / "run"
+    run_cli("tune", "--train", shards, "--model", "hf-hub:tuneclip-engine/tiny-siglip", "--method", "siglip",
+            "--out", out, *SHORT_RUN, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert _osr_steps(out) == 0
+    _check_siglip_export(out, base, method="siglip")
+
+
+@pytest.mark.slow
+def test_tuneclip_on_siglip_local_dir_runs_osr_and_hgcl_with_bias_frozen(shards, tmp_path, siglip_repo):
+    repo, base = siglip_repo
+    out = tmp_path / "run"
+    _tune(shards, out, model={"name": f"local-dir:{repo}"})
+    assert _osr_steps(out) > 0
+    _check_siglip_export(out, base, method="tuneclip")
