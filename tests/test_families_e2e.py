@@ -64,14 +64,24 @@ def _tune(shards, out, **sections):
 
 
 @pytest.mark.slow
-def test_openai_fp16_state_dict_with_metadata_tunes_and_exports(shards, tmp_path):
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("layout", ["state-dict", "torchscript"])
+def test_openai_fp16_checkpoint_tunes_and_exports(shards, tmp_path, layout):
     register_shipped_configs()
-    base = build_model("tiny-vit-quickgelu", seed=1).model
-    state = {key: value.detach().half().clone() for key, value in base.state_dict().items()}
-    state["visual.conv1.weight"].view(-1)[:8] = -0.0  # fp16 OpenAI checkpoints hold signed zeros
-    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(32), vocab_size=torch.tensor(49408))
+    base = build_model("tiny-vit-quickgelu", seed=1).model.eval()
+    with torch.no_grad():
+        for param in base.parameters():
+            param.copy_(param.half().float())  # fp16 values, as OpenAI ships them
+        base.visual.conv1.weight.view(-1)[:8] = -0.0  # fp16 OpenAI checkpoints hold signed zeros
     weights = tmp_path / "ViT-tiny-openai.pt"
-    torch.save(state, weights)
+    if layout == "torchscript":
+        torch.jit.trace(base, (torch.zeros(1, 3, 32, 32), torch.zeros(1, 32, dtype=torch.long)),
+                        check_trace=False, strict=False).save(str(weights))
+    else:
+        state = {key: value.detach().half().clone() for key, value in base.state_dict().items()}
+        state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(32),
+                     vocab_size=torch.tensor(49408))
+        torch.save(state, weights)
     out = tmp_path / "run"
     _tune(shards, out, model={"name": "tiny-vit-quickgelu", "weights": str(weights)})
     final = out / "final.safetensors"
@@ -139,3 +149,43 @@ def test_tuneclip_on_siglip_local_dir_runs_osr_and_hgcl_with_bias_frozen(shards,
     _tune(shards, out, model={"name": f"local-dir:{repo}"})
     assert _osr_steps(out) > 0
     _check_siglip_export(out, base, method="tuneclip")
+
+
+@pytest.mark.slow
+def test_laion_bin_file_with_tag_tunes_and_exports(shards, tmp_path):
+    register_shipped_configs()
+    base = build_model("tiny-vit", seed=3).model
+    weights = tmp_path / "open_clip_pytorch_model.bin"  # as LAION's hub repositories ship it
+    torch.save(base.state_dict(), weights)
+    out = tmp_path / "run"
+    _tune(shards, out, model={"name": "tiny-vit", "weights": str(weights), "pretrained_tag": "laion2b_s34b_b79k"})
+    assert _osr_steps(out) > 0
+    model, _, reference_eval = open_clip.create_model_and_transforms("tiny-vit", pretrained=str(out / "final.safetensors"))
+    ours = build_model("tiny-vit", weights=out / "final.safetensors", pretrained_tag="laion2b_s34b_b79k")
+    assert repr(ours.eval_transform) == repr(reference_eval)  # laion2b: OpenAI mean/std, shortest side + crop
+    _assert_same_features(_features(model, reference_eval, open_clip.get_tokenizer("tiny-vit")),
+                          _features(ours.model, ours.eval_transform, ours.tokenizer))
+
+
+@pytest.mark.slow
+def test_dfn5b_hub_folder_tunes_and_exports_as_local_dir(shards, tmp_path):
+    register_shipped_configs()
+    base = build_model("tiny-vit-quickgelu", seed=4).model
+    repo = tmp_path / "DFN5B-tiny"  # as apple/DFN5B-CLIP-ViT-H-14 ships: open_clip config + .bin weights
+    repo.mkdir()
+    dfn = open_clip.get_pretrained_cfg("ViT-H-14-quickgelu", "dfn5b")
+    (repo / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": open_clip.get_model_config("tiny-vit-quickgelu"),
+        "preprocess_cfg": {key: dfn[key] for key in ("mean", "std", "interpolation", "resize_mode")}}))
+    torch.save(base.state_dict(), repo / "open_clip_pytorch_model.bin")
+    out = tmp_path / "run"
+    _tune(shards, out, model={"name": f"local-dir:{repo}"})
+    assert _osr_steps(out) > 0
+    folder = f"local-dir:{out / 'final'}"
+    model, _, reference_eval = open_clip.create_model_and_transforms(folder)
+    steps = {type(step).__name__: step for step in reference_eval.transforms}
+    assert steps["Resize"].size == (32, 32) and "CenterCrop" not in steps  # dfn5b: squash
+    ours = build_model(folder)
+    _assert_same_features(_features(model, reference_eval, open_clip.get_tokenizer(folder)),
+                          _features(ours.model, ours.eval_transform, ours.tokenizer))
+    assert not torch.equal(ours.model.visual.conv1.weight, base.visual.conv1.weight)  # it was fine-tuned
