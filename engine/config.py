@@ -39,7 +39,7 @@ class ModelConfig:
     # open_clip pretrained tag the weights were trained as (openai, webli, laion2b_s34b_b79k, dfn5b, ...):
     # open_clip's pretrained config for it sets mean, std, interpolation, resize mode and the activation.
     pretrained_tag: str | None = None
-    preset: str | None = None  # former name of pretrained_tag (dfn5b | openai); same meaning
+    preset: str | None = None  # former name of pretrained_tag (e.g. dfn5b, openai); same meaning
     mean: list[float] | None = None  # overrides the tag's (3 numbers)
     std: list[float] | None = None  # overrides the tag's (3 numbers)
     resize_mode: str | None = None  # shortest | longest | squash; overrides the tag's

@@ -13,7 +13,7 @@ from models.factory import (
     register_shipped_configs,
 )
 from models.hub import HubModel, resolve_hub_name
-from models.pretrained import PRESET_TAGS, Preprocessing, PretrainedIdentity, identify
+from models.pretrained import Preprocessing, PretrainedIdentity, identify
 from models.weights import (
     Checkpoint,
     export_weights,
@@ -27,7 +27,6 @@ from models.weights import (
 __all__ = [
     "CONFIG_DIR",
     "OPEN_CLIP_PRECISIONS",
-    "PRESET_TAGS",
     "Checkpoint",
     "ClipBundle",
     "HubModel",

@@ -15,8 +15,6 @@ PREPROCESS_FIELDS = ("mean", "std", "interpolation", "resize_mode")  # open_clip
 RESIZE_MODES = ("shortest", "longest", "squash")  # open_clip.transform.image_transform_v2's modes
 INTERPOLATIONS = ("bicubic", "bilinear", "random")
 _QUICKGELU_SUFFIX = "-quickgelu"
-# The former `model.preset` values, now plain pretrained tags.
-PRESET_TAGS = {"dfn5b": "dfn5b", "openai": "openai"}
 
 
 @dataclass(frozen=True)
