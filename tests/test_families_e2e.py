@@ -65,6 +65,7 @@ def _tune(shards, out, **sections):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
 @pytest.mark.parametrize("layout", ["state-dict", "torchscript"])
 def test_openai_fp16_checkpoint_tunes_and_exports(shards, tmp_path, layout):
     register_shipped_configs()

@@ -9,7 +9,9 @@ from PIL import Image
 
 from models import build_model, build_transforms, export_weights, read_checkpoint
 
-pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # tracing builds test archives only
+# Tracing builds the test archives only (torch >= 2.9 also marks it deprecated).
+pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")]
 
 # (architecture, tag) of every family the README lists.
 FAMILY_TAGS = [("ViT-B-16-quickgelu", "openai"), ("ViT-B-32-quickgelu", "openai"), ("ViT-B-32", "laion2b_s34b_b79k"),
