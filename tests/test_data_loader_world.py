@@ -44,8 +44,9 @@ def saved(ranks) -> tuple[dict, list[dict]]:
     return plan, [json.loads(json.dumps(loader.state_dict())) for loader in ranks]
 
 
-def continued(manifest, tokenizer, transform, world_size: int, plan: dict, states: list[dict]) -> list:
-    ranks = loaders(manifest, tokenizer, transform, world_size, states[0]["batch_size"])
+def continued(manifest, tokenizer, transform, world_size: int, plan: dict, states: list[dict],
+              batch_size: int | None = None) -> list:
+    ranks = loaders(manifest, tokenizer, transform, world_size, batch_size or states[0]["batch_size"])
     for loader in ranks:
         loader.load_plan_state_dict(plan)
         loader.load_rank_states(states)
@@ -59,15 +60,16 @@ def data(tmp_path_factory):
     return manifest, good
 
 
-# (old world size, batches read, new world size, batch size): early, mid-way, in the fill batches, at the
-# end; with batch size 4 the old ranks stop inside a piece (a straddle: part of it went out).
-CASES = [(2, 4, 1, 3), (1, 6, 2, 3), (2, 3, 3, 3), (3, 2, 2, 3), (1, 1, 3, 3), (2, 8, 1, 3), (2, 9, 3, 3),
-         (1, 14, 2, 3), (2, 5, 1, 4), (3, 3, 2, 4)]
+# (old world size, batches read, new world size, batch size per rank before and after): early, mid-way, in
+# the fill batches, at the end; with batch size 4 the old ranks stop inside a piece (a straddle: part of it
+# went out); the trainer keeps the global batch, so the batch per rank follows the world size (3 x 2 = 6).
+CASES = [(2, 4, 1, 3, 3), (1, 6, 2, 3, 3), (2, 3, 3, 3, 3), (3, 2, 2, 3, 3), (1, 1, 3, 3, 3), (2, 8, 1, 3, 3),
+         (2, 9, 3, 3, 3), (1, 14, 2, 3, 3), (2, 5, 1, 4, 4), (3, 3, 2, 4, 4), (2, 4, 1, 3, 6), (1, 3, 2, 6, 3)]
 
 
-@pytest.mark.parametrize("old_size,k,new_size,batch_size", CASES)
+@pytest.mark.parametrize("old_size,k,new_size,batch_size,new_batch_size", CASES)
 def test_every_good_sample_once_across_a_world_size_change(
-    data, tokenizer, transform, old_size, k, new_size, batch_size
+    data, tokenizer, transform, old_size, k, new_size, batch_size, new_batch_size
 ):
     manifest, good = data
     old = loaders(manifest, tokenizer, transform, old_size, batch_size)
@@ -76,7 +78,7 @@ def test_every_good_sample_once_across_a_world_size_change(
         used += read(loader, manifest, start=0, count=k)[0]
     if batch_size == 4:
         assert any(loader.state_dict()["straddle"] for loader in old), "the case stops inside a piece"
-    new = continued(manifest, tokenizer, transform, new_size, *saved(old))
+    new = continued(manifest, tokenizer, transform, new_size, *saved(old), batch_size=new_batch_size)
     counts = set()
     for loader in new:
         rows, num = read(loader, manifest, start=k)
@@ -86,7 +88,7 @@ def test_every_good_sample_once_across_a_world_size_change(
     assert sorted(used) == good, "each good sample of the epoch exactly once"
     assert sum(loader.num_skipped for loader in new) == len(BAD), "each bad sample counted once"
     # Later epochs follow the new world size's own plan.
-    assert new[0].num_batches(EPOCH + 1) == loaders(manifest, tokenizer, transform, new_size, batch_size)[0].num_batches()
+    assert new[0].num_batches(EPOCH + 1) == loaders(manifest, tokenizer, transform, new_size, new_batch_size)[0].num_batches()
 
 
 def test_two_changes_in_one_epoch_and_a_resume_inside_the_rest(data, tokenizer, transform):

@@ -563,18 +563,20 @@ class ShardLoader:
         self._position = Position(epoch, batches_done, workers, straddle, tuple(rest) if rest is not None else None)
 
     # ----- another world size -----
-    def _plan(self, epoch: int, *, world_size: int, continuation: tuple[EpochPlan, dict] | None) -> EpochPlan:
+    def _plan(
+        self, epoch: int, *, world_size: int, batch_size: int, continuation: tuple[EpochPlan, dict] | None
+    ) -> EpochPlan:
         """The plan of `epoch` on `world_size` ranks, continued by `continuation` when it is that epoch's."""
         if continuation is not None and continuation[0].epoch == epoch:
             plan = continuation[0]
-            assert plan.world_size == world_size
+            assert (plan.world_size, plan.batch_size) == (world_size, batch_size)
             return plan
         return EpochPlan(
             self.manifest,
             epoch,
             world_size,
             self.workers_per_rank,
-            self.batch_size,
+            batch_size,
             self.seed,
             self.shuffle,
             self.shuffle_buffer,
@@ -596,18 +598,18 @@ class ShardLoader:
 
     def _continuation_from(self, record: dict[str, Any] | None) -> tuple[EpochPlan, dict[str, Any]] | None:
         """Rebuild a continuation from its record: replay what the old ranks used (recursively). The plan is
-        that of the `dealt_to` ranks that read the rest (this loader's, unless `load_rank_states` follows)."""
+        that of the ranks it was dealt `to`, which read the rest (this loader's, unless `load_rank_states` follows)."""
         if record is None:
             return None
         base = self._continuation_from(record["base"])
-        old = self._plan(record["epoch"], world_size=record["world_size"], continuation=base)
+        old = self._plan(record["epoch"], **record["from"], continuation=base)
         left = old.left_after(record["positions"])
         plan = EpochPlan(
             self.manifest,
             record["epoch"],
-            record["dealt_to"],
+            record["to"]["world_size"],
             self.workers_per_rank,
-            self.batch_size,
+            record["to"]["batch_size"],
             self.seed,
             self.shuffle,
             self.shuffle_buffer,
@@ -630,7 +632,7 @@ class ShardLoader:
         identity = self._identity()
         problems = []
         for key, value in identity.items():
-            if key in ("world_size", "rank"):
+            if key in ("world_size", "rank", "batch_size"):  # the batch per rank follows the world size
                 continue
             saved = {json.dumps(state.get(key)) for state in states}
             if saved != {json.dumps(value)}:
@@ -638,6 +640,8 @@ class ShardLoader:
         positions = {(s.get("epoch"), s.get("batches_done")) for s in states}
         if len(positions) != 1:
             problems.append(f"the ranks' positions differ: {sorted(positions)}")
+        if len({s.get("batch_size") for s in states}) != 1:
+            problems.append("the ranks' batch sizes differ")
         if sorted(s.get("rank") for s in states) != list(range(len(states))):
             problems.append("the states are not those of ranks 0..N-1")
         if any(s.get("version") != LOADER_STATE_VERSION for s in states):
@@ -655,12 +659,13 @@ class ShardLoader:
             # Resampled epochs are draws, not a partition: this world size's streams start where the old one stopped.
             self._position = self._position_at(epoch, min(batches_done, self.num_batches()))
             return 0
-        old = self._plan(epoch, world_size=len(states), continuation=self._continuation)
+        old_ranks = {"world_size": len(states), "batch_size": states[0]["batch_size"]}
+        old = self._plan(epoch, **old_ranks, continuation=self._continuation)
         record = {
             "epoch": epoch,
             "batches_done": batches_done,
-            "world_size": len(states),
-            "dealt_to": self.world_size,
+            "from": old_ranks,
+            "to": {"world_size": self.world_size, "batch_size": self.batch_size},
             "positions": [
                 {k: state[k] for k in ("batches_done", "workers", "straddle", "straddle_rest") if k in state}
                 for state in states
