@@ -117,7 +117,8 @@ class Trainer:
         self._skip_log: JsonlLogger | None = None
         self.best = (-math.inf, None)
         self.normaliser = build_normaliser(cfg.loss, out_dir=self.out_dir, num_rows=self.manifest.num_samples,
-                                           dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh)
+                                           dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh,
+                                           node_local_dir=cfg.run.node_local_dir)
         self.checkpoints = CheckpointManager(
             self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n,
             parts={TRAIN_STATE: self, "backend": self.backend, "normaliser": self.normaliser},
