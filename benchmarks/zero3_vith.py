@@ -3,25 +3,27 @@
 Target: under ZeRO-3 bf16 on 2 ranks, one OSR step (lr = 0) leaves every rank's weights
 bit-identical (its bf16 model partition and fp32 masters) with AdamW's step counter at 1, one
 fine-tuning step (lr = 1e-5) changes them, and each rank holds about 1/W of the parameters and of
-the optimizer state. Exits non-zero when any of that fails. The headline is the largest rank's
-peak RSS over the model state plain data parallelism would need per rank.
+the optimizer state; and with `zero.Init` model construction adds less than the whole fp32 model
+to any rank. Exits non-zero when any of that fails. The headline: peak RSS of model construction
+per rank, zero.Init build over full build, measured one after the other in the same run.
 
-What runs: 2 ranks (tests.helpers.harness: gloo, DS_ACCELERATOR=cpu, one thread each) with glibc
+What runs, once per build (`--builds full zero_init`, both by default): 2 ranks
+(tests.helpers.harness: gloo, DS_ACCELERATOR=cpu, one thread each) with glibc
 `MALLOC_MMAP_THRESHOLD_=1048576`, so freed tensors go back to the OS instead of fragmenting the
-heap. Each rank builds the model on the CPU normally: `DeepSpeedBackend` takes a built module and
-has no `deepspeed.zero.Init` path, so every rank first holds the whole fp32 model ("peak build").
-It wraps it in `DeepSpeedBackend` (bf16) and runs two training steps on its slice of a random
-global batch (images at the model's 224 px, random tokens): forward of both towers through the
-engine, HGCL through `GlobalContrastiveLoss` with the all-gather and all-reduce of the
-distributed path, the u rows carried from step 1 to step 2, backward, AdamW step.
+heap. `full`: every rank builds the whole fp32 model with `models.build_model` (what the engine did
+before; "peak build"). `zero_init`: `models.zero3.build_model_zero3`, what the trainer does under
+ZeRO-3 now: parameters partitioned as each submodule is built, weights (`--weights`) streamed into
+the partitions. Each rank wraps the model in `DeepSpeedBackend` (bf16) and runs two training steps
+on its slice of a random global batch (images at the model's 224 px, random tokens): forward of both
+towers through the engine, HGCL through `GlobalContrastiveLoss` with the all-gather and all-reduce
+of the distributed path, the u rows carried from step 1 to step 2, backward, AdamW step.
 
-Config: `zero_configs/zero3_bf16.json` plus MEMORY_OVERRIDES of its zero_optimization section.
-As shipped (`--file-defaults`) it does not fit two ViT-H ranks in 24 GB: AdamW steps each rank's
-whole 493 M-element partition at once (fp32 gradient copy 2 GB, temporaries 4 GB, on top of m and
-v), and with stage3_max_reuse_distance 1e9 > N the second step keeps every gathered layer (2 GB).
-Measured here: the kernel's OOM killer stopped rank 0 at 11.4 GB during the first optimizer step;
-with sub_group_size 5e7 and reuse distance 1e8 the ranks peaked at 11.8 GB (1.6 GB left on the
-machine); adding max_live_parameters 1e8 brings the peak to about 10.5 GB.
+Config: `zero_configs/zero3_bf16.json` as shipped. Its earlier values (OLD_FILE_VALUES,
+`--old-file-values`) did not fit two ViT-H ranks in 24 GB: AdamW stepped each rank's whole 493
+M-element partition at once (fp32 gradient copy 2 GB, temporaries 4 GB, on top of m and v), and
+with stage3_max_reuse_distance 1e9 > N the second step kept every gathered layer (2 GB); an
+earlier session measured the kernel's OOM killer stopping rank 0 at 11.4 GB during the first
+optimizer step. The file now ships sub_group_size 5e7 and reuse distance / live parameters 1e8.
 
 Memory: `ru_maxrss` (the process's peak resident set) after each phase, and the parent's 1 s
 samples of each rank's RSS. The DDP comparison is computed from the parameter count N: fp32
@@ -29,7 +31,7 @@ training holds params + grads + Adam m, v = 16 B/param; bf16 mixed precision as 
 it (bf16 params 2 + bf16 grads 2 + fp32 master 4 + m 4 + v 4) is also 16 B/param; ZeRO-3 divides
 all of it by W. Activations, gathered layers and the runtime come on top in every case.
 
-    python benchmarks/zero3_vith.py                    # ViT-H-14-quickgelu, global batch 2, ~3-4 min
+    python benchmarks/zero3_vith.py                    # ViT-H-14-quickgelu, both builds, global batch 2
     python benchmarks/zero3_vith.py --model ViT-L-14   # a smaller model on a smaller machine
 
 The parent stops the ranks when the machine's available memory falls below `--min-free-gb`,
@@ -103,7 +105,8 @@ def zero_config(overrides: dict) -> dict:
     return config
 
 
-def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "zero_init", seed: int = 0) -> dict:
+def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "zero_init", seed: int = 0,
+             weights: str | None = None) -> dict:
     """One rank: build (`full`: whole fp32 model, or `zero_init`: partitioned while built), wrap in ZeRO-3
     bf16, OSR step, fine-tuning step; returns measurements."""
     from engine.backends.deepspeed import DeepSpeedBackend, build_deepspeed_config
@@ -124,12 +127,12 @@ def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "
 
     out["rss_before_build_gb"] = _vm_kib("VmRSS") * 1024 / GB
     if build == "full":
-        bundle = build_model(model_name, seed=seed)
+        bundle = build_model(model_name, seed=seed, weights=weights)
     else:  # what the trainer does under ZeRO-3 (DeepSpeedBackend.build_bundle)
         ds_config = build_deepspeed_config(zero_config(overrides), micro_batch_size=local_batch,
                                            world_size=ctx.world_size, betas=BETAS, weight_decay=WEIGHT_DECAY,
                                            eps=ADAM_EPS, grad_clip=0.0, precision="bf16")
-        bundle = build_model_zero3(model_name, ds_config=ds_config, seed=seed)
+        bundle = build_model_zero3(model_name, ds_config=ds_config, seed=seed, weights=weights)
     model = bundle.model
     tau = temperature(model)
     for name, param in model.named_parameters():  # the temperature stays fixed, as in the trainer
@@ -298,6 +301,9 @@ def main() -> int:
     parser.add_argument("--builds", nargs="+", choices=BUILDS, default=list(BUILDS),
                         help="model construction(s) to run one after the other: full (every rank builds the "
                              "whole fp32 model, the engine before zero.Init) and/or zero_init (the engine now)")
+    parser.add_argument("--weights", help="a weights file of --model that both builds load (construction then "
+                        "includes reading it: whole on every rank for `full`, streamed into the partitions for "
+                        "`zero_init`)")
     parser.add_argument("--old-file-values", action="store_true",
                         help=f"run {ZERO_CONFIG.name} with the values it shipped with before (OLD_FILE_VALUES)")
     args = parser.parse_args()
@@ -312,7 +318,8 @@ def main() -> int:
     for build in args.builds:
         watch = MemoryWatch(min_free_gb=args.min_free_gb)
         print(f"\n=== build {build}: {args.model} under ZeRO-3 bf16 ({ZERO_CONFIG.name} as shipped"
-              f"{', with ' + str(overrides) if overrides else ''}), {WORLD_SIZE} CPU ranks, global batch "
+              f"{', with ' + str(overrides) if overrides else ''}), {WORLD_SIZE} CPU ranks, "
+              f"{'weights ' + args.weights if args.weights else 'random init'}, global batch "
               f"{args.global_batch}, random images at the model's size; machine available "
               f"{watch.available_gb():.1f} GB", flush=True)
         started = time.perf_counter()
@@ -320,7 +327,7 @@ def main() -> int:
         try:
             ranks = run_ranks("benchmarks.zero3_vith:rank_run", world_size=WORLD_SIZE, timeout=args.timeout,
                               env=MALLOC_ENV, model_name=args.model, global_batch=args.global_batch,
-                              overrides=overrides, build=build)
+                              overrides=overrides, build=build, weights=args.weights)
         except AssertionError as err:
             print(f"FAILED ({build}) after {time.perf_counter() - started:.0f} s"
                   f"{' (stopped by the memory watch)' if watch.killed else ''}:\n{err}", file=sys.stderr)
