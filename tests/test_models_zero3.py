@@ -17,12 +17,15 @@ def test_zero3_build_holds_a_partition_per_rank_and_loads_the_file_exactly(tmp_p
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     export_weights(trained, weights)
     export_weights(torch.nn.Linear(2, 2), wrong)  # another architecture
+    wrapped = tmp_path / "wrapped.pt"  # a DeepSpeed/DDP-style checkpoint: "state_dict", "module." keys
+    torch.save({"state_dict": {"module." + k: v for k, v in trained.state_dict().items()}}, wrapped)
     results = run_ranks("tests.helpers.dist_cases_zero3:build_partitioned", world_size=2, weights=str(weights),
-                        wrong_weights=str(wrong))
+                        wrong_weights=str(wrong), wrapped_pt=str(wrapped))
     total = sum(p.numel() for p in trained.parameters())
     for res in results:
-        assert res["unequal"] == [] and res["buffers_unequal"] == []
-        assert res["num_total"] == total
-        assert res["num_local"] <= total / 2 + 2 * len(list(trained.parameters()))  # 1/W plus padding
-        assert res["data_numel_outside_gather"] == 0  # nothing whole outside GatheredParameters
         assert "do not match the model architecture" in res["wrong_weights_error"]
+        for label in ("", "pt_"):
+            assert res[label + "unequal"] == [] and res[label + "buffers_unequal"] == []
+            assert res[label + "num_total"] == total
+            assert res[label + "num_local"] <= total / 2 + 2 * len(list(trained.parameters()))  # 1/W plus padding
+            assert res[label + "data_numel_outside_gather"] == 0  # nothing whole outside GatheredParameters
