@@ -10,6 +10,7 @@ Everything that must survive a restart goes through `state_dict` (small, JSON) a
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -23,6 +24,8 @@ from engine.schedules import gamma_at_epoch
 
 if TYPE_CHECKING:
     from engine.config import LossConfig
+
+logger = logging.getLogger(__name__)
 
 
 class Prior(NamedTuple):
@@ -215,6 +218,9 @@ def build_normaliser(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, data
               "gamma_min": loss_cfg.gamma_min, "gamma_decay_epochs": loss_cfg.gamma_decay_epochs, "fresh": fresh}
     nodes = node_of_ranks(ctx)
     if len(set(nodes)) == 1:
+        if node_local_dir and ctx.is_main:
+            logger.warning("run.node_local_dir is ignored: the job runs on one node, whose ranks share %s",
+                           out_dir / "u_table")
         return TableNormaliser(out_dir / "u_table", **common)
     node = nodes[ctx.rank]
     live_dir = (Path(node_local_dir) / f"u_table_node{node}" if node_local_dir
