@@ -204,6 +204,9 @@ class RunConfig:
     resume: str | None = None  # "latest" or a checkpoint folder
     max_bad_steps: int = 5  # consecutive non-finite steps skipped before the run aborts
     collective_timeout_s: int = 600  # a rank waiting this long in a collective fails the job (dead/frozen rank)
+    # Several nodes: a folder on each node's local disk for that node's replica of the u table
+    # (default: one folder per node under out_dir, each opened by its node only).
+    node_local_dir: str | None = None
 
     def errors(self) -> list[str]:
         out = []

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from engine import __version__
 from engine.backends import select_backend
+from engine.backends.base import build_bundle
 from engine.checkpoint import TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
 from engine.config import METHOD_RUNS_OSR, JobConfig
 from engine.data import Batch, LoaderPlan, Manifest, ShardLoader
@@ -36,7 +37,7 @@ from engine.report import default_metric
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
-from models import build_model, export_weights, features_of, temperature
+from models import export_weights, features_of, temperature
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,7 @@ class Trainer:
         if self.ctx.is_main:
             self.manifest.verify(checksums=cfg.data.verify_checksums)
 
-        self.bundle = build_model(cfg.model.name, weights=cfg.model.weights, preset=cfg.model.preset,
-                                  seed=cfg.run.seed)
+        self.bundle = build_bundle(backend_cls, cfg, micro_batch_size=self.local_batch)
         model = self.bundle.model
         self.tau = temperature(model)
         # The temperature stays fixed at the checkpoint's value (TuneCLIP never learns it).
@@ -120,7 +120,8 @@ class Trainer:
         self._skip_log: JsonlLogger | None = None
         self.best = (-math.inf, None)
         self.normaliser = build_normaliser(cfg.loss, out_dir=self.out_dir, num_rows=self.manifest.num_samples,
-                                           dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh)
+                                           dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh,
+                                           node_local_dir=cfg.run.node_local_dir)
         self.checkpoints = CheckpointManager(
             self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n,
             parts={TRAIN_STATE: self, "backend": self.backend, "normaliser": self.normaliser,

@@ -145,6 +145,11 @@ def make_logit_scale_1d(model: torch.nn.Module) -> None:
 def temperature(model: torch.nn.Module) -> float:
     """Contrastive temperature tau = 1 / exp(logit_scale) of `model`."""
     logit_scale = getattr(model, "logit_scale", None)
+    if hasattr(logit_scale, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: gather it (collective)
+        from deepspeed import zero
+
+        with zero.GatheredParameters([logit_scale]):
+            return float(torch.exp(-logit_scale.detach().float()).reshape(()))
     if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1:
         raise ValueError(
             f"{type(model).__name__} has no single-element logit_scale; pass the unwrapped CLIP model "
