@@ -5,6 +5,7 @@ import itertools
 import json
 
 import pytest
+import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from engine.config import EvalConfig, load_config
@@ -114,3 +115,13 @@ def test_finetuning_evaluates_at_every_epoch_end_in_bf16(shards, tasks, tmp_path
     assert [(r["stage"], r["step"]) for r in evals] == [("finetune", 2), ("finetune", 4)]
     assert all(set(r["seconds"]) == {"ret"} and r["seconds"]["ret"] > 0 for r in evals)
     assert evals[0]["results"] != evals[1]["results"]  # the weights moved between the two epoch ends
+
+
+def test_bf16_weights_get_bf16_images(tasks):
+    """DeepSpeed bf16 holds bf16 weights: images are cast to the weights' dtype (fp32 images would raise)."""
+    zeroshot, retrieval, _ = tasks
+    bundle = build_model("tiny-vit", seed=0)
+    fp32 = Evaluator([retrieval], batch_size=8)(bundle.model, bundle.tokenizer, bundle.eval_transform)
+    bf16 = Evaluator([retrieval], batch_size=8)(bundle.model.to(torch.bfloat16), bundle.tokenizer,
+                                                bundle.eval_transform)
+    assert bf16["ret"] == pytest.approx(fp32["ret"], abs=0.2)  # same model, rounded weights
