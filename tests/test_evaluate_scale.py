@@ -42,10 +42,17 @@ def test_every_sample_is_read_by_exactly_one_rank_and_worker(num_shards, world_s
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
+    """A zero-shot and a retrieval CSV task, and the specs of both as CSV and clip_benchmark tasks."""
     folder = tmp_path_factory.mktemp("scale")
-    zeroshot = ZeroShotTask.from_csv(*render_zeroshot_task(folder, num_per_class=1, seed=1), name="zs")
-    retrieval = RetrievalTask.from_csv(render_retrieval_task(folder, num_images=16, seed=1), name="ret")
-    return zeroshot, retrieval, clip_benchmark_copies(zeroshot, retrieval, folder / "clip_benchmark")
+    zs_csv, classnames, templates = render_zeroshot_task(folder, num_per_class=1, seed=1)
+    rt_csv = render_retrieval_task(folder, num_images=16, seed=1)
+    zeroshot = ZeroShotTask.from_csv(zs_csv, classnames, templates, name="zs")
+    retrieval = RetrievalTask.from_csv(rt_csv, name="ret")
+    specs = clip_benchmark_copies(zeroshot, retrieval, folder / "clip_benchmark")
+    specs["zeroshot"].insert(0, {"name": "zs", "csv": str(zs_csv), "classnames": str(classnames),
+                                 "templates": str(templates)})
+    specs["retrieval"].insert(0, {"name": "ret", "csv": str(rt_csv)})
+    return zeroshot, retrieval, specs
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +63,7 @@ def tiny():
 def test_clip_benchmark_layout_gives_the_numbers_of_the_same_images_from_csv(tasks, tiny):
     zeroshot, retrieval, specs = tasks
     from_csv = Evaluator([zeroshot, retrieval], batch_size=7)(tiny.model, tiny.tokenizer, tiny.eval_transform)
-    wds_tasks = build_tasks(EvalConfig(**specs))
+    wds_tasks = build_tasks(EvalConfig(zeroshot=specs["zeroshot"][1:], retrieval=specs["retrieval"][1:]))
     assert wds_tasks[0].classnames == zeroshot.classnames and wds_tasks[0].templates == zeroshot.templates
     from_wds = Evaluator(wds_tasks, batch_size=5, num_workers=2)(tiny.model, tiny.tokenizer, tiny.eval_transform)
     assert from_wds == {"zs_wds": from_csv["zs"], "ret_wds": from_csv["ret"]}
@@ -73,26 +80,20 @@ def test_imagenet_names_and_openai_templates_come_from_open_clip(tmp_path):
 def test_clip_benchmark_problems_name_the_file(tasks, tmp_path):
     _, _, specs = tasks
     with pytest.raises(ValueError, match=r"eval\.zeroshot\[0\] 'x': .*/zs/train: no such folder"):
-        build_tasks(EvalConfig(zeroshot=[{**specs["zeroshot"][0], "name": "x", "split": "train"}]))
+        build_tasks(EvalConfig(zeroshot=[{**specs["zeroshot"][1], "name": "x", "split": "train"}]))
     with pytest.raises(ValueError, match=r"dataset_type\.txt says retrieval, but the task is listed under "
                                          r"eval\.zeroshot"):
-        build_tasks(EvalConfig(zeroshot=[{"name": "r", "clip_benchmark": specs["retrieval"][0]["clip_benchmark"]}]))
+        build_tasks(EvalConfig(zeroshot=[{"name": "r", "clip_benchmark": specs["retrieval"][1]["clip_benchmark"]}]))
     with pytest.raises(ValueError, match=r"give exactly one of csv, wds, clip_benchmark"):
         build_tasks(EvalConfig(retrieval=[{"name": "r", "csv": "a.csv", "wds": "b"}]))
 
 
 def test_two_ranks_give_the_one_rank_numbers_and_a_slow_rank_does_not_time_out(tasks, tiny):
     """Rank 1 spends longer than the 10 s process-group timeout evaluating; rank 0 must never wait that long."""
-    zeroshot, retrieval, specs = tasks
-    csv_specs = {"zeroshot": [{"name": "zs", "csv": str(zeroshot.image_paths[0].parent.parent / "synthetic-zeroshot.csv"),
-                               "classnames": str(zeroshot.image_paths[0].parent.parent / "classnames.txt"),
-                               "templates": str(zeroshot.image_paths[0].parent.parent / "templates.txt")}],
-                 "retrieval": [{"name": "ret", "csv": str(retrieval.image_paths[0].parent.parent
-                                                         / "synthetic-retrieval.csv")}]}
-    both = {"zeroshot": csv_specs["zeroshot"] + specs["zeroshot"], "retrieval": csv_specs["retrieval"] + specs["retrieval"]}
-    one = Evaluator(build_tasks(EvalConfig(**both)), batch_size=4)(tiny.model, tiny.tokenizer, tiny.eval_transform)
+    _, _, specs = tasks
+    one = Evaluator(build_tasks(EvalConfig(**specs)), batch_size=4)(tiny.model, tiny.tokenizer, tiny.eval_transform)
     # 16 retrieval + 30 zero-shot images per set, 2 ranks, batch 4: rank 1 sleeps 1.2 s before each of its 11 image batches.
-    ranks = run_ranks("tests.helpers.dist_cases_eval:evaluate_ranks", world_size=2, specs=both, batch_size=4,
+    ranks = run_ranks("tests.helpers.dist_cases_eval:evaluate_ranks", world_size=2, specs=specs, batch_size=4,
                       num_workers=1, timeout_s=10, slow_rank=1, delay_s=1.2)
     assert [r["results"] for r in ranks] == [one, one]
     assert ranks[1]["seconds"] > 10  # the slow rank alone outlasts the timeout...
@@ -119,7 +120,7 @@ def test_finetuning_evaluates_at_every_epoch_end_in_bf16(shards, tasks, tmp_path
 
 def test_bf16_weights_get_bf16_images(tasks):
     """DeepSpeed bf16 holds bf16 weights: images are cast to the weights' dtype (fp32 images would raise)."""
-    zeroshot, retrieval, _ = tasks
+    _, retrieval, _ = tasks
     bundle = build_model("tiny-vit", seed=0)
     fp32 = Evaluator([retrieval], batch_size=8)(bundle.model, bundle.tokenizer, bundle.eval_transform)
     bf16 = Evaluator([retrieval], batch_size=8)(bundle.model.to(torch.bfloat16), bundle.tokenizer,
