@@ -106,7 +106,8 @@ class Trainer:
             max_image_pixels=cfg.data.max_image_pixels,
         )
         tasks = build_tasks(cfg.eval)
-        self.evaluator = Evaluator(tasks, batch_size=cfg.eval.batch_size, device=self.device) if tasks else None
+        self.evaluator = (Evaluator(tasks, batch_size=cfg.eval.batch_size, device=self.device,
+                                    num_workers=cfg.eval.num_workers) if tasks else None)
         self.history: list[dict] = []  # evaluation records: stage, global step, results
         self.global_step = 0  # optimizer steps of this job, OSR and fine-tuning together
         self.data_epoch = 0  # passes over the data (each has its own shuffle)
@@ -263,8 +264,8 @@ class Trainer:
                 if self.epoch_step == epoch_steps:
                     self._end_epoch(stage, epoch)
                 if stage == "finetune" and (
-                    (eval_every and self.stage_step % eval_every == 0) or self.stage_step == total
-                ):
+                    (self.stage_step % (eval_every or steps_per_epoch) == 0) or self.stage_step == total
+                ):  # every_steps 0: at each epoch end
                     self.evaluate(stage=stage)
                 if rcfg.save_every_steps and self.stage_step % rcfg.save_every_steps == 0:
                     self.save_checkpoint()
@@ -418,7 +419,8 @@ class Trainer:
             return {}
         with self.backend.full_weights():  # ZeRO-3 gathers the partitions for evaluation
             results = self.evaluator(self.backend.model, self.bundle.tokenizer, self.bundle.eval_transform)
-        record = {"event": "eval", "stage": stage, "step": self.global_step, "results": results}
+        record = {"event": "eval", "stage": stage, "step": self.global_step, "results": results,
+                  "seconds": dict(self.evaluator.seconds)}
         self.history.append(record)
         self.log.write(record)
         if self.ctx.is_main:
