@@ -261,10 +261,11 @@ class Trainer:
                 if self.stage_step % rcfg.log_every == 0 or self.stage_step == total or metrics.get("skipped"):
                     self.log.write({"event": "step", "stage": stage, "epoch": epoch, "step": self.global_step,
                                     "stage_step": self.stage_step, "samples_per_s": rate, **metrics})
-                if self.epoch_step == epoch_steps:
+                epoch_ended = self.epoch_step == epoch_steps
+                if epoch_ended:
                     self._end_epoch(stage, epoch)
                 if stage == "finetune" and (
-                    (self.stage_step % (eval_every or steps_per_epoch) == 0) or self.stage_step == total
+                    (self.stage_step % eval_every == 0 if eval_every else epoch_ended) or self.stage_step == total
                 ):  # every_steps 0: at each epoch end
                     self.evaluate(stage=stage)
                 if rcfg.save_every_steps and self.stage_step % rcfg.save_every_steps == 0:
