@@ -3,25 +3,27 @@
 Target: under ZeRO-3 bf16 on 2 ranks, one OSR step (lr = 0) leaves every rank's weights
 bit-identical (its bf16 model partition and fp32 masters) with AdamW's step counter at 1, one
 fine-tuning step (lr = 1e-5) changes them, and each rank holds about 1/W of the parameters and of
-the optimizer state. Exits non-zero when any of that fails. The headline is the largest rank's
-peak RSS over the model state plain data parallelism would need per rank.
+the optimizer state; and with `zero.Init` model construction adds less than the whole fp32 model
+to any rank. Exits non-zero when any of that fails. The headline: peak RSS of model construction
+per rank, zero.Init build over full build, measured one after the other in the same run.
 
-What runs: 2 ranks (tests.helpers.harness: gloo, DS_ACCELERATOR=cpu, one thread each) with glibc
+What runs, once per build (`--builds full zero_init`, both by default): 2 ranks
+(tests.helpers.harness: gloo, DS_ACCELERATOR=cpu, one thread each) with glibc
 `MALLOC_MMAP_THRESHOLD_=1048576`, so freed tensors go back to the OS instead of fragmenting the
-heap. Each rank builds the model on the CPU normally: `DeepSpeedBackend` takes a built module and
-has no `deepspeed.zero.Init` path, so every rank first holds the whole fp32 model ("peak build").
-It wraps it in `DeepSpeedBackend` (bf16) and runs two training steps on its slice of a random
-global batch (images at the model's 224 px, random tokens): forward of both towers through the
-engine, HGCL through `GlobalContrastiveLoss` with the all-gather and all-reduce of the
-distributed path, the u rows carried from step 1 to step 2, backward, AdamW step.
+heap. `full`: every rank builds the whole fp32 model with `models.build_model` (what the engine did
+before; "peak build"). `zero_init`: `models.zero3.build_model_zero3`, what the trainer does under
+ZeRO-3 now: parameters partitioned as each submodule is built, weights (`--weights`) streamed into
+the partitions. Each rank wraps the model in `DeepSpeedBackend` (bf16) and runs two training steps
+on its slice of a random global batch (images at the model's 224 px, random tokens): forward of both
+towers through the engine, HGCL through `GlobalContrastiveLoss` with the all-gather and all-reduce
+of the distributed path, the u rows carried from step 1 to step 2, backward, AdamW step.
 
-Config: `zero_configs/zero3_bf16.json` plus MEMORY_OVERRIDES of its zero_optimization section.
-As shipped (`--file-defaults`) it does not fit two ViT-H ranks in 24 GB: AdamW steps each rank's
-whole 493 M-element partition at once (fp32 gradient copy 2 GB, temporaries 4 GB, on top of m and
-v), and with stage3_max_reuse_distance 1e9 > N the second step keeps every gathered layer (2 GB).
-Measured here: the kernel's OOM killer stopped rank 0 at 11.4 GB during the first optimizer step;
-with sub_group_size 5e7 and reuse distance 1e8 the ranks peaked at 11.8 GB (1.6 GB left on the
-machine); adding max_live_parameters 1e8 brings the peak to about 10.5 GB.
+Config: `zero_configs/zero3_bf16.json` as shipped. Its earlier values (OLD_FILE_VALUES,
+`--old-file-values`) did not fit two ViT-H ranks in 24 GB: AdamW stepped each rank's whole 493
+M-element partition at once (fp32 gradient copy 2 GB, temporaries 4 GB, on top of m and v), and
+with stage3_max_reuse_distance 1e9 > N the second step kept every gathered layer (2 GB); an
+earlier session measured the kernel's OOM killer stopping rank 0 at 11.4 GB during the first
+optimizer step. The file now ships sub_group_size 5e7 and reuse distance / live parameters 1e8.
 
 Memory: `ru_maxrss` (the process's peak resident set) after each phase, and the parent's 1 s
 samples of each rank's RSS. The DDP comparison is computed from the parameter count N: fp32
@@ -29,7 +31,7 @@ training holds params + grads + Adam m, v = 16 B/param; bf16 mixed precision as 
 it (bf16 params 2 + bf16 grads 2 + fp32 master 4 + m 4 + v 4) is also 16 B/param; ZeRO-3 divides
 all of it by W. Activations, gathered layers and the runtime come on top in every case.
 
-    python benchmarks/zero3_vith.py                    # ViT-H-14-quickgelu, global batch 2, ~3-4 min
+    python benchmarks/zero3_vith.py                    # ViT-H-14-quickgelu, both builds, global batch 2
     python benchmarks/zero3_vith.py --model ViT-L-14   # a smaller model on a smaller machine
 
 The parent stops the ranks when the machine's available memory falls below `--min-free-gb`,
@@ -63,11 +65,14 @@ DDP_BYTES_PER_PARAM = {  # per rank, model state only
 }
 PARTITION_TOLERANCE = 0.01  # a rank's share may exceed 1/W by padding only
 # On top of zero3_bf16.json, whose values do not fit two ViT-H ranks in 24 GB (see the module doc).
-MEMORY_OVERRIDES = {
-    "sub_group_size": 50_000_000,  # AdamW steps 50 M-element slices: fp32 grads and temporaries per slice
-    "stage3_max_reuse_distance": 100_000_000,  # release gathered layers instead of keeping the whole model
-    "stage3_max_live_parameters": 100_000_000,  # at most ~0.2 GB of gathered bf16 weights at a time
+# What zero3_bf16.json shipped with before it was made to fit (DeepSpeed's sub_group_size default is 1e9):
+# `--old-file-values` puts them back to reproduce the out-of-memory run.
+OLD_FILE_VALUES = {
+    "sub_group_size": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+    "stage3_max_live_parameters": 1_000_000_000,
 }
+BUILDS = ("full", "zero_init")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 GB = 1e9
 
@@ -100,12 +105,15 @@ def zero_config(overrides: dict) -> dict:
     return config
 
 
-def rank_run(model_name: str, global_batch: int, overrides: dict, seed: int = 0) -> dict:
-    """One rank: build, wrap in ZeRO-3 bf16, OSR step, fine-tuning step; returns measurements."""
-    from engine.backends.deepspeed import DeepSpeedBackend
+def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "zero_init", seed: int = 0,
+             weights: str | None = None) -> dict:
+    """One rank: build (`full`: whole fp32 model, or `zero_init`: partitioned while built), wrap in ZeRO-3
+    bf16, OSR step, fine-tuning step; returns measurements."""
+    from engine.backends.deepspeed import DeepSpeedBackend, build_deepspeed_config
     from engine.distributed import all_reduce_sum, context_from_env, gather_no_grad
     from engine.objectives.contrastive import GlobalContrastiveLoss, SurrogateSpec
     from models import build_model, features_of, temperature
+    from models.zero3 import build_model_zero3
 
     def say(text: str) -> None:
         print(f"[rank {ctx.rank} {time.perf_counter() - started:6.0f} s] {text}", flush=True)
@@ -117,18 +125,26 @@ def rank_run(model_name: str, global_batch: int, overrides: dict, seed: int = 0)
     out = {"rank": ctx.rank, "peak_gb": {}}
     out["peak_gb"]["start"] = _peak_gb()
 
-    bundle = build_model(model_name, seed=seed)
+    out["rss_before_build_gb"] = _vm_kib("VmRSS") * 1024 / GB
+    if build == "full":
+        bundle = build_model(model_name, seed=seed, weights=weights)
+    else:  # what the trainer does under ZeRO-3 (DeepSpeedBackend.build_bundle)
+        ds_config = build_deepspeed_config(zero_config(overrides), micro_batch_size=local_batch,
+                                           world_size=ctx.world_size, betas=BETAS, weight_decay=WEIGHT_DECAY,
+                                           eps=ADAM_EPS, grad_clip=0.0, precision="bf16")
+        bundle = build_model_zero3(model_name, ds_config=ds_config, seed=seed, weights=weights)
     model = bundle.model
     tau = temperature(model)
     for name, param in model.named_parameters():  # the temperature stays fixed, as in the trainer
         if "logit_scale" in name or "logit_bias" in name:
             param.requires_grad_(False)
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     context_length, vocab_size = model.context_length, model.vocab_size
     image_size = model.visual.image_size
     out["build_s"] = time.perf_counter() - started
     out["peak_gb"]["build"] = _peak_gb()
-    say(f"built {model_name}: {num_params:,} params, peak {out['peak_gb']['build']:.2f} GB")
+    out["rss_after_build_gb"] = _vm_kib("VmRSS") * 1024 / GB
+    say(f"built {model_name} ({build}): {num_params:,} params, peak {out['peak_gb']['build']:.2f} GB")
 
     mark = time.perf_counter()
     backend = DeepSpeedBackend(model, device=torch.device("cpu"), zero_config=zero_config(overrides),
@@ -282,35 +298,85 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the ranks are killed")
     parser.add_argument("--min-free-gb", type=float, default=1.5,
                         help="stop the ranks when the machine's available memory falls below this")
-    parser.add_argument("--file-defaults", action="store_true",
-                        help=f"run {ZERO_CONFIG.name} unmodified (without MEMORY_OVERRIDES)")
+    parser.add_argument("--builds", nargs="+", choices=BUILDS, default=list(BUILDS),
+                        help="model construction(s) to run one after the other: full (every rank builds the "
+                             "whole fp32 model, the engine before zero.Init) and/or zero_init (the engine now)")
+    parser.add_argument("--weights", help="a weights file of --model that both builds load (construction then "
+                        "includes reading it: whole on every rank for `full`, streamed into the partitions for "
+                        "`zero_init`)")
+    parser.add_argument("--old-file-values", action="store_true",
+                        help=f"run {ZERO_CONFIG.name} with the values it shipped with before (OLD_FILE_VALUES)")
     args = parser.parse_args()
-    overrides = {} if args.file_defaults else MEMORY_OVERRIDES
+    overrides = OLD_FILE_VALUES if args.old_file_values else {}
     if args.global_batch % WORLD_SIZE:
         parser.error(f"--global-batch must be a multiple of {WORLD_SIZE}")
 
     sys.path.insert(0, str(REPO_ROOT))
     from tests.helpers.harness import run_ranks
 
-    watch = MemoryWatch(min_free_gb=args.min_free_gb)
-    print(f"{args.model} under ZeRO-3 bf16 ({ZERO_CONFIG.name}, zero_optimization overrides "
-          f"{overrides or 'none'}), {WORLD_SIZE} CPU ranks, global batch {args.global_batch}, random images "
-          f"at the model's size; machine available {watch.available_gb():.1f} GB", flush=True)
-    started = time.perf_counter()
-    watch.start()
-    try:
-        ranks = run_ranks("benchmarks.zero3_vith:rank_run", world_size=WORLD_SIZE, timeout=args.timeout,
-                          env=MALLOC_ENV, model_name=args.model, global_batch=args.global_batch,
-                          overrides=overrides)
-    except AssertionError as err:
-        print(f"FAILED after {time.perf_counter() - started:.0f} s"
-              f"{' (stopped by the memory watch)' if watch.killed else ''}:\n{err}", file=sys.stderr)
+    results, code = {}, 0
+    for build in args.builds:
+        watch = MemoryWatch(min_free_gb=args.min_free_gb)
+        print(f"\n=== build {build}: {args.model} under ZeRO-3 bf16 ({ZERO_CONFIG.name} as shipped"
+              f"{', with ' + str(overrides) if overrides else ''}), {WORLD_SIZE} CPU ranks, "
+              f"{'weights ' + args.weights if args.weights else 'random init'}, global batch "
+              f"{args.global_batch}, random images at the model's size; machine available "
+              f"{watch.available_gb():.1f} GB", flush=True)
+        started = time.perf_counter()
+        watch.start()
+        try:
+            ranks = run_ranks("benchmarks.zero3_vith:rank_run", world_size=WORLD_SIZE, timeout=args.timeout,
+                              env=MALLOC_ENV, model_name=args.model, global_batch=args.global_batch,
+                              overrides=overrides, build=build, weights=args.weights)
+        except AssertionError as err:
+            print(f"FAILED ({build}) after {time.perf_counter() - started:.0f} s"
+                  f"{' (stopped by the memory watch)' if watch.killed else ''}:\n{err}", file=sys.stderr)
+            print(f"machine: lowest available memory {watch.min_available_gb:.1f} GB; sampled RSS maxima per rank "
+                  f"{', '.join(f'{v:.2f}' for v in watch.max_rank_rss_gb.values())} GB")
+            code = 2
+            continue
+        finally:
+            watch.stopped.set()
+            watch.join()
+        code = max(code, report(ranks, args, elapsed=time.perf_counter() - started, watch=watch))
+        results[build] = (ranks, watch)
+    return max(code, compare(results))
+
+
+def compare(results: dict) -> int:
+    """Before/after table of the builds that ran; the headline: construction peak per rank, zero.Init vs full."""
+    if not results:
         return 2
-    finally:
-        watch.stopped.set()
-        watch.join()
-    elapsed = time.perf_counter() - started
-    return report(ranks, args, elapsed=elapsed, watch=watch)
+    num_params = next(iter(results.values()))[0][0]["num_params"]
+    fp32_gb = num_params * 4 / GB
+    header = (f"{'build':<10} {'rank':>4} {'RSS before':>10} {'peak build':>10} {'build added':>11} {'RSS built':>9} "
+              f"{'peak wrap':>9} {'peak end':>8} {'sampled max':>11}")
+    print(f"\nconstruction and training peaks per rank (GB; the whole fp32 model is {fp32_gb:.2f} GB; "
+          "'build added' = peak during construction - RSS before it)")
+    print(header)
+    print("-" * len(header))
+    for build, (ranks, watch) in results.items():
+        sampled = list(watch.max_rank_rss_gb.values())  # by pid: the ranks in start order
+        for r in ranks:
+            value = sampled[r["rank"]] if r["rank"] < len(sampled) else float("nan")
+            print(f"{build:<10} {r['rank']:>4} {r['rss_before_build_gb']:>10.2f} {r['peak_gb']['build']:>10.2f} "
+                  f"{r['peak_gb']['build'] - r['rss_before_build_gb']:>11.2f} {r['rss_after_build_gb']:>9.2f} "
+                  f"{r['peak_gb']['wrap']:>9.2f} {r['peak_gb']['end']:>8.2f} {value:>11.2f}")
+    code = 0
+    if "zero_init" in results:
+        added = max(r["peak_gb"]["build"] - r["rss_before_build_gb"] for r in results["zero_init"][0])
+        if added >= fp32_gb:
+            print(f"FAIL: with zero.Init construction added {added:.2f} GB to a rank, not less than the whole "
+                  f"fp32 model ({fp32_gb:.2f} GB)")
+            code = 1
+    if set(results) == set(BUILDS):
+        full = max(r["peak_gb"]["build"] for r in results["full"][0])
+        zinit = max(r["peak_gb"]["build"] for r in results["zero_init"][0])
+        full_end = max(r["peak_gb"]["end"] for r in results["full"][0])
+        zinit_end = max(r["peak_gb"]["end"] for r in results["zero_init"][0])
+        print(f"headline: peak RSS of model construction per rank {zinit:.2f} GB with zero.Init vs {full:.2f} GB "
+              f"building the whole model = {zinit / full:.2f}x; whole run peak {zinit_end:.2f} vs {full_end:.2f} GB")
+    return code
 
 
 def report(ranks: list[dict], args, *, elapsed: float, watch: MemoryWatch) -> int:
@@ -376,7 +442,7 @@ def report(ranks: list[dict], args, *, elapsed: float, watch: MemoryWatch) -> in
           f"{sampled} GB, of both together {watch.max_ranks_rss_gb:.1f} GB; wall time {elapsed:.0f} s")
     for problem in problems:
         print(f"FAIL: {problem}")
-    print(f"headline: {args.model} ZeRO-3 bf16 on {WORLD_SIZE} ranks peaks at {peak:.2f} GB per rank = "
+    print(f"result: {args.model} ZeRO-3 bf16 on {WORLD_SIZE} ranks peaks at {peak:.2f} GB per rank = "
           f"{peak / ddp_gb:.2f}x the {ddp_gb:.2f} GB model state DDP would need per rank; "
           f"OSR unchanged, FT changed, state sharded: {'yes' if not problems else 'NO'}")
     return 1 if problems else 0

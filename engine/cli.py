@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, key in EVAL_FLAGS.items():
         evaluate.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None,
                               help=f"shortcut for --set {key}=...")
-    evaluate.add_argument("--out", help="folder to write eval_results.json (clip_benchmark-style) into")
+    evaluate.add_argument("--tasks", help="YAML file listing the tasks: {zeroshot: [...], retrieval: [...]} "
+                                          "as in the eval section (see README)")
+    evaluate.add_argument("--out", help="folder to write eval_results.json (clip_benchmark-style), "
+                                        "eval_results.jsonl (DataComp-style) and eval_aggregates.json into")
 
     export = sub.add_parser("export", aliases=["convert"],
                             help="convert a local checkpoint (open_clip, OpenAI state dict or TorchScript) "
@@ -217,29 +220,77 @@ EVAL_FLAGS = {"model": "model.name", "weights": "model.weights", "preset": "mode
 
 
 def _eval(args: argparse.Namespace) -> int:
-    """`run.py eval`: one model on the config's eval tasks; prints a table, writes --out/eval_results.json."""
+    """`run.py eval`: one model on the eval tasks; prints a table, writes the results files into --out.
+
+    Under torchrun / deepspeed every rank evaluates its part of each task; rank 0 prints and writes.
+    """
     from engine.config import load_config
-    from engine.distributed import context_from_env, default_device
-    from engine.evaluate import Evaluator, build_tasks, results_table, write_results
+    from engine.distributed import context_from_env, default_device, destroy_process_group, init_process_group
+    from engine.evaluate import (
+        Evaluator,
+        aggregate_metrics,
+        build_tasks,
+        results_table,
+        write_eval_jsonl,
+        write_results,
+    )
+    from engine.io import write_json_atomic
     from models import build_model
 
     overrides = list(args.overrides)
     overrides += [f"{key}={getattr(args, flag)}" for flag, key in EVAL_FLAGS.items() if getattr(args, flag)]
-    cfg = load_config(args.config, overrides, training=False)
+    cfg = load_config(args.config, overrides, base={"eval": _read_task_file(args.tasks)} if args.tasks else None,
+                      training=False)
     tasks = build_tasks(cfg.eval)
     if not tasks:
-        raise ValueError("no evaluation tasks: list them under eval.zeroshot / eval.retrieval in --config, "
-                         "or --set 'eval.retrieval=[{name: NAME, csv: FILE}]'")
-    device = default_device(context_from_env(args.launcher_local_rank), cfg.run.device)
-    bundle = build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
-    evaluator = Evaluator(tasks, batch_size=cfg.eval.batch_size, device=device)
-    results = evaluator(bundle.model.to(device), bundle.tokenizer, bundle.eval_transform)
-    print(results_table(results))
+        raise ValueError("no evaluation tasks: list them in --tasks FILE or under eval.zeroshot / eval.retrieval "
+                         "in --config, or --set 'eval.retrieval=[{name: NAME, csv: FILE}]'")
+    weights = _weights_file(cfg.model.weights)
+    ctx = context_from_env(args.launcher_local_rank)
+    init_process_group(ctx, timeout_s=cfg.run.collective_timeout_s)
+    try:
+        device = default_device(ctx, cfg.run.device)
+        bundle = build_model(cfg.model.name, **{**cfg.model.build_kwargs(), "weights": weights}, seed=cfg.run.seed)
+        evaluator = Evaluator(tasks, batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.eval.num_workers)
+        results = evaluator(bundle.model.to(device), bundle.tokenizer, bundle.eval_transform)
+    finally:
+        destroy_process_group()
+    if not ctx.is_main:
+        return 0
+    aggregates = aggregate_metrics(results, evaluator.main_metrics, evaluator.kinds)
+    print(results_table(results, aggregates))
     if args.out:
-        path = write_results(Path(args.out) / "eval_results.json", results, model_name=bundle.model_name,
-                             pretrained=cfg.model.weights or "")
-        print(f"wrote {path}")
+        out = Path(args.out)
+        paths = [write_results(out / "eval_results.json", results, model_name=bundle.model_name,
+                               pretrained=str(weights or "")),
+                 write_eval_jsonl(out / "eval_results.jsonl", results, evaluator.main_metrics),
+                 write_json_atomic(out / "eval_aggregates.json", aggregates)]
+        print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def _read_task_file(path: str) -> dict:
+    """The eval-section mapping a --tasks YAML file holds ({zeroshot: [...], retrieval: [...]})."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--tasks {path}: file not found")
+    loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    if not isinstance(loaded, dict) or not set(loaded) <= {"zeroshot", "retrieval"}:
+        raise ValueError(f"--tasks {path}: must be a mapping with 'zeroshot' and/or 'retrieval' lists of tasks")
+    return loaded
+
+
+def _weights_file(weights: str | None) -> Path | None:
+    """`weights`, or the final weights of a run folder given instead (read only)."""
+    if not weights or not Path(weights).is_dir():
+        return Path(weights) if weights else None
+    final = Path(weights) / "final.safetensors"
+    if not final.is_file():
+        raise FileNotFoundError(f"{weights} is a folder without final.safetensors; pass a weights file "
+                                f"(e.g. {Path(weights) / 'best.safetensors'}) or a finished run's folder")
+    return final
 
 
 def _shards(args: argparse.Namespace) -> int:

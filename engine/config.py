@@ -198,25 +198,27 @@ class OSRConfig:
 class EvalConfig:
     """Local evaluation tasks, when to run them, and which metric picks the best checkpoint."""
 
-    zeroshot: list[dict] = field(default_factory=list)  # {name, csv, classnames, templates?}
-    retrieval: list[dict] = field(default_factory=list)  # {name, csv}
+    # {name, csv | wds | clip_benchmark, classnames?, templates?, split?, main_metric?} (see README)
+    zeroshot: list[dict] = field(default_factory=list)
+    retrieval: list[dict] = field(default_factory=list)  # {name, csv | wds | clip_benchmark, split?, main_metric?}
     every_steps: int = 0  # 0 = at epoch ends only
     at_start: bool = True
     best_metric: str = ""  # "task/metric", e.g. "imagenet/acc1"; empty = first zero-shot acc1
     batch_size: int = 128
+    num_workers: int = 2  # DataLoader processes decoding evaluation images (0 = in the main process)
 
     def errors(self) -> list[str]:
         out = []
-        for i, task in enumerate(self.zeroshot):
-            for key in ("name", "csv", "classnames"):
-                if key not in task:
-                    out.append(f"eval.zeroshot[{i}] needs '{key}'")
-        for i, task in enumerate(self.retrieval):
-            for key in ("name", "csv"):
-                if key not in task:
-                    out.append(f"eval.retrieval[{i}] needs '{key}'")
+        for section in ("zeroshot", "retrieval"):
+            for i, task in enumerate(getattr(self, section)):
+                if not isinstance(task, dict) or "name" not in task:
+                    out.append(f"eval.{section}[{i}] needs 'name'")
+                elif not any(key in task for key in ("csv", "wds", "clip_benchmark")):
+                    out.append(f"eval.{section}[{i}] needs one of 'csv', 'wds', 'clip_benchmark'")
         if self.every_steps < 0:
             out.append(f"eval.every_steps must be >= 0, got {self.every_steps}")
+        if self.num_workers < 0:
+            out.append(f"eval.num_workers must be >= 0, got {self.num_workers}")
         return out
 
 
@@ -238,6 +240,9 @@ class RunConfig:
     resume: str | None = None  # "latest" or a checkpoint folder
     max_bad_steps: int = 5  # consecutive non-finite steps skipped before the run aborts
     collective_timeout_s: int = 600  # a rank waiting this long in a collective fails the job (dead/frozen rank)
+    # Several nodes: a folder on each node's local disk for that node's replica of the u table
+    # (default: one folder per node under out_dir, each opened by its node only).
+    node_local_dir: str | None = None
 
     def errors(self) -> list[str]:
         out = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,23 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def node_of_ranks(ctx: DistContext) -> list[int]:
+    """The node index of every rank (collective when several ranks): what the launcher says, else hostnames.
+
+    torchrun sets LOCAL_WORLD_SIZE and the deepspeed launcher LOCAL_SIZE: ranks are numbered node by
+    node, so rank r is on node r // local_size. Without either, ranks that report the same host name
+    share a node.
+    """
+    if not ctx.distributed:
+        return [0]
+    local_size = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    if local_size and int(local_size) > 0:
+        return [rank // int(local_size) for rank in range(ctx.world_size)]
+    hosts = gather_objects(socket.gethostname())
+    order = list(dict.fromkeys(hosts))
+    return [order.index(host) for host in hosts]
 
 
 def barrier() -> None:

@@ -17,7 +17,7 @@ import torch
 
 from models.hub import HubModel, export_local_dir, resolve_hub_name
 from models.pretrained import PREPROCESS_FIELDS, Preprocessing, check_activation, identify
-from models.weights import OPENAI_LAYOUTS, export_weights, load_weights, read_checkpoint
+from models.weights import OPENAI_LAYOUTS, export_weights, load_weights, read_checkpoint, weights_layout
 
 logger = logging.getLogger(__name__)
 
@@ -146,24 +146,51 @@ def build_tokenizer(arch: str, config: dict, *, source: str | None = None) -> Ca
         ) from err
 
 
+@dataclass
+class ModelSpec:
+    """What a model name, weights file and tag resolve to, before any model is instantiated."""
+
+    arch: str  # open_clip name (architecture, or the hf-hub:/local-dir: name)
+    config: dict  # its open_clip model config
+    weights: Path | None  # the file to load (a hub folder's own when none was given)
+    preprocessing: Preprocessing
+    tokenizer: Callable
+
+    def transforms(self) -> tuple[Callable, Callable]:
+        """(train, eval) image transforms of this preprocessing at the model's image size."""
+        image_size = self.config["vision_cfg"].get("image_size", 224)
+        return tuple(open_clip.image_transform(
+            image_size, is_train=is_train, mean=self.preprocessing.mean, std=self.preprocessing.std,
+            resize_mode=self.preprocessing.resize_mode, interpolation=self.preprocessing.interpolation,
+        ) for is_train in (True, False))
+
+
+def resolve_model(name: str, *, weights: str | os.PathLike | None = None, pretrained_tag: str | None = None,
+                  preprocess: dict | None = None, tokenizer: str | None = None) -> ModelSpec:
+    """Architecture, weights file, preprocessing and tokenizer for `build_model`'s arguments (see there);
+    fails fast, before the model is built. Weights in OpenAI's own layouts imply tag "openai"."""
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}; pass an existing local file or None")
+    arch, config, hub = _resolve_architecture(name)
+    if weights is None and hub is not None and hub.weights is not None:
+        weights = hub.weights  # the file open_clip would load for this name
+    layout = weights_layout(weights) if weights is not None else None
+    if layout in OPENAI_LAYOUTS and pretrained_tag is None:
+        pretrained_tag = "openai"  # what open_clip's pretrained="openai" path assumes of these files
+        logger.info("%s is in OpenAI's %s layout: preprocessing and activation of pretrained tag 'openai'",
+                    weights, layout)
+    return ModelSpec(arch=arch, config=config, weights=Path(weights) if weights is not None else None,
+                     preprocessing=_preprocessing(arch, config, pretrained_tag, preprocess, hub),
+                     tokenizer=build_tokenizer(arch, config, source=tokenizer))
+
+
 def build_transforms(name: str, *, pretrained_tag: str | None = None,
                      preprocess: dict | None = None) -> tuple[Callable, Callable]:
     """(train, eval) image transforms build_model would return, without instantiating the model."""
     arch, config, hub = _resolve_architecture(name)
     preprocessing = _preprocessing(arch, config, pretrained_tag, preprocess, hub)
-    image_size = config["vision_cfg"].get("image_size", 224)
-
-    def transform(is_train: bool) -> Callable:
-        return open_clip.image_transform(
-            image_size,
-            is_train=is_train,
-            mean=preprocessing.mean,
-            std=preprocessing.std,
-            resize_mode=preprocessing.resize_mode,
-            interpolation=preprocessing.interpolation,
-        )
-
-    return transform(is_train=True), transform(is_train=False)
+    spec = ModelSpec(arch=arch, config=config, weights=None, preprocessing=preprocessing, tokenizer=None)
+    return spec.transforms()
 
 
 def build_model(
@@ -191,42 +218,33 @@ def build_model(
     """
     if precision not in OPEN_CLIP_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {OPEN_CLIP_PRECISIONS}")
-    if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(f"weights file not found: {weights}; pass an existing local file or None")
-    arch, config, hub = _resolve_architecture(name)
-    if weights is None and hub is not None and hub.weights is not None:
-        weights = hub.weights  # the file open_clip would load for this name
-    checkpoint = read_checkpoint(weights) if weights is not None else None
-    if checkpoint is not None and checkpoint.layout in OPENAI_LAYOUTS and pretrained_tag is None:
-        pretrained_tag = "openai"  # what open_clip's pretrained="openai" path assumes of these files
-        logger.info("%s is in OpenAI's %s layout: preprocessing and activation of pretrained tag 'openai'",
-                    weights, checkpoint.layout)
-    preprocessing = _preprocessing(arch, config, pretrained_tag, preprocess, hub)
-    text_tokenizer = build_tokenizer(arch, config, source=tokenizer)  # before the model: fails fast
-    quiet = _DropRandomInitNotice() if weights is not None else None
+    spec = resolve_model(name, weights=weights, pretrained_tag=pretrained_tag, preprocess=preprocess,
+                         tokenizer=tokenizer)
+    checkpoint = read_checkpoint(spec.weights) if spec.weights is not None else None
+    quiet = _DropRandomInitNotice() if checkpoint is not None else None
     if quiet:
         logging.getLogger().addFilter(quiet)  # weights are loaded below; open_clip cannot know
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-            arch, precision=precision, device=device, load_weights=False, **preprocessing.create_kwargs(),
+            spec.arch, precision=precision, device=device, load_weights=False, **spec.preprocessing.create_kwargs(),
         )
     if quiet:
         logging.getLogger().removeFilter(quiet)
     if checkpoint is not None:
         try:
-            load_weights(model, checkpoint.state_dict, source=weights)
+            load_weights(model, checkpoint.state_dict, source=spec.weights)
         except ValueError as err:
-            raise ValueError(f"{err} [model was built as {arch!r}]") from err
-        logger.info("loaded weights %s into %s", weights, arch)
+            raise ValueError(f"{err} [model was built as {spec.arch!r}]") from err
+        logger.info("loaded weights %s into %s", spec.weights, spec.arch)
     return ClipBundle(
         model=model,
         train_transform=train_transform,
         eval_transform=eval_transform,
-        tokenizer=text_tokenizer,
-        model_name=arch,
-        model_cfg=config,
+        tokenizer=spec.tokenizer,
+        model_name=spec.arch,
+        model_cfg=spec.config,
     )
 
 

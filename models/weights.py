@@ -64,6 +64,27 @@ def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
+def weights_layout(path: str | os.PathLike) -> str:
+    """The layout of weights file `path` ("open_clip", "openai-state-dict", "torchscript") from its keys
+    only (a pickled checkpoint is memory-mapped, not read); read errors are left to the reader."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return "open_clip"
+    if is_torchscript_archive(path):
+        return "torchscript"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+        try:  # not a zip checkpoint (mmap needs one): read it whole
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+            return "open_clip"  # read_checkpoint reports what is wrong with it
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    has_metadata = isinstance(checkpoint, dict) and any(key in checkpoint for key in OPENAI_METADATA_KEYS)
+    return "openai-state-dict" if has_metadata else "open_clip"
+
+
 def _drop_openai_metadata(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
     found = [key for key in OPENAI_METADATA_KEYS if key in state_dict]
     if not found:
@@ -215,6 +236,11 @@ def make_logit_scale_1d(model: torch.nn.Module) -> None:
 def temperature(model: torch.nn.Module) -> float:
     """Contrastive temperature tau = 1 / exp(logit_scale) of `model`."""
     logit_scale = getattr(model, "logit_scale", None)
+    if hasattr(logit_scale, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: gather it (collective)
+        from deepspeed import zero
+
+        with zero.GatheredParameters([logit_scale]):
+            return float(torch.exp(-logit_scale.detach().float()).reshape(()))
     if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1:
         raise ValueError(
             f"{type(model).__name__} has no single-element logit_scale; pass the unwrapped CLIP model "

@@ -39,28 +39,44 @@ def printed_rows(stdout: str) -> dict[tuple[str, str], str]:
                                                              and not line.startswith("wrote "))}
 
 
-def test_eval_a_run_folder_weights_file_with_no_training_data(task_specs, tmp_path, capsys):
+def tree(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_eval_a_run_folder_with_a_task_file_and_no_training_data(task_specs, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_0000010").mkdir(parents=True)  # a run folder with checkpoints is no obstacle
     weights = run / "final.safetensors"
     export_weights(build_model("tiny-vit", seed=7).model, weights)
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({"eval": task_specs}))
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump(task_specs))
+    before = tree(run)
+    out = tmp_path / "out"
 
-    assert main(["eval", "--model", "tiny-vit", "--weights", str(weights), "--config", str(config),
-                 "--out", str(run)]) == 0
+    assert main(["eval", "--model", "tiny-vit", "--weights", str(run), "--tasks", str(tasks),
+                 "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
 
+    assert tree(run) == before  # the run folder is read, never written
     expected = direct_results(task_specs, weights=weights)
+    average = (expected["shapes"]["acc1"] + expected["pairs"]["mean_recall@1"]) / 2
     assert printed_rows(stdout) == {
-        (task, metric): f"{value:.4f}" for task, metrics in expected.items() for metric, value in metrics.items()
+        **{(task, metric): f"{value:.4f}" for task, metrics in expected.items() for metric, value in metrics.items()},
+        ("aggregate", "retrieval"): f"{expected['pairs']['mean_recall@1']:.4f}",
+        ("aggregate", "average"): f"{average:.4f}",
     }
-    records = json.loads((run / "eval_results.json").read_text())
+    records = json.loads((out / "eval_results.json").read_text())
     assert {r["dataset"]: r["metrics"] for r in records} == expected  # exact: same weights, same computation
     assert [(r["model"], r["pretrained"], r["task"]) for r in records] == [
         ("tiny-vit", str(weights), "zeroshot_classification"), ("tiny-vit", str(weights), "zeroshot_retrieval")
     ]
-    assert f"wrote {run / 'eval_results.json'}" in stdout
+    lines = [json.loads(line) for line in (out / "eval_results.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["dataset"], r["main_metric"]) for r in lines] == [
+        ("shapes", "shapes", expected["shapes"]["acc1"]), ("pairs", "pairs", expected["pairs"]["mean_recall@1"])]
+    assert lines[0]["metrics"] == {**expected["shapes"], "main_metric": expected["shapes"]["acc1"]}
+    assert json.loads((out / "eval_aggregates.json").read_text()) == pytest.approx(
+        {"retrieval": expected["pairs"]["mean_recall@1"], "average": average})
+    assert f"wrote {out / 'eval_results.json'}" in stdout
     # Different weights give different numbers, so the comparison above can fail.
     assert direct_results(task_specs, seed=0) != expected
 

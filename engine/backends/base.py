@@ -15,6 +15,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from engine.config import JobConfig
     from engine.distributed import DistContext
+    from models import ClipBundle
 
 
 class Backend(Protocol):
@@ -94,12 +95,24 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partitioned parameter's data is empty
+        exempt = ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if exempt else decay).append(param)
     return [
         {"params": no_decay, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
     ]
+
+
+def build_bundle(backend_cls: type[Backend], cfg: JobConfig, *, micro_batch_size: int) -> ClipBundle:
+    """The job's model: built by the backend when it has its own way (`build_bundle`, e.g. ZeRO-3 partitions
+    while constructing, so no rank holds the whole model), else by `models.build_model` on every rank."""
+    own = getattr(backend_cls, "build_bundle", None)
+    if own is not None:
+        return own(cfg, micro_batch_size=micro_batch_size)
+    from models import build_model
+
+    return build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
 
 
 def tensors_digest(tensors: Iterable[Tensor], *, names: Iterable[str] | None = None) -> str:

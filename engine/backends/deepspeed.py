@@ -32,6 +32,7 @@ from models.weights import make_logit_scale_1d
 if TYPE_CHECKING:
     from engine.config import JobConfig
     from engine.distributed import DistContext
+    from models import ClipBundle
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,9 @@ class DeepSpeedBackend:
         )
         make_logit_scale_1d(model)  # DeepSpeed's parameter broadcast rejects 0-dim tensors
         groups = [g for g in adamw_param_groups(model, weight_decay) if g["params"]]
-        self.engine, _, _, _ = deepspeed.initialize(model=model.to(device), model_parameters=groups,
+        if not any(hasattr(p, "ds_id") for p in model.parameters()):  # zero.Init placed its partitions already
+            model = model.to(device)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                                     config=config)
         self.model = self.engine.module
         self.device = device
@@ -204,6 +207,23 @@ class DeepSpeedBackend:
         return cls(model, device=device, zero_config=cfg.run.zero_config or DEFAULT_ZERO_CONFIG,
                    micro_batch_size=micro_batch_size, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
                    eps=ocfg.eps, grad_clip=ocfg.grad_clip, precision=cfg.model.precision)
+
+    @classmethod
+    def build_bundle(cls, cfg: JobConfig, *, micro_batch_size: int) -> ClipBundle:
+        """The model of `cfg`: under ZeRO-3 built partitioned (`deepspeed.zero.Init`) and loaded into the
+        partitions, so no rank holds the whole model; under ZeRO-1/2 built whole on every rank (collective)."""
+        from models import build_model
+        from models.zero3 import build_model_zero3
+
+        ocfg = cfg.optim
+        config = build_deepspeed_config(
+            cfg.run.zero_config or DEFAULT_ZERO_CONFIG, micro_batch_size=micro_batch_size, world_size=_world_size(),
+            betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay, eps=ocfg.eps, grad_clip=ocfg.grad_clip,
+            precision=cfg.model.precision,
+        )
+        if int(config["zero_optimization"]["stage"]) == 3:
+            return build_model_zero3(cfg.model.name, ds_config=config, **cfg.model.build_kwargs(), seed=cfg.run.seed)
+        return build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
 
     @classmethod
     def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:

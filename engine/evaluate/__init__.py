@@ -9,22 +9,70 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from engine.config import EvalConfig
-from engine.evaluate.evaluator import Evaluator, headline_metric, results_table, write_results
-from engine.evaluate.tasks import EvalTask, RetrievalTask, ZeroShotTask
+from engine.evaluate.evaluator import (
+    Evaluator,
+    aggregate_metrics,
+    eval_jsonl_records,
+    headline_metric,
+    results_table,
+    write_eval_jsonl,
+    write_results,
+)
+from engine.evaluate.tasks import (
+    EvalTask,
+    RetrievalTask,
+    ShardRetrievalTask,
+    ShardZeroShotTask,
+    ZeroShotTask,
+    from_clip_benchmark,
+    zeroshot_from_shards,
+)
+
+SOURCES = ("csv", "wds", "clip_benchmark")  # exactly one per task: a CSV, webdataset tars, a clip_benchmark folder
 
 
-def _zeroshot(spec: dict) -> ZeroShotTask:
-    return ZeroShotTask.from_csv(spec["csv"], spec["classnames"], spec.get("templates"), name=spec["name"])
+def _source(spec: dict) -> str:
+    given = [key for key in SOURCES if key in spec]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(SOURCES)} (got {given or 'none'})")
+    return given[0]
 
 
-def _retrieval(spec: dict) -> RetrievalTask:
-    return RetrievalTask.from_csv(spec["csv"], name=spec["name"])
+def _zeroshot(spec: dict) -> EvalTask:
+    source = _source(spec)
+    if source == "clip_benchmark":
+        task = from_clip_benchmark(spec["clip_benchmark"], name=spec["name"], split=spec.get("split", "test"),
+                                   kind="zeroshot", classnames=spec.get("classnames"),
+                                   templates=spec.get("templates"))
+    elif "classnames" not in spec:
+        raise ValueError("needs 'classnames' (a file with one class per line, or imagenet1k)")
+    elif source == "csv":
+        task = ZeroShotTask.from_csv(spec["csv"], spec["classnames"], spec.get("templates"), name=spec["name"])
+    else:
+        task = zeroshot_from_shards(spec["wds"], spec["classnames"], spec.get("templates"), name=spec["name"])
+    task.main_metric = spec.get("main_metric", task.main_metric)
+    return task
+
+
+def _retrieval(spec: dict) -> EvalTask:
+    source = _source(spec)
+    if source == "clip_benchmark":
+        task = from_clip_benchmark(spec["clip_benchmark"], name=spec["name"], split=spec.get("split", "test"),
+                                   kind="retrieval")
+    elif source == "csv":
+        task = RetrievalTask.from_csv(spec["csv"], name=spec["name"])
+    else:
+        from engine.evaluate.sources import shard_list
+
+        task = ShardRetrievalTask(spec["name"], shard_list(spec["wds"]))
+    task.main_metric = spec.get("main_metric", task.main_metric)
+    return task
 
 
 # EvalConfig field -> (keys a task spec may have, builder of one task from its spec)
 TASK_BUILDERS: dict[str, tuple[tuple[str, ...], Callable[[dict], EvalTask]]] = {
-    "zeroshot": (("name", "csv", "classnames", "templates"), _zeroshot),
-    "retrieval": (("name", "csv"), _retrieval),
+    "zeroshot": (("name", *SOURCES, "split", "classnames", "templates", "main_metric"), _zeroshot),
+    "retrieval": (("name", *SOURCES, "split", "main_metric"), _retrieval),
 }
 
 
@@ -56,9 +104,14 @@ __all__ = [
     "EvalTask",
     "Evaluator",
     "RetrievalTask",
+    "ShardRetrievalTask",
+    "ShardZeroShotTask",
     "ZeroShotTask",
+    "aggregate_metrics",
     "build_tasks",
+    "eval_jsonl_records",
     "headline_metric",
     "results_table",
+    "write_eval_jsonl",
     "write_results",
 ]

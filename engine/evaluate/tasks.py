@@ -1,8 +1,11 @@
-"""Evaluation tasks: the `EvalTask` protocol, and zero-shot classification and retrieval from CSV.
+"""Evaluation tasks: the `EvalTask` protocol; zero-shot classification and retrieval from CSV files,
+webdataset tars or clip_benchmark's offline layout.
 
 Metric names follow clip_benchmark so results can be compared with published tables.
 Similarities are cosine similarities of L2-normalised features; the model's logit scale is
 not applied because every metric here depends only on the ranking, which it does not change.
+A task is streamed: the evaluator decodes its samples batch by batch and the task keeps per batch
+only what its metrics need (zero-shot: the top-5 classes; retrieval: the embeddings).
 """
 
 from __future__ import annotations
@@ -11,12 +14,28 @@ import csv
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from open_clip import build_zero_shot_classifier
+from open_clip.zero_shot_metadata import (
+    IMAGENET_CLASSNAMES,
+    OPENAI_IMAGENET_TEMPLATES,
+    SIMPLE_IMAGENET_TEMPLATES,
+)
 from PIL import Image
+
+from engine.evaluate.sources import (
+    Part,
+    Sample,
+    captions,
+    class_label,
+    list_samples,
+    read_clip_benchmark,
+    shard_list,
+    tar_samples,
+)
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {c}.",
@@ -24,29 +43,49 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a picture of the {c}.",
     "an image showing a {c}.",
 )
+# Names a task may give instead of a classnames / templates file (shipped by open_clip).
+BUILTIN_CLASSNAMES: dict[str, tuple[str, ...]] = {"imagenet1k": tuple(IMAGENET_CLASSNAMES)}
+BUILTIN_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "openai": tuple(t("{c}") for t in OPENAI_IMAGENET_TEMPLATES),
+    "simple": tuple(t("{c}") for t in SIMPLE_IMAGENET_TEMPLATES),
+}
 RETRIEVAL_KS: tuple[int, ...] = (1, 5, 10)
+ZEROSHOT_CLASSIFICATION = "zeroshot_classification"
+ZEROSHOT_RETRIEVAL = "zeroshot_retrieval"
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
+Kept = dict[str, torch.Tensor]
 
 
 @runtime_checkable
 class EvalTask(Protocol):
-    """A named benchmark: images in a fixed order, and metrics computed from their features.
+    """A named benchmark whose samples are streamed and whose metrics come from what each batch keeps.
 
-    The evaluator encodes `images()` and calls `score` inside eval mode and `torch.no_grad()`.
+    The evaluator calls `prepare` once, then `keep` on every batch of `samples` (its rank's share),
+    concatenates the kept tensors of all batches of all ranks and calls `metrics`, all inside eval
+    mode and `torch.no_grad()`.
     """
 
     name: str
+    kind: str  # clip_benchmark task type: zeroshot_classification | zeroshot_retrieval
+    main_metric: str
 
-    def images(self) -> Iterator[Image.Image]:
-        """The task's images as RGB, in the order `score` expects their features."""
+    def samples(self, part: Part) -> Iterator[Sample]:
+        """`part`'s share of `(key, RGB image, target)`; all parts together cover each sample once."""
         ...
 
-    def score(
-        self, model: torch.nn.Module, tokenizer: Tokenizer, image_features: torch.Tensor, *,
-        batch_size: int, device: str | torch.device,
-    ) -> dict[str, float]:
-        """Metrics from [N, D] L2-normalised float32 features of `images()`, on `device`."""
+    def prepare(self, model: torch.nn.Module, tokenizer: Tokenizer, *, batch_size: int,
+                device: str | torch.device) -> Any:
+        """What every batch needs (a zero-shot classifier), built once per evaluation."""
+        ...
+
+    def keep(self, prepared: Any, model: torch.nn.Module, tokenizer: Tokenizer, image_features: torch.Tensor,
+             targets: list, *, batch_size: int, device: str | torch.device) -> Kept:
+        """CPU tensors to keep from one batch ([b, D] L2-normalised float32 features of its images)."""
+        ...
+
+    def metrics(self, prepared: Any, kept: Kept, order: torch.Tensor) -> dict[str, float]:
+        """Metrics from every batch's kept tensors, concatenated; `order` sorts the images by key."""
         ...
 
 
@@ -59,9 +98,17 @@ def zero_shot_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, f
     acc5 uses the top min(5, C) classes; mean_per_class_recall averages top-1 recall over the
     classes that occur in `labels` (balanced accuracy).
     """
-    num_classes = logits.shape[1]
-    labels = labels.to(logits.device)
-    top = logits.topk(min(5, num_classes), dim=1).indices
+    return top_classes_metrics(top_classes(logits), labels, num_classes=logits.shape[1])
+
+
+def top_classes(logits: torch.Tensor) -> torch.Tensor:
+    """[N, min(5, C)] indices of the highest class scores, best first."""
+    return logits.topk(min(5, logits.shape[1]), dim=1).indices
+
+
+def top_classes_metrics(top: torch.Tensor, labels: torch.Tensor, *, num_classes: int) -> dict[str, float]:
+    """`zero_shot_metrics` from the top classes of each image (see `top_classes`)."""
+    labels = labels.to(top.device)
     hits = top == labels[:, None]
     top1 = hits[:, 0].double()
     count = torch.bincount(labels, minlength=num_classes).double()
@@ -102,18 +149,107 @@ def retrieval_metrics(
     return metrics
 
 
+# ---------------------------------------------------------------------------- scoring
+
+
+class ZeroShotScoring:
+    """Zero-shot classification of streamed images: needs `classnames` and `templates` (with "{c}")."""
+
+    kind = ZEROSHOT_CLASSIFICATION
+    classnames: list[str]
+    templates: list[str]
+
+    def prepare(self, model: torch.nn.Module, tokenizer: Tokenizer, *, batch_size: int,
+                device: str | torch.device) -> torch.Tensor:
+        """[D, C] classifier: per class, the mean of its normalised template embeddings, renormalised
+        (open_clip's `build_zero_shot_classifier`); at most `batch_size` prompts go through the text
+        tower at once (all templates of a class together)."""
+        # Templates hold "{c}" and may hold other braces, so they are filled by replace, not format().
+        fill = [lambda c, t=template: t.replace("{c}", c) for template in self.templates]
+        classifier = build_zero_shot_classifier(
+            model, tokenizer, self.classnames, fill,
+            num_classes_per_batch=max(1, batch_size // len(self.templates)), device=device,
+        )
+        return classifier.float()
+
+    def keep(self, prepared: torch.Tensor, model: torch.nn.Module, tokenizer: Tokenizer,
+             image_features: torch.Tensor, targets: list, *, batch_size: int,
+             device: str | torch.device) -> Kept:
+        """The top-5 classes and the label of each image: 6 integers per image."""
+        return {"top": top_classes(image_features @ prepared).cpu(), "label": torch.tensor(targets, dtype=torch.long)}
+
+    def metrics(self, prepared: torch.Tensor, kept: Kept, order: torch.Tensor) -> dict[str, float]:
+        """acc1, acc5, mean_per_class_recall (see `zero_shot_metrics`)."""
+        labels = kept["label"][order]
+        bad = labels[(labels < 0) | (labels >= len(self.classnames))]
+        if len(bad):
+            raise ValueError(f"task {self.name!r}: labels {sorted(set(bad.tolist()))[:5]} are outside "
+                             f"[0, {len(self.classnames)}); check the classnames list")
+        return top_classes_metrics(kept["top"][order], labels, num_classes=len(self.classnames))
+
+    def score(self, model: torch.nn.Module, tokenizer: Tokenizer, image_features: torch.Tensor, *,
+              batch_size: int, device: str | torch.device) -> dict[str, float]:
+        """Metrics from [N, D] features of all images in key order (needs `labels`)."""
+        prepared = self.prepare(model, tokenizer, batch_size=batch_size, device=device)
+        kept = self.keep(prepared, model, tokenizer, image_features.float(), list(self.labels),
+                         batch_size=batch_size, device=device)
+        return self.metrics(prepared, kept, torch.arange(len(image_features)))
+
+
+class RetrievalScoring:
+    """Image-text retrieval of streamed images; each sample's target is its list of captions."""
+
+    kind = ZEROSHOT_RETRIEVAL
+
+    def prepare(self, model: torch.nn.Module, tokenizer: Tokenizer, *, batch_size: int,
+                device: str | torch.device) -> None:
+        return None
+
+    def keep(self, prepared: None, model: torch.nn.Module, tokenizer: Tokenizer, image_features: torch.Tensor,
+             targets: list, *, batch_size: int, device: str | torch.device) -> Kept:
+        """The image embeddings, the embeddings of their captions (at most `batch_size` through the
+        text tower at once) and each image's number of captions."""
+        texts = [caption for image_captions in targets for caption in image_captions]
+        tokens = tokenizer(texts)
+        text_features = F.normalize(torch.cat([
+            model.encode_text(tokens[i : i + batch_size].to(device)).float() for i in range(0, len(texts), batch_size)
+        ]), dim=-1)
+        return {"image_features": image_features.cpu(), "text_features": text_features.cpu(),
+                "num_captions": torch.tensor([len(c) for c in targets], dtype=torch.long)}
+
+    def metrics(self, prepared: None, kept: Kept, order: torch.Tensor) -> dict[str, float]:
+        """Image and text retrieval recall@1/5/10 and mean_recall@1 (see `retrieval_metrics`)."""
+        num_captions = kept["num_captions"]
+        starts = torch.cumsum(num_captions, 0) - num_captions
+        caption_order = torch.cat([torch.arange(starts[i], starts[i] + num_captions[i]) for i in order.tolist()])
+        caption_to_image = torch.repeat_interleave(torch.arange(len(order)), num_captions[order])
+        similarity = kept["text_features"][caption_order] @ kept["image_features"][order].t()
+        return retrieval_metrics(similarity, caption_to_image)
+
+    def score(self, model: torch.nn.Module, tokenizer: Tokenizer, image_features: torch.Tensor, *,
+              batch_size: int, device: str | torch.device) -> dict[str, float]:
+        """Metrics from [N, D] features of all images in key order (needs `captions`, `caption_to_image`)."""
+        per_image: list[list[str]] = [[] for _ in range(len(image_features))]
+        for caption, image in zip(self.captions, self.caption_to_image, strict=True):
+            per_image[image].append(caption)
+        kept = self.keep(None, model, tokenizer, image_features.float(), per_image, batch_size=batch_size,
+                         device=device)
+        return self.metrics(None, kept, torch.arange(len(image_features)))
+
+
 # ---------------------------------------------------------------------------- tasks
 
 
 @dataclass
-class ZeroShotTask:
-    """Images with class labels, classified by text prompts `template.replace("{c}", classname)`."""
+class ZeroShotTask(ZeroShotScoring):
+    """Images on disk with class labels, classified by text prompts `template.replace("{c}", classname)`."""
 
     name: str
     image_paths: list[Path]
     labels: list[int]
     classnames: list[str]
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    main_metric: str = "acc1"
 
     def __post_init__(self) -> None:
         self.image_paths = [Path(p) for p in self.image_paths]
@@ -132,9 +268,7 @@ class ZeroShotTask:
         bad_labels = sorted({label for label in self.labels if not 0 <= label < len(self.classnames)})
         if bad_labels:
             errors.append(f"labels {bad_labels[:5]} are outside [0, {len(self.classnames)})")
-        if not self.templates:
-            errors.append("templates is empty; give at least one template containing {c}")
-        errors += [f"template {t!r} does not contain {{c}}" for t in self.templates if "{c}" not in t]
+        errors += _template_errors(self.templates)
         if errors:
             raise ValueError(f"ZeroShotTask {self.name!r}: " + "; ".join(errors))
 
@@ -151,21 +285,11 @@ class ZeroShotTask:
 
         Labels are class indices when every label in the file is an integer, class names otherwise.
         `name` defaults to the CSV's file stem; templates default to `DEFAULT_TEMPLATES`.
+        `classnames_path` may be `imagenet1k` and `templates_path` `openai` or `simple` (open_clip's lists).
         """
         csv_path = Path(csv_path)
-        classnames = _read_lines(Path(classnames_path), what="class name")
-        if len(set(classnames)) != len(classnames):
-            duplicates = sorted({c for c in classnames if classnames.count(c) > 1})
-            raise ValueError(f"{classnames_path}: duplicate class names {duplicates}; names must be unique")
-        templates = list(DEFAULT_TEMPLATES)
-        if templates_path is not None:
-            templates = _read_lines(Path(templates_path), what="template")
-            for line_num, template in enumerate(templates, start=1):
-                if "{c}" not in template:
-                    raise ValueError(
-                        f"{templates_path}:{line_num}: template {template!r} must contain {{c}} "
-                        "where the class name goes"
-                    )
+        classnames = read_classnames(classnames_path)
+        templates = read_templates(templates_path)
         rows = _read_csv(csv_path, ("filepath", "label"))
         by_index = all(row["label"].strip().isdigit() for _, row in rows)
         class_index = {c: i for i, c in enumerate(classnames)}
@@ -198,36 +322,21 @@ class ZeroShotTask:
 
     def images(self) -> Iterator[Image.Image]:
         """The images as RGB, in `image_paths` order."""
-        return _open_rgb(self.image_paths)
+        return (image for _, image, _ in self.samples(Part()))
 
-    def score(
-        self, model: torch.nn.Module, tokenizer: Tokenizer, image_features: torch.Tensor, *,
-        batch_size: int, device: str | torch.device,
-    ) -> dict[str, float]:
-        """acc1, acc5, mean_per_class_recall (see `zero_shot_metrics`) of the class prompts' classifier.
-
-        A class's embedding is the mean of its normalised template embeddings, renormalised
-        (open_clip's `build_zero_shot_classifier`); at most `batch_size` prompts go through the
-        text tower at once (all templates of a class together).
-        """
-        # Templates hold "{c}" and may hold other braces, so they are filled by replace, not format().
-        fill = [lambda c, t=template: t.replace("{c}", c) for template in self.templates]
-        classifier = build_zero_shot_classifier(
-            model, tokenizer, self.classnames, fill,
-            num_classes_per_batch=max(1, batch_size // len(self.templates)), device=device,
-        )  # [D, C]
-        logits = (image_features @ classifier.float()).cpu()
-        return zero_shot_metrics(logits, torch.tensor(self.labels))
+    def samples(self, part: Part) -> Iterator[Sample]:
+        return list_samples(self.image_paths, self.labels, part)
 
 
 @dataclass
-class RetrievalTask:
-    """Images and captions; caption `j` describes image `caption_to_image[j]`."""
+class RetrievalTask(RetrievalScoring):
+    """Images on disk and captions; caption `j` describes image `caption_to_image[j]`."""
 
     name: str
     image_paths: list[Path]
     captions: list[str]
     caption_to_image: list[int]
+    main_metric: str = "mean_recall@1"
 
     def __post_init__(self) -> None:
         self.image_paths = [Path(p) for p in self.image_paths]
@@ -249,6 +358,9 @@ class RetrievalTask:
             errors.append(f"images {uncaptioned[:5]} have no caption; every image needs at least one")
         if errors:
             raise ValueError(f"RetrievalTask {self.name!r}: " + "; ".join(errors))
+        self._per_image: list[list[str]] = [[] for _ in self.image_paths]
+        for caption, image in zip(self.captions, self.caption_to_image, strict=True):
+            self._per_image[image].append(caption)
 
     @classmethod
     def from_csv(cls, csv_path: str | Path, *, name: str | None = None) -> RetrievalTask:
@@ -275,32 +387,112 @@ class RetrievalTask:
 
     def images(self) -> Iterator[Image.Image]:
         """The images as RGB, in `image_paths` order."""
-        return _open_rgb(self.image_paths)
+        return (image for _, image, _ in self.samples(Part()))
 
-    def score(
-        self, model: torch.nn.Module, tokenizer: Tokenizer, image_features: torch.Tensor, *,
-        batch_size: int, device: str | torch.device,
-    ) -> dict[str, float]:
-        """Image and text retrieval recall@1/5/10 and mean_recall@1 (see `retrieval_metrics`)."""
-        tokens = tokenizer(self.captions)
-        text_features = F.normalize(
-            torch.cat([
-                model.encode_text(tokens[i : i + batch_size].to(device)).float()
-                for i in range(0, len(tokens), batch_size)
-            ]),
-            dim=-1,
-        )
-        similarity = (text_features @ image_features.t()).cpu()
-        return retrieval_metrics(similarity, torch.tensor(self.caption_to_image))
+    def samples(self, part: Part) -> Iterator[Sample]:
+        return list_samples(self.image_paths, self._per_image, part)
+
+
+@dataclass
+class ShardZeroShotTask(ZeroShotScoring):
+    """Zero-shot classification of webdataset tars: an image member and a `cls` member (class index)."""
+
+    name: str
+    shards: list[Path]
+    classnames: list[str]
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    main_metric: str = "acc1"
+
+    def __post_init__(self) -> None:
+        errors = [] if self.shards else ["no shards"]
+        errors += [] if self.classnames else ["classnames is empty; give at least one class"]
+        errors += _template_errors(self.templates)
+        if errors:
+            raise ValueError(f"ZeroShotTask {self.name!r}: " + "; ".join(errors))
+
+    def samples(self, part: Part) -> Iterator[Sample]:
+        return tar_samples(self.shards, part, class_label)
+
+
+@dataclass
+class ShardRetrievalTask(RetrievalScoring):
+    """Retrieval on webdataset tars: an image member and a `txt` member with one caption per line."""
+
+    name: str
+    shards: list[Path]
+    main_metric: str = "mean_recall@1"
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError(f"RetrievalTask {self.name!r}: no shards")
+
+    def samples(self, part: Part) -> Iterator[Sample]:
+        return tar_samples(self.shards, part, captions)
+
+
+def zeroshot_from_shards(spec: str, classnames: str | Path | None, templates: str | Path | None, *,
+                         name: str) -> ShardZeroShotTask:
+    """A zero-shot task over the tars `spec` names (folder, brace/glob pattern, '::'-joined)."""
+    if classnames is None:
+        raise ValueError("a zero-shot task on tars needs 'classnames' (a file, or imagenet1k)")
+    return ShardZeroShotTask(name, shard_list(spec), read_classnames(classnames), read_templates(templates))
+
+
+def from_clip_benchmark(root: str | Path, *, name: str, split: str = "test", kind: str | None = None,
+                        classnames: str | Path | None = None,
+                        templates: str | Path | None = None) -> ShardZeroShotTask | ShardRetrievalTask:
+    """A task over clip_benchmark's webdataset layout, read offline: `<root>/<split>/*.tar`,
+    `classnames.txt`, `zeroshot_classification_templates.txt`, `dataset_type.txt`.
+
+    `classnames` / `templates` given here replace the folder's files (builtin names allowed).
+    """
+    found = read_clip_benchmark(root, split)
+    found_kind = "retrieval" if found.dataset_type == "retrieval" else "zeroshot"
+    if kind is not None and kind != found_kind:
+        raise ValueError(f"{root}/dataset_type.txt says {found.dataset_type}, but the task is listed under "
+                         f"eval.{kind}; list it under eval.{found_kind}")
+    if found_kind == "retrieval":
+        return ShardRetrievalTask(name, found.shards)
+    names = read_classnames(classnames) if classnames is not None else found.classnames
+    if names is None:
+        raise ValueError(f"{root}/classnames.txt not found; add it or give 'classnames' (a file, or imagenet1k)")
+    prompts = read_templates(templates) if templates is not None else found.templates
+    return ShardZeroShotTask(name, found.shards, names, prompts or list(DEFAULT_TEMPLATES))
+
+
+def read_classnames(source: str | Path) -> list[str]:
+    """Class names from a file (one per line) or a builtin list (`imagenet1k`)."""
+    if str(source) in BUILTIN_CLASSNAMES:
+        return list(BUILTIN_CLASSNAMES[str(source)])
+    classnames = _read_lines(Path(source), what="class name")
+    if len(set(classnames)) != len(classnames):
+        duplicates = sorted({c for c in classnames if classnames.count(c) > 1})
+        raise ValueError(f"{source}: duplicate class names {duplicates}; names must be unique")
+    return classnames
+
+
+def read_templates(source: str | Path | None) -> list[str]:
+    """Templates from a file (one per line, each with {c}), a builtin list (`openai`, `simple`), or the default."""
+    if source is None:
+        return list(DEFAULT_TEMPLATES)
+    if str(source) in BUILTIN_TEMPLATES:
+        return list(BUILTIN_TEMPLATES[str(source)])
+    templates = _read_lines(Path(source), what="template")
+    for line_num, template in enumerate(templates, start=1):
+        if "{c}" not in template:
+            raise ValueError(
+                f"{source}:{line_num}: template {template!r} must contain {{c}} where the class name goes"
+            )
+    return templates
+
+
+def _template_errors(templates: list[str]) -> list[str]:
+    if not templates:
+        return ["templates is empty; give at least one template containing {c}"]
+    return [f"template {t!r} does not contain {{c}}" for t in templates if "{c}" not in t]
 
 
 # ---------------------------------------------------------------------------- files
-
-
-def _open_rgb(paths: Sequence[Path]) -> Iterator[Image.Image]:
-    for path in paths:
-        with Image.open(path) as image:
-            yield image.convert("RGB")
 
 
 def _read_lines(path: Path, *, what: str) -> list[str]:

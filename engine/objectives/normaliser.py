@@ -10,6 +10,7 @@ Everything that must survive a restart goes through `state_dict` (small, JSON) a
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -17,12 +18,14 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from engine.distributed import DistContext, barrier
+from engine.distributed import DistContext, barrier, gather_no_grad, node_of_ranks
 from engine.objectives.table import UTable
 from engine.schedules import gamma_at_epoch
 
 if TYPE_CHECKING:
     from engine.config import LossConfig
+
+logger = logging.getLogger(__name__)
 
 
 class Prior(NamedTuple):
@@ -82,23 +85,33 @@ class Normaliser(Protocol):
 class TableNormaliser:
     """SogCLR's per-sample estimators, one memory-mapped row per training sample.
 
-    The live table is `<live_dir>` (shared by the ranks of one machine through the page cache);
-    rank 0 creates, copies and resets it, every rank reads and writes the rows of its own samples.
+    One node (`replicated=False`): the live table is `<live_dir>`, shared by the ranks through the
+    page cache; rank 0 creates, copies and resets it, every rank reads and writes the rows of its
+    own samples. Several nodes (`replicated=True`): `<live_dir>` is this node's own complete
+    replica, which no other node opens (page caches of different machines are not coherent on
+    NFS); each step the updated rows of the whole global batch are gathered and the node's first
+    rank writes them all, so every replica receives the same bytes. `publish_dir` then gets a copy
+    of rank 0's replica at `close`.
     """
 
     def __init__(self, live_dir: Path, *, num_rows: int, dataset_fingerprint: str, ctx: DistContext,
-                 gamma_min: float, gamma_decay_epochs: int, fresh: bool):
+                 gamma_min: float, gamma_decay_epochs: int, fresh: bool, replicated: bool = False,
+                 node_leader: bool | None = None, publish_dir: Path | None = None):
         self.live_dir = Path(live_dir)
         self.num_rows = num_rows
         self.fingerprint = dataset_fingerprint
         self.ctx = ctx
         self.gamma_min = gamma_min
         self.gamma_decay_epochs = gamma_decay_epochs
+        self.replicated = replicated
+        # The one rank that creates, writes, resets and reseeds the live table of this node.
+        self.owner = ctx.is_main if node_leader is None else node_leader
+        self.publish_dir = Path(publish_dir) if publish_dir is not None else None
         self.epochs = 0  # epochs the estimates have been updated for (drives gamma_t)
         self._staged: tuple[Tensor, Tensor, Tensor] | None = None
         # A fresh run starts from an empty table, even over the leftovers of a run killed before
         # its first checkpoint.
-        if ctx.is_main and (fresh or not (self.live_dir / "u_table.json").exists()):
+        if self.owner and (fresh or not (self.live_dir / "u_table.json").exists()):
             UTable.create(self.live_dir, num_rows=num_rows, dataset_fingerprint=dataset_fingerprint).close()
         barrier()
         self.table = UTable.open(self.live_dir, dataset_fingerprint=dataset_fingerprint)
@@ -113,9 +126,19 @@ class TableNormaliser:
         self._staged = (rows, log_u_x, log_u_z)
 
     def commit(self) -> None:
-        if self._staged is not None:
+        if self._staged is None:
+            return
+        if self.replicated:  # collective: every rank commits the same steps
+            rows, log_u_x, log_u_z = self._staged
+            # float64 holds int64 row ids below 2**53 and float32 values exactly: one gather per step.
+            packed = torch.stack([rows.to(log_u_x.device, torch.float64), log_u_x.detach().double(),
+                                  log_u_z.detach().double()], dim=1)
+            packed = gather_no_grad(packed).cpu()
+            if self.owner:
+                self.table.write(packed[:, 0].long(), packed[:, 1].float(), packed[:, 2].float())
+        else:
             self.table.write(*self._staged)
-            self._staged = None
+        self._staged = None
 
     def discard(self) -> None:
         self._staged = None
@@ -136,13 +159,13 @@ class TableNormaliser:
 
     def reset(self) -> None:
         barrier()
-        if self.ctx.is_main:  # the file is shared: one rank empties it, the others see zeros
+        if self.owner:  # the file is shared by the node's ranks: one empties it, the others see zeros
             self.table.reset()
         barrier()
         self.epochs = 0
 
     def set_provenance(self, provenance: dict) -> None:
-        self.table.set_provenance(provenance, write=self.ctx.is_main)
+        self.table.set_provenance(provenance, write=self.owner)
 
     @property
     def provenance(self) -> dict:
@@ -166,7 +189,7 @@ class TableNormaliser:
         # (another dataset, truncated) before the live table is touched.
         snapshot = UTable.open(directory, dataset_fingerprint=self.fingerprint, readonly=True)
         self.table.close()
-        if self.ctx.is_main:
+        if self.owner:  # one rank per live table (per node when replicated) reseeds it
             shutil.rmtree(self.live_dir, ignore_errors=True)
             snapshot.copy_to(self.live_dir).close()
         snapshot.close()
@@ -174,12 +197,33 @@ class TableNormaliser:
         self.table = UTable.open(self.live_dir, dataset_fingerprint=self.fingerprint)
 
     def close(self) -> None:
+        self.table.flush()
+        if self.replicated and self.ctx.is_main and self.publish_dir is not None:
+            # Rank 0 is the only writer of its replica: the copy needs no other rank.
+            shutil.rmtree(self.publish_dir, ignore_errors=True)
+            self.table.copy_to(self.publish_dir).close()
         self.table.close()
 
 
 def build_normaliser(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, dataset_fingerprint: str,
-                     ctx: DistContext, fresh: bool) -> Normaliser:
-    """This job's per-sample normaliser: SogCLR's u table, live under `<out_dir>/u_table`."""
-    return TableNormaliser(Path(out_dir) / "u_table", num_rows=num_rows, dataset_fingerprint=dataset_fingerprint,
-                           ctx=ctx, gamma_min=loss_cfg.gamma_min, gamma_decay_epochs=loss_cfg.gamma_decay_epochs,
-                           fresh=fresh)
+                     ctx: DistContext, fresh: bool, node_local_dir: str | Path | None = None) -> Normaliser:
+    """This job's per-sample normaliser: SogCLR's u table, live under `<out_dir>/u_table` on one node.
+
+    On several nodes every node keeps its own replica, in `<node_local_dir>/u_table_node<k>` (a local
+    disk) or by default `<out_dir>/u_table_nodes/node<k>` (one folder per node on the shared
+    filesystem, each opened by one node only); `<out_dir>/u_table` receives rank 0's at the end.
+    """
+    out_dir = Path(out_dir)
+    common = {"num_rows": num_rows, "dataset_fingerprint": dataset_fingerprint, "ctx": ctx,
+              "gamma_min": loss_cfg.gamma_min, "gamma_decay_epochs": loss_cfg.gamma_decay_epochs, "fresh": fresh}
+    nodes = node_of_ranks(ctx)
+    if len(set(nodes)) == 1:
+        if node_local_dir and ctx.is_main:
+            logger.warning("run.node_local_dir is ignored: the job runs on one node, whose ranks share %s",
+                           out_dir / "u_table")
+        return TableNormaliser(out_dir / "u_table", **common)
+    node = nodes[ctx.rank]
+    live_dir = (Path(node_local_dir) / f"u_table_node{node}" if node_local_dir
+                else out_dir / "u_table_nodes" / f"node{node}")
+    return TableNormaliser(live_dir, replicated=True, node_leader=nodes.index(node) == ctx.rank,
+                           publish_dir=out_dir / "u_table", **common)

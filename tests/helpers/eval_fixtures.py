@@ -118,3 +118,53 @@ def retrieval_fixture(tmp_path, image_features, caption_features, caption_to_ima
     captions = [f"caption {j}" for j in range(len(caption_to_image))]
     task = RetrievalTask("ret", id_images(tmp_path / "ret", len(image_features)), captions, caption_to_image)
     return task, TableModel(image_features, caption_features), LookupTokenizer(captions)
+
+
+# ---------------------------------------------------------------------------- clip_benchmark layout
+
+
+def write_clip_benchmark_set(root: Path, samples: list[tuple[Path, str]], *, num_shards: int,
+                             dataset_type: str, classnames=None, templates=None, split: str = "test") -> Path:
+    """clip_benchmark's offline webdataset layout: `root/split/{0..n-1}.tar` (+ nshards.txt) and text files.
+
+    `samples`: (image file, target member text) in order: `cls` for classification, `txt` for retrieval;
+    consecutive samples fill the shards round robin by block.
+    """
+    import io
+    import tarfile
+
+    folder = root / split
+    folder.mkdir(parents=True)
+    member = "txt" if dataset_type == "retrieval" else "cls"
+    per_shard = -(-len(samples) // num_shards)
+    for shard in range(num_shards):
+        with tarfile.open(folder / f"{shard}.tar", "w") as tar:
+            for i, (image, target) in enumerate(samples[shard * per_shard:(shard + 1) * per_shard]):
+                key = f"s{shard * per_shard + i:06d}"
+                for name, data in ((f"{key}.png", image.read_bytes()), (f"{key}.{member}", target.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (folder / "nshards.txt").write_text(f"{num_shards}\n")
+    (root / "dataset_type.txt").write_text(dataset_type + "\n")
+    if classnames is not None:
+        (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    if templates is not None:
+        (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    return root
+
+
+def clip_benchmark_copies(zeroshot: ZeroShotTask, retrieval: RetrievalTask, root: Path) -> dict:
+    """The two CSV tasks written in clip_benchmark's layout (3 and 2 shards); their eval specs."""
+    per_image = [[] for _ in retrieval.image_paths]
+    for caption, image in zip(retrieval.captions, retrieval.caption_to_image, strict=True):
+        per_image[image].append(caption)
+    write_clip_benchmark_set(root / "zs", [(p, str(label)) for p, label in zip(zeroshot.image_paths, zeroshot.labels,
+                                                                              strict=True)],
+                             num_shards=3, dataset_type="classification", classnames=zeroshot.classnames,
+                             templates=zeroshot.templates)
+    write_clip_benchmark_set(root / "ret", [(p, "\n".join(c)) for p, c in zip(retrieval.image_paths, per_image,
+                                                                            strict=True)],
+                             num_shards=2, dataset_type="retrieval")
+    return {"zeroshot": [{"name": "zs_wds", "clip_benchmark": str(root / "zs")}],
+            "retrieval": [{"name": "ret_wds", "clip_benchmark": str(root / "ret")}]}
