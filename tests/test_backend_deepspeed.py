@@ -1,4 +1,4 @@
-"""DeepSpeed backend: config building (no processes) and ZeRO 1/2/3 on 2 real CPU ranks vs. single process."""
+"""DeepSpeed backend: config building (no processes); ZeRO 1/2/3 and FSDP2 on 2 real CPU ranks vs. single process."""
 
 import functools
 import json
@@ -247,7 +247,7 @@ def ema(grads: list[dict], beta: float, *, power: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3, "fsdp"])
 def test_zero_stage_matches_single_process(stage, tmp_path):
     rank0, rank1 = run_ranks("tests.helpers.dist_cases_deepspeed:zero_stage_checks", world_size=WORLD, stage=stage,
                              checkpoint_dir=str(tmp_path / "ckpt"))
@@ -340,10 +340,10 @@ def _assert_same_full_state(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,back_to_two", [(2, True), (3, False)])
+@pytest.mark.parametrize("stage,back_to_two", [(2, True), (3, False), ("fsdp", True)])
 def test_checkpoint_resharded_to_another_world_size_is_exact(tmp_path, stage, back_to_two):
-    """2 ranks -> 1 rank (and 1 -> 2) through DeepSpeed's universal checkpoint: weights, fp32 masters,
-    moments and step counter carry over bit for bit."""
+    """2 ranks -> 1 rank (and 1 -> 2) through DeepSpeed's universal checkpoint (DCP's resharding load for
+    FSDP2): weights, fp32 masters, moments and step counter carry over bit for bit."""
     two = run_ranks("tests.helpers.dist_cases_deepspeed:reshard_round", world_size=2, stage=stage,
                     save_dir=str(tmp_path / "two"), load_dir=None)[0]
     # A universal folder found in the checkpoint is never trusted: code planted there must not run.

@@ -1,4 +1,5 @@
-"""Functions run on every rank by tests.helpers.harness.run_ranks for the DeepSpeed backend tests (2 CPU ranks)."""
+"""Functions run on every rank by tests.helpers.harness.run_ranks for the sharded-backend tests (2 CPU ranks):
+DeepSpeed ZeRO 1/2/3 (`stage` 1, 2, 3) and FSDP2 (`stage` "fsdp")."""
 
 from __future__ import annotations
 
@@ -58,8 +59,11 @@ def forward_backward(backend, loss_fn: GlobalContrastiveLoss, images, texts, *, 
     backend.backward(out)
 
 
-def _gathered(backend: DeepSpeedBackend) -> tuple[dict, dict]:
+def _gathered(backend) -> tuple[dict, dict]:
     """Full model weights and full fp32 master weights (collective)."""
+    if not isinstance(backend, DeepSpeedBackend):  # FSDP2: the fp32 shards are the weights and the masters
+        weights = {name: p.full_tensor().detach().clone() for name, p in backend.model.named_parameters()}
+        return weights, {name: w for name, w in weights.items() if backend.model.get_parameter(name).requires_grad}
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -82,17 +86,44 @@ def deepspeed_backend(seed: int, config: str, **kwargs) -> DeepSpeedBackend:
                             betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS, **kwargs)
 
 
-def zero_stage_checks(stage: int, checkpoint_dir: str) -> dict:
-    """OSR, a fine-tuning step, reset, save and load on one ZeRO stage; returns what the test asserts on."""
+def fsdp_backend(seed: int, **kwargs):
+    """The tiny model sharded by FSDP2 with the tests' AdamW settings."""
+    from engine.backends.fsdp import FSDPBackend
+
+    return FSDPBackend(tiny_model(seed), device=torch.device("cpu"), betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS,
+                       **kwargs)
+
+
+def sharded_backend(stage: int | str, seed: int, **kwargs):
+    """ZeRO-`stage` (1, 2, 3) with `zero_configs/zero<stage>.json`, or FSDP2 for stage "fsdp"."""
+    if stage == "fsdp":
+        kwargs.pop("grad_clip", None)  # FSDP2 clips in `step` only
+        return fsdp_backend(seed, **kwargs)
+    return deepspeed_backend(seed, f"zero{stage}.json", **kwargs)
+
+
+def init_distributed(stage: int | str) -> None:
     ctx = context_from_env()
-    DeepSpeedBackend.init_distributed(ctx)
+    if stage == "fsdp":
+        from engine.backends.fsdp import FSDPBackend
+
+        FSDPBackend.init_distributed(ctx)
+    else:
+        DeepSpeedBackend.init_distributed(ctx)
+
+
+def zero_stage_checks(stage: int | str, checkpoint_dir: str) -> dict:
+    """OSR, a fine-tuning step, reset, save and load on one ZeRO stage (or FSDP2); returns what the test
+    asserts on."""
+    ctx = context_from_env()
+    init_distributed(stage)
     loss_fn = GlobalContrastiveLoss(SPEC, gather=gather_no_grad, reduce_sum=all_reduce_sum,
                                     world_size=ctx.world_size)
     lo, hi = ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH
 
-    def build(seed: int) -> DeepSpeedBackend:
+    def build(seed: int):
         # The config clips (gradient_clipping = GRAD_CLIP); OSR steps must still see raw gradients.
-        return deepspeed_backend(seed, f"zero{stage}.json", grad_clip=GRAD_CLIP)
+        return sharded_backend(stage, seed, grad_clip=GRAD_CLIP)
 
     def backward(backend, index: int) -> None:
         images, texts = global_batch(index, ctx.world_size)
@@ -175,15 +206,15 @@ def bf16_osr_checks(config: str) -> dict:
     return out if ctx.rank == 0 else {k: v for k, v in out.items() if k != "osr_moments"}
 
 
-def reshard_round(stage: int, save_dir: str, load_dir: str | None) -> dict:
+def reshard_round(stage: int | str, save_dir: str, load_dir: str | None) -> dict:
     """Optionally load (resharded) a checkpoint of another world size, then train/save; returns full state.
 
     With `load_dir` the state right after loading is returned; without it, OSR + one fine-tuning
     step are run first. Either way the state is then saved to `save_dir`.
     """
     ctx = context_from_env()
-    DeepSpeedBackend.init_distributed(ctx)
-    backend = deepspeed_backend(0 if load_dir is None else 1, f"zero{stage}.json")
+    init_distributed(stage)
+    backend = sharded_backend(stage, 0 if load_dir is None else 1)
     if load_dir is None:
         loss_fn = GlobalContrastiveLoss(SPEC, gather=gather_no_grad, reduce_sum=all_reduce_sum,
                                         world_size=ctx.world_size)

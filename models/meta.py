@@ -1,0 +1,42 @@
+"""open_clip models built on the meta device: shapes without memory, for backends that shard first and load after."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.factory import ClipBundle, build_transforms
+from models.factory import _resolve_architecture as resolve_architecture
+
+
+def build_model_on_meta(name: str, *, preset: str | None = None) -> ClipBundle:
+    """`build_model(name)` with every parameter and buffer on the meta device (no memory, no values).
+
+    Fill it with `torch.nn.Module.to_empty`, then `init_non_persistent_buffers` and a state dict.
+    """
+    import open_clip
+
+    arch, _ = resolve_architecture(name)
+    with torch.device("meta"):
+        model = open_clip.create_model(arch, precision="fp32", device="meta")
+    train_transform, eval_transform = build_transforms(name, preset=preset)
+    return ClipBundle(model=model, train_transform=train_transform, eval_transform=eval_transform,
+                      tokenizer=open_clip.get_tokenizer(arch), model_name=arch)
+
+
+def init_non_persistent_buffers(model: nn.Module) -> None:
+    """Recompute the buffers a state dict does not carry (open_clip's causal attention masks) after `to_empty`.
+
+    Raises ValueError for any other non-persistent buffer (its values could not be restored).
+    """
+    for module_name, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = getattr(module, name)
+            if buffer is None:
+                continue
+            if name != "attn_mask" or buffer.ndim != 2 or buffer.shape[0] != buffer.shape[1]:
+                raise ValueError(f"{module_name}.{name}: unknown non-persistent buffer; this model cannot be built "
+                                 "on the meta device (load it with its weights instead)")
+            # open_clip's causal mask: -inf above the diagonal, 0 elsewhere (build_causal_mask).
+            mask = torch.full(buffer.shape, float("-inf"), device=buffer.device, dtype=buffer.dtype).triu_(1)
+            setattr(module, name, mask)
