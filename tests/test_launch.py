@@ -1,4 +1,4 @@
-"""Launching as users do: the deepspeed launcher (1 node x 2 ranks, 2 nodes x 1 rank) and torchrun."""
+"""Launching as users do: the deepspeed launcher (1 node x 2 ranks, 2 nodes x 1 rank) and torchrun (DeepSpeed, FSDP2)."""
 
 import contextlib
 import glob
@@ -102,15 +102,24 @@ def test_torchrun_with_deepspeed_backend(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, tmp_path):
-    """Kill a 2-rank DeepSpeed job (the whole launcher process group) mid-run, resume, compare."""
+@pytest.mark.parametrize("backend", ["zero2", "fsdp"])
+def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, tmp_path, backend):
+    """Kill a 2-rank job (the whole launcher process group: `deepspeed`, or `torchrun` for FSDP2) mid-run,
+    resume, compare."""
     def cmd(out, port, *extra):
-        return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "run.py", "tune", "--train",
-                str(shards), "--out", str(out), *JOB, "--set", "run.zero_config=zero_configs/zero2.json",
-                "--save-every", "2", *extra]
+        if backend == "fsdp":
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), "run.py"]
+            settings = ["--set", "run.backend=fsdp"]
+        else:
+            launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "run.py"]
+            settings = ["--set", f"run.zero_config=zero_configs/{backend}.json"]
+        return [*launcher, "tune", "--train", str(shards), "--out", str(out), *JOB, *settings, "--save-every", "2",
+                *extra]
 
     straight_port = free_port()
     launch([cmd(tmp_path / "straight", straight_port)], straight_port)
+    check_run(tmp_path / "straight", world_size=2, osr_steps=6)
 
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
