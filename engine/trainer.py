@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from engine import __version__
 from engine.backends import select_backend
+from engine.backends.base import build_bundle
 from engine.checkpoint import TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
 from engine.config import METHOD_RUNS_OSR, JobConfig
 from engine.data import Batch, Manifest, ShardLoader
@@ -36,7 +37,7 @@ from engine.report import default_metric
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
-from models import build_model, export_weights, features_of, temperature
+from models import export_weights, features_of
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,8 @@ class Trainer:
         if self.ctx.is_main:
             self.manifest.verify(checksums=cfg.data.verify_checksums)
 
-        self.bundle = build_model(cfg.model.name, weights=cfg.model.weights, preset=cfg.model.preset,
-                                  seed=cfg.run.seed)
+        self.bundle, self.tau = build_bundle(backend_cls, cfg, ctx=self.ctx)  # the backend's way (meta device...)
         model = self.bundle.model
-        self.tau = temperature(model)
         # The temperature stays fixed at the checkpoint's value (TuneCLIP never learns it).
         for name, param in model.named_parameters():
             if "logit_scale" in name or "logit_bias" in name:

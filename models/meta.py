@@ -7,6 +7,7 @@ from torch import nn
 
 from models.factory import ClipBundle, build_transforms
 from models.factory import _resolve_architecture as resolve_architecture
+from models.weights import SCALAR_PARAMS, _describe_mismatch, read_state_dict
 
 
 def build_model_on_meta(name: str, *, preset: str | None = None) -> ClipBundle:
@@ -40,3 +41,18 @@ def init_non_persistent_buffers(model: nn.Module) -> None:
             # open_clip's causal mask: -inf above the diagonal, 0 elsewhere (build_causal_mask).
             mask = torch.full(buffer.shape, float("-inf"), device=buffer.device, dtype=buffer.dtype).triu_(1)
             setattr(module, name, mask)
+
+
+def read_matching_state_dict(skeleton: nn.Module, path) -> dict[str, torch.Tensor]:
+    """The state dict in weights file `path` (read safely, as `load_weights` does), checked against the keys and
+    shapes of `skeleton` (a meta-device model); scalar `logit_scale` / `logit_bias` take the skeleton's shape."""
+    state_dict = read_state_dict(path)
+    expected = skeleton.state_dict()
+    for name in SCALAR_PARAMS:
+        if name in state_dict and name in expected and state_dict[name].numel() == expected[name].numel() == 1:
+            state_dict[name] = state_dict[name].reshape(expected[name].shape)
+    mismatch = _describe_mismatch(state_dict, expected)
+    if mismatch:
+        raise ValueError(f"weights {path} do not match the model architecture: {mismatch}. Fix: build the model "
+                         "with the architecture the checkpoint was trained as (model.name), or pass the right file")
+    return state_dict

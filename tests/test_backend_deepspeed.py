@@ -316,11 +316,14 @@ def test_zero_stage_matches_single_process(stage, tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_osr_leaves_weights_and_masters_untouched():
+@pytest.mark.parametrize("config", ["zero3_bf16.json", "fsdp"])
+def test_bf16_osr_leaves_weights_and_masters_untouched(config):
     rank0, rank1 = run_ranks("tests.helpers.dist_cases_deepspeed:bf16_osr_checks", world_size=WORLD,
-                             config="zero3_bf16.json")
+                             config=config)
     for res in (rank0, rank1):
-        assert res["weight_dtypes"] == ["torch.bfloat16"]
+        # DeepSpeed keeps bf16 weights beside fp32 masters; FSDP2 keeps fp32 shards and gathers bf16 copies.
+        assert res["weight_dtypes"] == ["torch.float32" if config == "fsdp" else "torch.bfloat16"]
+        assert res["block_dtypes"] == ["torch.bfloat16"]
         assert res["osr_changed_weights"] == [] and res["osr_changed_masters"] == []
         assert res["osr_count"] == OSR_STEPS
     # fp32 moments of a bf16 forward/backward: the fp32 single-process moments to bf16 precision.

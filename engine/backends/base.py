@@ -15,6 +15,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from engine.config import JobConfig
     from engine.distributed import DistContext
+    from models import ClipBundle
 
 
 class Backend(Protocol):
@@ -118,3 +119,23 @@ def tensors_digest(tensors: Iterable[Tensor], *, names: Iterable[str] | None = N
             values = values + 0.0  # -0.0 + 0.0 == +0.0; every other value is unchanged
         digest.update(values.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def build_bundle(backend_class: type, cfg: JobConfig, *, ctx: DistContext) -> tuple[ClipBundle, float]:
+    """The job's model for `backend_class` and its fixed temperature tau.
+
+    A backend with its own `build_bundle` classmethod decides how (e.g. on the meta device, so no rank
+    holds the full model); otherwise every rank builds the full model with its weights.
+    """
+    own = getattr(backend_class, "build_bundle", None)
+    if own is not None:
+        return own(cfg, ctx=ctx)
+    return full_bundle(cfg)
+
+
+def full_bundle(cfg: JobConfig) -> tuple[ClipBundle, float]:
+    """The full model with `model.weights` loaded (random init from `run.seed` without), and its tau."""
+    from models import build_model, temperature
+
+    bundle = build_model(cfg.model.name, weights=cfg.model.weights, preset=cfg.model.preset, seed=cfg.run.seed)
+    return bundle, temperature(bundle.model)

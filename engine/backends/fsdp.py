@@ -42,12 +42,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from engine.backends.base import adamw_param_groups, tensors_digest
+from engine.backends.base import adamw_param_groups, full_bundle, tensors_digest
+from engine.distributed import broadcast_object
 from models.weights import make_logit_scale_1d
 
 if TYPE_CHECKING:
     from engine.config import JobConfig
     from engine.distributed import DistContext
+    from models import ClipBundle
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +80,16 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def parallelize_clip(model: nn.Module, *, mesh, precision: str) -> nn.Module:
     """`fully_shard` every transformer block, then the root (embeddings, projections, norms, logit_scale)."""
     if precision == "bf16":
-        # output_dtype: the objective gets fp32 features, as from the single-process backend's autocast.
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                      output_dtype=torch.float32)
+        block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # The objective gets fp32 features, as from the single-process backend's autocast (root only:
+        # fp32 between blocks would meet bf16 norm weights).
+        root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                           output_dtype=torch.float32)
     else:
-        policy = MixedPrecisionPolicy()
+        block_policy = root_policy = MixedPrecisionPolicy()
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=block_policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
     for method in ENCODER_METHODS:  # the evaluator and tests call the encoders directly
         if callable(getattr(model, method, None)):
             register_fsdp_forward_method(model, method)
@@ -125,12 +129,33 @@ class FSDPBackend:
                     len(transformer_blocks(self.model)))
 
     @classmethod
+    def build_bundle(cls, cfg: JobConfig, *, ctx: DistContext) -> tuple[ClipBundle, float]:
+        """With `model.weights`: the model on the meta device on every rank (no memory) and the checkpoint's
+        temperature, read by rank 0. Without: the full random-init model (its values match one process)."""
+        if cfg.model.weights is None:
+            return full_bundle(cfg)
+        from models.meta import build_model_on_meta, read_matching_state_dict
+
+        bundle = build_model_on_meta(cfg.model.name, preset=cfg.model.preset)
+        tau = None
+        if ctx.rank == 0:  # checked here, before any rank allocates; read again (and broadcast) in from_config
+            logit_scale = read_matching_state_dict(bundle.model, cfg.model.weights)["logit_scale"]
+            tau = float(torch.exp(-logit_scale.float()).reshape(()))
+        return bundle, broadcast_object(tau)
+
+    @classmethod
     def from_config(cls, cfg: JobConfig, model: nn.Module, *, ctx: DistContext, device: torch.device,
                     micro_batch_size: int) -> FSDPBackend:
-        """AdamW from the optim section, precision from the model section."""
+        """AdamW from the optim section, precision from the model section; a meta-device model gets its
+        `model.weights` from rank 0, shard by shard."""
+        weights = None
+        if ctx.rank == 0 and any(p.is_meta for p in model.parameters()):
+            from models.meta import read_matching_state_dict
+
+            weights = read_matching_state_dict(model, cfg.model.weights)
         ocfg = cfg.optim
         return cls(model, device=device, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay, eps=ocfg.eps,
-                   precision=cfg.model.precision)
+                   precision=cfg.model.precision, weights=weights)
 
     @classmethod
     def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:

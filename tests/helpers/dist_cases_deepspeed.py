@@ -86,12 +86,26 @@ def deepspeed_backend(seed: int, config: str, **kwargs) -> DeepSpeedBackend:
                             betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS, **kwargs)
 
 
+def tiny_skeleton() -> torch.nn.Module:
+    """`tiny_model` on the meta device: shapes only."""
+    from models.meta import build_model_on_meta
+
+    model = build_model_on_meta(MODEL).model
+    with torch.device("meta"):
+        model.token_embedding = torch.nn.Embedding(VOCAB_SIZE, TEXT_WIDTH)
+    make_logit_scale_1d(model)
+    model.logit_scale.requires_grad_(False)
+    return model
+
+
 def fsdp_backend(seed: int, **kwargs):
-    """The tiny model sharded by FSDP2 with the tests' AdamW settings."""
+    """The tiny model sharded by FSDP2 with the tests' AdamW settings, built as for a checkpoint: on the meta
+    device on every rank, filled from rank 0's full state dict."""
     from engine.backends.fsdp import FSDPBackend
 
-    return FSDPBackend(tiny_model(seed), device=torch.device("cpu"), betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS,
-                       **kwargs)
+    weights = tiny_model(seed).state_dict() if context_from_env().rank == 0 else None
+    return FSDPBackend(tiny_skeleton(), device=torch.device("cpu"), betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS,
+                       weights=weights, **kwargs)
 
 
 def sharded_backend(stage: int | str, seed: int, **kwargs):
@@ -184,21 +198,26 @@ def zero_stage_checks(stage: int | str, checkpoint_dir: str) -> dict:
 
 
 def bf16_osr_checks(config: str) -> dict:
-    """OSR under bf16 (autocast forward, as the trainer runs it): bf16 weights and fp32 masters untouched."""
+    """OSR under bf16 (DeepSpeed: autocast forward, as the trainer runs it; FSDP2 for config "fsdp": its
+    MixedPrecisionPolicy): weights and fp32 masters untouched. Also the dtype the blocks compute in."""
     ctx = context_from_env()
-    DeepSpeedBackend.init_distributed(ctx)
+    stage = "fsdp" if config == "fsdp" else None
+    init_distributed(stage)
     loss_fn = GlobalContrastiveLoss(SPEC, gather=gather_no_grad, reduce_sum=all_reduce_sum,
                                     world_size=ctx.world_size)
     lo, hi = ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH
-    backend = deepspeed_backend(0, config, precision="bf16")
+    backend = fsdp_backend(0, precision="bf16") if stage else deepspeed_backend(0, config, precision="bf16")
+    block_dtypes = set()
+    backend.model.visual.transformer.resblocks[0].register_forward_hook(
+        lambda module, args, output: block_dtypes.add(str(output.dtype)))
     weights0, masters0 = _gathered(backend)
     for index in range(OSR_STEPS):
         images, texts = global_batch(index, ctx.world_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage is None):
             forward_backward(backend, loss_fn, images[lo:hi], texts[lo:hi], offset=lo)
         backend.step(lr=0.0)
     weights, masters = _gathered(backend)
-    out = {"weight_dtypes": sorted({str(w.dtype) for w in weights.values()}),
+    out = {"weight_dtypes": sorted({str(w.dtype) for w in weights.values()}), "block_dtypes": sorted(block_dtypes),
            "osr_changed_weights": _differing(weights0, weights),
            "osr_changed_masters": _differing(masters0, masters),
            "osr_count": backend.optimizer_step_count(), "osr_moments": backend.full_moments()}
