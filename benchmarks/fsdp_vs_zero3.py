@@ -6,7 +6,7 @@ step that moves weights, a fine-tuning step that does not). The last line prints
 
 What runs, one backend after the other (never both at once: each alone needs most of the machine), each
 as 2 ranks (tests.helpers.harness: gloo, one thread per rank, glibc `MALLOC_MMAP_THRESHOLD_` as in
-benchmarks/zero3_vith.py): `--steps` OSR steps (lr = 0) then `--steps` fine-tuning steps (lr = 1e-5) on
+benchmarks/zero3_vith.py): one untimed warm-up step (lr = 0), `--steps` OSR steps (lr = 0), then `--steps` fine-tuning steps (lr = 1e-5) on
 each rank's slice of a random global batch at the model's 224 px, HGCL through the distributed
 `GlobalContrastiveLoss`, u rows carried from step to step.
 - ZeRO-3: `DeepSpeedBackend` with `zero_configs/zero3_bf16.json` and the memory overrides that
@@ -126,8 +126,8 @@ def rank_run(kind: str, model_name: str, global_batch: int, steps: int, seed: in
     seen = torch.zeros(local, dtype=torch.bool)
     input_dtype = getattr(backend, "input_dtype", torch.float32)
     out["steps"] = []
-    for index in range(2 * steps):
-        stage, lr = ("osr", OSR_LR) if index < steps else ("finetune", FINETUNE_LR)
+    for index in range(1 + 2 * steps):  # step 0: warm-up (lazy initialisation, first allocations), not timed
+        stage, lr = ("warmup", OSR_LR) if index == 0 else ("osr", OSR_LR) if index <= steps else ("finetune", FINETUNE_LR)
         gen = torch.Generator().manual_seed(seed + 1 + index)  # the same global batch on every rank
         images = torch.randn(global_batch, 3, *facts["image_size"], generator=gen)[lo:lo + local]
         texts = torch.randint(1, facts["vocab_size"], (global_batch, facts["context_length"]), generator=gen)
@@ -136,15 +136,19 @@ def rank_run(kind: str, model_name: str, global_batch: int, steps: int, seed: in
         image_features, text_features = features_of(backend.forward(images.to(input_dtype), texts[lo:lo + local]))
         result = loss_fn(image_features, text_features, log_u_x=log_u_x, log_u_z=log_u_z, seen=seen, gamma=GAMMA,
                          offset=lo, output_dict=True)
+        t1 = time.perf_counter()
         backend.backward(result["loss"])
+        t2 = time.perf_counter()
         grad_norm = backend.step(lr=lr)
-        seconds = time.perf_counter() - t0
+        t3 = time.perf_counter()
+        seconds = t3 - t0
         log_u_x, log_u_z, seen = result["log_u_x"], result["log_u_z"], torch.ones(local, dtype=torch.bool)
         changed = backend.weights_digest() != before
-        out["steps"].append({"stage": stage, "seconds": seconds, "changed": changed, "grad_norm": grad_norm,
+        out["steps"].append({"stage": stage, "seconds": seconds, "forward_s": t1 - t0, "backward_s": t2 - t1,
+                             "optimizer_s": t3 - t2, "changed": changed, "grad_norm": grad_norm,
                              "loss": float(result["loss_value"]), "count": backend.optimizer_step_count(),
                              "peak_gb": _peak_gb()})
-        say(f"{stage} step {index + 1}: {seconds:.1f} s, loss {out['steps'][-1]['loss']:.4f}, weights changed "
+        say(f"{stage} step {index}: {seconds:.1f} s (fwd+loss {t1 - t0:.1f}, bwd {t2 - t1:.1f}, opt {t3 - t2:.1f}), loss {out['steps'][-1]['loss']:.4f}, weights changed "
             f"{changed}, peak {_peak_gb():.2f} GB")
     out["peak_gb"]["end"] = _peak_gb()
     backend.close()
@@ -192,7 +196,7 @@ def main() -> int:
     for kind, ranks in results.items():
         for r in ranks:
             for step in r["steps"]:
-                if step["changed"] != (step["stage"] == "finetune"):
+                if step["changed"] != (step["stage"] == "finetune"):  # warm-up and OSR at lr = 0
                     problems.append(f"{kind} rank {r['rank']}: a {step['stage']} step "
                                     f"{'changed' if step['changed'] else 'did not change'} the weights")
         rows[kind] = {
@@ -200,6 +204,8 @@ def main() -> int:
             "peaks": [r["peak_gb"] for r in ranks],
             "osr_s": statistics.median(s["seconds"] for s in ranks[0]["steps"] if s["stage"] == "osr"),
             "ft_s": statistics.median(s["seconds"] for s in ranks[0]["steps"] if s["stage"] == "finetune"),
+            "split": {stage: [statistics.median(s[key] for s in ranks[0]["steps"] if s["stage"] == stage)
+                              for key in ("forward_s", "backward_s", "optimizer_s")] for stage in ("osr", "finetune")},
             "count": ranks[0]["steps"][-1]["count"],
             "loss": ranks[0]["steps"][0]["loss"],
         }
@@ -214,6 +220,10 @@ def main() -> int:
             print(f"{kind:<8} {r['rank']:>4} {peaks['build']:>9.2f}G {peaks['wrap']:>8.2f}G {peaks['end']:>7.2f}G "
                   f"{rows[kind]['osr_s']:>10.1f} {rows[kind]['ft_s']:>9.1f} {rows[kind]['loss']:>9.4f} "
                   f"{rows[kind]['count']:>6}")
+    for kind in results:
+        split = rows[kind]["split"]
+        print(f"{kind} median seconds fwd+loss / bwd / optimizer: OSR {' / '.join(f'{x:.1f}' for x in split['osr'])}, "
+              f"FT {' / '.join(f'{x:.1f}' for x in split['finetune'])}")
     memory = rows["fsdp"]["peak"] / rows["zero3"]["peak"]
     osr_time = rows["fsdp"]["osr_s"] / rows["zero3"]["osr_s"]
     ft_time = rows["fsdp"]["ft_s"] / rows["zero3"]["ft_s"]

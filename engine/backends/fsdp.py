@@ -121,8 +121,9 @@ class FSDPBackend:
             self._materialise(weights)
         elif weights is not None:
             raise ValueError("weights are for a model built on the meta device; this one has its weights")
+        # foreach: one dispatch per parameter list (torch picks the per-tensor loop on CPU, slow with DTensors).
         self.optimizer = torch.optim.AdamW(adamw_param_groups(self.model, weight_decay), lr=0.0, betas=betas,
-                                           eps=eps)
+                                           eps=eps, foreach=True)
         self._trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._full_mode = False
         logger.info("FSDP2, %s, %d rank(s), %d blocks sharded", precision, dist.get_world_size(),
