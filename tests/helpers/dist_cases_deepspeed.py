@@ -166,6 +166,14 @@ def zero_stage_checks(stage: int | str, checkpoint_dir: str) -> dict:
 
     backend.reset_optimizer_state()
     out.update(reset_count=backend.optimizer_step_count(), reset_moments=backend.full_moments())
+    if stage == "fsdp":  # a checkpoint right after the reset ('no seeding' ablation) loads as no state at all
+        backend.save(Path(checkpoint_dir) / "after_reset")
+        stateful = build(seed=1)
+        train_step(stateful, RESET_BATCH, lr=0.0)  # has moments and a counter before loading
+        stateful.load(Path(checkpoint_dir) / "after_reset")
+        out.update(reset_loaded_count=stateful.optimizer_step_count(), reset_loaded_moments=stateful.full_moments(),
+                   reset_loaded_differing_weights=_differing(_gathered(backend)[0], _gathered(stateful)[0]))
+        stateful.close()
     train_step(backend, RESET_BATCH, lr=LR)
     out["reset_step_weights"], _ = _gathered(backend)
     out.update(reset_step_count=backend.optimizer_step_count(), reset_step_moments=backend.full_moments())
