@@ -59,9 +59,18 @@ otherwise. Scenarios, each its own run directory next to one straight reference 
                     `active` must log the takeover warning naming the killed pid (`taking over the
                     stale lock of job ...`) and go on. (A kill can land after the job released its
                     lock, at the very end: then no warning is due, and the note counts such kills.)
-
-Not here: a change of world size on resume and the universal-checkpoint payload need 2-rank DeepSpeed
-launches, too slow for this benchmark; tests/ covers them.
+  world size        the job on DeepSpeed through its launcher (`deepspeed --num_gpus N`, CPU ranks):
+                    2 ranks, SIGTERM inside OSR; a pickle payload (code that creates a marker file when
+                    unpickled) planted in that checkpoint's `backend/universal/` folder; `--resume
+                    latest` on 1 rank (the universal conversion runs), SIGTERM inside fine-tuning;
+                    `--resume latest` on 2 ranks to the end. The global batch stays 8, so every epoch is
+                    8 steps on any rank count. Reported: the u table's visit counts against the
+                    uninterrupted run's (every row once per epoch: used once / never / more than once in
+                    total), whether the payload ran, and the steps lost per stop. Weights are not
+                    compared: another rank count deals the rest of an epoch into other batches. The
+                    `deepspeed` runner exits at once on SIGTERM (its status is its own) while its
+                    per-node launcher gives the ranks 30 s to stop: the harness waits for the whole
+                    process group. `--only worldsize`: 4 minutes at load average 12.
 
 Steps lost per kill (or stop) = the last step logged before it minus the step the next launch resumed
 from (log.jsonl `step` / `resume` events). Samples lost = u table rows whose visit count differs from
@@ -84,6 +93,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -292,12 +302,31 @@ class Runner:
         self.tail = LogTail(out / "log.jsonl")
         self.launches: list[Launch] = []
         # One torch thread: the job and the watching harness each get a core.
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+        self.ranks: int | None = None  # launch through `deepspeed --num_gpus ranks` (DeepSpeed backend)
+        self.ports: list[int] = []
+
+    def argv(self, resume: str | None) -> list[str]:
+        argv = job_argv(self.shards, self.out, resume=resume)
+        if self.ranks is None:
+            return argv
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.ports.append(port)
+        return ["deepspeed", "--num_gpus", str(self.ranks), "--master_port", str(port), *argv[1:],
+                "--set", "run.backend=deepspeed"]
+
+    def remove_shm_buffers(self) -> None:
+        """DeepSpeed's CPU all-reduce buffers of this runner's launches (killed ranks leave them)."""
+        for port in self.ports:
+            for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer*_{port}_*"):
+                path.unlink(missing_ok=True)
 
     def launch(self, *, resume: str | None = None, trigger=None) -> Launch:
         """Run the job once; when `trigger` fires: SIGKILL it (its `sig`), or send SIGTERM / SIGUSR1 and
         wait for it to stop by itself, or (a trigger with `act`) let the trigger act on the live job."""
-        argv = job_argv(self.shards, self.out, resume=resume)
+        argv = self.argv(resume)
         err_path = self.logs / f"{self.out.name}_{len(self.launches):02d}.err"
         records: list[dict] = []
         killed, polls = False, 0
@@ -341,6 +370,10 @@ class Runner:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+                if self.ranks is not None:
+                    # The `deepspeed` runner dies at once on SIGTERM; its per-node launcher gives the ranks
+                    # 30 s to stop (they finish the step and checkpoint): wait for the whole group.
+                    wait_for_group(proc.pid, STOP_TIMEOUT_S)
         records += self.tail.read()
         launch = Launch(argv, records, proc.returncode, killed, err_path.read_text(), trigger=label,
                         pid=proc.pid, stopped_by=stopped_by, step_at_signal=step_at_signal,
@@ -357,6 +390,19 @@ class Runner:
     def finished(self) -> bool:
         done = bool(self.launches) and self.launches[-1].returncode == 0
         return done and (self.out / "final.safetensors").exists()
+
+
+def wait_for_group(pgid: int, timeout_s: float) -> None:
+    """Wait until no process of group `pgid` is left (SIGKILL them after `timeout_s`)."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        if time.perf_counter() > deadline:
+            os.killpg(pgid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
@@ -418,6 +464,7 @@ class Outcome:
     num_resumed: int = 0
     steps_lost: list[int] = field(default_factory=list)
     samples_lost: int | None = None
+    compare_state: bool = True  # the final state must equal the straight run's (else only visits count)
     diffs: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -484,6 +531,17 @@ def settle(outcome: Outcome, runner: Runner, reference: dict) -> Outcome:
                                 f"{outcome.max_lost_allowed} expected)")
     if not runner.finished():
         outcome.failures.append("the job did not complete")
+        return outcome
+    if not outcome.compare_state:
+        table = UTable.open(runner.out / "u_table", readonly=True)
+        visits = table.visits(torch.arange(table.num_rows))
+        table.close()
+        outcome.samples_lost = int((visits != reference["visits"]).sum())
+        expected = int(reference["visits"][0])
+        outcome.notes.append(f"u table visits over the {expected} epochs: {int((visits == expected).sum())} rows "
+                             f"used once per epoch, {int((visits < expected).sum())} fewer times (never in an "
+                             f"epoch), {int((visits > expected).sum())} more (twice in an epoch)")
+        outcome.diffs = []
         return outcome
     state = final_state(runner.out)
     outcome.samples_lost = int((state["visits"] != reference["visits"]).sum())
@@ -595,7 +653,8 @@ def check_stop(runner: Runner, launch: Launch, outcome: Outcome) -> None:
     launch.handled = True
     record, step = launch.preempted, launch.last_step
     problems = []
-    if launch.returncode != EXIT_PREEMPTED:
+    # Through the `deepspeed` runner the ranks exit 75 but the runner's status is its own (killed by the signal).
+    if runner.ranks is None and launch.returncode != EXIT_PREEMPTED:
         problems.append(f"exit status {launch.returncode} (not {EXIT_PREEMPTED}): {launch.error}")
     if record is None:
         problems.append("no preempted record in log.jsonl")
@@ -612,7 +671,8 @@ def check_stop(runner: Runner, launch: Launch, outcome: Outcome) -> None:
         problems.append(f"newest checkpoint {latest} (complete: {newest[-1].name if newest else None}), "
                         f"last step {step}")
     owner = read_owner(runner.out) or {}
-    if owner.get("pid") != launch.pid or owner.get("active") is not False:
+    # Through a launcher, rank 0 (a child of the launched process) holds the lock.
+    if (runner.ranks is None and owner.get("pid") != launch.pid) or owner.get("active") is not False:
         problems.append(f"run lock not released: {owner}")
     where = " (inside a save)" if launch.inside_save else ""
     after = "?" if launch.step_at_signal is None else f"{launch.step_at_signal}"
@@ -782,11 +842,67 @@ def two_jobs(runner: Runner, rng: random.Random, *, reference_files: set[str],
     return outcome
 
 
+class _Payload:
+    """Unpickling this creates `marker` (code execution, harmless)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def world_size_change(runner: Runner, rng: random.Random) -> Outcome:
+    """2 ranks -> SIGTERM in OSR -> payload planted in backend/universal -> 1 rank -> SIGTERM in
+    fine-tuning -> 2 ranks to the end (DeepSpeed launcher, CPU ranks)."""
+    outcome = Outcome("world size 2->1->2", max_lost_allowed=0, fault_word="stop", compare_state=False)
+    marker = runner.out.parent / f"{runner.out.name}-payload-ran"
+    osr_step = rng.randint(2, OSR_STEPS - 2)
+    finetune_step = rng.randint(OSR_STEPS + 2, TOTAL_STEPS - 3)
+    try:
+        runner.ranks = 2
+        first = runner.launch(trigger=OnRecord(f"OSR step {osr_step}", sig=signal.SIGTERM, event="step",
+                                               stage="osr", stage_step=osr_step))
+        if first.stopped_by is None:
+            outcome.failures.append(f"scenario stopped: the 2-rank job ended before OSR step {osr_step}")
+            return outcome
+        check_stop(runner, first, outcome)
+        latest = runner.out / "checkpoints" / (runner.out / "checkpoints" / LATEST).read_text().strip()
+        universal = latest / "backend" / "universal"
+        (universal / "zero" / "visual.proj").mkdir(parents=True, exist_ok=True)
+        torch.save({"param": _Payload(marker)}, universal / "zero" / "visual.proj" / "fp32.pt")
+        torch.save({"module": _Payload(marker)}, universal / "mp_rank_00_model_states.pt")
+        outcome.num_faults += 1
+        runner.ranks = 1
+        second = runner.launch(resume="latest", trigger=OnRecord(
+            f"step {finetune_step}", sig=signal.SIGTERM, event="step", step=finetune_step))
+        if second.stopped_by is None:
+            outcome.failures.append(f"scenario stopped: the 1-rank job did not stop at step {finetune_step}: "
+                                    f"{second.error if second.returncode else 'it finished'}")
+            return outcome
+        check_stop(runner, second, outcome)
+        runner.ranks = 2
+        runner.launch(resume="latest")
+    finally:
+        runner.remove_shm_buffers()
+    ran = marker.exists()
+    outcome.notes.append(f"payload in {universal.relative_to(runner.out)}: {'RAN' if ran else 'never ran'}")
+    if ran:
+        outcome.failures.append("code planted in backend/universal ran")
+        marker.unlink()
+    sizes = [f"{x.argv[2]} rank(s): {x.resumed_from['stage']} step {x.resumed_from['stage_step']}"
+             for x in runner.launches if x.resumed_from]
+    outcome.notes.append("resumed on " + "; ".join(sizes))
+    return outcome
+
+
 def format_table(outcomes: list[Outcome]) -> str:
     header = ("scenario", "faults", "resumed", "steps lost/kill", "samples lost", "equal to straight", "ok")
     rows = []
     for o in outcomes:
         equal = "yes" if o.equal else ("no: " + ", ".join(o.diffs) if o.diffs else "n/a")
+        if not o.compare_state:
+            equal = "n/a (visits)"
         lost = ",".join(map(str, o.steps_lost)) or "-"
         samples = "n/a" if o.samples_lost is None else str(o.samples_lost)
         ok = "yes" if o.ok else "NO"
@@ -834,6 +950,7 @@ def run(args: argparse.Namespace) -> int:
             ("sigterm", lambda r: preemption(r, rng, quick=args.quick)),
             ("twojobs", lambda r: two_jobs(r, rng, reference_files=reference_files,
                                              lock_after_s=straight.launches[0].lock_after_s)),
+            ("worldsize", lambda r: world_size_change(r, rng)),
         ]
         if args.only:
             unknown = set(args.only) - {name for name, _ in scenarios}
@@ -885,7 +1002,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill delays and targeted steps")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
                         help="run only these scenarios: random save osr nomarker truncated early sigterm "
-                             "twojobs")
+                             "twojobs worldsize")
     parser.add_argument("--keep-stderr", type=Path, default=None, help="copy every launch's stderr here")
     args = parser.parse_args()
     sys.exit(run(args))

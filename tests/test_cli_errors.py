@@ -1,0 +1,53 @@
+"""Bad environments end in one `error:` line (exit 2), no traceback: an output folder the OS refuses, and
+the DeepSpeed backend started without a launcher."""
+
+import errno
+import pathlib
+
+import pytest
+
+from engine.cli import main
+
+JOB = ["--model", "tiny-vit", "--batch-size", "8", "--epochs", "1", "--osr-epochs", "1",
+       "--set", "run.progress=false", "--set", "eval.at_start=false"]
+
+
+def error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def test_out_dir_inside_a_file(shards, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "run"
+    assert main(["tune", "--train", str(shards), "--out", str(out), *JOB]) == 2
+    assert error_lines(capsys) == [f"error: {out}: Not a directory"]
+
+
+def test_read_only_out_dir(shards, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "mounted_read_only"
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # what a read-only mount answers (root ignores chmod)
+        if self == out:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    assert main(["tune", "--train", str(shards), "--out", str(out), *JOB]) == 2
+    assert error_lines(capsys) == [
+        f"error: {out}: Read-only file system; the filesystem is read-only; pick another --out"
+    ]
+
+
+@pytest.mark.slow
+def test_deepspeed_backend_without_a_launcher(shards, tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert main(["tune", "--train", str(shards), "--out", str(tmp_path / "run"), *JOB,
+                 "--set", "run.backend=deepspeed"]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith("error: run.backend=deepspeed needs a launcher: run under `deepspeed` or `torchrun`")
+    assert not (tmp_path / "run" / "checkpoints").exists()
