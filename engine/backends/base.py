@@ -83,7 +83,8 @@ class Backend(Protocol):
         """Context in which `model` holds complete (gathered) weights, e.g. for evaluation."""
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        """The complete model state dict on every rank."""
+        """The complete model state dict on rank 0 (other ranks: the same, or {} where gathering to rank 0
+        only saves memory, as FSDP2 does)."""
 
     def close(self) -> None:
         """Release what the backend holds (engines, buffers); the process group stays."""
