@@ -300,7 +300,7 @@ def resume_conflicts(saved: dict, live: dict, *, can_reshard: bool) -> list[str]
     if saved["world_size"] != live["world_size"] and not can_reshard:
         problems.append(f"world size {live['world_size']} != checkpoint's {saved['world_size']}: this backend "
                         "cannot reshard; resume on the same number of ranks or use run.backend=deepspeed "
-                        "(universal checkpoint)")
+                        "(universal checkpoint) or fsdp (resharding load)")
     old, new = flatten(saved["config"]), flatten(live["config"])
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESUME_FREE_KEYS) or old.get(key) == new.get(key):

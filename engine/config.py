@@ -232,7 +232,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10
-    backend: str = "single"  # any name in the backend registry (engine.backends): single | deepspeed
+    backend: str = "single"  # any name in the backend registry (engine.backends): single | deepspeed | fsdp
     zero_config: str | None = None
     progress: bool = True
     save_every_steps: int = 0  # 0 = no periodic checkpoints

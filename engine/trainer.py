@@ -37,7 +37,7 @@ from engine.report import default_metric
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
-from models import export_model, features_of, logit_bias_of, temperature
+from models import export_model, features_of, logit_bias_of
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,9 @@ class Trainer:
         if self.ctx.is_main:
             self.manifest.verify(checksums=cfg.data.verify_checksums)
 
-        self.bundle = build_bundle(backend_cls, cfg, micro_batch_size=self.local_batch)
+        # The backend's way: ZeRO-3 partitions while building, FSDP2 builds on the meta device.
+        self.bundle, self.tau = build_bundle(backend_cls, cfg, ctx=self.ctx, micro_batch_size=self.local_batch)
         model = self.bundle.model
-        self.tau = temperature(model)
         # The temperature stays fixed at the checkpoint's value (TuneCLIP never learns it); a bias only
         # an objective that uses it learns (SigLIP's loss).
         learned = trained_scalars(cfg.surrogate)

@@ -1,4 +1,4 @@
-"""DeepSpeed backend: config building (no processes) and ZeRO 1/2/3 on 2 real CPU ranks vs. single process."""
+"""DeepSpeed backend: config building (no processes); ZeRO 1/2/3 and FSDP2 on 2 real CPU ranks vs. single process."""
 
 import functools
 import json
@@ -247,7 +247,7 @@ def ema(grads: list[dict], beta: float, *, power: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3, "fsdp"])
 def test_zero_stage_matches_single_process(stage, tmp_path):
     rank0, rank1 = run_ranks("tests.helpers.dist_cases_deepspeed:zero_stage_checks", world_size=WORLD, stage=stage,
                              checkpoint_dir=str(tmp_path / "ckpt"))
@@ -266,6 +266,9 @@ def test_zero_stage_matches_single_process(stage, tmp_path):
         assert res["osr_changed_weights"] == [] and res["osr_changed_masters"] == []
         assert res["osr_count"] == OSR_STEPS and res["finetune_count"] == OSR_STEPS + 1
         assert res["reset_count"] == 0 and res["reset_step_count"] == 1
+        if stage == "fsdp":  # saved right after the reset, loaded over a stateful optimizer: no state, same weights
+            assert res["reset_loaded_count"] == 0 and res.get("reset_loaded_moments", {}) == {}
+            assert res["reset_loaded_differing_weights"] == []
         # Save -> load into a model built from another seed: everything restored exactly.
         assert res["loaded_count"] == res["saved_count"] == 1
         assert res["num_moments"] == res["num_loaded_moments"] == len(trained)
@@ -316,11 +319,14 @@ def test_zero_stage_matches_single_process(stage, tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_osr_leaves_weights_and_masters_untouched():
+@pytest.mark.parametrize("config", ["zero3_bf16.json", "fsdp"])
+def test_bf16_osr_leaves_weights_and_masters_untouched(config):
     rank0, rank1 = run_ranks("tests.helpers.dist_cases_deepspeed:bf16_osr_checks", world_size=WORLD,
-                             config="zero3_bf16.json")
+                             config=config)
     for res in (rank0, rank1):
-        assert res["weight_dtypes"] == ["torch.bfloat16"]
+        # DeepSpeed keeps bf16 weights beside fp32 masters; FSDP2 keeps fp32 shards and gathers bf16 copies.
+        assert res["weight_dtypes"] == ["torch.float32" if config == "fsdp" else "torch.bfloat16"]
+        assert res["block_dtypes"] == ["torch.bfloat16"]
         assert res["osr_changed_weights"] == [] and res["osr_changed_masters"] == []
         assert res["osr_count"] == OSR_STEPS
     # fp32 moments of a bf16 forward/backward: the fp32 single-process moments to bf16 precision.
@@ -340,10 +346,10 @@ def _assert_same_full_state(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,back_to_two", [(2, True), (3, False)])
+@pytest.mark.parametrize("stage,back_to_two", [(2, True), (3, False), ("fsdp", True)])
 def test_checkpoint_resharded_to_another_world_size_is_exact(tmp_path, stage, back_to_two):
-    """2 ranks -> 1 rank (and 1 -> 2) through DeepSpeed's universal checkpoint: weights, fp32 masters,
-    moments and step counter carry over bit for bit."""
+    """2 ranks -> 1 rank (and 1 -> 2) through DeepSpeed's universal checkpoint (DCP's resharding load for
+    FSDP2): weights, fp32 masters, moments and step counter carry over bit for bit."""
     two = run_ranks("tests.helpers.dist_cases_deepspeed:reshard_round", world_size=2, stage=stage,
                     save_dir=str(tmp_path / "two"), load_dir=None)[0]
     # A universal folder found in the checkpoint is never trusted: code planted there must not run.

@@ -1,4 +1,4 @@
-"""Launching as users do: the deepspeed launcher (1 node x 2 ranks, 2 nodes x 1 rank) and torchrun."""
+"""Launching as users do: the deepspeed launcher (1 node x 2 ranks, 2 nodes x 1 rank) and torchrun (DeepSpeed, FSDP2)."""
 
 import contextlib
 import glob
@@ -19,7 +19,7 @@ from engine.data.build import build_shards
 from engine.objectives.table import UTable
 from engine.preemption import parent_pid
 from engine.synthetic import render_pairs
-from models import register_shipped_configs
+from models import build_model, export_weights, register_shipped_configs
 from tests.helpers.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,16 +101,38 @@ def test_torchrun_with_deepspeed_backend(shards, tmp_path):
     check_run(tmp_path, world_size=2, osr_steps=0)
 
 
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny-vit checkpoint with a temperature of its own (FSDP2 builds on the meta device from it)."""
+    model = build_model("tiny-vit", seed=5).model
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    export_weights(model, path)
+    return path
+
+
 @pytest.mark.slow
-def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, tmp_path):
-    """Kill a 2-rank DeepSpeed job (the whole launcher process group) mid-run, resume, compare."""
+@pytest.mark.parametrize("backend", ["zero2", "fsdp"])
+def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, weights, tmp_path, backend):
+    """Kill a 2-rank job (the whole launcher process group: `deepspeed`, or `torchrun` for FSDP2) started from
+    a checkpoint mid-run, resume, compare."""
     def cmd(out, port, *extra):
-        return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "run.py", "tune", "--train",
-                str(shards), "--out", str(out), *JOB, "--set", "run.zero_config=zero_configs/zero2.json",
-                "--save-every", "2", *extra]
+        if backend == "fsdp":
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), "run.py"]
+            settings = ["--set", "run.backend=fsdp"]
+        else:
+            launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "run.py"]
+            settings = ["--set", f"run.zero_config=zero_configs/{backend}.json"]
+        return [*launcher, "tune", "--train", str(shards), "--out", str(out), *JOB, *settings, "--save-every", "2",
+                "--weights", str(weights), *extra]
 
     straight_port = free_port()
     launch([cmd(tmp_path / "straight", straight_port)], straight_port)
+    check_run(tmp_path / "straight", world_size=2, osr_steps=6)
+    start = json.loads((tmp_path / "straight" / "log.jsonl").read_text().splitlines()[0])
+    assert start["tau"] == pytest.approx(torch.exp(torch.tensor(-3.0)).item(), rel=1e-6)  # the file's, not the init's
 
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,4 @@
-"""A DeepSpeed job stopped mid-epoch on 2 ranks, resumed on 1, stopped mid-epoch again, resumed on 2: every
+"""A DeepSpeed (or FSDP2) job stopped mid-epoch on 2 ranks, resumed on 1, stopped mid-epoch again, resumed on 2: every
 sample is used exactly once per epoch (OSR and fine-tuning), as in a run that never changed size."""
 
 import json
@@ -12,12 +12,13 @@ CASE = "tests.helpers.dist_cases_trainer:tune_until"
 
 
 @pytest.mark.slow
-def test_two_to_one_to_two_ranks_uses_each_sample_once_per_epoch(shards, tmp_path):
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
+def test_two_to_one_to_two_ranks_uses_each_sample_once_per_epoch(shards, tmp_path, backend):
     # 48 samples, a global batch of 8 (4 per rank on 2 ranks): 6 steps per epoch. OSR 1 epoch, fine-tuning 1.
-    config = job(shards, tmp_path / "run", run={"backend": "deepspeed", "save_every_steps": 0})
+    config = job(shards, tmp_path / "run", run={"backend": backend, "save_every_steps": 0})
     first = run_ranks(CASE, world_size=2, config=config, stop_at=1)  # inside the OSR epoch
     assert [r["global_step"] for r in first] == [1, 1] and not first[0]["finished"]
-    resumed = job(shards, tmp_path / "run", run={"backend": "deepspeed", "save_every_steps": 0, "resume": "latest"})
+    resumed = job(shards, tmp_path / "run", run={"backend": backend, "save_every_steps": 0, "resume": "latest"})
     # On 1 rank: the 40 OSR samples left take 5 steps (OSR ends at step 6), then 2 fine-tuning steps.
     second = run_ranks(CASE, world_size=1, config=resumed, stop_at=8)
     assert second[0]["global_step"] == 8 and not second[0]["finished"]

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 _BUILTIN = {
     "single": "engine.backends.single:SingleProcessBackend",
     "deepspeed": "engine.backends.deepspeed:DeepSpeedBackend",
+    "fsdp": "engine.backends.fsdp:FSDPBackend",
 }
 _REGISTERED: dict[str, type] = {}
 

@@ -83,7 +83,8 @@ class Backend(Protocol):
         """Context in which `model` holds complete (gathered) weights, e.g. for evaluation."""
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        """The complete model state dict on every rank."""
+        """The complete model state dict on rank 0 (other ranks: the same, or {} where gathering to rank 0
+        only saves memory, as FSDP2 does)."""
 
     def close(self) -> None:
         """Release what the backend holds (engines, buffers); the process group stays."""
@@ -104,17 +105,6 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_bundle(backend_cls: type[Backend], cfg: JobConfig, *, micro_batch_size: int) -> ClipBundle:
-    """The job's model: built by the backend when it has its own way (`build_bundle`, e.g. ZeRO-3 partitions
-    while constructing, so no rank holds the whole model), else by `models.build_model` on every rank."""
-    own = getattr(backend_cls, "build_bundle", None)
-    if own is not None:
-        return own(cfg, micro_batch_size=micro_batch_size)
-    from models import build_model
-
-    return build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
-
-
 def tensors_digest(tensors: Iterable[Tensor], *, names: Iterable[str] | None = None) -> str:
     """sha256 over the values of `tensors` (and their `names`, when given), in order.
 
@@ -131,3 +121,25 @@ def tensors_digest(tensors: Iterable[Tensor], *, names: Iterable[str] | None = N
             values = values + 0.0  # -0.0 + 0.0 == +0.0; every other value is unchanged
         digest.update(values.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def build_bundle(backend_class: type, cfg: JobConfig, *, ctx: DistContext,
+                 micro_batch_size: int) -> tuple[ClipBundle, float]:
+    """The job's model for `backend_class` and its fixed temperature tau.
+
+    A backend with its own `build_bundle` classmethod decides how, so that no rank holds the whole model
+    (ZeRO-3: partitioned while constructing; FSDP2: on the meta device); otherwise every rank builds the
+    full model with its weights.
+    """
+    own = getattr(backend_class, "build_bundle", None)
+    if own is not None:
+        return own(cfg, ctx=ctx, micro_batch_size=micro_batch_size)
+    return full_bundle(cfg)
+
+
+def full_bundle(cfg: JobConfig) -> tuple[ClipBundle, float]:
+    """The full model with its weights (random init from `run.seed` without), and its tau."""
+    from models import build_model, temperature
+
+    bundle = build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
+    return bundle, temperature(bundle.model)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engine.backends.base import adamw_param_groups, tensors_digest
+from engine.backends.base import adamw_param_groups, full_bundle, tensors_digest
 from engine.config import PRECISIONS
 from models.weights import make_logit_scale_1d
 
@@ -209,10 +209,10 @@ class DeepSpeedBackend:
                    eps=ocfg.eps, grad_clip=ocfg.grad_clip, precision=cfg.model.precision)
 
     @classmethod
-    def build_bundle(cls, cfg: JobConfig, *, micro_batch_size: int) -> ClipBundle:
-        """The model of `cfg`: under ZeRO-3 built partitioned (`deepspeed.zero.Init`) and loaded into the
-        partitions, so no rank holds the whole model; under ZeRO-1/2 built whole on every rank (collective)."""
-        from models import build_model
+    def build_bundle(cls, cfg: JobConfig, *, ctx: DistContext, micro_batch_size: int) -> tuple[ClipBundle, float]:
+        """The model of `cfg` and its tau: under ZeRO-3 built partitioned (`deepspeed.zero.Init`) and loaded
+        into the partitions, so no rank holds the whole model; under ZeRO-1/2 built whole on every rank."""
+        from models import temperature
         from models.zero3 import build_model_zero3
 
         ocfg = cfg.optim
@@ -221,9 +221,10 @@ class DeepSpeedBackend:
             betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay, eps=ocfg.eps, grad_clip=ocfg.grad_clip,
             precision=cfg.model.precision,
         )
-        if int(config["zero_optimization"]["stage"]) == 3:
-            return build_model_zero3(cfg.model.name, ds_config=config, **cfg.model.build_kwargs(), seed=cfg.run.seed)
-        return build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
+        if int(config["zero_optimization"]["stage"]) != 3:
+            return full_bundle(cfg)
+        bundle = build_model_zero3(cfg.model.name, ds_config=config, **cfg.model.build_kwargs(), seed=cfg.run.seed)
+        return bundle, temperature(bundle.model)
 
     @classmethod
     def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:

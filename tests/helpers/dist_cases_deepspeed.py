@@ -1,4 +1,5 @@
-"""Functions run on every rank by tests.helpers.harness.run_ranks for the DeepSpeed backend tests (2 CPU ranks)."""
+"""Functions run on every rank by tests.helpers.harness.run_ranks for the sharded-backend tests (2 CPU ranks):
+DeepSpeed ZeRO 1/2/3 (`stage` 1, 2, 3) and FSDP2 (`stage` "fsdp")."""
 
 from __future__ import annotations
 
@@ -58,8 +59,11 @@ def forward_backward(backend, loss_fn: GlobalContrastiveLoss, images, texts, *, 
     backend.backward(out)
 
 
-def _gathered(backend: DeepSpeedBackend) -> tuple[dict, dict]:
+def _gathered(backend) -> tuple[dict, dict]:
     """Full model weights and full fp32 master weights (collective)."""
+    if not isinstance(backend, DeepSpeedBackend):  # FSDP2: the fp32 shards are the weights and the masters
+        weights = {name: p.full_tensor().detach().clone() for name, p in backend.model.named_parameters()}
+        return weights, {name: w for name, w in weights.items() if backend.model.get_parameter(name).requires_grad}
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -82,17 +86,58 @@ def deepspeed_backend(seed: int, config: str, **kwargs) -> DeepSpeedBackend:
                             betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS, **kwargs)
 
 
-def zero_stage_checks(stage: int, checkpoint_dir: str) -> dict:
-    """OSR, a fine-tuning step, reset, save and load on one ZeRO stage; returns what the test asserts on."""
+def tiny_skeleton() -> torch.nn.Module:
+    """`tiny_model` on the meta device: shapes only."""
+    from models.meta import build_model_on_meta
+
+    model = build_model_on_meta(MODEL).model
+    with torch.device("meta"):
+        model.token_embedding = torch.nn.Embedding(VOCAB_SIZE, TEXT_WIDTH)
+    make_logit_scale_1d(model)
+    model.logit_scale.requires_grad_(False)
+    return model
+
+
+def fsdp_backend(seed: int, **kwargs):
+    """The tiny model sharded by FSDP2 with the tests' AdamW settings, built as for a checkpoint: on the meta
+    device on every rank, filled from rank 0's full state dict."""
+    from engine.backends.fsdp import FSDPBackend
+
+    weights = tiny_model(seed).state_dict() if context_from_env().rank == 0 else None
+    return FSDPBackend(tiny_skeleton(), device=torch.device("cpu"), betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS,
+                       weights=weights, **kwargs)
+
+
+def sharded_backend(stage: int | str, seed: int, **kwargs):
+    """ZeRO-`stage` (1, 2, 3) with `zero_configs/zero<stage>.json`, or FSDP2 for stage "fsdp"."""
+    if stage == "fsdp":
+        kwargs.pop("grad_clip", None)  # FSDP2 clips in `step` only
+        return fsdp_backend(seed, **kwargs)
+    return deepspeed_backend(seed, f"zero{stage}.json", **kwargs)
+
+
+def init_distributed(stage: int | str) -> None:
     ctx = context_from_env()
-    DeepSpeedBackend.init_distributed(ctx)
+    if stage == "fsdp":
+        from engine.backends.fsdp import FSDPBackend
+
+        FSDPBackend.init_distributed(ctx)
+    else:
+        DeepSpeedBackend.init_distributed(ctx)
+
+
+def zero_stage_checks(stage: int | str, checkpoint_dir: str) -> dict:
+    """OSR, a fine-tuning step, reset, save and load on one ZeRO stage (or FSDP2); returns what the test
+    asserts on."""
+    ctx = context_from_env()
+    init_distributed(stage)
     loss_fn = GlobalContrastiveLoss(SPEC, gather=gather_no_grad, reduce_sum=all_reduce_sum,
                                     world_size=ctx.world_size)
     lo, hi = ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH
 
-    def build(seed: int) -> DeepSpeedBackend:
+    def build(seed: int):
         # The config clips (gradient_clipping = GRAD_CLIP); OSR steps must still see raw gradients.
-        return deepspeed_backend(seed, f"zero{stage}.json", grad_clip=GRAD_CLIP)
+        return sharded_backend(stage, seed, grad_clip=GRAD_CLIP)
 
     def backward(backend, index: int) -> None:
         images, texts = global_batch(index, ctx.world_size)
@@ -121,6 +166,14 @@ def zero_stage_checks(stage: int, checkpoint_dir: str) -> dict:
 
     backend.reset_optimizer_state()
     out.update(reset_count=backend.optimizer_step_count(), reset_moments=backend.full_moments())
+    if stage == "fsdp":  # a checkpoint right after the reset ('no seeding' ablation) loads as no state at all
+        backend.save(Path(checkpoint_dir) / "after_reset")
+        stateful = build(seed=1)
+        train_step(stateful, RESET_BATCH, lr=0.0)  # has moments and a counter before loading
+        stateful.load(Path(checkpoint_dir) / "after_reset")
+        out.update(reset_loaded_count=stateful.optimizer_step_count(), reset_loaded_moments=stateful.full_moments(),
+                   reset_loaded_differing_weights=_differing(_gathered(backend)[0], _gathered(stateful)[0]))
+        stateful.close()
     train_step(backend, RESET_BATCH, lr=LR)
     out["reset_step_weights"], _ = _gathered(backend)
     out.update(reset_step_count=backend.optimizer_step_count(), reset_step_moments=backend.full_moments())
@@ -153,21 +206,26 @@ def zero_stage_checks(stage: int, checkpoint_dir: str) -> dict:
 
 
 def bf16_osr_checks(config: str) -> dict:
-    """OSR under bf16 (autocast forward, as the trainer runs it): bf16 weights and fp32 masters untouched."""
+    """OSR under bf16 (DeepSpeed: autocast forward, as the trainer runs it; FSDP2 for config "fsdp": its
+    MixedPrecisionPolicy): weights and fp32 masters untouched. Also the dtype the blocks compute in."""
     ctx = context_from_env()
-    DeepSpeedBackend.init_distributed(ctx)
+    stage = "fsdp" if config == "fsdp" else None
+    init_distributed(stage)
     loss_fn = GlobalContrastiveLoss(SPEC, gather=gather_no_grad, reduce_sum=all_reduce_sum,
                                     world_size=ctx.world_size)
     lo, hi = ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH
-    backend = deepspeed_backend(0, config, precision="bf16")
+    backend = fsdp_backend(0, precision="bf16") if stage else deepspeed_backend(0, config, precision="bf16")
+    block_dtypes = set()
+    backend.model.visual.transformer.resblocks[0].register_forward_hook(
+        lambda module, args, output: block_dtypes.add(str(output.dtype)))
     weights0, masters0 = _gathered(backend)
     for index in range(OSR_STEPS):
         images, texts = global_batch(index, ctx.world_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage is None):
             forward_backward(backend, loss_fn, images[lo:hi], texts[lo:hi], offset=lo)
         backend.step(lr=0.0)
     weights, masters = _gathered(backend)
-    out = {"weight_dtypes": sorted({str(w.dtype) for w in weights.values()}),
+    out = {"weight_dtypes": sorted({str(w.dtype) for w in weights.values()}), "block_dtypes": sorted(block_dtypes),
            "osr_changed_weights": _differing(weights0, weights),
            "osr_changed_masters": _differing(masters0, masters),
            "osr_count": backend.optimizer_step_count(), "osr_moments": backend.full_moments()}
@@ -175,15 +233,15 @@ def bf16_osr_checks(config: str) -> dict:
     return out if ctx.rank == 0 else {k: v for k, v in out.items() if k != "osr_moments"}
 
 
-def reshard_round(stage: int, save_dir: str, load_dir: str | None) -> dict:
+def reshard_round(stage: int | str, save_dir: str, load_dir: str | None) -> dict:
     """Optionally load (resharded) a checkpoint of another world size, then train/save; returns full state.
 
     With `load_dir` the state right after loading is returned; without it, OSR + one fine-tuning
     step are run first. Either way the state is then saved to `save_dir`.
     """
     ctx = context_from_env()
-    DeepSpeedBackend.init_distributed(ctx)
-    backend = deepspeed_backend(0 if load_dir is None else 1, f"zero{stage}.json")
+    init_distributed(stage)
+    backend = sharded_backend(stage, 0 if load_dir is None else 1)
     if load_dir is None:
         loss_fn = GlobalContrastiveLoss(SPEC, gather=gather_no_grad, reduce_sum=all_reduce_sum,
                                         world_size=ctx.world_size)

@@ -1,0 +1,377 @@
+"""FSDP2 backend: `torch.distributed.fsdp.fully_shard` on every transformer block of both towers, then the
+root; torch AdamW on the sharded fp32 (DTensor) parameters; checkpoints through `torch.distributed.checkpoint`.
+
+Same interface as `engine.backends.single.SingleProcessBackend`. OSR runs through it unchanged: a
+step at lr = 0 with clipping off accumulates raw gradients into the sharded moments, advances the
+step counter and leaves the fp32 shards bit-identical (decoupled weight decay is multiplied by lr).
+bf16 runs through `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the sharded
+parameters the optimizer steps stay fp32 (the masters), the gathered copies are bf16.
+
+Checkpoints are DCP folders: each rank writes its shards, and a checkpoint written by any number of
+ranks loads on any other (DCP reshards on load). DCP's `.metadata` file is a pickle: it is read
+through an unpickler that accepts DCP's own metadata classes only, and only tensors are loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from engine.backends.base import adamw_param_groups, full_bundle, tensors_digest
+from engine.distributed import broadcast_object
+from models.weights import make_logit_scale_1d
+
+if TYPE_CHECKING:
+    from engine.config import JobConfig
+    from engine.distributed import DistContext
+    from models import ClipBundle
+
+logger = logging.getLogger(__name__)
+
+ENCODER_METHODS = ("encode_image", "encode_text")  # open_clip entry points besides forward
+STATE_FILE = "fsdp.json"  # what the DCP folder holds (JSON: read without unpickling)
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """The complete tensor (collective for a DTensor)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every residual block of both towers (open_clip keeps them in `resblocks` lists)."""
+    blocks = [block for name, module in model.named_modules() if name.endswith("resblocks")
+              for block in module]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks (`resblocks`); run.backend=fsdp shards "
+                         "open_clip transformer towers only: use run.backend=deepspeed for this model")
+    return blocks
+
+
+def parallelize_clip(model: nn.Module, *, mesh, precision: str) -> nn.Module:
+    """`fully_shard` every transformer block, then the root (embeddings, projections, norms, logit_scale)."""
+    if precision == "bf16":
+        block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # The objective gets fp32 features, as from the single-process backend's autocast (root only:
+        # fp32 between blocks would meet bf16 norm weights).
+        root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                           output_dtype=torch.float32)
+    else:
+        block_policy = root_policy = MixedPrecisionPolicy()
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=block_policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
+    for method in ENCODER_METHODS:  # the evaluator and tests call the encoders directly
+        if callable(getattr(model, method, None)):
+            register_fsdp_forward_method(model, method)
+    return model
+
+
+class FSDPBackend:
+    """Model sharded with FSDP2 + torch AdamW on the shards; implements `engine.backends.base.Backend`.
+
+    `model` may be built on the meta device (no rank holds the full fp32 model): pass `weights`,
+    a full state dict that rank 0 holds (other ranks pass None); it is broadcast shard by shard.
+    """
+
+    name: ClassVar[str] = "fsdp"
+    supports_reshard: ClassVar[bool] = True  # DCP reshards on load
+    max_ranks: ClassVar[int | None] = None
+
+    def __init__(self, model: nn.Module, *, device: torch.device, betas: tuple[float, float], weight_decay: float,
+                 eps: float, precision: str = "fp32", weights: dict[str, Tensor] | None = None):
+        if not dist.is_initialized():
+            raise ValueError("run.backend=fsdp needs a launcher: run under `torchrun` (one process: "
+                             "`torchrun --nproc_per_node 1 run.py ...`), or use run.backend=single")
+        make_logit_scale_1d(model)  # fully_shard rejects 0-dim parameters
+        on_meta = any(p.is_meta for p in model.parameters())
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        self.model = parallelize_clip(model, mesh=mesh, precision=precision)
+        self.device = device
+        if on_meta:
+            self._materialise(weights)
+        elif weights is not None:
+            raise ValueError("weights are for a model built on the meta device; this one has its weights")
+        # foreach: one dispatch per parameter list (torch picks the per-tensor loop on CPU, slow with DTensors).
+        self.optimizer = torch.optim.AdamW(adamw_param_groups(self.model, weight_decay), lr=0.0, betas=betas,
+                                           eps=eps, foreach=True)
+        self._trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._full_mode = False
+        logger.info("FSDP2, %s, %d rank(s), %d blocks sharded", precision, dist.get_world_size(),
+                    len(transformer_blocks(self.model)))
+
+    @classmethod
+    def build_bundle(cls, cfg: JobConfig, *, ctx: DistContext, micro_batch_size: int) -> tuple[ClipBundle, float]:
+        """With `model.weights`: the model on the meta device on every rank (no memory) and the checkpoint's
+        temperature, read by rank 0. Without: the full random-init model (its values match one process)."""
+        if cfg.model.weights is None:
+            return full_bundle(cfg)
+        from models.meta import build_model_on_meta, read_matching_state_dict
+
+        bundle = build_model_on_meta(cfg.model.name, **cfg.model.build_kwargs())
+        tau = None
+        if ctx.rank == 0:  # checked here, before any rank allocates; read again (and broadcast) in from_config
+            logit_scale = read_matching_state_dict(bundle.model, cfg.model.weights)["logit_scale"]
+            tau = float(torch.exp(-logit_scale.float()).reshape(()))
+        return bundle, broadcast_object(tau)
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, model: nn.Module, *, ctx: DistContext, device: torch.device,
+                    micro_batch_size: int) -> FSDPBackend:
+        """AdamW from the optim section, precision from the model section; a meta-device model gets its
+        `model.weights` from rank 0, shard by shard."""
+        weights = None
+        if ctx.rank == 0 and any(p.is_meta for p in model.parameters()):
+            from models.meta import read_matching_state_dict
+
+            weights = read_matching_state_dict(model, cfg.model.weights)
+        ocfg = cfg.optim
+        return cls(model, device=device, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay, eps=ocfg.eps,
+                   precision=cfg.model.precision, weights=weights)
+
+    @classmethod
+    def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:
+        """Join torchrun's process group (gloo on CPU, nccl on CUDA), also for one rank: FSDP needs one."""
+        if dist.is_initialized():
+            return
+        if "MASTER_ADDR" not in os.environ:
+            raise ValueError("run.backend=fsdp needs a launcher: run under `torchrun` (one process: "
+                             "`torchrun --nproc_per_node 1 run.py ...`), or use run.backend=single")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        logger.info("rank %d/%d joined process group (%s)", ctx.rank, ctx.world_size, backend)
+
+    def _materialise(self, weights: dict[str, Tensor] | None) -> None:
+        """Allocate this rank's shards and fill them from rank 0's full state dict (broadcast)."""
+        from models.meta import init_non_persistent_buffers
+
+        self.model.to_empty(device=self.device)
+        init_non_persistent_buffers(self.model)
+        if dist.get_rank() == 0 and weights is None:
+            raise ValueError("a model built on the meta device needs its weights on rank 0")
+        if weights is not None:
+            for name in ("logit_scale", "logit_bias"):
+                if name in weights and weights[name].ndim == 0:
+                    weights = {**weights, name: weights[name].reshape(1)}
+        set_model_state_dict(self.model, weights if dist.get_rank() == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+    # ----- the step -----
+    def forward(self, images: Tensor, texts: Tensor):
+        """The model's forward (normalised image and text features); FSDP gathers each block in turn."""
+        images = images.to(self.device, dtype=torch.float32, non_blocking=True)
+        return self.model(images, texts.to(self.device, non_blocking=True))
+
+    def backward(self, loss: Tensor) -> None:
+        """Backward; FSDP reduce-scatters the gradients (averaged over ranks) into each rank's shards."""
+        loss.backward()
+
+    def _grads(self) -> list[Tensor]:
+        return [p for _, p in self._trainable if p.grad is not None]
+
+    def step(self, *, lr: float, grad_clip: float = 0.0) -> float:
+        """AdamW step of every shard at `lr`, clipped to `grad_clip` if > 0; returns the global grad norm.
+
+        A non-finite norm is seen before the update: nothing is applied then.
+        """
+        params = self._grads()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = _full(norm)
+        finite = bool(torch.isfinite(norm))
+        if finite and grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_finite(self) -> bool:
+        """Weight shards and moments of every rank all finite (one all-reduce)."""
+        tensors = [_local(p) for p in self.model.parameters()]
+        tensors += [_local(v) for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        bad = torch.tensor([float(not all(bool(torch.isfinite(t).all()) for t in tensors))], device=self.device)
+        dist.all_reduce(bad)
+        return bad.item() == 0
+
+    # ----- moments -----
+    def reset_optimizer_state(self) -> None:
+        self.optimizer.state.clear()
+
+    def optimizer_step_count(self) -> int:
+        for state in self.optimizer.state.values():
+            return int(state["step"])
+        return 0
+
+    def full_moments(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Parameter name -> (exp_avg, exp_avg_sq) gathered from every rank's shards (collective)."""
+        out = {}
+        for name, param in self._trainable:
+            state = self.optimizer.state.get(param)
+            if not state:
+                return {}  # no step yet (the same on every rank)
+            m, v = (_full(state[key]).detach().float().cpu().clone() for key in _MOMENT_KEYS)
+            out[name] = (m, v)
+        return out
+
+    # ----- weights -----
+    def weights_digest(self) -> str:
+        """sha256 of this rank's fp32 weight shards (which are also AdamW's parameters)."""
+        names, params = zip(*self.model.named_parameters())
+        return tensors_digest([_local(p) for p in params], names=names)
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        """Context in which every rank's module holds the complete weights (gathered once, kept until the
+        end), so ranks may run different numbers of forwards (evaluation splits)."""
+        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for module in modules:
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()
+        try:
+            yield self.model
+        finally:
+            for module in modules:
+                module.reshard()
+                module.set_reshard_after_forward(True, recurse=False)
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The complete model state dict (fp32, CPU) on rank 0; other ranks get {} (collective)."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    # ----- checkpoints -----
+    def _state(self) -> dict:
+        """Model shards and AdamW state (tensors only) as DCP saves and loads them."""
+        state = {"model": get_model_state_dict(self.model)}
+        if self.optimizer.state:
+            # get_optimizer_state_dict would create state by a step when there is none (and count it).
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)["state"]
+        return state
+
+    def save(self, directory: Path) -> None:
+        """Each rank writes its shards of weights and optimizer state into the DCP folder `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self._state()
+        try:
+            dcp.save(state, checkpoint_id=directory)
+        except CheckpointException as exc:
+            raise _first_failure(exc) from None
+        if dist.get_rank() == 0:
+            (directory / STATE_FILE).write_text(json.dumps({
+                "optimizer_state": "optim" in state, "world_size": dist.get_world_size(),
+            }))
+
+    def load(self, directory: Path, *, reshard: bool = False) -> None:
+        """Restore weights, moments and step counter written by `save` on any number of ranks."""
+        directory = Path(directory)
+        try:
+            info = json.loads((directory / STATE_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{directory / STATE_FILE} is missing or unreadable ({exc}); not an FSDP checkpoint "
+                             "(written by another backend?)") from exc
+        if info["optimizer_state"] and not self.optimizer.state:
+            # Creates state to load into (a step at lr = 0 with zero gradients; overwritten below).
+            get_optimizer_state_dict(self.model, self.optimizer)
+        if not info["optimizer_state"]:
+            self.optimizer.state.clear()
+        state = self._state()
+        try:
+            dcp.load(state, storage_reader=TensorOnlyReader(directory))
+        except CheckpointException as exc:
+            failure = _first_failure(exc)
+            raise ValueError(f"{directory}: {type(failure).__name__}: {failure}") from None
+        set_model_state_dict(self.model, state["model"])
+        if "optim" in state:
+            groups = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
+            set_optimizer_state_dict(self.model, self.optimizer, {"state": state["optim"], "param_groups": groups})
+
+    def close(self) -> None:
+        """Drop the optimizer state and gradients; the process group stays."""
+        self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _first_failure(exc: CheckpointException) -> BaseException:
+    """The exception of the lowest failing rank (DCP wraps every rank's in one BaseException); an OSError
+    (disk full) stays one, so the checkpoint manager reports it."""
+    failure = exc.failures[min(exc.failures)]
+    failure = failure[0] if isinstance(failure, tuple) else failure
+    return failure if isinstance(failure, Exception) else RuntimeError(str(exc))
+
+
+# ----- DCP metadata without arbitrary unpickling -----
+
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                     "torch.distributed.checkpoint.planner")
+_OTHER_GLOBALS = {("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+                  ("torch.serialization", "_get_layout")}  # a layout by name, as weights_only allows
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's metadata classes (dataclasses of plain values) and nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if module in _METADATA_MODULES or (module, name) in _OTHER_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch":  # dtypes, layouts, memory formats, Size: values, no code
+            value = getattr(torch, name, None)
+            if value is torch.Size or isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
+        raise pickle.UnpicklingError(f"global {module}.{name} is not part of DCP metadata")
+
+
+class TensorOnlyReader(FileSystemReader):
+    """DCP's file reader whose metadata is unpickled with DCP's classes only, and which refuses entries that
+    DCP would read with `torch.load(weights_only=False)` (non-tensor 'bytes' items)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        if kwargs.get("rank") is not None:
+            path = Path(self.path) / f"__{kwargs['rank']}.metadata"
+        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path} does not hold DCP metadata")
+        not_tensors = [key for key, md in metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]
+        if not_tensors:
+            raise ValueError(f"{path} lists non-tensor entries {not_tensors[:3]}; this engine writes tensors only "
+                             "(the checkpoint was changed or written by other code)")
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
