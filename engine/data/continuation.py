@@ -29,7 +29,7 @@ from typing import Any
 import webdataset as wds
 
 from engine.data.manifest import Manifest
-from engine.data.plan import Segment, sample_shuffle_rng, share, shard_order
+from engine.data.plan import Segment, sample_shuffle_rng, shard_order, share
 
 
 class Positions:

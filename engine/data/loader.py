@@ -50,7 +50,7 @@ from engine.data.batching import (
     position_after,
     take_batch,
 )
-from engine.data.continuation import EpochPlan, Positions
+from engine.data.continuation import EpochPlan
 from engine.data.manifest import Manifest
 from engine.data.plan import Segment, rank_num_samples, shard_order, slot_num_samples, stable_seed
 from engine.data.reader import EpochReader, StreamSettings
