@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
 from engine.preemption import EXIT_PREEMPTED, Preempted
@@ -35,26 +38,51 @@ COMMON_FLAGS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none to show (None, off switches)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _config_default(key: str):
+    from engine.config import JobConfig
+
+    value = JobConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _add_job_args(parser: argparse.ArgumentParser) -> None:
+    from engine.config import METHODS, SURROGATE_CHOICES
+
+    choices = {"method": METHODS, "surrogate": SURROGATE_CHOICES}  # shown and checked by argparse
     # Accepted after the subcommand too (where some launchers put it).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file with the job configuration (see configs in README)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set loss.margin=0.2 (repeatable)")
     for flag, key in COMMON_FLAGS.items():
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None,
-                            help=f"shortcut for --set {key}=...")
+        default = _config_default(key)
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, choices=choices.get(flag),
+                            help=f"shortcut for --set {key}=..." + (f" (config default: {default})"
+                                                                     if default not in (None, "") else ""))
     parser.add_argument("--no-seed-moments", action="store_true", help="ablation: do not seed AdamW from OSR")
     parser.add_argument("--no-seed-u", action="store_true", help="ablation: do not seed u from OSR")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description="TuneCLIP-engine: self-supervised CLIP fine-tuning")
+    parser = argparse.ArgumentParser(prog="run.py", description="TuneCLIP-engine: self-supervised CLIP fine-tuning",
+                                     formatter_class=HelpFormatter)
     # The deepspeed launcher inserts --local_rank=N right after the script name.
     parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
     for name, text in (("tune", "OSR (if the method uses it) then fine-tuning, with evaluation"),
                        ("osr", "stage I only: recover AdamW moments and u at frozen weights"),
@@ -97,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="report larger images (width x height) as too big, as training skips them")
 
     demo = sub.add_parser("demo", help="self-contained demo on synthetic data (no downloads)")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", default="runs/demo", help="folder for the demo's data, runs, table and plot")
     demo.add_argument("--quick", action="store_true", help="smaller and shorter (for tests)")
     demo.add_argument("--overwrite", action="store_true", help="replace --out if it exists (asked, never silent)")
     return parser
@@ -128,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO if main_rank else logging.WARNING)
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     try:
-        return _dispatch(args)
+        # Log lines go above the progress bars instead of being glued onto them.
+        with logging_redirect_tqdm(loggers=[logging.root]):
+            return _dispatch(args)
     except Preempted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED

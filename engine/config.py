@@ -21,6 +21,7 @@ from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
 
 METHODS = ("tuneclip", "fastclip", "openclip")
 SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl")
+WANDB_MODES = ("offline", "online")
 PRECISIONS = ("fp32", "bf16")  # training precisions (weights fp32; bf16 compute)
 
 # Paper Table 9: what each method runs.
@@ -204,6 +205,11 @@ class RunConfig:
     resume: str | None = None  # "latest" or a checkpoint folder
     max_bad_steps: int = 5  # consecutive non-finite steps skipped before the run aborts
     collective_timeout_s: int = 600  # a rank waiting this long in a collective fails the job (dead/frozen rank)
+    below_base_tolerance: float = 0.005  # an evaluation more than this under the base (metric units) is warned about
+    stop_below_base: int = 0  # stop fine-tuning after this many consecutive evaluations below the base; 0 = never
+    tensorboard: bool = False  # also log scalars to <out_dir>/tensorboard (per step and per evaluation)
+    wandb_project: str | None = None  # also log to Weights & Biases (optional package `wandb`)
+    wandb_mode: str = "offline"  # offline (files under <out_dir>/wandb, `wandb sync` later) | online
 
     def errors(self) -> list[str]:
         out = []
@@ -221,6 +227,12 @@ class RunConfig:
             out.append(f"run.collective_timeout_s must be >= 1 (seconds), got {self.collective_timeout_s}")
         if self.max_bad_steps < 1:
             out.append(f"run.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if self.below_base_tolerance < 0:
+            out.append(f"run.below_base_tolerance must be >= 0 (metric units), got {self.below_base_tolerance}")
+        if self.stop_below_base < 0:
+            out.append(f"run.stop_below_base must be >= 0 (0 = never stop), got {self.stop_below_base}")
+        if self.wandb_mode not in WANDB_MODES:
+            out.append(f"run.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
         return out
 
 

@@ -32,10 +32,11 @@ from engine.heartbeat import Heartbeat
 from engine.objectives import Objective, build_objective, total_loss
 from engine.objectives.normaliser import build_normaliser
 from engine.preemption import Preempted, StopRequests
-from engine.report import default_metric
+from engine.livelog import build_live_sinks
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
+from engine.summary import default_metric, earlier_run_outputs, format_rate, run_summary, write_summary
 from models import build_model, export_weights, features_of, temperature
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,12 @@ class Trainer:
                 f"run.out_dir {self.out_dir} holds checkpoints of an earlier run: continue it with "
                 "--resume latest, or start a new run in another --out (nothing was overwritten)"
             )
+        earlier = earlier_run_outputs(self.out_dir) if not cfg.run.resume else []
+        if earlier:
+            raise ValueError(
+                f"run.out_dir {self.out_dir} holds an earlier run's {', '.join(earlier)}: start a new run in "
+                "another --out, or continue a checkpointed run with --resume latest (nothing was overwritten)"
+            )
         torch.manual_seed(cfg.run.seed)
         self.device = default_device(self.ctx, cfg.run.device)
 
@@ -116,6 +123,9 @@ class Trainer:
         self._num_skips_reported = 0  # loader skip records already written to the skip file
         self._skip_log: JsonlLogger | None = None
         self.best = (-math.inf, None)
+        self.base_score: float | None = None  # selection metric of the base model (evaluation at start)
+        self.num_below_base = 0  # consecutive evaluations below the base (run.stop_below_base)
+        self.stopped_early: str | None = None
         self.normaliser = build_normaliser(cfg.loss, out_dir=self.out_dir, num_rows=self.manifest.num_samples,
                                            dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh)
         self.checkpoints = CheckpointManager(
@@ -123,7 +133,8 @@ class Trainer:
             parts={TRAIN_STATE: self, "backend": self.backend, "normaliser": self.normaliser},
             rank_parts={"loader": self.loader},
         )
-        self.log = JsonlLogger(self.out_dir / "log.jsonl", enabled=self.ctx.is_main)
+        self.log = JsonlLogger(self.out_dir / "log.jsonl", enabled=self.ctx.is_main,
+                               sinks=build_live_sinks(cfg, self.out_dir) if self.ctx.is_main else ())
         self.stop_requests = StopRequests(device=self.device).install()
         # Names a dead or frozen rank when a collective times out (one process has no peers).
         if self.ctx.distributed:
@@ -224,7 +235,8 @@ class Trainer:
                     objective_kind, self.tau, f", resuming at step {self.stage_step}" if self.stage_step else "")
         bar = tqdm(total=total, initial=self.stage_step, desc=stage, unit="step", dynamic_ncols=True,
                    disable=not (rcfg.progress and self.ctx.is_main))
-        while self.stage_step < total:
+        stage_started = time.perf_counter()
+        while self.stage_step < total and not self.stopped_early:
             epoch, start_batch = divmod(self.stage_step, steps_per_epoch)
             started, num_samples = time.perf_counter(), 0
             batches = self.loader.epoch(self.data_epoch, start_batch=start_batch)
@@ -240,20 +252,25 @@ class Trainer:
                 num_samples += len(batch.keys) * self.ctx.world_size
                 rate = num_samples / max(1e-9, time.perf_counter() - started)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=format_rate(rate))
                 if self.stage_step % rcfg.log_every == 0 or self.stage_step == total or metrics.get("skipped"):
                     self.log.write({"event": "step", "stage": stage, "epoch": epoch, "step": self.global_step,
-                                    "stage_step": self.stage_step, "samples_per_s": rate, **metrics})
+                                    "stage_step": self.stage_step, **self._ft_step(stage),
+                                    "samples_per_s": rate, **metrics})
                 if self.stage_step % steps_per_epoch == 0:
                     self._end_epoch(stage, epoch)
                 if stage == "finetune" and (
                     (eval_every and self.stage_step % eval_every == 0) or self.stage_step == total
                 ):
                     self.evaluate(stage=stage)
+                if self.stopped_early:
+                    break
                 if rcfg.save_every_steps and self.stage_step % rcfg.save_every_steps == 0:
                     self.save_checkpoint()
                 self._stop_if_requested()
         bar.close()
+        self.log.write({"event": "stage_end", "stage": stage, "step": self.global_step, "stage_step": self.stage_step,
+                        "seconds": round(time.perf_counter() - stage_started, 3), "world_size": self.ctx.world_size})
 
     def _stop_if_requested(self) -> None:
         """Checkpoint and raise `Preempted` if any rank was asked to stop (collective, every step)."""
@@ -268,8 +285,10 @@ class Trainer:
         self.data_epoch += 1
         self.normaliser.end_epoch()
         skipped = {shard: dict(reasons) for shard, reasons in self.loader.skipped.items()}
+        num_skipped_all = int(all_reduce_sum(torch.tensor([self.loader.num_skipped], device=self.device)).item())
         self.log.write({"event": "epoch_end", "stage": stage, "epoch": epoch, "step": self.global_step,
-                        "skipped": skipped, "num_skipped": self.loader.num_skipped})
+                        "skipped": skipped, "num_skipped": self.loader.num_skipped,
+                        "num_skipped_all_ranks": num_skipped_all})
         self._report_skips(epoch)
 
     def _report_skips(self, epoch: int) -> None:
@@ -335,6 +354,8 @@ class Trainer:
             self.export(self.out_dir / "final.safetensors")
             if self.cfg.run.save_every_steps:
                 self.save_checkpoint()
+        if self.ctx.is_main:
+            write_summary(self.out_dir, run_summary(self.out_dir, metric=self.cfg.eval.best_metric))
         return self.history
 
     def _enter(self, stage: str) -> None:
@@ -347,6 +368,7 @@ class Trainer:
             "stage": self.stage, "stage_step": self.stage_step, "global_step": self.global_step,
             "data_epoch": self.data_epoch, "osr_steps": self.osr_steps,
             "best_score": self.best[0] if math.isfinite(self.best[0]) else None, "best_step": self.best[1],
+            "base_score": self.base_score, "num_below_base": self.num_below_base,
             "num_bad_steps": self.num_bad_steps, "world_size": self.ctx.world_size,
             "num_workers": self.cfg.data.num_workers, "manifest_fingerprint": self.manifest.fingerprint(),
             "model": self.bundle.model_name, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
@@ -359,6 +381,7 @@ class Trainer:
         self.global_step, self.data_epoch = state["global_step"], state["data_epoch"]
         self.osr_steps, self.num_bad_steps = state["osr_steps"], state["num_bad_steps"]
         self.best = (state["best_score"] if state["best_score"] is not None else -math.inf, state["best_step"])
+        self.base_score, self.num_below_base = state.get("base_score"), state.get("num_below_base", 0)
 
     def resume(self, spec: str = "latest") -> dict:
         """Restore every part from a checkpoint (`latest` or a folder)."""
@@ -396,7 +419,8 @@ class Trainer:
             return {}
         with self.backend.full_weights():  # ZeRO-3 gathers the partitions for evaluation
             results = self.evaluator(self.backend.model, self.bundle.tokenizer, self.bundle.eval_transform)
-        record = {"event": "eval", "stage": stage, "step": self.global_step, "results": results}
+        record = {"event": "eval", "stage": stage, "step": self.global_step, **self._ft_step(stage),
+                  "results": results}
         self.history.append(record)
         self.log.write(record)
         if self.ctx.is_main:
@@ -404,11 +428,41 @@ class Trainer:
                           model_name=self.bundle.model_name, pretrained=self.cfg.model.weights or "")
         key = self.cfg.eval.best_metric or default_metric(results)
         score = headline_metric(results, key)
-        if stage != "start" and score > self.best[0]:
+        # The base model is a candidate too: best.safetensors is never worse than the base on `key`.
+        if score > self.best[0]:
             self.best = (score, self.global_step)
             self.export(self.out_dir / "best.safetensors")
         logger.info("eval at step %d (%s): %s = %.4f", self.global_step, stage, key, score)
+        if stage == "start":
+            self.base_score = score
+        else:
+            self._check_below_base(key, score)
         return results
+
+    def _ft_step(self, stage: str) -> dict:
+        """`ft_step`: fine-tuning steps done (0 at the base model), so curves of methods with and without OSR
+        line up; absent in OSR. The global `step` keeps counting OSR steps (checkpoints rely on it)."""
+        return {"ft_step": self.stage_step if stage == "finetune" else 0} if stage != "osr" else {}
+
+    def _check_below_base(self, key: str, score: float) -> None:
+        """Warn when `score` is more than run.below_base_tolerance under the base; stop after
+        run.stop_below_base such evaluations in a row."""
+        rcfg = self.cfg.run
+        if self.base_score is None or score >= self.base_score - rcfg.below_base_tolerance:
+            self.num_below_base = 0
+            return
+        self.num_below_base += 1
+        logger.warning("%s = %.4f at fine-tuning step %d is %.4f below the base model (%.4f)%s", key, score,
+                       self.stage_step, self.base_score - score, self.base_score,
+                       f"; {self.num_below_base} evaluation(s) in a row" if rcfg.stop_below_base else "")
+        self.log.write({"event": "below_base", "step": self.global_step, "ft_step": self.stage_step, "metric": key,
+                        "value": score, "base": self.base_score, "consecutive": self.num_below_base})
+        if rcfg.stop_below_base and self.num_below_base >= rcfg.stop_below_base:
+            self.stopped_early = (f"{self.num_below_base} consecutive evaluations below the base on {key} "
+                                  f"(run.stop_below_base={rcfg.stop_below_base})")
+            logger.warning("stopping fine-tuning early: %s", self.stopped_early)
+            self.log.write({"event": "early_stop", "step": self.global_step, "ft_step": self.stage_step,
+                            "reason": self.stopped_early})
 
     def export(self, path: Path) -> Path:
         """Write the current weights as a stock open_clip safetensors file (rank 0; collective)."""
