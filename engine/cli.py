@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                        help="report larger images (width x height) as too big, as training skips them")
 
+    text = "one self-contained HTML page (+ Markdown twin) comparing run folders: curves, tables, warnings"
+    report = sub.add_parser("report", help=text, description=text)
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (run.out_dir of tune / finetune)")
+    report.add_argument("--out", default=None,
+                        help="folder for report.html, report.md and figures/ (default: RUN_DIRs' parent/report)")
+
     demo = sub.add_parser("demo", help="self-contained demo on synthetic data (no downloads)")
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's data, runs, table and plot")
     demo.add_argument("--quick", action="store_true", help="smaller and shorter (for tests)")
@@ -188,6 +194,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from engine.demo import run_demo
 
         run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
+        return 0
+    if args.command == "report":
+        from engine.report_page import write_report
+
+        common = Path(os.path.commonpath([str(Path(p).resolve()) for p in args.runs]))
+        out = args.out or (common.parent if len(args.runs) == 1 else common) / "report"
+        html_path, md_path = write_report(args.runs, out)
+        print(f"wrote {html_path} and {md_path}")
         return 0
     if args.command == "export":
         from models import build_model, export_weights

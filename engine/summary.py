@@ -13,8 +13,9 @@ from engine.io import write_json_atomic
 from engine.runlog import read_jsonl
 
 SUMMARY_FILE = "summary.json"
-# What a finished or started run leaves in its folder; a new run never writes over them.
-RUN_OUTPUTS = ("log.jsonl", SUMMARY_FILE, "final.safetensors", "best.safetensors", "u_table")
+# Results a run leaves in its folder; a new run never writes over them. (A run killed before any
+# evaluation or checkpoint leaves only its log and u table: a new run may start there, see `run_records`.)
+RUN_OUTPUTS = (SUMMARY_FILE, "final.safetensors", "best.safetensors")
 
 
 def earlier_run_outputs(out_dir: Path) -> list[str]:
@@ -40,6 +41,15 @@ def default_metric(results: dict) -> str:
     return f"{task}/{next(iter(metrics))}"
 
 
+def run_records(path: Path) -> list[dict]:
+    """The records of the current run in log `path`: from its last fresh start on (a resume continues a run;
+    a fresh start in the folder of a run killed before any result begins a new one)."""
+    log = read_jsonl(path)
+    fresh = [i for i, r in enumerate(log)
+             if r.get("event") == "start" and not r.get("config", {}).get("run", {}).get("resume")]
+    return log[fresh[-1]:] if fresh else log
+
+
 def _point(record: dict, key: str) -> dict:
     return {"step": record["step"], "ft_step": record.get("ft_step", 0 if record["stage"] == "start" else None),
             "stage": record["stage"], "value": headline_metric(record["results"], key)}
@@ -51,7 +61,7 @@ def run_summary(out_dir: Path, *, metric: str = "") -> dict:
     skipped; paths. `metric` is `task/metric`, or empty for the first zero-shot acc1 (as best-checkpoint
     selection does). The best is chosen among all evaluations, the base model's included."""
     out_dir = Path(out_dir)
-    log = read_jsonl(out_dir / "log.jsonl")
+    log = run_records(out_dir / "log.jsonl")
     starts = [r for r in log if r.get("event") == "start"]
     config = starts[-1].get("config", {}) if starts else {}
     run_cfg = config.get("run", {})

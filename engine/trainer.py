@@ -29,10 +29,10 @@ from engine.data import Batch, Manifest, ShardLoader
 from engine.distributed import all_reduce_sum, barrier, context_from_env, default_device, gather_no_grad
 from engine.evaluate import Evaluator, build_tasks, headline_metric, write_results
 from engine.heartbeat import Heartbeat
+from engine.livelog import build_live_sinks
 from engine.objectives import Objective, build_objective, total_loss
 from engine.objectives.normaliser import build_normaliser
 from engine.preemption import Preempted, StopRequests
-from engine.livelog import build_live_sinks
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr

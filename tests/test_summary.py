@@ -25,13 +25,15 @@ def test_summary_from_the_log_of_a_resumed_run(tmp_path):
     config = {"method": "tuneclip", "loss": {"surrogate": "auto", "margin": 0.1},
               "run": {"below_base_tolerance": 0.01}, "eval": {"best_metric": ""}}
     write_log(tmp_path, [
+        {"event": "start", "config": config},  # a run killed before any result: not part of this run
+        evaluation("start", 0, 0, 0.99),
         {"event": "start", "config": config},
         evaluation("start", 0, 0, 0.50),
         {"event": "stage_end", "stage": "osr", "seconds": 7200.0, "world_size": 4, "stage_step": 30},
         evaluation("finetune", 32, 2, 0.495),  # within the tolerance: not below the base
         evaluation("finetune", 34, 4, 0.46),
         {"event": "epoch_end", "num_skipped": 1, "num_skipped_all_ranks": 3},
-        {"event": "start", "config": config},  # a resumed launch
+        {"event": "start", "config": {**config, "run": {"below_base_tolerance": 0.01, "resume": "latest"}}},  # a resumed launch
         evaluation("finetune", 36, 6, 0.55),
         evaluation("finetune", 38, 8, 0.48),
         {"event": "stage_end", "stage": "finetune", "seconds": 1800.0, "world_size": 2, "stage_step": 8},
@@ -126,7 +128,7 @@ def test_a_new_run_refuses_a_folder_with_an_earlier_run(shards, tmp_path):
     out.mkdir()
     (out / "log.jsonl").write_text('{"event": "start"}\n')
     (out / "final.safetensors").write_bytes(b"keep")
-    with pytest.raises(ValueError, match="earlier run's log.jsonl, final.safetensors.*--resume latest"):
+    with pytest.raises(ValueError, match="earlier run's final.safetensors: start a new run in another --out.*--resume latest"):
         Trainer(load_config(base=job(shards, out)))
     assert (out / "log.jsonl").read_text() == '{"event": "start"}\n'
     assert (out / "final.safetensors").read_bytes() == b"keep"
