@@ -91,7 +91,9 @@ class LossConfig:
     """Surrogate and SogCLR estimator settings (temperature is fixed from the checkpoint)."""
 
     surrogate: str = "auto"  # auto = the method's (tuneclip: hgcl, fastclip: gcl, openclip: mbcl)
-    margin: float = 0.1
+    margin: float | str = 0.1  # HGCL margin m, or "auto": the margin_inside_share rule at w0 (README, engine/margin.py)
+    margin_inside_share: float = 0.1  # margin=auto: m puts this share of the pairs inside the hinge (d > -m) at w0
+    margin_probe_batches: int = 8  # margin=auto: batches at w0 whose d the rule reads
     eps: float = 1e-14
     chunk_size: int = 0  # columns of the global batch per block; 0 = whole batch
     gamma_min: float = 0.9
@@ -101,8 +103,14 @@ class LossConfig:
         out = []
         if self.surrogate not in SURROGATE_CHOICES:
             out.append(f"loss.surrogate must be one of {SURROGATE_CHOICES}, got {self.surrogate!r}")
-        if self.margin < 0:
-            out.append(f"loss.margin must be >= 0, got {self.margin}")
+        if isinstance(self.margin, str) and self.margin != "auto":
+            out.append(f"loss.margin must be a number >= 0 or 'auto', got {self.margin!r}")
+        elif not isinstance(self.margin, str) and self.margin < 0:
+            out.append(f"loss.margin must be >= 0 (or 'auto'), got {self.margin}")
+        if not 0 < self.margin_inside_share < 1:
+            out.append(f"loss.margin_inside_share must be in (0, 1), got {self.margin_inside_share}")
+        if self.margin_probe_batches < 1:
+            out.append(f"loss.margin_probe_batches must be >= 1, got {self.margin_probe_batches}")
         if not self.eps > 0:
             out.append(f"loss.eps must be > 0 (e.g. 1e-14), got {self.eps}")
         if self.chunk_size < 0:
@@ -295,7 +303,12 @@ def _coerce(value, annotation, where: str):
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], where)
+        for option in non_none[:-1]:  # the first type that takes the value (float | str: numbers stay numbers)
+            try:
+                return _coerce(value, option, where)
+            except ValueError:
+                pass
+        return _coerce(value, non_none[-1], where)
     if annotation is bool:
         if isinstance(value, bool):
             return value

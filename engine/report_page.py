@@ -184,7 +184,7 @@ def _tables(runs: list[Run]) -> dict[str, tuple[list[str], list[list[str]]]]:
                          + (" (base)" if best["is_base"] else ""),
                          f"{_pct(final['value'])} @ {final['ft_step']}",
                          f"{100 * final['change']:+.2f}" if "change" in final else "",
-                         f"{margin['value']:.4g}" if margin else "",
+                         str(margin["value"]) if margin else "",
                          f"{osr['seconds']:.1f} s / {osr['device_hours']:.3g} dev-h" if osr else "",
                          f"{ft['seconds']:.1f} s" if ft else "", str(s.get("num_skipped", 0))])
         else:
@@ -271,7 +271,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path,
             parts += [f"<h2>{TABLE_TITLES[name]}</h2>", _html_table(*tables[name])]
             md += [f"## {TABLE_TITLES[name]}", "", _md_table(*tables[name]), ""]
     for label, margin in margins:
-        line = f"{label}: HGCL margin m = {margin['value']:.4g} ({margin['rule']})"
+        line = f"{label}: HGCL margin m = {margin['value']} ({margin['rule']})"
         parts.append(f"<p>{html.escape(line)}</p>")
         md += [f"- {line}"]
     for label, note in notes:

@@ -132,7 +132,7 @@ def _margin(config: dict, log: list[dict]) -> dict | None:
         return None
     chosen = [r for r in log if r.get("event") == "margin_chosen"]
     if chosen:
-        return {"value": chosen[-1]["margin"], "rule": chosen[-1]["rule"]}
+        return {"value": round(chosen[-1]["margin"], 6), "rule": chosen[-1]["rule"]}
     return {"value": config.get("loss", {}).get("margin"), "rule": "fixed (loss.margin)"}
 
 
@@ -181,7 +181,7 @@ def format_summary(summary: dict) -> str:
         files += f"; evaluations: {paths['evaluations']}"
     margin = summary.get("margin")
     if margin:
-        lines.append(f"HGCL margin m = {margin['value']:.4g}: {margin['rule']}")
+        lines.append(f"HGCL margin m = {margin['value']}: {margin['rule']}")
     for stage, name in (("osr", "OSR"), ("finetune", "fine-tuning")):
         cost = summary["cost"].get(stage)
         if cost:

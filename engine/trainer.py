@@ -30,6 +30,7 @@ from engine.distributed import all_reduce_sum, barrier, context_from_env, defaul
 from engine.evaluate import Evaluator, build_tasks, headline_metric, write_results
 from engine.heartbeat import Heartbeat
 from engine.livelog import build_live_sinks
+from engine.margin import QUANTILES, DistanceHistogram, auto_margin, margin_diagnostics, pair_distances
 from engine.objectives import Objective, build_objective, total_loss
 from engine.objectives.normaliser import build_normaliser
 from engine.preemption import Preempted, StopRequests
@@ -126,6 +127,9 @@ class Trainer:
         self.base_score: float | None = None  # selection metric of the base model (evaluation at start)
         self.num_below_base = 0  # consecutive evaluations below the base (run.stop_below_base)
         self.stopped_early: str | None = None
+        # HGCL's margin: the configured number, or chosen at w0 before OSR (loss.margin=auto).
+        self.margin: float | None = None if cfg.loss.margin == "auto" else cfg.loss.margin
+        self.d_histogram = DistanceHistogram()  # d = s_ij - s_ii over OSR (frozen w0)
         self.normaliser = build_normaliser(cfg.loss, out_dir=self.out_dir, num_rows=self.manifest.num_samples,
                                            dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh)
         self.checkpoints = CheckpointManager(
@@ -151,7 +155,8 @@ class Trainer:
     def objective_for(self, kind: str) -> Objective:
         """The objective registered as `kind` (mbcl, gcl, hgcl) for this rank, over this job's normaliser."""
         lcfg = self.cfg.loss
-        return build_objective(kind, tau=self.tau, margin=lcfg.margin, eps=lcfg.eps, chunk_size=lcfg.chunk_size,
+        margin = self.margin if self.margin is not None else 0.0  # None: no hinge in this job
+        return build_objective(kind, tau=self.tau, margin=margin, eps=lcfg.eps, chunk_size=lcfg.chunk_size,
                                normaliser=self.normaliser, rank=self.ctx.rank, world_size=self.ctx.world_size,
                                local_batch=self.local_batch, gather=gather_no_grad, reduce_sum=all_reduce_sum)
 
@@ -165,6 +170,12 @@ class Trainer:
         after `run.max_bad_steps` consecutive ones the run stops.
         """
         image_features, text_features = features_of(self.backend.forward(batch.images, batch.texts))
+        # During OSR (w0 frozen), where the batch's d sits against the hinge: quantiles, share inside.
+        margin_stats = margin_diagnostics(
+            pair_distances(image_features, text_features, offset=self.ctx.rank * self.local_batch,
+                           gather=gather_no_grad),
+            margin=self.margin or 0.0, reduce_sum=all_reduce_sum, histogram=self.d_histogram,
+        ) if self.stage == "osr" else {}
         out = objective(image_features, text_features, rows=batch.rows)
         total = total_loss(out)
         # Terms carry global values, so every rank takes the same decision without a collective.
@@ -187,7 +198,7 @@ class Trainer:
         self.num_bad_steps = 0
         values = {key.removesuffix("_value"): float(value.detach()) for key, value in out.items()}
         return {"loss": float(total.detach()), **values, "grad_norm": grad_norm, "lr": lr,
-                "gamma": self.normaliser.gamma()}
+                "gamma": self.normaliser.gamma(), **margin_stats}
 
     def _skip_step(self, batch: Batch, *, reason: str) -> dict:
         self.num_bad_steps += 1
@@ -317,11 +328,14 @@ class Trainer:
         assert self.backend.weights_digest() == before, "OSR changed the weights"
         self.osr_steps = self.backend.optimizer_step_count()
         self.normaliser.set_provenance({
-            "surrogate": self.cfg.osr_surrogate, "margin": self.cfg.loss.margin, "tau": self.tau,
+            "surrogate": self.cfg.osr_surrogate, "margin": self.margin, "tau": self.tau,
             "eps": self.cfg.loss.eps, "osr_epochs": self.cfg.osr.epochs, "osr_steps": self.osr_steps,
         })
+        hist = self.d_histogram
         self.log.write({"event": "osr_done", "step": self.global_step, "adam_step": self.osr_steps,
-                        **self.normaliser.summary()})
+                        **self.normaliser.summary(), "margin": self.margin,
+                        "d_quantiles": {f"{q:g}": hist.quantile(q) for q in QUANTILES},
+                        "inside_hinge": hist.share_above(-(self.margin or 0.0))})
         if not self.cfg.osr.seed_moments:
             self.backend.reset_optimizer_state()
         if not self.cfg.osr.seed_u:
@@ -342,6 +356,8 @@ class Trainer:
             if self.cfg.eval.at_start:
                 self.evaluate(stage="start")
             run_osr = osr and METHOD_RUNS_OSR[self.cfg.method] and self.cfg.osr.epochs > 0
+            if self.margin is None and "hgcl" in (self.cfg.surrogate, self.cfg.osr_surrogate):
+                self.margin = self.choose_margin()
             self._enter("osr" if run_osr else "finetune")
         if self.stage == "osr":
             self.osr()
@@ -358,6 +374,27 @@ class Trainer:
             write_summary(self.out_dir, run_summary(self.out_dir, metric=self.cfg.eval.best_metric))
         return self.history
 
+    def choose_margin(self) -> float:
+        """loss.margin=auto: the margin that puts loss.margin_inside_share of the pairs inside the hinge
+        (d > -m) at w0, read from the first loss.margin_probe_batches batches (no update)."""
+        lcfg = self.cfg.loss
+        hist = DistanceHistogram()
+        batches = self.loader.epoch(self.data_epoch)
+        with torch.no_grad():
+            for batch in itertools.islice(batches, lcfg.margin_probe_batches):
+                image_features, text_features = features_of(self.backend.forward(batch.images, batch.texts))
+                d = pair_distances(image_features, text_features, offset=self.ctx.rank * self.local_batch,
+                                   gather=gather_no_grad)
+                hist.add(d, reduce_sum=all_reduce_sum)
+        margin = auto_margin(hist, inside_share=lcfg.margin_inside_share)
+        rule = (f"auto: {lcfg.margin_inside_share:g} of the pairs inside the hinge at w0, m = -Q_"
+                f"{1 - lcfg.margin_inside_share:g}(d) over {lcfg.margin_probe_batches} batches")
+        logger.info("loss.margin=auto: m = %.4f (%s; d median %.3f, tau %.4g)", margin, rule, hist.quantile(0.5),
+                    self.tau)
+        self.log.write({"event": "margin_chosen", "margin": margin, "rule": rule,
+                        "d_quantiles": {f"{q:g}": hist.quantile(q) for q in QUANTILES}, "tau": self.tau})
+        return margin
+
     def _enter(self, stage: str) -> None:
         self.stage, self.stage_step = stage, 0
 
@@ -368,7 +405,7 @@ class Trainer:
             "stage": self.stage, "stage_step": self.stage_step, "global_step": self.global_step,
             "data_epoch": self.data_epoch, "osr_steps": self.osr_steps,
             "best_score": self.best[0] if math.isfinite(self.best[0]) else None, "best_step": self.best[1],
-            "base_score": self.base_score, "num_below_base": self.num_below_base,
+            "base_score": self.base_score, "num_below_base": self.num_below_base, "margin": self.margin,
             "num_bad_steps": self.num_bad_steps, "world_size": self.ctx.world_size,
             "num_workers": self.cfg.data.num_workers, "manifest_fingerprint": self.manifest.fingerprint(),
             "model": self.bundle.model_name, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
@@ -382,6 +419,7 @@ class Trainer:
         self.osr_steps, self.num_bad_steps = state["osr_steps"], state["num_bad_steps"]
         self.best = (state["best_score"] if state["best_score"] is not None else -math.inf, state["best_step"])
         self.base_score, self.num_below_base = state.get("base_score"), state.get("num_below_base", 0)
+        self.margin = state.get("margin", self.margin)
 
     def resume(self, spec: str = "latest") -> dict:
         """Restore every part from a checkpoint (`latest` or a folder)."""
@@ -409,6 +447,10 @@ class Trainer:
         saved = self.checkpoints.load(str(path), purpose="osr")
         self.normaliser.load_state_dict(saved["normaliser"])
         self.osr_steps, self.data_epoch = saved[TRAIN_STATE]["osr_steps"], saved[TRAIN_STATE]["data_epoch"]
+        if self.cfg.loss.margin == "auto":  # the margin OSR chose and used
+            self.margin = saved[TRAIN_STATE].get("margin")
+            self.log.write({"event": "margin_chosen", "margin": self.margin,
+                            "rule": f"auto, chosen at w0 by the OSR run of {path}"})
         self._enter("finetune")
         self.log.write({"event": "osr_loaded", "from": str(path), "adam_step": self.backend.optimizer_step_count()})
 
