@@ -60,7 +60,7 @@ class DistanceHistogram:
     def share_above(self, threshold: float, counts: Tensor | None = None) -> float:
         """Share of d greater than `threshold` (bin resolution)."""
         counts = self.counts if counts is None else counts
-        first = int(round((threshold - LOW) / (HIGH - LOW) * NUM_BINS))
+        first = round((threshold - LOW) / (HIGH - LOW) * NUM_BINS)
         return float(counts[max(0, min(NUM_BINS, first)):].sum() / counts.sum().clamp(min=1))
 
 
