@@ -124,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                        help="report larger images (width x height) as too big, as training skips them")
 
+    text = ("a grid of fine-tuning runs (--set key=v1,v2,...) from shared recovered OSR statistics, and one report "
+            "comparing them")
+    sweep = sub.add_parser("sweep", help=text, description=text)
+    sweep.add_argument("--config", help="YAML file with the job configuration")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE[,VALUE...]",
+                       help="a fixed override, or a grid axis with several comma-separated values (repeatable)")
+    sweep.add_argument("--osr-from", default=None,
+                       help="recovered OSR statistics (a `run.py osr` checkpoint) every point starts from; "
+                            "default: the sweep runs OSR once per value of the axes that define them")
+    sweep.add_argument("--out", default=None, help="folder holding one run folder per grid point and report/ "
+                                                   "(default: the config's run.out_dir)")
+
     text = "one self-contained HTML page (+ Markdown twin) comparing run folders: curves, tables, warnings"
     report = sub.add_parser("report", help=text, description=text)
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (run.out_dir of tune / finetune)")
@@ -194,6 +206,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from engine.demo import run_demo
 
         run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
+        return 0
+    if args.command == "sweep":
+        from engine.config import load_config
+        from engine.sweep import run_sweep, split_grid
+
+        out = args.out or load_config(args.config, split_grid(args.overrides)[0]).run.out_dir
+        run_dirs, report = run_sweep(args.config, args.overrides, out=out, osr_from=args.osr_from,
+                                     local_rank=args.launcher_local_rank)
+        print(f"swept {len(run_dirs)} runs; report: {report}")
         return 0
     if args.command == "report":
         from engine.report_page import write_report

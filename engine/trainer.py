@@ -127,6 +127,7 @@ class Trainer:
         self.base_score: float | None = None  # selection metric of the base model (evaluation at start)
         self.num_below_base = 0  # consecutive evaluations below the base (run.stop_below_base)
         self.stopped_early: str | None = None
+        self._base_pending = False
         # HGCL's margin: the configured number, or chosen at w0 before OSR (loss.margin=auto).
         self.margin: float | None = None if cfg.loss.margin == "auto" else cfg.loss.margin
         self.d_histogram = DistanceHistogram()  # d = s_ij - s_ii over OSR (frozen w0)
@@ -365,6 +366,9 @@ class Trainer:
             if self.cfg.run.save_every_steps or not finetune:
                 self.save_checkpoint()  # the recovered statistics, for stage II or reuse
         if self.stage == "finetune" and finetune:
+            if self._base_pending and self.cfg.eval.at_start:
+                self.evaluate(stage="start")  # weights are still w0 (OSR moved none)
+            self._base_pending = False
             self.finetune()
             self._enter("done")
             self.export(self.out_dir / "final.safetensors")
@@ -452,6 +456,7 @@ class Trainer:
             self.log.write({"event": "margin_chosen", "margin": self.margin,
                             "rule": f"auto, chosen at w0 by the OSR run of {path}"})
         self._enter("finetune")
+        self._base_pending = True  # no evaluation ran at w0 in this run yet: tune() does it
         self.log.write({"event": "osr_loaded", "from": str(path), "adam_step": self.backend.optimizer_step_count()})
 
     # ----- evaluation, export -----
