@@ -58,7 +58,8 @@ def run_sweep(config: str | None, overrides: list[str], *, out: str | Path, osr_
         load_config(config, fixed + [f"{k}={v}" for k, v in point.items()])
     out = Path(out)
     runs_osr = METHOD_RUNS_OSR[base.method] and base.osr.epochs > 0
-    defining = [k for k in axes if k in OSR_DEFINING_KEYS or k == "method" or k.startswith("osr.")]
+    # loss.margin_* choose the margin OSR uses under loss.margin=auto: they define the statistics too.
+    defining = [k for k in axes if k in OSR_DEFINING_KEYS or k == "method" or k.startswith(("osr.", "loss.margin"))]
     if osr_from and defining:
         raise ValueError(f"sweep --osr-from: {', '.join(defining)} define(s) the recovered statistics, so one OSR "
                          "cannot serve every value; drop --osr-from (the sweep runs one OSR per value) or fix them")
