@@ -132,3 +132,21 @@ def test_a_new_run_refuses_a_folder_with_an_earlier_run(shards, tmp_path):
         Trainer(load_config(base=job(shards, out)))
     assert (out / "log.jsonl").read_text() == '{"event": "start"}\n'
     assert (out / "final.safetensors").read_bytes() == b"keep"
+
+
+def test_wandb_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    from engine.livelog import build_live_sinks
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    cfg = load_config(None, ["run.wandb_project=demo"], training=False)
+    with pytest.raises(ValueError, match="run.wandb_project=demo needs the optional package wandb: pip install wandb"):
+        build_live_sinks(cfg, tmp_path)
