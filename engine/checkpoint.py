@@ -210,8 +210,9 @@ class CheckpointManager:
     def load(self, spec: str, *, purpose: str = "resume", can_reshard: bool = False) -> dict[str, dict]:
         """Restore every part from checkpoint `spec` (`latest` or a folder); returns its JSON states.
 
-        `purpose="resume"`: everything, checked by `resume_conflicts`; per-rank parts only when the
-        world size is unchanged. `purpose="osr"`: the folder parts (moments, estimates) of an
+        `purpose="resume"`: everything, checked by `resume_conflicts`; per-rank parts: each rank its own
+        when the world size is unchanged, else every old rank's states to `load_rank_states` (parts that
+        have it; the return value is kept as `<name>_left`). `purpose="osr"`: the folder parts (moments, estimates) of an
         end-of-OSR checkpoint, checked by `osr_reuse_conflicts`; the caller takes what it needs from
         the returned states. Raises ValueError naming every conflict, before anything is changed.
         """
@@ -231,10 +232,15 @@ class CheckpointManager:
             for name, part in self.parts.items():
                 if isinstance(part, Stateful) and name in saved:
                     part.load_state_dict(saved[name])
-            if same_world:  # exact data position, skip counts included
-                for name, part in self.rank_parts.items():
+            for name, part in self.rank_parts.items():
+                if same_world:  # exact data position, skip counts included
                     state_file = path / RANKS / name / f"rank_{self.ctx.rank:05d}.json"
                     part.load_state_dict(json.loads(state_file.read_text()))
+                elif hasattr(part, "load_rank_states"):  # continued from every old rank's state
+                    old_size = saved[TRAIN_STATE]["world_size"]
+                    states = [json.loads((path / RANKS / name / f"rank_{r:05d}.json").read_text())
+                              for r in range(old_size)]
+                    saved[f"{name}_left"] = part.load_rank_states(states)
         saved["path"] = str(path)
         return saved
 

@@ -25,7 +25,7 @@ from engine import __version__
 from engine.backends import select_backend
 from engine.checkpoint import TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
 from engine.config import METHOD_RUNS_OSR, JobConfig
-from engine.data import Batch, Manifest, ShardLoader
+from engine.data import Batch, LoaderPlan, Manifest, ShardLoader
 from engine.distributed import all_reduce_sum, barrier, context_from_env, default_device, gather_no_grad
 from engine.evaluate import Evaluator, build_tasks, headline_metric, write_results
 from engine.heartbeat import Heartbeat
@@ -120,6 +120,9 @@ class Trainer:
         self.data_epoch = 0  # passes over the data (each has its own shuffle)
         self.osr_steps = 0
         self.stage, self.stage_step = "start", 0  # position: stage and batches done in it
+        # Epochs of the stage done, batches done in the current one (None: derive them, older checkpoints).
+        self.stage_epoch: int | None = 0
+        self.epoch_step: int | None = 0
         self.num_bad_steps = 0  # consecutive non-finite steps skipped
         self._num_skips_reported = 0  # loader skip records already written to the skip file
         self._skip_log: JsonlLogger | None = None
@@ -135,7 +138,8 @@ class Trainer:
                                            dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh)
         self.checkpoints = CheckpointManager(
             self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n,
-            parts={TRAIN_STATE: self, "backend": self.backend, "normaliser": self.normaliser},
+            parts={TRAIN_STATE: self, "backend": self.backend, "normaliser": self.normaliser,
+                   "data_plan": LoaderPlan(self.loader)},
             rank_parts={"loader": self.loader},
         )
         self.log = JsonlLogger(self.out_dir / "log.jsonl", enabled=self.ctx.is_main,
@@ -218,8 +222,10 @@ class Trainer:
                 "gamma": 0.0, "skipped": True}
 
     # ----- stages -----
-    def _steps_per_epoch(self) -> int:
-        n = self.loader.num_batches()
+    def _steps_per_epoch(self, epoch: int | None = None) -> int:
+        """Steps of data epoch `epoch` (None: of a whole epoch on this world size), capped by
+        run.max_steps_per_epoch. An epoch continued from another world size has its own count."""
+        n = self.loader.num_batches(epoch)
         cap = self.cfg.run.max_steps_per_epoch
         return min(n, cap) if cap > 0 else n
 
@@ -240,7 +246,12 @@ class Trainer:
                 f"data.batch_size={self.cfg.data.batch_size} is larger than the {self.manifest.num_samples} "
                 "training samples: lower the batch size or add data"
             )
-        total = epochs * steps_per_epoch
+        if self.stage_epoch is None or self.epoch_step is None:  # a checkpoint from before they were kept
+            self.stage_epoch, self.epoch_step = divmod(self.stage_step, steps_per_epoch)
+        # Steps done, the rest of this epoch, whole epochs after it (= epochs x steps_per_epoch unless the
+        # current epoch was continued from another world size).
+        total = (self.stage_step + max(0, self._steps_per_epoch(self.data_epoch) - self.epoch_step)
+                 + max(0, epochs - self.stage_epoch - 1) * steps_per_epoch) if self.stage_epoch < epochs else 0
         ocfg, rcfg = self.cfg.optim, self.cfg.run
         eval_every = self.cfg.eval.every_steps
         logger.info("%s: %d epochs x %d steps, objective %s, tau %.4g%s", stage, epochs, steps_per_epoch,
@@ -248,11 +259,14 @@ class Trainer:
         bar = tqdm(total=total, initial=self.stage_step, desc=stage, unit="step", dynamic_ncols=True,
                    disable=not (rcfg.progress and self.ctx.is_main))
         stage_started = time.perf_counter()
-        while self.stage_step < total and not self.stopped_early:
-            epoch, start_batch = divmod(self.stage_step, steps_per_epoch)
+        while self.stage_epoch < epochs and not self.stopped_early:
+            epoch, epoch_steps = self.stage_epoch, self._steps_per_epoch(self.data_epoch)
+            if self.epoch_step >= epoch_steps:  # a continued epoch whose rest was empty
+                self._end_epoch(stage, epoch)
+                continue
             started, num_samples = time.perf_counter(), 0
-            batches = self.loader.epoch(self.data_epoch, start_batch=start_batch)
-            for batch in itertools.islice(batches, steps_per_epoch - start_batch):
+            batches = self.loader.epoch(self.data_epoch, start_batch=self.epoch_step)
+            for batch in itertools.islice(batches, epoch_steps - self.epoch_step):
                 if stage == "osr":
                     lr, clip = 0.0, 0.0
                 else:
@@ -261,6 +275,7 @@ class Trainer:
                     clip = ocfg.grad_clip
                 metrics = self.train_step(batch, objective=objective, lr=lr, grad_clip=clip)
                 self.stage_step += 1
+                self.epoch_step += 1
                 num_samples += len(batch.keys) * self.ctx.world_size
                 rate = num_samples / max(1e-9, time.perf_counter() - started)
                 bar.update(1)
@@ -269,7 +284,7 @@ class Trainer:
                     self.log.write({"event": "step", "stage": stage, "epoch": epoch, "step": self.global_step,
                                     "stage_step": self.stage_step, **self._ft_step(stage),
                                     "samples_per_s": rate, **metrics})
-                if self.stage_step % steps_per_epoch == 0:
+                if self.epoch_step == epoch_steps:
                     self._end_epoch(stage, epoch)
                 if stage == "finetune" and (
                     (eval_every and self.stage_step % eval_every == 0) or self.stage_step == total
@@ -295,6 +310,8 @@ class Trainer:
 
     def _end_epoch(self, stage: str, epoch: int) -> None:
         self.data_epoch += 1
+        self.stage_epoch += 1
+        self.epoch_step = 0
         self.normaliser.end_epoch()
         skipped = {shard: dict(reasons) for shard, reasons in self.loader.skipped.items()}
         num_skipped_all = int(all_reduce_sum(torch.tensor([self.loader.num_skipped], device=self.device)).item())
@@ -401,12 +418,14 @@ class Trainer:
 
     def _enter(self, stage: str) -> None:
         self.stage, self.stage_step = stage, 0
+        self.stage_epoch, self.epoch_step = 0, 0
 
     # ----- checkpoints -----
     def state_dict(self) -> dict:
         """The job's position and identity (what a resumed run needs besides the other parts)."""
         return {
             "stage": self.stage, "stage_step": self.stage_step, "global_step": self.global_step,
+            "stage_epoch": self.stage_epoch, "epoch_step": self.epoch_step,
             "data_epoch": self.data_epoch, "osr_steps": self.osr_steps,
             "best_score": self.best[0] if math.isfinite(self.best[0]) else None, "best_step": self.best[1],
             "base_score": self.base_score, "num_below_base": self.num_below_base, "margin": self.margin,
@@ -419,6 +438,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()` of a checkpoint."""
         self.stage, self.stage_step = state["stage"], state["stage_step"]
+        self.stage_epoch, self.epoch_step = state.get("stage_epoch"), state.get("epoch_step")
         self.global_step, self.data_epoch = state["global_step"], state["data_epoch"]
         self.osr_steps, self.num_bad_steps = state["osr_steps"], state["num_bad_steps"]
         self.best = (state["best_score"] if state["best_score"] is not None else -math.inf, state["best_step"])
@@ -433,11 +453,12 @@ class Trainer:
             logger.warning("resuming with changed schedule settings: %s", "; ".join(changes))
             self.log.write({"event": "schedule_changed", "changes": changes})
         if saved[TRAIN_STATE]["world_size"] != self.ctx.world_size:
-            # Weights, moments, step and estimates carry over exactly; the rest of the epoch is dealt
-            # afresh by the new world size's plan, which does not know what the old ranks consumed.
-            logger.warning("resumed a %d-rank checkpoint on %d ranks; the rest of this epoch is dealt afresh: "
-                           "in it some samples may be used twice and others not at all (later epochs are exact)",
-                           saved[TRAIN_STATE]["world_size"], self.ctx.world_size)
+            # Weights, moments, step and estimates carry over exactly; the samples of the interrupted epoch no
+            # old rank used are dealt to the new ranks, each once (the loader's continuation).
+            logger.warning("resumed a %d-rank checkpoint on %d ranks: the %d sample(s) of data epoch %d that no "
+                           "old rank used are dealt to the new ranks, each once; later epochs follow %d ranks' plan",
+                           saved[TRAIN_STATE]["world_size"], self.ctx.world_size, saved.get("loader_left", 0),
+                           self.data_epoch, self.ctx.world_size)
         self.log.write({"event": "resume", "from": saved["path"], "step": self.global_step, "stage": self.stage,
                         "stage_step": self.stage_step})
         logger.info("resumed from %s: stage %s, step %d", saved["path"], self.stage, self.global_step)

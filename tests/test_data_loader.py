@@ -340,7 +340,7 @@ def dealt_rows(loader: ShardLoader, epoch: int) -> list[int]:
         segments = slot_segments(
             manifest, slot=slot, world_size=loader.world_size, workers_per_rank=workers, order=order
         )
-        for shard, start, stop in segments:
+        for shard, start, stop, _ in segments:
             rows += [manifest.offsets[shard] + position for position in range(start, stop)]
     return rows
 

@@ -11,8 +11,8 @@ build.py     `shards build`;  check.py  `shards check`
 """
 
 from engine.data.batching import Batch
-from engine.data.loader import ShardLoader
+from engine.data.loader import LoaderPlan, ShardLoader
 from engine.data.manifest import Manifest, ShardEntry
 from engine.data.samples import SkipRecord
 
-__all__ = ["Batch", "Manifest", "ShardEntry", "ShardLoader", "SkipRecord"]
+__all__ = ["Batch", "LoaderPlan", "Manifest", "ShardEntry", "ShardLoader", "SkipRecord"]

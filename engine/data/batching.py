@@ -115,14 +115,16 @@ class WorkerStart:
 class Position:
     """A rank's place in an epoch: after `batches_done` batches.
 
-    `straddle` = (worker, n): that worker's next piece went partly into the last batch, its first n samples.
-    With every worker done, the rest of the epoch are fill batches.
+    `straddle` = (worker, n): that worker's next piece went partly into the last batch, its first n samples;
+    `straddle_rest`: the rows of that piece not yet delivered. With every worker done, the rest of the
+    epoch are fill batches.
     """
 
     epoch: int
     batches_done: int
     workers: tuple[WorkerStart, ...]
     straddle: tuple[int, int] | None = None
+    straddle_rest: tuple[int, ...] | None = None
 
     @classmethod
     def start(cls, epoch: int, num_workers: int, *, batches_done: int = 0) -> Position:
@@ -178,7 +180,8 @@ def position_after(epoch: int, batches_done: int, merger: PieceMerger, queue: de
         # The worker must produce that piece again; its first `offset` samples are then dropped.
         workers[rest.worker] = WorkerStart(rest.index, rest.raw_start, False)
         straddle = (rest.worker, rest.offset)
-    return Position(epoch, batches_done, tuple(workers), straddle)
+        return Position(epoch, batches_done, tuple(workers), straddle, tuple(rest.rows))
+    return Position(epoch, batches_done, tuple(workers))
 
 
 def planned_position(epoch: int, batches_done: int, *, slot_sizes: list[float], batch_size: int) -> Position:

@@ -26,6 +26,7 @@ logged one by one, then only their totals at the epoch's end. Lost shard parts a
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
@@ -49,8 +50,9 @@ from engine.data.batching import (
     position_after,
     take_batch,
 )
+from engine.data.continuation import EpochPlan, Positions
 from engine.data.manifest import Manifest
-from engine.data.plan import rank_num_samples, shard_order, slot_num_samples, stable_seed
+from engine.data.plan import Segment, rank_num_samples, shard_order, slot_num_samples, stable_seed
 from engine.data.reader import EpochReader, StreamSettings
 from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS, SkipRecord
 
@@ -58,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 LOADER_STATE_FORMAT = "tuneclip-loader-state"
 LOADER_STATE_VERSION = 2
+LOADER_PLAN_FORMAT = "tuneclip-loader-plan"
 # Skipped samples logged one by one per epoch and rank; the rest are counted, totalled at the epoch's end.
 SKIP_WARNINGS_PER_EPOCH = 5
 
@@ -152,6 +155,8 @@ class ShardLoader:
         # After the last batch yielded, as restored by load_state_dict, or where epoch() was asked to start.
         self._position = Position.start(0, self.workers_per_rank)
         self._fill: tuple[int, Piece] | None = None  # (epoch, its first batch): what fills its last batches
+        # The rest of an epoch interrupted on another world size: (its plan, what it continues, for saving).
+        self._continuation: tuple[EpochPlan, dict[str, Any]] | None = None
         if resampled:
             self._num_batches = samples_per_epoch // (batch_size * world_size)
             return
@@ -182,9 +187,38 @@ class ShardLoader:
     def workers_per_rank(self) -> int:
         return max(self.num_workers, 1)
 
-    def num_batches(self) -> int:
-        """Batches per epoch on every rank: ceil(ceil(M / W) / B), enough for the largest rank share."""
-        return self._num_batches
+    def num_batches(self, epoch: int | None = None) -> int:
+        """Batches per epoch on every rank: ceil(ceil(M / W) / B), enough for the largest rank share.
+
+        For an epoch continued from another world size (`load_rank_states`): the batches done before the
+        change plus enough for the largest share of what was left.
+        """
+        plan = self._continued(epoch)
+        return self._num_batches if plan is None else plan.num_batches()
+
+    def _continued(self, epoch: int | None) -> EpochPlan | None:
+        """The plan of `epoch` if it is the rest of an epoch continued from another world size."""
+        if epoch is None or self._continuation is None or self._continuation[0].epoch != epoch:
+            return None
+        return self._continuation[0]
+
+    def _stream_start(self, epoch: int) -> int:
+        """The batch this loader's streams of `epoch` start at (0, or where a continued epoch was cut)."""
+        plan = self._continued(epoch)
+        return 0 if plan is None else plan.first_batch
+
+    def _epoch_start(self, epoch: int) -> Position:
+        return Position.start(epoch, self.workers_per_rank, batches_done=self._stream_start(epoch))
+
+    def _reader(self, epoch: int, *, record_skips: bool, starts: tuple[WorkerStart, ...]) -> EpochReader:
+        plan = self._continued(epoch)
+        segments: tuple[list[Segment], ...] | None = None
+        if plan is not None:
+            first_slot = self.rank * self.workers_per_rank
+            segments = tuple(
+                plan.segments(plan.slot_part(first_slot + worker)) for worker in range(self.workers_per_rank)
+            )
+        return EpochReader(self.settings, epoch=epoch, record_skips=record_skips, starts=starts, segments=segments)
 
     @property
     def num_skipped(self) -> int:
@@ -198,13 +232,15 @@ class ShardLoader:
         this loader's own when it is (epoch, start_batch) (it yielded those batches, or
         `load_state_dict` restored them); otherwise it is computed from the manifest's counts, which is
         exact unless samples before it were skipped. Samples before the position are read, not decoded.
+        An epoch continued from another world size starts at the batch it was cut at.
         """
-        if not 0 <= start_batch <= self.num_batches():
+        first, last = self._stream_start(epoch), self.num_batches(epoch)
+        if not first <= start_batch <= last:
             raise ValueError(
-                f"start_batch must be in [0, {self.num_batches()}] (batches per epoch), got {start_batch}"
+                f"start_batch must be in [{first}, {last}] (batches of epoch {epoch}), got {start_batch}"
             )
         self._position = self._position_at(epoch, start_batch)
-        if start_batch == 0:
+        if start_batch == first:
             self._epoch_skips = (epoch, Counter())
         return self._batches(self._position)
 
@@ -274,8 +310,9 @@ class ShardLoader:
 
     def _batches(self, position: Position) -> Iterator[Batch]:
         """The batches after `position`: its share's usable samples, then fill batches (see the module)."""
-        epoch, num_batches = position.epoch, self.num_batches()
+        epoch, num_batches = position.epoch, self.num_batches(position.epoch)
         num_yielded = position.batches_done
+        continued = self._continued(epoch) is not None
         if num_yielded >= num_batches:
             return
         merger = PieceMerger(position.workers)
@@ -284,7 +321,7 @@ class ShardLoader:
         # The last batch waits for the end of the stream (all skips counted); a resampled stream never ends.
         num_before_end = num_batches if self.resampled else num_batches - 1
         if not position.all_read:
-            reader = EpochReader(self.settings, epoch=epoch, record_skips=True, starts=position.workers)
+            reader = self._reader(epoch, record_skips=True, starts=position.workers)
             pieces = self._pieces(reader)
             try:
                 for piece in merger.merge(pieces):
@@ -312,7 +349,7 @@ class ShardLoader:
         if num_yielded == num_batches:
             return
         assert num_queued <= self.batch_size, "a share never holds more usable samples than its batches take"
-        if num_yielded == 0 and num_queued < self.batch_size:
+        if num_yielded == 0 and num_queued < self.batch_size and not continued:
             raise RuntimeError(
                 f"rank {self.rank}: its part of epoch {epoch} holds {num_queued} readable sample(s), "
                 f"less than one batch of {self.batch_size} (skipped: {dict(self.skipped)}); check the shards "
@@ -337,32 +374,46 @@ class ShardLoader:
     def _yielding(self, batch: Batch, position: Position) -> Batch:
         """Note the position after `batch` (an epoch's end as its clean end); keep the epoch's first batch."""
         epoch, num_done = position.epoch, position.batches_done
-        if num_done == 1 and batch.num_repeated == 0:
+        if num_done == self._stream_start(epoch) + 1 and batch.num_repeated == 0:
             self._fill = (epoch, as_piece(batch))
-        if num_done == self.num_batches():
+        if num_done == self.num_batches(epoch):
             position = Position.start(epoch, self.workers_per_rank, batches_done=num_done)
             self._log_epoch_skips(epoch)
         self._position = position
         return batch
 
     def _first_batch(self, epoch: int) -> Piece:
-        """The epoch's first batch as a piece: kept when this loader yielded it, else read again."""
+        """The epoch's first batch as a piece: kept when this loader yielded it, else read again.
+
+        In a continued epoch: the first batch of this rank's part of the rest, completed (when the part holds
+        less than a batch) by the first samples of its share of the whole epoch.
+        """
         if self._fill is None or self._fill[0] != epoch:
-            start = Position.start(epoch, self.workers_per_rank)
-            reader = EpochReader(self.settings, epoch=epoch, record_skips=False, starts=start.workers)
             queue: deque[Piece] = deque()
-            pieces = self._pieces(reader)
-            try:
-                for piece in PieceMerger(start.workers).merge(pieces):
-                    queue.append(piece)
-                    if sum(map(len, queue)) >= self.batch_size:
-                        break
-            finally:
-                del pieces
+            self._read_first(epoch, queue, continued=True)
+            if self._continued(epoch) is not None and sum(map(len, queue)) < self.batch_size:
+                self._read_first(epoch, queue, continued=False)
             if sum(map(len, queue)) < self.batch_size:
                 raise RuntimeError(f"rank {self.rank}: epoch {epoch} no longer holds its first batch")
             self._fill = (epoch, as_piece(take_batch(queue, self.batch_size)))
         return self._fill[1]
+
+    def _read_first(self, epoch: int, queue: deque[Piece], *, continued: bool) -> None:
+        """Queue the first pieces of this rank's streams of `epoch` until they hold a batch (or end)."""
+        start = Position.start(epoch, self.workers_per_rank)
+        if continued:
+            reader = self._reader(epoch, record_skips=False, starts=start.workers)
+        else:
+            reader = EpochReader(self.settings, epoch=epoch, record_skips=False, starts=start.workers)
+        pieces = self._pieces(reader)
+        try:
+            for piece in PieceMerger(start.workers).merge(pieces):
+                if len(piece):
+                    queue.append(piece)
+                if sum(map(len, queue)) >= self.batch_size:
+                    break
+        finally:
+            del pieces
 
     def _log_fill(self, epoch: int, num_left: int, num_fill: int) -> None:
         """Log that the last `num_left` batches are filled (the first with `num_fill` repeats)."""
@@ -378,12 +429,12 @@ class ShardLoader:
 
     # ----- positions -----
     def _position_at(self, epoch: int, start_batch: int) -> Position:
-        if start_batch == 0:
-            return Position.start(epoch, self.workers_per_rank)
+        if start_batch == self._stream_start(epoch):
+            return self._epoch_start(epoch)
         known = self._position
         if (known.epoch, known.batches_done) == (epoch, start_batch):
             return known
-        if start_batch == self.num_batches():
+        if start_batch == self.num_batches(epoch):
             return Position.start(epoch, self.workers_per_rank, batches_done=start_batch)
         logger.info(
             "rank %d: resuming epoch %d at batch %d from the manifest's counts (exact unless samples before it "
@@ -396,6 +447,13 @@ class ShardLoader:
 
     def _planned_position(self, epoch: int, batches_done: int) -> Position:
         """The position after `batches_done` batches if every sample decodes and every tar matches its count."""
+        plan = self._continued(epoch)
+        if plan is not None:
+            sizes = [len(plan.slot_part(self.rank * self.workers_per_rank + w)) for w in range(self.workers_per_rank)]
+            relative = planned_position(
+                epoch, batches_done - plan.first_batch, slot_sizes=list(map(float, sizes)), batch_size=self.batch_size
+            )
+            return Position(epoch, batches_done, relative.workers, relative.straddle)
         order = shard_order(self.manifest.num_shards, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
         slot_sizes: list[float] = [
             float("inf")
@@ -442,6 +500,7 @@ class ShardLoader:
             "batches_done": position.batches_done,
             "workers": [[w.next_piece, w.raw, w.done] for w in position.workers],
             "straddle": list(position.straddle) if position.straddle else None,
+            "straddle_rest": list(position.straddle_rest) if position.straddle_rest is not None else None,
             "skipped": {shard: dict(reasons) for shard, reasons in self.skipped.items()},
             "num_repeated": self.num_repeated,
         }
@@ -493,10 +552,154 @@ class ShardLoader:
                 else self._planned_position(epoch, batches_done)
             )
             return
-        if len(workers) != self.workers_per_rank or not 0 <= batches_done <= self.num_batches():
+        if len(workers) != self.workers_per_rank:
             raise ValueError(
-                f"loader state is inconsistent: {len(workers)} worker positions for {self.workers_per_rank} "
-                f"workers, batch {batches_done} of {self.num_batches()}"
+                f"loader state is inconsistent: {len(workers)} worker positions for {self.workers_per_rank} workers"
             )
+        if not 0 <= batches_done <= self.num_batches(epoch):
+            raise ValueError(f"loader state is inconsistent: batch {batches_done} of {self.num_batches(epoch)}")
         straddle = tuple(state["straddle"]) if state["straddle"] else None
-        self._position = Position(epoch, batches_done, workers, straddle)
+        rest = state.get("straddle_rest")
+        self._position = Position(epoch, batches_done, workers, straddle, tuple(rest) if rest is not None else None)
+
+    # ----- another world size -----
+    def _plan(
+        self, epoch: int, *, world_size: int, batch_size: int, continuation: tuple[EpochPlan, dict] | None
+    ) -> EpochPlan:
+        """The plan of `epoch` on `world_size` ranks, continued by `continuation` when it is that epoch's."""
+        if continuation is not None and continuation[0].epoch == epoch:
+            plan = continuation[0]
+            assert (plan.world_size, plan.batch_size) == (world_size, batch_size)
+            return plan
+        return EpochPlan(
+            self.manifest,
+            epoch,
+            world_size,
+            self.workers_per_rank,
+            batch_size,
+            self.seed,
+            self.shuffle,
+            self.shuffle_buffer,
+        )
+
+    def plan_state_dict(self) -> dict[str, Any]:
+        """What every rank shares about the epochs (JSON): the epoch continued from another world size and
+        what it continues, while that epoch is being read. Saved once per checkpoint."""
+        record = None
+        if self._continuation is not None and self._position.epoch <= self._continuation[0].epoch:
+            record = self._continuation[1]
+        return {"format": LOADER_PLAN_FORMAT, "continuation": record}
+
+    def load_plan_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `plan_state_dict()` (before `load_state_dict` or `load_rank_states`)."""
+        if not isinstance(state, dict) or state.get("format") != LOADER_PLAN_FORMAT:
+            raise ValueError("not a ShardLoader plan state (missing format 'tuneclip-loader-plan')")
+        self._continuation = self._continuation_from(state["continuation"])
+
+    def _continuation_from(self, record: dict[str, Any] | None) -> tuple[EpochPlan, dict[str, Any]] | None:
+        """Rebuild a continuation from its record: replay what the old ranks used (recursively). The plan is
+        that of the ranks it was dealt `to`, which read the rest (this loader's, unless `load_rank_states` follows)."""
+        if record is None:
+            return None
+        base = self._continuation_from(record["base"])
+        old = self._plan(record["epoch"], **record["from"], continuation=base)
+        left = old.left_after(record["positions"])
+        plan = EpochPlan(
+            self.manifest,
+            record["epoch"],
+            record["to"]["world_size"],
+            self.workers_per_rank,
+            record["to"]["batch_size"],
+            self.seed,
+            self.shuffle,
+            self.shuffle_buffer,
+            left=left,
+            first_batch=record["batches_done"],
+        )
+        return plan, record
+
+    def load_rank_states(self, states: list[dict[str, Any]]) -> int:
+        """Continue from the `state_dict()`s of every rank of a run on another number of ranks.
+
+        The rest of their epoch (what no old rank used) is dealt to this run's ranks, each sample once (see
+        `continuation.py`); later epochs follow this world size's plan. Rank 0 takes over the old ranks'
+        skip and repeat counts. Call `load_plan_state_dict` with the same checkpoint's plan first. Returns
+        the number of samples left in the epoch (0 at an epoch's clean end). ValueError names what does
+        not fit (other data, workers, seed or batching).
+        """
+        if not states:
+            raise ValueError("no loader states to continue from")
+        identity = self._identity()
+        problems = []
+        for key, value in identity.items():
+            if key in ("world_size", "rank", "batch_size"):  # the batch per rank follows the world size
+                continue
+            saved = {json.dumps(state.get(key)) for state in states}
+            if saved != {json.dumps(value)}:
+                problems.append(f"{key}: saved {sorted(saved)}, this loader {value!r}")
+        positions = {(s.get("epoch"), s.get("batches_done")) for s in states}
+        if len(positions) != 1:
+            problems.append(f"the ranks' positions differ: {sorted(positions)}")
+        if len({s.get("batch_size") for s in states}) != 1:
+            problems.append("the ranks' batch sizes differ")
+        if sorted(s.get("rank") for s in states) != list(range(len(states))):
+            problems.append("the states are not those of ranks 0..N-1")
+        if any(s.get("version") != LOADER_STATE_VERSION for s in states):
+            problems.append(f"loader state version is not {LOADER_STATE_VERSION}")
+        if problems:
+            raise ValueError("loader states do not fit this loader (" + "; ".join(problems) + ")")
+        states = sorted(states, key=lambda s: s["rank"])
+        epoch, batches_done = states[0]["epoch"], states[0]["batches_done"]
+        if self.rank == 0:
+            for state in states:
+                for shard, reasons in state["skipped"].items():
+                    self.skipped[shard].update(reasons)
+                self.num_repeated += int(state.get("num_repeated", 0))
+        if self.resampled:
+            # Resampled epochs are draws, not a partition: this world size's streams start where the old one stopped.
+            self._position = self._position_at(epoch, min(batches_done, self.num_batches()))
+            return 0
+        old_ranks = {"world_size": len(states), "batch_size": states[0]["batch_size"]}
+        old = self._plan(epoch, **old_ranks, continuation=self._continuation)
+        record = {
+            "epoch": epoch,
+            "batches_done": batches_done,
+            "from": old_ranks,
+            "to": {"world_size": self.world_size, "batch_size": self.batch_size},
+            "positions": [
+                {k: state[k] for k in ("batches_done", "workers", "straddle", "straddle_rest") if k in state}
+                for state in states
+            ],
+            "base": self._continuation[1] if self._continuation and self._continuation[0].epoch == epoch else None,
+        }
+        self._continuation = self._continuation_from(record)
+        self._position = self._epoch_start(epoch)
+        self._epoch_skips = (epoch, Counter())
+        assert self._continuation is not None
+        num_left = len(self._continuation[0].positions)
+        logger.info(
+            "rank %d: epoch %d continues from %d rank(s) at batch %d: %d of its %d samples are left, dealt to "
+            "%d rank(s) (%d batch(es) each)",
+            self.rank,
+            epoch,
+            len(states),
+            batches_done,
+            num_left,
+            len(old.positions),
+            self.world_size,
+            self.num_batches(epoch) - batches_done,
+        )
+        return num_left
+
+
+class LoaderPlan:
+    """The checkpoint part every rank shares: a loader's plan state (`plan_state_dict`)."""
+
+    def __init__(self, loader: ShardLoader):
+        self.loader = loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.plan_state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_plan_state_dict(state)

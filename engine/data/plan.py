@@ -43,11 +43,13 @@ def resample_rng(seed: int, epoch: int, slot: int) -> random.Random:
 
 
 class Segment(NamedTuple):
-    """Raw positions start..stop-1 of shard `shard_index` (in its tar, counted before any decoding)."""
+    """Raw positions start..stop-1 of shard `shard_index` (in its tar, counted before any decoding);
+    only those in `keep` when given (the scattered rest of an interrupted epoch, see `continuation.py`)."""
 
     shard_index: int
     start: int
     stop: int
+    keep: frozenset[int] | None = None
 
 
 def share(num_items: int, *, index: int, num_parts: int, first: int = 0) -> range:

@@ -86,17 +86,25 @@ class EpochReader(IterableDataset):
     """The sample stream of one rank for an epoch; each DataLoader worker reads its slot.
 
     `starts[w]` is where worker w begins; skip records are made only when `record_skips` (not when the
-    epoch's first batch is read again).
+    epoch's first batch is read again). `segments[w]`, when given, is what worker w reads instead of its
+    part of the whole epoch (the rest of an interrupted epoch, see `continuation.py`).
     """
 
     def __init__(
-        self, settings: StreamSettings, *, epoch: int, record_skips: bool, starts: tuple[WorkerStart, ...]
+        self,
+        settings: StreamSettings,
+        *,
+        epoch: int,
+        record_skips: bool,
+        starts: tuple[WorkerStart, ...],
+        segments: tuple[list[Segment], ...] | None = None,
     ):
         super().__init__()
         self.settings = settings
         self.epoch = epoch
         self.record_skips = record_skips
         self.starts = starts
+        self.segments = segments
         self._passing_over = False
 
     def __iter__(self) -> Iterator[Piece]:
@@ -110,6 +118,9 @@ class EpochReader(IterableDataset):
         skips: Skips = []
         if cfg.resampled:
             samples = self._resampled_samples(slot, skips)
+        elif self.segments is not None:
+            parts = self.segments[worker]
+            samples = itertools.chain.from_iterable(self._read_segment(seg, skips) for seg in parts)
         else:
             segments = slot_segments(
                 cfg.manifest,
@@ -173,12 +184,12 @@ class EpochReader(IterableDataset):
         truncated tar lost are counted.
         """
         manifest = self.settings.manifest
-        shard_index, start, stop = segment
+        shard_index, start, stop, only = segment
         entry = manifest.shards[shard_index]
         offset = manifest.offsets[shard_index]
         tar = TarSamples(
             manifest.shard_path(shard_index),
-            keep=lambda position: start <= position < stop,
+            keep=lambda position: start <= position < stop and (only is None or position in only),
             expected=entry.num_samples,
         )
         ends_shard = stop == entry.num_samples
@@ -194,7 +205,8 @@ class EpochReader(IterableDataset):
             self._skip(skips, SkipRecord(entry.path, None, SKIP_EXTRA_SAMPLES), num_extra, detail)
         if not tar.truncated:
             return
-        lost = stop - max(start, min(stop, tar.num_whole))
+        first_lost = max(start, min(stop, tar.num_whole))
+        lost = stop - first_lost if only is None else sum(1 for p in only if p >= first_lost)
         cause = describe_error(tar.error) if tar.error else "tar ends early"
         detail = f" ({cause}; read {tar.num_whole} of {entry.num_samples} samples)"
         self._skip(skips, SkipRecord(entry.path, None, SKIP_TRUNCATED_SHARD), lost, detail)

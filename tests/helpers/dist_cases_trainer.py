@@ -1,0 +1,38 @@
+"""Trainer jobs run on N real ranks (see harness.py): stopped at a chosen step, resumed on another world size."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import load_config
+from engine.objectives.table import UTable
+from engine.preemption import Preempted
+from engine.trainer import Trainer
+
+
+def tune_until(config: dict, stop_at: int | None = None) -> dict:
+    """`run.py tune` of `config` (resumed when run.resume is set), stopped as by SIGTERM after global step
+    `stop_at`: the ranks agree, checkpoint and raise Preempted. Returns the step reached and, once the job
+    is complete, every row's u-table visit count."""
+    trainer = Trainer(load_config(base=config))
+    step = trainer.train_step
+
+    def train_step(*args, **kwargs):
+        metrics = step(*args, **kwargs)
+        if stop_at is not None and trainer.global_step == stop_at:
+            trainer.stop_requests.request("a test stop")
+        return metrics
+
+    trainer.train_step = train_step
+    finished = True
+    try:
+        trainer.tune()
+    except Preempted:
+        finished = False
+    finally:
+        trainer.close()
+    result = {"global_step": trainer.global_step, "finished": finished}
+    if finished and trainer.ctx.is_main:
+        table = UTable.open(trainer.out_dir / "u_table")
+        result["visits"] = table.visits(torch.arange(table.num_rows)).tolist()
+    return result
