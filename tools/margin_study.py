@@ -1,7 +1,7 @@
 """Table of a margin study: per setting (runs grouped by a folder-name pattern), the margin used, the share of
 pairs inside the hinge at w0, and the metric at the base, lowest, final and best (mean +- sd over seeds).
 
-    python tools/margin_study.py --metric shapes-retrieval/mean_recall@1 \\
+    python -m tools.margin_study --metric shapes-retrieval/mean_recall@1 \\
         "m=0.1:runs/study/loss.margin=0.1,run.seed=*" "OSR+GCL:runs/demo/runs/osr+gcl/seed*"
 """
 
@@ -43,8 +43,12 @@ def study_row(name: str, folders: list[Path], metric: str) -> list[str]:
             margins.append(chosen[-1])
         elif loss.get("surrogate") != "gcl" and start["config"]["method"] == "tuneclip":
             margins.append(float(loss["margin"]))
-        osr = [r for r in log if r.get("event") == "step" and r.get("stage") == "osr" and "inside_hinge" in r]
-        if osr:
+        if start["config"].get("method") != "tuneclip" or loss.get("surrogate") == "gcl":
+            continue  # no hinge: the share inside it means nothing
+        loaded = [r for r in log if r.get("event") == "osr_loaded"]
+        osr_log = run_records(Path(loaded[-1]["from"]).parents[1] / "log.jsonl") if loaded else log
+        osr = [r for r in osr_log if r.get("event") == "step" and r.get("stage") == "osr" and "inside_hinge" in r]
+        if osr:  # the first OSR step: d at w0 against the margin OSR used
             inside.append(100 * osr[0]["inside_hinge"])
     return [name, str(len(final)), _mean_sd(margins) if margins else "-", _mean_sd(inside) if inside else "-",
             _mean_sd(base), _mean_sd(lowest), _mean_sd(final), _mean_sd(best)]
