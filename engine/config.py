@@ -92,7 +92,7 @@ class LossConfig:
 
     surrogate: str = "auto"  # auto = the method's (tuneclip: hgcl, fastclip: gcl, openclip: mbcl)
     margin: float | str = 0.1  # HGCL margin m, or "auto": the margin_inside_share rule at w0 (README, engine/margin.py)
-    margin_inside_share: float = 0.1  # margin=auto: m puts this share of the pairs inside the hinge (d > -m) at w0
+    margin_inside_share: float = 0.5  # margin=auto: m puts this share of the pairs inside the hinge (d > -m) at w0
     margin_probe_batches: int = 8  # margin=auto: batches at w0 whose d the rule reads
     eps: float = 1e-14
     chunk_size: int = 0  # columns of the global batch per block; 0 = whole batch
