@@ -83,3 +83,14 @@ def test_demo_never_replaces_an_existing_folder_unasked(tmp_path):
     proc = run_cli("demo", "--quick", "--out", tmp_path / "mine", check=False)
     assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
     assert keep.read_text() == "do not delete"
+
+
+def test_help_shows_defaults_and_choices_and_report_writes_the_page(tmp_path):
+    from tests.test_report_page import fake_run
+
+    text = run_cli("tune", "--help").stdout
+    assert "{tuneclip,fastclip,openclip}" in text and "(config default: tuneclip)" in " ".join(text.split())
+    runs = [fake_run(tmp_path / "runs" / name, method=name, scores=[0.4, 0.5]) for name in ("openclip", "fastclip")]
+    out = run_cli("report", *runs)
+    assert str(tmp_path / "runs" / "report" / "report.html") in out.stdout
+    assert "<td>fastclip</td>" in (tmp_path / "runs" / "report" / "report.html").read_text()
