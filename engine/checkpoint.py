@@ -270,7 +270,8 @@ SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.grad_clip", "run.max_b
 RESUME_FREE_KEYS = ("run.progress", "run.log_every", "run.save_every_steps", "run.keep_last_n",
                     "run.resume", "eval.every_steps", "eval.at_start", "eval.batch_size", "run.device",
                     "osr.load_from", "run.out_dir", "data.train", "model.weights",  # moved folders / files
-                    "run.collective_timeout_s", "run.node_local_dir", *SCHEDULE_KEYS)
+                    "run.collective_timeout_s", "run.node_local_dir", "run.tensorboard", "run.wandb_project",
+                    "run.wandb_mode", "run.below_base_tolerance", "run.stop_below_base", *SCHEDULE_KEYS)
 
 
 def schedule_changes(saved: dict, live: dict) -> list[str]:

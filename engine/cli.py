@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
 from engine.preemption import EXIT_PREEMPTED, Preempted
@@ -36,26 +39,51 @@ COMMON_FLAGS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none to show (None, off switches)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _config_default(key: str):
+    from engine.config import JobConfig
+
+    value = JobConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _add_job_args(parser: argparse.ArgumentParser) -> None:
+    from engine.config import METHODS, SURROGATE_CHOICES
+
+    choices = {"method": METHODS, "surrogate": SURROGATE_CHOICES}  # shown and checked by argparse
     # Accepted after the subcommand too (where some launchers put it).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file with the job configuration (see configs in README)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set loss.margin=0.2 (repeatable)")
     for flag, key in COMMON_FLAGS.items():
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None,
-                            help=f"shortcut for --set {key}=...")
+        default = _config_default(key)
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, choices=choices.get(flag),
+                            help=f"shortcut for --set {key}=..." + (f" (config default: {default})"
+                                                                     if default not in (None, "") else ""))
     parser.add_argument("--no-seed-moments", action="store_true", help="ablation: do not seed AdamW from OSR")
     parser.add_argument("--no-seed-u", action="store_true", help="ablation: do not seed u from OSR")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description="TuneCLIP-engine: self-supervised CLIP fine-tuning")
+    parser = argparse.ArgumentParser(prog="run.py", description="TuneCLIP-engine: self-supervised CLIP fine-tuning",
+                                     formatter_class=HelpFormatter)
     # The deepspeed launcher inserts --local_rank=N right after the script name.
     parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
     for name, text in (("tune", "OSR (if the method uses it) then fine-tuning, with evaluation"),
                        ("osr", "stage I only: recover AdamW moments and u at frozen weights"),
@@ -107,8 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                        help="report larger images (width x height) as too big, as training skips them")
 
+    text = ("a grid of fine-tuning runs (--set key=v1,v2,...) from shared recovered OSR statistics, and one report "
+            "comparing them")
+    sweep = sub.add_parser("sweep", help=text, description=text)
+    sweep.add_argument("--config", help="YAML file with the job configuration")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE[,VALUE...]",
+                       help="a fixed override, or a grid axis with several comma-separated values (repeatable)")
+    sweep.add_argument("--osr-from", default=None,
+                       help="recovered OSR statistics (a `run.py osr` checkpoint) every point starts from; "
+                            "default: the sweep runs OSR once per value of the axes that define them")
+    sweep.add_argument("--out", default=None, help="folder holding one run folder per grid point and report/ "
+                                                   "(default: the config's run.out_dir)")
+
+    text = "one self-contained HTML page (+ Markdown twin) comparing run folders: curves, tables, warnings"
+    report = sub.add_parser("report", help=text, description=text)
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (run.out_dir of tune / finetune)")
+    report.add_argument("--out", default=None,
+                        help="folder for report.html, report.md and figures/ (default: RUN_DIRs' parent/report)")
+
     demo = sub.add_parser("demo", help="self-contained demo on synthetic data (no downloads)")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", default="runs/demo", help="folder for the demo's data, runs, table and plot")
     demo.add_argument("--quick", action="store_true", help="smaller and shorter (for tests)")
     demo.add_argument("--overwrite", action="store_true", help="replace --out if it exists (asked, never silent)")
     return parser
@@ -139,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO if main_rank else logging.WARNING)
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     try:
-        return _dispatch(args)
+        # Log lines go above the progress bars instead of being glued onto them.
+        with logging_redirect_tqdm(loggers=[logging.root]):
+            return _dispatch(args)
     except Preempted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -169,6 +217,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         from engine.demo import run_demo
 
         run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
+        return 0
+    if args.command == "sweep":
+        from engine.config import load_config
+        from engine.sweep import run_sweep, split_grid
+
+        out = args.out or load_config(args.config, split_grid(args.overrides)[0]).run.out_dir
+        run_dirs, report = run_sweep(args.config, args.overrides, out=out, osr_from=args.osr_from,
+                                     local_rank=args.launcher_local_rank)
+        print(f"swept {len(run_dirs)} runs; report: {report}")
+        return 0
+    if args.command == "report":
+        from engine.report_page import write_report
+
+        common = Path(os.path.commonpath([str(Path(p).resolve()) for p in args.runs]))
+        out = args.out or (common.parent if len(args.runs) == 1 else common) / "report"
+        html_path, md_path = write_report(args.runs, out)
+        print(f"wrote {html_path} and {md_path}")
         return 0
     if args.command in ("export", "convert"):
         from models import build_model, export_model

@@ -22,6 +22,7 @@ from models.pretrained import INTERPOLATIONS, RESIZE_MODES
 
 METHODS = ("tuneclip", "fastclip", "openclip", "siglip")
 SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl", "siglip")
+WANDB_MODES = ("offline", "online")
 PRECISIONS = ("fp32", "bf16")  # training precisions (weights fp32; bf16 compute)
 
 # Paper Table 9: what each method runs.
@@ -124,7 +125,9 @@ class LossConfig:
     """Surrogate and SogCLR estimator settings (temperature is fixed from the checkpoint)."""
 
     surrogate: str = "auto"  # auto = the method's (tuneclip: hgcl, fastclip: gcl, openclip: mbcl)
-    margin: float = 0.1
+    margin: float | str = 0.1  # HGCL margin m, or "auto": the margin_inside_share rule at w0 (README, engine/margin.py)
+    margin_inside_share: float = 0.5  # margin=auto: m puts this share of the pairs inside the hinge (d > -m) at w0
+    margin_probe_batches: int = 8  # margin=auto: batches at w0 whose d the rule reads
     eps: float = 1e-14
     chunk_size: int = 0  # columns of the global batch per block; 0 = whole batch
     gamma_min: float = 0.9
@@ -134,8 +137,14 @@ class LossConfig:
         out = []
         if self.surrogate not in SURROGATE_CHOICES:
             out.append(f"loss.surrogate must be one of {SURROGATE_CHOICES}, got {self.surrogate!r}")
-        if self.margin < 0:
-            out.append(f"loss.margin must be >= 0, got {self.margin}")
+        if isinstance(self.margin, str) and self.margin != "auto":
+            out.append(f"loss.margin must be a number >= 0 or 'auto', got {self.margin!r}")
+        elif not isinstance(self.margin, str) and self.margin < 0:
+            out.append(f"loss.margin must be >= 0 (or 'auto'), got {self.margin}")
+        if not 0 < self.margin_inside_share < 1:
+            out.append(f"loss.margin_inside_share must be in (0, 1), got {self.margin_inside_share}")
+        if self.margin_probe_batches < 1:
+            out.append(f"loss.margin_probe_batches must be >= 1, got {self.margin_probe_batches}")
         if not self.eps > 0:
             out.append(f"loss.eps must be > 0 (e.g. 1e-14), got {self.eps}")
         if self.chunk_size < 0:
@@ -243,6 +252,11 @@ class RunConfig:
     # Several nodes: a folder on each node's local disk for that node's replica of the u table
     # (default: one folder per node under out_dir, each opened by its node only).
     node_local_dir: str | None = None
+    below_base_tolerance: float = 0.005  # an evaluation more than this under the base (metric units) is warned about
+    stop_below_base: int = 0  # stop fine-tuning after this many consecutive evaluations below the base; 0 = never
+    tensorboard: bool = False  # also log scalars to <out_dir>/tensorboard (per step and per evaluation)
+    wandb_project: str | None = None  # also log to Weights & Biases (optional package `wandb`)
+    wandb_mode: str = "offline"  # offline (files under <out_dir>/wandb, `wandb sync` later) | online
 
     def errors(self) -> list[str]:
         out = []
@@ -260,6 +274,12 @@ class RunConfig:
             out.append(f"run.collective_timeout_s must be >= 1 (seconds), got {self.collective_timeout_s}")
         if self.max_bad_steps < 1:
             out.append(f"run.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if self.below_base_tolerance < 0:
+            out.append(f"run.below_base_tolerance must be >= 0 (metric units), got {self.below_base_tolerance}")
+        if self.stop_below_base < 0:
+            out.append(f"run.stop_below_base must be >= 0 (0 = never stop), got {self.stop_below_base}")
+        if self.wandb_mode not in WANDB_MODES:
+            out.append(f"run.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
         return out
 
 
@@ -322,7 +342,12 @@ def _coerce(value, annotation, where: str):
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], where)
+        for option in non_none[:-1]:  # the first type that takes the value (float | str: numbers stay numbers)
+            try:
+                return _coerce(value, option, where)
+            except ValueError:
+                pass
+        return _coerce(value, non_none[-1], where)
     if annotation is bool:
         if isinstance(value, bool):
             return value

@@ -1,18 +1,22 @@
-"""The self-contained demo: synthetic data, a briefly pretrained tiny CLIP, three fine-tuning methods.
+"""The self-contained demo: synthetic data, a briefly pretrained tiny CLIP, four fine-tuning methods, 3 seeds.
 
 Renders image-caption pairs (no downloads), pretrains a tiny CLIP with the OpenCLIP loss to get
-a "pretrained" checkpoint, then fine-tunes it on a disjoint split with OpenCLIP, FastCLIP and
-TuneCLIP (paper Table 9), evaluating zero-shot classification and retrieval along the way.
-Prints a before/after table and writes `curves.png` (zero-shot metric vs fine-tuning step, the
-shape of the paper's Figure 2) and `summary.json`. Numbers are whatever the engine measures.
+a "pretrained" checkpoint, then fine-tunes it on a disjoint split whose captions are often partial
+("a red shape" fits many images: false negatives, as in web data) with OpenCLIP, FastCLIP, OSR + GCL
+and TuneCLIP (OSR + HGCL with `loss.margin=auto`), each over 3 seeds, evaluating zero-shot
+classification and retrieval along the way. Prints a mean +- sd table and writes `curves.png`
+(metric vs fine-tuning step, bands = +- sd: the shape of the paper's Figure 2), `summary.json`,
+`report/report.html` and the engine's detail in `demo.log`. Numbers are whatever the engine measures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -23,26 +27,35 @@ from engine.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("openclip", "fastclip", "tuneclip")
+# name -> config sections (paper Table 9, plus OSR + GCL: OSR without the hinge).
+METHODS: dict[str, dict] = {
+    "openclip": {"method": "openclip"},
+    "fastclip": {"method": "fastclip"},
+    "osr+gcl": {"method": "tuneclip", "loss": {"surrogate": "gcl"}},
+    "tuneclip": {"method": "tuneclip", "loss": {"margin": "auto"}},
+}
+SEEDS = (0, 1, 2)
 
 
 def _sizes(quick: bool) -> dict:
     if quick:
-        return {"pretrain": 384, "finetune": 256, "per_class": 3, "retrieval": 48, "pre_epochs": 2,
-                "ft_epochs": 2, "osr_epochs": 1, "batch": 32, "eval_every": 4}
-    return {"pretrain": 4000, "finetune": 2000, "per_class": 12, "retrieval": 300, "pre_epochs": 12,
-            "ft_epochs": 4, "osr_epochs": 2, "batch": 64, "eval_every": 8}
+        return {"pretrain": 384, "finetune": 128, "per_class": 3, "retrieval": 48, "pre_epochs": 2,
+                "ft_epochs": 2, "osr_epochs": 1, "batch": 32, "eval_every": 4, "seeds": SEEDS[:2]}
+    return {"pretrain": 4000, "finetune": 1024, "per_class": 8, "retrieval": 100, "pre_epochs": 12,
+            "ft_epochs": 3, "osr_epochs": 1, "batch": 64, "eval_every": 8, "seeds": SEEDS}
 
 
 def _prepare_data(root: Path, sizes: dict) -> dict:
     raw = root / "raw"
     pre_csv = render_pairs(raw, num_samples=sizes["pretrain"], seed=1, split_name="pretrain")
-    ft_csv = render_pairs(raw, num_samples=sizes["finetune"], seed=2, split_name="finetune")
+    # Half the fine-tuning captions are partial: many images share near-identical captions.
+    ft_csv = render_pairs(raw, num_samples=sizes["finetune"], seed=2, split_name="finetune",
+                          partial_caption_prob=0.5)
     zs_csv, classnames, templates = render_zeroshot_task(root / "eval" / "zeroshot", num_per_class=sizes["per_class"],
                                                          seed=3)
     rt_csv = render_retrieval_task(root / "eval" / "retrieval", num_images=sizes["retrieval"], seed=4)
     build_shards(pre_csv, root / "shards" / "pretrain", samples_per_shard=1000)
-    build_shards(ft_csv, root / "shards" / "finetune", samples_per_shard=500)
+    build_shards(ft_csv, root / "shards" / "finetune", samples_per_shard=512)
     return {
         "zeroshot": [{"name": "shapes-zeroshot", "csv": str(zs_csv), "classnames": str(classnames),
                       "templates": str(templates)}],
@@ -50,18 +63,40 @@ def _prepare_data(root: Path, sizes: dict) -> dict:
     }
 
 
-def _job(root: Path, *, method: str, train: str, out: str, weights: str | None, eval_cfg: dict, sizes: dict,
-         epochs: int, lr: float, eval_every: int, osr_epochs: int) -> dict:
-    return {
-        "method": method,
+def _job(root: Path, *, train: str, out: str, weights: str | None, eval_cfg: dict, sizes: dict, epochs: int,
+         lr: float, eval_every: int, osr_epochs: int, seed: int = 0, method: dict) -> dict:
+    job = {
         "model": {"name": "tiny-vit", "weights": weights},
-        "data": {"train": str(root / "shards" / train), "batch_size": sizes["batch"]},
+        "data": {"train": str(root / "shards" / train), "batch_size": sizes["batch"], "train_transform": "eval"},
         "optim": {"lr": lr, "warmup_steps": 0},
         "osr": {"epochs": osr_epochs},
         # 32-px images decode faster in the main process than loader workers start.
-        "eval": {**eval_cfg, "every_steps": eval_every, "best_metric": "shapes-zeroshot/acc1", "num_workers": 0},
-        "run": {"out_dir": str(root / out), "epochs": epochs, "seed": 0, "progress": True, "log_every": 5},
+        "eval": {**eval_cfg, "every_steps": eval_every, "best_metric": "shapes-retrieval/mean_recall@1",
+                 "num_workers": 0},
+        "run": {"out_dir": str(root / out), "epochs": epochs, "seed": seed, "progress": True, "log_every": 5},
     }
+    for key, value in method.items():
+        job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
+    return job
+
+
+@contextlib.contextmanager
+def _detail_to_file(path: Path):
+    """The engine's log lines go to `path` only; the console keeps progress bars, the demo's lines and errors."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    consoles = [(h, h.level) for h in root.handlers]
+    for h, _ in consoles:
+        h.setLevel(logging.ERROR)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        for h, level in consoles:
+            h.setLevel(level)
 
 
 def run_demo(root: Path, *, quick: bool = False, overwrite: bool = False) -> dict:
@@ -77,67 +112,102 @@ def run_demo(root: Path, *, quick: bool = False, overwrite: bool = False) -> dic
                              "another --out")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] rendering synthetic data under {root}")
+    with _detail_to_file(root / "demo.log"):
+        return _run(root, sizes, quick=quick, started=started)
+
+
+def _run(root: Path, sizes: dict, *, quick: bool, started: float) -> dict:
+    print(f"[demo] rendering synthetic data under {root} (engine log: {root / 'demo.log'})")
     eval_cfg = _prepare_data(root, sizes)
 
     print("[demo] pretraining a tiny CLIP (OpenCLIP loss, random init) to get a base checkpoint")
-    pre = Trainer(load_config(base=_job(root, method="openclip", train="pretrain", out="pretrain", weights=None,
-                                        eval_cfg=eval_cfg, sizes=sizes, epochs=sizes["pre_epochs"], lr=2e-3,
-                                        eval_every=10**9, osr_epochs=0)))  # evaluate at the end only
+    pre = Trainer(load_config(base=_job(root, train="pretrain", out="pretrain", weights=None, eval_cfg=eval_cfg,
+                                        sizes=sizes, epochs=sizes["pre_epochs"], lr=2e-3, eval_every=10**9, osr_epochs=0,
+                                        method={"method": "openclip", "data": {"train_transform": "augment"}})))  # evaluates at its end only
     pre.cfg.eval.at_start = False
     pre.tune()
     pre.close()
     base = root / "base.safetensors"
     os.replace(root / "pretrain" / "final.safetensors", base)
 
-    histories = {}
-    for method in METHODS:
-        print(f"[demo] fine-tuning with {method}")
-        trainer = Trainer(load_config(base=_job(
-            root, method=method, train="finetune", out=method, weights=str(base), eval_cfg=eval_cfg,
-            sizes=sizes, epochs=sizes["ft_epochs"], lr=1e-4, eval_every=sizes["eval_every"],
-            osr_epochs=sizes["osr_epochs"],
-        )))
-        history = trainer.tune()
-        # x axis = fine-tuning steps: OSR steps do not move the weights.
-        histories[method] = [
-            {"step": 0 if r["stage"] == "start" else r["step"] - trainer.osr_steps, "results": r["results"]}
-            for r in history
-        ]
-        trainer.close()
+    histories: dict[str, dict[int, list]] = {}
+    margins: dict[str, float] = {}
+    run_dirs = []
+    for name, method in METHODS.items():
+        histories[name] = {}
+        for seed in sizes["seeds"]:
+            print(f"[demo] fine-tuning with {name}, seed {seed}")
+            out = f"runs/{name}/seed{seed}"
+            trainer = Trainer(load_config(base=_job(
+                root, train="finetune", out=out, weights=str(base), eval_cfg=eval_cfg, sizes=sizes,
+                epochs=sizes["ft_epochs"], lr=1e-4, eval_every=sizes["eval_every"], osr_epochs=sizes["osr_epochs"],
+                seed=seed, method=method,
+            )))
+            history = trainer.tune()
+            histories[name][seed] = [{"step": r["ft_step"], "results": r["results"]} for r in history]
+            if trainer.margin is not None and trainer.cfg.surrogate == "hgcl":
+                margins[f"{name}/seed{seed}"] = trainer.margin
+            trainer.close()
+            run_dirs.append(root / out)
 
-    summary = {"histories": histories, "seconds": round(time.perf_counter() - started, 1), "quick": quick}
+    from engine.report_page import write_report
+
+    report, _ = write_report(run_dirs, root / "report")
+    summary = {"histories": histories, "table": aggregate(histories), "margins": margins,
+               "seconds": round(time.perf_counter() - started, 1), "quick": quick, "seeds": list(sizes["seeds"])}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(format_table(histories))
+    print(format_table(summary["table"]))
+    if margins:
+        print("[demo] TuneCLIP margin (loss.margin=auto): " + ", ".join(f"{k} m={v:.3f}" for k, v in margins.items()))
     plot_curves(histories, root / "curves.png")
-    print(f"[demo] plot: {root / 'curves.png'}   summary: {root / 'summary.json'}   "
+    print(f"[demo] plot: {root / 'curves.png'}   report: {report}   summary: {root / 'summary.json'}   "
           f"time: {summary['seconds']:.0f} s")
     return summary
 
 
 METRICS = (("shapes-zeroshot", "acc1", "zero-shot acc@1"),
            ("shapes-retrieval", "mean_recall@1", "retrieval mean R@1"))
+STATS = ("base", "first", "lowest", "final", "best")
 
 
-def format_table(histories: dict) -> str:
-    """Per method and metric: base model, first evaluation, lowest, final and best (in %)."""
-    cols = ("base", "first", "lowest", "final", "best")
-    lines = [f"{'':<10}" + "".join(f" | {label:^38}" for _, _, label in METRICS),
-             f"{'method':<10}" + " | ".join([""] + [" ".join(f"{c:>7}" for c in cols)] * len(METRICS))]
-    lines.append("-" * len(lines[1]))
-    for method, records in histories.items():
-        row = f"{method:<10}"
+def _stats(records: list[dict], task: str, metric: str) -> dict[str, float]:
+    """One run's base, first evaluation, lowest, final and best (in %) of a metric."""
+    values = [r["results"][task][metric] * 100 for r in records]
+    during = values[1:] or values
+    return dict(zip(STATS, (values[0], during[0], min(during), values[-1], max(during))))
+
+
+def aggregate(histories: dict[str, dict[int, list]]) -> dict:
+    """Per method and metric: mean and sd over seeds of each statistic (sd 0 with one seed)."""
+    table = {}
+    for method, runs in histories.items():
+        table[method] = {}
         for task, metric, _ in METRICS:
-            values = [r["results"][task][metric] * 100 for r in records]
-            during = values[1:] or values
-            stats = (values[0], during[0], min(during), values[-1], max(during))
-            row += " | " + " ".join(f"{v:>7.2f}" for v in stats)
+            per_seed = [_stats(records, task, metric) for records in runs.values()]
+            table[method][f"{task}/{metric}"] = {
+                stat: {"mean": statistics.fmean(s[stat] for s in per_seed),
+                       "sd": statistics.stdev([s[stat] for s in per_seed]) if len(per_seed) > 1 else 0.0}
+                for stat in STATS}
+    return table
+
+
+def format_table(table: dict) -> str:
+    """Per method and metric: base model, first evaluation, lowest, final and best (in %, mean +- sd over seeds)."""
+    width = 11 * len(STATS) + len(STATS) - 1
+    lines = [f"{'':<9}" + "".join(f" | {label:^{width}}" for _, _, label in METRICS),
+             f"{'method':<9}" + " | ".join([""] + [" ".join(f"{c:>11}" for c in STATS)] * len(METRICS))]
+    lines.append("-" * len(lines[1]))
+    for method, metrics in table.items():
+        row = f"{method:<9}"
+        for task, metric, _ in METRICS:
+            cells = metrics[f"{task}/{metric}"]
+            row += " | " + " ".join(f"{cells[s]['mean']:>5.1f}+-{cells[s]['sd']:<4.1f}" for s in STATS)
         lines.append(row)
     return "\n".join(lines)
 
 
-def plot_curves(histories: dict, path: Path) -> None:
-    """Zero-shot accuracy and retrieval R@1 vs fine-tuning step for each method."""
+def plot_curves(histories: dict[str, dict[int, list]], path: Path) -> None:
+    """Zero-shot accuracy and retrieval R@1 vs fine-tuning step per method: mean over seeds, band = +- sd."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,17 +215,22 @@ def plot_curves(histories: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.6))
     for ax, (task, metric, label) in zip(axes, METRICS):
-        for method, records in histories.items():
-            steps = [r["step"] for r in records]
-            values = [r["results"][task][metric] * 100 for r in records]
-            ax.plot(steps, values, marker="o", markersize=3, label=method)
-        base = next(iter(histories.values()))[0]["results"][task][metric] * 100
+        for i, (method, runs) in enumerate(histories.items()):
+            curves = list(runs.values())
+            steps = [r["step"] for r in curves[0]]
+            values = [[r["results"][task][metric] * 100 for r in records] for records in curves]
+            mean = [statistics.fmean(v) for v in zip(*values)]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*values)]
+            ax.plot(steps, mean, marker="o", markersize=3, label=method, color=f"C{i}")
+            ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                            color=f"C{i}", alpha=0.2)
+        base = next(iter(next(iter(histories.values())).values()))[0]["results"][task][metric] * 100
         ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model")
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel(label + " (%)")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("Self-supervised fine-tuning of a tiny CLIP on synthetic shapes")
+    fig.suptitle("Self-supervised fine-tuning of a tiny CLIP on synthetic shapes (mean +- sd over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

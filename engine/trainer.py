@@ -30,13 +30,15 @@ from engine.data import Batch, LoaderPlan, Manifest, ShardLoader
 from engine.distributed import all_reduce_sum, barrier, context_from_env, default_device, gather_no_grad
 from engine.evaluate import Evaluator, build_tasks, headline_metric, write_results
 from engine.heartbeat import Heartbeat
+from engine.livelog import build_live_sinks
+from engine.margin import QUANTILES, DistanceHistogram, auto_margin, margin_diagnostics, pair_distances
 from engine.objectives import Objective, build_objective, total_loss, trained_scalars
 from engine.objectives.normaliser import build_normaliser
 from engine.preemption import Preempted, StopRequests
-from engine.report import default_metric
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
+from engine.summary import default_metric, earlier_run_outputs, format_rate, run_summary, write_summary
 from models import export_model, features_of, logit_bias_of
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,12 @@ class Trainer:
             raise ValueError(
                 f"run.out_dir {self.out_dir} holds checkpoints of an earlier run: continue it with "
                 "--resume latest, or start a new run in another --out (nothing was overwritten)"
+            )
+        earlier = earlier_run_outputs(self.out_dir) if not cfg.run.resume else []
+        if earlier:
+            raise ValueError(
+                f"run.out_dir {self.out_dir} holds an earlier run's {', '.join(earlier)}: start a new run in "
+                "another --out, or continue a checkpointed run with --resume latest (nothing was overwritten)"
             )
         torch.manual_seed(cfg.run.seed)
         self.device = default_device(self.ctx, cfg.run.device)
@@ -122,6 +130,13 @@ class Trainer:
         self._num_skips_reported = 0  # loader skip records already written to the skip file
         self._skip_log: JsonlLogger | None = None
         self.best = (-math.inf, None)
+        self.base_score: float | None = None  # selection metric of the base model (evaluation at start)
+        self.num_below_base = 0  # consecutive evaluations below the base (run.stop_below_base)
+        self.stopped_early: str | None = None
+        self._base_pending = False
+        # HGCL's margin: the configured number, or chosen at w0 before OSR (loss.margin=auto).
+        self.margin: float | None = None if cfg.loss.margin == "auto" else cfg.loss.margin
+        self.d_histogram = DistanceHistogram()  # d = s_ij - s_ii over OSR (frozen w0)
         self.normaliser = build_normaliser(cfg.loss, out_dir=self.out_dir, num_rows=self.manifest.num_samples,
                                            dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh,
                                            node_local_dir=cfg.run.node_local_dir)
@@ -131,7 +146,8 @@ class Trainer:
                    "data_plan": LoaderPlan(self.loader)},
             rank_parts={"loader": self.loader},
         )
-        self.log = JsonlLogger(self.out_dir / "log.jsonl", enabled=self.ctx.is_main)
+        self.log = JsonlLogger(self.out_dir / "log.jsonl", enabled=self.ctx.is_main,
+                               sinks=build_live_sinks(cfg, self.out_dir) if self.ctx.is_main else ())
         self.stop_requests = StopRequests(device=self.device).install()
         # Names a dead or frozen rank when a collective times out (one process has no peers).
         if self.ctx.distributed:
@@ -148,7 +164,8 @@ class Trainer:
     def objective_for(self, kind: str) -> Objective:
         """The objective registered as `kind` (mbcl, gcl, hgcl) for this rank, over this job's normaliser."""
         lcfg = self.cfg.loss
-        return build_objective(kind, tau=self.tau, margin=lcfg.margin, eps=lcfg.eps, chunk_size=lcfg.chunk_size,
+        margin = self.margin if self.margin is not None else 0.0  # None: no hinge in this job
+        return build_objective(kind, tau=self.tau, margin=margin, eps=lcfg.eps, chunk_size=lcfg.chunk_size,
                                normaliser=self.normaliser, rank=self.ctx.rank, world_size=self.ctx.world_size,
                                local_batch=self.local_batch, gather=gather_no_grad, reduce_sum=all_reduce_sum)
 
@@ -163,6 +180,12 @@ class Trainer:
         """
         model_out = self.backend.forward(batch.images, batch.texts)
         image_features, text_features = features_of(model_out)
+        # During OSR (w0 frozen), where the batch's d sits against the hinge: quantiles, share inside.
+        margin_stats = margin_diagnostics(
+            pair_distances(image_features, text_features, offset=self.ctx.rank * self.local_batch,
+                           gather=gather_no_grad),
+            margin=self.margin or 0.0, reduce_sum=all_reduce_sum, histogram=self.d_histogram,
+        ) if self.stage == "osr" else {}
         out = objective(image_features, text_features, rows=batch.rows, logit_bias=logit_bias_of(model_out))
         total = total_loss(out)
         # Terms carry global values, so every rank takes the same decision without a collective.
@@ -185,7 +208,7 @@ class Trainer:
         self.num_bad_steps = 0
         values = {key.removesuffix("_value"): float(value.detach()) for key, value in out.items()}
         return {"loss": float(total.detach()), **values, "grad_norm": grad_norm, "lr": lr,
-                "gamma": self.normaliser.gamma()}
+                "gamma": self.normaliser.gamma(), **margin_stats}
 
     def _skip_step(self, batch: Batch, *, reason: str) -> dict:
         self.num_bad_steps += 1
@@ -240,7 +263,8 @@ class Trainer:
                     objective_kind, self.tau, f", resuming at step {self.stage_step}" if self.stage_step else "")
         bar = tqdm(total=total, initial=self.stage_step, desc=stage, unit="step", dynamic_ncols=True,
                    disable=not (rcfg.progress and self.ctx.is_main))
-        while self.stage_epoch < epochs:
+        stage_started = time.perf_counter()
+        while self.stage_epoch < epochs and not self.stopped_early:
             epoch, epoch_steps = self.stage_epoch, self._steps_per_epoch(self.data_epoch)
             if self.epoch_step >= epoch_steps:  # a continued epoch whose rest was empty
                 self._end_epoch(stage, epoch)
@@ -260,10 +284,11 @@ class Trainer:
                 num_samples += len(batch.keys) * self.ctx.world_size
                 rate = num_samples / max(1e-9, time.perf_counter() - started)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=format_rate(rate))
                 if self.stage_step % rcfg.log_every == 0 or self.stage_step == total or metrics.get("skipped"):
                     self.log.write({"event": "step", "stage": stage, "epoch": epoch, "step": self.global_step,
-                                    "stage_step": self.stage_step, "samples_per_s": rate, **metrics})
+                                    "stage_step": self.stage_step, **self._ft_step(stage),
+                                    "samples_per_s": rate, **metrics})
                 epoch_ended = self.epoch_step == epoch_steps
                 if epoch_ended:
                     self._end_epoch(stage, epoch)
@@ -271,10 +296,14 @@ class Trainer:
                     (self.stage_step % eval_every == 0 if eval_every else epoch_ended) or self.stage_step == total
                 ):  # every_steps 0: at each epoch end
                     self.evaluate(stage=stage)
+                if self.stopped_early:
+                    break
                 if rcfg.save_every_steps and self.stage_step % rcfg.save_every_steps == 0:
                     self.save_checkpoint()
                 self._stop_if_requested()
         bar.close()
+        self.log.write({"event": "stage_end", "stage": stage, "step": self.global_step, "stage_step": self.stage_step,
+                        "seconds": round(time.perf_counter() - stage_started, 3), "world_size": self.ctx.world_size})
 
     def _stop_if_requested(self) -> None:
         """Checkpoint and raise `Preempted` if any rank was asked to stop (collective, every step)."""
@@ -291,8 +320,10 @@ class Trainer:
         self.epoch_step = 0
         self.normaliser.end_epoch()
         skipped = {shard: dict(reasons) for shard, reasons in self.loader.skipped.items()}
+        num_skipped_all = int(all_reduce_sum(torch.tensor([self.loader.num_skipped], device=self.device)).item())
         self.log.write({"event": "epoch_end", "stage": stage, "epoch": epoch, "step": self.global_step,
-                        "skipped": skipped, "num_skipped": self.loader.num_skipped})
+                        "skipped": skipped, "num_skipped": self.loader.num_skipped,
+                        "num_skipped_all_ranks": num_skipped_all})
         self._report_skips(epoch)
 
     def _report_skips(self, epoch: int) -> None:
@@ -321,11 +352,14 @@ class Trainer:
         assert self.backend.weights_digest() == before, "OSR changed the weights"
         self.osr_steps = self.backend.optimizer_step_count()
         self.normaliser.set_provenance({
-            "surrogate": self.cfg.osr_surrogate, "margin": self.cfg.loss.margin, "tau": self.tau,
+            "surrogate": self.cfg.osr_surrogate, "margin": self.margin, "tau": self.tau,
             "eps": self.cfg.loss.eps, "osr_epochs": self.cfg.osr.epochs, "osr_steps": self.osr_steps,
         })
+        hist = self.d_histogram
         self.log.write({"event": "osr_done", "step": self.global_step, "adam_step": self.osr_steps,
-                        **self.normaliser.summary()})
+                        **self.normaliser.summary(), "margin": self.margin,
+                        "d_quantiles": {f"{q:g}": hist.quantile(q) for q in QUANTILES},
+                        "inside_hinge": hist.share_above(-(self.margin or 0.0))})
         if not self.cfg.osr.seed_moments:
             self.backend.reset_optimizer_state()
         if not self.cfg.osr.seed_u:
@@ -346,6 +380,8 @@ class Trainer:
             if self.cfg.eval.at_start:
                 self.evaluate(stage="start")
             run_osr = osr and METHOD_RUNS_OSR[self.cfg.method] and self.cfg.osr.epochs > 0
+            if self.margin is None and "hgcl" in (self.cfg.surrogate, self.cfg.osr_surrogate):
+                self.margin = self.choose_margin()
             self._enter("osr" if run_osr else "finetune")
         if self.stage == "osr":
             self.osr()
@@ -353,12 +389,38 @@ class Trainer:
             if self.cfg.run.save_every_steps or not finetune:
                 self.save_checkpoint()  # the recovered statistics, for stage II or reuse
         if self.stage == "finetune" and finetune:
+            if self._base_pending and self.cfg.eval.at_start:
+                self.evaluate(stage="start")  # weights are still w0 (OSR moved none)
+            self._base_pending = False
             self.finetune()
             self._enter("done")
             self.export(self.out_dir / "final.safetensors")
             if self.cfg.run.save_every_steps:
                 self.save_checkpoint()
+        if self.ctx.is_main:
+            write_summary(self.out_dir, run_summary(self.out_dir, metric=self.cfg.eval.best_metric))
         return self.history
+
+    def choose_margin(self) -> float:
+        """loss.margin=auto: the margin that puts loss.margin_inside_share of the pairs inside the hinge
+        (d > -m) at w0, read from the first loss.margin_probe_batches batches (no update)."""
+        lcfg = self.cfg.loss
+        hist = DistanceHistogram()
+        batches = self.loader.epoch(self.data_epoch)
+        with torch.no_grad():
+            for batch in itertools.islice(batches, lcfg.margin_probe_batches):
+                image_features, text_features = features_of(self.backend.forward(batch.images, batch.texts))
+                d = pair_distances(image_features, text_features, offset=self.ctx.rank * self.local_batch,
+                                   gather=gather_no_grad)
+                hist.add(d, reduce_sum=all_reduce_sum)
+        margin = auto_margin(hist, inside_share=lcfg.margin_inside_share)
+        rule = (f"auto: {lcfg.margin_inside_share:g} of the pairs inside the hinge at w0, m = -Q_"
+                f"{1 - lcfg.margin_inside_share:g}(d) over {lcfg.margin_probe_batches} batches")
+        logger.info("loss.margin=auto: m = %.4f (%s; d median %.3f, tau %.4g)", margin, rule, hist.quantile(0.5),
+                    self.tau)
+        self.log.write({"event": "margin_chosen", "margin": margin, "rule": rule,
+                        "d_quantiles": {f"{q:g}": hist.quantile(q) for q in QUANTILES}, "tau": self.tau})
+        return margin
 
     def _enter(self, stage: str) -> None:
         self.stage, self.stage_step = stage, 0
@@ -372,6 +434,7 @@ class Trainer:
             "stage_epoch": self.stage_epoch, "epoch_step": self.epoch_step,
             "data_epoch": self.data_epoch, "osr_steps": self.osr_steps,
             "best_score": self.best[0] if math.isfinite(self.best[0]) else None, "best_step": self.best[1],
+            "base_score": self.base_score, "num_below_base": self.num_below_base, "margin": self.margin,
             "num_bad_steps": self.num_bad_steps, "world_size": self.ctx.world_size,
             "num_workers": self.cfg.data.num_workers, "manifest_fingerprint": self.manifest.fingerprint(),
             "model": self.bundle.model_name, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
@@ -385,6 +448,8 @@ class Trainer:
         self.global_step, self.data_epoch = state["global_step"], state["data_epoch"]
         self.osr_steps, self.num_bad_steps = state["osr_steps"], state["num_bad_steps"]
         self.best = (state["best_score"] if state["best_score"] is not None else -math.inf, state["best_step"])
+        self.base_score, self.num_below_base = state.get("base_score"), state.get("num_below_base", 0)
+        self.margin = state.get("margin", self.margin)
 
     def resume(self, spec: str = "latest") -> dict:
         """Restore every part from a checkpoint (`latest` or a folder)."""
@@ -413,7 +478,12 @@ class Trainer:
         saved = self.checkpoints.load(str(path), purpose="osr")
         self.normaliser.load_state_dict(saved["normaliser"])
         self.osr_steps, self.data_epoch = saved[TRAIN_STATE]["osr_steps"], saved[TRAIN_STATE]["data_epoch"]
+        if self.cfg.loss.margin == "auto":  # the margin OSR chose and used
+            self.margin = saved[TRAIN_STATE].get("margin")
+            self.log.write({"event": "margin_chosen", "margin": self.margin,
+                            "rule": f"auto, chosen at w0 by the OSR run of {path}"})
         self._enter("finetune")
+        self._base_pending = True  # no evaluation ran at w0 in this run yet: tune() does it
         self.log.write({"event": "osr_loaded", "from": str(path), "adam_step": self.backend.optimizer_step_count()})
 
     # ----- evaluation, export -----
@@ -423,8 +493,8 @@ class Trainer:
             return {}
         with self.backend.full_weights():  # ZeRO-3 gathers the partitions for evaluation
             results = self.evaluator(self.backend.model, self.bundle.tokenizer, self.bundle.eval_transform)
-        record = {"event": "eval", "stage": stage, "step": self.global_step, "results": results,
-                  "seconds": dict(self.evaluator.seconds)}
+        record = {"event": "eval", "stage": stage, "step": self.global_step, **self._ft_step(stage),
+                  "results": results, "seconds": dict(self.evaluator.seconds)}
         self.history.append(record)
         self.log.write(record)
         if self.ctx.is_main:
@@ -432,11 +502,41 @@ class Trainer:
                           model_name=self.bundle.model_name, pretrained=self.cfg.model.weights or "")
         key = self.cfg.eval.best_metric or default_metric(results)
         score = headline_metric(results, key)
-        if stage != "start" and score > self.best[0]:
+        # The base model is a candidate too: best.safetensors is never worse than the base on `key`.
+        if score > self.best[0]:
             self.best = (score, self.global_step)
             self.export(self.out_dir / "best.safetensors")
         logger.info("eval at step %d (%s): %s = %.4f", self.global_step, stage, key, score)
+        if stage == "start":
+            self.base_score = score
+        else:
+            self._check_below_base(key, score)
         return results
+
+    def _ft_step(self, stage: str) -> dict:
+        """`ft_step`: fine-tuning steps done (0 at the base model), so curves of methods with and without OSR
+        line up; absent in OSR. The global `step` keeps counting OSR steps (checkpoints rely on it)."""
+        return {"ft_step": self.stage_step if stage == "finetune" else 0} if stage != "osr" else {}
+
+    def _check_below_base(self, key: str, score: float) -> None:
+        """Warn when `score` is more than run.below_base_tolerance under the base; stop after
+        run.stop_below_base such evaluations in a row."""
+        rcfg = self.cfg.run
+        if self.base_score is None or score >= self.base_score - rcfg.below_base_tolerance:
+            self.num_below_base = 0
+            return
+        self.num_below_base += 1
+        logger.warning("%s = %.4f at fine-tuning step %d is %.4f below the base model (%.4f)%s", key, score,
+                       self.stage_step, self.base_score - score, self.base_score,
+                       f"; {self.num_below_base} evaluation(s) in a row" if rcfg.stop_below_base else "")
+        self.log.write({"event": "below_base", "step": self.global_step, "ft_step": self.stage_step, "metric": key,
+                        "value": score, "base": self.base_score, "consecutive": self.num_below_base})
+        if rcfg.stop_below_base and self.num_below_base >= rcfg.stop_below_base:
+            self.stopped_early = (f"{self.num_below_base} consecutive evaluations below the base on {key} "
+                                  f"(run.stop_below_base={rcfg.stop_below_base})")
+            logger.warning("stopping fine-tuning early: %s", self.stopped_early)
+            self.log.write({"event": "early_stop", "step": self.global_step, "ft_step": self.stage_step,
+                            "reason": self.stopped_early})
 
     def export(self, path: Path) -> Path:
         """Write the current weights as a stock open_clip safetensors file (and, for hf-hub:/local-dir:

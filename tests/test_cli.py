@@ -21,21 +21,35 @@ def run_cli(*args, check=True):
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_table_plot_and_summary(tmp_path):
+def test_quick_demo_writes_table_plot_report_and_summary_quietly(tmp_path):
     proc = run_cli("demo", "--quick", "--out", tmp_path / "demo")
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary["histories"]) == {"openclip", "fastclip", "tuneclip"}
-    for records in summary["histories"].values():
-        assert records[0]["step"] == 0 and len(records) >= 3
-        assert records[-1]["step"] > records[0]["step"]
-        assert 0.0 <= records[-1]["results"]["shapes-zeroshot"]["acc1"] <= 1.0
-    # All methods start from the same base model.
-    starts = {json.dumps(r[0]["results"], sort_keys=True) for r in summary["histories"].values()}
+    methods = {"openclip", "fastclip", "osr+gcl", "tuneclip"}
+    assert set(summary["histories"]) == methods and summary["seeds"] == [0, 1]
+    for runs in summary["histories"].values():
+        assert set(runs) == {"0", "1"}
+        for records in runs.values():
+            assert records[0]["step"] == 0 and len(records) >= 3
+            assert records[-1]["step"] > records[0]["step"]
+            assert 0.0 <= records[-1]["results"]["shapes-zeroshot"]["acc1"] <= 1.0
+    # All methods and seeds start from the same base model: sd 0 for the base column.
+    starts = {json.dumps(r[0]["results"], sort_keys=True) for runs in summary["histories"].values()
+              for r in runs.values()}
     assert len(starts) == 1
-    assert (tmp_path / "demo" / "curves.png").stat().st_size > 10_000
-    for method in ("openclip", "fastclip", "tuneclip"):
+    for method in methods:
+        cells = summary["table"][method]["shapes-retrieval/mean_recall@1"]
+        assert cells["base"]["sd"] == 0.0
+        finals = [100 * r[-1]["results"]["shapes-retrieval"]["mean_recall@1"]
+                  for r in summary["histories"][method].values()]
+        assert cells["final"]["mean"] == pytest.approx(sum(finals) / 2)
         assert method in proc.stdout
-    assert (tmp_path / "demo" / "tuneclip" / "final.safetensors").exists()
+    assert "+-" in proc.stdout and set(summary["margins"]) == {"tuneclip/seed0", "tuneclip/seed1"}
+    # Quiet: the engine's INFO lines are in demo.log, not on the console.
+    assert " INFO " not in proc.stdout + proc.stderr and " INFO engine" in (tmp_path / "demo" / "demo.log").read_text()
+    assert (tmp_path / "demo" / "curves.png").stat().st_size > 10_000
+    page = (tmp_path / "demo" / "report" / "report.html").read_text()
+    assert all(f"<td>{m}/seed1</td>" in page for m in methods)
+    assert (tmp_path / "demo" / "runs" / "tuneclip" / "seed1" / "final.safetensors").exists()
 
 
 def test_shards_then_finetune_from_the_command_line(tmp_path):
@@ -69,3 +83,14 @@ def test_demo_never_replaces_an_existing_folder_unasked(tmp_path):
     proc = run_cli("demo", "--quick", "--out", tmp_path / "mine", check=False)
     assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
     assert keep.read_text() == "do not delete"
+
+
+def test_help_shows_defaults_and_choices_and_report_writes_the_page(tmp_path):
+    from tests.test_report_page import fake_run
+
+    text = run_cli("tune", "--help").stdout
+    assert "{tuneclip,fastclip,openclip}" in text and "(config default: tuneclip)" in " ".join(text.split())
+    runs = [fake_run(tmp_path / "runs" / name, method=name, scores=[0.4, 0.5]) for name in ("openclip", "fastclip")]
+    out = run_cli("report", *runs)
+    assert str(tmp_path / "runs" / "report" / "report.html") in out.stdout
+    assert "<td>fastclip</td>" in (tmp_path / "runs" / "report" / "report.html").read_text()

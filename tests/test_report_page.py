@@ -1,0 +1,85 @@
+"""`run.py report`: one self-contained page with every run, curves on the fine-tuning step, tables; it renders
+in headless Chromium with the network cut off."""
+
+import json
+import re
+
+import pytest
+
+from benchmarks.screenshot_report import find_browser, rendered_dom, screenshot
+from engine.report_page import write_report
+
+
+def fake_run(folder, *, method, seed_moments=True, seed_u=True, scores, osr_steps=0, skipped=None):
+    """A run folder whose log holds a start record, OSR steps, fine-tuning steps and evaluations."""
+    folder.mkdir(parents=True)
+    config = {"method": method, "loss": {"surrogate": "auto", "margin": 0.1},
+              "osr": {"seed_moments": seed_moments, "seed_u": seed_u}, "run": {"below_base_tolerance": 0.0},
+              "eval": {"best_metric": "zs/acc1"}}
+    log = [{"event": "start", "config": config}]
+    log.append({"event": "eval", "stage": "start", "step": 0, "ft_step": 0,
+                "results": {"zs": {"acc1": scores[0], "acc5": 0.9}, "rt": {"mean_recall@1": 0.2}}})
+    for i in range(1, osr_steps + 1):
+        log.append({"event": "step", "stage": "osr", "step": i, "stage_step": i, "loss": 1.0 + i, "d_q50": -0.3,
+                    "inside_hinge": 0.01})
+    if osr_steps:
+        log.append({"event": "stage_end", "stage": "osr", "seconds": 36.0, "world_size": 2, "stage_step": osr_steps})
+    for k, score in enumerate(scores[1:], start=1):
+        step = osr_steps + 2 * k
+        log.append({"event": "step", "stage": "finetune", "step": step, "stage_step": 2 * k, "ft_step": 2 * k,
+                    "loss": 2.0 / k, "contrastive_loss": 2.0 / k, "lr": 1e-4 / k, "gamma": 1.0})
+        log.append({"event": "eval", "stage": "finetune", "step": step, "ft_step": 2 * k,
+                    "results": {"zs": {"acc1": score, "acc5": 0.9}, "rt": {"mean_recall@1": 0.2 + 0.01 * k}}})
+    log.append({"event": "epoch_end", "skipped": skipped or {}, "num_skipped": 0})
+    (folder / "log.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return [
+        fake_run(tmp_path / "runs" / "openclip", method="openclip", scores=[0.40, 0.31, 0.38, 0.43]),
+        fake_run(tmp_path / "runs" / "tuneclip", method="tuneclip", scores=[0.40, 0.41, 0.44, 0.47], osr_steps=5,
+                 skipped={"shard-0001.tar": {"undecodable image": 2}}),
+        fake_run(tmp_path / "runs" / "tuneclip-no-seed", method="tuneclip", seed_moments=False, seed_u=False,
+                 scores=[0.40, 0.35, 0.36, 0.39], osr_steps=5),
+    ]
+
+
+def test_report_holds_every_run_the_tables_and_no_network_reference(runs, tmp_path):
+    html_path, md_path = write_report(runs, tmp_path / "report")
+    page = html_path.read_text()
+    md = md_path.read_text()
+    for name in ("openclip", "tuneclip", "tuneclip-no-seed"):
+        assert f"<td>{name}</td>" in page and f"| {name} |" in md
+    # before / best / final with fine-tuning steps (OSR steps not counted)
+    assert "<td>tuneclip</td><td>tuneclip</td><td>zs/acc1</td><td>40.00</td><td>47.00 @ 6</td>" in page
+    # the base model stays best when nothing beats it
+    assert "<td>40.00 @ 0 (base)</td>" in page
+    # Table-2-style ablation: seeded and unseeded TuneCLIP
+    assert "Ablation (paper Table 2)" in page
+    assert "| tuneclip-no-seed | no | no | 40.00 | 39.00 | 40.00 |" in md
+    assert "undecodable image" in page
+    assert "final model is worse than the base" in page  # tuneclip-no-seed: 39 < 40
+    # Figures: evaluation metrics (one line per run + base), training curves, OSR apart; inline SVG only.
+    assert page.count("<svg") == 3 and "id='fig-osr'" in page
+    assert (tmp_path / "report" / "figures" / "metrics.svg").exists() and "figures/metrics.svg" in md
+    assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:|//)", page)
+    assert "<script" not in page
+
+
+@pytest.mark.skipif(find_browser() is None, reason="no Chromium installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium_without_network(runs, tmp_path):
+    from PIL import Image
+
+    html_path, _ = write_report(runs, tmp_path / "report")
+    dom = rendered_dom(html_path)
+    assert dom.count("<svg") == 3
+    for name in ("openclip", "tuneclip", "tuneclip-no-seed"):
+        assert f"<td>{name}</td>" in dom
+    png = screenshot(html_path, tmp_path / "shot.png", width=1200, height=1600)
+    image = Image.open(png).convert("L")
+    assert image.size == (1200, 1600)
+    # Something was drawn: more than a blank page's single grey level, and dark pixels (text, lines).
+    histogram = image.histogram()
+    assert sum(1 for count in histogram if count) > 20 and sum(histogram[:100]) > 1000
