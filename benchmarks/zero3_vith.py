@@ -128,7 +128,7 @@ def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "
     out["rss_before_build_gb"] = _vm_kib("VmRSS") * 1024 / GB
     if build == "full":
         bundle = build_model(model_name, seed=seed, weights=weights)
-    else:  # what the trainer does under ZeRO-3 (DeepSpeedBackend.build_bundle)
+    else:  # what the trainer does under ZeRO-3 (build_bundle)
         ds_config = build_deepspeed_config(zero_config(overrides), micro_batch_size=local_batch,
                                            world_size=ctx.world_size, betas=BETAS, weight_decay=WEIGHT_DECAY,
                                            eps=ADAM_EPS, grad_clip=0.0, precision="bf16")
