@@ -106,7 +106,7 @@ def zero_config(overrides: dict) -> dict:
 
 
 def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "zero_init", seed: int = 0,
-             weights: str | None = None) -> dict:
+             weights: str | None = None, stop_after: str = "train") -> dict:
     """One rank: build (`full`: whole fp32 model, or `zero_init`: partitioned while built), wrap in ZeRO-3
     bf16, OSR step, fine-tuning step; returns measurements."""
     from engine.backends.deepspeed import DeepSpeedBackend, build_deepspeed_config
@@ -128,7 +128,7 @@ def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "
     out["rss_before_build_gb"] = _vm_kib("VmRSS") * 1024 / GB
     if build == "full":
         bundle = build_model(model_name, seed=seed, weights=weights)
-    else:  # what the trainer does under ZeRO-3 (DeepSpeedBackend.build_bundle)
+    else:  # what the trainer does under ZeRO-3 (build_bundle)
         ds_config = build_deepspeed_config(zero_config(overrides), micro_batch_size=local_batch,
                                            world_size=ctx.world_size, betas=BETAS, weight_decay=WEIGHT_DECAY,
                                            eps=ADAM_EPS, grad_clip=0.0, precision="bf16")
@@ -145,6 +145,10 @@ def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "
     out["peak_gb"]["build"] = _peak_gb()
     out["rss_after_build_gb"] = _vm_kib("VmRSS") * 1024 / GB
     say(f"built {model_name} ({build}): {num_params:,} params, peak {out['peak_gb']['build']:.2f} GB")
+    if stop_after == "build":
+        out["num_params"], out["peak_gb"]["wrap"] = num_params, float("nan")
+        out["peak_gb"]["end"] = _peak_gb()
+        return out
 
     mark = time.perf_counter()
     backend = DeepSpeedBackend(model, device=torch.device("cpu"), zero_config=zero_config(overrides),
@@ -165,6 +169,10 @@ def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "
     say(f"ZeRO-3 wrap: {out['num_local_params']:,} of {out['num_params']:,} params held here, "
         f"peak {out['peak_gb']['wrap']:.2f} GB, RSS now {out['rss_after_wrap_gb']:.2f} GB")
 
+    if stop_after == "wrap":
+        out["peak_gb"]["end"] = _peak_gb()
+        backend.close()
+        return out
     loss_fn = GlobalContrastiveLoss(SurrogateSpec(kind="hgcl", margin=MARGIN, tau=tau), gather=gather_no_grad,
                                     reduce_sum=all_reduce_sum, world_size=ctx.world_size)
     gen = torch.Generator().manual_seed(seed + 1)  # the same global batch on every rank
@@ -304,6 +312,9 @@ def main() -> int:
     parser.add_argument("--weights", help="a weights file of --model that both builds load (construction then "
                         "includes reading it: whole on every rank for `full`, streamed into the partitions for "
                         "`zero_init`)")
+    parser.add_argument("--stop-after", choices=("build", "wrap", "train"), default="train",
+                        help="end each rank after model construction, after the DeepSpeed wrap, or after the two "
+                             "training steps (the whole check)")
     parser.add_argument("--old-file-values", action="store_true",
                         help=f"run {ZERO_CONFIG.name} with the values it shipped with before (OLD_FILE_VALUES)")
     args = parser.parse_args()
@@ -327,7 +338,8 @@ def main() -> int:
         try:
             ranks = run_ranks("benchmarks.zero3_vith:rank_run", world_size=WORLD_SIZE, timeout=args.timeout,
                               env=MALLOC_ENV, model_name=args.model, global_batch=args.global_batch,
-                              overrides=overrides, build=build, weights=args.weights)
+                              overrides=overrides, build=build, weights=args.weights,
+                              stop_after=args.stop_after)
         except AssertionError as err:
             print(f"FAILED ({build}) after {time.perf_counter() - started:.0f} s"
                   f"{' (stopped by the memory watch)' if watch.killed else ''}:\n{err}", file=sys.stderr)
@@ -338,7 +350,8 @@ def main() -> int:
         finally:
             watch.stopped.set()
             watch.join()
-        code = max(code, report(ranks, args, elapsed=time.perf_counter() - started, watch=watch))
+        if args.stop_after == "train":
+            code = max(code, report(ranks, args, elapsed=time.perf_counter() - started, watch=watch))
         results[build] = (ranks, watch)
     return max(code, compare(results))
 

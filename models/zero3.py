@@ -51,9 +51,13 @@ def _weights_reader(path: Path) -> tuple[dict[str, torch.Size], Callable[[str], 
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        shapes = {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-        getter = handle.get_tensor
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            shapes = {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+
+        def getter(key: str) -> torch.Tensor:
+            # A mapping per tensor: pages read are unmapped again, so the file never piles up in RSS.
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(key)
     else:
         try:  # zip-format checkpoints map lazily; older ones are read whole (weights_only either way)
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
