@@ -89,7 +89,7 @@ def test_help_shows_defaults_and_choices_and_report_writes_the_page(tmp_path):
     from tests.test_report_page import fake_run
 
     text = run_cli("tune", "--help").stdout
-    assert "{tuneclip,fastclip,openclip}" in text and "(config default: tuneclip)" in " ".join(text.split())
+    assert "{tuneclip,fastclip,openclip,siglip}" in text and "(config default: tuneclip)" in " ".join(text.split())
     runs = [fake_run(tmp_path / "runs" / name, method=name, scores=[0.4, 0.5]) for name in ("openclip", "fastclip")]
     out = run_cli("report", *runs)
     assert str(tmp_path / "runs" / "report" / "report.html") in out.stdout
