@@ -13,6 +13,14 @@ A save is staged in a `.partial-*` folder and renamed once every rank has finish
 during a save leaves the previous checkpoint intact. Re-saving an existing step first renames
 the old folder away (`.old-*`), so at every instant some complete checkpoint exists.
 
+Background saves (`async_save=True`, parts with `save_async`): the part copies its state to host
+memory and returns a future while its files are written; the JSON parts are written at once. The
+checkpoint counts only when every write has finished: rank 0 renames the staging folder (COMPLETE,
+`latest`, old ones purged) at the first `poll()` after that, or in `wait()`, which also reports a
+failed write. A crash during a background write leaves a `.partial-*` folder that is never loaded:
+`latest` still names the previous checkpoint. One background save at a time (`save` waits for the
+previous one first).
+
 What may be loaded into which job is decided here too (`resume_conflicts`, `osr_reuse_conflicts`).
 """
 
@@ -23,6 +31,9 @@ import logging
 import os
 import pickle
 import shutil
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -55,6 +66,10 @@ class FolderStateful(Protocol):
 def _file_sizes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != COMPLETE}
+
+
+def _describe(exc: OSError, rank: int, where: Path) -> str:
+    return f"rank {rank}: {exc.filename or where}: {exc.strerror or exc}"
 
 
 def checkpoint_problems(path: Path) -> list[str]:
@@ -106,6 +121,18 @@ class CheckpointWriteError(ValueError):
     """A checkpoint could not be written (disk full, permissions); nothing of it was kept."""
 
 
+@dataclass
+class _Pending:
+    """A checkpoint whose folder parts are still being written in the background."""
+
+    step: int
+    staging: Path
+    final: Path
+    futures: list[Future]
+    started: float = field(default_factory=time.perf_counter)
+    finalised: bool = False
+
+
 class CheckpointManager:
     """`save(step)` / `load(spec)` of a dict of stateful parts, for one run directory.
 
@@ -113,57 +140,124 @@ class CheckpointManager:
     `save(directory)`/`load(directory)` (its own folder, collective), or both. `rank_parts`: name ->
     Stateful whose state differs per rank (each rank writes its own file). The `train_state` part
     describes the job; `load` checks it against the live one before touching anything.
+    `async_save`: folder parts that have `save_async(directory) -> Future` write in the background
+    (see the module doc); call `poll()` now and then and `wait()` before the job ends.
     """
 
     def __init__(self, root: Path, ctx: DistContext, *, parts: dict[str, Any],
-                 rank_parts: dict[str, Stateful] | None = None, keep_last_n: int = 2):
+                 rank_parts: dict[str, Stateful] | None = None, keep_last_n: int = 2, async_save: bool = False):
         self.root = Path(root)
         self.ctx = ctx
         self.parts = parts
         self.rank_parts = rank_parts or {}
         self.keep_last_n = keep_last_n
+        self.async_save = async_save
+        self._pending: _Pending | None = None
 
     # ----- save -----
     def save(self, step: int) -> Path:
-        """Write a checkpoint of `step` on every rank (collective); returns its folder."""
+        """Write a checkpoint of `step` on every rank (collective); returns its folder.
+
+        With background writes the folder exists only once `poll` or `wait` has seen them finish.
+        """
+        self.wait()
         final = self.root / f"step_{step:08d}"
         staging = self.root / f".partial-step_{step:08d}"
         if self.ctx.is_main:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier()
+        futures = []
         try:
-            self._write_parts(staging, step)
+            futures = self._write_parts(staging, step)
             failure = None
         except OSError as exc:  # disk full, quota, permissions: reported below on every rank
-            failure = f"rank {self.ctx.rank}: {exc.filename or staging}: {exc.strerror or exc}"
+            failure = _describe(exc, self.ctx.rank, staging)
         failures = [f for f in gather_objects(failure) if f]  # also: every rank's files are written
         if failures:
             self._abandon(staging, step, failures)
+        if futures:
+            self._pending = _Pending(step, staging, final, futures)
+            logger.info("checkpoint of step %d: writing in the background", step)
+            return final
         if self.ctx.is_main:
-            write_json_atomic(staging / COMPLETE, {"files": _file_sizes(staging)}, indent=1)
-            old = self.root / f".old-{final.name}"
-            if final.exists():  # the same step saved again: move the old copy away atomically first
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(staging, final)
-            fsync_dir(self.root)
-            shutil.rmtree(old, ignore_errors=True)
-            write_atomic(self.root / LATEST, final.name + "\n")
-            self._purge()
-            logger.info("checkpoint saved: %s", final)
+            self._finalise(staging, final)
         barrier()
         return final
 
-    def _write_parts(self, staging: Path, step: int) -> None:
+    def poll(self) -> None:
+        """Make a finished background checkpoint count (rank 0 renames it; no collective, any rank may call).
+
+        Rank 0's write finishing means every rank's has: DCP's last phase gathers every rank's write results
+        on rank 0 before it writes the metadata. Failures wait for `wait()`, where every rank reports them.
+        """
+        pending = self._pending
+        if pending is None or pending.finalised or not all(f.done() for f in pending.futures):
+            return
+        if any(f.exception() is not None for f in pending.futures):
+            return
+        if self.ctx.is_main:
+            self._finalise(pending.staging, pending.final)
+            logger.info("checkpoint of step %d written in the background in %.1f s", pending.step,
+                        time.perf_counter() - pending.started)
+        pending.finalised = True
+
+    def wait(self) -> Path | None:
+        """Wait for the background checkpoint, if any, and make it count (collective); raises
+        CheckpointWriteError if its write failed on some rank (the previous checkpoint stays)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        failure = None
+        for future in pending.futures:
+            try:
+                future.result()
+            except OSError as exc:
+                failure = _describe(exc, self.ctx.rank, pending.staging)
+            except Exception as exc:  # noqa: BLE001 (reported on every rank below)
+                failure = f"rank {self.ctx.rank}: {type(exc).__name__}: {str(exc).strip()[:300]}"
+        failures = [f for f in gather_objects(failure) if f]
+        if failures:
+            self._abandon(pending.staging, pending.step, failures)
+        if self.ctx.is_main and not pending.finalised:
+            self._finalise(pending.staging, pending.final)
+        barrier()
+        return pending.final
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step of a background checkpoint not yet waited for (None: none)."""
+        return None if self._pending is None else self._pending.step
+
+    def _finalise(self, staging: Path, final: Path) -> None:
+        """Rank 0: mark the staged folder complete, move it into place, point `latest` at it, purge old ones."""
+        write_json_atomic(staging / COMPLETE, {"files": _file_sizes(staging)}, indent=1)
+        old = self.root / f".old-{final.name}"
+        if final.exists():  # the same step saved again: move the old copy away atomically first
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(staging, final)
+        fsync_dir(self.root)
+        shutil.rmtree(old, ignore_errors=True)
+        write_atomic(self.root / LATEST, final.name + "\n")
+        self._purge()
+        logger.info("checkpoint saved: %s", final)
+
+    def _write_parts(self, staging: Path, step: int) -> list[Future]:
+        """Every part's files; returns the futures of parts writing in the background."""
+        futures = []
         for name, part in self.parts.items():
             if isinstance(part, FolderStateful):
-                part.save(staging / name)
+                if self.async_save and hasattr(part, "save_async"):
+                    futures.append(part.save_async(staging / name))
+                else:
+                    part.save(staging / name)
         for name, part in self.rank_parts.items():
             write_json_atomic(staging / RANKS / name / f"rank_{self.ctx.rank:05d}.json", part.state_dict())
         if self.ctx.is_main:
             states = {name: part.state_dict() for name, part in self.parts.items() if isinstance(part, Stateful)}
             write_json_atomic(staging / STATE, {**states, "step": step})
+        return futures
 
     def _abandon(self, staging: Path, step: int, failures: list[str]) -> None:
         """Remove a save that failed on some rank and raise one message saying why and what is intact."""
@@ -267,7 +361,7 @@ OSR_DEFINING_KEYS = ("model.name", "model.weights", "model.preset", "model.pretr
 SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.grad_clip", "run.max_bad_steps")
 
 # Settings that may change between a run and its resumption (they do not change the method).
-RESUME_FREE_KEYS = ("run.progress", "run.log_every", "run.save_every_steps", "run.keep_last_n",
+RESUME_FREE_KEYS = ("run.progress", "run.log_every", "run.save_every_steps", "run.keep_last_n", "run.async_checkpoint",
                     "run.resume", "eval.every_steps", "eval.at_start", "eval.batch_size", "run.device",
                     "osr.load_from", "run.out_dir", "data.train", "model.weights",  # moved folders / files
                     "run.collective_timeout_s", "run.node_local_dir", "run.tensorboard", "run.wandb_project",

@@ -246,6 +246,9 @@ class RunConfig:
     progress: bool = True
     save_every_steps: int = 0  # 0 = no periodic checkpoints
     keep_last_n: int = 2
+    # Write checkpoints in the background (run.backend=fsdp): training goes on while the shards are written;
+    # a checkpoint counts (latest, resume) only once every rank's write has finished.
+    async_checkpoint: bool = False
     resume: str | None = None  # "latest" or a checkpoint folder
     max_bad_steps: int = 5  # consecutive non-finite steps skipped before the run aborts
     collective_timeout_s: int = 600  # a rank waiting this long in a collective fails the job (dead/frozen rank)

@@ -55,6 +55,9 @@ class Trainer:
         self.cfg = cfg.validate()
         self.ctx = context_from_env(local_rank)
         backend_cls = select_backend(cfg.run.backend, world_size=self.ctx.world_size)
+        if cfg.run.async_checkpoint and not hasattr(backend_cls, "save_async"):
+            raise ValueError(f"run.async_checkpoint: run.backend={cfg.run.backend} writes checkpoints synchronously; "
+                             "use run.backend=fsdp for background writes or remove run.async_checkpoint")
         if cfg.data.batch_size % self.ctx.world_size:
             raise ValueError(
                 f"data.batch_size={cfg.data.batch_size} (global) is not divisible by the {self.ctx.world_size} "
@@ -142,6 +145,7 @@ class Trainer:
                                            node_local_dir=cfg.run.node_local_dir)
         self.checkpoints = CheckpointManager(
             self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n,
+            async_save=cfg.run.async_checkpoint,
             parts={TRAIN_STATE: self, "backend": self.backend, "normaliser": self.normaliser,
                    "data_plan": LoaderPlan(self.loader)},
             rank_parts={"loader": self.loader},
@@ -300,6 +304,8 @@ class Trainer:
                     break
                 if rcfg.save_every_steps and self.stage_step % rcfg.save_every_steps == 0:
                     self.save_checkpoint()
+                else:
+                    self.checkpoints.poll()  # a background write that has finished now counts
                 self._stop_if_requested()
         bar.close()
         self.log.write({"event": "stage_end", "stage": stage, "step": self.global_step, "stage_step": self.stage_step,
@@ -311,6 +317,7 @@ class Trainer:
         if reason is None:
             return
         path = self.save_checkpoint()
+        self.checkpoints.wait()  # the job ends with its checkpoint complete
         self.log.write({"event": "preempted", "reason": reason, "step": self.global_step, "checkpoint": str(path)})
         raise Preempted(reason, step=self.global_step, checkpoint=str(path))
 
@@ -397,6 +404,7 @@ class Trainer:
             self.export(self.out_dir / "final.safetensors")
             if self.cfg.run.save_every_steps:
                 self.save_checkpoint()
+        self.checkpoints.wait()  # a background checkpoint counts only once written
         if self.ctx.is_main:
             write_summary(self.out_dir, run_summary(self.out_dir, metric=self.cfg.eval.best_metric))
         return self.history

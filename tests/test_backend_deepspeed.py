@@ -349,9 +349,10 @@ def _assert_same_full_state(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("stage,back_to_two", [(2, True), (3, False), ("fsdp", True)])
 def test_checkpoint_resharded_to_another_world_size_is_exact(tmp_path, stage, back_to_two):
     """2 ranks -> 1 rank (and 1 -> 2) through DeepSpeed's universal checkpoint (DCP's resharding load for
-    FSDP2): weights, fp32 masters, moments and step counter carry over bit for bit."""
+    FSDP2): weights, fp32 masters, moments and step counter carry over bit for bit. FSDP2's 2-rank save is a
+    background one (run.async_checkpoint) with two training steps changing the state while it is written."""
     two = run_ranks("tests.helpers.dist_cases_deepspeed:reshard_round", world_size=2, stage=stage,
-                    save_dir=str(tmp_path / "two"), load_dir=None)[0]
+                    save_dir=str(tmp_path / "two"), load_dir=None, background=stage == "fsdp")[0]
     # A universal folder found in the checkpoint is never trusted: code planted there must not run.
     marker = tmp_path / "ran"
     planted = tmp_path / "two" / "universal"

@@ -12,6 +12,7 @@ from engine.checkpoint import (
     RESUME_FREE_KEYS,
     STATE,
     CheckpointManager,
+    CheckpointWriteError,
     checkpoint_problems,
     has_checkpoints,
     schedule_changes,
@@ -426,3 +427,94 @@ def test_schedule_only_settings_may_change_on_resume_and_are_reported(tmp_path):
     live, live_ranks = make_parts(2, state=changed)
     manager(root, live, live_ranks).load("latest")  # accepted
     assert schedule_changes(job(), changed) == ["optim.lr: 1e-05 -> 2e-06", "run.max_bad_steps: 5 -> 9"]
+
+
+# ----- background (async) saves -----
+
+class AsyncFolderPart(FolderPart):
+    """A folder part written in the background: `save_async` snapshots the payload and returns a future that
+    the test settles with `finish()` (write the files) or `fail(exc)`, as DCP's writer thread would."""
+
+    def __init__(self, payload: bytes):
+        super().__init__(payload)
+        self.writes = []  # (directory, snapshot, future) not yet settled
+
+    def save_async(self, directory):
+        from concurrent.futures import Future
+
+        directory.mkdir(parents=True, exist_ok=True)
+        future = Future()
+        self.writes.append((directory, bytes(self.payload), future))
+        return future
+
+    def finish(self):
+        directory, snapshot, future = self.writes.pop(0)
+        (directory / "blob.bin").write_bytes(snapshot)
+        future.set_result(None)
+
+    def fail(self, exc):
+        _, _, future = self.writes.pop(0)
+        future.set_exception(exc)
+
+
+def async_parts(seed: int):
+    parts, rank_parts = make_parts(seed)
+    parts["backend"] = AsyncFolderPart(bytes([seed]) * 10)
+    return parts, rank_parts
+
+
+def test_background_save_counts_only_once_written_and_a_crash_falls_back(tmp_path):
+    root = tmp_path / "ck"
+    parts, rank_parts = async_parts(1)
+    m = CheckpointManager(root, DistContext(), parts=parts, rank_parts=rank_parts, keep_last_n=1, async_save=True)
+    m.save(1)
+    assert m.pending_step == 1 and not (root / LATEST).exists()
+    assert step_folders(root) == [".partial-step_00000001"]
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        m.find("latest")
+    parts["backend"].payload = b"changed by the next steps"  # training goes on during the write
+    parts["schedule"].value = {"epoch": 99}
+    m.poll()
+    assert not (root / LATEST).exists(), "not written yet: must not count"
+    parts["backend"].finish()
+    m.poll()
+    assert (root / LATEST).read_text().strip() == "step_00000001" and checkpoint_problems(root / "step_00000001") == []
+
+    m.save(2)  # in flight; the previous checkpoint stays (keep_last_n=1 purges only once step 2 counts)
+    assert step_folders(root) == [".partial-step_00000002", "step_00000001"]
+    # The job dies here: a new job (no wait) resumes from step 1, with the state it had at its save.
+    probe, probe_ranks = make_parts(0)
+    restarted = manager(root, probe, probe_ranks)
+    assert restarted.find("latest") == root / "step_00000001"
+    saved = restarted.load("latest")
+    assert saved["step"] == 1 and probe["schedule"].value["epoch"] == 1
+    assert probe["backend"].payload == bytes([1]) * 10
+    # The live job finishing the write instead: step 2 counts, step 1 is purged, the payload is step 2's.
+    parts["backend"].finish()
+    assert m.wait() == root / "step_00000002" and m.pending_step is None
+    assert step_folders(root) == ["step_00000002"]
+    assert (root / "step_00000002" / "backend" / "blob.bin").read_bytes() == b"changed by the next steps"
+    assert m.wait() is None  # nothing pending
+
+
+def test_failed_background_write_is_reported_by_wait_and_keeps_the_previous(tmp_path):
+    root = tmp_path / "ck"
+    parts, rank_parts = async_parts(1)
+    m = CheckpointManager(root, DistContext(), parts=parts, rank_parts=rank_parts, async_save=True)
+    m.save(1)
+    parts["backend"].finish()
+    m.save(2)  # waits for step 1 first
+    assert (root / LATEST).read_text().strip() == "step_00000001"
+    parts["backend"].fail(OSError(28, "No space left on device", str(root / ".partial-step_00000002" / "x")))
+    m.poll()  # a failure is left to wait(), where every rank reports it
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint of step 2 could not be written \(rank 0: .*No space "
+                       r"left on device\).*previous checkpoint .*step_00000001 is intact"):
+        m.wait()
+    assert step_folders(root) == ["step_00000001"] and (root / LATEST).read_text().strip() == "step_00000001"
+
+
+def test_background_saves_need_a_part_that_writes_in_the_background(tmp_path):
+    parts, rank_parts = make_parts(3)  # FolderPart has no save_async: written at once
+    m = CheckpointManager(tmp_path, DistContext(), parts=parts, rank_parts=rank_parts, async_save=True)
+    m.save(3)
+    assert m.pending_step is None and (tmp_path / LATEST).read_text().strip() == "step_00000003"

@@ -233,11 +233,41 @@ def bf16_osr_checks(config: str) -> dict:
     return out if ctx.rank == 0 else {k: v for k, v in out.items() if k != "osr_moments"}
 
 
-def reshard_round(stage: int | str, save_dir: str, load_dir: str | None) -> dict:
+def _save_in_background_while_training(backend, loss_fn, save_dir: str, *, lo: int, hi: int, world_size: int) -> None:
+    """`backend.save_async(save_dir)`, then two fine-tuning steps (weights and moments change in place) while
+    the files are not yet written: the writer is held back until the steps are done."""
+    import threading
+
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    release = threading.Event()
+    write_data = FileSystemWriter.write_data
+
+    def held_back(self, *args, **kwargs):
+        assert release.wait(120), "the training steps never finished"
+        return write_data(self, *args, **kwargs)
+
+    FileSystemWriter.write_data = held_back
+    try:
+        written = backend.save_async(save_dir)
+        for index in (RESUMED_BATCH, DISCARDED_BATCH):
+            images, texts = global_batch(index, world_size)
+            forward_backward(backend, loss_fn, images[lo:hi], texts[lo:hi], offset=lo)
+            backend.step(lr=LR)
+        assert not written.done(), "the write finished before the steps after it"
+        release.set()
+        written.result(timeout=120)
+    finally:
+        release.set()
+        FileSystemWriter.write_data = write_data
+
+
+def reshard_round(stage: int | str, save_dir: str, load_dir: str | None, background: bool = False) -> dict:
     """Optionally load (resharded) a checkpoint of another world size, then train/save; returns full state.
 
     With `load_dir` the state right after loading is returned; without it, OSR + one fine-tuning
-    step are run first. Either way the state is then saved to `save_dir`.
+    step are run first. Either way the state is then saved to `save_dir` (`background`: with `save_async`,
+    the training going on while it is written; the returned state is the one at the save).
     """
     ctx = context_from_env()
     init_distributed(stage)
@@ -255,6 +285,11 @@ def reshard_round(stage: int | str, save_dir: str, load_dir: str | None) -> dict
     weights, masters = _gathered(backend)
     out = {"weights": weights, "masters": masters, "moments": backend.full_moments(),
            "count": backend.optimizer_step_count()}
-    backend.save(save_dir)
+    if background:
+        _save_in_background_while_training(backend, loss_fn, save_dir, lo=ctx.rank * LOCAL_BATCH,
+                                           hi=(ctx.rank + 1) * LOCAL_BATCH, world_size=ctx.world_size)
+        assert backend.optimizer_step_count() == out["count"] + 2
+    else:
+        backend.save(save_dir)
     backend.close()
     return out if ctx.rank == 0 else {}
