@@ -9,8 +9,9 @@ as 2 ranks (tests.helpers.harness: gloo, one thread per rank, glibc `MALLOC_MMAP
 benchmarks/zero3_vith.py): one untimed warm-up step (lr = 0), `--steps` OSR steps (lr = 0), then `--steps` fine-tuning steps (lr = 1e-5) on
 each rank's slice of a random global batch at the model's 224 px, HGCL through the distributed
 `GlobalContrastiveLoss`, u rows carried from step to step.
-- ZeRO-3: `DeepSpeedBackend` with `zero_configs/zero3_bf16.json` as shipped; every rank builds the fp32
-  model first (the trainer's own ZeRO-3 path builds under zero.Init: see benchmarks/zero3_vith.py).
+- ZeRO-3: `DeepSpeedBackend` with `zero_configs/zero3_bf16.json` as shipped, on a model built the way the
+  trainer builds it under ZeRO-3 (`models.zero3.build_model_zero3`: partitioned under zero.Init as it is
+  created, so no rank holds the whole fp32 model).
 - FSDP2: `FSDPBackend` on a model built on the meta device (`models.meta.build_model_on_meta`) on every
   rank; rank 0 builds the same random-init model (the stand-in for reading a checkpoint file) and its
   full state dict is broadcast into the shards (`set_model_state_dict(broadcast_from_rank0=True)`).
@@ -25,6 +26,7 @@ loss, backward, optimizer step), median over the `--steps` steps of each stage.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -67,10 +69,17 @@ def _build(kind: str, model_name: str, global_batch: int, seed: int, rank: int):
     from models import build_model, temperature
     from models.meta import build_model_on_meta
 
-    if kind == "zero3":
-        model = build_model(model_name, seed=seed).model
+    if kind == "zero3":  # the trainer's ZeRO-3 build: partitioned under zero.Init as it is created
+        from engine.backends.deepspeed import build_deepspeed_config
+        from models.zero3 import build_model_zero3
+
+        ds_config = build_deepspeed_config(zero_config({}), micro_batch_size=global_batch // WORLD_SIZE,
+                                           world_size=WORLD_SIZE, betas=BETAS, weight_decay=WEIGHT_DECAY,
+                                           eps=ADAM_EPS, grad_clip=0.0, precision="bf16")
+        model = build_model_zero3(model_name, ds_config=ds_config, seed=seed).model
         facts = {"tau": temperature(model), "context_length": model.context_length, "vocab_size": model.vocab_size,
-                 "image_size": model.visual.image_size, "num_params": sum(p.numel() for p in model.parameters())}
+                 "image_size": model.visual.image_size,
+                 "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
         _freeze_temperature(model)
         peak_build = _peak_gb()
         backend = DeepSpeedBackend(model, device=torch.device("cpu"), zero_config=zero_config({}),
@@ -180,16 +189,24 @@ def main() -> int:
     parser.add_argument("--global-batch", type=int, default=WORLD_SIZE)
     parser.add_argument("--steps", type=int, default=2, help="OSR steps and fine-tuning steps, each")
     parser.add_argument("--timeout", type=float, default=2400.0, help="seconds before a backend's ranks are killed")
+    parser.add_argument("--only", choices=BACKENDS, default=None,
+                        help="run one backend and print its rows (no comparison): for trying a change")
     parser.add_argument("--min-free-gb", type=float, default=1.5,
                         help="stop the ranks when the machine's available memory falls below this")
     args = parser.parse_args()
     if args.global_batch % WORLD_SIZE or args.steps < 1:
         parser.error(f"--global-batch must be a multiple of {WORLD_SIZE} and --steps >= 1")
 
-    results = {kind: run_backend(kind, args) for kind in BACKENDS}
+    results = {kind: run_backend(kind, args) for kind in ([args.only] if args.only else BACKENDS)}
     if any(r is None for r in results.values()):
         print("result: a backend failed; no comparison")
         return 2
+    if args.only:
+        for r in results[args.only]:
+            print(json.dumps({key: r[key] for key in ("rank", "kind", "peak_gb", "build_s")}))
+            for step in r["steps"]:
+                print(json.dumps({key: round(v, 2) if isinstance(v, float) else v for key, v in step.items()}))
+        return 0
     problems = []
     rows = {}
     for kind, ranks in results.items():

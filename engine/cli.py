@@ -97,18 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="override a config field, e.g. --set eval.batch_size=32 (repeatable)")
     for flag, key in EVAL_FLAGS.items():
         evaluate.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None,
-                              help=f"shortcut for --set {key}=...")
+                              help=f"shortcut for --set {key}=..." + (
+                                  "; a weights file, a finished run's folder (its final.safetensors) or a "
+                                  "checkpoints/step_N folder of any backend" if flag == "weights" else ""))
     evaluate.add_argument("--tasks", help="YAML file listing the tasks: {zeroshot: [...], retrieval: [...]} "
                                           "as in the eval section (see README)")
     evaluate.add_argument("--out", help="folder to write eval_results.json (clip_benchmark-style), "
                                         "eval_results.jsonl (DataComp-style) and eval_aggregates.json into")
 
     export = sub.add_parser("export", aliases=["convert"],
-                            help="convert a local checkpoint (open_clip, OpenAI state dict or TorchScript) "
-                                 "to open_clip safetensors")
+                            help="convert a local checkpoint (open_clip, OpenAI state dict or TorchScript, or a "
+                                 "run's checkpoints/step_N folder of any backend) to open_clip safetensors")
     export.add_argument("--model", required=True, help="open_clip architecture or shipped config name")
     export.add_argument("--weights", default=None,
-                        help="local .safetensors / .bin / .pt (an OpenAI TorchScript .pt too); "
+                        help="local .safetensors / .bin / .pt (an OpenAI TorchScript .pt too), or a run's "
+                             "checkpoints/step_N folder (single, DeepSpeed or FSDP2, any number of ranks); "
                              "hf-hub:/local-dir: models default to their own file")
     export.add_argument("--out", required=True, help="output .safetensors path")
     export.add_argument("--pretrained-tag", dest="pretrained_tag", default=None,
@@ -236,9 +239,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {html_path} and {md_path}")
         return 0
     if args.command in ("export", "convert"):
-        from models import build_model, export_model
+        from models import export_model
 
-        bundle = build_model(args.model, weights=args.weights, pretrained_tag=args.pretrained_tag)
+        bundle = _build_model_from(args.model, {"pretrained_tag": args.pretrained_tag}, args.weights)
         export_model(bundle, bundle.model, args.out)
         print(f"wrote {args.out}")
         return 0
@@ -300,7 +303,6 @@ def _eval(args: argparse.Namespace) -> int:
         write_results,
     )
     from engine.io import write_json_atomic
-    from models import build_model
 
     overrides = list(args.overrides)
     overrides += [f"{key}={getattr(args, flag)}" for flag, key in EVAL_FLAGS.items() if getattr(args, flag)]
@@ -315,7 +317,7 @@ def _eval(args: argparse.Namespace) -> int:
     init_process_group(ctx, timeout_s=cfg.run.collective_timeout_s)
     try:
         device = default_device(ctx, cfg.run.device)
-        bundle = build_model(cfg.model.name, **{**cfg.model.build_kwargs(), "weights": weights}, seed=cfg.run.seed)
+        bundle = _build_model_from(cfg.model.name, cfg.model.build_kwargs(), weights, seed=cfg.run.seed)
         evaluator = Evaluator(tasks, batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.eval.num_workers)
         results = evaluator(bundle.model.to(device), bundle.tokenizer, bundle.eval_transform)
     finally:
@@ -347,15 +349,42 @@ def _read_task_file(path: str) -> dict:
     return loaded
 
 
+def _is_checkpoint_folder(path: Path) -> bool:
+    from engine.checkpoint import COMPLETE, STATE
+
+    return path.is_dir() and ((path / STATE).exists() or (path / COMPLETE).exists())
+
+
 def _weights_file(weights: str | None) -> Path | None:
-    """`weights`, or the final weights of a run folder given instead (read only)."""
-    if not weights or not Path(weights).is_dir():
+    """`weights`, or the final weights of a run folder given instead, or a checkpoint folder (read only)."""
+    if not weights or not Path(weights).is_dir() or _is_checkpoint_folder(Path(weights)):
         return Path(weights) if weights else None
     final = Path(weights) / "final.safetensors"
     if not final.is_file():
         raise FileNotFoundError(f"{weights} is a folder without final.safetensors; pass a weights file "
-                                f"(e.g. {Path(weights) / 'best.safetensors'}) or a finished run's folder")
+                                f"(e.g. {Path(weights) / 'best.safetensors'}), a finished run's folder or a "
+                                f"checkpoint folder ({Path(weights) / 'checkpoints' / 'step_<N>'})")
     return final
+
+
+def _build_model_from(name: str, kwargs: dict, weights: str | Path | None, *, seed: int | None = None):
+    """`models.build_model(name, weights=weights, ...)`, where `weights` may also be a checkpoint folder
+    (`checkpoints/step_N` of a run on any backend and number of ranks): its weights are read in this process
+    (FSDP2: DCP; DeepSpeed: zero_to_fp32 after vetting its pickles) and nothing is written there."""
+    from models import build_model
+
+    if weights is None or not _is_checkpoint_folder(Path(weights)):
+        return build_model(name, **{**kwargs, "weights": weights}, seed=seed)
+    from engine.backends.base import checkpoint_weights
+    from engine.checkpoint import TRAIN_STATE, read_state
+
+    trained = read_state(Path(weights))[TRAIN_STATE]["model"]
+    if trained != name:
+        raise ValueError(f"--weights {weights} is a checkpoint of model {trained!r}, not {name!r}; "
+                         f"pass --model {trained}")
+    bundle = build_model(name, **{**kwargs, "weights": None}, seed=seed)
+    bundle.model.load_state_dict(checkpoint_weights(Path(weights), bundle.model))
+    return bundle
 
 
 def _shards(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 
 from engine.cli import main
@@ -110,3 +111,43 @@ def test_eval_bad_input_is_one_error_line(tmp_path, capsys, specs, match):
     assert len(lines) == 1
     assert re.match(match, lines[0])
     assert not (tmp_path / "out").exists()
+
+
+class _Job:
+    """The train_state part of a checkpoint: what run wrote it."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def test_eval_a_checkpoint_folder_reads_its_weights_and_writes_nothing(task_specs, tmp_path, capsys):
+    """`--weights runs/x/checkpoints/step_N` (written here by the single backend through the checkpoint manager;
+    the DeepSpeed and FSDP2 folders are exported in tests/test_launch.py)."""
+    from engine.backends.single import SingleProcessBackend
+    from engine.checkpoint import CheckpointManager
+    from engine.config import JobConfig
+    from engine.distributed import DistContext
+
+    backend = SingleProcessBackend(build_model("tiny-vit", seed=7).model, device=torch.device("cpu"),
+                                   betas=(0.9, 0.98), weight_decay=0.1, eps=1e-6)
+    job = _Job({"model": "tiny-vit", "config": JobConfig().to_dict()})
+    step = CheckpointManager(tmp_path / "run" / "checkpoints", DistContext(),
+                             parts={"train_state": job, "backend": backend}).save(10)
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump(task_specs))
+    before = tree(tmp_path / "run")
+    assert main(["eval", "--model", "tiny-vit", "--weights", str(step), "--tasks", str(tasks)]) == 0
+    expected = direct_results(task_specs, seed=7)
+    assert printed_rows(capsys.readouterr().out)[("shapes", "acc1")] == f"{expected['shapes']['acc1']:.4f}"
+    assert tree(tmp_path / "run") == before
+    assert direct_results(task_specs, seed=0)["shapes"] != expected["shapes"]  # other weights, other numbers
+
+    assert main(["eval", "--model", "ViT-B-32", "--weights", str(step), "--tasks", str(tasks)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --weights {step} is a checkpoint of model 'tiny-vit', "
+                                               "not 'ViT-B-32'; pass --model tiny-vit")

@@ -116,7 +116,8 @@ def weights(tmp_path_factory):
 @pytest.mark.parametrize("backend", ["zero2", "fsdp"])
 def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, weights, tmp_path, backend):
     """Kill a 2-rank job (the whole launcher process group: `deepspeed`, or `torchrun` for FSDP2) started from
-    a checkpoint mid-run, resume, compare."""
+    a checkpoint mid-run, resume, compare. The killed FSDP2 job writes its checkpoints in the background
+    (run.async_checkpoint), the straight one does not: the same weights either way."""
     def cmd(out, port, *extra):
         if backend == "fsdp":
             launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -136,7 +137,8 @@ def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, weights, 
 
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd(tmp_path / "killed", port), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    background = ["--set", "run.async_checkpoint=true"] if backend == "fsdp" else []
+    proc = subprocess.Popen(cmd(tmp_path / "killed", port, *background), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
     try:
@@ -153,11 +155,20 @@ def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, weights, 
             os.remove(path)
     assert not (tmp_path / "killed" / "final.safetensors").exists()
     resume_port = free_port()
-    launch([cmd(tmp_path / "killed", resume_port, "--resume", "latest")], resume_port)
+    launch([cmd(tmp_path / "killed", resume_port, "--resume", "latest", *background)], resume_port)
 
     a = load_file(tmp_path / "straight" / "final.safetensors")
     b = load_file(tmp_path / "killed" / "final.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The last checkpoint (saved after the export) exported in one process, no launcher: the same weights.
+    last = sorted((tmp_path / "killed" / "checkpoints").glob("step_*"))[-1]
+    before = {p: p.stat().st_mtime_ns for p in last.rglob("*")}
+    from engine.cli import main
+
+    assert main(["export", "--model", "tiny-vit", "--weights", str(last), "--out", str(tmp_path / "ck.safetensors")]) == 0
+    c = load_file(tmp_path / "ck.safetensors")
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert {p: p.stat().st_mtime_ns for p in last.rglob("*")} == before, "nothing written into the checkpoint"
     ta, tb = UTable.open(tmp_path / "straight" / "u_table"), UTable.open(tmp_path / "killed" / "u_table")
     rows = torch.arange(ta.num_rows)
     for x, y in zip((*ta.read(rows), ta.visits(rows)), (*tb.read(rows), tb.visits(rows))):

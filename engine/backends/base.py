@@ -75,6 +75,11 @@ class Backend(Protocol):
     def load(self, directory: Path, *, reshard: bool = False) -> None:
         """Restore what `save` wrote; `reshard`: it was written by another number of ranks."""
 
+    @classmethod
+    def read_weights(cls, directory: Path, model: nn.Module) -> dict[str, Tensor]:
+        """The complete weights `save` wrote into `directory` (by any number of ranks), read in one process
+        without a process group; `model` is a full CPU model of the architecture (shapes, names)."""
+
     def weights_digest(self) -> str:
         """A digest of this rank's weight values (model and master copies): equal iff every value is
         equal (-0.0 and +0.0 alike: AdamW at lr = 0 may flip the sign of a zero)."""
@@ -88,6 +93,23 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release what the backend holds (engines, buffers); the process group stays."""
+
+
+class TorchAdamWState:
+    """What a backend stepping a plain `torch.optim.AdamW` (its `optimizer`) answers about that optimizer."""
+
+    optimizer: torch.optim.Optimizer
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reset_optimizer_state(self) -> None:
+        self.optimizer.state.clear()
+
+    def optimizer_step_count(self) -> int:
+        for state in self.optimizer.state.values():
+            return int(state["step"])
+        return 0
 
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -143,3 +165,19 @@ def full_bundle(cfg: JobConfig) -> tuple[ClipBundle, float]:
 
     bundle = build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
     return bundle, temperature(bundle.model)
+
+
+def checkpoint_weights(step_dir: Path, model: nn.Module) -> dict[str, Tensor]:
+    """The model weights held by the checkpoint folder `step_dir` (`checkpoints/step_N` of a run on any
+    backend and number of ranks) as a state dict for `model` (its shapes and dtypes), read in one process."""
+    from engine.backends import backend_class
+    from engine.checkpoint import TRAIN_STATE, read_state
+
+    job = read_state(Path(step_dir))[TRAIN_STATE]
+    weights = backend_class(job["config"]["run"]["backend"]).read_weights(Path(step_dir) / "backend", model)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise ValueError(f"{step_dir} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}); "
+                         f"it is a checkpoint of {job['model']!r}")
+    return {name: weights[name].reshape(tensor.shape).to(tensor.dtype) for name, tensor in own.items()}

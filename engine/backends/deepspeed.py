@@ -324,6 +324,15 @@ class DeepSpeedBackend:
         """Write this rank's partition of weights and optimizer state to `directory`."""
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
 
+    @classmethod
+    def read_weights(cls, directory: Path, model: nn.Module) -> dict[str, Tensor]:
+        """The complete fp32 weights of a checkpoint `save` wrote (any ZeRO stage, any number of ranks), read in
+        one process by DeepSpeed's own `zero_to_fp32`, after every pickle in it has been vetted."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        refuse_unsafe_pickles(Path(directory) / CHECKPOINT_TAG)
+        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+
     def load(self, directory: str | os.PathLike, *, reshard: bool = False) -> None:
         """Restore weights, moments and step counter written by `save`.
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pickle
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -44,7 +45,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from engine.backends.base import adamw_param_groups, full_bundle, tensors_digest
+from engine.backends.base import TorchAdamWState, adamw_param_groups, full_bundle, tensors_digest
 from engine.distributed import broadcast_object
 from models.weights import make_logit_scale_1d
 
@@ -98,7 +99,7 @@ def parallelize_clip(model: nn.Module, *, mesh, precision: str) -> nn.Module:
     return model
 
 
-class FSDPBackend:
+class FSDPBackend(TorchAdamWState):
     """Model sharded with FSDP2 + torch AdamW on the shards; implements `engine.backends.base.Backend`.
 
     `model` may be built on the meta device (no rank holds the full fp32 model): pass `weights`,
@@ -219,9 +220,6 @@ class FSDPBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     def state_finite(self) -> bool:
         """Weight shards and moments of every rank all finite (one all-reduce)."""
         tensors = [_local(p) for p in self.model.parameters()]
@@ -231,14 +229,6 @@ class FSDPBackend:
         return bad.item() == 0
 
     # ----- moments -----
-    def reset_optimizer_state(self) -> None:
-        self.optimizer.state.clear()
-
-    def optimizer_step_count(self) -> int:
-        for state in self.optimizer.state.values():
-            return int(state["step"])
-        return 0
-
     def full_moments(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Parameter name -> (exp_avg, exp_avg_sq) gathered from every rank's shards (collective)."""
         out = {}
@@ -330,7 +320,9 @@ class FSDPBackend:
                   for name, tensor in model.state_dict().items()}  # scalars were saved as shape [1]
         state = {"model": target}
         try:
-            dcp.load(state, storage_reader=TensorOnlyReader(directory), no_dist=True)
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, storage_reader=TensorOnlyReader(directory), no_dist=True)
         except CheckpointException as exc:
             failure = _first_failure(exc)
             raise ValueError(f"{directory}: {type(failure).__name__}: {failure}") from None

@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engine.backends.base import adamw_param_groups, tensors_digest
+from engine.backends.base import TorchAdamWState, adamw_param_groups, tensors_digest
 
 if TYPE_CHECKING:
     from engine.config import JobConfig
     from engine.distributed import DistContext
 
 
-class SingleProcessBackend:
+class SingleProcessBackend(TorchAdamWState):
     """Model + torch AdamW on one device; implements `engine.backends.base.Backend`."""
 
     name: ClassVar[str] = "single"
@@ -75,17 +75,6 @@ class SingleProcessBackend:
         tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         return all(bool(torch.isfinite(t).all()) for t in tensors)
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def reset_optimizer_state(self) -> None:
-        self.optimizer.state.clear()
-
-    def optimizer_step_count(self) -> int:
-        for state in self.optimizer.state.values():
-            return int(state["step"])
-        return 0
-
     def full_moments(self) -> dict[str, tuple[Tensor, Tensor]]:
         out = {}
         for param, state in self.optimizer.state.items():
@@ -98,6 +87,11 @@ class SingleProcessBackend:
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                   directory / "model.safetensors")
         torch.save({"optimizer": self.optimizer.state_dict()}, directory / "optim.pt")
+
+    @classmethod
+    def read_weights(cls, directory: Path, model: nn.Module) -> dict[str, Tensor]:
+        """The weights `save` wrote into `directory` (no process group, no optimizer state)."""
+        return load_file(Path(directory) / "model.safetensors")
 
     def load(self, directory: Path, *, reshard: bool = False) -> None:
         """Restore what `save` wrote (no pickled code is executed: weights_only loading)."""
