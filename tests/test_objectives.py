@@ -270,3 +270,30 @@ def test_refused_load_keeps_the_normaliser_usable(tmp_path):
     log_u_x, _, seen = other.prior(torch.tensor([1]), device=torch.device("cpu"))
     assert seen.item() and log_u_x.item() == 2.0
     other.close()
+
+
+def test_background_save_writes_the_table_as_it_was_at_the_save(tmp_path, monkeypatch):
+    """run.async_checkpoint: the rows are read at the save; steps committed while the copy is written do not
+    reach it (the writer is held back until they are done)."""
+    import threading
+
+    from engine.objectives.table import TableSnapshot
+
+    source = make_normaliser(tmp_path / "live")
+    fill_some_rows(source, seed=4)
+    all_rows = torch.arange(NUM_ROWS)
+    at_save = table_rows(source, all_rows)
+    release, write_to = threading.Event(), TableSnapshot.write_to
+    monkeypatch.setattr(TableSnapshot, "write_to", lambda self, d: (release.wait(60), write_to(self, d)))
+    written = source.save_async(tmp_path / "ckpt" / "normaliser")
+    source.stage(all_rows, torch.full((NUM_ROWS,), -5.0), torch.full((NUM_ROWS,), -6.0))
+    source.commit()  # the next step, while the copy is not yet written
+    source.flush()
+    assert not written.done()
+    release.set()
+    written.result(timeout=60)
+    saved = UTable.open(tmp_path / "ckpt" / "normaliser", readonly=True)
+    for want, got in zip(at_save, (*saved.read(all_rows), saved.visits(all_rows))):
+        assert torch.equal(want, got)
+    saved.close()
+    assert (table_rows(source, all_rows)[0] == -5.0).all()  # the live table moved on

@@ -97,3 +97,20 @@ def test_concurrent_ranks_write_their_own_rows_without_corruption(tmp_path):
     torch.testing.assert_close(log_u_x, expected)
     torch.testing.assert_close(log_u_z, -expected)
     assert (table.visits(rows) == rounds).all()
+
+
+def test_snapshot_holds_the_rows_at_its_instant_and_keeps_holes(tmp_path):
+    table = UTable.create(tmp_path / "u", num_rows=1_000_000, dataset_fingerprint="abc")  # 12 MB, all hole
+    rows = torch.tensor([0, 500_000, 999_999])
+    table.write(rows, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0]))
+    snapshot = table.snapshot(block=1 << 16)
+    assert 0 < snapshot.nbytes <= 3 * (1 << 16)  # the written pages only
+    table.write(rows, torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-4.0, -5.0, -6.0]))  # after the instant
+    snapshot.write_to(tmp_path / "snap")
+    copy = UTable.open(tmp_path / "snap", dataset_fingerprint="abc", readonly=True)
+    assert copy.read(torch.tensor([0, 500_000, 999_999, 7]))[0].tolist() == [1.0, 2.0, 3.0, 0.0]
+    assert copy.visits(rows).tolist() == [1, 1, 1] and copy.num_seen() == 3
+    data = tmp_path / "snap" / "u_table.bin"
+    assert data.stat().st_size == 12_000_000 and data.stat().st_blocks * 512 < 1_000_000  # still sparse
+    copy.close()
+    table.close()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -183,6 +185,30 @@ class TableNormaliser:
         if self.ctx.is_main:
             self.table.copy_to(directory).close()
         barrier()
+
+    def save_async(self, directory: Path) -> Future:
+        """`save` with the write in the background (collective): every rank's rows are flushed, rank 0 reads
+        the table's allocated regions into host memory before any rank writes rows again, and a thread
+        writes them; the future says when (and whether) the copy is on disk."""
+        self.table.flush()
+        barrier()
+        written: Future = Future()
+        if self.ctx.is_main:
+            snapshot = self.table.snapshot()
+
+            def write() -> None:
+                try:
+                    snapshot.write_to(directory)
+                except BaseException as exc:  # noqa: BLE001 (reported through the future)
+                    written.set_exception(exc)
+                else:
+                    written.set_result(None)
+
+            threading.Thread(target=write, name="u-table-checkpoint").start()
+        else:
+            written.set_result(None)
+        barrier()
+        return written
 
     def load(self, directory: Path, *, reshard: bool = False) -> None:
         # Rows are keyed by sample, not by rank: nothing to reshard. Every rank checks the snapshot

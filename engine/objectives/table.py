@@ -30,25 +30,57 @@ HEADER_FILE = "u_table.json"
 FORMAT_VERSION = 1
 
 
+def _data_regions(fd: int, size: int, *, block: int):
+    """(offset, length) of `fd`'s data (not hole) regions, in pieces of at most `block` bytes."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        while start < end:
+            length = min(block, end - start)
+            yield start, length
+            start += length
+        pos = end
+
+
+def _write_regions(dst: Path, size: int, pieces) -> None:
+    """A file of `size` bytes holding `pieces` ((offset, bytes)) and holes elsewhere; fsync'ed."""
+    with open(dst, "wb") as fout:
+        fout.truncate(size)
+        for offset, chunk in pieces:
+            os.pwrite(fout.fileno(), chunk, offset)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
 def sparse_copy(src: Path, dst: Path, *, block: int = 1 << 24) -> None:
     """Copy `src` to `dst` reading only its data regions (SEEK_DATA/SEEK_HOLE), then fsync."""
     size = os.path.getsize(src)
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        fout.truncate(size)
-        fd_in, fd_out, pos = fin.fileno(), fout.fileno(), 0
-        while pos < size:
-            try:
-                start = os.lseek(fd_in, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole remains
-                break
-            end = os.lseek(fd_in, start, os.SEEK_HOLE)
-            while start < end:
-                chunk = os.pread(fd_in, min(block, end - start), start)
-                os.pwrite(fd_out, chunk, start)
-                start += len(chunk)
-            pos = end
-        fout.flush()
-        os.fsync(fd_out)
+    with open(src, "rb") as fin:
+        fd = fin.fileno()
+        _write_regions(dst, size, ((offset, os.pread(fd, length, offset))
+                                   for offset, length in _data_regions(fd, size, block=block)))
+
+
+class TableSnapshot:
+    """A table's header and data regions read into memory at one instant, to be written later (`write_to`)."""
+
+    def __init__(self, header: dict, size: int, pieces: list[tuple[int, bytes]]):
+        self.header, self.size, self.pieces = header, size, pieces
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(chunk) for _, chunk in self.pieces)
+
+    def write_to(self, directory: str | os.PathLike) -> None:
+        """The table as it was, in `directory` (holes stay holes)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_regions(directory / DATA_FILE, self.size, self.pieces)
+        write_json_atomic(directory / HEADER_FILE, self.header)
 
 
 class UTable:
@@ -173,6 +205,16 @@ class UTable:
         sparse_copy(self.directory / DATA_FILE, directory / DATA_FILE)
         write_json_atomic(directory / HEADER_FILE, self.header)
         return UTable(directory, dict(self.header))
+
+    def snapshot(self, *, block: int = 1 << 24) -> TableSnapshot:
+        """Flush and read the table's allocated regions into memory (its size at most, less when sparse)."""
+        self.flush()
+        path = self.directory / DATA_FILE
+        size = os.path.getsize(path)
+        with open(path, "rb") as fin:
+            fd = fin.fileno()
+            pieces = [(offset, os.pread(fd, length, offset)) for offset, length in _data_regions(fd, size, block=block)]
+        return TableSnapshot(json.loads(json.dumps(self.header)), size, pieces)
 
     def close(self) -> None:
         self.flush()
