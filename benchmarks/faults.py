@@ -73,6 +73,15 @@ otherwise. Scenarios, each its own run directory next to one straight reference 
                     per-node launcher gives the ranks 30 s to stop: the harness waits for the whole
                     process group. `--only worldsize`: 4 minutes at load average 12.
 
+  async save        the job on FSDP2 through `torchrun` (2 CPU ranks) with run.async_checkpoint=true,
+                    next to its own uninterrupted FSDP2 run: SIGKILL while a checkpoint is being written
+                    in the background (its staging folder holds DCP shard files, no COMPLETE marker:
+                    training has gone on meanwhile), once in OSR and once in fine-tuning; `--resume
+                    latest` must fall back to the previous checkpoint and the run must end equal to the
+                    uninterrupted one (weights, u rows, visits; AdamW state is in DCP files and is not
+                    compared apart from what the weights show). Up to 2 x --save-every steps may be lost
+                    per kill (the steps run during the write). `--only asyncsave`.
+
 Steps lost per kill (or stop) = the last step logged before it minus the step the next launch resumed
 from (log.jsonl `step` / `resume` events). Samples lost = u table rows whose visit count differs from
 the straight run's (lost or repeated). The straight run and the fault runs use the same command, so
@@ -114,6 +123,7 @@ from engine.objectives.table import UTable
 from engine.preemption import EXIT_PREEMPTED, proc_stat
 from engine.runlock import read_owner
 from engine.synthetic import render_pairs
+from tests.helpers.harness import kill_job
 
 NUM_SAMPLES = 64
 BATCH_SIZE = 8
@@ -248,6 +258,31 @@ class InSave:
         return self.missed
 
 
+class InBackgroundWrite:
+    """While the checkpoint of step `step` is written in the background (run.async_checkpoint): its staging
+    folder holds DCP shard files and no COMPLETE marker. The kill is inside the write when the staging
+    folder is still there, unmarked, after the job is dead."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.spin = False
+        self.seen_staging = False
+        self.missed = False
+        self.label = f"background write of step {step}"
+
+    def poll(self, out: Path, records: list[dict]) -> bool:
+        if not self.spin:
+            self.spin = any(r["event"] == "step" and r["step"] == self.step for r in records)
+            return False
+        staging = staging_dir(out, self.step)
+        if staging.exists():
+            self.seen_staging = True
+            return any((staging / "backend").glob("*.distcp")) and not (staging / COMPLETE).exists()
+        moved_on = any(r["event"] == "step" and r["step"] > self.step + SAVE_EVERY for r in records)
+        self.missed = self.seen_staging or moved_on
+        return self.missed
+
+
 @dataclass
 class Launch:
     """One process of the job: how it ended and what it logged."""
@@ -307,16 +342,21 @@ class Runner:
         # One torch thread: the job and the watching harness each get a core.
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
         self.ranks: int | None = None  # launch through `deepspeed --num_gpus ranks` (DeepSpeed backend)
+        self.fsdp_ranks: int | None = None  # launch through `torchrun` (FSDP2, background checkpoints)
         self.ports: list[int] = []
 
     def argv(self, resume: str | None) -> list[str]:
         argv = job_argv(self.shards, self.out, resume=resume)
-        if self.ranks is None:
+        if self.ranks is None and self.fsdp_ranks is None:
             return argv
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.ports.append(port)
+        if self.fsdp_ranks is not None:
+            return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.fsdp_ranks),
+                    "--master_port", str(port), *argv[1:], "--set", "run.backend=fsdp",
+                    "--set", "run.async_checkpoint=true"]
         return ["deepspeed", "--num_gpus", str(self.ranks), "--master_port", str(port), *argv[1:],
                 "--set", "run.backend=deepspeed"]
 
@@ -350,7 +390,7 @@ class Runner:
                         if hasattr(trigger, "act"):
                             trigger.act(self, proc)
                         elif sig == signal.SIGKILL:
-                            os.killpg(proc.pid, signal.SIGKILL)
+                            kill_job(proc.pid)  # every rank, whatever its session (torchrun's are their own)
                             proc.wait()
                             killed = True
                             break
@@ -373,7 +413,7 @@ class Runner:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-                if self.ranks is not None:
+                if self.ranks is not None or self.fsdp_ranks is not None:
                     # The `deepspeed` runner dies at once on SIGTERM; its per-node launcher gives the ranks
                     # 30 s to stop (they finish the step and checkpoint): wait for the whole group.
                     wait_for_group(proc.pid, STOP_TIMEOUT_S)
@@ -383,6 +423,9 @@ class Runner:
                         inside_save=inside_save)
         if killed and isinstance(trigger, InSave):
             launch.inside_save = staging_dir(self.out, trigger.step).exists()
+        if killed and isinstance(trigger, InBackgroundWrite):
+            staging = staging_dir(self.out, trigger.step)
+            launch.inside_save = staging.exists() and not (staging / COMPLETE).exists()
         owner = read_owner(self.out) or {}
         if owner.get("pid") == proc.pid:
             launch.lock_after_s = owner.get("started", started_wall) - started_wall
@@ -426,7 +469,8 @@ def final_state(out: Path) -> dict:
     visits = table.visits(rows)
     table.close()
     latest = complete_checkpoints(out)[-1]
-    optim = torch.load(latest / "backend" / "optim.pt", weights_only=True)["optimizer"]
+    optim_file = latest / "backend" / "optim.pt"  # the single backend's; FSDP2 keeps DCP files (not compared)
+    optim = torch.load(optim_file, weights_only=True)["optimizer"] if optim_file.exists() else None
     return {"weights": load_file(out / "final.safetensors"), "log_u": (log_u_x, log_u_z), "visits": visits,
             "optim": optim, "checkpoint": latest.name}
 
@@ -444,8 +488,10 @@ def differences(state: dict, reference: dict) -> list[str]:
         diffs.append("u rows")
     if not torch.equal(state["visits"], reference["visits"]):
         diffs.append("visits")
-    optim, ref_optim = state["optim"]["state"], reference["optim"]["state"]
-    if optim.keys() != ref_optim.keys() or not all(
+    if state["optim"] is None or reference["optim"] is None:
+        if (state["optim"] is None) != (reference["optim"] is None):
+            diffs.append("adam (one side has none)")
+    elif (optim := state["optim"]["state"]).keys() != (ref_optim := reference["optim"]["state"]).keys() or not all(
         torch.equal(optim[p][name], ref_optim[p][name])
         for p in optim
         for name in ("exp_avg", "exp_avg_sq", "step")
@@ -468,6 +514,7 @@ class Outcome:
     steps_lost: list[int] = field(default_factory=list)
     samples_lost: int | None = None
     compare_state: bool = True  # the final state must equal the straight run's (else only visits count)
+    reference: dict | None = None  # the scenario's own uninterrupted run (another backend), else the straight one
     diffs: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -547,6 +594,7 @@ def settle(outcome: Outcome, runner: Runner, reference: dict) -> Outcome:
         outcome.diffs = []
         return outcome
     state = final_state(runner.out)
+    reference = outcome.reference or reference
     outcome.samples_lost = int((state["visits"] != reference["visits"]).sum())
     outcome.diffs = differences(state, reference)
     return outcome
@@ -900,6 +948,32 @@ def world_size_change(runner: Runner, rng: random.Random) -> Outcome:
     return outcome
 
 
+def background_saves(runner: Runner, rng: random.Random) -> Outcome:
+    """FSDP2 on 2 ranks with background checkpoints: kills while a checkpoint is being written (one in
+    OSR, one in fine-tuning), compared with an uninterrupted FSDP2 run of the same command."""
+    outcome = Outcome("kill in async save", max_lost_allowed=2 * SAVE_EVERY)
+    straight = Runner(runner.shards, runner.out.with_name(runner.out.name + "-straight"), runner.logs)
+    straight.fsdp_ranks = runner.fsdp_ranks = 2
+    try:
+        straight.launch()
+        if not straight.finished():
+            outcome.failures.append(f"scenario stopped: the uninterrupted FSDP2 run failed: "
+                                    f"{straight.launches[-1].error}")
+            return outcome
+        outcome.reference = final_state(straight.out)
+        mid_osr = rng.choice(range(SAVE_EVERY, OSR_STEPS, SAVE_EVERY))
+        mid_finetune = rng.choice(range(OSR_STEPS + SAVE_EVERY, TOTAL_STEPS - SAVE_EVERY, SAVE_EVERY))
+        run_with_kills(runner, outcome, [InBackgroundWrite(mid_osr), InBackgroundWrite(mid_finetune)])
+    finally:
+        shutil.rmtree(straight.out, ignore_errors=True)
+    aimed = [x for x in runner.launches if x.killed]
+    inside = [x for x in aimed if x.inside_save]
+    outcome.notes.insert(0, f"{len(inside)}/{len(aimed)} kills landed inside a background write ("
+                         + "; ".join(f"{x.trigger}: {'inside' if x.inside_save else 'after it'}" for x in aimed)
+                         + ")")
+    return outcome
+
+
 def format_table(outcomes: list[Outcome]) -> str:
     header = ("scenario", "faults", "resumed", "steps lost/kill", "samples lost", "equal to straight", "ok")
     rows = []
@@ -955,6 +1029,7 @@ def run(args: argparse.Namespace) -> int:
             ("twojobs", lambda r: two_jobs(r, rng, reference_files=reference_files,
                                              lock_after_s=straight.launches[0].lock_after_s)),
             ("worldsize", lambda r: world_size_change(r, rng)),
+            ("asyncsave", lambda r: background_saves(r, rng)),
         ]
         if args.only:
             unknown = set(args.only) - {name for name, _ in scenarios}

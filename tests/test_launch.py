@@ -20,7 +20,7 @@ from engine.objectives.table import UTable
 from engine.preemption import parent_pid
 from engine.synthetic import render_pairs
 from models import build_model, export_weights, register_shipped_configs
-from tests.helpers.harness import free_port
+from tests.helpers.harness import free_port, kill_job
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ["--batch-size", "8", "--epochs", "1", "--osr-epochs", "1", "--lr", "1e-3", "--set", "run.backend=deepspeed",
@@ -148,7 +148,7 @@ def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, weights, 
                 break
             time.sleep(0.01)
         assert proc.poll() is None, "the job ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc.pid)  # the ranks too: torchrun starts them in sessions of their own
         proc.wait()
     finally:
         for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer*_{port}_*"):

@@ -66,3 +66,38 @@ def run_ranks(target: str, *, world_size: int = 2, timeout: float = 300, env: di
                     proc.wait()
             for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer*_{port}_*"):
                 os.remove(path)
+
+
+def kill_job(pid: int) -> None:
+    """SIGKILL a launched job at once: the process group of `pid` and every process below it in any session
+    (torchrun starts each worker in a session of its own, so killing torchrun's group alone leaves the
+    ranks running: they would see their launcher die and stop cleanly with a checkpoint instead)."""
+    import signal
+
+    from engine.preemption import parent_pid
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            ppid = parent_pid(int(entry))
+            if ppid is not None:
+                children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    for target in tree:  # stop all first (no one reacts to another's death), then kill
+        try:
+            os.kill(target, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for target in tree:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
