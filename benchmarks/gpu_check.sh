@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check of the engine (under 8 minutes on one GPU, no downloads): the loss checks on CUDA in fp32 and
 # bf16, a tiny `tune` in one process on CUDA, ViT-B-16 training throughput and peak GPU memory of the
-# OpenCLIP step vs the TuneCLIP step (HGCL + u table) with bf16 autocast, and a 2-process NCCL run when
-# more than one GPU is present. Prints one table; exits non-zero on any failure.
+# OpenCLIP step vs the TuneCLIP step (HGCL + u table) with bf16 autocast, an FSDP2 bf16 tune under torchrun with
+# background checkpoints (its last checkpoint exported equals its final weights), and a 2-process NCCL run
+# when more than one GPU is present. Prints one table; exits non-zero on any failure.
 #
 #   benchmarks/gpu_check.sh --build-wheels   # here, with a package index: wheels into .whl/ (about 10 MB)
 #   benchmarks/gpu_check.sh                  # on the GPU machine, from the repository root; installs .whl/*.whl
@@ -69,6 +70,30 @@ for check in losses tune throughput; do
   echo "$line" >> "$results"
   rm -f "$log"
 done
+
+# FSDP2 in one process under torchrun: bf16, background checkpoints (DCP async_save stages the device's shards
+# in host memory), then the last checkpoint exported in one process must equal final.safetensors bit for bit.
+echo "--- FSDP2 tune with background checkpoints ($device)"
+tmp=$(mktemp -d)
+name="FSDP2 bf16 tune, async checkpoints ($device)"
+$PY -c "import sys; sys.path.insert(0, '.'); from benchmarks.gpu_check import _shards; from pathlib import Path; _shards(Path('$tmp'), 32)"
+if $PY -m torch.distributed.run --nproc_per_node 1 --master_port 29519 run.py tune --train "$tmp/shards" \
+    --out "$tmp/run" --batch-size 8 --epochs 1 --osr-epochs 1 --lr 1e-3 --save-every 2 --set run.backend=fsdp \
+    --set run.async_checkpoint=true --set run.progress=false --set eval.at_start=false \
+    --set model.precision=bf16 --set run.device=$device >"$tmp/log" 2>&1 \
+    && last=$(ls -d "$tmp"/run/checkpoints/step_* | sort | tail -1) \
+    && $PY run.py export --model tiny-vit --weights "$last" --out "$tmp/last.safetensors" >>"$tmp/log" 2>&1 \
+    && $PY -c "
+import sys, torch
+from safetensors.torch import load_file
+a, b = load_file('$tmp/run/final.safetensors'), load_file('$tmp/last.safetensors')
+sys.exit(0 if a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) else 1)" >>"$tmp/log" 2>&1; then
+  echo "{\"check\": \"$name\", \"ok\": true, \"failed\": [], \"detail\": \"last checkpoint == final weights\"}" >> "$results"
+else
+  tail -30 "$tmp/log" >&2
+  echo "{\"check\": \"$name\", \"ok\": false, \"failed\": [\"see the log above\"]}" >> "$results"
+fi
+rm -rf "$tmp"
 
 if [ "$ngpu" -gt 1 ]; then
   echo "--- 2-process NCCL run ($ngpu GPUs)"
