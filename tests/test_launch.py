@@ -74,10 +74,18 @@ def check_run(out: Path, *, world_size: int, osr_steps: int) -> None:
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_deepspeed_launcher_two_ranks(shards, tmp_path, zero):
     port = free_port()
+    saves = ["--save-every", "6"] if zero == "zero3" else []  # ZeRO-3's checkpoint is exported below
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "run.py", "tune", "--train", str(shards),
-           "--out", str(tmp_path), *JOB, "--set", f"run.zero_config=zero_configs/{zero}.json"]
+           "--out", str(tmp_path), *JOB, "--set", f"run.zero_config=zero_configs/{zero}.json", *saves]
     launch([cmd], port)
     check_run(tmp_path, world_size=2, osr_steps=6)
+    if saves:  # the last checkpoint (saved after the export), read in one process by zero_to_fp32: same weights
+        from engine.cli import main
+
+        last = sorted((tmp_path / "checkpoints").glob("step_*"))[-1]
+        assert main(["export", "--model", "tiny-vit", "--weights", str(last), "--out", str(tmp_path / "ck.safetensors")]) == 0
+        a, c = load_file(tmp_path / "final.safetensors"), load_file(tmp_path / "ck.safetensors")
+        assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
 
 
 @pytest.mark.slow
