@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -225,8 +226,21 @@ def test_frozen_rank_fails_the_job_within_the_collective_timeout_naming_it(shard
         assert frozen is not None, "the job never reached its first step"
         os.kill(frozen, signal.SIGSTOP)
         stopped_at = time.time()
-        output = proc.communicate(timeout=180)[0]
+        lines = []
+        watchdog = threading.Timer(180, kill_job, args=(proc.pid,))  # a hung job ends the read below
+        watchdog.start()
+        try:
+            for line in proc.stdout:  # until rank 0 names the frozen rank (or the job ends)
+                lines.append(line)
+                if "error: rank 0: a collective waited" in line:
+                    break
+        finally:
+            watchdog.cancel()
         waited = time.time() - stopped_at
+        # The launcher would give the stopped rank DeepSpeed's 30 s to react to SIGTERM: end it now.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGKILL)
+        output = "".join(lines) + proc.communicate(timeout=180)[0]
     finally:
         if frozen is not None:
             with contextlib.suppress(ProcessLookupError):
