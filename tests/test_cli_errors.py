@@ -56,8 +56,8 @@ def test_deepspeed_backend_without_a_launcher(shards, tmp_path, capsys, monkeypa
 def test_background_checkpoints_on_a_backend_that_saves_synchronously(shards, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["tune", "--train", str(shards), "--out", str(out), *JOB, "--set", "run.async_checkpoint=true"]) == 2
-    assert error_lines(capsys) == [
+    assert error_lines(capsys) == [(
         "error: run.async_checkpoint: run.backend=single writes checkpoints synchronously; use run.backend=fsdp "
         "for background writes or remove run.async_checkpoint"
-    ]
+    )]
     assert not (out / "checkpoints").exists()

@@ -83,7 +83,7 @@ def test_deepspeed_launcher_two_ranks(shards, tmp_path, zero):
     if saves:  # the last checkpoint (saved after the export), read in one process by zero_to_fp32: same weights
         from engine.cli import main
 
-        last = sorted((tmp_path / "checkpoints").glob("step_*"))[-1]
+        last = max((tmp_path / "checkpoints").glob("step_*"))
         assert main(["export", "--model", "tiny-vit", "--weights", str(last), "--out", str(tmp_path / "ck.safetensors")]) == 0
         a, c = load_file(tmp_path / "final.safetensors"), load_file(tmp_path / "ck.safetensors")
         assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
@@ -170,7 +170,7 @@ def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, weights, 
     b = load_file(tmp_path / "killed" / "final.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The last checkpoint (saved after the export) exported in one process, no launcher: the same weights.
-    last = sorted((tmp_path / "killed" / "checkpoints").glob("step_*"))[-1]
+    last = max((tmp_path / "killed" / "checkpoints").glob("step_*"))
     before = {p: p.stat().st_mtime_ns for p in last.rglob("*")}
     from engine.cli import main
 
