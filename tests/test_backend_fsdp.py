@@ -34,6 +34,19 @@ def test_every_block_of_both_towers_is_a_shard_unit():
         transformer_blocks(torch.nn.Linear(2, 2))
 
 
+def test_a_timm_vision_tower_is_sharded_block_by_block_too():
+    """SigLIP's open_clip model: a timm ViT trunk (`trunk.blocks`) and an open_clip text tower (`resblocks`)."""
+    import open_clip
+
+    from models import register_shipped_configs
+
+    register_shipped_configs()
+    model = open_clip.create_model("tiny-siglip")
+    blocks = transformer_blocks(model)
+    expected = [*model.visual.trunk.blocks, *model.text.transformer.resblocks]
+    assert len(model.visual.trunk.blocks) > 0 and [id(b) for b in blocks] == [id(b) for b in expected]
+
+
 def test_dcp_checkpoint_loads_through_the_tensor_only_reader(tmp_path):
     saved = {"w": torch.randn(3, 4), "step": torch.tensor(7.0)}
     dcp.save(saved, checkpoint_id=tmp_path)  # one process: no process group needed
@@ -84,3 +97,28 @@ def test_meta_model_filled_from_a_state_dict_equals_the_built_model():
         for a, b in zip(real(images, texts), skeleton(images, texts)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert torch.equal(real.attn_mask, skeleton.attn_mask)
+
+
+@pytest.mark.slow
+def test_timm_tower_blocks_sharded_on_two_ranks_give_the_single_process_gradients():
+    """tiny-siglip on 2 FSDP2 ranks, each timm and text block its own unit: the full gradients equal one process's
+    on the whole batch (the mean of the ranks' halves)."""
+    import open_clip
+
+    from models import register_shipped_configs
+    from tests.helpers.dist_cases_deepspeed import siglip_batch
+    from tests.helpers.harness import run_ranks
+
+    out = run_ranks("tests.helpers.dist_cases_deepspeed:fsdp_timm_tower_grads", world_size=2)[0]
+    assert out["num_blocks"] > 0 and out["units"] == out["num_blocks"] + 1  # every block, then the root
+    register_shipped_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-siglip")
+    images, texts = siglip_batch()
+    image_features, text_features, *_ = model(images, texts)
+    ((image_features * text_features).sum() / 2).backward()
+    reference = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert out["grads"].keys() == reference.keys()
+    for name, grad in out["grads"].items():
+        torch.testing.assert_close(grad.reshape(reference[name].shape), reference[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")

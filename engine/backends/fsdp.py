@@ -70,13 +70,22 @@ def _full(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+# Where towers keep their repeated blocks: open_clip transformers (`resblocks`), timm vision towers such as
+# SigLIP's (`trunk.blocks`), Hugging Face text encoders (`encoder.layer` / `layers`).
+BLOCK_LISTS = ("resblocks", "blocks", "layer", "layers")
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every residual block of both towers (open_clip keeps them in `resblocks` lists)."""
-    blocks = [block for name, module in model.named_modules() if name.endswith("resblocks")
-              for block in module]
+    """Every residual block of both towers: the children of each outermost block list (BLOCK_LISTS)."""
+    lists = []
+    for name, module in model.named_modules():
+        if (name.rsplit(".", 1)[-1] in BLOCK_LISTS and isinstance(module, (nn.ModuleList, nn.Sequential))
+                and len(module) > 0 and not any(name.startswith(outer + ".") for outer, _ in lists)):
+            lists.append((name, module))
+    blocks = [block for _, module in lists for block in module]
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no transformer blocks (`resblocks`); run.backend=fsdp shards "
-                         "open_clip transformer towers only: use run.backend=deepspeed for this model")
+        raise ValueError(f"{type(model).__name__} has no transformer block lists ({', '.join(BLOCK_LISTS)}); "
+                         "run.backend=fsdp shards transformer towers only: use run.backend=deepspeed for this model")
     return blocks
 
 

@@ -293,3 +293,35 @@ def reshard_round(stage: int | str, save_dir: str, load_dir: str | None, backgro
         backend.save(save_dir)
     backend.close()
     return out if ctx.rank == 0 else {}
+
+
+def fsdp_timm_tower_grads() -> dict:
+    """tiny-siglip (timm ViT trunk + open_clip text tower) under FSDP2, every block its own unit: the gradient of
+    sum(image . text features) over this rank's half of a batch, averaged over the ranks by FSDP (rank 0 returns
+    the full gradients and the number of FSDP units)."""
+    import open_clip
+
+    from engine.backends.fsdp import FSDPBackend, transformer_blocks
+    from models import register_shipped_configs
+
+    ctx = context_from_env()
+    FSDPBackend.init_distributed(ctx)
+    register_shipped_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-siglip")
+    num_blocks = len(transformer_blocks(model))
+    backend = FSDPBackend(model, device=torch.device("cpu"), betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
+    images, texts = siglip_batch()
+    half = images.shape[0] // ctx.world_size
+    lo = ctx.rank * half
+    image_features, text_features, *_ = backend.forward(images[lo:lo + half], texts[lo:lo + half])
+    backend.backward((image_features * text_features).sum())
+    grads = {name: p.grad.full_tensor().clone() for name, p in backend.model.named_parameters() if p.grad is not None}
+    units = sum(1 for m in backend.model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard"))
+    backend.close()
+    return {"grads": grads, "units": units, "num_blocks": num_blocks} if ctx.rank == 0 else {}
+
+
+def siglip_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(77)
+    return torch.randn(4, 3, 160, 160, generator=gen), torch.randint(1, 256, (4, 16), generator=gen)
