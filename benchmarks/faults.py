@@ -124,6 +124,7 @@ from engine.preemption import EXIT_PREEMPTED, proc_stat
 from engine.runlock import read_owner
 from engine.synthetic import render_pairs
 from tests.helpers.harness import kill_job
+from tests.helpers.planted import Planted
 
 NUM_SAMPLES = 64
 BATCH_SIZE = 8
@@ -894,16 +895,6 @@ def two_jobs(runner: Runner, rng: random.Random, *, reference_files: set[str],
     return outcome
 
 
-class _Payload:
-    """Unpickling this creates `marker` (code execution, harmless)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def world_size_change(runner: Runner, rng: random.Random) -> Outcome:
     """2 ranks -> SIGTERM in OSR -> payload planted in backend/universal -> 1 rank -> SIGTERM in
     fine-tuning -> 2 ranks to the end (DeepSpeed launcher, CPU ranks)."""
@@ -922,8 +913,8 @@ def world_size_change(runner: Runner, rng: random.Random) -> Outcome:
         latest = runner.out / "checkpoints" / (runner.out / "checkpoints" / LATEST).read_text().strip()
         universal = latest / "backend" / "universal"
         (universal / "zero" / "visual.proj").mkdir(parents=True, exist_ok=True)
-        torch.save({"param": _Payload(marker)}, universal / "zero" / "visual.proj" / "fp32.pt")
-        torch.save({"module": _Payload(marker)}, universal / "mp_rank_00_model_states.pt")
+        torch.save({"param": Planted(marker)}, universal / "zero" / "visual.proj" / "fp32.pt")
+        torch.save({"module": Planted(marker)}, universal / "mp_rank_00_model_states.pt")
         outcome.num_faults += 1
         runner.ranks = 1
         second = runner.launch(resume="latest", trigger=OnRecord(

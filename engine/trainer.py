@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from engine import __version__
-from engine.backends import select_backend
+from engine.backends import backend_class, backend_names, select_backend
 from engine.backends.base import build_bundle
 from engine.checkpoint import TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
 from engine.config import METHOD_RUNS_OSR, JobConfig
@@ -56,8 +56,9 @@ class Trainer:
         self.ctx = context_from_env(local_rank)
         backend_cls = select_backend(cfg.run.backend, world_size=self.ctx.world_size)
         if cfg.run.async_checkpoint and not hasattr(backend_cls, "save_async"):
+            able = [name for name in backend_names() if hasattr(backend_class(name), "save_async")]
             raise ValueError(f"run.async_checkpoint: run.backend={cfg.run.backend} writes checkpoints synchronously; "
-                             "use run.backend=fsdp for background writes or remove run.async_checkpoint")
+                             f"use run.backend={' or '.join(able)} for background writes or remove run.async_checkpoint")
         if cfg.data.batch_size % self.ctx.world_size:
             raise ValueError(
                 f"data.batch_size={cfg.data.batch_size} (global) is not divisible by the {self.ctx.world_size} "

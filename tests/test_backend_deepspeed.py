@@ -25,6 +25,7 @@ from tests.helpers.dist_cases_deepspeed import (
     tiny_model,
 )
 from tests.helpers.harness import run_ranks
+from tests.helpers.planted import Planted
 
 WORLD = 2
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "zero_configs"
@@ -357,8 +358,8 @@ def test_checkpoint_resharded_to_another_world_size_is_exact(tmp_path, stage, ba
     marker = tmp_path / "ran"
     planted = tmp_path / "two" / "universal"
     (planted / "zero" / "visual.proj").mkdir(parents=True)
-    torch.save({"x": _Planted(str(marker))}, planted / "mp_rank_00_model_states.pt")
-    torch.save({"param": _Planted(str(marker))}, planted / "zero" / "visual.proj" / "fp32.pt")
+    torch.save({"x": Planted(str(marker))}, planted / "mp_rank_00_model_states.pt")
+    torch.save({"param": Planted(str(marker))}, planted / "zero" / "visual.proj" / "fp32.pt")
     (planted / "zero" / "optimizer_state.pt").write_bytes((planted / "mp_rank_00_model_states.pt").read_bytes())
     one = run_ranks("tests.helpers.dist_cases_deepspeed:reshard_round", world_size=1, stage=stage,
                     save_dir=str(tmp_path / "one"), load_dir=str(tmp_path / "two"))[0]
@@ -371,16 +372,6 @@ def test_checkpoint_resharded_to_another_world_size_is_exact(tmp_path, stage, ba
         _assert_same_full_state(one, again)
 
 
-class _Planted:
-    """Unpickling this runs code (creates a marker file)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_checkpoint_with_code_in_a_pickle_is_refused_before_loading(tmp_path):
     from engine.backends.deepspeed import refuse_unsafe_pickles
 
@@ -389,7 +380,7 @@ def test_checkpoint_with_code_in_a_pickle_is_refused_before_loading(tmp_path):
     torch.save({"weights": torch.zeros(2)}, folder / "mp_rank_00_model_states.pt")
     refuse_unsafe_pickles(folder)  # plain tensors pass
     marker = tmp_path / "ran"
-    torch.save({"state": _Planted(str(marker))}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torch.save({"state": Planted(str(marker))}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(ValueError, match="cannot be loaded safely"):
         refuse_unsafe_pickles(folder)
     assert not marker.exists()

@@ -2,7 +2,6 @@
 models. The 2-rank checks live with the DeepSpeed ones (tests/test_backend_deepspeed.py, stage "fsdp")."""
 
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from engine.backends.fsdp import FSDPBackend, TensorOnlyReader, transformer_bloc
 from engine.distributed import DistContext
 from models import build_model
 from models.meta import build_model_on_meta, init_non_persistent_buffers
+from tests.helpers.planted import Planted
 
 
 def test_fsdp_is_selectable_for_any_world_size_and_reshards():
@@ -55,20 +55,10 @@ def test_dcp_checkpoint_loads_through_the_tensor_only_reader(tmp_path):
     assert torch.equal(loaded["w"], saved["w"]) and loaded["step"].item() == 7.0
 
 
-class _Planted:
-    """Unpickling this runs code (creates a marker file)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_code_planted_in_dcp_metadata_never_runs(tmp_path):
     dcp.save({"w": torch.ones(2)}, checkpoint_id=tmp_path)
     marker = tmp_path / "ran"
-    (tmp_path / ".metadata").write_bytes(pickle.dumps(_Planted(str(marker))))
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Planted(str(marker))))
     with pytest.raises(pickle.UnpicklingError, match="not part of DCP metadata"):
         TensorOnlyReader(tmp_path).read_metadata()
     with pytest.raises(BaseException):  # noqa: B017 (DCP wraps the reader's error in a BaseException)

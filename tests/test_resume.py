@@ -19,6 +19,7 @@ from engine.preemption import EXIT_PREEMPTED
 from engine.runlog import read_jsonl
 from engine.trainer import Trainer
 from tests.helpers.jobs import job as base_job
+from tests.helpers.planted import Planted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -277,16 +278,6 @@ def test_checkpoint_of_another_model_and_indivisible_batch_are_refused(shards, t
         Trainer(load_config(base={**job(shards, tmp_path / "three"), "run": {"backend": "deepspeed"}}))
 
 
-class _Planted:
-    """Unpickling this runs code (creates a marker file)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_code_planted_in_a_single_process_checkpoint_never_runs(shards, tmp_path):
     trainer = Trainer(load_config(base=job(shards, tmp_path, max_steps_per_epoch=2)))
     trainer.tune(finetune=False)
@@ -294,7 +285,7 @@ def test_code_planted_in_a_single_process_checkpoint_never_runs(shards, tmp_path
     latest = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
     marker = tmp_path / "ran"
     optim = latest / "backend" / "optim.pt"
-    torch.save({"optimizer": _Planted(str(marker))}, optim)
+    torch.save({"optimizer": Planted(str(marker))}, optim)
     complete = json.loads((latest / "COMPLETE").read_text())  # same size: only the content is bad
     complete["files"]["backend/optim.pt"] = optim.stat().st_size
     (latest / "COMPLETE").write_text(json.dumps(complete))

@@ -47,7 +47,7 @@ from torch.distributed.tensor import DTensor
 
 from engine.backends.base import TorchAdamWState, adamw_param_groups, full_bundle, tensors_digest
 from engine.distributed import broadcast_object
-from models.weights import make_logit_scale_1d
+from models.weights import SCALAR_PARAMS, make_logit_scale_1d
 
 if TYPE_CHECKING:
     from engine.config import JobConfig
@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 ENCODER_METHODS = ("encode_image", "encode_text")  # open_clip entry points besides forward
 STATE_FILE = "fsdp.json"  # what the DCP folder holds (JSON: read without unpickling)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+NEEDS_LAUNCHER = ("run.backend=fsdp needs a launcher: run under `torchrun` (one process: "
+                  "`torchrun --nproc_per_node 1 run.py ...`), or use run.backend=single")
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -122,8 +124,7 @@ class FSDPBackend(TorchAdamWState):
     def __init__(self, model: nn.Module, *, device: torch.device, betas: tuple[float, float], weight_decay: float,
                  eps: float, precision: str = "fp32", weights: dict[str, Tensor] | None = None):
         if not dist.is_initialized():
-            raise ValueError("run.backend=fsdp needs a launcher: run under `torchrun` (one process: "
-                             "`torchrun --nproc_per_node 1 run.py ...`), or use run.backend=single")
+            raise ValueError(NEEDS_LAUNCHER)
         make_logit_scale_1d(model)  # fully_shard rejects 0-dim parameters
         on_meta = any(p.is_meta for p in model.parameters())
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -177,8 +178,7 @@ class FSDPBackend(TorchAdamWState):
         if dist.is_initialized():
             return
         if "MASTER_ADDR" not in os.environ:
-            raise ValueError("run.backend=fsdp needs a launcher: run under `torchrun` (one process: "
-                             "`torchrun --nproc_per_node 1 run.py ...`), or use run.backend=single")
+            raise ValueError(NEEDS_LAUNCHER)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         logger.info("rank %d/%d joined process group (%s)", ctx.rank, ctx.world_size, backend)
@@ -192,7 +192,7 @@ class FSDPBackend(TorchAdamWState):
         if dist.get_rank() == 0 and weights is None:
             raise ValueError("a model built on the meta device needs its weights on rank 0")
         if weights is not None:
-            for name in ("logit_scale", "logit_bias"):
+            for name in SCALAR_PARAMS:
                 if name in weights and weights[name].ndim == 0:
                     weights = {**weights, name: weights[name].reshape(1)}
         set_model_state_dict(self.model, weights if dist.get_rank() == 0 else {},

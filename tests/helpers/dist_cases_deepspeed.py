@@ -317,7 +317,9 @@ def fsdp_timm_tower_grads() -> dict:
     image_features, text_features, *_ = backend.forward(images[lo:lo + half], texts[lo:lo + half])
     backend.backward((image_features * text_features).sum())
     grads = {name: p.grad.full_tensor().clone() for name, p in backend.model.named_parameters() if p.grad is not None}
-    units = sum(1 for m in backend.model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard"))
+    from torch.distributed.fsdp import FSDPModule
+
+    units = sum(1 for m in backend.model.modules() if isinstance(m, FSDPModule))
     backend.close()
     return {"grads": grads, "units": units, "num_blocks": num_blocks} if ctx.rank == 0 else {}
 
