@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import re
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine.io import atomic_path
+from engine.safe_load import load_tensor_file, read_torchscript_state_dict
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -43,27 +41,6 @@ def is_torchscript_archive(path: str | os.PathLike) -> bool:
         return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
 
 
-def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
-    """The parameters and buffers of a TorchScript archive (OpenAI's released CLIP `.pt` files).
-
-    Why this is safe where `torch.load` of a pickle is not: `torch.jit.load` never runs the Python
-    unpickler. The archive's code is TorchScript source, which TorchScript's own compiler parses into
-    a graph (it is not Python: it cannot import modules or call Python functions), and its data files
-    are read by TorchScript's C++ unpickler, which rebuilds only tensors, primitive values and the
-    classes defined by that TorchScript code - it resolves no Python globals, so a payload like
-    `os.system` has nothing to bind to. We then only read tensors (`state_dict`) and never call a
-    method of the loaded module, so none of its TorchScript code runs either.
-    """
-    try:
-        with warnings.catch_warnings():  # torch >= 2.9 marks jit.load deprecated; it still reads these files
-            warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
-    except RuntimeError as err:
-        reason = str(err).strip().splitlines()[0]
-        raise ValueError(f"cannot read TorchScript archive {path} ({reason}); is the file complete?") from err
-    return {key: value.detach().clone() for key, value in module.state_dict().items()}
-
-
 def weights_layout(path: str | os.PathLike) -> str:
     """The layout of weights file `path` ("open_clip", "openai-state-dict", "torchscript") from its keys
     only (a pickled checkpoint is memory-mapped, not read); read errors are left to the reader."""
@@ -73,11 +50,11 @@ def weights_layout(path: str | os.PathLike) -> str:
     if is_torchscript_archive(path):
         return "torchscript"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+        checkpoint = load_tensor_file(path, mmap=True)
+    except ValueError:
         try:  # not a zip checkpoint (mmap needs one): read it whole
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+            checkpoint = load_tensor_file(path)
+        except ValueError:
             return "open_clip"  # read_checkpoint reports what is wrong with it
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
@@ -97,11 +74,6 @@ def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, to
         if state_dict and all(key.startswith(prefix) for key in state_dict):
             state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
     return state_dict
-
-
-def _unpickler_reason(err: pickle.UnpicklingError) -> str:
-    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", str(err), flags=re.DOTALL)
-    return match.group(1).strip() if match else str(err).splitlines()[0]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -124,33 +96,24 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         )
     layout = "open_clip"
     if path.suffix != ".safetensors" and is_torchscript_archive(path):
-        checkpoint, layout = _read_torchscript(path), "torchscript"
+        checkpoint, layout = read_torchscript_state_dict(path), "torchscript"
     elif path.suffix == ".safetensors":
         try:
             checkpoint = load_file(path, device="cpu")
         except SafetensorError as err:
             raise ValueError(f"cannot read {path} as safetensors ({err}); is the file complete?") from err
     else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"refusing to load {path}: torch.load(weights_only=True) rejected it "
-                f"({_unpickler_reason(err)}). It is not a plain tensor checkpoint, and unpickling it could "
-                "run arbitrary code; re-save only the model's state dict (or .safetensors) from a trusted "
-                "environment"
-            ) from err
-        except (RuntimeError, EOFError) as err:
-            reason = str(err).splitlines()[0]
-            raise ValueError(f"cannot read {path} ({reason}); is the file complete?") from err
+        checkpoint = load_tensor_file(path)
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not checkpoint:
         raise ValueError(f"{path} holds no state dict (got {type(checkpoint).__name__})")
-    not_tensors = [key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
+    not_tensors = [key for key, value in checkpoint.items()
+                   if not isinstance(value, torch.Tensor) or not isinstance(key, str)]
     if not_tensors:
         raise ValueError(
-            f"{path} is not a model state dict: entries {not_tensors[:_NUM_EXAMPLES]} are not tensors; "
+            f"{path} is not a model state dict: entries {not_tensors[:_NUM_EXAMPLES]} are not "
+            "name -> tensor; "
             "pass a raw state dict or a checkpoint with a 'state_dict' entry"
         )
     state_dict, had_metadata = _drop_openai_metadata(_strip_wrapper_prefixes(checkpoint))

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.safe_load import load_tensor_file
 from models.factory import ClipBundle, resolve_model
 from models.weights import OPENAI_METADATA_KEYS, SCALAR_PARAMS, _describe_mismatch, read_state_dict
 
@@ -60,12 +61,12 @@ def _weights_reader(path: Path) -> tuple[dict[str, torch.Size], Callable[[str], 
                 return handle.get_tensor(key)
     else:
         try:  # zip-format checkpoints map lazily; older ones are read whole (weights_only either way)
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = load_tensor_file(path, mmap=True)
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 state = read_state_dict(path)  # its error names what is wrong with the file
-        except RuntimeError:
+        except ValueError:
             state = read_state_dict(path)
         shapes = {key: value.shape for key, value in state.items()}
         getter = state.__getitem__

@@ -373,14 +373,17 @@ def test_checkpoint_resharded_to_another_world_size_is_exact(tmp_path, stage, ba
 
 
 def test_checkpoint_with_code_in_a_pickle_is_refused_before_loading(tmp_path):
-    from engine.backends.deepspeed import refuse_unsafe_pickles
+    from engine.backends.deepspeed import vet_checkpoint_folder
 
     folder = tmp_path / "deepspeed"
     folder.mkdir()
-    torch.save({"weights": torch.zeros(2)}, folder / "mp_rank_00_model_states.pt")
-    refuse_unsafe_pickles(folder)  # plain tensors pass
+    torch.save({"module": {"w": torch.zeros(2)}, "param_shapes": [{"w": torch.Size([2])}]},
+               folder / "mp_rank_00_model_states.pt")
+    vet_checkpoint_folder(folder, expected_names={"w"})  # plain tensors, known names pass
+    with pytest.raises(ValueError, match="names parameter 'w', which the model does not have"):
+        vet_checkpoint_folder(folder, expected_names={"v"})
     marker = tmp_path / "ran"
     torch.save({"state": Planted(str(marker))}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(ValueError, match="cannot be loaded safely"):
-        refuse_unsafe_pickles(folder)
+    with pytest.raises(ValueError, match="needs more than tensors"):
+        vet_checkpoint_folder(folder, expected_names={"w"})
     assert not marker.exists()

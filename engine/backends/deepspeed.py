@@ -16,7 +16,9 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from engine.backends.base import adamw_param_groups, full_bundle, tensors_digest
 from engine.config import PRECISIONS
+from engine.safe_load import UnsafeFileError, deepspeed_globals, load_tensor_file, tensor_only_torch_load
 from models.weights import make_logit_scale_1d
 
 if TYPE_CHECKING:
@@ -330,8 +333,9 @@ class DeepSpeedBackend:
         one process by DeepSpeed's own `zero_to_fp32`, after every pickle in it has been vetted."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        refuse_unsafe_pickles(Path(directory) / CHECKPOINT_TAG)
-        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        vet_checkpoint_folder(Path(directory) / CHECKPOINT_TAG, expected_names=_checkpoint_names(model))
+        with tensor_only_torch_load(deepspeed_globals()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
 
     def load(self, directory: str | os.PathLike, *, reshard: bool = False) -> None:
         """Restore weights, moments and step counter written by `save`.
@@ -342,19 +346,21 @@ class DeepSpeedBackend:
         """
         directory = Path(directory)
         tag = CHECKPOINT_TAG
+        names = _checkpoint_names(self.engine.module)
         if dist.get_rank() == 0:
-            refuse_unsafe_pickles(directory / CHECKPOINT_TAG)
+            vet_checkpoint_folder(directory / CHECKPOINT_TAG, expected_names=names)
         dist.barrier()
         if reshard:
             tag = UNIVERSAL_TAG
             if dist.get_rank() == 0:
                 # Never trust a universal folder found on disk: it is rebuilt from the vetted files.
                 _convert_to_universal(directory / CHECKPOINT_TAG, directory / UNIVERSAL_TAG)
-                refuse_unsafe_pickles(directory / UNIVERSAL_TAG)
+                vet_checkpoint_folder(directory / UNIVERSAL_TAG, expected_names=names)
             dist.barrier()
             self.engine._config.load_universal_checkpoint = True
         try:
-            path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
+            with tensor_only_torch_load(deepspeed_globals()):
+                path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
         finally:
             self.engine._config.load_universal_checkpoint = False
         if path is None:
@@ -367,43 +373,82 @@ class DeepSpeedBackend:
         remove_shm_buffer()
 
 
-def _safe_deepspeed_globals() -> list:
-    """Plain-data classes DeepSpeed pickles into its checkpoints (no code runs when they load)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+_PARAM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+# Entries of DeepSpeed's files whose keys (or items) are parameter names: the universal conversion builds
+# folder names from them.
+_NAME_FIELDS = ("param_shapes", "frozen_param_shapes", "shared_params", "buffer_names", "param_slice_mappings")
 
 
-def refuse_unsafe_pickles(folder: Path) -> None:
-    """Load every .pt of a DeepSpeed checkpoint with weights_only=True first (DeepSpeed itself uses
-    weights_only=False); a file that needs any other global is refused before it can run code."""
-    with torch.serialization.safe_globals(_safe_deepspeed_globals()):
-        for path in sorted(folder.rglob("*.pt")):
-            try:
-                torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # any failure means: do not unpickle this file
-                raise ValueError(
-                    f"checkpoint file {path} cannot be loaded safely (weights_only: {str(exc).splitlines()[0][:200]}); "
-                    "only load checkpoints written by this engine from a trusted location"
-                ) from exc
+def _names_in(value) -> list:
+    """Parameter names held by one of `_NAME_FIELDS` (a dict, or a list of dicts / names)."""
+    if isinstance(value, dict):
+        return [*value.keys(), *(v for v in value.values() if isinstance(v, str))]
+    if isinstance(value, (list, tuple)):
+        return [name for item in value for name in _names_in(item)] if any(isinstance(v, (dict, list, tuple))
+                                                                           for v in value) else list(value)
+    return []
+
+
+def _names_of_file(state) -> list:
+    names = []
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if key in _NAME_FIELDS:
+                names.extend(_names_in(value))
+            elif isinstance(value, dict):
+                names.extend(_names_of_file(value))
+    return names
+
+
+def vet_checkpoint_folder(folder: Path, *, expected_names: set[str]) -> None:
+    """Refuse a DeepSpeed checkpoint folder before DeepSpeed reads it: a symlink in it, a file that needs more
+    than tensors and DeepSpeed's plain-data classes, or a parameter name that is not one of `expected_names`
+    (the model's; DeepSpeed's universal conversion turns names into paths)."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        raise ValueError(f"{folder} is not a DeepSpeed checkpoint folder of this engine (missing or a symlink)")
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            raise UnsafeFileError(f"checkpoint {folder} holds a symlink ({path}); this engine writes none: "
+                                  "only load checkpoints written by this engine")
+        if path.suffix != ".pt":
+            continue
+        state = load_tensor_file(path, mmap=True, extra_globals=deepspeed_globals())
+        for name in _names_of_file(state):
+            if not (isinstance(name, str) and _PARAM_NAME.fullmatch(name) and name in expected_names):
+                raise UnsafeFileError(f"checkpoint file {path} names parameter {str(name)[:120]!r}, which the model "
+                                      "does not have; only load checkpoints this engine wrote for this model")
+
+
+def _checkpoint_names(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
 
 
 def _convert_to_universal(source: Path, target: Path) -> None:
-    """DeepSpeed's own converter (ds_to_universal) into a staging folder that replaces `target`."""
+    """DeepSpeed's own converter (ds_to_universal) into a fresh staging folder that replaces `target`; every
+    torch.load inside it is weights_only."""
     from argparse import Namespace
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))  # new: no symlink
     logger.info("converting %s to a universal checkpoint (world size changed)", source)
-    ds_to_universal(Namespace(input_folder=str(source), output_folder=str(staging), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True))
-    shutil.rmtree(target, ignore_errors=True)  # whatever was there is replaced, never loaded
-    os.replace(staging, target)
+    try:
+        with tensor_only_torch_load(deepspeed_globals()):
+            ds_to_universal(Namespace(input_folder=str(source), output_folder=str(staging), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True))
+        if target.is_symlink() or target.is_file():
+            target.unlink()  # whatever was there is replaced, never loaded
+        elif target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, (ValueError, OSError)):
+            raise
+        raise ValueError(f"DeepSpeed could not convert {source} for another world size "
+                         f"({type(exc).__name__}: {exc}); resume on the world size it was written with") from None
 
 
 def shm_buffers(master_port: str | int | None = None) -> list[str]:

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import json
 import logging
 import os
-import pickle
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
@@ -33,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -47,6 +45,7 @@ from torch.distributed.tensor import DTensor
 
 from engine.backends.base import TorchAdamWState, adamw_param_groups, full_bundle, tensors_digest
 from engine.distributed import broadcast_object
+from engine.safe_load import read_dcp_metadata
 from models.weights import SCALAR_PARAMS, make_logit_scale_1d
 
 if TYPE_CHECKING:
@@ -375,42 +374,15 @@ def _first_failure(exc: CheckpointException) -> BaseException:
     return failure if isinstance(failure, Exception) else RuntimeError(str(exc))
 
 
-# ----- DCP metadata without arbitrary unpickling -----
-
-_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                     "torch.distributed.checkpoint.planner")
-_OTHER_GLOBALS = {("collections", "OrderedDict"), ("pathlib", "PosixPath"),
-                  ("torch.serialization", "_get_layout")}  # a layout by name, as weights_only allows
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's metadata classes (dataclasses of plain values) and nothing else."""
-
-    def find_class(self, module: str, name: str):
-        if module in _METADATA_MODULES or (module, name) in _OTHER_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch":  # dtypes, layouts, memory formats, Size: values, no code
-            value = getattr(torch, name, None)
-            if value is torch.Size or isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-                return value
-        raise pickle.UnpicklingError(f"global {module}.{name} is not part of DCP metadata")
-
-
 class TensorOnlyReader(FileSystemReader):
-    """DCP's file reader whose metadata is unpickled with DCP's classes only, and which refuses entries that
-    DCP would read with `torch.load(weights_only=False)` (non-tensor 'bytes' items)."""
+    """DCP's file reader whose metadata is read by `engine.safe_load.read_dcp_metadata` (DCP's own classes by
+    exact name, data files inside the folder, tensor entries only: DCP reads others with weights_only=False)."""
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = Path(self.path) / ".metadata"
         if kwargs.get("rank") is not None:
-            path = Path(self.path) / f"__{kwargs['rank']}.metadata"
-        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{path} does not hold DCP metadata")
-        not_tensors = [key for key, md in metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]
-        if not_tensors:
-            raise ValueError(f"{path} lists non-tensor entries {not_tensors[:3]}; this engine writes tensors only "
-                             "(the checkpoint was changed or written by other code)")
+            path = Path(self.path) / f"__{int(kwargs['rank'])}.metadata"
+        metadata = read_dcp_metadata(path)
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         if getattr(metadata, "storage_meta", None) is None:

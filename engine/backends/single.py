@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from engine.backends.base import TorchAdamWState, adamw_param_groups, tensors_digest
+from engine.safe_load import load_tensor_file
 
 if TYPE_CHECKING:
     from engine.config import JobConfig
@@ -98,7 +99,7 @@ class SingleProcessBackend(TorchAdamWState):
         if reshard:
             raise ValueError("run.backend=single cannot load a checkpoint written by several ranks")
         self.model.load_state_dict(load_file(directory / "model.safetensors", device=str(self.device)))
-        state = torch.load(directory / "optim.pt", map_location=self.device, weights_only=True)
+        state = load_tensor_file(directory / "optim.pt", map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
 
     def weights_digest(self) -> str:
