@@ -24,7 +24,7 @@ import re
 import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,6 +125,13 @@ def tensor_only_torch_load(extra_globals: list[type] | tuple[type, ...] = ()) ->
 
 # ----- DCP metadata -----
 
+def _path_text(*parts: str) -> str:
+    """A pickled path's text: its parts joined (strings only)."""
+    if not all(isinstance(part, str) for part in parts):
+        raise pickle.UnpicklingError("a path made of non-strings")
+    return "/".join(parts)
+
+
 def _dcp_metadata_globals() -> dict[tuple[str, str], Any]:
     from torch.distributed.checkpoint import filesystem, metadata
 
@@ -138,9 +145,9 @@ def _dcp_metadata_globals() -> dict[tuple[str, str], Any]:
     allowed[("torch", "Size")] = torch.Size
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # a layout by its name
     allowed[("collections", "OrderedDict")] = collections.OrderedDict
-    # StorageMeta.checkpoint_id is a path: rebuilt as a pure path (no file system methods).
-    allowed[("pathlib", "PosixPath")] = PurePosixPath
-    allowed[("pathlib", "PurePosixPath")] = PurePosixPath
+    # StorageMeta.checkpoint_id is a path: kept as its text (never used to reach a file).
+    allowed[("pathlib", "PosixPath")] = _path_text
+    allowed[("pathlib", "PurePosixPath")] = _path_text
     allowed.update({("torch", name): dtype for name, dtype in _DTYPES.items()})
     return allowed
 

@@ -123,26 +123,79 @@ def _uses_hf_tokenizer(arch: str, config: dict) -> bool:
     return bool(config.get("text_cfg", {}).get("hf_tokenizer_name")) or "siglip" in arch.lower()
 
 
+# HFTokenizer's own options: the only `tokenizer_kwargs` a model config may pass (anything else would reach
+# AutoTokenizer.from_pretrained, trust_remote_code included).
+TOKENIZER_KWARGS = ("clean", "strip_sep_token", "language")
+
+
+def _tokenizer_kwargs(arch: str, text_cfg: dict) -> dict:
+    kwargs = text_cfg.get("tokenizer_kwargs") or {}
+    bad = sorted(str(key) for key, value in kwargs.items() if key not in TOKENIZER_KWARGS
+                 or not isinstance(value, (str, bool, type(None))))
+    if not isinstance(kwargs, dict) or bad:
+        raise ValueError(f"model {arch!r}: text_cfg.tokenizer_kwargs {bad or kwargs!r} not accepted (allowed: "
+                         f"{', '.join(TOKENIZER_KWARGS)} with plain values; remote tokenizer code is never run)")
+    return kwargs
+
+
+def _hf_files(source: str | os.PathLike, filename: str) -> Path | None:
+    """`filename` of a Hugging Face folder or of a hub id in the local cache (None when absent)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder / filename if (folder / filename).is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(str(source), filename)
+    except (ValueError, ImportError):  # not a hub id
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def refuse_remote_code(source: str | os.PathLike, *, what: str) -> None:
+    """Refuse a Hugging Face folder (or cached hub id) whose config names its own Python code (`auto_map`),
+    before transformers reads it."""
+    for filename in ("tokenizer_config.json", "config.json"):
+        path = _hf_files(source, filename)
+        if path is None:
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{what}: cannot read {path} ({err})") from None
+        if isinstance(config, dict) and ("auto_map" in config or config.get("trust_remote_code")):
+            raise ValueError(f"{what}: {path} names Python code of its own (auto_map); this engine never runs code "
+                             "from a model folder. Use a tokenizer/model of a class transformers ships")
+
+
 def build_tokenizer(arch: str, config: dict, *, source: str | None = None) -> Callable:
     """open_clip's tokenizer for `arch`, or a Hugging Face tokenizer read from `source` (a local folder or
-    a hub id, resolved from the local Hugging Face cache when HF_HUB_OFFLINE=1)."""
+    a hub id, resolved from the local Hugging Face cache when HF_HUB_OFFLINE=1). Hugging Face tokenizers are
+    built here, never with remote code: `trust_remote_code=False`, only HFTokenizer's own kwargs, and a folder
+    whose config has `auto_map` is refused."""
     text_cfg = config.get("text_cfg", {})
-    hf_name = source or text_cfg.get("hf_tokenizer_name") or arch
-    if (source or _uses_hf_tokenizer(arch, config)) and importlib.util.find_spec("transformers") is None:
-        raise ValueError(f"model {arch!r} uses the Hugging Face tokenizer {hf_name!r}, which needs the "
+    schema, identifier = open_clip.factory.parse_model_name(arch)
+    hf_name = source or text_cfg.get("hf_tokenizer_name") or (identifier if schema == "local-dir" else None)
+    if schema == "local-dir" and text_cfg.get("hf_tokenizer_name") and source is None:
+        hf_name = identifier  # open_clip reads a local-dir model's tokenizer from the folder itself
+    uses_hf = source is not None or bool(text_cfg.get("hf_tokenizer_name"))
+    if (uses_hf or _uses_hf_tokenizer(arch, config)) and importlib.util.find_spec("transformers") is None:
+        raise ValueError(f"model {arch!r} uses the Hugging Face tokenizer {hf_name or arch!r}, which needs the "
                          "`transformers` package: pip install -e '.[siglip]'")
+    kwargs = _tokenizer_kwargs(arch, text_cfg)
     try:
-        if source is None:
+        if not uses_hf:
             return open_clip.get_tokenizer(arch)
+        refuse_remote_code(hf_name, what=f"tokenizer of model {arch!r}")
         return open_clip.tokenizer.HFTokenizer(
-            source, context_length=text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH),
-            tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
+            str(hf_name), context_length=text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH),
+            tokenizer_mode=text_cfg.get("tokenizer_mode"), trust_remote_code=False, **kwargs)
     except OSError as err:  # transformers / huggingface_hub: files not found locally (and no network)
         reason = str(err).strip().splitlines()[0]
         raise ValueError(
-            f"tokenizer {hf_name!r} of model {arch!r} could not be read ({reason}); put it in the local Hugging "
-            "Face cache (HF_HUB_CACHE or HF_HOME, and HF_HUB_OFFLINE=1 without network) or set model.tokenizer "
-            "to a folder holding its tokenizer files (tokenizer.json, tokenizer_config.json)"
+            f"tokenizer {hf_name or arch!r} of model {arch!r} could not be read ({reason}); put it in the local "
+            "Hugging Face cache (HF_HUB_CACHE or HF_HOME, and HF_HUB_OFFLINE=1 without network) or set "
+            "model.tokenizer to a folder holding its tokenizer files (tokenizer.json, tokenizer_config.json)"
         ) from err
 
 
@@ -172,6 +225,8 @@ def resolve_model(name: str, *, weights: str | os.PathLike | None = None, pretra
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"weights file not found: {weights}; pass an existing local file or None")
     arch, config, hub = _resolve_architecture(name)
+    if config.get("text_cfg", {}).get("hf_model_name"):  # a Hugging Face text tower: open_clip builds it by name
+        refuse_remote_code(config["text_cfg"]["hf_model_name"], what=f"text encoder of model {arch!r}")
     if weights is None and hub is not None and hub.weights is not None:
         weights = hub.weights  # the file open_clip would load for this name
     layout = weights_layout(weights) if weights is not None else None
