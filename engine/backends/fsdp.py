@@ -327,6 +327,7 @@ class FSDPBackend(TorchAdamWState):
         target = {name: torch.empty(tensor.shape if tensor.ndim else (1,), dtype=torch.float32)
                   for name, tensor in model.state_dict().items()}  # scalars were saved as shape [1]
         state = {"model": target}
+        read_dcp_metadata(Path(directory) / ".metadata")  # refused here with its own line, before DCP reads it
         try:
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -350,6 +351,7 @@ class FSDPBackend(TorchAdamWState):
         if not info["optimizer_state"]:
             self.optimizer.state.clear()
         state = self._state()
+        read_dcp_metadata(directory / ".metadata")  # refused here with its own line, before DCP reads it
         try:
             dcp.load(state, storage_reader=TensorOnlyReader(directory))
         except CheckpointException as exc:
@@ -380,9 +382,10 @@ class TensorOnlyReader(FileSystemReader):
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = Path(self.path) / ".metadata"
-        if kwargs.get("rank") is not None:
-            path = Path(self.path) / f"__{int(kwargs['rank'])}.metadata"
-        metadata = read_dcp_metadata(path)
+        rank_path = Path(self.path) / f"__{int(kwargs.get('rank') or 0)}.metadata"
+        if kwargs.get("rank") is not None and rank_path.is_file():  # DCP's fallback when the global one failed
+            path = rank_path
+        metadata = read_dcp_metadata(path)  # the global one again otherwise: its refusal is what to report
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         if getattr(metadata, "storage_meta", None) is None:
