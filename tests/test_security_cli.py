@@ -157,3 +157,53 @@ def test_tampered_checkpoint_never_runs_through_any_cli_path(data, tmp_path, cap
                    and not p.name.startswith(".run.")}
         assert not written, (name, sorted(map(str, written))[:10])
     assert not list(step.parent.glob("**/universal*")) and not list(step.parent.glob("**/.universal*"))
+
+
+def _evil_model_folder(folder: Path, marker: Path, *, hub_id: str, kwargs_route: bool) -> Path:
+    """An open_clip SigLIP folder whose tokenizer names a module of its own (`auto_map`) that touches `marker` on
+    import; `kwargs_route`: the model config also asks for trust_remote_code through tokenizer_kwargs."""
+    import open_clip
+
+    from models import export_weights, register_shipped_configs
+    from tests.helpers.families import save_tiny_tokenizer
+
+    register_shipped_configs()
+    save_tiny_tokenizer(folder)
+    (folder / "evil_tok.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+                                        "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "evil_tok.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    model_cfg = open_clip.get_model_config("tiny-siglip")
+    model_cfg["text_cfg"]["hf_tokenizer_name"] = hub_id
+    if kwargs_route:
+        model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": "canonicalize", "trust_remote_code": True}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    export_weights(open_clip.create_model("tiny-siglip"), folder / "open_clip_model.safetensors")
+    (folder / f"tiny-evil-{int(kwargs_route)}.json").write_text(json.dumps({**model_cfg, "text_cfg": {
+        **model_cfg["text_cfg"], "hf_tokenizer_name": str(folder)}}))
+    return folder
+
+
+@pytest.mark.parametrize("kwargs_route", [True, False], ids=["tokenizer_kwargs", "auto_map"])
+def test_model_folder_tokenizer_code_never_runs(data, tmp_path, capsys, monkeypatch, kwargs_route):
+    """local-dir:, hf-hub: from the offline cache and a JSON model config, through eval and export."""
+    import huggingface_hub.constants
+
+    from tests.helpers.families import put_in_hub_cache
+
+    marker = tmp_path / "ran"
+    folder = _evil_model_folder(tmp_path / "repo", marker, hub_id="org/evil", kwargs_route=kwargs_route)
+    cache = tmp_path / "hub"
+    put_in_hub_cache(cache, "org/evil", folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    reason = "tokenizer_kwargs ['trust_remote_code'] not accepted" if kwargs_route else "names Python code of its own"
+    before = tree(tmp_path)
+    for model in (f"local-dir:{folder}", "hf-hub:org/evil", str(folder / f"tiny-evil-{int(kwargs_route)}.json")):
+        for args in (["eval", "--model", model, "--tasks", str(data["tasks"])],
+                     ["export", "--model", model, "--out", str(tmp_path / "out" / "x.safetensors")]):
+            assert main(args) == 2, args
+            one_error_line(capsys.readouterr().err, match=reason)
+            assert not marker.exists(), args
+    assert tree(tmp_path) == before
