@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="self-contained demo on synthetic data (no downloads)")
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's data, runs, table and plot")
     demo.add_argument("--quick", action="store_true", help="smaller and shorter (for tests)")
-    demo.add_argument("--overwrite", action="store_true", help="replace --out if it exists (asked, never silent)")
+    demo.add_argument("--overwrite", action="store_true", help="replace --out if an earlier demo wrote it (it holds .tuneclip-demo) and "
+                                                                "no job runs there; no other folder is deleted")
     return parser
 
 

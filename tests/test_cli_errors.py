@@ -61,3 +61,38 @@ def test_background_checkpoints_on_a_backend_that_saves_synchronously(shards, tm
         "for background writes or remove run.async_checkpoint"
     )]
     assert not (out / "checkpoints").exists()
+
+
+def test_demo_overwrite_refuses_a_folder_no_demo_wrote(tmp_path, capsys):
+    mine = tmp_path / "work"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert main(["demo", "--quick", "--out", str(mine), "--overwrite"]) == 2
+    assert error_lines(capsys) == [(
+        f"error: --out {mine} holds no .tuneclip-demo file, so no demo wrote it; --overwrite replaces only a "
+        "demo's folder: nothing was deleted; pick another --out"
+    )]
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]  # nothing deleted, no lock file written
+
+
+def test_demo_overwrite_takes_the_run_lock_first(tmp_path, capsys, monkeypatch):
+    import engine.demo
+    from engine.distributed import DistContext
+    from engine.runlock import RunLock
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / ".tuneclip-demo").write_text("{}")
+    (demo / "summary.json").write_text("{}")
+    (demo / "runs").mkdir()
+    holder = RunLock(demo, DistContext())  # a demo still running in this folder
+    assert main(["demo", "--quick", "--out", str(demo), "--overwrite"]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith(f"error: run.out_dir {demo} is in use by job {holder.run_id} ")
+    assert (demo / "summary.json").exists() and (demo / "runs").is_dir()
+    holder.release()
+    ran = []
+    monkeypatch.setattr(engine.demo, "_run", lambda root, sizes, **_: ran.append(root) or {})
+    assert main(["demo", "--quick", "--out", str(demo), "--overwrite"]) == 0
+    assert ran == [demo] and not (demo / "summary.json").exists() and not (demo / "runs").exists()
+    assert (demo / ".tuneclip-demo").is_file()
