@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 from engine.distributed import DistContext, broadcast_object
-from engine.io import write_json_atomic
+from engine.io import first_link, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,16 @@ def _owner_mtime(out_dir: Path) -> float | None:
 
 
 class RunLock:
-    """The exclusive claim of one job on a run folder; `release()` (or process death) ends it."""
+    """The exclusive claim of one job on a run folder; `release()` (or process death) ends it.
 
-    def __init__(self, out_dir: Path, ctx: DistContext):
+    `own_entries`: what the job writes in place inside the folder; a claim is refused (on every rank)
+    while any of them, or anything under them, is a symbolic link, before anything is written.
+    """
+
+    def __init__(self, out_dir: Path, ctx: DistContext, *, own_entries: tuple[str, ...] = ()):
         self.out_dir = Path(out_dir)
         self.ctx = ctx
+        self.own_entries = (LOCK_FILE, OWNER_FILE, *own_entries)
         self._fh = None
         self._stop_renewing = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -129,6 +134,13 @@ class RunLock:
 
     def _acquire(self) -> str:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        link = first_link(self.out_dir, self.own_entries)
+        if link is not None:
+            raise ValueError(
+                f"run.out_dir {self.out_dir}: {link.relative_to(self.out_dir)} is a symbolic link (to "
+                f"{os.readlink(link)}); a run never writes through links: replace it with a real folder or file, "
+                "or pick another --out (nothing was written)"
+            )
         fh = open(self.out_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the whole run)
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,8 +1,10 @@
-"""Bad environments end in one `error:` line (exit 2), no traceback: an output folder the OS refuses, and
-the DeepSpeed backend started without a launcher."""
+"""Bad environments and tampered inputs end in one `error:` line (exit 2), no traceback, nothing written: an
+output folder the OS refuses, the DeepSpeed backend started without a launcher, a symlinked run sub-folder, a
+demo folder that is not the demo's."""
 
 import errno
 import pathlib
+import shutil
 
 import pytest
 
@@ -10,6 +12,18 @@ from engine.cli import main
 
 JOB = ["--model", "tiny-vit", "--batch-size", "8", "--epochs", "1", "--osr-epochs", "1",
        "--set", "run.progress=false", "--set", "eval.at_start=false"]
+
+
+@pytest.fixture(scope="module")
+def osr_run(shards, tmp_path_factory):
+    """A finished `run.py osr` folder (margin auto, one complete checkpoint); tests tamper with copies."""
+    out = tmp_path_factory.mktemp("osr") / "run"
+    assert main(["osr", "--train", str(shards), "--out", str(out), *JOB, "--margin", "auto"]) == 0
+    return out
+
+
+def copy_run(osr_run, tmp_path) -> pathlib.Path:
+    return pathlib.Path(shutil.copytree(osr_run, tmp_path / "run", symlinks=True))
 
 
 def error_lines(capsys) -> list[str]:
@@ -96,3 +110,47 @@ def test_demo_overwrite_takes_the_run_lock_first(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--quick", "--out", str(demo), "--overwrite"]) == 0
     assert ran == [demo] and not (demo / "summary.json").exists() and not (demo / "runs").exists()
     assert (demo / ".tuneclip-demo").is_file()
+
+
+def test_symlinked_run_sub_folder_is_refused_at_start(shards, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "u_table").symlink_to(elsewhere)
+    assert main(["tune", "--train", str(shards), "--out", str(out), *JOB]) == 2
+    assert error_lines(capsys) == [(
+        f"error: run.out_dir {out}: u_table is a symbolic link (to {elsewhere}); a run never writes through links: "
+        "replace it with a real folder or file, or pick another --out (nothing was written)"
+    )]
+    assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == ["u_table"]
+
+
+def test_symlinked_u_table_is_refused_on_resume_and_never_written_through(osr_run, shards, tmp_path, capsys):
+    run = copy_run(osr_run, tmp_path)
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "u_table").rename(elsewhere / "u_table")
+    (run / "u_table").symlink_to(elsewhere / "u_table")
+    before = {p.name: p.read_bytes() for p in (elsewhere / "u_table").iterdir()}
+    log = (run / "log.jsonl").read_bytes()
+    assert main(["tune", "--train", str(shards), "--out", str(run), *JOB, "--margin", "auto",
+                 "--resume", "latest"]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith(f"error: run.out_dir {run}: u_table is a symbolic link (to {elsewhere / 'u_table'})")
+    assert {p.name: p.read_bytes() for p in (elsewhere / "u_table").iterdir()} == before
+    assert (run / "log.jsonl").read_bytes() == log
+
+
+def test_symlink_inside_the_checkpoints_is_refused_on_resume(osr_run, shards, tmp_path, capsys):
+    run = copy_run(osr_run, tmp_path)
+    capsys.readouterr()
+    step = next((run / "checkpoints").glob("step_*"))
+    (step / "normaliser" / "u_table.bin").rename(tmp_path / "u_table.bin")
+    (step / "normaliser" / "u_table.bin").symlink_to(tmp_path / "u_table.bin")
+    assert main(["tune", "--train", str(shards), "--out", str(run), *JOB, "--margin", "auto",
+                 "--resume", "latest"]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith(f"error: run.out_dir {run}: checkpoints/{step.name}/normaliser/u_table.bin is a "
+                           "symbolic link")
