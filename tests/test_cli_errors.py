@@ -1,14 +1,21 @@
 """Bad environments and tampered inputs end in one `error:` line (exit 2), no traceback, nothing written: an
 output folder the OS refuses, the DeepSpeed backend started without a launcher, a symlinked run sub-folder, a
-demo folder that is not the demo's."""
+demo folder that is not the demo's, bad YAML, damaged checkpoint metadata, an endless CSV field, a folder named
+like a DeepSpeed shared-memory buffer."""
 
+import contextlib
 import errno
+import json
+import os
 import pathlib
 import shutil
+import time
+import uuid
 
 import pytest
 
 from engine.cli import main
+from tests.helpers.images import png_bytes
 
 JOB = ["--model", "tiny-vit", "--batch-size", "8", "--epochs", "1", "--osr-epochs", "1",
        "--set", "run.progress=false", "--set", "eval.at_start=false"]
@@ -24,6 +31,20 @@ def osr_run(shards, tmp_path_factory):
 
 def copy_run(osr_run, tmp_path) -> pathlib.Path:
     return pathlib.Path(shutil.copytree(osr_run, tmp_path / "run", symlinks=True))
+
+
+def tamper_state(step: pathlib.Path, change) -> None:
+    """Rewrite `step`'s state.json through `change(state)` and fix its size in COMPLETE, as a forger would."""
+    state = json.loads((step / "state.json").read_text())
+    change(state)
+    (step / "state.json").write_text(json.dumps(state))
+    complete = json.loads((step / "COMPLETE").read_text())
+    complete["files"]["state.json"] = (step / "state.json").stat().st_size
+    (step / "COMPLETE").write_text(json.dumps(complete))
+
+
+def tree(folder: pathlib.Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))}
 
 
 def error_lines(capsys) -> list[str]:
@@ -154,3 +175,112 @@ def test_symlink_inside_the_checkpoints_is_refused_on_resume(osr_run, shards, tm
     [line] = error_lines(capsys)
     assert line.startswith(f"error: run.out_dir {run}: checkpoints/{step.name}/normaliser/u_table.bin is a "
                            "symbolic link")
+
+
+def test_config_file_with_bad_yaml(shards, tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("run:\n  epochs: [1, 2\n")
+    out = tmp_path / "run"
+    assert main(["tune", "--config", str(config), "--train", str(shards), "--out", str(out)]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith(f"error: config file {config} is not valid YAML (") and line.endswith("; fix the file")
+    assert "line 3, column 1" in line and not out.exists()
+
+
+def test_eval_tasks_file_with_bad_yaml(tmp_path, capsys):
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("zeroshot:\n  - {name: x, csv: a.csv\n")
+    assert main(["eval", "--model", "tiny-vit", "--tasks", str(tasks), "--out", str(tmp_path / "out")]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith(f"error: --tasks {tasks} is not valid YAML (") and line.endswith("; fix the file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_without_train_state(osr_run, shards, tmp_path, capsys):
+    run = copy_run(osr_run, tmp_path)
+    step = next((run / "checkpoints").glob("step_*"))
+    tamper_state(step, lambda state: state.pop("train_state"))
+    capsys.readouterr()
+    before = tree(run)
+    expected = (f"error: {step / 'state.json'} holds no train_state part naming its model: not a checkpoint this "
+                "engine wrote; use another step_* folder")
+    assert main(["tune", "--train", str(shards), "--out", str(run), *JOB, "--margin", "auto",
+                 "--resume", str(step)]) == 2
+    assert error_lines(capsys) == [expected]
+    (tmp_path / "a.png").write_bytes(png_bytes((200, 30, 30)))
+    (tmp_path / "pairs.csv").write_text("filepath,caption\na.png,a red square\n")
+    assert main(["eval", "--model", "tiny-vit", "--weights", str(step), "--set",
+                 f"eval.retrieval=[{{name: r, csv: {tmp_path / 'pairs.csv'}}}]"]) == 2
+    assert error_lines(capsys) == [expected]
+    assert {k: v for k, v in tree(run).items() if k != "log.jsonl"} == {k: v for k, v in before.items()
+                                                                       if k != "log.jsonl"}
+
+
+def test_complete_marker_holding_a_list(osr_run, shards, tmp_path, capsys):
+    run = copy_run(osr_run, tmp_path)
+    step = next((run / "checkpoints").glob("step_*"))
+    (step / "COMPLETE").write_text('{"files": []}')
+    capsys.readouterr()
+    assert main(["tune", "--train", str(shards), "--out", str(run), *JOB, "--margin", "auto",
+                 "--resume", str(step)]) == 2
+    assert error_lines(capsys) == [(
+        f"error: {step} is not a usable checkpoint (unreadable COMPLETE marker (not a mapping of the folder's file "
+        "names to sizes)); resume from `latest` or an earlier step_* folder"
+    )]
+    assert step.is_dir() and (step / "COMPLETE").read_text() == '{"files": []}'
+
+
+def test_non_numeric_margin_in_the_statistics_of_osr_from(osr_run, shards, tmp_path, capsys):
+    run = copy_run(osr_run, tmp_path)
+    step = next((run / "checkpoints").glob("step_*"))
+    tamper_state(step, lambda state: state["train_state"].update(margin="wide"))
+    capsys.readouterr()
+    before = tree(run)
+    out = tmp_path / "finetune"
+    assert main(["finetune", "--train", str(shards), "--out", str(out), *JOB, "--margin", "auto",
+                 "--osr-from", str(step)]) == 2
+    assert error_lines(capsys) == [(
+        f"error: {step / 'state.json'}: train_state.margin is 'wide', not int or float or null: not a checkpoint "
+        "this engine wrote; use another step_* folder"
+    )]
+    assert tree(run) == before and not (out / "checkpoints").exists()
+
+
+def test_csv_field_over_the_csv_modules_limit(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(png_bytes((200, 30, 30)))
+    source = tmp_path / "pairs.csv"
+    source.write_text('filepath,caption\na.png,"a caption whose quote is never closed\n' + "x" * 131_073 + "\n")
+    assert main(["shards", "build", str(source), str(tmp_path / "shards")]) == 2
+    assert error_lines(capsys) == [(
+        f"error: {source}:2: a field longer than 131072 characters, usually a quote that is never closed; close "
+        "the quote (or shorten the field)"
+    )]
+    assert not list(tmp_path.glob("shards/*"))
+    retrieval = tmp_path / "retrieval.csv"
+    retrieval.write_text("filepath,caption\na.png,ok\na.png,\"" + "y" * 131_073 + "\n")
+    assert main(["eval", "--model", "tiny-vit", "--set", f"eval.retrieval=[{{name: r, csv: {retrieval}}}]"]) == 2
+    assert error_lines(capsys) == [(
+        f"error: eval.retrieval[0] 'r': {retrieval}:3: a field longer than 131072 characters, usually a quote that is never closed; "
+        "close the quote (or shorten the field)"
+    )]
+
+
+def test_stale_shm_cleanup_removes_only_regular_files(monkeypatch):
+    from engine.backends import deepspeed as ds_backend
+
+    prefix = f"{ds_backend.SHM_PREFIX}tuneclip-test-{uuid.uuid4().hex}-"  # named like buffers; only ours match
+    monkeypatch.setattr(ds_backend, "SHM_PREFIX", prefix)
+    folder, stale = f"{prefix}dir_29500_0", f"{prefix}file_29500_1"
+    os.mkdir(folder)
+    try:
+        with open(stale, "wb") as fh:
+            fh.write(b"\0" * 16)
+        old = time.time() - 3600
+        for path in (folder, stale):
+            os.utime(path, (old, old))
+        assert ds_backend.remove_stale_shm_buffers() == [stale]
+        assert os.path.isdir(folder) and not os.path.exists(stale)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -430,8 +431,17 @@ def _mapped_files() -> set[str] | None:
 
 
 def remove_stale_shm_buffers(*, min_age_s: float = 60.0) -> list[str]:
-    """Remove DeepSpeed CPU all-reduce buffers no live process maps (left by killed jobs); returns them."""
-    candidates = [p for p in shm_buffers() if time.time() - os.path.getmtime(p) > min_age_s]
+    """Remove DeepSpeed CPU all-reduce buffers no live process maps (left by killed jobs); returns them.
+
+    Only regular files are buffers: a folder or link that merely carries the name is left alone."""
+    candidates = []
+    for path in shm_buffers():
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > min_age_s:
+            candidates.append(path)
     if not candidates:
         return []
     mapped = _mapped_files()
