@@ -45,13 +45,20 @@ def _machine() -> str:
     return "/".join(parts)
 
 
-def _process_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, /proc), telling it from a reused pid; None if unknown."""
+def _process(pid: int) -> tuple[str, str] | None:
+    """(state letter, start time in clock ticks since boot) of process `pid` from /proc; None if unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before ")" may hold spaces
+    fields = stat.rsplit(")", 1)[1].split()  # the command name before ")" may hold spaces
+    return fields[0], fields[19]  # fields 3 and 22
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started, telling it from a later process given the same pid; None if unknown."""
+    info = _process(pid)
+    return None if info is None else info[1]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -72,8 +79,10 @@ def _still_running(owner: dict | None, owner_mtime: float | None) -> str | None:
     if owner.get("machine") == _machine() and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
         if not _pid_alive(pid):
             return None
-        started = owner.get("pid_start")
-        if started is not None and _process_start(pid) not in (None, started):
+        state, started = _process(pid) or ("?", None)
+        if state in ("Z", "X"):
+            return None  # exited, not yet reaped (containers whose init never reaps keep such pids)
+        if started is not None and owner.get("pid_start") not in (None, started):
             return None  # the pid now belongs to a newer process
         return f"its process {pid} is still running"
     age = time.time() - (owner_mtime or 0.0)

@@ -103,6 +103,19 @@ def test_claim_of_a_reused_pid_is_stale(tmp_path):
         RunLock(tmp_path / "run", DistContext())
 
 
+def test_claim_of_an_exited_unreaped_process_is_stale(tmp_path):
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.time() + 10
+        while runlock._process(zombie.pid)[0] != "Z" and time.time() < deadline:
+            time.sleep(0.01)
+        assert runlock._process(zombie.pid)[0] == "Z"  # exited, not waited for: its pid still answers kill(0)
+        _claim(tmp_path / "run", pid=zombie.pid, pid_start=runlock._process_start(zombie.pid))
+        RunLock(tmp_path / "run", DistContext()).release()
+    finally:
+        zombie.wait()
+
+
 def test_claim_from_another_machine_is_live_until_its_lease_expires(tmp_path):
     _claim(tmp_path / "run", host="node-7", machine="node-7/boot/1", pid=999999)
     with pytest.raises(ValueError, match=r"host node-7, pid 999999.*renewed its claim \d+ s ago from another "
