@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
+import reprlib
 import shutil
 import time
 from concurrent.futures import Future
@@ -47,6 +49,14 @@ STATE = "state.json"
 LATEST = "latest"
 RANKS = "ranks"
 TRAIN_STATE = "train_state"  # the part whose state_dict describes the job (checked before loading)
+# What each use of a checkpoint reads of its TRAIN_STATE, with the JSON types a value may hold.
+_IDENTITY_FIELDS: dict[str, tuple[type, ...]] = {
+    "model": (str,), "world_size": (int,), "config": (dict,), "manifest_fingerprint": (str,), "stage": (str,),
+    "stage_step": (int,), "osr_surrogate": (str,),
+}
+OSR_FIELDS = {**_IDENTITY_FIELDS, "osr_steps": (int,), "data_epoch": (int,), "margin": (int, float, type(None))}
+RESUME_FIELDS = {**OSR_FIELDS, "global_step": (int,), "num_bad_steps": (int,),
+                 "best_score": (int, float, type(None)), "best_step": (int, type(None))}
 
 
 @runtime_checkable
@@ -81,6 +91,9 @@ def checkpoint_problems(path: Path) -> list[str]:
         expected = json.loads(marker.read_text())["files"]
     except (ValueError, KeyError, TypeError):
         return [f"unreadable {COMPLETE} marker"]
+    if not isinstance(expected, dict) or not all(
+            isinstance(name, str) and _inside(name) and isinstance(size, int) for name, size in expected.items()):
+        return [f"unreadable {COMPLETE} marker (not a mapping of the folder's file names to sizes)"]
     problems = []
     for name, size in expected.items():
         file = path / name
@@ -89,6 +102,11 @@ def checkpoint_problems(path: Path) -> list[str]:
         elif file.stat().st_size != size:
             problems.append(f"{name} has {file.stat().st_size} bytes, {size} were written")
     return problems
+
+
+def _inside(name: str) -> bool:
+    """Whether relative file name `name` stays inside its folder (no absolute path, no `..`)."""
+    return bool(name) and not os.path.isabs(name) and ".." not in Path(name).parts
 
 
 def is_complete(path: Path) -> bool:
@@ -114,7 +132,37 @@ def read_state(path: Path) -> dict[str, dict]:
             f"{path} is not a usable checkpoint ({'; '.join(problems[:3])}); resume from `latest` "
             "or an earlier step_* folder"
         )
-    return json.loads((path / STATE).read_text())
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path / STATE} is not valid JSON ({exc}); use another step_* folder") from None
+    if _model_of(state) is None:
+        raise ValueError(f"{path / STATE} holds no {TRAIN_STATE} part naming its model: not a checkpoint this "
+                         "engine wrote; use another step_* folder")
+    return state
+
+
+def _model_of(state: object) -> str | None:
+    """The model name a checkpoint's JSON parts name in TRAIN_STATE; None when they do not."""
+    train_state = state.get(TRAIN_STATE) if isinstance(state, dict) else None
+    model = train_state.get("model") if isinstance(train_state, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def train_state_problems(saved: dict, fields: dict[str, tuple[type, ...]]) -> list[str]:
+    """Which of `fields` a checkpoint's TRAIN_STATE `saved` lacks or holds with another JSON type."""
+    problems = []
+    for name, types in fields.items():
+        value = saved.get(name, ...)
+        if value is ...:
+            problems.append(f"{TRAIN_STATE}.{name} is missing")
+        elif not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            kinds = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            problems.append(f"{TRAIN_STATE}.{name} is {reprlib.repr(value)}, not {kinds}")
+    margin = saved.get("margin")
+    if isinstance(margin, (int, float)) and not isinstance(margin, bool) and not (math.isfinite(margin) and margin >= 0):
+        problems.append(f"{TRAIN_STATE}.margin is {margin!r}, not a number >= 0")
+    return problems
 
 
 class CheckpointWriteError(ValueError):
@@ -314,6 +362,11 @@ class CheckpointManager:
         saved = read_state(path)
         live = self.parts[TRAIN_STATE].state_dict()
         check = {"resume": resume_conflicts, "osr": osr_reuse_conflicts}[purpose]
+        fields = RESUME_FIELDS if purpose == "resume" else OSR_FIELDS
+        damaged = train_state_problems(saved[TRAIN_STATE], fields)
+        if damaged:
+            raise ValueError(f"{path / STATE}: {'; '.join(damaged[:3])}: not a checkpoint this engine wrote; "
+                             "use another step_* folder")
         problems = check(saved[TRAIN_STATE], live, can_reshard=can_reshard)
         if problems:
             what = "resume from" if purpose == "resume" else "reuse OSR statistics from"

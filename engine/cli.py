@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="self-contained demo on synthetic data (no downloads)")
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's data, runs, table and plot")
     demo.add_argument("--quick", action="store_true", help="smaller and shorter (for tests)")
-    demo.add_argument("--overwrite", action="store_true", help="replace --out if it exists (asked, never silent)")
+    demo.add_argument("--overwrite", action="store_true", help="replace --out if an earlier demo wrote it (it holds .tuneclip-demo) and "
+                                                                "no job runs there; no other folder is deleted")
     return parser
 
 
@@ -338,12 +339,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _read_task_file(path: str) -> dict:
     """The eval-section mapping a --tasks YAML file holds ({zeroshot: [...], retrieval: [...]})."""
-    import yaml
+    from engine.config import read_yaml
 
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--tasks {path}: file not found")
-    loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    loaded = read_yaml(file, what="--tasks") or {}
     if not isinstance(loaded, dict) or not set(loaded) <= {"zeroshot", "retrieval"}:
         raise ValueError(f"--tasks {path}: must be a mapping with 'zeroshot' and/or 'retrieval' lists of tasks")
     return loaded

@@ -412,6 +412,17 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
 
 
+def read_yaml(path: str | Path, *, what: str) -> object:
+    """The YAML document in file `path`; a syntax error is a ValueError naming `what`, the file and the line."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{what} {path} is not valid YAML ({problem}{where}); fix the file") from None
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, base: dict | None = None,
                 training: bool = True) -> JobConfig:
     """Build a JobConfig from defaults, an optional `base` dict, a YAML file and overrides.
@@ -433,7 +444,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, b
         file = Path(path)
         if not file.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(file.read_text()) or {}
+        loaded = read_yaml(file, what="config file") or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections")
         merge(values, loaded)

@@ -7,6 +7,8 @@ and TuneCLIP (OSR + HGCL with `loss.margin=auto`), each over 3 seeds, evaluating
 classification and retrieval along the way. Prints a mean +- sd table and writes `curves.png`
 (metric vs fine-tuning step, bands = +- sd: the shape of the paper's Figure 2), `summary.json`,
 `report/report.html` and the engine's detail in `demo.log`. Numbers are whatever the engine measures.
+The demo marks its folder (`.tuneclip-demo`) and holds its run lock while it runs: `--overwrite` replaces
+only a marked folder that no live job holds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from pathlib import Path
 
 from engine.config import load_config
 from engine.data.build import build_shards
+from engine.distributed import DistContext
+from engine.io import write_json_atomic
+from engine.runlock import LOCK_FILE, OWNER_FILE, RunLock
 from engine.synthetic import render_pairs, render_retrieval_task, render_zeroshot_task
 from engine.trainer import Trainer
 
@@ -35,6 +40,7 @@ METHODS: dict[str, dict] = {
     "tuneclip": {"method": "tuneclip", "loss": {"margin": "auto"}},
 }
 SEEDS = (0, 1, 2)
+DEMO_MARKER = ".tuneclip-demo"  # written into every folder the demo creates; --overwrite removes no other
 
 
 def _sizes(quick: bool) -> dict:
@@ -102,18 +108,43 @@ def _detail_to_file(path: Path):
 def run_demo(root: Path, *, quick: bool = False, overwrite: bool = False) -> dict:
     """Run the whole demo under `root`; returns the summary it also writes to summary.json.
 
-    An existing, non-empty `root` is replaced only with `overwrite` (never silently).
+    An existing, non-empty `root` is replaced only with `overwrite`, only if an earlier demo wrote it (its
+    marker file) and only once this job holds its run lock.
     """
     started = time.perf_counter()
     sizes = _sizes(quick)
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise ValueError(f"--out {root} exists and is not empty; pass --overwrite to replace it, or pick "
-                             "another --out")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with _detail_to_file(root / "demo.log"):
-        return _run(root, sizes, quick=quick, started=started)
+    replace = root.exists() and any(root.iterdir())
+    if replace and not overwrite:
+        raise ValueError(f"--out {root} exists and is not empty; pass --overwrite to replace it, or pick "
+                         "another --out")
+    if replace and not _is_demo_folder(root):
+        raise ValueError(f"--out {root} holds no {DEMO_MARKER} file, so no demo wrote it; --overwrite replaces "
+                         "only a demo's folder: nothing was deleted; pick another --out")
+    lock = RunLock(root, DistContext())  # refuses a folder a live job (a demo running there) holds
+    try:
+        if replace:
+            _empty_folder(root, keep={LOCK_FILE, OWNER_FILE})
+        write_json_atomic(root / DEMO_MARKER, {"written_by": "run.py demo", "started": time.time()})
+        with _detail_to_file(root / "demo.log"):
+            return _run(root, sizes, quick=quick, started=started)
+    finally:
+        lock.release()
+
+
+def _is_demo_folder(root: Path) -> bool:
+    marker = root / DEMO_MARKER
+    return marker.is_file() and not marker.is_symlink()
+
+
+def _empty_folder(root: Path, *, keep: set[str]) -> None:
+    """Remove everything inside `root` but the names in `keep`; links are removed, never followed."""
+    for entry in root.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _run(root: Path, sizes: dict, *, quick: bool, started: float) -> dict:

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,3 +71,21 @@ def write_json_atomic(path: str | os.PathLike, payload: Any, *, indent: int | No
                       sort_keys: bool = True) -> Path:
     """`payload` as JSON (no NaN: it is not JSON) at `path`, atomically."""
     return write_atomic(path, json.dumps(payload, indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n")
+
+
+def first_link(root: str | os.PathLike, names: Iterable[str]) -> Path | None:
+    """The first symbolic link among `root/<name>` and everything under those folders, or None.
+
+    Links are listed, never followed. For folders the engine writes in place (appends, memory maps,
+    copies into), where a link would carry the writes outside `root`.
+    """
+    for name in names:
+        entry = Path(root) / name
+        if entry.is_symlink():
+            return entry
+        if entry.is_dir():
+            for folder, dirs, files in os.walk(entry):  # a linked folder appears in `dirs` and is not entered
+                for child in (*dirs, *files):
+                    if os.path.islink(os.path.join(folder, child)):
+                        return Path(folder, child)
+    return None

@@ -22,6 +22,16 @@ from engine.summary import run_records, run_summary
 
 STEP_SERIES = ("loss", "contrastive_loss", "batch_loss", "lr", "gamma", "grad_norm")
 
+_MD_INLINE = re.compile(r"([\\`*_\[\]()!|~$])")  # emphasis, code, links, images, tables, math: backslash-escaped
+_MD_BLOCK_START = re.compile(r"^(#{1,6}|[-+]|\d{1,9}[.)])(?=\s|$)")  # a heading or list marker at the start
+
+
+def _md(text: str) -> str:
+    """`text` (a run name, path, task or warning) as literal Markdown: no HTML, link, emphasis, math or new block."""
+    text = " ".join(str(text).split())  # a line break would start a new block
+    text = _MD_BLOCK_START.sub(lambda m: m.group(1)[:-1] + "\\" + m.group(1)[-1], _MD_INLINE.sub(r"\\\1", text))
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
 
 @dataclass
 class Run:
@@ -102,7 +112,12 @@ def _figures(runs: list[Run]) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams["svg.fonttype"] = "path"  # glyphs as paths: no font to load
+    # Glyphs as paths (no font to load); names are text, never mathtext (a `$` in a run name).
+    with plt.rc_context({"svg.fonttype": "path", "text.parse_math": False}):
+        return _draw_figures(runs, plt)
+
+
+def _draw_figures(runs: list[Run], plt) -> dict[str, str]:
     colors = {run.label: f"C{i % 10}" for i, run in enumerate(runs)}
     figures = {}
     metrics = _metrics(runs)
@@ -236,7 +251,7 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     def line(cells):
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(_md(c) for c in cells) + " |"
 
     return "\n".join([line(header), line(["---"] * len(header))] + [line(r) for r in rows])
 
@@ -265,7 +280,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path,
              f"<style>{STYLE}</style></head><body><h1>TuneCLIP-engine report</h1>",
              "<p>Runs: " + ", ".join(f"<b>{html.escape(r.label)}</b> ({html.escape(str(r.path))})" for r in runs)
              + "</p>"]
-    md = ["# TuneCLIP-engine report", "", "Runs: " + ", ".join(f"**{r.label}** (`{r.path}`)" for r in runs), ""]
+    md = ["# TuneCLIP-engine report", "", "Runs: " + ", ".join(f"**{_md(r.label)}** ({_md(r.path)})" for r in runs), ""]
     for name in ("results", "ablation"):
         if name in tables:
             parts += [f"<h2>{TABLE_TITLES[name]}</h2>", _html_table(*tables[name])]
@@ -273,14 +288,14 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path,
     for label, margin in margins:
         line = f"{label}: HGCL margin m = {margin['value']} ({margin['rule']})"
         parts.append(f"<p>{html.escape(line)}</p>")
-        md += [f"- {line}"]
+        md += [f"- {_md(line)}"]
     for label, note in notes:
         parts.append(f"<p>{html.escape(label)}: {html.escape(note)}</p>")
-        md += [f"- {label}: {note}"]
+        md += [f"- {_md(label)}: {_md(note)}"]
     if warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(
             f"<li class='warn'>{html.escape(label)}: {html.escape(w)}</li>" for label, w in warnings) + "</ul>")
-        md += ["", "## Warnings", ""] + [f"- **{label}**: {w}" for label, w in warnings]
+        md += ["", "## Warnings", ""] + [f"- **{_md(label)}**: {_md(w)}" for label, w in warnings]
     md.append("")
     for name, svg in figures.items():
         parts += [f"<h2>{FIGURE_TITLES[name]}</h2>", f"<figure id='fig-{name}'>{svg}</figure>"]

@@ -43,6 +43,10 @@ from models import export_model, features_of, logit_bias_of
 
 logger = logging.getLogger(__name__)
 
+# What a run writes in place inside run.out_dir (appends, memory maps, copies), so never through a link;
+# single files it writes atomically (final.safetensors, eval_step*.json) replace a link instead.
+RUN_ENTRIES = ("checkpoints", "u_table", "u_table_nodes", "log.jsonl", "skipped", "tensorboard", ".heartbeat")
+
 
 class Trainer:
     """Owns model, data, normaliser, objective and backend for one job; `tune()` runs OSR then fine-tuning.
@@ -67,7 +71,7 @@ class Trainer:
         self.local_batch = cfg.data.batch_size // self.ctx.world_size
         backend_cls.init_distributed(self.ctx, timeout_s=cfg.run.collective_timeout_s)
         self.out_dir = Path(cfg.run.out_dir)
-        self.lock = RunLock(self.out_dir, self.ctx)
+        self.lock = RunLock(self.out_dir, self.ctx, own_entries=RUN_ENTRIES)
         self.stop_requests = self.heartbeat = None
         try:
             self._build(backend_cls)

@@ -86,7 +86,8 @@ def job(**changes):
     config = JobConfig().to_dict()
     config["data"]["train"] = "/data/shards"
     state = {"manifest_fingerprint": "manifest-1", "model": "tiny-vit", "world_size": 1, "config": config,
-             "stage": "finetune", "stage_step": 7, "osr_surrogate": "hgcl", "global_step": 12}
+             "stage": "finetune", "stage_step": 7, "osr_surrogate": "hgcl", "global_step": 12, "data_epoch": 1,
+             "osr_steps": 5, "num_bad_steps": 0, "best_score": None, "best_step": None, "margin": 0.1}
     for key, value in changes.items():
         if "." in key:
             section, field = key.split(".")

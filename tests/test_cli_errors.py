@@ -1,15 +1,50 @@
-"""Bad environments end in one `error:` line (exit 2), no traceback: an output folder the OS refuses, and
-the DeepSpeed backend started without a launcher."""
+"""Bad environments and tampered inputs end in one `error:` line (exit 2), no traceback, nothing written: an
+output folder the OS refuses, the DeepSpeed backend started without a launcher, a symlinked run sub-folder, a
+demo folder that is not the demo's, bad YAML, damaged checkpoint metadata, an endless CSV field, a folder named
+like a DeepSpeed shared-memory buffer."""
 
+import contextlib
 import errno
+import json
+import os
 import pathlib
+import shutil
+import time
+import uuid
 
 import pytest
 
 from engine.cli import main
+from tests.helpers.images import png_bytes
 
 JOB = ["--model", "tiny-vit", "--batch-size", "8", "--epochs", "1", "--osr-epochs", "1",
        "--set", "run.progress=false", "--set", "eval.at_start=false"]
+
+
+@pytest.fixture(scope="module")
+def osr_run(shards, tmp_path_factory):
+    """A finished `run.py osr` folder (margin auto, one complete checkpoint); tests tamper with copies."""
+    out = tmp_path_factory.mktemp("osr") / "run"
+    assert main(["osr", "--train", str(shards), "--out", str(out), *JOB, "--margin", "auto"]) == 0
+    return out
+
+
+def copy_run(osr_run, tmp_path) -> pathlib.Path:
+    return pathlib.Path(shutil.copytree(osr_run, tmp_path / "run", symlinks=True))
+
+
+def tamper_state(step: pathlib.Path, change) -> None:
+    """Rewrite `step`'s state.json through `change(state)` and fix its size in COMPLETE, as a forger would."""
+    state = json.loads((step / "state.json").read_text())
+    change(state)
+    (step / "state.json").write_text(json.dumps(state))
+    complete = json.loads((step / "COMPLETE").read_text())
+    complete["files"]["state.json"] = (step / "state.json").stat().st_size
+    (step / "COMPLETE").write_text(json.dumps(complete))
+
+
+def tree(folder: pathlib.Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))}
 
 
 def error_lines(capsys) -> list[str]:
@@ -61,3 +96,191 @@ def test_background_checkpoints_on_a_backend_that_saves_synchronously(shards, tm
         "for background writes or remove run.async_checkpoint"
     )]
     assert not (out / "checkpoints").exists()
+
+
+def test_demo_overwrite_refuses_a_folder_no_demo_wrote(tmp_path, capsys):
+    mine = tmp_path / "work"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert main(["demo", "--quick", "--out", str(mine), "--overwrite"]) == 2
+    assert error_lines(capsys) == [(
+        f"error: --out {mine} holds no .tuneclip-demo file, so no demo wrote it; --overwrite replaces only a "
+        "demo's folder: nothing was deleted; pick another --out"
+    )]
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]  # nothing deleted, no lock file written
+
+
+def test_demo_overwrite_takes_the_run_lock_first(tmp_path, capsys, monkeypatch):
+    import engine.demo
+    from engine.distributed import DistContext
+    from engine.runlock import RunLock
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / ".tuneclip-demo").write_text("{}")
+    (demo / "summary.json").write_text("{}")
+    (demo / "runs").mkdir()
+    holder = RunLock(demo, DistContext())  # a demo still running in this folder
+    assert main(["demo", "--quick", "--out", str(demo), "--overwrite"]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith(f"error: run.out_dir {demo} is in use by job {holder.run_id} ")
+    assert (demo / "summary.json").exists() and (demo / "runs").is_dir()
+    holder.release()
+    ran = []
+    monkeypatch.setattr(engine.demo, "_run", lambda root, sizes, **_: ran.append(root) or {})
+    assert main(["demo", "--quick", "--out", str(demo), "--overwrite"]) == 0
+    assert ran == [demo] and not (demo / "summary.json").exists() and not (demo / "runs").exists()
+    assert (demo / ".tuneclip-demo").is_file()
+
+
+def test_symlinked_run_sub_folder_is_refused_at_start(shards, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "u_table").symlink_to(elsewhere)
+    assert main(["tune", "--train", str(shards), "--out", str(out), *JOB]) == 2
+    assert error_lines(capsys) == [(
+        f"error: run.out_dir {out}: u_table is a symbolic link (to {elsewhere}); a run never writes through links: "
+        "replace it with a real folder or file, or pick another --out (nothing was written)"
+    )]
+    assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == ["u_table"]
+
+
+def test_symlinked_u_table_is_refused_on_resume_and_never_written_through(osr_run, shards, tmp_path, capsys):
+    run = copy_run(osr_run, tmp_path)
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "u_table").rename(elsewhere / "u_table")
+    (run / "u_table").symlink_to(elsewhere / "u_table")
+    before = {p.name: p.read_bytes() for p in (elsewhere / "u_table").iterdir()}
+    log = (run / "log.jsonl").read_bytes()
+    assert main(["tune", "--train", str(shards), "--out", str(run), *JOB, "--margin", "auto",
+                 "--resume", "latest"]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith(f"error: run.out_dir {run}: u_table is a symbolic link (to {elsewhere / 'u_table'})")
+    assert {p.name: p.read_bytes() for p in (elsewhere / "u_table").iterdir()} == before
+    assert (run / "log.jsonl").read_bytes() == log
+
+
+def test_symlink_inside_the_checkpoints_is_refused_on_resume(osr_run, shards, tmp_path, capsys):
+    run = copy_run(osr_run, tmp_path)
+    capsys.readouterr()
+    step = next((run / "checkpoints").glob("step_*"))
+    (step / "normaliser" / "u_table.bin").rename(tmp_path / "u_table.bin")
+    (step / "normaliser" / "u_table.bin").symlink_to(tmp_path / "u_table.bin")
+    assert main(["tune", "--train", str(shards), "--out", str(run), *JOB, "--margin", "auto",
+                 "--resume", "latest"]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith(f"error: run.out_dir {run}: checkpoints/{step.name}/normaliser/u_table.bin is a "
+                           "symbolic link")
+
+
+def test_config_file_with_bad_yaml(shards, tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("run:\n  epochs: [1, 2\n")
+    out = tmp_path / "run"
+    assert main(["tune", "--config", str(config), "--train", str(shards), "--out", str(out)]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith(f"error: config file {config} is not valid YAML (") and line.endswith("; fix the file")
+    assert "line 3, column 1" in line and not out.exists()
+
+
+def test_eval_tasks_file_with_bad_yaml(tmp_path, capsys):
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("zeroshot:\n  - {name: x, csv: a.csv\n")
+    assert main(["eval", "--model", "tiny-vit", "--tasks", str(tasks), "--out", str(tmp_path / "out")]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith(f"error: --tasks {tasks} is not valid YAML (") and line.endswith("; fix the file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_without_train_state(osr_run, shards, tmp_path, capsys):
+    run = copy_run(osr_run, tmp_path)
+    step = next((run / "checkpoints").glob("step_*"))
+    tamper_state(step, lambda state: state.pop("train_state"))
+    capsys.readouterr()
+    before = tree(run)
+    expected = (f"error: {step / 'state.json'} holds no train_state part naming its model: not a checkpoint this "
+                "engine wrote; use another step_* folder")
+    assert main(["tune", "--train", str(shards), "--out", str(run), *JOB, "--margin", "auto",
+                 "--resume", str(step)]) == 2
+    assert error_lines(capsys) == [expected]
+    (tmp_path / "a.png").write_bytes(png_bytes((200, 30, 30)))
+    (tmp_path / "pairs.csv").write_text("filepath,caption\na.png,a red square\n")
+    assert main(["eval", "--model", "tiny-vit", "--weights", str(step), "--set",
+                 f"eval.retrieval=[{{name: r, csv: {tmp_path / 'pairs.csv'}}}]"]) == 2
+    assert error_lines(capsys) == [expected]
+    assert {k: v for k, v in tree(run).items() if k != "log.jsonl"} == {k: v for k, v in before.items()
+                                                                       if k != "log.jsonl"}
+
+
+def test_complete_marker_holding_a_list(osr_run, shards, tmp_path, capsys):
+    run = copy_run(osr_run, tmp_path)
+    step = next((run / "checkpoints").glob("step_*"))
+    (step / "COMPLETE").write_text('{"files": []}')
+    capsys.readouterr()
+    assert main(["tune", "--train", str(shards), "--out", str(run), *JOB, "--margin", "auto",
+                 "--resume", str(step)]) == 2
+    assert error_lines(capsys) == [(
+        f"error: {step} is not a usable checkpoint (unreadable COMPLETE marker (not a mapping of the folder's file "
+        "names to sizes)); resume from `latest` or an earlier step_* folder"
+    )]
+    assert step.is_dir() and (step / "COMPLETE").read_text() == '{"files": []}'
+
+
+def test_non_numeric_margin_in_the_statistics_of_osr_from(osr_run, shards, tmp_path, capsys):
+    run = copy_run(osr_run, tmp_path)
+    step = next((run / "checkpoints").glob("step_*"))
+    tamper_state(step, lambda state: state["train_state"].update(margin="wide"))
+    capsys.readouterr()
+    before = tree(run)
+    out = tmp_path / "finetune"
+    assert main(["finetune", "--train", str(shards), "--out", str(out), *JOB, "--margin", "auto",
+                 "--osr-from", str(step)]) == 2
+    assert error_lines(capsys) == [(
+        f"error: {step / 'state.json'}: train_state.margin is 'wide', not int or float or null: not a checkpoint "
+        "this engine wrote; use another step_* folder"
+    )]
+    assert tree(run) == before and not (out / "checkpoints").exists()
+
+
+def test_csv_field_over_the_csv_modules_limit(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(png_bytes((200, 30, 30)))
+    source = tmp_path / "pairs.csv"
+    source.write_text('filepath,caption\na.png,"a caption whose quote is never closed\n' + "x" * 131_073 + "\n")
+    assert main(["shards", "build", str(source), str(tmp_path / "shards")]) == 2
+    assert error_lines(capsys) == [(
+        f"error: {source}:2: a field longer than 131072 characters, usually a quote that is never closed; close "
+        "the quote (or shorten the field)"
+    )]
+    assert not list(tmp_path.glob("shards/*"))
+    retrieval = tmp_path / "retrieval.csv"
+    retrieval.write_text("filepath,caption\na.png,ok\na.png,\"" + "y" * 131_073 + "\n")
+    assert main(["eval", "--model", "tiny-vit", "--set", f"eval.retrieval=[{{name: r, csv: {retrieval}}}]"]) == 2
+    assert error_lines(capsys) == [(
+        f"error: eval.retrieval[0] 'r': {retrieval}:3: a field longer than 131072 characters, usually a quote that is never closed; "
+        "close the quote (or shorten the field)"
+    )]
+
+
+def test_stale_shm_cleanup_removes_only_regular_files(monkeypatch):
+    from engine.backends import deepspeed as ds_backend
+
+    prefix = f"{ds_backend.SHM_PREFIX}tuneclip-test-{uuid.uuid4().hex}-"  # named like buffers; only ours match
+    monkeypatch.setattr(ds_backend, "SHM_PREFIX", prefix)
+    folder, stale = f"{prefix}dir_29500_0", f"{prefix}file_29500_1"
+    os.mkdir(folder)
+    try:
+        with open(stale, "wb") as fh:
+            fh.write(b"\0" * 16)
+        old = time.time() - 3600
+        for path in (folder, stale):
+            os.utime(path, (old, old))
+        assert ds_backend.remove_stale_shm_buffers() == [stale]
+        assert os.path.isdir(folder) and not os.path.exists(stale)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)

@@ -68,6 +68,27 @@ def test_report_holds_every_run_the_tables_and_no_network_reference(runs, tmp_pa
     assert "<script" not in page
 
 
+def test_names_are_inert_in_the_markdown_and_plain_text_in_the_figures(tmp_path, capsys):
+    from markdown_it import MarkdownIt
+
+    from engine.cli import main
+
+    name = "<img src=x onerror=alert(1)> $x^ [a](b) *em*"
+    run = fake_run(tmp_path / "runs" / name, method="tuneclip", scores=[0.40, 0.30])
+    log = run / "log.jsonl"
+    log.write_text(log.read_text().replace("zs", "zs $y^_"))  # a task name matplotlib would read as math
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "<img" not in md and "**&lt;img src=x onerror=alert\\(1\\)&gt; \\$x^ \\[a\\]\\(b\\) \\*em\\***" in md
+    rendered = MarkdownIt("commonmark").render(md)
+    assert "<img src=x" not in rendered and "<a href" not in rendered and "<em>" not in rendered
+    assert "&lt;img src=x onerror=alert(1)&gt; $x^ [a](b) *em*" in rendered  # shown as written
+    assert "zs $y^_/acc1" in rendered.replace("\\", "")
+    assert "<svg" in (tmp_path / "report" / "figures" / "metrics.svg").read_text()
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
 @pytest.mark.skipif(find_browser() is None, reason="no Chromium installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium_without_network(runs, tmp_path):
     from PIL import Image

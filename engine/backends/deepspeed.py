@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -475,8 +476,17 @@ def _mapped_files() -> set[str] | None:
 
 
 def remove_stale_shm_buffers(*, min_age_s: float = 60.0) -> list[str]:
-    """Remove DeepSpeed CPU all-reduce buffers no live process maps (left by killed jobs); returns them."""
-    candidates = [p for p in shm_buffers() if time.time() - os.path.getmtime(p) > min_age_s]
+    """Remove DeepSpeed CPU all-reduce buffers no live process maps (left by killed jobs); returns them.
+
+    Only regular files are buffers: a folder or link that merely carries the name is left alone."""
+    candidates = []
+    for path in shm_buffers():
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > min_age_s:
+            candidates.append(path)
     if not candidates:
         return []
     mapped = _mapped_files()

@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image
 from webdataset import TarWriter
 
+from engine.csvfile import csv_rows
 from engine.data.manifest import MANIFEST_NAME, Manifest
 from engine.data.samples import (
     CAPTION_EXTENSION,
@@ -62,7 +63,7 @@ def _items_from_csv(csv_path: Path) -> Iterator[_SourceItem]:
             raise ValueError(
                 f"{csv_path}: header must contain 'filepath,caption' (missing {', '.join(sorted(missing))})"
             )
-        for line, row in enumerate(reader, start=2):
+        for line, row in enumerate(csv_rows(reader, csv_path), start=2):
             filepath = (row["filepath"] or "").strip()
             caption = row["caption"]
             yield _SourceItem(

@@ -26,6 +26,7 @@ from open_clip.zero_shot_metadata import (
 )
 from PIL import Image
 
+from engine.csvfile import csv_rows
 from engine.evaluate.sources import (
     Part,
     Sample,
@@ -525,7 +526,7 @@ def _read_csv(csv_path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[
                 f"{csv_path}:1: header {','.join(header)!r} lacks column(s) {missing}; "
                 f"the header must be {','.join(columns)}"
             )
-        for row in reader:
+        for row in csv_rows(reader, csv_path):
             if any(row.get(c) is None for c in columns):
                 raise ValueError(f"{csv_path}:{reader.line_num}: row has too few fields; expected {columns}")
             rows.append((reader.line_num, row))
