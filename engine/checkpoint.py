@@ -117,6 +117,16 @@ def read_state(path: Path) -> dict[str, dict]:
     return json.loads((path / STATE).read_text())
 
 
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete `step_*` folder of `root` (what `latest` means), skipping broken ones with a warning."""
+    for candidate in reversed(step_folders(root)):
+        problems = checkpoint_problems(candidate)
+        if not problems:
+            return candidate
+        logger.warning("skipping checkpoint %s: %s", candidate, "; ".join(problems[:3]))
+    return None
+
+
 class CheckpointWriteError(ValueError):
     """A checkpoint could not be written (disk full, permissions); nothing of it was kept."""
 
@@ -291,12 +301,10 @@ class CheckpointManager:
             path = Path(spec)
             read_state(path)
             return path
-        for candidate in reversed(step_folders(self.root)):
-            problems = checkpoint_problems(candidate)
-            if not problems:
-                return candidate
-            logger.warning("skipping checkpoint %s: %s", candidate, "; ".join(problems[:3]))
-        raise FileNotFoundError(f"no complete checkpoint under {self.root}; start without --resume")
+        found = latest_checkpoint(self.root)
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint under {self.root}; start without --resume")
+        return found
 
     def has_checkpoints(self) -> bool:
         return has_checkpoints(self.root)

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None,
                               help=f"shortcut for --set {key}=..." + (
                                   "; a weights file, a finished run's folder (its final.safetensors) or a "
-                                  "checkpoints/step_N folder of any backend" if flag == "weights" else ""))
+                                  "checkpoints/step_N folder of any backend (checkpoints/latest: the newest)" if flag == "weights"
+                                  else ""))
     evaluate.add_argument("--tasks", help="YAML file listing the tasks: {zeroshot: [...], retrieval: [...]} "
                                           "as in the eval section (see README)")
     evaluate.add_argument("--out", help="folder to write eval_results.json (clip_benchmark-style), "
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="open_clip architecture or shipped config name")
     export.add_argument("--weights", default=None,
                         help="local .safetensors / .bin / .pt (an OpenAI TorchScript .pt too), or a run's "
-                             "checkpoints/step_N folder (single, DeepSpeed or FSDP2, any number of ranks); "
+                             "checkpoints/step_N folder (single, DeepSpeed or FSDP2, any number of ranks; "
+                             "checkpoints/latest: the newest); "
                              "hf-hub:/local-dir: models default to their own file")
     export.add_argument("--out", required=True, help="output .safetensors path")
     export.add_argument("--pretrained-tag", dest="pretrained_tag", default=None,
@@ -355,8 +357,22 @@ def _is_checkpoint_folder(path: Path) -> bool:
     return path.is_dir() and ((path / STATE).exists() or (path / COMPLETE).exists())
 
 
+def _resolve_latest(weights: str | Path | None) -> str | Path | None:
+    """`weights`, or for a run's `checkpoints/latest` pointer the checkpoint folder it means (as --resume latest)."""
+    from engine.checkpoint import LATEST, latest_checkpoint
+
+    if weights is None or Path(weights).name != LATEST or not Path(weights).is_file():
+        return weights
+    found = latest_checkpoint(Path(weights).parent)
+    if found is None:
+        raise FileNotFoundError(f"--weights {weights}: no complete checkpoint in {Path(weights).parent}; pass a "
+                                "weights file or a finished run's folder")
+    return found
+
+
 def _weights_file(weights: str | None) -> Path | None:
     """`weights`, or the final weights of a run folder given instead, or a checkpoint folder (read only)."""
+    weights = _resolve_latest(weights)
     if not weights or not Path(weights).is_dir() or _is_checkpoint_folder(Path(weights)):
         return Path(weights) if weights else None
     final = Path(weights) / "final.safetensors"
@@ -373,6 +389,7 @@ def _build_model_from(name: str, kwargs: dict, weights: str | Path | None, *, se
     (FSDP2: DCP; DeepSpeed: zero_to_fp32 after vetting its pickles) and nothing is written there."""
     from models import build_model
 
+    weights = _resolve_latest(weights)
     if weights is None or not _is_checkpoint_folder(Path(weights)):
         return build_model(name, **{**kwargs, "weights": weights}, seed=seed)
     from engine.backends.base import checkpoint_weights
