@@ -71,6 +71,10 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, choices=choices.get(flag),
                             help=f"shortcut for --set {key}=..." + (f" (config default: {default})"
                                                                      if default not in (None, "") else ""))
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run of this engine in --out (a folder whose log.jsonl it wrote; "
+                             "every removed entry is named); with --resume: continue a finished run, rewriting its "
+                             "final weights, summary and later checkpoints")
     parser.add_argument("--no-seed-moments", action="store_true", help="ablation: do not seed AdamW from OSR")
     parser.add_argument("--no-seed-u", action="store_true", help="ablation: do not seed u from OSR")
 
@@ -257,7 +261,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     cfg = job_config_from_args(args)
     local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
-    trainer = Trainer(cfg, local_rank=local_rank)
+    trainer = Trainer(cfg, local_rank=local_rank, overwrite=args.overwrite)
     try:
         if args.command == "tune":
             trainer.tune()

@@ -26,8 +26,16 @@ from engine.backends import backend_class, backend_names, select_backend
 from engine.backends.base import build_bundle
 from engine.checkpoint import TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
 from engine.config import METHOD_RUNS_OSR, JobConfig
+from engine.cost import RunCost
 from engine.data import Batch, LoaderPlan, Manifest, ShardLoader
-from engine.distributed import all_reduce_sum, barrier, context_from_env, default_device, gather_no_grad
+from engine.distributed import (
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    context_from_env,
+    default_device,
+    gather_no_grad,
+)
 from engine.evaluate import Evaluator, build_tasks, headline_metric, write_results
 from engine.heartbeat import Heartbeat
 from engine.livelog import build_live_sinks
@@ -35,6 +43,7 @@ from engine.margin import QUANTILES, DistanceHistogram, auto_margin, margin_diag
 from engine.objectives import Objective, build_objective, total_loss, trained_scalars
 from engine.objectives.normaliser import build_normaliser
 from engine.preemption import Preempted, StopRequests
+from engine.run_folder import FINISHED_OUTPUTS, clear_run_folder
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
@@ -51,8 +60,11 @@ class Trainer:
     of every global batch, the objective sees the global batch, rank 0 writes logs and exports.
     """
 
-    def __init__(self, cfg: JobConfig, *, local_rank: int | None = None):
+    def __init__(self, cfg: JobConfig, *, local_rank: int | None = None, overwrite: bool = False):
+        """`overwrite`: a fresh job may replace an earlier run of this engine in run.out_dir (removed under the
+        run lock, each entry named); a resumed one may continue a finished run, rewriting its results."""
         self.cfg = cfg.validate()
+        self.overwrite = overwrite
         self.ctx = context_from_env(local_rank)
         backend_cls = select_backend(cfg.run.backend, world_size=self.ctx.world_size)
         if cfg.run.async_checkpoint and not hasattr(backend_cls, "save_async"):
@@ -79,6 +91,10 @@ class Trainer:
         """Every part of the job, then the state to continue from (a checkpoint or OSR statistics)."""
         cfg = self.cfg
         fresh = not (cfg.run.resume or cfg.osr.load_from)
+        if self.overwrite and fresh:
+            self._clear_earlier_run()
+        if cfg.run.resume:
+            self._check_resume_keeps_results()
         if fresh and has_checkpoints(self.out_dir / "checkpoints"):
             raise ValueError(
                 f"run.out_dir {self.out_dir} holds checkpoints of an earlier run: continue it with "
@@ -144,11 +160,12 @@ class Trainer:
         self.normaliser = build_normaliser(cfg.loss, out_dir=self.out_dir, num_rows=self.manifest.num_samples,
                                            dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh,
                                            node_local_dir=cfg.run.node_local_dir)
+        self.cost = RunCost(world_size=self.ctx.world_size)  # every launch's share, carried by checkpoints
         self.checkpoints = CheckpointManager(
             self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n,
             async_save=cfg.run.async_checkpoint,
             parts={TRAIN_STATE: self, "backend": self.backend, "normaliser": self.normaliser,
-                   "data_plan": LoaderPlan(self.loader)},
+                   "data_plan": LoaderPlan(self.loader), "cost": self.cost},
             rank_parts={"loader": self.loader},
         )
         self.log = JsonlLogger(self.out_dir / "log.jsonl", enabled=self.ctx.is_main,
@@ -165,6 +182,36 @@ class Trainer:
             self.resume(cfg.run.resume)
         elif cfg.osr.load_from:
             self.load_osr(cfg.osr.load_from)
+
+    def _clear_earlier_run(self) -> None:
+        """--overwrite on a fresh job: empty run.out_dir of an earlier run of this engine (rank 0, holding the run
+        lock) and say what was removed; a folder that is not such a run folder is refused, nothing removed."""
+        outcome = None
+        if self.ctx.is_main:
+            try:
+                outcome = ("ok", clear_run_folder(self.out_dir))
+            except ValueError as exc:
+                outcome = ("refused", str(exc))
+        status, value = broadcast_object(outcome)
+        if status != "ok":
+            raise ValueError(value)
+        if value:
+            logger.warning("--overwrite: removed the earlier run in %s: %s", self.out_dir, ", ".join(value))
+
+    def _check_resume_keeps_results(self) -> None:
+        """A resume into the folder of a finished run would rewrite its results: refused unless `overwrite`."""
+        finished = [name for name in FINISHED_OUTPUTS if (self.out_dir / name).exists()]
+        if not finished:
+            return
+        if not self.overwrite:
+            raise ValueError(
+                f"run.out_dir {self.out_dir} holds a finished run ({', '.join(finished)}): --resume "
+                f"{self.cfg.run.resume} would rewrite them; add --overwrite to continue it and replace them, or "
+                f"evaluate or export its checkpoints instead (--weights {self.out_dir}/checkpoints/step_<N>); "
+                "nothing was changed"
+            )
+        logger.warning("--overwrite: resuming the finished run in %s from %s; its %s and later checkpoints "
+                       "will be replaced", self.out_dir, self.cfg.run.resume, ", ".join(finished))
 
     def objective_for(self, kind: str) -> Objective:
         """The objective registered as `kind` (mbcl, gcl, hgcl) for this rank, over this job's normaliser."""
@@ -269,6 +316,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.stage_step, desc=stage, unit="step", dynamic_ncols=True,
                    disable=not (rcfg.progress and self.ctx.is_main))
         stage_started = time.perf_counter()
+        self.cost.start(stage)
         while self.stage_epoch < epochs and not self.stopped_early:
             epoch, epoch_steps = self.stage_epoch, self._steps_per_epoch(self.data_epoch)
             if self.epoch_step >= epoch_steps:  # a continued epoch whose rest was empty
@@ -287,6 +335,7 @@ class Trainer:
                 self.stage_step += 1
                 self.epoch_step += 1
                 num_samples += len(batch.keys) * self.ctx.world_size
+                self.cost.step(stage, num_samples=len(batch.keys) * self.ctx.world_size)
                 rate = num_samples / max(1e-9, time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=format_rate(rate))
@@ -309,8 +358,10 @@ class Trainer:
                     self.checkpoints.poll()  # a background write that has finished now counts
                 self._stop_if_requested()
         bar.close()
+        self.cost.stop()
         self.log.write({"event": "stage_end", "stage": stage, "step": self.global_step, "stage_step": self.stage_step,
-                        "seconds": round(time.perf_counter() - stage_started, 3), "world_size": self.ctx.world_size})
+                        "seconds": round(time.perf_counter() - stage_started, 3), "world_size": self.ctx.world_size,
+                        "cost": self.cost.totals()})
 
     def _stop_if_requested(self) -> None:
         """Checkpoint and raise `Preempted` if any rank was asked to stop (collective, every step)."""
@@ -319,7 +370,9 @@ class Trainer:
             return
         path = self.save_checkpoint()
         self.checkpoints.wait()  # the job ends with its checkpoint complete
-        self.log.write({"event": "preempted", "reason": reason, "step": self.global_step, "checkpoint": str(path)})
+        self.cost.stop()
+        self.log.write({"event": "preempted", "reason": reason, "step": self.global_step, "checkpoint": str(path),
+                        "cost": self.cost.totals()})
         raise Preempted(reason, step=self.global_step, checkpoint=str(path))
 
     def _end_epoch(self, stage: str, epoch: int) -> None:
