@@ -14,8 +14,9 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
-from engine.preemption import EXIT_PREEMPTED, Preempted
+from engine.config import DEFAULT_MAX_IMAGE_PIXELS
+
+# Only what `--help` needs is imported here: torch, open_clip and deepspeed load when a command runs.
 
 COMMON_FLAGS = {
     # flag: config key it sets
@@ -186,6 +187,7 @@ def job_config_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from engine.preemption import EXIT_PREEMPTED, Preempted
     # Our loggers at INFO; third-party chatter (open_clip's root-logger INFO lines) at WARNING.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

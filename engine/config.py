@@ -17,13 +17,15 @@ from pathlib import Path
 import yaml
 
 from engine.backends import backend_names
-from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
-from models.pretrained import INTERPOLATIONS, RESIZE_MODES
+
+# Nothing here imports torch or open_clip: `run.py --help` reads the defaults.
 
 METHODS = ("tuneclip", "fastclip", "openclip", "siglip")
 SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl", "siglip")
 WANDB_MODES = ("offline", "online")
 PRECISIONS = ("fp32", "bf16")  # training precisions (weights fp32; bf16 compute)
+# Images with more pixels (width x height, read from the header) are skipped before decoding.
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 # The metrics each kind of eval task reports (engine/evaluate/tasks.py), checked before anything loads.
 EVAL_METRICS = {
     "zeroshot": ("acc1", "acc5", "mean_per_class_recall"),
@@ -76,6 +78,8 @@ class ModelConfig:
                 out.append(f"model.{key} must be 3 numbers (one per RGB channel), got {value!r}")
         if self.std is not None and len(self.std) == 3 and not all(v > 0 for v in self.std):
             out.append(f"model.std must be > 0, got {self.std!r}")
+        from models.pretrained import INTERPOLATIONS, RESIZE_MODES  # open_clip's, imported only to check
+
         if self.resize_mode not in (None, *RESIZE_MODES):
             out.append(f"model.resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.interpolation not in (None, *INTERPOLATIONS):
