@@ -147,6 +147,7 @@ class Trainer:
         self.stage_epoch: int | None = 0
         self.epoch_step: int | None = 0
         self.num_bad_steps = 0  # consecutive non-finite steps skipped
+        self._more_epochs = False  # resumed with a larger run.epochs: fine-tuning goes on past its old end
         self._num_skips_reported = 0  # loader skip records already written to the skip file
         self._skip_log: JsonlLogger | None = None
         self.best = (-math.inf, None)
@@ -449,12 +450,14 @@ class Trainer:
             self._enter("finetune")
             if self.cfg.run.save_every_steps or not finetune:
                 self.save_checkpoint()  # the recovered statistics, for stage II or reuse
+        if self.stage == "done" and self._more_epochs:
+            self.stage = "finetune"
         if self.stage == "finetune" and finetune:
             if self._base_pending and self.cfg.eval.at_start:
                 self.evaluate(stage="start")  # weights are still w0 (OSR moved none)
             self._base_pending = False
             self.finetune()
-            self._enter("done")
+            self.stage = "done"  # its position stays: a resume with more run.epochs continues from it
             self.export(self.out_dir / "final.safetensors")
             if self.cfg.run.save_every_steps:
                 self.save_checkpoint()
@@ -520,6 +523,9 @@ class Trainer:
         if changes:
             logger.warning("resuming with changed schedule settings: %s", "; ".join(changes))
             self.log.write({"event": "schedule_changed", "changes": changes})
+        old_epochs = saved[TRAIN_STATE]["config"]["run"]["epochs"]
+        if self.cfg.run.epochs > old_epochs:
+            self._extend_epochs(old_epochs)
         if saved[TRAIN_STATE]["world_size"] != self.ctx.world_size:
             # Weights, moments, step and estimates carry over exactly; the samples of the interrupted epoch no
             # old rank used are dealt to the new ranks, each once (the loader's continuation).
@@ -531,6 +537,30 @@ class Trainer:
                         "stage_step": self.stage_step})
         logger.info("resumed from %s: stage %s, step %d", saved["path"], self.stage, self.global_step)
         return saved
+
+    def _extend_epochs(self, old_epochs: int) -> None:
+        """A resume that raised run.epochs: fine-tuning continues (a finished run too, from its end), and the
+        cosine schedule is recomputed over the new total, so lr follows the longer curve from the resumed step."""
+        self._more_epochs = self.stage == "done" and self.stage_step > 0  # older "done" checkpoints kept no position
+        if self.stage == "done" and not self._more_epochs:
+            raise ValueError(f"run.epochs {old_epochs} -> {self.cfg.run.epochs}: {self.cfg.run.resume} is the end "
+                             "checkpoint of an older version, without the fine-tuning position; resume from a "
+                             "step_N checkpoint written during fine-tuning")
+        if self.stage not in ("finetune", "done"):
+            return  # OSR or the start: the new total applies from the start of fine-tuning
+        per_epoch, ocfg = self._steps_per_epoch(), self.cfg.optim
+        old_total, new_total = old_epochs * per_epoch, self.cfg.run.epochs * per_epoch
+
+        def lr(total: int) -> float:
+            return cosine_lr(self.stage_step, base_lr=ocfg.lr, total_steps=total, warmup_steps=ocfg.warmup_steps)
+
+        text = (f"run.epochs {old_epochs} -> {self.cfg.run.epochs}: fine-tuning continues from step {self.stage_step} "
+                f"to about {new_total}; the cosine schedule is recomputed over the new total (not restarted), so lr "
+                f"at step {self.stage_step} is {lr(new_total):.3g} instead of {lr(old_total):.3g}")
+        logger.warning("%s", text)
+        self.log.write({"event": "epochs_extended", "from": old_epochs, "to": self.cfg.run.epochs,
+                        "stage_step": self.stage_step, "lr_before": lr(old_total), "lr_after": lr(new_total),
+                        "rule": text})
 
     def load_osr(self, path: str | Path) -> None:
         """Start stage II from recovered statistics saved by an OSR run (e.g. for an lr sweep).

@@ -145,3 +145,26 @@ def test_overwrite_replaces_a_failed_runs_folder_and_nothing_else(shards, tmp_pa
         (f"error: --overwrite: {mine} is not a run folder of this engine (no log.jsonl beginning with a run's start "
         "record); nothing was removed: remove it yourself or pick another --out")]
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_resume_with_more_epochs_extends_a_finished_run_and_fewer_are_refused(finished_run, shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    final = load_file(run / "final.safetensors")
+    resume = ["tune", "--train", str(shards), "--out", str(run), *JOB, "--save-every", "2", "--resume", "latest",
+              "--overwrite", "--set", "run.log_every=1"]
+    assert main([*resume, "--epochs", "2"]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    [extended] = [r for r in log if r["event"] == "epochs_extended"]
+    assert (extended["from"], extended["to"], extended["stage_step"]) == (1, 2, 6)
+    lr = log[0]["config"]["optim"]["lr"]
+    assert extended["lr_before"] == 0.0 and extended["lr_after"] == pytest.approx(0.5 * lr)  # cosine over 12 steps
+    resumed = log[next(i for i, r in enumerate(log) if r["event"] == "epochs_extended"):]
+    assert [r["stage_step"] for r in resumed if r["event"] == "step"] == list(range(7, 13))
+    assert not all(torch.equal(a, b) for a, b in zip(final.values(), load_file(run / "final.safetensors").values()))
+
+    capsys.readouterr()
+    assert main([*resume, "--epochs", "1"]) == 2
+    [line] = [text for text in capsys.readouterr().err.splitlines() if "run.epochs" in text]
+    assert line == ("  - config run.epochs: checkpoint has 2, this job 1: a resumed run may add epochs, not remove "
+                    "them (to stop earlier, use a checkpoint's weights)")
