@@ -165,6 +165,16 @@ def train_state_problems(saved: dict, fields: dict[str, tuple[type, ...]]) -> li
     return problems
 
 
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete `step_*` folder of `root` (what `latest` means), skipping broken ones with a warning."""
+    for candidate in reversed(step_folders(root)):
+        problems = checkpoint_problems(candidate)
+        if not problems:
+            return candidate
+        logger.warning("skipping checkpoint %s: %s", candidate, "; ".join(problems[:3]))
+    return None
+
+
 class CheckpointWriteError(ValueError):
     """A checkpoint could not be written (disk full, permissions); nothing of it was kept."""
 
@@ -339,12 +349,10 @@ class CheckpointManager:
             path = Path(spec)
             read_state(path)
             return path
-        for candidate in reversed(step_folders(self.root)):
-            problems = checkpoint_problems(candidate)
-            if not problems:
-                return candidate
-            logger.warning("skipping checkpoint %s: %s", candidate, "; ".join(problems[:3]))
-        raise FileNotFoundError(f"no complete checkpoint under {self.root}; start without --resume")
+        found = latest_checkpoint(self.root)
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint under {self.root}; start without --resume")
+        return found
 
     def has_checkpoints(self) -> bool:
         return has_checkpoints(self.root)
@@ -411,7 +419,9 @@ OSR_DEFINING_KEYS = ("model.name", "model.weights", "model.preset", "model.pretr
                      "data.batch_size", "run.seed")
 
 # Schedule-only settings a resumed run may change (e.g. a lower lr after non-finite steps); logged.
-SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.grad_clip", "run.max_bad_steps")
+SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.grad_clip", "run.max_bad_steps", "run.epochs")
+# Schedule settings a resumed run may only raise (more fine-tuning epochs extend the run).
+GROW_ONLY_KEYS = ("run.epochs",)
 
 # Settings that may change between a run and its resumption (they do not change the method).
 RESUME_FREE_KEYS = ("run.progress", "run.log_every", "run.save_every_steps", "run.keep_last_n", "run.async_checkpoint",
@@ -451,6 +461,10 @@ def resume_conflicts(saved: dict, live: dict, *, can_reshard: bool) -> list[str]
                         "(universal checkpoint) or fsdp (resharding load)")
     old, new = flatten(saved["config"]), flatten(live["config"])
     for key in sorted(set(old) | set(new)):
+        if key in GROW_ONLY_KEYS and new.get(key, 0) < old.get(key, 0):
+            problems.append(f"config {key}: checkpoint has {old.get(key)!r}, this job {new.get(key)!r}: a resumed "
+                            "run may add epochs, not remove them (to stop earlier, use a checkpoint's weights)")
+            continue
         if key.startswith(RESUME_FREE_KEYS) or old.get(key) == new.get(key):
             continue
         problems.append(f"config {key}: checkpoint has {old.get(key)!r}, this job {new.get(key)!r}")

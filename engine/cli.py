@@ -14,8 +14,9 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
-from engine.preemption import EXIT_PREEMPTED, Preempted
+from engine.config import DEFAULT_MAX_IMAGE_PIXELS
+
+# Only what `--help` needs is imported here: torch, open_clip and deepspeed load when a command runs.
 
 COMMON_FLAGS = {
     # flag: config key it sets
@@ -71,6 +72,10 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, choices=choices.get(flag),
                             help=f"shortcut for --set {key}=..." + (f" (config default: {default})"
                                                                      if default not in (None, "") else ""))
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run of this engine in --out (a folder whose log.jsonl it wrote; "
+                             "every removed entry is named); with --resume: continue a finished run, rewriting its "
+                             "final weights, summary and later checkpoints")
     parser.add_argument("--no-seed-moments", action="store_true", help="ablation: do not seed AdamW from OSR")
     parser.add_argument("--no-seed-u", action="store_true", help="ablation: do not seed u from OSR")
 
@@ -99,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None,
                               help=f"shortcut for --set {key}=..." + (
                                   "; a weights file, a finished run's folder (its final.safetensors) or a "
-                                  "checkpoints/step_N folder of any backend" if flag == "weights" else ""))
+                                  "checkpoints/step_N folder of any backend (checkpoints/latest: the newest)" if flag == "weights"
+                                  else ""))
     evaluate.add_argument("--tasks", help="YAML file listing the tasks: {zeroshot: [...], retrieval: [...]} "
                                           "as in the eval section (see README)")
     evaluate.add_argument("--out", help="folder to write eval_results.json (clip_benchmark-style), "
@@ -111,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="open_clip architecture or shipped config name")
     export.add_argument("--weights", default=None,
                         help="local .safetensors / .bin / .pt (an OpenAI TorchScript .pt too), or a run's "
-                             "checkpoints/step_N folder (single, DeepSpeed or FSDP2, any number of ranks); "
+                             "checkpoints/step_N folder (single, DeepSpeed or FSDP2, any number of ranks; "
+                             "checkpoints/latest: the newest); "
                              "hf-hub:/local-dir: models default to their own file")
     export.add_argument("--out", required=True, help="output .safetensors path")
     export.add_argument("--pretrained-tag", dest="pretrained_tag", default=None,
@@ -181,6 +188,7 @@ def job_config_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from engine.preemption import EXIT_PREEMPTED, Preempted
     # Our loggers at INFO; third-party chatter (open_clip's root-logger INFO lines) at WARNING.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -256,7 +264,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     cfg = job_config_from_args(args)
     local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
-    trainer = Trainer(cfg, local_rank=local_rank)
+    trainer = Trainer(cfg, local_rank=local_rank, overwrite=args.overwrite)
     try:
         if args.command == "tune":
             trainer.tune()
@@ -356,8 +364,22 @@ def _is_checkpoint_folder(path: Path) -> bool:
     return path.is_dir() and ((path / STATE).exists() or (path / COMPLETE).exists())
 
 
+def _resolve_latest(weights: str | Path | None) -> str | Path | None:
+    """`weights`, or for a run's `checkpoints/latest` pointer the checkpoint folder it means (as --resume latest)."""
+    from engine.checkpoint import LATEST, latest_checkpoint
+
+    if weights is None or Path(weights).name != LATEST or not Path(weights).is_file():
+        return weights
+    found = latest_checkpoint(Path(weights).parent)
+    if found is None:
+        raise FileNotFoundError(f"--weights {weights}: no complete checkpoint in {Path(weights).parent}; pass a "
+                                "weights file or a finished run's folder")
+    return found
+
+
 def _weights_file(weights: str | None) -> Path | None:
     """`weights`, or the final weights of a run folder given instead, or a checkpoint folder (read only)."""
+    weights = _resolve_latest(weights)
     if not weights or not Path(weights).is_dir() or _is_checkpoint_folder(Path(weights)):
         return Path(weights) if weights else None
     final = Path(weights) / "final.safetensors"
@@ -374,6 +396,7 @@ def _build_model_from(name: str, kwargs: dict, weights: str | Path | None, *, se
     (FSDP2: DCP; DeepSpeed: zero_to_fp32 after vetting its pickles) and nothing is written there."""
     from models import build_model
 
+    weights = _resolve_latest(weights)
     if weights is None or not _is_checkpoint_folder(Path(weights)):
         return build_model(name, **{**kwargs, "weights": weights}, seed=seed)
     from engine.backends.base import checkpoint_weights

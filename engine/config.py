@@ -17,13 +17,20 @@ from pathlib import Path
 import yaml
 
 from engine.backends import backend_names
-from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
-from models.pretrained import INTERPOLATIONS, RESIZE_MODES
+
+# Nothing here imports torch or open_clip: `run.py --help` reads the defaults.
 
 METHODS = ("tuneclip", "fastclip", "openclip", "siglip")
 SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl", "siglip")
 WANDB_MODES = ("offline", "online")
 PRECISIONS = ("fp32", "bf16")  # training precisions (weights fp32; bf16 compute)
+# Images with more pixels (width x height, read from the header) are skipped before decoding.
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+# The metrics each kind of eval task reports (engine/evaluate/tasks.py), checked before anything loads.
+EVAL_METRICS = {
+    "zeroshot": ("acc1", "acc5", "mean_per_class_recall"),
+    "retrieval": (*(f"{way}_retrieval_recall@{k}" for k in (1, 5, 10) for way in ("image", "text")), "mean_recall@1"),
+}
 
 # Paper Table 9: what each method runs.
 # siglip: SigLIP's own sigmoid loss (open_clip's SigLipLoss), the baseline for SigLIP checkpoints.
@@ -71,6 +78,8 @@ class ModelConfig:
                 out.append(f"model.{key} must be 3 numbers (one per RGB channel), got {value!r}")
         if self.std is not None and len(self.std) == 3 and not all(v > 0 for v in self.std):
             out.append(f"model.std must be > 0, got {self.std!r}")
+        from models.pretrained import INTERPOLATIONS, RESIZE_MODES  # open_clip's, imported only to check
+
         if self.resize_mode not in (None, *RESIZE_MODES):
             out.append(f"model.resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.interpolation not in (None, *INTERPOLATIONS):
@@ -224,10 +233,30 @@ class EvalConfig:
                     out.append(f"eval.{section}[{i}] needs 'name'")
                 elif not any(key in task for key in ("csv", "wds", "clip_benchmark")):
                     out.append(f"eval.{section}[{i}] needs one of 'csv', 'wds', 'clip_benchmark'")
+        out.extend(self._metric_errors())
         if self.every_steps < 0:
             out.append(f"eval.every_steps must be >= 0, got {self.every_steps}")
         if self.num_workers < 0:
             out.append(f"eval.num_workers must be >= 0, got {self.num_workers}")
+        return out
+
+    def _metric_errors(self) -> list[str]:
+        """Metric names (each task's main_metric, best_metric) that no configured task reports."""
+        out, metrics = [], {}
+        for section in ("zeroshot", "retrieval"):
+            for i, task in enumerate(getattr(self, section)):
+                if not isinstance(task, dict) or "name" not in task:
+                    continue
+                metrics[str(task["name"])] = EVAL_METRICS[section]
+                main = task.get("main_metric")
+                if main is not None and main not in EVAL_METRICS[section]:
+                    out.append(f"eval.{section}[{i}].main_metric {main!r} is not a {section} metric; use one of "
+                               f"{', '.join(EVAL_METRICS[section])}")
+        task_name, _, metric = self.best_metric.rpartition("/")
+        if self.best_metric and metrics and metric not in metrics.get(task_name, ()):
+            known = [f"{name}/{m}" for name, names in metrics.items() for m in names]
+            out.append(f"eval.best_metric {self.best_metric!r} is not a metric of the eval tasks; use "
+                       f"'<task>/<metric>', one of: {', '.join(known)}")
         return out
 
 

@@ -137,7 +137,12 @@ def _margin(config: dict, log: list[dict]) -> dict | None:
 
 
 def _cost(log: list[dict]) -> dict:
-    """Wall-clock seconds and device-hours (ranks x hours) of OSR and fine-tuning, over every launch."""
+    """Steps, samples, wall-clock seconds and device-hours (ranks x hours) of OSR and fine-tuning, with each
+    launch's part: the cost the latest record carries (checkpoints carry it across launches, see
+    `engine.cost`); logs from before it was recorded: the sum of their stage ends."""
+    carried = [r["cost"] for r in log if isinstance(r.get("cost"), dict)]
+    if carried:
+        return carried[-1]
     cost = {}
     for stage in ("osr", "finetune"):
         ends = [r for r in log if r.get("event") == "stage_end" and r.get("stage") == stage]
@@ -185,8 +190,11 @@ def format_summary(summary: dict) -> str:
     for stage, name in (("osr", "OSR"), ("finetune", "fine-tuning")):
         cost = summary["cost"].get(stage)
         if cost:
+            launches = cost.get("launches", [])
+            ranks = (f"{len(launches)} launches on {' + '.join(str(e['world_size']) for e in launches)} rank(s)"
+                     if len(launches) > 1 else f"{cost['world_size']} rank(s)")
             lines.append(f"{name}: {cost['steps']} steps, {cost['seconds']:.1f} s wall-clock, "
-                         f"{cost['device_hours']:.4g} device-hours ({cost['world_size']} rank(s))")
+                         f"{cost['device_hours']:.4g} device-hours ({ranks})")
     if summary.get("num_skipped"):
         lines.append(f"samples skipped: {summary['num_skipped']} (see skipped/rank_*.jsonl)")
     if key:

@@ -26,8 +26,16 @@ from engine.backends import backend_class, backend_names, select_backend
 from engine.backends.base import build_bundle
 from engine.checkpoint import TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
 from engine.config import METHOD_RUNS_OSR, JobConfig
+from engine.cost import RunCost
 from engine.data import Batch, LoaderPlan, Manifest, ShardLoader
-from engine.distributed import all_reduce_sum, barrier, context_from_env, default_device, gather_no_grad
+from engine.distributed import (
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    context_from_env,
+    default_device,
+    gather_no_grad,
+)
 from engine.evaluate import Evaluator, build_tasks, headline_metric, write_results
 from engine.heartbeat import Heartbeat
 from engine.livelog import build_live_sinks
@@ -35,6 +43,7 @@ from engine.margin import QUANTILES, DistanceHistogram, auto_margin, margin_diag
 from engine.objectives import Objective, build_objective, total_loss, trained_scalars
 from engine.objectives.normaliser import build_normaliser
 from engine.preemption import Preempted, StopRequests
+from engine.run_folder import FINISHED_OUTPUTS, clear_run_folder
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
@@ -55,8 +64,11 @@ class Trainer:
     of every global batch, the objective sees the global batch, rank 0 writes logs and exports.
     """
 
-    def __init__(self, cfg: JobConfig, *, local_rank: int | None = None):
+    def __init__(self, cfg: JobConfig, *, local_rank: int | None = None, overwrite: bool = False):
+        """`overwrite`: a fresh job may replace an earlier run of this engine in run.out_dir (removed under the
+        run lock, each entry named); a resumed one may continue a finished run, rewriting its results."""
         self.cfg = cfg.validate()
+        self.overwrite = overwrite
         self.ctx = context_from_env(local_rank)
         backend_cls = select_backend(cfg.run.backend, world_size=self.ctx.world_size)
         if cfg.run.async_checkpoint and not hasattr(backend_cls, "save_async"):
@@ -83,6 +95,10 @@ class Trainer:
         """Every part of the job, then the state to continue from (a checkpoint or OSR statistics)."""
         cfg = self.cfg
         fresh = not (cfg.run.resume or cfg.osr.load_from)
+        if self.overwrite and fresh:
+            self._clear_earlier_run()
+        if cfg.run.resume:
+            self._check_resume_keeps_results()
         if fresh and has_checkpoints(self.out_dir / "checkpoints"):
             raise ValueError(
                 f"run.out_dir {self.out_dir} holds checkpoints of an earlier run: continue it with "
@@ -135,6 +151,7 @@ class Trainer:
         self.stage_epoch: int | None = 0
         self.epoch_step: int | None = 0
         self.num_bad_steps = 0  # consecutive non-finite steps skipped
+        self._more_epochs = False  # resumed with a larger run.epochs: fine-tuning goes on past its old end
         self._num_skips_reported = 0  # loader skip records already written to the skip file
         self._skip_log: JsonlLogger | None = None
         self.best = (-math.inf, None)
@@ -148,11 +165,12 @@ class Trainer:
         self.normaliser = build_normaliser(cfg.loss, out_dir=self.out_dir, num_rows=self.manifest.num_samples,
                                            dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh,
                                            node_local_dir=cfg.run.node_local_dir)
+        self.cost = RunCost(world_size=self.ctx.world_size)  # every launch's share, carried by checkpoints
         self.checkpoints = CheckpointManager(
             self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n,
             async_save=cfg.run.async_checkpoint,
             parts={TRAIN_STATE: self, "backend": self.backend, "normaliser": self.normaliser,
-                   "data_plan": LoaderPlan(self.loader)},
+                   "data_plan": LoaderPlan(self.loader), "cost": self.cost},
             rank_parts={"loader": self.loader},
         )
         self.log = JsonlLogger(self.out_dir / "log.jsonl", enabled=self.ctx.is_main,
@@ -169,6 +187,36 @@ class Trainer:
             self.resume(cfg.run.resume)
         elif cfg.osr.load_from:
             self.load_osr(cfg.osr.load_from)
+
+    def _clear_earlier_run(self) -> None:
+        """--overwrite on a fresh job: empty run.out_dir of an earlier run of this engine (rank 0, holding the run
+        lock) and say what was removed; a folder that is not such a run folder is refused, nothing removed."""
+        outcome = None
+        if self.ctx.is_main:
+            try:
+                outcome = ("ok", clear_run_folder(self.out_dir))
+            except ValueError as exc:
+                outcome = ("refused", str(exc))
+        status, value = broadcast_object(outcome)
+        if status != "ok":
+            raise ValueError(value)
+        if value:
+            logger.warning("--overwrite: removed the earlier run in %s: %s", self.out_dir, ", ".join(value))
+
+    def _check_resume_keeps_results(self) -> None:
+        """A resume into the folder of a finished run would rewrite its results: refused unless `overwrite`."""
+        finished = [name for name in FINISHED_OUTPUTS if (self.out_dir / name).exists()]
+        if not finished:
+            return
+        if not self.overwrite:
+            raise ValueError(
+                f"run.out_dir {self.out_dir} holds a finished run ({', '.join(finished)}): --resume "
+                f"{self.cfg.run.resume} would rewrite them; add --overwrite to continue it and replace them, or "
+                f"evaluate or export its checkpoints instead (--weights {self.out_dir}/checkpoints/step_<N>); "
+                "nothing was changed"
+            )
+        logger.warning("--overwrite: resuming the finished run in %s from %s; its %s and later checkpoints "
+                       "will be replaced", self.out_dir, self.cfg.run.resume, ", ".join(finished))
 
     def objective_for(self, kind: str) -> Objective:
         """The objective registered as `kind` (mbcl, gcl, hgcl) for this rank, over this job's normaliser."""
@@ -273,6 +321,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.stage_step, desc=stage, unit="step", dynamic_ncols=True,
                    disable=not (rcfg.progress and self.ctx.is_main))
         stage_started = time.perf_counter()
+        self.cost.start(stage)
         while self.stage_epoch < epochs and not self.stopped_early:
             epoch, epoch_steps = self.stage_epoch, self._steps_per_epoch(self.data_epoch)
             if self.epoch_step >= epoch_steps:  # a continued epoch whose rest was empty
@@ -291,6 +340,7 @@ class Trainer:
                 self.stage_step += 1
                 self.epoch_step += 1
                 num_samples += len(batch.keys) * self.ctx.world_size
+                self.cost.step(stage, num_samples=len(batch.keys) * self.ctx.world_size)
                 rate = num_samples / max(1e-9, time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=format_rate(rate))
@@ -313,8 +363,10 @@ class Trainer:
                     self.checkpoints.poll()  # a background write that has finished now counts
                 self._stop_if_requested()
         bar.close()
+        self.cost.stop()
         self.log.write({"event": "stage_end", "stage": stage, "step": self.global_step, "stage_step": self.stage_step,
-                        "seconds": round(time.perf_counter() - stage_started, 3), "world_size": self.ctx.world_size})
+                        "seconds": round(time.perf_counter() - stage_started, 3), "world_size": self.ctx.world_size,
+                        "cost": self.cost.totals()})
 
     def _stop_if_requested(self) -> None:
         """Checkpoint and raise `Preempted` if any rank was asked to stop (collective, every step)."""
@@ -323,7 +375,9 @@ class Trainer:
             return
         path = self.save_checkpoint()
         self.checkpoints.wait()  # the job ends with its checkpoint complete
-        self.log.write({"event": "preempted", "reason": reason, "step": self.global_step, "checkpoint": str(path)})
+        self.cost.stop()
+        self.log.write({"event": "preempted", "reason": reason, "step": self.global_step, "checkpoint": str(path),
+                        "cost": self.cost.totals()})
         raise Preempted(reason, step=self.global_step, checkpoint=str(path))
 
     def _end_epoch(self, stage: str, epoch: int) -> None:
@@ -400,12 +454,14 @@ class Trainer:
             self._enter("finetune")
             if self.cfg.run.save_every_steps or not finetune:
                 self.save_checkpoint()  # the recovered statistics, for stage II or reuse
+        if self.stage == "done" and self._more_epochs:
+            self.stage = "finetune"
         if self.stage == "finetune" and finetune:
             if self._base_pending and self.cfg.eval.at_start:
                 self.evaluate(stage="start")  # weights are still w0 (OSR moved none)
             self._base_pending = False
             self.finetune()
-            self._enter("done")
+            self.stage = "done"  # its position stays: a resume with more run.epochs continues from it
             self.export(self.out_dir / "final.safetensors")
             if self.cfg.run.save_every_steps:
                 self.save_checkpoint()
@@ -471,6 +527,9 @@ class Trainer:
         if changes:
             logger.warning("resuming with changed schedule settings: %s", "; ".join(changes))
             self.log.write({"event": "schedule_changed", "changes": changes})
+        old_epochs = saved[TRAIN_STATE]["config"]["run"]["epochs"]
+        if self.cfg.run.epochs > old_epochs:
+            self._extend_epochs(old_epochs)
         if saved[TRAIN_STATE]["world_size"] != self.ctx.world_size:
             # Weights, moments, step and estimates carry over exactly; the samples of the interrupted epoch no
             # old rank used are dealt to the new ranks, each once (the loader's continuation).
@@ -482,6 +541,30 @@ class Trainer:
                         "stage_step": self.stage_step})
         logger.info("resumed from %s: stage %s, step %d", saved["path"], self.stage, self.global_step)
         return saved
+
+    def _extend_epochs(self, old_epochs: int) -> None:
+        """A resume that raised run.epochs: fine-tuning continues (a finished run too, from its end), and the
+        cosine schedule is recomputed over the new total, so lr follows the longer curve from the resumed step."""
+        self._more_epochs = self.stage == "done" and self.stage_step > 0  # older "done" checkpoints kept no position
+        if self.stage == "done" and not self._more_epochs:
+            raise ValueError(f"run.epochs {old_epochs} -> {self.cfg.run.epochs}: {self.cfg.run.resume} is the end "
+                             "checkpoint of an older version, without the fine-tuning position; resume from a "
+                             "step_N checkpoint written during fine-tuning")
+        if self.stage not in ("finetune", "done"):
+            return  # OSR or the start: the new total applies from the start of fine-tuning
+        per_epoch, ocfg = self._steps_per_epoch(), self.cfg.optim
+        old_total, new_total = old_epochs * per_epoch, self.cfg.run.epochs * per_epoch
+
+        def lr(total: int) -> float:
+            return cosine_lr(self.stage_step, base_lr=ocfg.lr, total_steps=total, warmup_steps=ocfg.warmup_steps)
+
+        text = (f"run.epochs {old_epochs} -> {self.cfg.run.epochs}: fine-tuning continues from step {self.stage_step} "
+                f"to about {new_total}; the cosine schedule is recomputed over the new total (not restarted), so lr "
+                f"at step {self.stage_step} is {lr(new_total):.3g} instead of {lr(old_total):.3g}")
+        logger.warning("%s", text)
+        self.log.write({"event": "epochs_extended", "from": old_epochs, "to": self.cfg.run.epochs,
+                        "stage_step": self.stage_step, "lr_before": lr(old_total), "lr_after": lr(new_total),
+                        "rule": text})
 
     def load_osr(self, path: str | Path) -> None:
         """Start stage II from recovered statistics saved by an OSR run (e.g. for an lr sweep).

@@ -90,6 +90,11 @@ def test_help_shows_defaults_and_choices_and_report_writes_the_page(tmp_path):
 
     text = run_cli("tune", "--help").stdout
     assert "{tuneclip,fastclip,openclip,siglip}" in text and "(config default: tuneclip)" in " ".join(text.split())
+    for command in (["--help"], ["tune", "--help"], ["eval", "--help"], ["shards", "build", "--help"]):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "run.py", *command], cwd=ROOT, capture_output=True,
+                              text=True, check=True)
+        imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
+        assert not imported & {"torch", "deepspeed", "open_clip"}, command  # --help answers at once
     runs = [fake_run(tmp_path / "runs" / name, method=name, scores=[0.4, 0.5]) for name in ("openclip", "fastclip")]
     out = run_cli("report", *runs)
     assert str(tmp_path / "runs" / "report" / "report.html") in out.stdout

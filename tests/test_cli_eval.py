@@ -145,6 +145,10 @@ def test_eval_a_checkpoint_folder_reads_its_weights_and_writes_nothing(task_spec
     assert main(["eval", "--model", "tiny-vit", "--weights", str(step), "--tasks", str(tasks)]) == 0
     expected = direct_results(task_specs, seed=7)
     assert printed_rows(capsys.readouterr().out)[("shapes", "acc1")] == f"{expected['shapes']['acc1']:.4f}"
+    # The `latest` pointer means the newest complete checkpoint, as for --resume latest.
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    assert main(["eval", "--model", "tiny-vit", "--weights", str(latest), "--tasks", str(tasks)]) == 0
+    assert printed_rows(capsys.readouterr().out)[("shapes", "acc1")] == f"{expected['shapes']['acc1']:.4f}"
     assert tree(tmp_path / "run") == before
     assert direct_results(task_specs, seed=0)["shapes"] != expected["shapes"]  # other weights, other numbers
 

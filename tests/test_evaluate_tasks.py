@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.config import EvalConfig
+from engine.config import EVAL_METRICS, EvalConfig
 from engine.evaluate import EvalTask, RetrievalTask, ZeroShotTask, build_tasks
 from engine.evaluate.tasks import DEFAULT_TEMPLATES, retrieval_metrics, zero_shot_metrics
 from engine.synthetic import render_retrieval_task, render_zeroshot_task
@@ -36,6 +36,7 @@ def test_zero_shot_metrics_match_naive_on_random_imbalanced_logits():
     labels = list(rng.choice(7, size=60, p=[0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05]))
     got = zero_shot_metrics(torch.tensor(logits), torch.tensor(labels))
     assert got == pytest.approx(naive_zero_shot(logits, labels))
+    assert tuple(got) == EVAL_METRICS["zeroshot"]  # the names the config checks metric names against
 
 
 def test_zero_shot_metrics_cap_top5_at_number_of_classes():
@@ -51,6 +52,7 @@ def test_retrieval_metrics_match_naive_with_multiple_captions_per_image():
     similarity = rng.normal(size=(len(caption_to_image), num_images))
     got = retrieval_metrics(torch.tensor(similarity), torch.tensor(caption_to_image))
     assert got == pytest.approx(naive_retrieval(similarity, caption_to_image))
+    assert tuple(got) == EVAL_METRICS["retrieval"]
 
 
 # ---------------------------------------------------------------------------- scoring fixed features

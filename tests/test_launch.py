@@ -73,20 +73,27 @@ def check_run(out: Path, *, world_size: int, osr_steps: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_deepspeed_launcher_two_ranks(shards, tmp_path, zero):
+def test_deepspeed_bf16_final_and_best_are_the_fp32_masters(shards, tmp_path, zero):
+    """A bf16 run on 2 ranks: final.safetensors and best.safetensors hold the fp32 masters, bit for bit what the
+    last checkpoint (saved after the export) gives read in one process by zero_to_fp32, not their bf16 rounding."""
     port = free_port()
-    saves = ["--save-every", "6"] if zero == "zero3" else []  # ZeRO-3's checkpoint is exported below
+    csv = next((shards.parent / "raw").rglob("*.csv"))  # the training pairs, as a retrieval task
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "run.py", "tune", "--train", str(shards),
-           "--out", str(tmp_path), *JOB, "--set", f"run.zero_config=zero_configs/{zero}.json", *saves]
+           "--out", str(tmp_path), *JOB, "--set", f"run.zero_config=zero_configs/{zero}_bf16.json",
+           "--set", "model.precision=bf16", "--save-every", "6",
+           "--set", f"eval.retrieval=[{{name: pairs, csv: {csv}}}]", "--set", "eval.batch_size=16"]
     launch([cmd], port)
     check_run(tmp_path, world_size=2, osr_steps=6)
-    if saves:  # the last checkpoint (saved after the export), read in one process by zero_to_fp32: same weights
-        from engine.cli import main
+    from engine.cli import main
 
-        last = max((tmp_path / "checkpoints").glob("step_*"))
-        assert main(["export", "--model", "tiny-vit", "--weights", str(last), "--out", str(tmp_path / "ck.safetensors")]) == 0
-        a, c = load_file(tmp_path / "final.safetensors"), load_file(tmp_path / "ck.safetensors")
-        assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    last = max((tmp_path / "checkpoints").glob("step_*"))
+    assert main(["export", "--model", "tiny-vit", "--weights", str(last), "--out", str(tmp_path / "ck.safetensors")]) == 0
+    masters = load_file(tmp_path / "ck.safetensors")
+    for name in ("final", "best"):  # one evaluation, at the end: the best is the final model
+        weights = load_file(tmp_path / f"{name}.safetensors")
+        assert weights.keys() == masters.keys() and all(torch.equal(weights[k], masters[k]) for k in weights), name
+        trained = [k for k in weights if k != "logit_scale"]  # the temperature is frozen (kept in bf16)
+        assert not all(torch.equal(weights[k], weights[k].bfloat16().float()) for k in trained), name
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """A DeepSpeed (or FSDP2) job stopped mid-epoch on 2 ranks, resumed on 1, stopped mid-epoch again, resumed on 2: every
-sample is used exactly once per epoch (OSR and fine-tuning), as in a run that never changed size."""
+sample is used exactly once per epoch (OSR and fine-tuning), as in a run that never changed size, and the summary's
+cost is the sum of the three launches."""
 
 import json
 
@@ -29,3 +30,15 @@ def test_two_to_one_to_two_ranks_uses_each_sample_once_per_epoch(shards, tmp_pat
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["adam_step"] for r in log if r["event"] == "osr_done"] == [6]
     assert [(r["stage"], r["stage_step"]) for r in log if r["event"] == "resume"] == [("osr", 1), ("finetune", 2)]
+    # The cost adds up every launch, the stopped ones included: (ranks, steps, samples) of each.
+    cost = json.loads((tmp_path / "run" / "summary.json").read_text())["cost"]
+    parts = {stage: [(e["world_size"], e["steps"], e["num_samples"]) for e in cost[stage]["launches"]]
+             for stage in ("osr", "finetune")}
+    assert parts == {"osr": [(2, 1, 8), (1, 5, 40)], "finetune": [(1, 2, 16), (2, 4, 32)]}
+    for stage in ("osr", "finetune"):
+        launches = cost[stage]["launches"]
+        assert (cost[stage]["steps"], cost[stage]["num_samples"]) == (6, 48)
+        assert all(e["seconds"] > 0 for e in launches)
+        assert cost[stage]["seconds"] == pytest.approx(sum(e["seconds"] for e in launches), abs=2e-3)
+        assert cost[stage]["device_hours"] == pytest.approx(
+            sum(e["seconds"] * e["world_size"] for e in launches) / 3600, abs=1e-6)

@@ -262,9 +262,27 @@ class DeepSpeedBackend:
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
     def full_state_dict(self) -> dict:
-        """The complete module state dict (float32 copies), gathered on every rank."""
+        """The complete module state dict on every rank, as float32: trained parameters are their fp32 masters
+        (what a checkpoint holds; a bf16 run's module copies are rounded), the rest the module's tensors."""
         with self.full_weights():
-            return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+            state = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+        for name, master in self._fp32_masters().items():
+            state[name] = master.reshape(state[name].shape)
+        return state
+
+    def _fp32_masters(self) -> dict[str, Tensor]:
+        """Name -> complete fp32 master of every trained parameter held in lower precision (collective:
+        ZeRO-1/2 all-reduce each parameter's fragments, ZeRO-3 all-gathers its partitions)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters = {}
+        for name, param in self._trainable:
+            if param.dtype == torch.float32:  # fp32 runs: the module holds the masters' values
+                continue
+            master = safe_get_full_fp32_param(param)
+            assert master is not None, f"DeepSpeed keeps no fp32 master of {name}"
+            masters[name] = master.detach().float().cpu().clone()
+        return masters
 
     @property
     def _adam(self) -> torch.optim.Optimizer:

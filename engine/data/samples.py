@@ -25,13 +25,13 @@ import numpy as np
 from PIL import Image
 from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
+from engine.config import DEFAULT_MAX_IMAGE_PIXELS
+
 # Member extensions a sample's image may have, in order of preference.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSION = "txt"
 # Decoding errors PIL raises for broken image bytes (UnidentifiedImageError is an OSError).
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-# Images with more pixels (width x height, read from the header) are skipped before decoding.
-DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
 # Why a sample is skipped: one text per reason, wherever it is found.
 SKIP_DUPLICATE_MEMBER = "duplicate member"

@@ -1,0 +1,44 @@
+"""What makes a folder a run folder of this engine, and `--overwrite`'s removal of one (never of anything else)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from engine.runlock import LOCK_FILE, OWNER_FILE
+
+LOG_FILE = "log.jsonl"
+# Written only when fine-tuning has finished: a resume into such a folder would rewrite them.
+FINISHED_OUTPUTS = ("final.safetensors",)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` holds a run of this engine: its log.jsonl begins with the run's start record."""
+    try:
+        with open(Path(folder) / LOG_FILE, encoding="utf-8") as fh:
+            first = json.loads(fh.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and first.get("event") == "start" and "config" in first
+
+
+def clear_run_folder(folder: Path) -> list[str]:
+    """Remove everything in run folder `folder` but its run lock (held by the caller); returns the names
+    removed (folders with a trailing '/'). Raises ValueError, removing nothing, for any other folder."""
+    folder = Path(folder)
+    entries = sorted(p for p in folder.iterdir() if p.name not in (LOCK_FILE, OWNER_FILE)) if folder.is_dir() else []
+    if not entries:
+        return []
+    if not is_run_folder(folder):
+        raise ValueError(f"--overwrite: {folder} is not a run folder of this engine (no {LOG_FILE} beginning with "
+                         "a run's start record); nothing was removed: remove it yourself or pick another --out")
+    removed = []
+    for path in entries:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            removed.append(path.name + "/")
+        else:
+            path.unlink()
+            removed.append(path.name)
+    return removed
