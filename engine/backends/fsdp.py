@@ -378,7 +378,7 @@ def _first_failure(exc: CheckpointException) -> BaseException:
 
 class TensorOnlyReader(FileSystemReader):
     """DCP's file reader whose metadata is read by `engine.safe_load.read_dcp_metadata` (DCP's own classes by
-    exact name, data files inside the folder, tensor entries only: DCP reads others with weights_only=False)."""
+    exact name, data files inside the folder, tensor entries only, since DCP unpickles any other entry)."""
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = Path(self.path) / ".metadata"
