@@ -207,3 +207,18 @@ def test_model_folder_tokenizer_code_never_runs(data, tmp_path, capsys, monkeypa
             one_error_line(capsys.readouterr().err, match=reason)
             assert not marker.exists(), args
     assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("content", ["empty", "int-keys", "truncated"])
+def test_damaged_weights_file_is_one_error_line(tmp_path, capsys, content):
+    path = tmp_path / "w.pt"
+    if content == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({0: torch.ones(2)}, path)
+        if content == "truncated":
+            path.write_bytes(path.read_bytes()[:100])
+    out = tmp_path / "x.safetensors"
+    assert main(["export", "--model", "tiny-vit", "--weights", str(path), "--out", str(out)]) == 2
+    one_error_line(capsys.readouterr().err, match=str(path))
+    assert not out.exists()
