@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from engine.backends import backend_names
-from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS
+from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_MEMBER_BYTES, ReadLimits
 from models.pretrained import INTERPOLATIONS, RESIZE_MODES
 
 METHODS = ("tuneclip", "fastclip", "openclip", "siglip")
@@ -96,7 +96,14 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement (very large data); epoch = samples_per_epoch
     samples_per_epoch: int | None = None  # all ranks together; required with resampled
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images (width x height) are skipped before decoding
+    # tar members larger than this (bytes, from the tar header) or sparse are skipped unread; 64 MiB
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     train_transform: str = "augment"  # augment: the model's random-resized-crop train transform; eval: none
+
+    @property
+    def limits(self) -> ReadLimits:
+        """The caps on one sample (pixels, tar member bytes), which evaluation applies too."""
+        return ReadLimits(self.max_image_pixels, self.max_member_bytes)
 
     def errors(self, *, training: bool = True) -> list[str]:
         out = []
@@ -112,6 +119,8 @@ class DataConfig:
             out.append("data.samples_per_epoch applies to data.resampled=true only; drop it or set resampled")
         if self.max_image_pixels < 1:
             out.append(f"data.max_image_pixels must be >= 1 (width x height), got {self.max_image_pixels}")
+        if self.max_member_bytes < 1:
+            out.append(f"data.max_member_bytes must be >= 1 (bytes of one tar member), got {self.max_member_bytes}")
         if self.train_transform not in ("augment", "eval"):
             out.append(
                 f"data.train_transform must be 'augment' (random crops) or 'eval' (no augmentation), "
