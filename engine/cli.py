@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--samples-per-shard", type=int, default=1000)
     build.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                        help="skip larger images (width x height), as training does (data.max_image_pixels)")
+    build.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                       help="skip larger image or caption files, as training skips such members "
+                            "(data.max_member_bytes)")
     index = shards_sub.add_parser("index", help="write manifest.json for existing .tar shards")
     index.add_argument("shards", help="directory of .tar files, brace/glob pattern, wids shardindex.json; "
                                       "join several with '::'")
@@ -395,7 +398,8 @@ def _shards(args: argparse.Namespace) -> int:
         from engine.data.build import build_shards
 
         manifest, report = build_shards(args.source, args.out_dir, samples_per_shard=args.samples_per_shard,
-                                        max_image_pixels=args.max_image_pixels, max_member_bytes=args.max_member_bytes)
+                                        max_image_pixels=args.max_image_pixels,
+                                        max_member_bytes=args.max_member_bytes)
         print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {args.out_dir}")
         if report["num_skipped"]:
             print(f"skipped {report['num_skipped']}: {json.dumps(report['skipped_by_reason'])}")
@@ -404,7 +408,7 @@ def _shards(args: argparse.Namespace) -> int:
         from engine.data.check import check_shards
 
         report = check_shards(args.shards, min_size=args.min_size, num_workers=args.workers, progress=True,
-                              max_image_pixels=args.max_image_pixels)
+                              max_image_pixels=args.max_image_pixels, max_member_bytes=args.max_member_bytes)
         print(report.table())
         broken = report.broken
         if broken:
