@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
+from engine.data.manifest import REINDEX_HINT, Manifest, ShardEntry
+from tests.conftest import write_tar
 from tests.helpers.images import png_bytes
 
 SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- secret-7d41c9"
@@ -92,3 +94,50 @@ def test_build_skips_files_over_max_member_bytes_unread(tmp_path, capsys):
     assert 'skipped 1: {"member too large": 1}' in capsys.readouterr().out
     assert b"an oversized picture" not in all_bytes(tmp_path / "shards")
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["num_samples"] == 1
+
+
+def tar_with_one_pair(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_tar(path, [("000.png", png_bytes((5, 5, 5))), ("000.txt", b"a grey square")])
+
+
+def files_named(root: Path, name: str) -> list[Path]:
+    return sorted(root.rglob(name))
+
+
+@pytest.mark.parametrize("command", ["index", "check"])
+@pytest.mark.parametrize("escape", ["dotdot", "absolute", "base_path"])
+def test_wids_index_pointing_outside_its_folder_is_one_error_line(tmp_path, capsys, command, escape):
+    outside = tar_with_one_pair(tmp_path / "x.tar")
+    data = tmp_path / "a" / "b" / "data"
+    tar_with_one_pair(data / "0.tar")
+    url = {"dotdot": "../../../x.tar", "absolute": str(outside), "base_path": "x.tar"}[escape]
+    index = {"wids_version": 1, "shardlist": [{"url": "0.tar", "nsamples": 1}, {"url": url, "nsamples": 1}]}
+    if escape == "base_path":
+        index = {**index, "base_path": "../../..", "shardlist": [{"url": "x.tar", "nsamples": 1}]}
+    (data / "shardindex.json").write_text(json.dumps(index))
+
+    assert main(["shards", command, str(data / "shardindex.json")]) == 2
+    [line] = error_lines(capsys)
+    field = "base_path '../../..'" if escape == "base_path" else f"shardlist[1].url {url!r}"
+    assert line.startswith(f"error: wids index {data / 'shardindex.json'}: {field} resolves to ")
+    assert line.endswith("move shardindex.json into the folder above its shards")
+    assert files_named(tmp_path, "manifest.json") == []  # nothing written, above the data folder or anywhere
+
+
+def test_manifest_naming_a_shard_outside_its_folder_is_one_error_line(tmp_path, capsys):
+    tar_with_one_pair(tmp_path / "x.tar")
+    data = tmp_path / "data"
+    tar_with_one_pair(data / "0.tar")
+    entries = [ShardEntry("0.tar", 1, 1, ""), ShardEntry("../x.tar", 1, 1, "")]
+    record = Manifest(root=data, shards=entries).to_json()  # fingerprint and all: only the path is wrong
+    (data / "manifest.json").write_text(json.dumps(record))
+    expected = (f"error: manifest {data / 'manifest.json'}: shards[1].path '../x.tar' escapes the manifest's "
+                f"folder {data}; shard paths must be relative paths inside it: {REINDEX_HINT}")
+
+    assert main(["shards", "check", str(data)]) == 2
+    assert error_lines(capsys) == [expected]
+    assert main(["tune", "--train", str(data), "--out", str(tmp_path / "run"), "--model", "tiny-vit",
+                 "--set", "run.progress=false"]) == 2
+    assert error_lines(capsys) == [expected]
+    assert not (tmp_path / "run" / "u_table").exists() and not (tmp_path / "run" / "checkpoints").exists()
