@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 BLOCK = 512
@@ -52,6 +54,15 @@ def write_raw_tar(path: Path, members: list[bytes]) -> Path:
     """A tar of already-encoded members, closed by its two zero blocks."""
     path.write_bytes(b"".join(members) + b"\0" * (2 * BLOCK))
     return path
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A ~60-byte PNG whose header says `width` x `height` RGB pixels (decoding it would need all of them)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 # Runs argv[1:] as a child and prints its peak RSS (KiB), its exit status and its stderr as one JSON line.
