@@ -126,3 +126,16 @@ def test_bomb_costs_no_more_memory_than_a_normal_shard(tmp_path):
     assert measured["eval bomb"]["rc"] == 2 and "Traceback" not in eval_err
     [line] = [line for line in eval_err.splitlines() if line.startswith("error: ")]
     assert re.search(r"sample '001': sparse member \(member '001.png' is sparse, claiming 2147483648 bytes", line)
+
+
+def test_header_blocks_tarfile_would_buffer_are_bounded(tmp_path, capsys):
+    """A 2 MiB GNU long name (gzip makes such a block from a few KB) ends the tar as unreadable, unbuffered."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_raw_tar(folder / "longname.tar", [*pair("000", png_bytes((1, 2, 3))),
+                                            regular_member("0" * (2 * 1024 * 1024) + ".txt", b"x")])
+    assert main(["shards", "check", str(folder), "--workers", "1"]) == 1
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("longname.tar"))
+    assert line.split()[1] == "1"  # the sample before it
+    assert line.endswith("BROKEN: truncated after 1 sample(s) (header block of 2097157 bytes (type b'L') > 1048576: "
+                         "not a shard's tar)")
