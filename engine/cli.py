@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from engine.config import DEFAULT_MAX_IMAGE_PIXELS
+from engine.config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_MEMBER_BYTES
 
 # Only what `--help` needs is imported here: torch, open_clip and deepspeed load when a command runs.
 
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--samples-per-shard", type=int, default=1000)
     build.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                        help="skip larger images (width x height), as training does (data.max_image_pixels)")
+    build.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                       help="skip larger image or caption files, as training skips such members "
+                            "(data.max_member_bytes)")
     index = shards_sub.add_parser("index", help="write manifest.json for existing .tar shards")
     index.add_argument("shards", help="directory of .tar files, brace/glob pattern, wids shardindex.json; "
                                       "join several with '::'")
@@ -144,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--workers", type=int, default=None, help="processes checking shards (default: one per core)")
     check.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                        help="report larger images (width x height) as too big, as training skips them")
+    check.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                       help="report larger tar members (and sparse ones) as skipped unread, as training skips "
+                            "them (data.max_member_bytes)")
 
     text = ("a grid of fine-tuning runs (--set key=v1,v2,...) from shared recovered OSR statistics, and one report "
             "comparing them")
@@ -317,7 +323,7 @@ def _eval(args: argparse.Namespace) -> int:
     overrides += [f"{key}={getattr(args, flag)}" for flag, key in EVAL_FLAGS.items() if getattr(args, flag)]
     cfg = load_config(args.config, overrides, base={"eval": _read_task_file(args.tasks)} if args.tasks else None,
                       training=False)
-    tasks = build_tasks(cfg.eval)
+    tasks = build_tasks(cfg.eval, limits=cfg.data.limits)
     if not tasks:
         raise ValueError("no evaluation tasks: list them in --tasks FILE or under eval.zeroshot / eval.retrieval "
                          "in --config, or --set 'eval.retrieval=[{name: NAME, csv: FILE}]'")
@@ -416,7 +422,8 @@ def _shards(args: argparse.Namespace) -> int:
         from engine.data.build import build_shards
 
         manifest, report = build_shards(args.source, args.out_dir, samples_per_shard=args.samples_per_shard,
-                                        max_image_pixels=args.max_image_pixels)
+                                        max_image_pixels=args.max_image_pixels,
+                                        max_member_bytes=args.max_member_bytes)
         print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {args.out_dir}")
         if report["num_skipped"]:
             print(f"skipped {report['num_skipped']}: {json.dumps(report['skipped_by_reason'])}")
@@ -425,7 +432,7 @@ def _shards(args: argparse.Namespace) -> int:
         from engine.data.check import check_shards
 
         report = check_shards(args.shards, min_size=args.min_size, num_workers=args.workers, progress=True,
-                              max_image_pixels=args.max_image_pixels)
+                              max_image_pixels=args.max_image_pixels, max_member_bytes=args.max_member_bytes)
         print(report.table())
         broken = report.broken
         if broken:

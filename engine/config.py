@@ -16,9 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from engine.backends import backend_names
+if typing.TYPE_CHECKING:
+    from engine.data.samples import ReadLimits
 
-# Nothing here imports torch or open_clip: `run.py --help` reads the defaults.
+from engine.backends import backend_names
 
 METHODS = ("tuneclip", "fastclip", "openclip", "siglip")
 SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl", "siglip")
@@ -26,6 +27,10 @@ WANDB_MODES = ("offline", "online")
 PRECISIONS = ("fp32", "bf16")  # training precisions (weights fp32; bf16 compute)
 # Images with more pixels (width x height, read from the header) are skipped before decoding.
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+# Members larger than this (from the tar header, before any byte is read) are skipped. 64 MiB is twice a
+# quality-100 JPEG at the pixel cap and far above what img2dataset writes (< 1 MB); a raw read stays
+# within what decoding an image at the pixel cap costs anyway (192 MiB as RGB).
+DEFAULT_MAX_MEMBER_BYTES = 64 * 1024 * 1024
 # The metrics each kind of eval task reports (engine/evaluate/tasks.py), checked before anything loads.
 EVAL_METRICS = {
     "zeroshot": ("acc1", "acc5", "mean_per_class_recall"),
@@ -105,7 +110,16 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement (very large data); epoch = samples_per_epoch
     samples_per_epoch: int | None = None  # all ranks together; required with resampled
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images (width x height) are skipped before decoding
+    # tar members larger than this (bytes, from the tar header) or sparse are skipped unread; 64 MiB
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     train_transform: str = "augment"  # augment: the model's random-resized-crop train transform; eval: none
+
+    @property
+    def limits(self) -> ReadLimits:
+        """The caps on one sample (pixels, tar member bytes), which evaluation applies too."""
+        from engine.data.samples import ReadLimits
+
+        return ReadLimits(self.max_image_pixels, self.max_member_bytes)
 
     def errors(self, *, training: bool = True) -> list[str]:
         out = []
@@ -121,6 +135,8 @@ class DataConfig:
             out.append("data.samples_per_epoch applies to data.resampled=true only; drop it or set resampled")
         if self.max_image_pixels < 1:
             out.append(f"data.max_image_pixels must be >= 1 (width x height), got {self.max_image_pixels}")
+        if self.max_member_bytes < 1:
+            out.append(f"data.max_member_bytes must be >= 1 (bytes of one tar member), got {self.max_member_bytes}")
         if self.train_transform not in ("augment", "eval"):
             out.append(
                 f"data.train_transform must be 'augment' (random crops) or 'eval' (no augmentation), "

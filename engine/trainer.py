@@ -137,9 +137,9 @@ class Trainer:
             tokenizer=self.bundle.tokenizer, rank=self.ctx.rank, world_size=self.ctx.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
             resampled=cfg.data.resampled, samples_per_epoch=cfg.data.samples_per_epoch,
-            max_image_pixels=cfg.data.max_image_pixels,
+            max_image_pixels=cfg.data.max_image_pixels, max_member_bytes=cfg.data.max_member_bytes,
         )
-        tasks = build_tasks(cfg.eval)
+        tasks = build_tasks(cfg.eval, limits=cfg.data.limits)
         self.evaluator = (Evaluator(tasks, batch_size=cfg.eval.batch_size, device=self.device,
                                     num_workers=cfg.eval.num_workers) if tasks else None)
         self.history: list[dict] = []  # evaluation records: stage, global step, results

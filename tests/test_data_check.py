@@ -96,6 +96,8 @@ def test_check_finds_each_planted_defect(defect_shards):
         "expected",
         "bad_img",
         "too_big",
+        "sparse",
+        "huge_mbr",
         "no_img",
         "no_txt",
         "empty_txt",
@@ -104,7 +106,7 @@ def test_check_finds_each_planted_defect(defect_shards):
         "small",
         "status",
     ]
-    assert lines[1].split() == ["00000.tar", "11", "11", "1", "1", "1", "1", "2", "2", "1", "1", "defects"]
+    assert lines[1].split() == ["00000.tar", "11", "11", "1", "1", "0", "0", "1", "1", "2", "2", "1", "1", "defects"]
     assert lines[-1].split()[:2] == ["total", "18"] and lines[-1].endswith("0 broken of 3")
     # Without a minimum size nothing is small; the 8-pixel JPEGs pass min_size 8 but not 9.
     assert check_shards(defect_shards, num_workers=1).shards[0].small_images == 0

@@ -4,6 +4,11 @@ local data (a `filepath,caption` CSV or a folder of images with .txt captions).
 Each pair is judged by the loader's own validator (`samples.validate_pair`), so a pair that is
 written is one the loader uses, and a pair that is skipped is skipped for the reason the loader gives.
 Samples are keyed by their number, not their file names, so dots in names cannot split a pair.
+
+Only files inside the source folder (the CSV's folder) are read: a path that leaves it (`../`, absolute, or a
+symlink whose target is elsewhere) is skipped unread and counted as `outside source`, so a planted
+`caption.txt -> ~/.ssh/id_rsa` never reaches a shard. Skipped, not fatal, like every other unusable pair:
+one stray row does not stop a large build, and the warning names the file.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from engine.data.manifest import MANIFEST_NAME, Manifest
 from engine.data.samples import (
     CAPTION_EXTENSION,
     DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_MEMBER_BYTES,
     IMAGE_ERRORS,
     SKIP_CORRUPT_IMAGE,
+    SKIP_MEMBER_TOO_LARGE,
     Rejection,
     open_image,
     validate_pair,
@@ -43,15 +50,30 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # PIL format name -> member extension written into the shard.
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _EXT_FORMAT = {ext: fmt for fmt, ext in _FORMAT_EXT.items()}
+# Why a source pair is skipped before any of its files is read (the loader's reasons are in samples.py).
+SKIP_OUTSIDE_SOURCE = "outside source"
 
 
 @dataclass
 class _SourceItem:
-    """One (image, caption) pair to write; `caption` is None when the caption file is missing."""
+    """One (image, caption) pair to write; `caption` is None when the caption file is missing.
+
+    `refused`: why none of its files may be read (one resolves outside the source folder), else None.
+    """
 
     name: str
     image_path: Path
     caption: bytes | None
+    refused: Rejection | None = None
+
+
+def outside_source(path: Path, root: Path) -> Rejection | None:
+    """SKIP_OUTSIDE_SOURCE when `path`, symlinks followed, is not inside `root` (a resolved folder)."""
+    real = Path(os.path.realpath(path))
+    if real.is_relative_to(root):
+        return None
+    return Rejection(SKIP_OUTSIDE_SOURCE, f" ({path} resolves to {real}, outside the source folder {root}; "
+                                          "copy the file into it, or put the CSV in the folder above the images)")
 
 
 def _items_from_csv(csv_path: Path) -> Iterator[_SourceItem]:
@@ -63,34 +85,49 @@ def _items_from_csv(csv_path: Path) -> Iterator[_SourceItem]:
             raise ValueError(
                 f"{csv_path}: header must contain 'filepath,caption' (missing {', '.join(sorted(missing))})"
             )
+        root = Path(os.path.realpath(csv_path.parent))
         for line, row in enumerate(csv_rows(reader, csv_path), start=2):
             filepath = (row["filepath"] or "").strip()
             caption = row["caption"]
+            image_path = csv_path.parent / filepath
             yield _SourceItem(
                 name=f"{csv_path}:{line} ({filepath})",
-                image_path=csv_path.parent / filepath,
+                image_path=image_path,
                 caption=None if caption is None else caption.encode("utf-8", errors="surrogateescape"),
+                refused=outside_source(image_path, root),
             )
 
 
-def _items_from_folder(folder: Path) -> Iterator[_SourceItem]:
+def _items_from_folder(folder: Path, *, max_member_bytes: int) -> Iterator[_SourceItem]:
+    root = Path(os.path.realpath(folder))
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     image_stems = {p.with_suffix("") for p in images}
     for path in files:
         if path.suffix == ".txt" and path.with_suffix("") not in image_stems:
-            yield _SourceItem(name=str(path), image_path=path.with_suffix(""), caption=path.read_bytes())
+            refused = outside_source(path, root)
+            caption = None if refused else _read_file(path, max_member_bytes=max_member_bytes)
+            yield _SourceItem(name=str(path), image_path=path.with_suffix(""), caption=caption, refused=refused)
     for path in images:
         caption_path = path.with_suffix(".txt")
-        caption = caption_path.read_bytes() if caption_path.is_file() else None
-        yield _SourceItem(name=str(path), image_path=path, caption=caption)
+        refused = outside_source(path, root) or (outside_source(caption_path, root) if caption_path.is_file()
+                                                  else None)
+        caption = (_read_file(caption_path, max_member_bytes=max_member_bytes)
+                   if caption_path.is_file() and not refused else None)
+        if isinstance(caption, Rejection):
+            caption, refused = None, caption
+        yield _SourceItem(name=str(path), image_path=path, caption=caption, refused=refused)
 
 
-def _read_image(path: Path) -> bytes | None:
-    """The file's bytes; None when there is no such file, b"" (undecodable) when it cannot be read."""
+def _read_file(path: Path, *, max_member_bytes: int) -> bytes | Rejection | None:
+    """The file's bytes; None when there is no such file, b"" (undecodable) when it cannot be read,
+    SKIP_MEMBER_TOO_LARGE (unread) when it is larger than a shard member may be."""
     if not path.is_file():
         return None
     try:
+        size = path.stat().st_size
+        if size > max_member_bytes:
+            return Rejection(SKIP_MEMBER_TOO_LARGE, f" ({path} has {size} bytes > max_member_bytes {max_member_bytes})")
         return path.read_bytes()
     except OSError as exn:
         logger.debug("cannot read %s: %s", path, exn)
@@ -173,22 +210,27 @@ def build_shards(
     samples_per_shard: int = 1000,
     image_ext: str | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> tuple[Manifest, dict[str, Any]]:
     """Write shards + `manifest.json` to `out_dir` from a `filepath,caption` CSV or an image/.txt folder.
 
     Images stay in their own bytes when JPEG, PNG or WebP (other formats become PNG) unless `image_ext`
     ("jpg" | "png" | "webp") asks for one format. Images of more than `max_image_pixels` pixels are
-    skipped, as the loader with that cap skips them. Returns (manifest, report); the report holds
+    skipped, as the loader with that cap skips them; image and caption files larger than `max_member_bytes`
+    are skipped unread, as are files outside the source folder (see the module docstring). Returns
+    (manifest, report); the report holds
     `num_written`, `num_skipped`, `skipped_by_reason` {reason: count} and `skipped` [{source, reason}].
     """
     source = Path(source)
     out_dir = Path(out_dir)
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    if max_member_bytes < 1:
+        raise ValueError(f"max_member_bytes must be at least 1, got {max_member_bytes}")
     if image_ext is not None and image_ext not in _EXT_FORMAT:
         raise ValueError(f"image_ext must be one of {sorted(_EXT_FORMAT)} or None, got {image_ext!r}")
     if source.is_dir():
-        items = _items_from_folder(source)
+        items = _items_from_folder(source, max_member_bytes=max_member_bytes)
     elif source.is_file():
         items = _items_from_csv(source)
     else:
@@ -207,8 +249,11 @@ def build_shards(
     num_written = 0
     try:
         for item in items:
-            data = _read_image(item.image_path)
-            judged = validate_pair(data, item.caption, max_image_pixels=max_image_pixels)
+            data = None if item.refused else _read_file(item.image_path, max_member_bytes=max_member_bytes)
+            if item.refused or isinstance(data, Rejection):
+                judged = item.refused or data
+            else:
+                judged = validate_pair(data, item.caption, max_image_pixels=max_image_pixels)
             if not isinstance(judged, Rejection):
                 assert data is not None
                 try:

@@ -16,14 +16,17 @@ from engine.data.manifest import Manifest
 from engine.data.parallel import map_shards
 from engine.data.samples import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_MEMBER_BYTES,
     SKIP_CORRUPT_IMAGE,
     SKIP_DUPLICATE_MEMBER,
     SKIP_EMPTY_CAPTION,
     SKIP_IMAGE_TOO_LARGE,
     SKIP_KEY_COLLISION,
+    SKIP_MEMBER_TOO_LARGE,
     SKIP_MISSING_CAPTION,
     SKIP_MISSING_IMAGE,
     SKIP_NON_UTF8_CAPTION,
+    SKIP_SPARSE_MEMBER,
     Rejection,
     TarSamples,
     decode_sample,
@@ -63,6 +66,16 @@ class ShardCheck:
     def large_images(self) -> int:
         """Images of more pixels than the check's `max_image_pixels` (skipped before decoding)."""
         return self.skipped_by_reason[SKIP_IMAGE_TOO_LARGE]
+
+    @property
+    def sparse_members(self) -> int:
+        """Samples with a sparse tar member (skipped unread: a sparse map can claim any size)."""
+        return self.skipped_by_reason[SKIP_SPARSE_MEMBER]
+
+    @property
+    def large_members(self) -> int:
+        """Samples with a tar member of more than the check's `max_member_bytes` (skipped unread)."""
+        return self.skipped_by_reason[SKIP_MEMBER_TOO_LARGE]
 
     @property
     def missing_images(self) -> int:
@@ -116,6 +129,8 @@ _CHECK_COLUMNS = (
     ("expected", "expected_samples"),
     ("bad_img", "undecodable_images"),
     ("too_big", "large_images"),
+    ("sparse", "sparse_members"),
+    ("huge_mbr", "large_members"),
     ("no_img", "missing_images"),
     ("no_txt", "missing_captions"),
     ("empty_txt", "empty_captions"),
@@ -132,6 +147,7 @@ class CheckReport:
     shards: list[ShardCheck] = field(default_factory=list)
     min_size: int = 0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
     @property
     def broken(self) -> list[ShardCheck]:
@@ -177,6 +193,7 @@ def check_shard(
     min_size: int = 0,
     expected_samples: int | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> ShardCheck:
     """Read one tar completely: count samples and judge each as the loader does, detect truncation.
 
@@ -187,7 +204,7 @@ def check_shard(
     if not path.is_file():
         result.error = "missing"
         return result
-    tar = TarSamples(path, expected=expected_samples)
+    tar = TarSamples(path, expected=expected_samples, max_member_bytes=max_member_bytes)
     seen: set[str] = set()
     for sample in tar:
         result.repeated_keys += sample.key in seen
@@ -207,9 +224,10 @@ def check_shard(
     return result
 
 
-def _check_job(job: tuple[str, int, int | None, int]) -> ShardCheck:
-    path, min_size, expected, max_image_pixels = job
-    return check_shard(path, min_size=min_size, expected_samples=expected, max_image_pixels=max_image_pixels)
+def _check_job(job: tuple[str, int, int | None, int, int]) -> ShardCheck:
+    path, min_size, expected, max_image_pixels, max_member_bytes = job
+    return check_shard(path, min_size=min_size, expected_samples=expected, max_image_pixels=max_image_pixels,
+                       max_member_bytes=max_member_bytes)
 
 
 def check_shards(
@@ -217,6 +235,7 @@ def check_shards(
     *,
     min_size: int = 0,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     num_workers: int | None = None,
     progress: bool = False,
 ) -> CheckReport:
@@ -224,25 +243,29 @@ def check_shards(
 
     With a manifest, each shard's sample count is compared with the manifest's; otherwise with the count
     img2dataset or wids declared, if any. Images narrower or lower than `min_size` pixels count as small;
-    images of more than `max_image_pixels` pixels are skipped as the loader with that cap skips them.
+    images of more than `max_image_pixels` pixels, tar members of more than `max_member_bytes` bytes and
+    sparse members are skipped as the loader with those caps skips them.
     Shards are checked in `num_workers` processes (default: one per core).
     """
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0 pixels, got {min_size}")
     if max_image_pixels < 1:
         raise ValueError(f"max_image_pixels must be at least 1, got {max_image_pixels}")
+    if max_member_bytes < 1:
+        raise ValueError(f"max_member_bytes must be at least 1, got {max_member_bytes}")
+    caps = (max_image_pixels, max_member_bytes)
     manifest_path = find_manifest(source)
     if manifest_path is not None:
         manifest = Manifest.load(manifest_path)
         jobs = [
-            (str(manifest.shard_path(i)), min_size, shard.num_samples, max_image_pixels)
+            (str(manifest.shard_path(i)), min_size, shard.num_samples, *caps)
             for i, shard in enumerate(manifest.shards)
         ]
         names = [shard.path for shard in manifest.shards]
     else:
         paths, declared = find_shards(source)
         jobs = [
-            (str(p), min_size, declared[p].num_samples if p in declared else None, max_image_pixels)
+            (str(p), min_size, declared[p].num_samples if p in declared else None, *caps)
             for p in paths
         ]
         root = Path(os.path.commonpath([p.parent for p in paths]))
@@ -250,7 +273,8 @@ def check_shards(
     results = map_shards(_check_job, jobs, num_workers=num_workers, desc="checking shards", progress=progress)
     for name, result in zip(names, results):
         result.path = name
-    report = CheckReport(shards=results, min_size=min_size, max_image_pixels=max_image_pixels)
+    report = CheckReport(shards=results, min_size=min_size, max_image_pixels=max_image_pixels,
+                         max_member_bytes=max_member_bytes)
     for shard in report.broken:
         logger.error("shard %s: %s", shard.path, shard.status())
     return report

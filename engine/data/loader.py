@@ -54,7 +54,7 @@ from engine.data.manifest import Manifest
 from engine.data.plan import Segment, rank_num_samples, shard_order, slot_num_samples, stable_seed
 from engine.data.reader import EpochReader, StreamSettings
 from engine.data.resharding import WorldSizeChange
-from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS, SkipRecord
+from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_MEMBER_BYTES, SkipRecord
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class ShardLoader(WorldSizeChange):
     `resampled`: each reader slot draws shards with replacement (seeded by seed, epoch, slot) and an epoch
     is `samples_per_epoch` samples over all ranks. `pin_memory` (default: when CUDA is available) pins
     batches for fast host-to-device copies; `prefetch_factor` is the pieces each worker keeps ready.
-    Images of more than `max_image_pixels` pixels are skipped from their header, before decoding.
+    Images of more than `max_image_pixels` pixels are skipped from their header, before decoding; tar
+    members of more than `max_member_bytes` bytes, and sparse ones, are skipped unread.
     """
 
     STATE_VERSION = LOADER_STATE_VERSION
@@ -93,6 +94,7 @@ class ShardLoader(WorldSizeChange):
         pin_memory: bool | None = None,
         prefetch_factor: int = 2,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ):
         problems = []
         if batch_size < 1:
@@ -107,6 +109,8 @@ class ShardLoader(WorldSizeChange):
             problems.append(f"prefetch_factor must be at least 1, got {prefetch_factor}")
         if max_image_pixels < 1:
             problems.append(f"max_image_pixels must be at least 1, got {max_image_pixels}")
+        if max_member_bytes < 1:
+            problems.append(f"max_member_bytes must be at least 1, got {max_member_bytes}")
         if resampled and (samples_per_epoch is None or samples_per_epoch < batch_size * world_size):
             problems.append(
                 f"resampled needs samples_per_epoch >= batch_size x world_size = {batch_size * world_size} "
@@ -147,6 +151,7 @@ class ShardLoader(WorldSizeChange):
             shuffle_buffer=shuffle_buffer,
             resampled=resampled,
             max_image_pixels=max_image_pixels,
+            max_member_bytes=max_member_bytes,
         )
         self.skipped: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.skipped_log: list[SkipRecord] = []
@@ -484,6 +489,7 @@ class ShardLoader(WorldSizeChange):
             "resampled": self.resampled,
             "samples_per_epoch": self.samples_per_epoch,
             "max_image_pixels": self.settings.max_image_pixels,
+            "max_member_bytes": self.settings.max_member_bytes,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -523,6 +529,8 @@ class ShardLoader(WorldSizeChange):
         identity = self._identity()
         if version == 1:
             del identity["max_image_pixels"]  # not recorded then
+        if "max_member_bytes" not in state:
+            del identity["max_member_bytes"]  # saved before members were capped
         problems = [
             f"{key}: saved {state.get(key)!r}, this loader {value!r}"
             for key, value in identity.items()

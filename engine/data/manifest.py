@@ -177,6 +177,15 @@ class Manifest:
             for item in data["shards"]
         ]
         manifest = cls(root=path.parent, shards=shards)
+        escaping = [(i, s.path) for i, s in enumerate(shards)
+                    if not Path(os.path.normpath(manifest.root / s.path)).is_relative_to(manifest.root)]
+        if escaping:
+            i, shard_path = escaping[0]
+            raise ValueError(
+                f"manifest {path}: shards[{i}].path {shard_path!r} escapes the manifest's folder {manifest.root}"
+                + (f" (and {len(escaping) - 1} more)" if len(escaping) > 1 else "")
+                + f"; shard paths must be relative paths inside it: {REINDEX_HINT}"
+            )
         if "fingerprint" in data and data["fingerprint"] != manifest.fingerprint():
             raise ValueError(
                 f"manifest {path}: its 'fingerprint' does not match its shard list (edited by hand?); {REINDEX_HINT}"

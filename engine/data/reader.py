@@ -68,6 +68,7 @@ class StreamSettings:
     shuffle_buffer: int
     resampled: bool
     max_image_pixels: int
+    max_member_bytes: int
 
     @property
     def workers_per_rank(self) -> int:
@@ -191,6 +192,7 @@ class EpochReader(IterableDataset):
             manifest.shard_path(shard_index),
             keep=lambda position: start <= position < stop and (only is None or position in only),
             expected=entry.num_samples,
+            max_member_bytes=self.settings.max_member_bytes,
         )
         ends_shard = stop == entry.num_samples
         for raw in tar:

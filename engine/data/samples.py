@@ -25,13 +25,15 @@ import numpy as np
 from PIL import Image
 from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
-from engine.config import DEFAULT_MAX_IMAGE_PIXELS
+from engine.config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_MEMBER_BYTES
 
 # Member extensions a sample's image may have, in order of preference.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSION = "txt"
 # Decoding errors PIL raises for broken image bytes (UnidentifiedImageError is an OSError).
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# Header blocks tarfile buffers whole while parsing (long names, pax records): real ones are a few KB.
+MAX_HEADER_BYTES = 1024 * 1024
 
 # Why a sample is skipped: one text per reason, wherever it is found.
 SKIP_DUPLICATE_MEMBER = "duplicate member"
@@ -42,6 +44,8 @@ SKIP_NON_UTF8_CAPTION = "non-UTF-8 caption"
 SKIP_EMPTY_CAPTION = "empty caption"
 SKIP_IMAGE_TOO_LARGE = "image too large"
 SKIP_CORRUPT_IMAGE = "corrupt image"
+SKIP_SPARSE_MEMBER = "sparse member"
+SKIP_MEMBER_TOO_LARGE = "member too large"
 # Why samples of a shard are lost as a whole (skip records without a key).
 SKIP_TRUNCATED_SHARD = "truncated shard"
 SKIP_EXTRA_SAMPLES = "samples beyond manifest count"
@@ -49,6 +53,16 @@ SKIP_EXTRA_SAMPLES = "samples beyond manifest count"
 # Members webdataset never hands out as sample parts (tar_file_iterator's skip_meta default).
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")
 _TAR_END_BYTES = 1024  # a complete tar ends with two zero blocks of 512 bytes
+
+
+class ReadLimits(NamedTuple):
+    """What one sample may cost before it is decoded: `data.max_image_pixels` and `data.max_member_bytes`."""
+
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+
+
+DEFAULT_LIMITS = ReadLimits()
 
 
 class SkipRecord(NamedTuple):
@@ -77,7 +91,8 @@ class RawSample:
     """The undecoded members (extension -> bytes) of the sample at raw `position` of its tar.
 
     `members`: the member names as in the tar; `duplicate_member`: one extension occurred twice (the later
-    bytes are kept).
+    bytes are kept); `unread`: why a member was left unread (sparse, or larger than the reader's
+    `max_member_bytes`), judged from its header: such a sample is skipped for that reason.
     """
 
     position: int
@@ -85,9 +100,57 @@ class RawSample:
     parts: dict[str, bytes] = field(default_factory=dict)
     members: list[str] = field(default_factory=list)
     duplicate_member: bool = False
+    unread: Rejection | None = None
 
     def has_image_and_caption(self) -> bool:
         return CAPTION_EXTENSION in self.parts and any(ext in self.parts for ext in IMAGE_EXTENSIONS)
+
+
+_BUFFERED_HEADERS = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo whose parsing buffers at most MAX_HEADER_BYTES of header data per member.
+
+    tarfile reads long-name and pax header blocks whole and a GNU sparse member's extended map block by
+    block before it hands out the member; a compressed tar makes those gigabytes from a few KB. Such a
+    header ends the tar as damaged (HeaderError) instead. Webdataset writers never write sparse members.
+    """
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # tarfile's per-header hook
+        if self.type in _BUFFERED_HEADERS and self.size > MAX_HEADER_BYTES:
+            raise tarfile.HeaderError(
+                f"header block of {self.size} bytes (type {self.type!r}) > {MAX_HEADER_BYTES}: not a shard's tar"
+            )
+        if self.type == tarfile.GNUTYPE_SPARSE and self._sparse_structs[1]:
+            raise tarfile.HeaderError(f"member {self.name!r} has an extended GNU sparse map: not a shard's tar")
+        return super()._proc_member(tarfile_)
+
+    def _proc_gnusparse_10(self, next, pax_headers, tarfile_):  # tarfile's hook, its signature
+        # Version 1.0 keeps the sparse map in the member's data, of a length the data itself states.
+        raise tarfile.HeaderError(f"member {next.name!r} has a pax 1.0 sparse map: not a shard's tar")
+
+
+def member_rejection(info: tarfile.TarInfo, *, max_member_bytes: int) -> Rejection | None:
+    """Why a member is not read, from its header and sparse map alone (nothing of its data), or None."""
+    if info.sparse is not None:
+        claimed = max([info.size, *(offset + size for offset, size in info.sparse)])
+        return Rejection(
+            SKIP_SPARSE_MEMBER,
+            f" (member {info.name!r} is sparse, claiming {claimed} bytes; shards hold plain files)",
+        )
+    if info.size > max_member_bytes:
+        return Rejection(
+            SKIP_MEMBER_TOO_LARGE,
+            f" (member {info.name!r} has {info.size} bytes > data.max_member_bytes {max_member_bytes})",
+        )
+    return None
 
 
 class _HashingReader:
@@ -122,6 +185,10 @@ class TarSamples:
       image and a caption (it may have lost members): `num_whole` counts the samples kept as read;
     - `error`, `end_marker` (the tar ends with its two zero blocks; None when unknown: compressed),
       and with `checksum`, `num_bytes` and `sha256` of the whole file.
+
+    No member is read whose header says it is sparse or larger than `max_member_bytes` (its sample gets
+    `unread`), and header blocks tarfile would buffer (long names, pax records, sparse maps) are bounded:
+    a tar that claims gigabytes costs no more memory than one that holds kilobytes.
     """
 
     def __init__(
@@ -131,11 +198,13 @@ class TarSamples:
         keep: Callable[[int], bool] | None = None,
         expected: int | None = None,
         checksum: bool = False,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ):
         self.path = Path(path)
         self.keep = keep
         self.expected = expected
         self.checksum = checksum
+        self.max_member_bytes = max_member_bytes
         self.num_started = 0
         self.num_whole = 0
         self.error: Exception | None = None
@@ -170,7 +239,7 @@ class TarSamples:
         pending: RawSample | None = None
         current_key = None
         try:
-            with tarfile.open(fileobj=source, mode="r|*") as tar:
+            with tarfile.open(fileobj=source, mode="r|*", tarinfo=_BoundedTarInfo) as tar:
                 for info in tar:
                     tar.members = []  # stream mode: keep no member list
                     if not info.isreg() or _is_meta_member(info.name):
@@ -188,6 +257,11 @@ class TarSamples:
                             RawSample(position, key) if self.keep is None or self.keep(position) else None
                         )
                     if pending is None:
+                        continue
+                    unread = member_rejection(info, max_member_bytes=self.max_member_bytes)
+                    if unread is not None:
+                        pending.unread = pending.unread or unread
+                        pending.members.append(info.name)
                         continue
                     data = tar.extractfile(info).read()
                     suffix = info.name[len(key) + 1 :].lower()
@@ -238,17 +312,18 @@ _PIL_LIMIT_LOCK = threading.Lock()
 
 
 @contextmanager
-def open_image(data: bytes) -> Iterator[Image.Image]:
-    """`Image.open` of `data` (lazy: the header only) without PIL's own decompression-bomb check.
+def open_image(data: bytes | Path) -> Iterator[Image.Image]:
+    """`Image.open` of `data` (bytes, or a file) lazily (the header only) without PIL's own bomb check.
 
-    The caller judges the size against its own cap (`max_image_pixels`), so PIL's `MAX_IMAGE_PIXELS`
-    (a warning above 89 Mpx, an error above twice that) is off while the header is read, then restored.
+    The caller judges the size against its own cap (`max_image_pixels`, see `pixel_rejection`), so PIL's
+    `MAX_IMAGE_PIXELS` (a warning above 89 Mpx, an error above twice that) is off while the header is
+    read, then restored.
     """
     with _PIL_LIMIT_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
     with image:
@@ -280,6 +355,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def pixel_rejection(image: Image.Image, *, max_image_pixels: int) -> Rejection | None:
+    """SKIP_IMAGE_TOO_LARGE when an opened (not yet decoded) image has more than `max_image_pixels` pixels."""
+    width, height = image.size
+    if width * height <= max_image_pixels:
+        return None
+    detail = f" ({width} x {height} = {width * height} pixels > max_image_pixels {max_image_pixels})"
+    return Rejection(SKIP_IMAGE_TOO_LARGE, detail)
+
+
 def validate_pair(
     image: bytes | None,
     caption: bytes | None,
@@ -300,12 +384,9 @@ def validate_pair(
         return text
     try:
         with open_image(image) as opened:
-            width, height = opened.size
-            if width * height > max_image_pixels:
-                detail = (
-                    f" ({width} x {height} = {width * height} pixels > max_image_pixels {max_image_pixels})"
-                )
-                return Rejection(SKIP_IMAGE_TOO_LARGE, detail)
+            too_large = pixel_rejection(opened, max_image_pixels=max_image_pixels)
+            if too_large is not None:
+                return too_large
             rgb = to_rgb(opened)
     except IMAGE_ERRORS as exn:
         return Rejection(SKIP_CORRUPT_IMAGE, f" ({type(exn).__name__}: {exn})")
@@ -340,8 +421,11 @@ def decode_sample(
 ) -> DecodedSample | Rejection:
     """The sample's image (first of IMAGE_EXTENSIONS present) and caption (`txt`), or why it is skipped.
 
-    A sample without image or caption whose members have dots in their names is a key collision.
+    A sample with a member left unread (sparse, too large) is skipped for that reason first; a sample
+    without image or caption whose members have dots in their names is a key collision.
     """
+    if sample.unread is not None:
+        return sample.unread
     image = next((sample.parts[ext] for ext in IMAGE_EXTENSIONS if ext in sample.parts), None)
     caption = sample.parts.get(CAPTION_EXTENSION)
     missing = {

@@ -144,7 +144,11 @@ def _is_wids_index(path: Path) -> bool:
 
 
 def read_wids_index(path: str | os.PathLike) -> dict[Path, DeclaredCount]:
-    """Shard counts of a wids `shardindex.json`, in order; urls resolve against `base_path` or its folder."""
+    """Shard counts of a wids `shardindex.json`, in order; urls resolve against `base_path` or its folder.
+
+    Every shard must resolve (lexically, so shard files may be symlinks) inside the index's folder: a `../` or
+    absolute `url` or `base_path` is refused, as `shards index` writes its manifest beside the shards.
+    """
     path = Path(os.path.abspath(path))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -154,7 +158,12 @@ def read_wids_index(path: str | os.PathLike) -> dict[Path, DeclaredCount]:
     if type(shardlist) is not list:
         raise ValueError(f"wids index {path} has no 'shardlist' list")
     base_path = data.get("base_path")
-    base = path.parent / base_path if isinstance(base_path, str) else path.parent
+    folder = path.parent
+    base = Path(os.path.normpath(folder / base_path)) if isinstance(base_path, str) else folder
+    inside = f"must be a relative path inside the index's folder {folder} (no '..', not absolute); move " \
+             f"{path.name} into the folder above its shards"
+    if not base.is_relative_to(folder):
+        raise ValueError(f"wids index {path}: base_path {base_path!r} resolves to {base}, which {inside}")
     counts: dict[Path, DeclaredCount] = {}
     problems = []
     for i, item in enumerate(shardlist):
@@ -167,11 +176,14 @@ def read_wids_index(path: str | os.PathLike) -> dict[Path, DeclaredCount]:
             problems.append(f"entry {i} url {url!r} is remote; index local copies of the shards")
         elif filesize is not None and type(filesize) is not int:
             problems.append(f"entry {i} has a non-integer 'filesize'")
+        elif not (shard := Path(os.path.normpath(base / url))).is_relative_to(folder):
+            problems.append(f"shardlist[{i}].url {url!r} resolves to {shard}, outside the index's folder")
         else:
-            shard = Path(os.path.normpath(base / url))
             counts[shard] = DeclaredCount(nsamples, COUNT_FROM_WIDS, str(path), filesize)
     if problems:
-        raise ValueError(f"wids index {path}: " + "; ".join(problems[:5]))
+        escaping = any("outside the index's folder" in problem for problem in problems)
+        raise ValueError(f"wids index {path}: " + "; ".join(problems[:5])
+                         + (f"; every url {inside}" if escaping else ""))
     return counts
 
 

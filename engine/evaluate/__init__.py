@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from engine.config import EvalConfig
+from engine.data.samples import DEFAULT_LIMITS, ReadLimits
 from engine.evaluate.evaluator import (
     Evaluator,
     aggregate_metrics,
@@ -38,46 +39,50 @@ def _source(spec: dict) -> str:
     return given[0]
 
 
-def _zeroshot(spec: dict) -> EvalTask:
+def _zeroshot(spec: dict, limits: ReadLimits) -> EvalTask:
     source = _source(spec)
     if source == "clip_benchmark":
         task = from_clip_benchmark(spec["clip_benchmark"], name=spec["name"], split=spec.get("split", "test"),
                                    kind="zeroshot", classnames=spec.get("classnames"),
-                                   templates=spec.get("templates"))
+                                   templates=spec.get("templates"), limits=limits)
     elif "classnames" not in spec:
         raise ValueError("needs 'classnames' (a file with one class per line, or imagenet1k)")
     elif source == "csv":
-        task = ZeroShotTask.from_csv(spec["csv"], spec["classnames"], spec.get("templates"), name=spec["name"])
+        task = ZeroShotTask.from_csv(spec["csv"], spec["classnames"], spec.get("templates"), name=spec["name"],
+                                     limits=limits)
     else:
-        task = zeroshot_from_shards(spec["wds"], spec["classnames"], spec.get("templates"), name=spec["name"])
+        task = zeroshot_from_shards(spec["wds"], spec["classnames"], spec.get("templates"), name=spec["name"],
+                                    limits=limits)
     task.main_metric = spec.get("main_metric", task.main_metric)
     return task
 
 
-def _retrieval(spec: dict) -> EvalTask:
+def _retrieval(spec: dict, limits: ReadLimits) -> EvalTask:
     source = _source(spec)
     if source == "clip_benchmark":
         task = from_clip_benchmark(spec["clip_benchmark"], name=spec["name"], split=spec.get("split", "test"),
-                                   kind="retrieval")
+                                   kind="retrieval", limits=limits)
     elif source == "csv":
-        task = RetrievalTask.from_csv(spec["csv"], name=spec["name"])
+        task = RetrievalTask.from_csv(spec["csv"], name=spec["name"], limits=limits)
     else:
         from engine.evaluate.sources import shard_list
 
-        task = ShardRetrievalTask(spec["name"], shard_list(spec["wds"]))
+        task = ShardRetrievalTask(spec["name"], shard_list(spec["wds"]), limits=limits)
     task.main_metric = spec.get("main_metric", task.main_metric)
     return task
 
 
 # EvalConfig field -> (keys a task spec may have, builder of one task from its spec)
-TASK_BUILDERS: dict[str, tuple[tuple[str, ...], Callable[[dict], EvalTask]]] = {
+TASK_BUILDERS: dict[str, tuple[tuple[str, ...], Callable[[dict, ReadLimits], EvalTask]]] = {
     "zeroshot": (("name", *SOURCES, "split", "classnames", "templates", "main_metric"), _zeroshot),
     "retrieval": (("name", *SOURCES, "split", "main_metric"), _retrieval),
 }
 
 
-def build_tasks(eval_cfg: EvalConfig) -> list[EvalTask]:
+def build_tasks(eval_cfg: EvalConfig, *, limits: ReadLimits = DEFAULT_LIMITS) -> list[EvalTask]:
     """The tasks of a validated eval section, zero-shot first, in config order; [] when it has none.
+
+    `limits` (the data section's, `cfg.data.limits`) caps every image and tar member the tasks read.
 
     File paths are relative to the working directory. Raises one ValueError naming every spec
     (`eval.zeroshot[0] 'imagenet'`) whose files are missing or malformed or that has unknown keys.
@@ -91,7 +96,7 @@ def build_tasks(eval_cfg: EvalConfig) -> list[EvalTask]:
                 errors.append(f"{where}: unknown key(s) {unknown}; a {section} task takes {', '.join(keys)}")
                 continue
             try:
-                tasks.append(build(spec))
+                tasks.append(build(spec, limits))
             except (ValueError, FileNotFoundError) as exc:
                 errors.append(f"{where}: {exc}")
     if errors:

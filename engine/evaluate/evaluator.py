@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from engine.distributed import all_reduce_sum, gather_objects
-from engine.evaluate.sources import EvalStream, collate
+from engine.evaluate.sources import EvalStream, SampleError, collate
 from engine.evaluate.tasks import ZEROSHOT_CLASSIFICATION, ZEROSHOT_RETRIEVAL, EvalTask, Kept, Tokenizer
 from engine.io import write_atomic, write_json_atomic
 
@@ -193,7 +193,10 @@ class Evaluator:
         loader = DataLoader(EvalStream(task.samples, transform, rank=rank, world_size=world_size),
                             batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
         batches = []
-        for keys, images, targets in _in_lockstep(loader, world_size=world_size, device=self.device):
+        for batch in _in_lockstep(loader, world_size=world_size, device=self.device):
+            if isinstance(batch, SampleError):
+                raise batch.error(task.name)
+            keys, images, targets = batch
             images = images.to(self.device, dtype=dtype if images.is_floating_point() else None)
             features = F.normalize(model.encode_image(images).float(), dim=-1)
             batches.append((keys, task.keep(prepared, model, tokenizer, features, targets,

@@ -27,6 +27,7 @@ from open_clip.zero_shot_metadata import (
 from PIL import Image
 
 from engine.csvfile import csv_rows
+from engine.data.samples import DEFAULT_LIMITS, ReadLimits
 from engine.evaluate.sources import (
     Part,
     Sample,
@@ -251,6 +252,7 @@ class ZeroShotTask(ZeroShotScoring):
     classnames: list[str]
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     main_metric: str = "acc1"
+    limits: ReadLimits = DEFAULT_LIMITS  # data.max_image_pixels / max_member_bytes, as training's
 
     def __post_init__(self) -> None:
         self.image_paths = [Path(p) for p in self.image_paths]
@@ -281,6 +283,7 @@ class ZeroShotTask(ZeroShotScoring):
         templates_path: str | Path | None = None,
         *,
         name: str | None = None,
+        limits: ReadLimits = DEFAULT_LIMITS,
     ) -> ZeroShotTask:
         """Load a task from a `filepath,label` CSV (paths relative to the CSV's folder).
 
@@ -319,6 +322,7 @@ class ZeroShotTask(ZeroShotScoring):
             labels=labels,
             classnames=classnames,
             templates=templates,
+            limits=limits,
         )
 
     def images(self) -> Iterator[Image.Image]:
@@ -326,7 +330,7 @@ class ZeroShotTask(ZeroShotScoring):
         return (image for _, image, _ in self.samples(Part()))
 
     def samples(self, part: Part) -> Iterator[Sample]:
-        return list_samples(self.image_paths, self.labels, part)
+        return list_samples(self.image_paths, self.labels, part, self.limits)
 
 
 @dataclass
@@ -338,6 +342,7 @@ class RetrievalTask(RetrievalScoring):
     captions: list[str]
     caption_to_image: list[int]
     main_metric: str = "mean_recall@1"
+    limits: ReadLimits = DEFAULT_LIMITS  # data.max_image_pixels / max_member_bytes, as training's
 
     def __post_init__(self) -> None:
         self.image_paths = [Path(p) for p in self.image_paths]
@@ -364,7 +369,8 @@ class RetrievalTask(RetrievalScoring):
             self._per_image[image].append(caption)
 
     @classmethod
-    def from_csv(cls, csv_path: str | Path, *, name: str | None = None) -> RetrievalTask:
+    def from_csv(cls, csv_path: str | Path, *, name: str | None = None,
+                 limits: ReadLimits = DEFAULT_LIMITS) -> RetrievalTask:
         """Load a task from a `filepath,caption` CSV; repeated filepaths are captions of one image.
 
         Images keep the order of their first row; `name` defaults to the CSV's file stem.
@@ -384,6 +390,7 @@ class RetrievalTask(RetrievalScoring):
             image_paths=list(image_index),
             captions=captions,
             caption_to_image=caption_to_image,
+            limits=limits,
         )
 
     def images(self) -> Iterator[Image.Image]:
@@ -391,7 +398,7 @@ class RetrievalTask(RetrievalScoring):
         return (image for _, image, _ in self.samples(Part()))
 
     def samples(self, part: Part) -> Iterator[Sample]:
-        return list_samples(self.image_paths, self._per_image, part)
+        return list_samples(self.image_paths, self._per_image, part, self.limits)
 
 
 @dataclass
@@ -403,6 +410,7 @@ class ShardZeroShotTask(ZeroShotScoring):
     classnames: list[str]
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     main_metric: str = "acc1"
+    limits: ReadLimits = DEFAULT_LIMITS  # data.max_image_pixels / max_member_bytes, as training's
 
     def __post_init__(self) -> None:
         errors = [] if self.shards else ["no shards"]
@@ -412,7 +420,7 @@ class ShardZeroShotTask(ZeroShotScoring):
             raise ValueError(f"ZeroShotTask {self.name!r}: " + "; ".join(errors))
 
     def samples(self, part: Part) -> Iterator[Sample]:
-        return tar_samples(self.shards, part, class_label)
+        return tar_samples(self.shards, part, class_label, self.limits)
 
 
 @dataclass
@@ -422,26 +430,29 @@ class ShardRetrievalTask(RetrievalScoring):
     name: str
     shards: list[Path]
     main_metric: str = "mean_recall@1"
+    limits: ReadLimits = DEFAULT_LIMITS  # data.max_image_pixels / max_member_bytes, as training's
 
     def __post_init__(self) -> None:
         if not self.shards:
             raise ValueError(f"RetrievalTask {self.name!r}: no shards")
 
     def samples(self, part: Part) -> Iterator[Sample]:
-        return tar_samples(self.shards, part, captions)
+        return tar_samples(self.shards, part, captions, self.limits)
 
 
 def zeroshot_from_shards(spec: str, classnames: str | Path | None, templates: str | Path | None, *,
-                         name: str) -> ShardZeroShotTask:
+                         name: str, limits: ReadLimits = DEFAULT_LIMITS) -> ShardZeroShotTask:
     """A zero-shot task over the tars `spec` names (folder, brace/glob pattern, '::'-joined)."""
     if classnames is None:
         raise ValueError("a zero-shot task on tars needs 'classnames' (a file, or imagenet1k)")
-    return ShardZeroShotTask(name, shard_list(spec), read_classnames(classnames), read_templates(templates))
+    return ShardZeroShotTask(name, shard_list(spec), read_classnames(classnames), read_templates(templates),
+                             limits=limits)
 
 
 def from_clip_benchmark(root: str | Path, *, name: str, split: str = "test", kind: str | None = None,
                         classnames: str | Path | None = None,
-                        templates: str | Path | None = None) -> ShardZeroShotTask | ShardRetrievalTask:
+                        templates: str | Path | None = None,
+                        limits: ReadLimits = DEFAULT_LIMITS) -> ShardZeroShotTask | ShardRetrievalTask:
     """A task over clip_benchmark's webdataset layout, read offline: `<root>/<split>/*.tar`,
     `classnames.txt`, `zeroshot_classification_templates.txt`, `dataset_type.txt`.
 
@@ -453,12 +464,12 @@ def from_clip_benchmark(root: str | Path, *, name: str, split: str = "test", kin
         raise ValueError(f"{root}/dataset_type.txt says {found.dataset_type}, but the task is listed under "
                          f"eval.{kind}; list it under eval.{found_kind}")
     if found_kind == "retrieval":
-        return ShardRetrievalTask(name, found.shards)
+        return ShardRetrievalTask(name, found.shards, limits=limits)
     names = read_classnames(classnames) if classnames is not None else found.classnames
     if names is None:
         raise ValueError(f"{root}/classnames.txt not found; add it or give 'classnames' (a file, or imagenet1k)")
     prompts = read_templates(templates) if templates is not None else found.templates
-    return ShardZeroShotTask(name, found.shards, names, prompts or list(DEFAULT_TEMPLATES))
+    return ShardZeroShotTask(name, found.shards, names, prompts or list(DEFAULT_TEMPLATES), limits=limits)
 
 
 def read_classnames(source: str | Path) -> list[str]:
