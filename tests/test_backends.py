@@ -134,7 +134,9 @@ def test_toy_backend_runs_osr_finetuning_and_resume_through_the_trainer(shards, 
     trainer.close()
     assert backend.calls[-1] == ("close", None)
 
-    # Resume goes through the toy's load and restores its state exactly.
+    # Resume goes through the toy's load and restores its state exactly (of a run stopped before its end:
+    # a finished run is only resumed with --overwrite).
+    (tmp_path / "a" / "final.safetensors").unlink()
     resumed = Trainer(toy_job(shards, tmp_path / "a", save_every_steps=2, resume="latest"))
     assert ("load", str(latest / "backend")) in resumed.backend.calls
     assert resumed.global_step == 6 and resumed.backend.optimizer_step_count() == 6
