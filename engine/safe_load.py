@@ -102,25 +102,33 @@ def load_tensor_file(path: str | Path, *, map_location: Any = "cpu", mmap: bool 
 
 
 _guard_lock = threading.Lock()
+_open_guards: list[tuple[type, ...]] = []  # extra globals of each open guard; torch.load is replaced while any is
+
+
+def _guarded_torch_load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
+    """`torch.load` while a guard is open: weights_only whatever the caller asked, the guards' globals allowed."""
+    if pickle_module is not None or kwargs:
+        raise UnsafeFileError(f"refusing torch.load of {f} with {pickle_module or sorted(kwargs)}")
+    allowed = list(dict.fromkeys(cls for extra in _open_guards for cls in extra))
+    return load_tensor_file(f, map_location=map_location, mmap=bool(mmap), extra_globals=allowed)
 
 
 @contextlib.contextmanager
 def tensor_only_torch_load(extra_globals: list[type] | tuple[type, ...] = ()) -> Iterator[None]:
-    """Within the block, every `torch.load` (DeepSpeed's included, which pass weights_only=False) loads
-    weights_only with `extra_globals` allowed; a `pickle_module` argument is refused."""
-
-    def guarded(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
-        if pickle_module is not None or kwargs.keys() - {"encoding"}:
-            raise UnsafeFileError(f"refusing torch.load of {f} with {pickle_module or sorted(kwargs)}")
-        return load_tensor_file(f, map_location=map_location, mmap=bool(mmap), extra_globals=extra_globals)
-
+    """Within the block, every `torch.load` of the process (DeepSpeed's included, which pass weights_only=False)
+    loads weights_only with `extra_globals` allowed; a `pickle_module` argument is refused. Blocks may nest
+    or overlap (threads): torch.load is itself again once the last one closes."""
+    entry = tuple(extra_globals)
     with _guard_lock:
-        previous, torch.load = torch.load, guarded
+        _open_guards.append(entry)
+        torch.load = _guarded_torch_load
     try:
         yield
     finally:
         with _guard_lock:
-            torch.load = previous
+            _open_guards.remove(entry)
+            if not _open_guards:
+                torch.load = _original_torch_load
 
 
 # ----- DCP metadata -----

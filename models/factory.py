@@ -131,8 +131,8 @@ TOKENIZER_KWARGS = ("clean", "strip_sep_token", "language")
 def _tokenizer_kwargs(arch: str, text_cfg: dict) -> dict:
     kwargs = text_cfg.get("tokenizer_kwargs") or {}
     bad = sorted(str(key) for key, value in kwargs.items() if key not in TOKENIZER_KWARGS
-                 or not isinstance(value, (str, bool, type(None))))
-    if not isinstance(kwargs, dict) or bad:
+                 or not isinstance(value, (str, bool, type(None)))) if isinstance(kwargs, dict) else None
+    if bad is None or bad:
         raise ValueError(f"model {arch!r}: text_cfg.tokenizer_kwargs {bad or kwargs!r} not accepted (allowed: "
                          f"{', '.join(TOKENIZER_KWARGS)} with plain values; remote tokenizer code is never run)")
     return kwargs
@@ -175,8 +175,8 @@ def build_tokenizer(arch: str, config: dict, *, source: str | None = None) -> Ca
     whose config has `auto_map` is refused."""
     text_cfg = config.get("text_cfg", {})
     schema, identifier = open_clip.factory.parse_model_name(arch)
-    hf_name = source or text_cfg.get("hf_tokenizer_name") or (identifier if schema == "local-dir" else None)
-    if schema == "local-dir" and text_cfg.get("hf_tokenizer_name") and source is None:
+    hf_name = source or text_cfg.get("hf_tokenizer_name")
+    if source is None and hf_name and schema == "local-dir":
         hf_name = identifier  # open_clip reads a local-dir model's tokenizer from the folder itself
     uses_hf = source is not None or bool(text_cfg.get("hf_tokenizer_name"))
     if (uses_hf or _uses_hf_tokenizer(arch, config)) and importlib.util.find_spec("transformers") is None:

@@ -143,6 +143,18 @@ def test_deepspeed_own_loads_are_forced_weights_only(tmp_path):
     assert marker.exists()
 
 
+def test_overlapping_guards_give_torch_load_back_when_the_last_closes():
+    """Guards opened and closed out of order (two threads' loads): guarded while any is open, torch's after."""
+    original = torch.load
+    first, second = tensor_only_torch_load(deepspeed_globals()), tensor_only_torch_load()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert torch.load is not original  # the second is still open
+    second.__exit__(None, None, None)
+    assert torch.load is original
+
+
 @pytest.mark.parametrize("content", [b"", b"\x80\x04K\x01.", b"PK\x03\x04garbage"])
 def test_damaged_tensor_files_are_one_value_error(tmp_path, content):
     path = tmp_path / "w.pt"
