@@ -9,8 +9,16 @@ from pathlib import Path
 from engine.runlock import LOCK_FILE, OWNER_FILE
 
 LOG_FILE = "log.jsonl"
-# Written only when fine-tuning has finished: a resume into such a folder would rewrite them.
-FINISHED_OUTPUTS = ("final.safetensors",)
+# Written only when fine-tuning has finished, summary.json last (after the final checkpoint is on disk): a folder
+# holding both holds a finished run, which a resume would rewrite. final.safetensors alone is a run stopped inside
+# its last checkpoint's save: resuming it redoes the same steps and writes the same weights.
+FINISHED_OUTPUTS = ("final.safetensors", "summary.json")
+
+
+def finished_outputs(folder: Path) -> list[str]:
+    """The results of a finished run in `folder` (empty unless every one of FINISHED_OUTPUTS is there)."""
+    present = [name for name in FINISHED_OUTPUTS if (Path(folder) / name).exists()]
+    return present if len(present) == len(FINISHED_OUTPUTS) else []
 
 
 def is_run_folder(folder: Path) -> bool:

@@ -43,7 +43,7 @@ from engine.margin import QUANTILES, DistanceHistogram, auto_margin, margin_diag
 from engine.objectives import Objective, build_objective, total_loss, trained_scalars
 from engine.objectives.normaliser import build_normaliser
 from engine.preemption import Preempted, StopRequests
-from engine.run_folder import FINISHED_OUTPUTS, clear_run_folder
+from engine.run_folder import clear_run_folder, finished_outputs
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
@@ -205,7 +205,7 @@ class Trainer:
 
     def _check_resume_keeps_results(self) -> None:
         """A resume into the folder of a finished run would rewrite its results: refused unless `overwrite`."""
-        finished = [name for name in FINISHED_OUTPUTS if (self.out_dir / name).exists()]
+        finished = finished_outputs(self.out_dir)
         if not finished:
             return
         if not self.overwrite:

@@ -327,7 +327,7 @@ def test_resuming_a_finished_run_is_refused_unless_overwrite_and_its_cost_counts
     resume = ["tune", "--train", str(shards), "--out", str(run), *JOB, "--save-every", "2", "--resume", str(step)]
     assert main(resume) == 2
     assert error_lines(capsys) == [
-        (f"error: run.out_dir {run} holds a finished run (final.safetensors): --resume {step} would rewrite them; add "
+        (f"error: run.out_dir {run} holds a finished run (final.safetensors, summary.json): --resume {step} would rewrite them; add "
         f"--overwrite to continue it and replace them, or evaluate or export its checkpoints instead (--weights {run}"
         "/checkpoints/step_<N>); nothing was changed")]
     assert files(run) == before
@@ -344,6 +344,21 @@ def test_resuming_a_finished_run_is_refused_unless_overwrite_and_its_cost_counts
     assert (cost["finetune"]["steps"], cost["finetune"]["num_samples"]) == (6, 48)
     assert cost["finetune"]["seconds"] == pytest.approx(sum(e["seconds"] for e in launches), abs=2e-3)
     assert cost["osr"] == summary["cost"]["osr"]
+
+
+def test_a_run_stopped_inside_its_last_save_resumes_without_overwrite(finished_run, shards, tmp_path):
+    """final.safetensors is written before the last checkpoint and summary.json after it: a kill in between
+    leaves final.safetensors without summary.json, an unfinished run that --resume latest completes."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    final = load_file(run / "final.safetensors")
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "step_00000012")  # the last save never completed
+    resume = ["tune", "--train", str(shards), "--out", str(run), *JOB, "--save-every", "2", "--resume", "latest"]
+    assert main(resume) == 0
+    again = load_file(run / "final.safetensors")
+    assert all(torch.equal(final[k], again[k]) for k in final)
+    assert json.loads((run / "summary.json").read_text())["cost"]["finetune"]["steps"] == 6
 
 
 def test_overwrite_replaces_a_failed_runs_folder_and_nothing_else(shards, tmp_path, capsys, caplog):
