@@ -479,27 +479,29 @@ def _yaml_value(value) -> str:
 
 def reference_markdown() -> str:
     """docs/configuration.md: every section and field with its type, default, doc and resume / OSR rule."""
-    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731 - a table cell
+    def cell(text) -> str:  # a table cell: pipes escaped, <out_dir> shown rather than read as HTML
+        return str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
     lines = [
         "# Configuration reference",
         "",
-        "<!-- Generated from the fields of engine/config.py: python -m engine.config --reference "
-        "> docs/configuration.md -->",
+        ("<!-- Generated from the fields of engine/config.py: python -m engine.config --reference "
+         "> docs/configuration.md -->"),
         "",
-        "A job is configured by a YAML file (`--config`) of these sections, and by overrides "
-        "(`--set section.key=value`, or the shortcut flags such as `--out`), which win over the file.",
+        ("A job is configured by a YAML file (`--config`) of these sections, and by overrides "
+         "(`--set section.key=value`, or the shortcut flags such as `--out`), which win over the file."),
         "",
-        "How values are read: an override is read by the field's type. A text field keeps the text exactly as "
-        "typed (`--out 0123` is the folder `0123`); integers and numbers are parsed as such; booleans are "
-        "`true`/`false` (also `yes`/`no`, `on`/`off`); a field that may be null takes `null`, `~` or empty "
-        "text as null; lists are written in YAML flow syntax (`[0.9, 0.98]`) and each element is read by the "
-        "element type; a choice must be one of the listed values. A config file is YAML, except that a text "
-        "field given a number or boolean takes it as written (`train: 2024_01` is the folder `2024_01`).",
+        ("How values are read: an override is read by the field's type. A text field keeps the text exactly as "
+         "typed (`--out 0123` is the folder `0123`); integers and numbers are parsed as such; booleans are "
+         "`true`/`false` (also `yes`/`no`, `on`/`off`); a field that may be null takes `null`, `~` or empty "
+         "text as null; lists are written in YAML flow syntax (`[0.9, 0.98]`) and each element is read by the "
+         "element type; a choice must be one of the listed values. A config file is YAML, except that a text "
+         "field given a number or boolean takes it as written (`train: 2024_01` is the folder `2024_01`)."),
         "",
-        "Resume: *must match* = resuming a checkpoint with another value is refused; *may change* = free to "
-        "change; *(logged)* = a schedule setting whose change is logged; *may only grow* = may be raised, "
-        "not lowered. OSR: *yes* = recovered OSR statistics (`osr.load_from`, sweeps) are reused only by a job "
-        "with the same value; *via the OSR surrogate* = the field chooses the OSR loss, which must match.",
+        ("Resume: *must match* = resuming a checkpoint with another value is refused; *may change* = free to "
+         "change; *(logged)* = a schedule setting whose change is logged; *may only grow* = may be raised, "
+         "not lowered. OSR: *yes* = recovered OSR statistics (`osr.load_from`, sweeps) are reused only by a job "
+         "with the same value; *via the OSR surrogate* = the field chooses the OSR loss, which must match."),
     ]
     hints = {}
     for key, f in config_fields().items():
@@ -560,7 +562,7 @@ _StructureLoader.yaml_implicit_resolvers = {
 def _parse_structure(text: _Text, where: str):
     """An override's list or mapping (`[0.9, 0.98]`, `[{name: x, csv: f}]`), its scalars left as `_Text`."""
     try:
-        tree = yaml.load(text, Loader=_StructureLoader)  # noqa: S506 - a SafeLoader that resolves null only
+        tree = yaml.load(text, Loader=_StructureLoader)  # a SafeLoader that resolves null only
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ValueError(f"{where}: {str(text)!r} is not a YAML list or mapping ({problem})") from None
@@ -621,9 +623,9 @@ def _coerce(value, annotation, where: str):
     if annotation is str:
         if isinstance(value, _Scalar):  # `train: 2024_01` in a file: the folder as written, not 202401
             return value.text
-        if not isinstance(value, str):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):  # a `base` dict's number: its str
             raise ValueError(f"{where} must be a string, got {value!r}")
-        return str.__str__(value)
+        return str.__str__(value) if isinstance(value, str) else str(value)
     if isinstance(value, _Scalar):
         value = value.value
     if annotation is bool:
@@ -724,7 +726,7 @@ def read_yaml(path: str | Path, *, what: str, keep_text: bool = False) -> object
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
-        return yaml.load(text, Loader=_SourceLoader) if keep_text else yaml.safe_load(text)  # noqa: S506
+        return yaml.load(text, Loader=_SourceLoader) if keep_text else yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
