@@ -496,7 +496,7 @@ def reference_markdown() -> str:
          "`true`/`false` (also `yes`/`no`, `on`/`off`); a field that may be null takes `null`, `~` or empty "
          "text as null; lists are written in YAML flow syntax (`[0.9, 0.98]`) and each element is read by the "
          "element type; a choice must be one of the listed values. A config file is YAML, except that a text "
-         "field given a number or boolean takes it as written (`train: 2024_01` is the folder `2024_01`)."),
+         "field given a number, boolean or date takes it as written (`train: 2024_01` is the folder `2024_01`)."),
         "",
         ("Resume: *must match* = resuming a checkpoint with another value is refused; *may change* = free to "
          "change; *(logged)* = a schedule setting whose change is logged; *may only grow* = may be raised, "
@@ -526,7 +526,7 @@ class _Text(str):
 
 @dataclass(frozen=True)
 class _Scalar:
-    """A number or boolean read from a config file, with the text it was written as (`train: 2024_01`)."""
+    """A number, boolean or date read from a config file, with the text it was written as (`train: 2024_01`)."""
 
     value: object
     text: str
@@ -537,7 +537,7 @@ _BOOL_TEXTS = {"true": True, "yes": True, "on": True, "false": False, "no": Fals
 
 
 class _SourceLoader(yaml.SafeLoader):
-    """YAML as usual, except that numbers and booleans keep the text they were written as (`_Scalar`)."""
+    """YAML as usual, except that numbers, booleans and dates keep the text they were written as (`_Scalar`)."""
 
 
 def _keep_text(construct):
@@ -545,7 +545,8 @@ def _keep_text(construct):
 
 
 for _tag, _construct in (("int", yaml.SafeLoader.construct_yaml_int), ("float", yaml.SafeLoader.construct_yaml_float),
-                         ("bool", yaml.SafeLoader.construct_yaml_bool)):
+                         ("bool", yaml.SafeLoader.construct_yaml_bool),
+                         ("timestamp", yaml.SafeLoader.construct_yaml_timestamp)):
     _SourceLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keep_text(_construct))
 
 
@@ -722,7 +723,7 @@ def parse_override(text: str) -> tuple[list[str], str]:
 def read_yaml(path: str | Path, *, what: str, keep_text: bool = False) -> object:
     """The YAML document in file `path`; a syntax error is a ValueError naming `what`, the file and the line.
 
-    `keep_text`: numbers and booleans also keep their text, which `load_config` gives `str` fields.
+    `keep_text`: numbers, booleans and dates also keep their text, which `load_config` gives `str` fields.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -739,7 +740,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, b
     """Build a JobConfig from defaults, an optional `base` dict, a YAML file and overrides.
 
     Override text is read by the field's declared type (a `str` field keeps it as typed); the file is
-    YAML, except that a `str` field given a number or boolean takes it as written (`train: 2024_01`).
+    YAML, except that a `str` field given a number, boolean or date takes it as written (`train: 2024_01`).
     `training=False` validates for evaluation only (no training data needed).
     """
     values: dict = {}

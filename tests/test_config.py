@@ -179,13 +179,13 @@ def test_every_error_is_reported_at_once_one_line_each():
 def test_config_file_is_yaml_but_a_str_field_keeps_a_number_as_written(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("data:\n  train: 2024_01\n  batch_size: 16\n"
-                    "run:\n  out_dir: 0123\n  device: on\n  epochs: 3\n  progress: no\n"
+                    "run:\n  out_dir: 0123\n  device: on\n  epochs: 3\n  progress: no\n  resume: 2024-01-31\n"
                     "eval:\n  best_metric: 1:30\n"
                     "model:\n  mean: [1, 2, 3]\n  tokenizer: 1.50\n"
                     "optim:\n  lr: 1e-5\n  betas: [0.8, 0.9]\n")
     cfg = load_config(path, training=False)
-    assert (cfg.data.train, cfg.run.out_dir, cfg.run.device, cfg.eval.best_metric, cfg.model.tokenizer) == (
-        "2024_01", "0123", "on", "1:30", "1.50")
+    assert (cfg.data.train, cfg.run.out_dir, cfg.run.device, cfg.eval.best_metric, cfg.model.tokenizer,
+            cfg.run.resume) == ("2024_01", "0123", "on", "1:30", "1.50", "2024-01-31")
     assert (cfg.data.batch_size, cfg.run.epochs, cfg.run.progress, cfg.optim.lr) == (16, 3, False, 1e-5)
     assert cfg.model.mean == [1.0, 2.0, 3.0] and all(type(v) is float for v in cfg.model.mean)
     assert cfg.optim.betas == (0.8, 0.9)
