@@ -701,6 +701,12 @@ def _fill(instance, values: dict, prefix: str, problems: list[str]) -> None:
             continue
         current = getattr(instance, key)
         if dataclasses.is_dataclass(current):
+            if isinstance(value, _Text):  # --set 'loss={margin: 0.2}': each field still by its type
+                try:
+                    value = _parse_structure(value, where)
+                except ValueError as exc:
+                    problems.append(str(exc))
+                    continue
             if not isinstance(value, dict):
                 problems.append(f"'{where}' must be a mapping of its fields")
                 continue

@@ -197,6 +197,13 @@ def test_config_file_is_yaml_but_a_str_field_keeps_a_number_as_written(tmp_path)
     assert "run.progress must be true or false, got 'yes'" in str(info.value)
 
 
+def test_a_whole_section_as_override_text_reads_each_field_by_its_type():
+    cfg = load_config(overrides=["run={out_dir: 0123, epochs: 2, progress: off}"], training=False)
+    assert (cfg.run.out_dir, cfg.run.epochs, cfg.run.progress) == ("0123", 2, False)
+    with pytest.raises(ValueError, match="'run' must be a mapping of its fields"):
+        load_config(overrides=["run=0123"], training=False)
+
+
 def test_cli_shortcut_flags_keep_the_text_as_typed():
     from engine.cli import build_parser, job_config_from_args
 
