@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from engine.config import field_rule, keys_with
 from engine.distributed import DistContext, barrier, gather_objects
 from engine.io import fsync_dir, write_atomic, write_json_atomic
 
@@ -412,23 +413,15 @@ class CheckpointManager:
 
 # ----- what may be loaded into which job -----
 
+# The rules live on the config fields (engine/config.py `setting(..., resume=..., osr=...)`); these are read from them.
 # Settings that define recovered OSR statistics: reusing them needs the same values.
-OSR_DEFINING_KEYS = ("model.name", "model.weights", "model.preset", "model.pretrained_tag", "model.mean",
-                     "model.std", "model.resize_mode", "model.interpolation", "model.precision", "loss.margin", "loss.eps",
-                     "loss.gamma_min", "loss.gamma_decay_epochs", "osr.epochs", "optim.betas",
-                     "data.batch_size", "run.seed")
-
+OSR_DEFINING_KEYS = keys_with("osr", True)
 # Schedule-only settings a resumed run may change (e.g. a lower lr after non-finite steps); logged.
-SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.grad_clip", "run.max_bad_steps", "run.epochs")
+SCHEDULE_KEYS = keys_with("resume", "schedule", "may_grow")
 # Schedule settings a resumed run may only raise (more fine-tuning epochs extend the run).
-GROW_ONLY_KEYS = ("run.epochs",)
-
+GROW_ONLY_KEYS = keys_with("resume", "may_grow")
 # Settings that may change between a run and its resumption (they do not change the method).
-RESUME_FREE_KEYS = ("run.progress", "run.log_every", "run.save_every_steps", "run.keep_last_n", "run.async_checkpoint",
-                    "run.resume", "eval.every_steps", "eval.at_start", "eval.batch_size", "run.device",
-                    "osr.load_from", "run.out_dir", "data.train", "model.weights",  # moved folders / files
-                    "run.collective_timeout_s", "run.node_local_dir", "run.tensorboard", "run.wandb_project",
-                    "run.wandb_mode", "run.below_base_tolerance", "run.stop_below_base", *SCHEDULE_KEYS)
+RESUME_FREE_KEYS = keys_with("resume", "may_change", "schedule", "may_grow")
 
 
 def schedule_changes(saved: dict, live: dict) -> list[str]:
@@ -461,11 +454,12 @@ def resume_conflicts(saved: dict, live: dict, *, can_reshard: bool) -> list[str]
                         "(universal checkpoint) or fsdp (resharding load)")
     old, new = flatten(saved["config"]), flatten(live["config"])
     for key in sorted(set(old) | set(new)):
-        if key in GROW_ONLY_KEYS and new.get(key, 0) < old.get(key, 0):
+        rule = field_rule(key, "resume")
+        if rule == "may_grow" and new.get(key, 0) < old.get(key, 0):
             problems.append(f"config {key}: checkpoint has {old.get(key)!r}, this job {new.get(key)!r}: a resumed "
                             "run may add epochs, not remove them (to stop earlier, use a checkpoint's weights)")
             continue
-        if key.startswith(RESUME_FREE_KEYS) or old.get(key) == new.get(key):
+        if rule != "must_match" or old.get(key) == new.get(key):
             continue
         problems.append(f"config {key}: checkpoint has {old.get(key)!r}, this job {new.get(key)!r}")
     return problems

@@ -1,18 +1,24 @@
 """The job configuration: one typed dataclass tree, from YAML plus `section.key=value` overrides.
 
-Every section validates itself; `JobConfig.validate()` reports every problem at once, each
-naming its field and the fix.
+Every field carries its rules (`setting`): a one-line doc, whether a resumed run may change it and whether
+it defines the recovered OSR statistics; checkpoint, sweep and docs/configuration.md read them from here.
+Every section validates itself; `JobConfig.validate()` reports every problem at once, each naming its field
+and the fix. `python -m engine.config --reference` prints the configuration reference.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -21,10 +27,18 @@ if typing.TYPE_CHECKING:
 
 from engine.backends import backend_names
 
-METHODS = ("tuneclip", "fastclip", "openclip", "siglip")
-SURROGATE_CHOICES = ("auto", "hgcl", "gcl", "mbcl", "siglip")
-WANDB_MODES = ("offline", "online")
-PRECISIONS = ("fp32", "bf16")  # training precisions (weights fp32; bf16 compute)
+Method = Literal["tuneclip", "fastclip", "openclip", "siglip"]
+Surrogate = Literal["auto", "hgcl", "gcl", "mbcl", "siglip"]
+OSRSurrogate = Literal["auto", "hgcl", "gcl"]
+Precision = Literal["fp32", "bf16"]  # training precisions (weights fp32; bf16 compute)
+ResizeMode = Literal["shortest", "longest", "squash"]  # open_clip.transform.image_transform_v2's modes
+Interpolation = Literal["bicubic", "bilinear", "random"]
+TrainTransform = Literal["augment", "eval"]
+WandbMode = Literal["offline", "online"]
+METHODS = typing.get_args(Method)
+SURROGATE_CHOICES = typing.get_args(Surrogate)
+PRECISIONS = typing.get_args(Precision)
+WANDB_MODES = typing.get_args(WandbMode)
 # Images with more pixels (width x height, read from the header) are skipped before decoding.
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 # Members larger than this (from the tar header, before any byte is read) are skipped. 64 MiB is twice a
@@ -42,24 +56,47 @@ EVAL_METRICS = {
 METHOD_SURROGATE = {"tuneclip": "hgcl", "fastclip": "gcl", "openclip": "mbcl", "siglip": "siglip"}
 METHOD_RUNS_OSR = {"tuneclip": True, "fastclip": False, "openclip": False, "siglip": False}
 
+# What a resumed run may do with a field (metadata "resume"), as docs/configuration.md words it.
+RESUME_RULES = {
+    "must_match": "must match",  # changes the method or the data order: resuming with another value is refused
+    "may_change": "may change",  # where outputs go, logging, evaluation cadence, moved files
+    "schedule": "may change (logged)",  # schedule-only settings (e.g. a lower lr after non-finite steps)
+    "may_grow": "may only grow (logged)",  # more fine-tuning epochs extend a run; fewer are refused
+}
+# Whether a field defines the recovered OSR statistics (metadata "osr"): True = its value must match for
+# the statistics to be reused (osr.load_from, sweeps); "surrogate" = it does through the OSR surrogate it
+# resolves to (`JobConfig.osr_surrogate`), which is what is compared.
+OSR_RULES = {True: "yes", "surrogate": "via the OSR surrogate", False: ""}
+
+
+def setting(default, doc: str, *, resume: str = "must_match", osr: bool | str = False):
+    """A config field with its one-line `doc` and rules: `resume` (a key of RESUME_RULES) and `osr` (OSR_RULES)."""
+    assert resume in RESUME_RULES and osr in OSR_RULES and doc, (resume, osr, doc)
+    metadata = {"doc": doc, "resume": resume, "osr": osr}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
 
 @dataclass
 class ModelConfig:
     """Which open_clip model, from which local weights, with which preprocessing."""
 
-    name: str = "tiny-vit"  # open_clip architecture, shipped config name or JSON path
-    weights: str | None = None  # local .safetensors / .bin / .pt; None = random init
-    # open_clip pretrained tag the weights were trained as (openai, webli, laion2b_s34b_b79k, dfn5b, ...):
-    # open_clip's pretrained config for it sets mean, std, interpolation, resize mode and the activation.
-    pretrained_tag: str | None = None
-    preset: str | None = None  # former name of pretrained_tag (e.g. dfn5b, openai); same meaning
-    mean: list[float] | None = None  # overrides the tag's (3 numbers)
-    std: list[float] | None = None  # overrides the tag's (3 numbers)
-    resize_mode: str | None = None  # shortest | longest | squash; overrides the tag's
-    interpolation: str | None = None  # bicubic | bilinear | random; overrides the tag's
-    tokenizer: str | None = None  # local folder (or hub id) of a Hugging Face tokenizer; None = the model's
-    precision: str = "fp32"  # fp32 | bf16 (autocast where the device supports it)
-    grad_checkpointing: bool = False
+    name: str = setting("tiny-vit", "open_clip architecture, shipped config name or JSON path", osr=True)
+    weights: str | None = setting(None, "local .safetensors / .bin / .pt; null = random init",
+                                  resume="may_change", osr=True)
+    pretrained_tag: str | None = setting(
+        None, "open_clip pretrained tag the weights were trained as (openai, webli, laion2b_s34b_b79k, dfn5b, ...): "
+        "open_clip's pretrained config for it sets mean, std, interpolation, resize mode and the activation", osr=True)
+    preset: str | None = setting(None, "former name of pretrained_tag (e.g. dfn5b, openai); same meaning", osr=True)
+    mean: list[float] | None = setting(None, "image mean (3 numbers); overrides the tag's", osr=True)
+    std: list[float] | None = setting(None, "image std (3 numbers); overrides the tag's", osr=True)
+    resize_mode: ResizeMode | None = setting(None, "how images are resized; overrides the tag's", osr=True)
+    interpolation: Interpolation | None = setting(None, "resize interpolation; overrides the tag's", osr=True)
+    tokenizer: str | None = setting(None, "local folder (or hub id) of a Hugging Face tokenizer; null = the model's")
+    precision: Precision = setting("fp32", "training precision (bf16: autocast where the device supports it)",
+                                   osr=True)
+    grad_checkpointing: bool = setting(False, "recompute activations in backward (less memory, more time)")
 
     @property
     def tag(self) -> str | None:
@@ -77,22 +114,15 @@ class ModelConfig:
         if self.preset and self.pretrained_tag and self.preset != self.pretrained_tag:
             out.append(f"model.preset {self.preset!r} and model.pretrained_tag {self.pretrained_tag!r} disagree; "
                        "keep only model.pretrained_tag")
+        out.extend(choice_errors(self, "model"))
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None and (len(value) != 3 or not all(isinstance(v, (int, float)) for v in value)):
                 out.append(f"model.{key} must be 3 numbers (one per RGB channel), got {value!r}")
         if self.std is not None and len(self.std) == 3 and not all(v > 0 for v in self.std):
             out.append(f"model.std must be > 0, got {self.std!r}")
-        from models.pretrained import INTERPOLATIONS, RESIZE_MODES  # open_clip's, imported only to check
-
-        if self.resize_mode not in (None, *RESIZE_MODES):
-            out.append(f"model.resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        if self.interpolation not in (None, *INTERPOLATIONS):
-            out.append(f"model.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if not self.name:
             out.append("model.name must name an open_clip architecture or a JSON config")
-        if self.precision not in PRECISIONS:
-            out.append(f"model.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.weights is not None and not Path(self.weights).exists():
             out.append(f"model.weights: file {self.weights} does not exist; give a local checkpoint path")
         return out
@@ -102,17 +132,21 @@ class ModelConfig:
 class DataConfig:
     """Training shards (a directory with manifest.json, or the manifest itself) and batching."""
 
-    train: str = ""
-    batch_size: int = 64  # global batch across all ranks
-    num_workers: int = 0
-    shuffle_buffer: int = 1000
-    verify_checksums: bool = False
-    resampled: bool = False  # draw shards with replacement (very large data); epoch = samples_per_epoch
-    samples_per_epoch: int | None = None  # all ranks together; required with resampled
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images (width x height) are skipped before decoding
-    # tar members larger than this (bytes, from the tar header) or sparse are skipped unread; 64 MiB
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
-    train_transform: str = "augment"  # augment: the model's random-resized-crop train transform; eval: none
+    train: str = setting("", "shard directory with manifest.json, or the manifest itself (see `run.py shards`)",
+                         resume="may_change")
+    batch_size: int = setting(64, "global batch across all ranks", osr=True)
+    num_workers: int = setting(0, "data loader processes per rank (0 = in the training process)")
+    shuffle_buffer: int = setting(1000, "samples held for shuffling within a rank's stream")
+    verify_checksums: bool = setting(False, "check every shard's sha256 against the manifest at start")
+    resampled: bool = setting(False, "draw shards with replacement (very large data); epoch = samples_per_epoch")
+    samples_per_epoch: int | None = setting(None, "samples per epoch, all ranks together; required with resampled")
+    max_image_pixels: int = setting(DEFAULT_MAX_IMAGE_PIXELS,
+                                    "larger images (width x height) are skipped before decoding")
+    max_member_bytes: int = setting(DEFAULT_MAX_MEMBER_BYTES, "tar members larger than this (bytes, from the tar "
+                                    "header) or sparse are skipped unread; 64 MiB")
+    train_transform: TrainTransform = setting(
+        "augment", "augment: the model's random-resized-crop train transform; eval: none (the eval transform)",
+        osr=True)
 
     @property
     def limits(self) -> ReadLimits:
@@ -122,7 +156,7 @@ class DataConfig:
         return ReadLimits(self.max_image_pixels, self.max_member_bytes)
 
     def errors(self, *, training: bool = True) -> list[str]:
-        out = []
+        out = choice_errors(self, "data")
         if training and not self.train:
             out.append("data.train is required: a shard directory with manifest.json (see `run.py shards`)")
         if self.batch_size < 2:
@@ -137,11 +171,6 @@ class DataConfig:
             out.append(f"data.max_image_pixels must be >= 1 (width x height), got {self.max_image_pixels}")
         if self.max_member_bytes < 1:
             out.append(f"data.max_member_bytes must be >= 1 (bytes of one tar member), got {self.max_member_bytes}")
-        if self.train_transform not in ("augment", "eval"):
-            out.append(
-                f"data.train_transform must be 'augment' (random crops) or 'eval' (no augmentation), "
-                f"got {self.train_transform!r}"
-            )
         return out
 
 
@@ -149,19 +178,20 @@ class DataConfig:
 class LossConfig:
     """Surrogate and SogCLR estimator settings (temperature is fixed from the checkpoint)."""
 
-    surrogate: str = "auto"  # auto = the method's (tuneclip: hgcl, fastclip: gcl, openclip: mbcl)
-    margin: float | str = 0.1  # HGCL margin m, or "auto": the margin_inside_share rule at w0 (README, engine/margin.py)
-    margin_inside_share: float = 0.5  # margin=auto: m puts this share of the pairs inside the hinge (d > -m) at w0
-    margin_probe_batches: int = 8  # margin=auto: batches at w0 whose d the rule reads
-    eps: float = 1e-14
-    chunk_size: int = 0  # columns of the global batch per block; 0 = whole batch
-    gamma_min: float = 0.9
-    gamma_decay_epochs: int = 4
+    surrogate: Surrogate = setting("auto", "auto = the method's (tuneclip: hgcl, fastclip: gcl, openclip: mbcl, "
+                                   "siglip: siglip)", osr="surrogate")
+    margin: float | str = setting(0.1, "HGCL margin m, or auto: the margin_inside_share rule at w0 (engine/margin.py)",
+                                  osr=True)
+    margin_inside_share: float = setting(0.5, "margin=auto: m puts this share of the pairs inside the hinge "
+                                         "(d > -m) at w0", osr=True)
+    margin_probe_batches: int = setting(8, "margin=auto: batches at w0 whose d the rule reads", osr=True)
+    eps: float = setting(1e-14, "eps of log(eps + u) (keeps the weights of tiny u finite)", osr=True)
+    chunk_size: int = setting(0, "columns of the global batch per block; 0 = whole batch")
+    gamma_min: float = setting(0.9, "SogCLR moving-average weight gamma_t: its final value", osr=True)
+    gamma_decay_epochs: int = setting(4, "epochs of gamma_t's cosine from 1 down to gamma_min", osr=True)
 
     def errors(self) -> list[str]:
-        out = []
-        if self.surrogate not in SURROGATE_CHOICES:
-            out.append(f"loss.surrogate must be one of {SURROGATE_CHOICES}, got {self.surrogate!r}")
+        out = choice_errors(self, "loss")
         if isinstance(self.margin, str) and self.margin != "auto":
             out.append(f"loss.margin must be a number >= 0 or 'auto', got {self.margin!r}")
         elif not isinstance(self.margin, str) and self.margin < 0:
@@ -185,12 +215,13 @@ class LossConfig:
 class OptimConfig:
     """AdamW and the cosine learning-rate schedule of the fine-tuning stage."""
 
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 0.02
-    eps: float = 1e-6
-    warmup_steps: int = 0
-    grad_clip: float = 0.0  # max global grad norm in fine-tuning; 0 = off (never applied in OSR)
+    lr: float = setting(1e-5, "peak learning rate of fine-tuning", resume="schedule")
+    betas: tuple[float, float] = setting((0.9, 0.98), "AdamW betas (the moments OSR recovers use them)", osr=True)
+    weight_decay: float = setting(0.02, "AdamW decoupled weight decay")
+    eps: float = setting(1e-6, "AdamW epsilon")
+    warmup_steps: int = setting(0, "linear warm-up steps before the cosine decay", resume="schedule")
+    grad_clip: float = setting(0.0, "max global grad norm in fine-tuning; 0 = off (never applied in OSR)",
+                               resume="schedule")
 
     def errors(self) -> list[str]:
         out = []
@@ -211,20 +242,20 @@ class OptimConfig:
 class OSRConfig:
     """Stage I (paper Algorithm 1) and the stage-II seeding switches (paper Table 2)."""
 
-    epochs: int = 5
-    seed_moments: bool = True
-    seed_u: bool = True
-    surrogate: str = "auto"  # auto = the stage-II surrogate
-    load_from: str | None = None  # end-of-OSR checkpoint to start stage II from (skips OSR)
+    epochs: int = setting(5, "OSR epochs at the frozen starting weights", osr=True)
+    seed_moments: bool = setting(True, "start fine-tuning's AdamW moments from the recovered ones")
+    seed_u: bool = setting(True, "start fine-tuning's estimates u from the recovered ones")
+    surrogate: OSRSurrogate = setting("auto", "auto = the stage-II surrogate (gcl for mbcl and siglip)",
+                                      osr="surrogate")
+    load_from: str | None = setting(None, "end-of-OSR checkpoint to start stage II from (skips OSR)",
+                                    resume="may_change")
 
     def errors(self) -> list[str]:
-        out = []
+        out = choice_errors(self, "osr")
         if self.load_from is not None and not Path(self.load_from).is_dir():
             out.append(f"osr.load_from: {self.load_from} is not a checkpoint folder (see `run.py osr`)")
         if self.epochs < 0:
             out.append(f"osr.epochs must be >= 0, got {self.epochs}")
-        if self.surrogate not in ("auto", "hgcl", "gcl"):
-            out.append(f"osr.surrogate must be auto, hgcl or gcl, got {self.surrogate!r}")
         return out
 
 
@@ -232,14 +263,18 @@ class OSRConfig:
 class EvalConfig:
     """Local evaluation tasks, when to run them, and which metric picks the best checkpoint."""
 
-    # {name, csv | wds | clip_benchmark, classnames?, templates?, split?, main_metric?} (see README)
-    zeroshot: list[dict] = field(default_factory=list)
-    retrieval: list[dict] = field(default_factory=list)  # {name, csv | wds | clip_benchmark, split?, main_metric?}
-    every_steps: int = 0  # 0 = at epoch ends only
-    at_start: bool = True
-    best_metric: str = ""  # "task/metric", e.g. "imagenet/acc1"; empty = first zero-shot acc1
-    batch_size: int = 128
-    num_workers: int = 2  # DataLoader processes decoding evaluation images (0 = in the main process)
+    zeroshot: list[dict] = setting([], "zero-shot classification tasks: {name, csv | wds | clip_benchmark, "
+                                   "classnames?, templates?, split?, main_metric?} (see README)")
+    retrieval: list[dict] = setting([], "retrieval tasks: {name, csv | wds | clip_benchmark, split?, main_metric?}")
+    every_steps: int = setting(0, "evaluate every this many fine-tuning steps; 0 = at epoch ends only",
+                               resume="may_change")
+    at_start: bool = setting(True, "evaluate the starting weights (the base every result is compared with)",
+                             resume="may_change")
+    best_metric: str = setting("", "task/metric that picks best.safetensors, e.g. imagenet/acc1; empty = the first "
+                               "zero-shot acc1")
+    batch_size: int = setting(128, "evaluation batch per rank", resume="may_change")
+    num_workers: int = setting(2, "DataLoader processes decoding evaluation images (0 = in the main process)",
+                               resume="may_change")
 
     def errors(self) -> list[str]:
         out = []
@@ -280,34 +315,41 @@ class EvalConfig:
 class RunConfig:
     """Where outputs go, how long to train, logging and the backend."""
 
-    out_dir: str = "runs/tuneclip"
-    epochs: int = 5  # fine-tuning epochs
-    max_steps_per_epoch: int = 0  # 0 = the whole epoch (useful for smoke runs)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 10
-    backend: str = "single"  # any name in the backend registry (engine.backends): single | deepspeed | fsdp
-    zero_config: str | None = None
-    progress: bool = True
-    save_every_steps: int = 0  # 0 = no periodic checkpoints
-    keep_last_n: int = 2
-    # Write checkpoints in the background (run.backend=fsdp): training goes on while the shards are written;
-    # a checkpoint counts (latest, resume) only once every rank's write has finished.
-    async_checkpoint: bool = False
-    resume: str | None = None  # "latest" or a checkpoint folder
-    max_bad_steps: int = 5  # consecutive non-finite steps skipped before the run aborts
-    collective_timeout_s: int = 600  # a rank waiting this long in a collective fails the job (dead/frozen rank)
-    # Several nodes: a folder on each node's local disk for that node's replica of the u table
-    # (default: one folder per node under out_dir, each opened by its node only).
-    node_local_dir: str | None = None
-    below_base_tolerance: float = 0.005  # an evaluation more than this under the base (metric units) is warned about
-    stop_below_base: int = 0  # stop fine-tuning after this many consecutive evaluations below the base; 0 = never
-    tensorboard: bool = False  # also log scalars to <out_dir>/tensorboard (per step and per evaluation)
-    wandb_project: str | None = None  # also log to Weights & Biases (optional package `wandb`)
-    wandb_mode: str = "offline"  # offline (files under <out_dir>/wandb, `wandb sync` later) | online
+    out_dir: str = setting("runs/tuneclip", "the run folder: log, checkpoints, weights, summary",
+                           resume="may_change")
+    epochs: int = setting(5, "fine-tuning epochs", resume="may_grow")
+    max_steps_per_epoch: int = setting(0, "0 = the whole epoch (useful for smoke runs)")
+    seed: int = setting(0, "seeds the data order, augmentation and random initialisation", osr=True)
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N", resume="may_change")
+    log_every: int = setting(10, "steps between log lines", resume="may_change")
+    backend: str = setting("single", "any name in the backend registry (engine.backends): single | deepspeed | fsdp")
+    zero_config: str | None = setting(None, "DeepSpeed config (zero_configs/*.json) for run.backend=deepspeed")
+    progress: bool = setting(True, "progress bars (rank 0)", resume="may_change")
+    save_every_steps: int = setting(0, "steps between periodic checkpoints; 0 = none", resume="may_change")
+    keep_last_n: int = setting(2, "complete checkpoints kept; older ones are removed", resume="may_change")
+    async_checkpoint: bool = setting(
+        False, "write checkpoints in the background (run.backend=fsdp): training goes on while the shards are "
+        "written; a checkpoint counts (latest, resume) only once every rank's write has finished", resume="may_change")
+    resume: str | None = setting(None, "latest or a checkpoint folder to continue from", resume="may_change")
+    max_bad_steps: int = setting(5, "consecutive non-finite steps skipped before the run aborts", resume="schedule")
+    collective_timeout_s: int = setting(600, "a rank waiting this long (seconds) in a collective fails the job "
+                                        "(dead or frozen rank)", resume="may_change")
+    node_local_dir: str | None = setting(
+        None, "several nodes: a folder on each node's local disk for that node's replica of the u table (default: "
+        "one folder per node under out_dir, each opened by its node only)", resume="may_change")
+    below_base_tolerance: float = setting(0.005, "an evaluation more than this under the base (metric units) is "
+                                          "warned about", resume="may_change")
+    stop_below_base: int = setting(0, "stop fine-tuning after this many consecutive evaluations below the base; "
+                                   "0 = never", resume="may_change")
+    tensorboard: bool = setting(False, "also log scalars to <out_dir>/tensorboard (per step and per evaluation)",
+                                resume="may_change")
+    wandb_project: str | None = setting(None, "also log to Weights & Biases (optional package wandb)",
+                                        resume="may_change")
+    wandb_mode: WandbMode = setting("offline", "offline: files under <out_dir>/wandb (wandb sync later); online",
+                                    resume="may_change")
 
     def errors(self) -> list[str]:
-        out = []
+        out = choice_errors(self, "run")
         if self.epochs < 0:
             out.append(f"run.epochs must be >= 0, got {self.epochs}")
         if self.backend not in backend_names():
@@ -326,8 +368,6 @@ class RunConfig:
             out.append(f"run.below_base_tolerance must be >= 0 (metric units), got {self.below_base_tolerance}")
         if self.stop_below_base < 0:
             out.append(f"run.stop_below_base must be >= 0 (0 = never stop), got {self.stop_below_base}")
-        if self.wandb_mode not in WANDB_MODES:
-            out.append(f"run.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
         return out
 
 
@@ -335,7 +375,8 @@ class RunConfig:
 class JobConfig:
     """The whole job: method plus one section per component."""
 
-    method: str = "tuneclip"
+    method: Method = setting("tuneclip", "what runs (paper Table 9): tuneclip = OSR + HGCL, fastclip = GCL, "
+                             "openclip = MBCL, siglip = SigLIP's sigmoid loss", osr="surrogate")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -358,9 +399,7 @@ class JobConfig:
 
     def errors(self, *, training: bool = True) -> list[str]:
         """Every problem of the configuration; `training=False` (evaluation) needs no training data."""
-        out = []
-        if self.method not in METHODS:
-            out.append(f"method must be one of {METHODS}, got {self.method!r}")
+        out = choice_errors(self, "")
         out.extend(self.data.errors(training=training))
         for section in (self.model, self.loss, self.optim, self.osr, self.eval, self.run):
             out.extend(section.errors())
@@ -382,12 +421,190 @@ class JobConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def config_fields(cls: type = JobConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every leaf field of the config tree by its dotted key ('loss.margin'), in declaration order."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        section = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
+        if section is not None:
+            out.update(config_fields(section, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = f
+    return out
+
+
+@functools.cache
+def _field_metadata() -> dict[str, typing.Mapping]:
+    return {key: f.metadata for key, f in config_fields().items()}
+
+
+def field_rule(key: str, rule: str):
+    """Metadata `rule` ('resume', 'osr', 'doc') of the field at dotted `key`; a key inside a mapping field
+    ('loss.terms.x') takes its field's; an unknown key (a removed field) the strict default."""
+    fields = _field_metadata()
+    while key not in fields and "." in key:
+        key = key.rpartition(".")[0]
+    return fields[key][rule] if key in fields else {"resume": "must_match", "osr": False, "doc": ""}[rule]
+
+
+def keys_with(rule: str, *values) -> tuple[str, ...]:
+    """The dotted keys whose metadata `rule` is one of `values` ('resume', 'may_change' -> ('run.out_dir', ...))."""
+    return tuple(key for key, meta in _field_metadata().items() if meta[rule] in values)
+
+
+def _type_name(annotation) -> str:
+    """A field type as the reference shows it: `int`, `list[float] | null`, `"fp32" | "bf16"`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(f'"{a}"' for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _yaml_value(value) -> str:
+    """A default as it is written in a config file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return '""' if value == "" else str(value)
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every section and field with its type, default, doc and resume / OSR rule."""
+    def cell(text) -> str:  # a table cell: pipes escaped, <out_dir> shown rather than read as HTML
+        return str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+    lines = [
+        "# Configuration reference",
+        "",
+        ("<!-- Generated from the fields of engine/config.py: python -m engine.config --reference "
+         "> docs/configuration.md -->"),
+        "",
+        ("A job is configured by a YAML file (`--config`) of these sections, and by overrides "
+         "(`--set section.key=value`, or the shortcut flags such as `--out`), which win over the file."),
+        "",
+        ("How values are read: an override is read by the field's type. A text field keeps the text exactly as "
+         "typed (`--out 0123` is the folder `0123`); integers and numbers are parsed as such; booleans are "
+         "`true`/`false` (also `yes`/`no`, `on`/`off`); a field that may be null takes `null`, `~` or empty "
+         "text as null; lists are written in YAML flow syntax (`[0.9, 0.98]`) and each element is read by the "
+         "element type; a choice must be one of the listed values. A config file is YAML, except that a text "
+         "field given a number, boolean or date takes it as written (`train: 2024_01` is the folder `2024_01`)."),
+        "",
+        ("Resume: *must match* = resuming a checkpoint with another value is refused; *may change* = free to "
+         "change; *(logged)* = a schedule setting whose change is logged; *may only grow* = may be raised, "
+         "not lowered. OSR: *yes* = recovered OSR statistics (`osr.load_from`, sweeps) are reused only by a job "
+         "with the same value; *via the OSR surrogate* = the field chooses the OSR loss, which must match."),
+    ]
+    hints = {}
+    for key, f in config_fields().items():
+        section, _, name = key.rpartition(".")
+        if section not in hints:
+            cls = type(getattr(JobConfig(), section)) if section else JobConfig
+            hints[section] = typing.get_type_hints(cls)
+            title = section or "top level"
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if section else "The method the job runs."
+            lines += ["", f"## {title}", "", doc, "",
+                      "| field | type | default | resume | OSR | meaning |", "|---|---|---|---|---|---|"]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append("| " + " | ".join(cell(c) for c in (
+            f"`{key}`", _type_name(hints[section][name]), f"`{_yaml_value(default)}`",
+            RESUME_RULES[f.metadata["resume"]], OSR_RULES[f.metadata["osr"]], f.metadata["doc"])) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class _Text(str):
+    """Text typed in an override (`--set key=text`, a CLI flag): read by the field's declared type, never as free YAML."""
+
+
+@dataclass(frozen=True)
+class _Scalar:
+    """A number, boolean or date read from a config file, with the text it was written as (`train: 2024_01`)."""
+
+    value: object
+    text: str
+
+
+_NULL_TEXTS = ("", "~", "null", "Null", "NULL")  # YAML's spellings of null; also an override's empty text
+_BOOL_TEXTS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+class _SourceLoader(yaml.SafeLoader):
+    """YAML as usual, except that numbers, booleans and dates keep the text they were written as (`_Scalar`)."""
+
+
+def _keep_text(construct):
+    return lambda loader, node: _Scalar(construct(loader, node), node.value)
+
+
+for _tag, _construct in (("int", yaml.SafeLoader.construct_yaml_int), ("float", yaml.SafeLoader.construct_yaml_float),
+                         ("bool", yaml.SafeLoader.construct_yaml_bool),
+                         ("timestamp", yaml.SafeLoader.construct_yaml_timestamp)):
+    _SourceLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keep_text(_construct))
+
+
+class _StructureLoader(yaml.SafeLoader):
+    """YAML structure only (lists, mappings, quotes): every plain scalar stays text, except null."""
+
+
+_StructureLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:null"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _parse_structure(text: _Text, where: str):
+    """An override's list or mapping (`[0.9, 0.98]`, `[{name: x, csv: f}]`), its scalars left as `_Text`."""
+    try:
+        tree = yaml.load(text, Loader=_StructureLoader)  # a SafeLoader that resolves null only
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{where}: {str(text)!r} is not a YAML list or mapping ({problem})") from None
+
+    def wrap(node):
+        if isinstance(node, list):
+            return [wrap(v) for v in node]
+        if isinstance(node, dict):
+            return {wrap(k): wrap(v) for k, v in node.items()}
+        return None if node is None else _Text(node)
+
+    return wrap(tree)
+
+
+def _plain(value):
+    """`value` without the markers of where it came from (an untyped leaf keeps override text as text)."""
+    if isinstance(value, _Scalar):
+        return value.value
+    if isinstance(value, _Text):
+        return str.__str__(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _choice_error(where: str, value, choices: tuple) -> str:
+    return f"{where} must be one of {choices}, got {value!r}"
+
+
 def _coerce(value, annotation, where: str):
-    """Convert a YAML/CLI value to the dataclass field's declared type."""
+    """Convert a value to the field's declared type: override text by that type, YAML values as read.
+
+    A `str` field keeps the text as written (override or file); numbers, booleans and list elements are
+    converted per element by their declared type; untyped values (task mappings) are left as they are.
+    """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, _Text) and value in _NULL_TEXTS)):
             return None
         non_none = [a for a in args if a is not type(None)]
         for option in non_none[:-1]:  # the first type that takes the value (float | str: numbers stay numbers)
@@ -396,48 +613,100 @@ def _coerce(value, annotation, where: str):
             except ValueError:
                 pass
         return _coerce(value, non_none[-1], where)
+    container = origin in (list, tuple, dict) or annotation in (list, tuple, dict)
+    if isinstance(value, _Text) and container:
+        value = _parse_structure(value, where)
+    if origin is Literal:
+        text = value.text if isinstance(value, _Scalar) else value
+        if not isinstance(text, str) or text not in args:
+            raise ValueError(_choice_error(where, _plain(text), args))
+        return str.__str__(text)
+    if annotation is str:
+        if isinstance(value, _Scalar):  # `train: 2024_01` in a file: the folder as written, not 202401
+            return value.text
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):  # a `base` dict's number: its str
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return str.__str__(value) if isinstance(value, str) else str(value)
+    if isinstance(value, _Scalar):
+        value = value.value
     if annotation is bool:
+        if isinstance(value, _Text) and value.lower() in _BOOL_TEXTS:
+            return _BOOL_TEXTS[value.lower()]
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{where} must be true or false, got {value!r}")
+        raise ValueError(f"{where} must be true or false, got {_plain(value)!r}")
     if annotation is int:
+        if isinstance(value, _Text):
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"{where} must be an integer, got {str(value)!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{where} must be an integer, got {value!r}")
         return value
     if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+        if isinstance(value, str):  # override text, or YAML 1.1's "1e-5" (no dot), which it reads as a string
             try:
                 value = float(value)
             except ValueError:
-                raise ValueError(f"{where} must be a number, got {value!r}") from None
+                raise ValueError(f"{where} must be a number, got {_plain(value)!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where} must be a number, got {value!r}")
         return float(value)
-    if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"{where} must be a string, got {value!r}")
-        return str(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{where} must be a list of {len(args)} values, got {value!r}")
+            raise ValueError(f"{where} must be a list of {len(args)} values, got {_plain(value)!r}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
+    if origin is list or annotation is list:
         if not isinstance(value, list):
-            raise ValueError(f"{where} must be a list, got {value!r}")
-        return value
-    return value
+            raise ValueError(f"{where} must be a list, got {_plain(value)!r}")
+        item = args[0] if args else typing.Any
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {_plain(value)!r}")
+        key_type, item = args if args else (typing.Any, typing.Any)
+        return {_coerce(k, key_type, where): _coerce(v, item, f"{where}.{_plain(k)}") for k, v in value.items()}
+    return _plain(value)
+
+
+def _field_choices(annotation) -> tuple | None:
+    """The allowed values of a `Literal` field (also `Literal[...] | None`), else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        literals = [a for a in typing.get_args(annotation) if typing.get_origin(a) is Literal]
+        return typing.get_args(literals[0]) if literals else None
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
+def choice_errors(section, name: str) -> list[str]:
+    """One line per `Literal` field of dataclass `section` (called `name`) whose value is not one of its choices."""
+    out = []
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        choices = _field_choices(hints[f.name])
+        value = getattr(section, f.name)
+        if choices is not None and value not in choices and value is not None:
+            out.append(_choice_error(f"{name}.{f.name}" if name else f.name, value, choices))
+    return out
 
 
 def _fill(instance, values: dict, prefix: str, problems: list[str]) -> None:
     hints = typing.get_type_hints(type(instance))
     names = {f.name for f in dataclasses.fields(instance)}
     for key, value in values.items():
+        key = _plain(key)
         where = f"{prefix}{key}"
         if key not in names:
             problems.append(f"unknown key '{where}' (known: {', '.join(sorted(names))})")
             continue
         current = getattr(instance, key)
         if dataclasses.is_dataclass(current):
+            if isinstance(value, _Text):  # --set 'loss={margin: 0.2}': each field still by its type
+                try:
+                    value = _parse_structure(value, where)
+                except ValueError as exc:
+                    problems.append(str(exc))
+                    continue
             if not isinstance(value, dict):
                 problems.append(f"'{where}' must be a mapping of its fields")
                 continue
@@ -445,22 +714,26 @@ def _fill(instance, values: dict, prefix: str, problems: list[str]) -> None:
             continue
         try:
             setattr(instance, key, _coerce(value, hints[key], where))
-        except ValueError as exc:
+        except ValueError as exc:  # the field keeps its default, so its checks report nothing more
             problems.append(str(exc))
 
 
-def parse_override(text: str) -> tuple[list[str], object]:
-    """'loss.margin=0.2' -> (['loss', 'margin'], 0.2); the value is parsed as YAML."""
+def parse_override(text: str) -> tuple[list[str], str]:
+    """'loss.margin=0.2' -> (['loss', 'margin'], '0.2'); the field's declared type reads the text later."""
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), _Text(raw)
 
 
-def read_yaml(path: str | Path, *, what: str) -> object:
-    """The YAML document in file `path`; a syntax error is a ValueError naming `what`, the file and the line."""
+def read_yaml(path: str | Path, *, what: str, keep_text: bool = False) -> object:
+    """The YAML document in file `path`; a syntax error is a ValueError naming `what`, the file and the line.
+
+    `keep_text`: numbers, booleans and dates also keep their text, which `load_config` gives `str` fields.
+    """
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        return yaml.load(text, Loader=_SourceLoader) if keep_text else yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -472,6 +745,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, b
                 training: bool = True) -> JobConfig:
     """Build a JobConfig from defaults, an optional `base` dict, a YAML file and overrides.
 
+    Override text is read by the field's declared type (a `str` field keeps it as typed); the file is
+    YAML, except that a `str` field given a number, boolean or date takes it as written (`train: 2024_01`).
     `training=False` validates for evaluation only (no training data needed).
     """
     values: dict = {}
@@ -489,7 +764,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, b
         file = Path(path)
         if not file.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = read_yaml(file, what="config file") or {}
+        loaded = read_yaml(file, what="config file", keep_text=True) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections")
         merge(values, loaded)
@@ -506,3 +781,11 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, b
     if problems:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--reference"]:
+        sys.exit("usage: python -m engine.config --reference > docs/configuration.md")
+    from engine.config import reference_markdown as _reference  # the imported module's fields, not __main__'s
+
+    sys.stdout.write(_reference())

@@ -3,7 +3,7 @@
 `--set key=v1,v2,...` makes `key` an axis of the grid (a plain `--set key=v` stays fixed). Every grid
 point fine-tunes from OSR statistics: those of `--osr-from` when given (then no axis may change what
 defines them, e.g. `loss.margin` for HGCL's u*), otherwise one OSR per distinct value of the axes that
-define the statistics (`engine.checkpoint.OSR_DEFINING_KEYS`), shared by every point that agrees on
+define the statistics (the fields marked `osr` in engine/config.py), shared by every point that agrees on
 them: an lr sweep needs one OSR, a margin sweep one per margin. Each point is a run folder under
 `--out`; the sweep ends with `report.html` / `report.md` comparing them.
 """
@@ -15,8 +15,7 @@ import logging
 import re
 from pathlib import Path
 
-from engine.checkpoint import OSR_DEFINING_KEYS
-from engine.config import METHOD_RUNS_OSR, load_config
+from engine.config import METHOD_RUNS_OSR, field_rule, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +57,8 @@ def run_sweep(config: str | None, overrides: list[str], *, out: str | Path, osr_
         load_config(config, fixed + [f"{k}={v}" for k, v in point.items()])
     out = Path(out)
     runs_osr = METHOD_RUNS_OSR[base.method] and base.osr.epochs > 0
-    # loss.margin_* choose the margin OSR uses under loss.margin=auto: they define the statistics too.
-    defining = [k for k in axes if k in OSR_DEFINING_KEYS or k == "method" or k.startswith(("osr.", "loss.margin"))]
+    # Fields marked osr (their value, or the OSR surrogate they choose) define the recovered statistics.
+    defining = [k for k in axes if field_rule(k, "osr")]
     if osr_from and defining:
         raise ValueError(f"sweep --osr-from: {', '.join(defining)} define(s) the recovered statistics, so one OSR "
                          "cannot serve every value; drop --osr-from (the sweep runs one OSR per value) or fix them")

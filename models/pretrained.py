@@ -5,15 +5,18 @@ local file; explicit fields override it."""
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import dataclass, field
 
 import open_clip
 
+from engine.config import Interpolation, ResizeMode
+
 logger = logging.getLogger(__name__)
 
 PREPROCESS_FIELDS = ("mean", "std", "interpolation", "resize_mode")  # open_clip PreprocessCfg fields we set
-RESIZE_MODES = ("shortest", "longest", "squash")  # open_clip.transform.image_transform_v2's modes
-INTERPOLATIONS = ("bicubic", "bilinear", "random")
+RESIZE_MODES = typing.get_args(ResizeMode)  # open_clip.transform.image_transform_v2's modes
+INTERPOLATIONS = typing.get_args(Interpolation)
 _QUICKGELU_SUFFIX = "-quickgelu"
 
 

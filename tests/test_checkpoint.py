@@ -9,12 +9,14 @@ import pytest
 from engine.checkpoint import (
     COMPLETE,
     LATEST,
+    OSR_DEFINING_KEYS,
     RESUME_FREE_KEYS,
     STATE,
     CheckpointManager,
     CheckpointWriteError,
     checkpoint_problems,
     has_checkpoints,
+    resume_conflicts,
     schedule_changes,
 )
 from engine.config import JobConfig
@@ -383,6 +385,38 @@ def test_osr_reuse_refuses_changed_osr_defining_settings(tmp_path):
         assert expected in text
     assert text.count("\n  - ") == 4
     assert snapshot(live, live_ranks) == before
+
+
+def test_statistics_recovered_with_augmentation_are_not_reused_without_it(tmp_path):
+    root = tmp_path / "ck"
+    save_job(root, job(stage="finetune", stage_step=0))  # recovered with the default data.train_transform=augment
+    live, live_ranks = make_parts(6, state=job(**{"data.train_transform": "eval"}))
+    before = snapshot(live, live_ranks)
+    with pytest.raises(ValueError, match="cannot reuse OSR statistics from") as info:
+        manager(root, live, live_ranks).load("latest", purpose="osr")
+    assert "data.train_transform: statistics computed with 'augment', this job has 'eval'" in str(info.value)
+    assert str(info.value).count("\n  - ") == 1
+    assert snapshot(live, live_ranks) == before
+    # The same job with augmentation reuses them.
+    manager(root, *make_parts(6, state=job())).load("latest", purpose="osr")
+
+
+def test_resume_and_osr_rules_are_read_from_the_config_fields(monkeypatch):
+    from engine import config
+
+    rules = {key: f.metadata for key, f in config.config_fields().items()}
+    assert set(OSR_DEFINING_KEYS) == {key for key, meta in rules.items() if meta["osr"] is True}
+    assert "data.train_transform" in OSR_DEFINING_KEYS and "run.seed" in OSR_DEFINING_KEYS
+    assert set(RESUME_FREE_KEYS) == {key for key, meta in rules.items() if meta["resume"] != "must_match"}
+    assert "run.epochs" in RESUME_FREE_KEYS and "optim.weight_decay" not in RESUME_FREE_KEYS
+    # A key inside a mapping field takes that field's rule; a key of no field must match.
+    monkeypatch.setitem(config._field_metadata(), "loss.parts", {"resume": "may_change", "osr": True, "doc": "x"})
+    assert config.field_rule("loss.parts.teacher.weight", "resume") == "may_change"
+    assert config.field_rule("loss.parts.teacher", "osr") is True
+    assert config.field_rule("gone.field", "resume") == "must_match" and config.field_rule("gone", "osr") is False
+    live = job(**{"run.epochs": 9, "optim.lr": 2e-6, "eval.num_workers": 0, "optim.weight_decay": 0.1})
+    assert resume_conflicts(job(), live, can_reshard=False) == [
+        "config optim.weight_decay: checkpoint has 0.02, this job 0.1"]
 
 
 def test_osr_reuse_refuses_other_data_or_world_size(tmp_path):

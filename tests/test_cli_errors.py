@@ -305,10 +305,22 @@ def test_typo_in_best_metric_fails_before_anything_loads(shards, tmp_path, capsy
 
 @pytest.fixture(scope="module")
 def finished_run(shards, tmp_path_factory):
-    """A finished tiny run (OSR 6 steps, fine-tuning 6) with checkpoints every 2 steps (the last two kept)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert main(["tune", "--train", str(shards), "--out", str(out), *JOB, "--save-every", "2"]) == 0
-    return out
+    """A finished tiny run (OSR 6 steps, fine-tuning 6) with checkpoints every 2 steps (the last two kept), run
+    as `run.py tune --out 0123` from its parent folder."""
+    parent, cwd = tmp_path_factory.mktemp("finished"), os.getcwd()
+    os.chdir(parent)
+    try:
+        assert main(["tune", "--train", str(shards), "--out", "0123", *JOB, "--save-every", "2"]) == 0
+    finally:
+        os.chdir(cwd)
+    return parent / "0123"
+
+
+def test_out_written_as_digits_is_the_folder_as_typed(finished_run):
+    assert sorted(p.name for p in finished_run.parent.iterdir()) == ["0123"]  # not 83, YAML's octal reading
+    assert (finished_run / "final.safetensors").is_file()
+    records = [json.loads(line) for line in (finished_run / "log.jsonl").read_text().splitlines()]
+    assert next(r for r in records if r["event"] == "start")["config"]["run"]["out_dir"] == "0123"
 
 
 def files(folder: Path) -> dict:

@@ -103,3 +103,152 @@ def test_to_dict_round_trips_to_an_equal_config_and_digest(tmp_path):
     assert changed != cfg and changed.digest() != cfg.digest()
     assert load_config(training=False).digest() == JobConfig().digest()
     assert JobConfig().digest() != cfg.digest()
+
+
+# ----- values read by the field's declared type -----
+
+@pytest.mark.parametrize("override,key,expected", [
+    # str fields keep the text as typed (YAML would read 83, 202401, 90, True, None)
+    ("run.out_dir=0123", "run.out_dir", "0123"),
+    ("data.train=2024_01", "data.train", "2024_01"),
+    ("eval.best_metric=1:30", "eval.best_metric", "1:30"),
+    ("run.device=on", "run.device", "on"),
+    ("model.tokenizer=0x10", "model.tokenizer", "0x10"),
+    ("model.name= spaced ", "model.name", " spaced "),
+    # a field that may be null: YAML's null spellings and empty text
+    ("model.weights=null", "model.weights", None),
+    ("model.weights=~", "model.weights", None),
+    ("model.weights=", "model.weights", None),
+    # numbers and booleans
+    ("run.epochs=0123", "run.epochs", 123),
+    ("run.epochs=1_000", "run.epochs", 1000),
+    ("optim.lr=1e-5", "optim.lr", 1e-5),
+    ("optim.grad_clip=2", "optim.grad_clip", 2.0),
+    ("run.progress=off", "run.progress", False),
+    ("run.progress=True", "run.progress", True),
+    # float | str: a number when it reads as one
+    ("loss.margin=0.2", "loss.margin", 0.2),
+    ("loss.margin=auto", "loss.margin", "auto"),
+    # list elements, each by the element type
+    ("optim.betas=[0.8, 0.9]", "optim.betas", (0.8, 0.9)),
+    ("model.mean=[1, 2, 3]", "model.mean", [1.0, 2.0, 3.0]),
+    ("eval.retrieval=[{name: 0123, csv: 2024_01.csv}]", "eval.retrieval", [{"name": "0123", "csv": "2024_01.csv"}]),
+    ("model.precision=bf16", "model.precision", "bf16"),
+])
+def test_override_text_is_read_by_the_field_type(override, key, expected):
+    section, _, name = key.rpartition(".")
+    value = getattr(getattr(load_config(overrides=[override], training=False), section), name)
+    assert value == expected and type(value) is type(expected)
+    if isinstance(value, (list, tuple)):
+        assert [type(v) for v in value] == [type(v) for v in expected]
+
+
+@pytest.mark.parametrize("override,error", [
+    ("run.epochs=2.0", "run.epochs must be an integer, got '2.0'"),
+    ("run.epochs=", "run.epochs must be an integer, got ''"),
+    ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+    ("run.progress=1", "run.progress must be true or false, got '1'"),
+    ("model.mean=[1, x, 3]", "model.mean[1] must be a number, got 'x'"),
+    ("optim.betas=[0.9, no]", "optim.betas[1] must be a number, got 'no'"),
+    ("optim.betas=0.9", "optim.betas must be a list of 2 values, got '0.9'"),
+    ("eval.zeroshot=[a", "eval.zeroshot: '[a' is not a YAML list or mapping"),
+    ("eval.zeroshot=[x]", "eval.zeroshot[0] must be a mapping, got 'x'"),
+    ("method=simclr", "method must be one of ('tuneclip', 'fastclip', 'openclip', 'siglip'), got 'simclr'"),
+    ("osr.surrogate=mbcl", "osr.surrogate must be one of ('auto', 'hgcl', 'gcl'), got 'mbcl'"),
+    ("model.interpolation=nearest",
+     "model.interpolation must be one of ('bicubic', 'bilinear', 'random'), got 'nearest'"),
+])
+def test_bad_override_text_is_one_line_naming_the_field(override, error):
+    with pytest.raises(ValueError) as info:
+        load_config(overrides=[override], training=False)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "invalid configuration:" and len(lines) == 2  # one line, no second report from the checks
+    assert lines[1].startswith(f"  - {error}")
+
+
+def test_every_error_is_reported_at_once_one_line_each():
+    with pytest.raises(ValueError) as info:
+        load_config(overrides=["method=simclr", "model.precision=fp16", "model.mean=[1, 2]", "run.epochs=x",
+                               "data.train_transform=none", "run.wandb_mode=cloud", "loss.gamma_min=2"],
+                    training=False)
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == 7 and all(line.startswith("  - ") for line in lines)
+    assert "  - data.train_transform must be one of ('augment', 'eval'), got 'none'" in lines
+
+
+def test_config_file_is_yaml_but_a_str_field_keeps_a_number_as_written(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("data:\n  train: 2024_01\n  batch_size: 16\n"
+                    "run:\n  out_dir: 0123\n  device: on\n  epochs: 3\n  progress: no\n  resume: 2024-01-31\n"
+                    "eval:\n  best_metric: 1:30\n"
+                    "model:\n  mean: [1, 2, 3]\n  tokenizer: 1.50\n"
+                    "optim:\n  lr: 1e-5\n  betas: [0.8, 0.9]\n")
+    cfg = load_config(path, training=False)
+    assert (cfg.data.train, cfg.run.out_dir, cfg.run.device, cfg.eval.best_metric, cfg.model.tokenizer,
+            cfg.run.resume) == ("2024_01", "0123", "on", "1:30", "1.50", "2024-01-31")
+    assert (cfg.data.batch_size, cfg.run.epochs, cfg.run.progress, cfg.optim.lr) == (16, 3, False, 1e-5)
+    assert cfg.model.mean == [1.0, 2.0, 3.0] and all(type(v) is float for v in cfg.model.mean)
+    assert cfg.optim.betas == (0.8, 0.9)
+    # Typed fields still read YAML values: a quoted number is text, not an integer.
+    path.write_text("run:\n  epochs: '3'\n  progress: 'yes'\n")
+    with pytest.raises(ValueError) as info:
+        load_config(path, training=False)
+    assert "run.epochs must be an integer, got '3'" in str(info.value)
+    assert "run.progress must be true or false, got 'yes'" in str(info.value)
+
+
+def test_a_whole_section_as_override_text_reads_each_field_by_its_type():
+    cfg = load_config(overrides=["run={out_dir: 0123, epochs: 2, progress: off}"], training=False)
+    assert (cfg.run.out_dir, cfg.run.epochs, cfg.run.progress) == ("0123", 2, False)
+    with pytest.raises(ValueError, match="'run' must be a mapping of its fields"):
+        load_config(overrides=["run=0123"], training=False)
+
+
+def test_cli_shortcut_flags_keep_the_text_as_typed():
+    from engine.cli import build_parser, job_config_from_args
+
+    args = build_parser().parse_args(["tune", "--out", "0123", "--train", "2024_01", "--lr", "1e-4", "--margin", "auto",
+                                      "--epochs", "07", "--set", "eval.best_metric=1:30"])
+    cfg = job_config_from_args(args)
+    assert (cfg.run.out_dir, cfg.data.train, cfg.eval.best_metric) == ("0123", "2024_01", "1:30")
+    assert (cfg.optim.lr, cfg.loss.margin, cfg.run.epochs) == (1e-4, "auto", 7)
+
+
+# ----- the fields' own rules and the generated reference -----
+
+def test_every_field_declares_a_doc_and_its_resume_and_osr_rules():
+    from engine.config import OSR_RULES, RESUME_RULES, config_fields
+
+    fields = config_fields()
+    assert "loss.margin" in fields and "method" in fields and "run" not in fields
+    for key, f in fields.items():
+        assert f.metadata.get("doc"), f"{key}: give it a doc with setting(default, 'doc', ...)"
+        assert f.metadata.get("resume") in RESUME_RULES and f.metadata.get("osr") in OSR_RULES, key
+
+
+def test_choices_are_literal_types_shared_with_the_cli():
+    import typing
+
+    from engine.cli import build_parser
+    from engine.config import METHODS, SURROGATE_CHOICES, Method, config_fields
+
+    assert METHODS == typing.get_args(Method) and "hgcl" in SURROGATE_CHOICES
+    hints = typing.get_type_hints(JobConfig)
+    assert typing.get_origin(hints["method"]) is typing.Literal
+    assert [f for f in config_fields() if f.endswith(("surrogate", "precision", "train_transform", "wandb_mode"))]
+    tune = build_parser()._subparsers._group_actions[0].choices["tune"]
+    method_flag = next(a for a in tune._actions if a.dest == "method")
+    assert tuple(method_flag.choices) == METHODS
+
+
+def test_configuration_reference_is_up_to_date():
+    from pathlib import Path
+
+    from engine.config import reference_markdown
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert path.read_text(encoding="utf-8") == reference_markdown(), (
+        "docs/configuration.md is out of date: python -m engine.config --reference > docs/configuration.md")
+    text = path.read_text(encoding="utf-8")
+    assert "| `data.train_transform` | \"augment\" \\| \"eval\" | `augment` | must match | yes |" in text
+    assert "| `run.epochs` | int | `5` | may only grow (logged) |" in text

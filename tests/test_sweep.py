@@ -34,8 +34,10 @@ def test_lr_sweep_shares_one_osr_and_writes_one_report(shards, tmp_path):
     assert "<td>optim.lr=1e-3</td>" in page and "<td>optim.lr=1e-4</td>" in page
 
 
-def test_an_axis_that_defines_the_osr_statistics_refuses_one_shared_osr(tmp_path, shards):
+@pytest.mark.parametrize("axis", ["loss.margin=0.05,0.1", "data.train_transform=augment,eval", "method=tuneclip,fastclip",
+                                  "loss.surrogate=hgcl,gcl"])
+def test_an_axis_that_defines_the_osr_statistics_refuses_one_shared_osr(tmp_path, shards, axis):
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(job(shards, tmp_path / "unused")))
-    with pytest.raises(ValueError, match="loss.margin define"):
-        run_sweep(str(config), ["loss.margin=0.05,0.1"], out=tmp_path / "sweep", osr_from=str(tmp_path))
+    with pytest.raises(ValueError, match=f"{axis.partition('=')[0]} define"):
+        run_sweep(str(config), [axis], out=tmp_path / "sweep", osr_from=str(tmp_path))
