@@ -15,7 +15,6 @@ import itertools
 import logging
 import math
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -152,8 +151,6 @@ class Trainer:
         self.epoch_step: int | None = 0
         self.num_bad_steps = 0  # consecutive non-finite steps skipped
         self._more_epochs = False  # resumed with a larger run.epochs: fine-tuning goes on past its old end
-        self._num_skips_reported = 0  # loader skip records already written to the skip file
-        self._skip_log: JsonlLogger | None = None
         self.best = (-math.inf, None)
         self.base_score: float | None = None  # selection metric of the base model (evaluation at start)
         self.num_below_base = 0  # consecutive evaluations below the base (run.stop_below_base)
@@ -390,26 +387,7 @@ class Trainer:
         self.log.write({"event": "epoch_end", "stage": stage, "epoch": epoch, "step": self.global_step,
                         "skipped": skipped, "num_skipped": self.loader.num_skipped,
                         "num_skipped_all_ranks": num_skipped_all})
-        self._report_skips(epoch)
-
-    def _report_skips(self, epoch: int) -> None:
-        """This epoch's skipped samples: one line per shard with counts by reason; every sample (key,
-        reason) in `<out_dir>/skipped/rank_<r>.jsonl`."""
-        records = self.loader.skipped_log[self._num_skips_reported:]
-        self._num_skips_reported = len(self.loader.skipped_log)
-        if not records:
-            return
-        if self._skip_log is None:
-            (self.out_dir / "skipped").mkdir(exist_ok=True)
-            self._skip_log = JsonlLogger(self.out_dir / "skipped" / f"rank_{self.ctx.rank:05d}.jsonl")
-        for record in records:
-            self._skip_log.write({"epoch": epoch, **record._asdict()})
-        by_shard: dict[str, Counter] = {}
-        for record in records:
-            by_shard.setdefault(record.shard, Counter())[record.reason] += 1
-        for shard, reasons in sorted(by_shard.items()):
-            logger.warning("epoch %d: shard %s: skipped %s (each sample in %s)", epoch, shard,
-                           ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())), self._skip_log.path)
+        self.loader.skips.report(epoch, self.out_dir / "skipped")  # each sample in skipped/rank_<r>.jsonl
 
     def osr(self) -> None:
         """Stage I: recover AdamW moments and the normaliser at frozen w0 (paper Algorithm 1)."""
@@ -651,8 +629,7 @@ class Trainer:
     def close(self) -> None:
         self.normaliser.close()
         self.log.close()
-        if self._skip_log is not None:
-            self._skip_log.close()
+        self.loader.skips.close()
         self.backend.close()
         self._release_run()
 
