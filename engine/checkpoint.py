@@ -56,8 +56,7 @@ _IDENTITY_FIELDS: dict[str, tuple[type, ...]] = {
     "stage_step": (int,), "osr_surrogate": (str,),
 }
 OSR_FIELDS = {**_IDENTITY_FIELDS, "osr_steps": (int,), "data_epoch": (int,), "margin": (int, float, type(None))}
-RESUME_FIELDS = {**OSR_FIELDS, "global_step": (int,), "num_bad_steps": (int,),
-                 "best_score": (int, float, type(None)), "best_step": (int, type(None))}
+RESUME_FIELDS = {**OSR_FIELDS, "global_step": (int,), "num_bad_steps": (int,)}
 
 
 @runtime_checkable

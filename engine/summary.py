@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.evaluate import headline_metric
+from engine.evaluate.policy import default_metric, is_below_base
 from engine.io import write_json_atomic
 from engine.runlog import read_jsonl
 
@@ -30,15 +31,6 @@ def format_rate(rate: float) -> str:
     if rate >= 1000:
         return f"{rate:.0f}"
     return f"{rate:.3g}"
-
-
-def default_metric(results: dict) -> str:
-    """The first zero-shot acc1 of `results` (else its first metric), as `task/metric`."""
-    for task, metrics in results.items():
-        if "acc1" in metrics:
-            return f"{task}/acc1"
-    task, metrics = next(iter(results.items()))
-    return f"{task}/{next(iter(metrics))}"
 
 
 def run_records(path: Path) -> list[dict]:
@@ -92,7 +84,7 @@ def run_summary(out_dir: Path, *, metric: str = "") -> dict:
     key = metric or config.get("eval", {}).get("best_metric") or default_metric(evals[-1]["results"])
     base_record = next((r for r in evals if r["stage"] == "start"), None)
     base = _point(base_record, key) if base_record else None
-    # max() keeps the first of equal scores, as the trainer does (the base model wins ties).
+    # max() keeps the first of equal scores, as the evaluation policy does (the base model wins ties).
     best_record = max(evals, key=lambda r: headline_metric(r["results"], key))
     best = {**_point(best_record, key), "is_base": best_record is base_record}
     final = _point(evals[-1], key)
@@ -104,8 +96,8 @@ def run_summary(out_dir: Path, *, metric: str = "") -> dict:
     if base:
         for point in (best, final):
             point["change"] = point["value"] - base["value"]
-        below = [_point(r, key) for r in evals
-                 if r["stage"] != "start" and headline_metric(r["results"], key) < base["value"] - tolerance]
+        below = [_point(r, key) for r in evals if r["stage"] != "start"
+                 and is_below_base(headline_metric(r["results"], key), base["value"], tolerance=tolerance)]
         summary["below_base"] = below
         if below:
             lowest = min(below, key=lambda p: p["value"])

@@ -15,7 +15,6 @@ import itertools
 import logging
 import math
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -36,7 +35,8 @@ from engine.distributed import (
     default_device,
     gather_no_grad,
 )
-from engine.evaluate import Evaluator, build_tasks, headline_metric, write_results
+from engine.evaluate import Evaluator, build_tasks, write_results
+from engine.evaluate.policy import EvalPolicy
 from engine.heartbeat import Heartbeat
 from engine.livelog import build_live_sinks
 from engine.margin import QUANTILES, DistanceHistogram, auto_margin, margin_diagnostics, pair_distances
@@ -47,7 +47,7 @@ from engine.run_folder import clear_run_folder, finished_outputs
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
 from engine.schedules import cosine_lr
-from engine.summary import default_metric, earlier_run_outputs, format_rate, run_summary, write_summary
+from engine.summary import earlier_run_outputs, format_rate, run_summary, write_summary
 from models import export_model, features_of, logit_bias_of
 
 logger = logging.getLogger(__name__)
@@ -152,12 +152,10 @@ class Trainer:
         self.epoch_step: int | None = 0
         self.num_bad_steps = 0  # consecutive non-finite steps skipped
         self._more_epochs = False  # resumed with a larger run.epochs: fine-tuning goes on past its old end
-        self._num_skips_reported = 0  # loader skip records already written to the skip file
-        self._skip_log: JsonlLogger | None = None
-        self.best = (-math.inf, None)
-        self.base_score: float | None = None  # selection metric of the base model (evaluation at start)
-        self.num_below_base = 0  # consecutive evaluations below the base (run.stop_below_base)
-        self.stopped_early: str | None = None
+        # Best weights (the base model a candidate), below-base warnings, early stop; a checkpoint part.
+        self.eval_policy = EvalPolicy(best_metric=cfg.eval.best_metric,
+                                      below_base_tolerance=cfg.run.below_base_tolerance,
+                                      stop_below_base=cfg.run.stop_below_base)
         self._base_pending = False
         # HGCL's margin: the configured number, or chosen at w0 before OSR (loss.margin=auto).
         self.margin: float | None = None if cfg.loss.margin == "auto" else cfg.loss.margin
@@ -170,7 +168,7 @@ class Trainer:
             self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n,
             async_save=cfg.run.async_checkpoint,
             parts={TRAIN_STATE: self, "backend": self.backend, "normaliser": self.normaliser,
-                   "data_plan": LoaderPlan(self.loader), "cost": self.cost},
+                   "data_plan": LoaderPlan(self.loader), "cost": self.cost, "eval_policy": self.eval_policy},
             rank_parts={"loader": self.loader},
         )
         self.log = JsonlLogger(self.out_dir / "log.jsonl", enabled=self.ctx.is_main,
@@ -390,26 +388,7 @@ class Trainer:
         self.log.write({"event": "epoch_end", "stage": stage, "epoch": epoch, "step": self.global_step,
                         "skipped": skipped, "num_skipped": self.loader.num_skipped,
                         "num_skipped_all_ranks": num_skipped_all})
-        self._report_skips(epoch)
-
-    def _report_skips(self, epoch: int) -> None:
-        """This epoch's skipped samples: one line per shard with counts by reason; every sample (key,
-        reason) in `<out_dir>/skipped/rank_<r>.jsonl`."""
-        records = self.loader.skipped_log[self._num_skips_reported:]
-        self._num_skips_reported = len(self.loader.skipped_log)
-        if not records:
-            return
-        if self._skip_log is None:
-            (self.out_dir / "skipped").mkdir(exist_ok=True)
-            self._skip_log = JsonlLogger(self.out_dir / "skipped" / f"rank_{self.ctx.rank:05d}.jsonl")
-        for record in records:
-            self._skip_log.write({"epoch": epoch, **record._asdict()})
-        by_shard: dict[str, Counter] = {}
-        for record in records:
-            by_shard.setdefault(record.shard, Counter())[record.reason] += 1
-        for shard, reasons in sorted(by_shard.items()):
-            logger.warning("epoch %d: shard %s: skipped %s (each sample in %s)", epoch, shard,
-                           ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())), self._skip_log.path)
+        self.loader.skips.report(epoch, self.out_dir / "skipped")  # each sample in skipped/rank_<r>.jsonl
 
     def osr(self) -> None:
         """Stage I: recover AdamW moments and the normaliser at frozen w0 (paper Algorithm 1)."""
@@ -467,7 +446,7 @@ class Trainer:
                 self.save_checkpoint()
         self.checkpoints.wait()  # a background checkpoint counts only once written
         if self.ctx.is_main:
-            write_summary(self.out_dir, run_summary(self.out_dir, metric=self.cfg.eval.best_metric))
+            write_summary(self.out_dir, run_summary(self.out_dir, metric=self.eval_policy.best_metric))
         return self.history
 
     def choose_margin(self) -> float:
@@ -502,8 +481,7 @@ class Trainer:
             "stage": self.stage, "stage_step": self.stage_step, "global_step": self.global_step,
             "stage_epoch": self.stage_epoch, "epoch_step": self.epoch_step,
             "data_epoch": self.data_epoch, "osr_steps": self.osr_steps,
-            "best_score": self.best[0] if math.isfinite(self.best[0]) else None, "best_step": self.best[1],
-            "base_score": self.base_score, "num_below_base": self.num_below_base, "margin": self.margin,
+            "margin": self.margin,
             "num_bad_steps": self.num_bad_steps, "world_size": self.ctx.world_size,
             "num_workers": self.cfg.data.num_workers, "manifest_fingerprint": self.manifest.fingerprint(),
             "model": self.bundle.model_name, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
@@ -516,13 +494,13 @@ class Trainer:
         self.stage_epoch, self.epoch_step = state.get("stage_epoch"), state.get("epoch_step")
         self.global_step, self.data_epoch = state["global_step"], state["data_epoch"]
         self.osr_steps, self.num_bad_steps = state["osr_steps"], state["num_bad_steps"]
-        self.best = (state["best_score"] if state["best_score"] is not None else -math.inf, state["best_step"])
-        self.base_score, self.num_below_base = state.get("base_score"), state.get("num_below_base", 0)
         self.margin = state.get("margin", self.margin)
 
     def resume(self, spec: str = "latest") -> dict:
         """Restore every part from a checkpoint (`latest` or a folder)."""
         saved = self.checkpoints.load(spec, purpose="resume", can_reshard=self.backend.supports_reshard)
+        if "eval_policy" not in saved:  # written before the policy was a part: its fields are in the train state
+            self.eval_policy.load_state_dict(saved[TRAIN_STATE])
         changes = schedule_changes(saved[TRAIN_STATE], self.state_dict())
         if changes:
             logger.warning("resuming with changed schedule settings: %s", "; ".join(changes))
@@ -584,7 +562,7 @@ class Trainer:
 
     # ----- evaluation, export -----
     def evaluate(self, *, stage: str) -> dict:
-        """Run every eval task, log it, keep the best weights by `eval.best_metric`."""
+        """Run every eval task, log it; the evaluation policy decides on best weights, warnings and early stop."""
         if self.evaluator is None:
             return {}
         with self.backend.full_weights():  # ZeRO-3 gathers the partitions for evaluation
@@ -596,43 +574,22 @@ class Trainer:
         if self.ctx.is_main:
             write_results(self.out_dir / f"eval_step{self.global_step:07d}.json", results,
                           model_name=self.bundle.model_name, pretrained=self.cfg.model.weights or "")
-        key = self.cfg.eval.best_metric or default_metric(results)
-        score = headline_metric(results, key)
-        # The base model is a candidate too: best.safetensors is never worse than the base on `key`.
-        if score > self.best[0]:
-            self.best = (score, self.global_step)
+        verdict = self.eval_policy.observe(results, stage=stage, step=self.global_step, ft_step=self.stage_step)
+        if verdict.is_best:  # the base model is a candidate too: best.safetensors is never worse than the base
             self.export(self.out_dir / "best.safetensors")
-        logger.info("eval at step %d (%s): %s = %.4f", self.global_step, stage, key, score)
-        if stage == "start":
-            self.base_score = score
-        else:
-            self._check_below_base(key, score)
+        for event in verdict.events:  # below_base, early_stop
+            self.log.write(event)
         return results
+
+    @property
+    def stopped_early(self) -> str | None:
+        """Why the evaluation policy stopped fine-tuning in this launch, else None."""
+        return self.eval_policy.stopped_early
 
     def _ft_step(self, stage: str) -> dict:
         """`ft_step`: fine-tuning steps done (0 at the base model), so curves of methods with and without OSR
         line up; absent in OSR. The global `step` keeps counting OSR steps (checkpoints rely on it)."""
         return {"ft_step": self.stage_step if stage == "finetune" else 0} if stage != "osr" else {}
-
-    def _check_below_base(self, key: str, score: float) -> None:
-        """Warn when `score` is more than run.below_base_tolerance under the base; stop after
-        run.stop_below_base such evaluations in a row."""
-        rcfg = self.cfg.run
-        if self.base_score is None or score >= self.base_score - rcfg.below_base_tolerance:
-            self.num_below_base = 0
-            return
-        self.num_below_base += 1
-        logger.warning("%s = %.4f at fine-tuning step %d is %.4f below the base model (%.4f)%s", key, score,
-                       self.stage_step, self.base_score - score, self.base_score,
-                       f"; {self.num_below_base} evaluation(s) in a row" if rcfg.stop_below_base else "")
-        self.log.write({"event": "below_base", "step": self.global_step, "ft_step": self.stage_step, "metric": key,
-                        "value": score, "base": self.base_score, "consecutive": self.num_below_base})
-        if rcfg.stop_below_base and self.num_below_base >= rcfg.stop_below_base:
-            self.stopped_early = (f"{self.num_below_base} consecutive evaluations below the base on {key} "
-                                  f"(run.stop_below_base={rcfg.stop_below_base})")
-            logger.warning("stopping fine-tuning early: %s", self.stopped_early)
-            self.log.write({"event": "early_stop", "step": self.global_step, "ft_step": self.stage_step,
-                            "reason": self.stopped_early})
 
     def export(self, path: Path) -> Path:
         """Write the current weights as a stock open_clip safetensors file (and, for hf-hub:/local-dir:
@@ -651,8 +608,7 @@ class Trainer:
     def close(self) -> None:
         self.normaliser.close()
         self.log.close()
-        if self._skip_log is not None:
-            self._skip_log.close()
+        self.loader.skips.close()
         self.backend.close()
         self._release_run()
 

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from engine.data import Batch, Manifest, ShardEntry, ShardLoader, SkipRecord
-from engine.data.loader import SKIP_WARNINGS_PER_EPOCH
 from engine.data.manifest import COUNT_FROM_STATS
 from engine.data.plan import shard_order, slot_segments
+from engine.data.skips import SKIP_WARNINGS_PER_EPOCH
 from engine.data.sources import build_manifest
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from engine.config import load_config
 from engine.summary import format_rate, run_summary
 from engine.trainer import Trainer
+from tests.helpers.eval_fixtures import ScriptedEvaluator
 from tests.helpers.jobs import job
 
 
@@ -66,20 +67,6 @@ def test_the_base_model_wins_when_nothing_beats_it(tmp_path):
 
 def test_samples_per_second_never_round_to_zero():
     assert [format_rate(r) for r in (0.0412, 3.214, 812.4, 12400.2)] == ["0.0412", "3.21", "812", "12400"]
-
-
-class ScriptedEvaluator:
-    """Stands in for the evaluator: returns the next score of a script."""
-
-    def __init__(self, scores):
-        self.scores = list(scores)
-        self.calls = 0
-        self.seconds = {"zs": 0.0}  # evaluation time per task, as the Evaluator keeps it
-
-    def __call__(self, model, tokenizer, transform):
-        score = self.scores[min(self.calls, len(self.scores) - 1)]
-        self.calls += 1
-        return {"zs": {"acc1": score}}
 
 
 def test_a_run_below_base_keeps_the_base_as_best_stops_early_and_logs_to_tensorboard(shards, tmp_path):

@@ -7,6 +7,7 @@ plan.py      who reads what in an epoch
 reader.py    one worker slot's stream: shuffle buffer, seeded augmentation
 batching.py  pieces, merging, exact batch cutting, positions
 loader.py    ShardLoader: epoch(), num_batches(), state_dict() / load_state_dict()
+skips.py     SkipReport: skipped samples counted, logged, written to the run's skip file
 continuation.py  the rest of an epoch interrupted on another number of ranks (replayed, dealt anew)
 resharding.py    ShardLoader's part in a world-size change: load_rank_states, the shared plan (LoaderPlan)
 build.py     `shards build`;  check.py  `shards check`

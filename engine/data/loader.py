@@ -20,8 +20,9 @@ The loader tracks its position (see `batching.py`): `state_dict()` is the positi
 it yielded, with the skip counts so far; `load_state_dict()` restores it, and `epoch(e, start_batch=k)`
 continues there exactly, each worker passing over the samples it had already delivered.
 
-Skipped samples are counted per shard (`skipped`); the first SKIP_WARNINGS_PER_EPOCH of an epoch are
-logged one by one, then only their totals at the epoch's end. Lost shard parts are always logged.
+Skipped samples are counted per shard (`skipped`) by the loader's `SkipReport` (`skips.py`): the first
+SKIP_WARNINGS_PER_EPOCH of an epoch are logged one by one, then only their totals at the epoch's end. Lost
+shard parts are always logged.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from engine.data.batching import (
     Piece,
     PieceMerger,
     Position,
-    Skip,
     WorkerStart,
     as_piece,
     keep_piece,
@@ -55,13 +55,12 @@ from engine.data.plan import Segment, rank_num_samples, shard_order, slot_num_sa
 from engine.data.reader import EpochReader, StreamSettings
 from engine.data.resharding import WorldSizeChange
 from engine.data.samples import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_MEMBER_BYTES, SkipRecord
+from engine.data.skips import SkipReport
 
 logger = logging.getLogger(__name__)
 
 LOADER_STATE_FORMAT = "tuneclip-loader-state"
 LOADER_STATE_VERSION = 2
-# Skipped samples logged one by one per epoch and rank; the rest are counted, totalled at the epoch's end.
-SKIP_WARNINGS_PER_EPOCH = 5
 
 
 class ShardLoader(WorldSizeChange):
@@ -153,10 +152,7 @@ class ShardLoader(WorldSizeChange):
             max_image_pixels=max_image_pixels,
             max_member_bytes=max_member_bytes,
         )
-        self.skipped: defaultdict[str, Counter[str]] = defaultdict(Counter)
-        self.skipped_log: list[SkipRecord] = []
-        # The epoch being read and its skipped samples by reason (for the log).
-        self._epoch_skips: tuple[int, Counter[str]] = (-1, Counter())
+        self.skips = SkipReport(rank=rank)  # counted, logged, written to a skip file by the run (`report`)
         self.num_repeated = 0  # samples yielded again to fill last batches, over all epochs
         # After the last batch yielded, as restored by load_state_dict, or where epoch() was asked to start.
         self._position = Position.start(0, self.workers_per_rank)
@@ -227,8 +223,18 @@ class ShardLoader(WorldSizeChange):
         return EpochReader(self.settings, epoch=epoch, record_skips=record_skips, starts=starts, segments=segments)
 
     @property
+    def skipped(self) -> defaultdict[str, Counter[str]]:
+        """Samples skipped so far: shard -> reason -> count."""
+        return self.skips.counts
+
+    @property
+    def skipped_log(self) -> list[SkipRecord]:
+        """Every skip so far, in order."""
+        return self.skips.records
+
+    @property
     def num_skipped(self) -> int:
-        return sum(sum(reasons.values()) for reasons in self.skipped.values())
+        return self.skips.num_skipped
 
     # ----- reading -----
     def epoch(self, epoch: int, *, start_batch: int = 0) -> Iterator[Batch]:
@@ -247,7 +253,7 @@ class ShardLoader(WorldSizeChange):
             )
         self._position = self._position_at(epoch, start_batch)
         if start_batch == first:
-            self._epoch_skips = (epoch, Counter())
+            self.skips.start_epoch(epoch)
         return self._batches(self._position)
 
     def _pieces(self, reader: EpochReader) -> Iterator[Piece]:
@@ -266,53 +272,6 @@ class ShardLoader(WorldSizeChange):
             prefetch_factor=self.prefetch_factor,
         )
         yield from loader
-
-    def _record(self, skips: list[Skip], epoch: int) -> None:
-        """Count skips; log lost shard parts always, skipped samples SKIP_WARNINGS_PER_EPOCH an epoch."""
-        if self._epoch_skips[0] != epoch:
-            self._epoch_skips = (epoch, Counter())
-        counts = self._epoch_skips[1]
-        for record, count, detail in skips:
-            self.skipped[record.shard][record.reason] += count
-            self.skipped_log.append(record)
-            if record.key is None:
-                logger.error(
-                    "rank %d: shard %s: %s, %d sample(s) lost%s",
-                    self.rank,
-                    record.shard,
-                    record.reason,
-                    count,
-                    detail,
-                )
-                continue
-            num_logged = sum(counts.values())
-            counts[record.reason] += count
-            if num_logged < SKIP_WARNINGS_PER_EPOCH:
-                logger.warning(
-                    "skipping sample %s of shard %s: %s%s", record.key, record.shard, record.reason, detail
-                )
-                if num_logged + 1 == SKIP_WARNINGS_PER_EPOCH:
-                    logger.warning(
-                        "rank %d epoch %d: %d samples skipped; more are counted, not logged one by one "
-                        "(totals at the end of the epoch)",
-                        self.rank,
-                        epoch,
-                        SKIP_WARNINGS_PER_EPOCH,
-                    )
-
-    def _log_epoch_skips(self, epoch: int) -> None:
-        """At the end of an epoch, the totals of its skipped samples if some were not logged one by one."""
-        skip_epoch, counts = self._epoch_skips
-        num_skipped = sum(counts.values())
-        if skip_epoch == epoch and num_skipped > SKIP_WARNINGS_PER_EPOCH:
-            logger.warning(
-                "rank %d epoch %d: %d samples skipped (%d not logged one by one): %s",
-                self.rank,
-                epoch,
-                num_skipped,
-                num_skipped - SKIP_WARNINGS_PER_EPOCH,
-                dict(sorted(counts.items())),
-            )
 
     def _batches(self, position: Position) -> Iterator[Batch]:
         """The batches after `position`: its share's usable samples, then fill batches (see the module)."""
@@ -338,7 +297,7 @@ class ShardLoader(WorldSizeChange):
                     ):
                         piece = piece.cut(straddle[1])  # its first samples (and its skips) went out before
                     else:
-                        self._record(piece.skips, epoch)
+                        self.skips.add(piece.skips, epoch)
                     if not len(piece):
                         continue
                     queue.append(piece)
@@ -384,7 +343,7 @@ class ShardLoader(WorldSizeChange):
             self._fill = (epoch, as_piece(batch))
         if num_done == self.num_batches(epoch):
             position = Position.start(epoch, self.workers_per_rank, batches_done=num_done)
-            self._log_epoch_skips(epoch)
+            self.skips.log_epoch_totals(epoch)
         self._position = position
         return batch
 
@@ -543,7 +502,7 @@ class ShardLoader(WorldSizeChange):
             )
         workers = tuple(WorkerStart(int(n), int(raw), bool(done)) for n, raw, done in state["workers"])
         epoch, batches_done = int(state["epoch"]), int(state["batches_done"])
-        self.skipped = defaultdict(Counter, {shard: Counter(r) for shard, r in state["skipped"].items()})
+        self.skips.counts = defaultdict(Counter, {shard: Counter(r) for shard, r in state["skipped"].items()})
         self.num_repeated = int(state.get("num_repeated", 0))
         if version == 1:
             batches_done = min(batches_done, self.num_batches())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from typing import Any
 
 from engine.data.continuation import EpochPlan
@@ -139,7 +138,7 @@ class WorldSizeChange:
         }
         self._continuation = self._continuation_from(record)
         self._position = self._epoch_start(epoch)
-        self._epoch_skips = (epoch, Counter())
+        self.skips.start_epoch(epoch)
         assert self._continuation is not None
         num_left = len(self._continuation[0].positions)
         logger.info(

@@ -168,3 +168,17 @@ def clip_benchmark_copies(zeroshot: ZeroShotTask, retrieval: RetrievalTask, root
                              num_shards=2, dataset_type="retrieval")
     return {"zeroshot": [{"name": "zs_wds", "clip_benchmark": str(root / "zs")}],
             "retrieval": [{"name": "ret_wds", "clip_benchmark": str(root / "ret")}]}
+
+
+class ScriptedEvaluator:
+    """Stands in for the evaluator: returns the next score of a script."""
+
+    def __init__(self, scores):
+        self.scores = list(scores)
+        self.calls = 0
+        self.seconds = {"zs": 0.0}  # evaluation time per task, as the Evaluator keeps it
+
+    def __call__(self, model, tokenizer, transform):
+        score = self.scores[min(self.calls, len(self.scores) - 1)]
+        self.calls += 1
+        return {"zs": {"acc1": score}}
