@@ -43,17 +43,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.harness import FIXED_MMAP_THRESHOLD_ENV, Column, Table, peak_window, round_order, timed
+
 FEATURE_DIM = 1024  # ViT-H/14 embedding width
 WORLD_SIZE = 16
 GLOBAL_BATCHES = (1024, 4096, 16384, 32768)
@@ -71,37 +73,9 @@ TARGET_TIME_RATIO = 1.5  # chunked time / unchunked time, at most
 AGREEMENT_RTOL = 1e-4  # max |grad_chunked - grad_unchunked| / max |grad_unchunked|
 
 MIB = 1024 * 1024
-MMAP_THRESHOLD_BYTES = MIB  # tensors above this are mmapped, so freeing them returns the pages
-
-
-# --------------------------------------------------------------------------- memory probes
-def _status_kib(field: str) -> int:
-    """A `VmXXX:` field of /proc/self/status, in KiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_rss_high_water() -> bool:
-    """Set VmHWM to the current RSS (Linux >= 4.0); False when not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _release_free_heap() -> None:
-    """Return freed heap pages to the OS so setup garbage cannot hide the loss call's growth."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+TABLE = Table(Column("B", 6), Column("W", 3), Column("b", 5), Column("chunk", 6), Column("b x c MB", 9, ".1f"),
+              Column("peak MB", 8, ".1f"), Column("max MB", 8, ".1f"), Column("peak/blk", 8, ".1f"),
+              Column("time s", 7, ".2f"), Column("cpu s", 7, ".2f"), Column("max rel diff", 12, ".1e"))
 
 
 # --------------------------------------------------------------------------- worker (one batch size)
@@ -194,8 +168,9 @@ def _loss_step(inputs: dict, *, chunk_size: int) -> None:
 
 def run_worker(args: argparse.Namespace) -> None:
     """Measure every chunk size at one global batch, rounds interleaved; print one JSON line."""
-    sys.path.insert(0, str(REPO_ROOT))
     import gc
+
+    from engine.evaluate.evaluator import release_free_heap
 
     chunk_sizes = [int(size) for size in args.chunk_sizes.split(",")]
     # Warm-up on a tiny batch: starts the thread pool and kernels outside the measurement.
@@ -206,31 +181,22 @@ def run_worker(args: argparse.Namespace) -> None:
     inputs = _build_rank_inputs(args.global_batch, world_size=args.world_size, seed=args.global_batch)
     results = {size: {"peaks_mib": [], "times_s": [], "cpu_times_s": []} for size in chunk_sizes}
     out_dir = Path(args.out_dir)
-    probe = "VmHWM reset"
+    probes = set()
     for round_index in range(args.repeats):
-        # Rotate the order so no chunk size always runs right after another one.
-        shift = round_index % len(chunk_sizes)
-        for chunk_size in chunk_sizes[shift:] + chunk_sizes[:shift]:
+        for chunk_size in round_order(chunk_sizes, round_index):
             gc.collect()
-            _release_free_heap()
-            if _reset_rss_high_water():
-                before_kib = _status_kib("VmRSS")
-            else:  # high-water of the process so far: can only understate this call's growth
-                probe = "ru_maxrss"
-                before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            start, start_cpu = time.perf_counter(), time.process_time()
-            _loss_step(inputs, chunk_size=chunk_size)
-            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-            peak_kib = _status_kib("VmHWM") if probe == "VmHWM reset" else (
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-            results[chunk_size]["peaks_mib"].append((peak_kib - before_kib) / 1024)
-            results[chunk_size]["times_s"].append(elapsed)
-            results[chunk_size]["cpu_times_s"].append(elapsed_cpu)
+            release_free_heap()  # setup garbage must not hide the loss call's growth
+            with peak_window() as memory, timed() as timing:
+                _loss_step(inputs, chunk_size=chunk_size)
+            probes.add(memory.probe)
+            results[chunk_size]["peaks_mib"].append(memory.growth_bytes / MIB)
+            results[chunk_size]["times_s"].append(timing.wall_s)
+            results[chunk_size]["cpu_times_s"].append(timing.cpu_s)
             if round_index == args.repeats - 1:
                 stem = f"B{args.global_batch}_c{chunk_size}"
                 np.save(out_dir / f"{stem}_grad_f.npy", inputs["image_features"].grad.numpy())
                 np.save(out_dir / f"{stem}_grad_g.npy", inputs["text_features"].grad.numpy())
-    print(json.dumps({"probe": probe, "results": {str(size): result for size, result in results.items()}}))
+    print(json.dumps({"probe": ", ".join(sorted(probes)), "results": {str(size): result for size, result in results.items()}}))
 
 
 # --------------------------------------------------------------------------- driver
@@ -241,9 +207,8 @@ def _run_global_batch(global_batch: int, chunk_sizes, *, world_size: int, repeat
         "--world-size", str(world_size), "--chunk-sizes", ",".join(str(size) for size in chunk_sizes),
         "--repeats", str(repeats), "--out-dir", out_dir,
     ]
-    # A fixed mmap threshold stops glibc from moving freed blocks of up to 32 MB onto the heap,
-    # where fragmentation makes RSS drift from the live tensor bytes by 2x between runs.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
+    # Without a fixed mmap threshold, fragmentation made RSS drift from the live tensor bytes by 2x between runs.
+    env = dict(os.environ, **FIXED_MMAP_THRESHOLD_ENV)
     completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if completed.returncode != 0:
         sys.stderr.write(completed.stderr)
@@ -274,8 +239,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     load_1min = os.getloadavg()[0]
     print(f"HGCL loss call (forward + backward) of one simulated rank; D={FEATURE_DIM}, float32, "
           f"{repeats} interleaved rounds, {os.cpu_count()} CPUs, load average {load_1min:.1f} at start")
-    print(f"{'B':>6} {'W':>3} {'b':>5} {'chunk':>6} {'b x c MB':>9} {'peak MB':>8} {'max MB':>8} "
-          f"{'peak/blk':>8} {'time s':>7} {'cpu s':>7} {'max rel diff':>12}")
+    print(TABLE.header())
     with tempfile.TemporaryDirectory() as out_dir:
         for global_batch in global_batches:
             num_local = global_batch // args.world_size
@@ -293,9 +257,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 peak = peaks[key] = statistics.median(result["peaks_mib"])
                 times[key] = statistics.median(result["times_s"])
                 cpu_times[key] = statistics.median(result["cpu_times_s"])
-                print(f"{global_batch:>6} {args.world_size:>3} {num_local:>5} {chunk_size:>6} "
-                      f"{block_mib:>9.1f} {peak:>8.1f} {max(result['peaks_mib']):>8.1f} "
-                      f"{peak / block_mib:>8.1f} {times[key]:>7.2f} {cpu_times[key]:>7.2f} {diff:>12.1e}",
+                print(TABLE.row(global_batch, args.world_size, num_local, chunk_size, block_mib, peak,
+                                max(result["peaks_mib"]), peak / block_mib, times[key], cpu_times[key], diff),
                       flush=True)
     print(f"peak MB = RSS high-water during the call minus RSS before it ({', '.join(sorted(probes))}), "
           f"median over calls (max MB = largest); b x c MB = one b x chunk float32 block (chunk 0 = B); "

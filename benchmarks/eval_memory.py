@@ -24,7 +24,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -38,8 +37,13 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.harness import Column, Table, peak_rss_bytes, side_by_side, timed
+
 TARGET_GROWTH_MB = 300
 TARGET_RATIO = 1.2
+MB = 1024 * 1024  # as ru_maxrss counts: KiB / 1024
+TABLE = Table(Column("images", 8), Column("images/s", 9, ".1f"), Column("peak RSS main MB", 17, ".0f"),
+              Column("largest worker MB", 18, ".0f"), Column("total MB", 9, ".0f"))
 SHARD_SIZE = 1000
 NUM_CLASSES = 10
 MODEL_CONFIG = {
@@ -88,7 +92,16 @@ def child(args: argparse.Namespace) -> None:
     cache = Path(args.cache)
     bundle = build_model(str(cache / "model.json"), seed=0)
     pattern = str(cache / "shards" / f"{{000000..{args.images // SHARD_SIZE - 1:06d}}}.tar")
-    start = time.perf_counter()
+    with timed() as timing:
+        result = _evaluate(args, bundle, cache, pattern)
+    print(json.dumps({"seconds": timing.wall_s, **result,
+                      "rss_main_mb": peak_rss_bytes() / MB, "rss_worker_mb": peak_rss_bytes(children=True) / MB}))
+
+
+def _evaluate(args: argparse.Namespace, bundle, cache: Path, pattern: str) -> dict:
+    """The engine's Evaluator or the bare loop over `pattern`; what to check of it."""
+    import torch
+
     if args.child == "engine":
         from engine.config import EvalConfig
         from engine.evaluate import Evaluator, build_tasks
@@ -114,11 +127,7 @@ def child(args: argparse.Namespace) -> None:
                 bundle.model.encode_image(images)
                 count += len(images)
         extra = None
-    seconds = time.perf_counter() - start
-    mb = 1024  # ru_maxrss is in kB on Linux
-    print(json.dumps({"seconds": seconds, "count": count, "acc1": extra,
-                      "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / mb,
-                      "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / mb}))
+    return {"count": count, "acc1": extra}
 
 
 def measure(kind: str, images: int, args: argparse.Namespace) -> dict:
@@ -170,16 +179,15 @@ def main() -> int:
                 speeds[kind].append(measure(kind, speed_images, args)["images_s"])
         print(f"\nevaluation of synthetic 224-px JPEGs, 2-layer ViT-32 at 224 px, {args.workers} workers, "
               f"batch {args.batch_size}")
-        print(f"{'images':>8} {'images/s':>9} {'peak RSS main MB':>17} {'largest worker MB':>18} {'total MB':>9}")
+        print(TABLE.header())
         for images, r in rows:
-            print(f"{images:>8} {r['images_s']:>9.1f} {r['rss_main_mb']:>17.0f} {r['rss_worker_mb']:>18.0f} "
-                  f"{r['rss_mb']:>9.0f}")
+            print(TABLE.row(images, r["images_s"], r["rss_main_mb"], r["rss_worker_mb"], r["rss_mb"]))
+        ratio = side_by_side(speeds["bare"], speeds["engine"]).median
         bare, engine = statistics.median(speeds["bare"]), statistics.median(speeds["engine"])
         print(f"throughput at {speed_images} images, median of {repeats}: bare loop {bare:.1f} images/s "
               f"{[round(s, 1) for s in speeds['bare']]}, engine {engine:.1f} images/s "
               f"{[round(s, 1) for s in speeds['engine']]}")
         growth = rows[-1][1]["rss_mb"] - rows[0][1]["rss_mb"]
-        ratio = bare / engine
         ok = growth < TARGET_GROWTH_MB and ratio <= TARGET_RATIO
         print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} images: {growth:+.0f} MB (target < {TARGET_GROWTH_MB}); "
               f"bare / engine images/s: {ratio:.2f}x (target <= {TARGET_RATIO}): {'PASS' if ok else 'FAIL'}")

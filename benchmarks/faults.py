@@ -117,6 +117,7 @@ from safetensors.torch import load_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.harness import Column, Table
 from engine.checkpoint import COMPLETE, LATEST, is_complete
 from engine.data.build import build_shards
 from engine.objectives.table import UTable
@@ -966,7 +967,8 @@ def background_saves(runner: Runner, rng: random.Random) -> Outcome:
 
 
 def format_table(outcomes: list[Outcome]) -> str:
-    header = ("scenario", "faults", "resumed", "steps lost/kill", "samples lost", "equal to straight", "ok")
+    table = Table(*(Column(name, align="<") for name in ("scenario", "faults", "resumed", "steps lost/kill",
+                                                          "samples lost", "equal to straight", "ok")), sep="  ")
     rows = []
     for o in outcomes:
         equal = "yes" if o.equal else ("no: " + ", ".join(o.diffs) if o.diffs else "n/a")
@@ -976,9 +978,7 @@ def format_table(outcomes: list[Outcome]) -> str:
         samples = "n/a" if o.samples_lost is None else str(o.samples_lost)
         ok = "yes" if o.ok else "NO"
         rows.append((o.name, str(o.num_faults), str(o.num_resumed), lost, samples, equal, ok))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [table.format(rows)]
     for o in outcomes:
         for note in o.notes:
             lines.append(f"  {o.name}: {note}")

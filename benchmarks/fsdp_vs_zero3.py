@@ -37,7 +37,16 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.zero3_vith import MALLOC_ENV, MemoryWatch, zero_config
+from benchmarks.harness import (
+    FIXED_MMAP_THRESHOLD_ENV,
+    Column,
+    MemoryWatch,
+    Table,
+    available_memory_bytes,
+    peak_rss_bytes,
+    side_by_side,
+)
+from benchmarks.zero3_vith import zero_config
 
 DEFAULT_MODEL = "ViT-H-14-quickgelu"
 WORLD_SIZE = 2
@@ -51,9 +60,7 @@ GB = 1e9
 
 
 def _peak_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # KiB on Linux
+    return peak_rss_bytes() / GB
 
 
 def _freeze_temperature(model: torch.nn.Module) -> None:
@@ -166,21 +173,20 @@ def rank_run(kind: str, model_name: str, global_batch: int, steps: int, seed: in
 def run_backend(kind: str, args) -> list[dict] | None:
     from tests.helpers.harness import run_ranks
 
-    watch = MemoryWatch(min_free_gb=args.min_free_gb)
+    watch = MemoryWatch(min_free_bytes=args.min_free_gb * GB)
     print(f"--- {kind}: {args.model}, bf16, {WORLD_SIZE} CPU ranks, global batch {args.global_batch}, "
-          f"{args.steps} OSR + {args.steps} fine-tuning steps; machine available {watch.available_gb():.1f} GB",
+          f"{args.steps} OSR + {args.steps} fine-tuning steps; machine available {available_memory_bytes() / GB:.1f} GB",
           flush=True)
     watch.start()
     try:
         return run_ranks("benchmarks.fsdp_vs_zero3:rank_run", world_size=WORLD_SIZE, timeout=args.timeout,
-                         env=MALLOC_ENV, kind=kind, model_name=args.model, global_batch=args.global_batch,
+                         env=FIXED_MMAP_THRESHOLD_ENV, kind=kind, model_name=args.model, global_batch=args.global_batch,
                          steps=args.steps)
     except AssertionError as err:
         print(f"{kind} FAILED{' (stopped by the memory watch)' if watch.killed else ''}:\n{err}", file=sys.stderr)
         return None
     finally:
-        watch.stopped.set()
-        watch.join()
+        watch.stop()
 
 
 def main() -> int:
@@ -218,31 +224,33 @@ def main() -> int:
         rows[kind] = {
             "peak": max(r["peak_gb"]["end"] for r in ranks),
             "peaks": [r["peak_gb"] for r in ranks],
-            "osr_s": statistics.median(s["seconds"] for s in ranks[0]["steps"] if s["stage"] == "osr"),
-            "ft_s": statistics.median(s["seconds"] for s in ranks[0]["steps"] if s["stage"] == "finetune"),
+            "osr_s": [s["seconds"] for s in ranks[0]["steps"] if s["stage"] == "osr"],
+            "ft_s": [s["seconds"] for s in ranks[0]["steps"] if s["stage"] == "finetune"],
             "split": {stage: [statistics.median(s[key] for s in ranks[0]["steps"] if s["stage"] == stage)
                               for key in ("forward_s", "backward_s", "optimizer_s")] for stage in ("osr", "finetune")},
             "count": ranks[0]["steps"][-1]["count"],
             "loss": ranks[0]["steps"][0]["loss"],
         }
-    header = (f"{'backend':<8} {'rank':>4} {'peak build':>10} {'peak wrap':>9} {'peak end':>8} "
-              f"{'OSR s/step':>10} {'FT s/step':>9} {'OSR loss':>9} {'Adam t':>6}")
+    table = Table(Column("backend", 8, align="<"), Column("rank", 4), Column("peak build"), Column("peak wrap"),
+                  Column("peak end"), Column("OSR s/step", spec=".1f"), Column("FT s/step", spec=".1f"),
+                  Column("OSR loss", 9, ".4f"), Column("Adam t", 6))
     print(f"\n{args.model}: {results['fsdp'][0]['num_params']:,} parameters, bf16, {WORLD_SIZE} CPU ranks, "
           f"global batch {args.global_batch}, median of {args.steps} step(s) per stage")
-    print(header)
-    print("-" * len(header))
+    print(table.header())
+    print(table.rule())
     for kind, ranks in results.items():
-        for r, peaks in zip(ranks, rows[kind]["peaks"]):
-            print(f"{kind:<8} {r['rank']:>4} {peaks['build']:>9.2f}G {peaks['wrap']:>8.2f}G {peaks['end']:>7.2f}G "
-                  f"{rows[kind]['osr_s']:>10.1f} {rows[kind]['ft_s']:>9.1f} {rows[kind]['loss']:>9.4f} "
-                  f"{rows[kind]['count']:>6}")
+        row = rows[kind]
+        for r, peaks in zip(ranks, row["peaks"]):
+            print(table.row(kind, r["rank"], *(f"{peaks[phase]:.2f}G" for phase in ("build", "wrap", "end")),
+                            statistics.median(row["osr_s"]), statistics.median(row["ft_s"]), row["loss"],
+                            row["count"]))
     for kind in results:
         split = rows[kind]["split"]
         print(f"{kind} median seconds fwd+loss / bwd / optimizer: OSR {' / '.join(f'{x:.1f}' for x in split['osr'])}, "
               f"FT {' / '.join(f'{x:.1f}' for x in split['finetune'])}")
     memory = rows["fsdp"]["peak"] / rows["zero3"]["peak"]
-    osr_time = rows["fsdp"]["osr_s"] / rows["zero3"]["osr_s"]
-    ft_time = rows["fsdp"]["ft_s"] / rows["zero3"]["ft_s"]
+    osr_time = side_by_side(rows["fsdp"]["osr_s"], rows["zero3"]["osr_s"]).median
+    ft_time = side_by_side(rows["fsdp"]["ft_s"], rows["zero3"]["ft_s"]).median
     if memory > MEMORY_TARGET:
         problems.append(f"FSDP2 peak {rows['fsdp']['peak']:.2f} GB > ZeRO-3's {rows['zero3']['peak']:.2f} GB")
     for what, ratio in (("OSR", osr_time), ("fine-tuning", ft_time)):

@@ -61,7 +61,7 @@ trap 'rm -f "$results"' EXIT
 for check in losses tune throughput; do
   echo "--- $check ($device)"
   log=$(mktemp)
-  $PY benchmarks/gpu_check.py "$check" --device "$device" $tiny >"$log" 2>&1
+  $PY benchmarks/tools/gpu_check.py "$check" --device "$device" $tiny >"$log" 2>&1
   line=$(grep '^GPU_CHECK ' "$log" | tail -1 | sed 's/^GPU_CHECK //')
   if [ -z "$line" ]; then
     line="{\"check\": \"$check\", \"ok\": false, \"failed\": [\"no result: the process died (log above)\"]}"
@@ -76,7 +76,7 @@ done
 echo "--- FSDP2 tune with background checkpoints ($device)"
 tmp=$(mktemp -d)
 name="FSDP2 bf16 tune, async checkpoints ($device)"
-$PY -c "import sys; sys.path.insert(0, '.'); from benchmarks.gpu_check import _shards; from pathlib import Path; _shards(Path('$tmp'), 32)"
+$PY -c "import sys; sys.path.insert(0, '.'); from benchmarks.tools.gpu_check import _shards; from pathlib import Path; _shards(Path('$tmp'), 32)"
 if $PY -m torch.distributed.run --nproc_per_node 1 --master_port 29519 run.py tune --train "$tmp/shards" \
     --out "$tmp/run" --batch-size 8 --epochs 1 --osr-epochs 1 --lr 1e-3 --save-every 2 --set run.backend=fsdp \
     --set run.async_checkpoint=true --set run.progress=false --set eval.at_start=false \
@@ -98,7 +98,7 @@ rm -rf "$tmp"
 if [ "$ngpu" -gt 1 ]; then
   echo "--- 2-process NCCL run ($ngpu GPUs)"
   tmp=$(mktemp -d)
-  $PY -c "import sys; sys.path.insert(0, '.'); from benchmarks.gpu_check import _shards; from pathlib import Path; _shards(Path('$tmp'), 32)"
+  $PY -c "import sys; sys.path.insert(0, '.'); from benchmarks.tools.gpu_check import _shards; from pathlib import Path; _shards(Path('$tmp'), 32)"
   if $PY -m torch.distributed.run --nproc_per_node 2 --master_port 29517 run.py tune --train "$tmp/shards" \
       --out "$tmp/run" --batch-size 8 --epochs 1 --osr-epochs 1 --lr 1e-3 --set run.backend=deepspeed \
       --set run.progress=false --set eval.at_start=false --set model.precision=bf16 \

@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import resource
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.harness import Column, Table, side_by_side, timed
 from engine.data import ShardLoader
 from engine.data.build import build_shards
 from engine.synthetic import render_pairs
@@ -49,18 +48,12 @@ TARGET_RATIO = 1.0
 WORKER_COUNTS = (0, 2)
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (DataLoader workers are joined each epoch)."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
-
-
 def measured(run_block: Callable[[], int]) -> tuple[float, float]:
-    """(samples/s wall clock, CPU ms/sample) of `run_block`, which returns how many samples it handled."""
-    wall, cpu = time.perf_counter(), cpu_seconds()
-    num_samples = run_block()
-    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    return num_samples / wall, 1000 * cpu / num_samples
+    """(samples/s wall clock, CPU ms/sample) of `run_block`, which returns how many samples it handled;
+    CPU counts this process and its finished children (DataLoader workers are joined each epoch)."""
+    with timed(children=True) as timing:
+        num_samples = run_block()
+    return num_samples / timing.wall_s, 1000 * timing.cpu_s / num_samples
 
 
 def loader_rate(manifest, bundle, *, batch_size: int, num_workers: int, epoch: int) -> tuple[float, float]:
@@ -177,16 +170,15 @@ def run(args: argparse.Namespace) -> int:
         f"median of {args.repeats} runs; "
         f"load average before/after {load_before:.1f}/{os.getloadavg()[0]:.1f} (other processes compete)"
     )
-    width = max(map(len, medians))
-    print(f"{'path':<{width}}  {'samples/s':>10}  {'CPU ms/sample':>13}  runs (samples/s)")
+    table = Table(Column("path", max(map(len, medians)), align="<"), Column("samples/s", 10, ".0f"),
+                  Column("CPU ms/sample", 13, ".2f"), Column("runs (samples/s)", align="<"), sep="  ")
+    print(table.header())
     for name, value in medians.items():
         runs = " ".join(f"{rate:.0f}" for rate, _ in rates[name])
-        print(f"{name:<{width}}  {value:>10.0f}  {cpu_costs[name]:>13.2f}  {runs}")
-    ratio = medians["loader, num_workers=2"] / medians[f"model step ({MODEL}, AdamW)"]
-    paired = statistics.median(
-        loader[0] / model[0]
-        for loader, model in zip(rates["loader, num_workers=2"], rates[f"model step ({MODEL}, AdamW)"])
-    )
+        print(table.row(name, value, cpu_costs[name], runs))
+    side = side_by_side([rate for rate, _ in rates["loader, num_workers=2"]],
+                        [rate for rate, _ in rates[f"model step ({MODEL}, AdamW)"]])
+    ratio, paired = side.median, side.paired
     print(f"per-round ratio loader (2 workers) / model step, median: {paired:.2f}")
     if load_before > cores:
         print(

@@ -54,6 +54,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.harness import Column, Table, round_order, side_by_side, timed
 from engine.data import Batch
 from engine.distributed import barrier
 from engine.objectives import total_loss
@@ -144,18 +145,16 @@ def measure(trainer, case: Case, *, seed: int = 0) -> dict:
     wall = {name: [] for name in losses}
     grad_clip = trainer.cfg.optim.grad_clip
     for round_index in range(case.warmup + case.rounds):
-        order = ("mbcl", "hgcl") if round_index % 2 == 0 else ("hgcl", "mbcl")
-        for name in order:
+        for name in round_order(("mbcl", "hgcl"), round_index):
             rows = torch.randint(0, TABLE_ROWS, (case.batch,), generator=gen)[lo : lo + local]
             batch = Batch(images=images, texts=texts, rows=rows, keys=keys)
             barrier()
-            started = time.perf_counter()
-            metrics = trainer.train_step(batch, objective=losses[name], lr=LR, grad_clip=grad_clip)
-            elapsed = time.perf_counter() - started
+            with timed() as timing:
+                metrics = trainer.train_step(batch, objective=losses[name], lr=LR, grad_clip=grad_clip)
             if metrics.get("skipped"):
                 raise FloatingPointError(f"{case.model}: the {name} step was skipped (non-finite values)")
             if round_index >= case.warmup:
-                wall[name].append(elapsed)
+                wall[name].append(timing.wall_s)
     return {"wall": wall, "loss_only": measure_loss_only(trainer, losses, images, texts, gen)}
 
 
@@ -188,10 +187,10 @@ def _time_losses(trainer, losses: dict, image_features, text_features, gen) -> d
             f = image_features.clone().requires_grad_(True)
             g = text_features.clone().requires_grad_(True)
             barrier()
-            t0 = time.perf_counter()
-            total_loss(objective(f, g, rows=rows)).backward()
-            objective.after_step()  # HGCL: the table write
-            times.append(time.perf_counter() - t0)
+            with timed() as timing:
+                total_loss(objective(f, g, rows=rows)).backward()
+                objective.after_step()  # HGCL: the table write
+            times.append(timing.wall_s)
         out[name] = statistics.median(times)
     return out
 
@@ -256,36 +255,36 @@ def report(results: list, *, elapsed: float, load: tuple[float, float]) -> int:
     print(f"TuneCLIP (HGCL + u table) vs OpenCLIP loss (MBCL): Trainer.train_step, fp32, lr {LR}, rounds "
           "after warm-up. s/step = fastest step of each side, ratio = of those (checked); median = median "
           "step, paired = median over rounds of HGCL / MBCL within the round")
-    header = (f"{'model':<10} {'backend':<10} {'batch':>5} {'rounds':>6} {'MBCL s/step':>11} "
-              f"{'HGCL s/step':>11} {'ratio':>6} {'HGCL-MBCL ms':>12} {'MBCL median':>11} "
-              f"{'HGCL median':>11} {'paired':>6} {'paired range':>12}")
-    print(header)
-    print("-" * len(header))
+    table = Table(Column("model", 10, align="<"), Column("backend", 10, align="<"), Column("batch", 5),
+                  Column("rounds", 6), Column("MBCL s/step", spec=".4f"), Column("HGCL s/step", spec=".4f"),
+                  Column("ratio", 6, ".3f"), Column("HGCL-MBCL ms", spec=".1f"), Column("MBCL median", spec=".4f"),
+                  Column("HGCL median", spec=".4f"), Column("paired", 6, ".3f"), Column("paired range"))
+    print(table.header())
+    print(table.rule())
     headline = None
     rows = []
     for case, measured, _ in results:
         times = measured["wall"]
         best = {name: min(values) for name, values in times.items()}
         median = {name: statistics.median(values) for name, values in times.items()}
-        per_round = [h / m for h, m in zip(times["hgcl"], times["mbcl"])]
-        ratio, paired = best["hgcl"] / best["mbcl"], statistics.median(per_round)
+        side = side_by_side(times["hgcl"], times["mbcl"])
+        ratio = side.best
         rows.append((case, best, ratio))
-        spread = f"{min(per_round):.2f}-{max(per_round):.2f}"
-        print(f"{case.model:<10} {case.label:<10} {case.batch:>5} {case.rounds:>6} {best['mbcl']:>11.4f} "
-              f"{best['hgcl']:>11.4f} {ratio:>6.3f} {1e3 * (best['hgcl'] - best['mbcl']):>12.1f} "
-              f"{median['mbcl']:>11.4f} {median['hgcl']:>11.4f} {paired:>6.3f} {spread:>12}")
+        print(table.row(case.model, case.label, case.batch, case.rounds, best["mbcl"], best["hgcl"], ratio,
+                        1e3 * (best["hgcl"] - best["mbcl"]), median["mbcl"], median["hgcl"], side.paired,
+                        f"{side.paired_low:.2f}-{side.paired_high:.2f}"))
         if case.main:
             headline = (case, ratio)
     print()
-    header = f"{'model':<10} {'backend':<10} {'batch':>5} {'MBCL loss ms':>12} {'HGCL loss+table ms':>18}"
+    table = Table(Column("model", 10, align="<"), Column("backend", 10, align="<"), Column("batch", 5),
+                  Column("MBCL loss ms", spec=".2f"), Column("HGCL loss+table ms", spec=".2f"))
     print("loss alone (forward + backward on fixed features, one thread; HGCL with its table read/write), "
           f"median of {LOSS_ONLY_REPEATS}")
-    print(header)
-    print("-" * len(header))
+    print(table.header())
+    print(table.rule())
     for case, measured, _ in results:
         loss_only = measured["loss_only"]
-        print(f"{case.model:<10} {case.label:<10} {case.batch:>5} {1e3 * loss_only['mbcl']:>12.2f} "
-              f"{1e3 * loss_only['hgcl']:>18.2f}")
+        print(table.row(case.model, case.label, case.batch, 1e3 * loss_only["mbcl"], 1e3 * loss_only["hgcl"]))
     for (case, best, ratio), (_, measured, _) in zip(rows, results):
         if case.main or ratio <= TARGET_RATIO:
             continue

@@ -43,16 +43,25 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.harness import (
+    FIXED_MMAP_THRESHOLD_ENV,
+    Column,
+    MemoryWatch,
+    Table,
+    available_memory_bytes,
+    peak_rss_bytes,
+    rss_bytes,
+)
+
 DEFAULT_MODEL = "ViT-H-14-quickgelu"
 ZERO_CONFIG = REPO_ROOT / "zero_configs" / "zero3_bf16.json"
 WORLD_SIZE = 2
@@ -73,21 +82,11 @@ OLD_FILE_VALUES = {
     "stage3_max_live_parameters": 1_000_000_000,
 }
 BUILDS = ("full", "zero_init")
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 GB = 1e9
 
 
-def _vm_kib(field: str) -> int:
-    """A `VmXXX:` field of /proc/<self>/status in KiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # ru_maxrss is in KiB on Linux
+    return peak_rss_bytes() / GB
 
 
 def _digest(tensors) -> str:
@@ -125,7 +124,7 @@ def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "
     out = {"rank": ctx.rank, "peak_gb": {}}
     out["peak_gb"]["start"] = _peak_gb()
 
-    out["rss_before_build_gb"] = _vm_kib("VmRSS") * 1024 / GB
+    out["rss_before_build_gb"] = rss_bytes() / GB
     if build == "full":
         bundle = build_model(model_name, seed=seed, weights=weights)
     else:  # what the trainer does under ZeRO-3 (build_bundle)
@@ -143,7 +142,7 @@ def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "
     image_size = model.visual.image_size
     out["build_s"] = time.perf_counter() - started
     out["peak_gb"]["build"] = _peak_gb()
-    out["rss_after_build_gb"] = _vm_kib("VmRSS") * 1024 / GB
+    out["rss_after_build_gb"] = rss_bytes() / GB
     say(f"built {model_name} ({build}): {num_params:,} params, peak {out['peak_gb']['build']:.2f} GB")
     if stop_after == "build":
         out["num_params"], out["peak_gb"]["wrap"] = num_params, float("nan")
@@ -157,7 +156,7 @@ def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "
     del model, bundle
     out["wrap_s"] = time.perf_counter() - mark
     out["peak_gb"]["wrap"] = _peak_gb()
-    out["rss_after_wrap_gb"] = _vm_kib("VmRSS") * 1024 / GB
+    out["rss_after_wrap_gb"] = rss_bytes() / GB
     params = list(backend.model.parameters())
     zero_optimizer = backend.engine.optimizer
     out["num_params"] = sum(p.ds_numel for p in params)
@@ -220,85 +219,6 @@ def rank_run(model_name: str, global_batch: int, overrides: dict, build: str = "
     return out
 
 
-class MemoryWatch(threading.Thread):
-    """Samples the ranks' RSS and the machine's available memory; kills the ranks below a floor."""
-
-    def __init__(self, *, min_free_gb: float, interval_s: float = 1.0, report_every_s: float = 30.0):
-        super().__init__(daemon=True)
-        self.min_free_gb, self.interval_s, self.report_every_s = min_free_gb, interval_s, report_every_s
-        self.min_available_gb = float("inf")
-        self.max_ranks_rss_gb = 0.0
-        self.max_rank_rss_gb: dict[int, float] = {}  # by pid
-        self.killed = False
-        self.stopped = threading.Event()
-
-    @staticmethod
-    def _children() -> list[int]:
-        me, pids = os.getpid(), []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == me:
-                pids.append(int(entry))
-        return sorted(pids)
-
-    @staticmethod
-    def _rss_gb(pid: int) -> float:
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024 / GB
-        except OSError:
-            pass
-        return 0.0
-
-    @staticmethod
-    def available_gb() -> float:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / GB
-        return float("inf")
-
-    @staticmethod
-    def _last_line(pid: int) -> str:
-        try:
-            with open(f"/proc/{pid}/fd/1", errors="replace") as log:
-                lines = [line for line in log.read().splitlines() if line.startswith("[rank")]
-            return lines[-1] if lines else ""
-        except OSError:
-            return ""
-
-    def run(self) -> None:
-        started = last_report = time.perf_counter()
-        while not self.stopped.wait(self.interval_s):
-            pids = self._children()
-            rss = [self._rss_gb(pid) for pid in pids]
-            available = self.available_gb()
-            self.min_available_gb = min(self.min_available_gb, available)
-            self.max_ranks_rss_gb = max(self.max_ranks_rss_gb, sum(rss))
-            for pid, value in zip(pids, rss):
-                self.max_rank_rss_gb[pid] = max(self.max_rank_rss_gb.get(pid, 0.0), value)
-            if available < self.min_free_gb and pids:
-                print(f"available memory {available:.1f} GB < {self.min_free_gb} GB: stopping the ranks",
-                      file=sys.stderr, flush=True)
-                self.killed = True
-                for pid in pids:
-                    os.kill(pid, 9)
-            now = time.perf_counter()
-            if now - last_report >= self.report_every_s and pids:
-                last_report = now
-                print(f"  [{now - started:5.0f} s] ranks RSS {', '.join(f'{r:.1f}' for r in rss)} GB, "
-                      f"machine available {available:.1f} GB | {self._last_line(pids[0])}",
-                      file=sys.stderr, flush=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -322,34 +242,32 @@ def main() -> int:
     if args.global_batch % WORLD_SIZE:
         parser.error(f"--global-batch must be a multiple of {WORLD_SIZE}")
 
-    sys.path.insert(0, str(REPO_ROOT))
     from tests.helpers.harness import run_ranks
 
     results, code = {}, 0
     for build in args.builds:
-        watch = MemoryWatch(min_free_gb=args.min_free_gb)
+        watch = MemoryWatch(min_free_bytes=args.min_free_gb * GB)
         print(f"\n=== build {build}: {args.model} under ZeRO-3 bf16 ({ZERO_CONFIG.name} as shipped"
               f"{', with ' + str(overrides) if overrides else ''}), {WORLD_SIZE} CPU ranks, "
               f"{'weights ' + args.weights if args.weights else 'random init'}, global batch "
               f"{args.global_batch}, random images at the model's size; machine available "
-              f"{watch.available_gb():.1f} GB", flush=True)
+              f"{available_memory_bytes() / GB:.1f} GB", flush=True)
         started = time.perf_counter()
         watch.start()
         try:
             ranks = run_ranks("benchmarks.zero3_vith:rank_run", world_size=WORLD_SIZE, timeout=args.timeout,
-                              env=MALLOC_ENV, model_name=args.model, global_batch=args.global_batch,
+                              env=FIXED_MMAP_THRESHOLD_ENV, model_name=args.model, global_batch=args.global_batch,
                               overrides=overrides, build=build, weights=args.weights,
                               stop_after=args.stop_after)
         except AssertionError as err:
             print(f"FAILED ({build}) after {time.perf_counter() - started:.0f} s"
                   f"{' (stopped by the memory watch)' if watch.killed else ''}:\n{err}", file=sys.stderr)
-            print(f"machine: lowest available memory {watch.min_available_gb:.1f} GB; sampled RSS maxima per rank "
-                  f"{', '.join(f'{v:.2f}' for v in watch.max_rank_rss_gb.values())} GB")
+            print(f"machine: lowest available memory {watch.min_available_bytes / GB:.1f} GB; sampled RSS maxima "
+                  f"per rank {', '.join(f'{v / GB:.2f}' for v in watch.max_rss_bytes.values())} GB")
             code = 2
             continue
         finally:
-            watch.stopped.set()
-            watch.join()
+            watch.stop()
         if args.stop_after == "train":
             code = max(code, report(ranks, args, elapsed=time.perf_counter() - started, watch=watch))
         results[build] = (ranks, watch)
@@ -362,19 +280,19 @@ def compare(results: dict) -> int:
         return 2
     num_params = next(iter(results.values()))[0][0]["num_params"]
     fp32_gb = num_params * 4 / GB
-    header = (f"{'build':<10} {'rank':>4} {'RSS before':>10} {'peak build':>10} {'build added':>11} {'RSS built':>9} "
-              f"{'peak wrap':>9} {'peak end':>8} {'sampled max':>11}")
+    table = Table(Column("build", 10, align="<"), Column("rank", 4), *(Column(name, spec=".2f") for name in (
+        "RSS before", "peak build", "build added", "RSS built", "peak wrap", "peak end", "sampled max")))
     print(f"\nconstruction and training peaks per rank (GB; the whole fp32 model is {fp32_gb:.2f} GB; "
           "'build added' = peak during construction - RSS before it)")
-    print(header)
-    print("-" * len(header))
+    print(table.header())
+    print(table.rule())
     for build, (ranks, watch) in results.items():
-        sampled = list(watch.max_rank_rss_gb.values())  # by pid: the ranks in start order
+        sampled = [value / GB for value in watch.max_rss_bytes.values()]  # by pid: the ranks in start order
         for r in ranks:
             value = sampled[r["rank"]] if r["rank"] < len(sampled) else float("nan")
-            print(f"{build:<10} {r['rank']:>4} {r['rss_before_build_gb']:>10.2f} {r['peak_gb']['build']:>10.2f} "
-                  f"{r['peak_gb']['build'] - r['rss_before_build_gb']:>11.2f} {r['rss_after_build_gb']:>9.2f} "
-                  f"{r['peak_gb']['wrap']:>9.2f} {r['peak_gb']['end']:>8.2f} {value:>11.2f}")
+            print(table.row(build, r["rank"], r["rss_before_build_gb"], r["peak_gb"]["build"],
+                            r["peak_gb"]["build"] - r["rss_before_build_gb"], r["rss_after_build_gb"],
+                            r["peak_gb"]["wrap"], r["peak_gb"]["end"], value))
     code = 0
     if "zero_init" in results:
         added = max(r["peak_gb"]["build"] - r["rss_before_build_gb"] for r in results["zero_init"][0])
@@ -396,23 +314,23 @@ def report(ranks: list[dict], args, *, elapsed: float, watch: MemoryWatch) -> in
     """Print the per-rank table, the DDP comparison and the headline; return the exit code."""
     num_params = ranks[0]["num_params"]
     share = 1.0 / WORLD_SIZE
-    header = (f"{'rank':>4} {'params held':>13} {'share':>6} {'fp32 master':>12} {'m+v elems':>13} "
-              f"{'peak build':>10} {'peak wrap':>9} {'peak end':>8} {'OSR s':>6} {'FT s':>6} "
-              f"{'OSR same':>8} {'FT moved':>8} {'t after':>7}")
+    table = Table(Column("rank", 4), Column("params held", 13, ","), Column("share", 6, ".3f"),
+                  Column("fp32 master", 12, ","), Column("m+v elems", 13, ","), Column("peak build", 10),
+                  Column("peak wrap", 9), Column("peak end", 8), Column("OSR s", 6, ".1f"), Column("FT s", 6, ".1f"),
+                  Column("OSR same", 8), Column("FT moved", 8), Column("t after", 7))
     print(f"\nparameters: {num_params:,} in total; local partition dtype {ranks[0]['param_dtypes']}; "
           f"{ranks[0]['num_persistent_params']:,} of them in small persistent tensors that every rank also "
           "keeps whole (stage3_param_persistence_threshold)")
-    print(header)
-    print("-" * len(header))
+    print(table.header())
+    print(table.rule())
     problems = []
     for r in ranks:
         osr, ft = r["steps"]
         held = r["num_local_params"] / num_params
-        print(f"{r['rank']:>4} {r['num_local_params']:>13,} {held:>6.3f} {r['num_local_master']:>12,} "
-              f"{r['num_local_moments']:>13,} {r['peak_gb']['build']:>9.2f}G {r['peak_gb']['wrap']:>8.2f}G "
-              f"{r['peak_gb']['end']:>7.2f}G {osr['total_s']:>6.1f} {ft['total_s']:>6.1f} "
-              f"{'NO' if osr['weights_changed'] else 'yes':>8} {'yes' if ft['weights_changed'] else 'NO':>8} "
-              f"{osr['step_count']:>3}->{ft['step_count']}")
+        print(table.row(r["rank"], r["num_local_params"], held, r["num_local_master"], r["num_local_moments"],
+                        *(f"{r['peak_gb'][phase]:.2f}G" for phase in ("build", "wrap", "end")),
+                        osr["total_s"], ft["total_s"], "NO" if osr["weights_changed"] else "yes",
+                        "yes" if ft["weights_changed"] else "NO", f"{osr['step_count']}->{ft['step_count']}"))
         if osr["weights_changed"]:
             problems.append(f"rank {r['rank']}: the OSR step (lr = 0) changed the weights")
         if osr["step_count"] != 1:
@@ -450,9 +368,9 @@ def report(ranks: list[dict], args, *, elapsed: float, watch: MemoryWatch) -> in
     print(f"  {zero3_label:<62} {16 / WORLD_SIZE:>2.0f} B/param = {zero3_state:6.2f} GB")
     ddp_gb = num_params * 16 / GB
     peak = max(r["peak_gb"]["end"] for r in ranks)
-    sampled = ", ".join(f"{value:.2f}" for value in watch.max_rank_rss_gb.values())
-    print(f"machine: lowest available memory {watch.min_available_gb:.1f} GB; sampled RSS maxima per rank "
-          f"{sampled} GB, of both together {watch.max_ranks_rss_gb:.1f} GB; wall time {elapsed:.0f} s")
+    sampled = ", ".join(f"{value / GB:.2f}" for value in watch.max_rss_bytes.values())
+    print(f"machine: lowest available memory {watch.min_available_bytes / GB:.1f} GB; sampled RSS maxima per rank "
+          f"{sampled} GB, of both together {watch.max_children_rss_bytes / GB:.1f} GB; wall time {elapsed:.0f} s")
     for problem in problems:
         print(f"FAIL: {problem}")
     print(f"result: {args.model} ZeRO-3 bf16 on {WORLD_SIZE} ranks peaks at {peak:.2f} GB per rank = "

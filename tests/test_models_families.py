@@ -13,7 +13,7 @@ from models import build_model, build_transforms, export_weights, read_checkpoin
 pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
               pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")]
 
-# (architecture, tag) of every family the README lists.
+# (architecture, tag) of every family docs/user-guide.md lists.
 FAMILY_TAGS = [("ViT-B-16-quickgelu", "openai"), ("ViT-B-32-quickgelu", "openai"), ("ViT-B-32", "laion2b_s34b_b79k"),
                ("ViT-B-16-SigLIP", "webli"), ("ViT-B-16-SigLIP2", "webli"), ("ViT-H-14-quickgelu", "dfn5b")]
 

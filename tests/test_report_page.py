@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from benchmarks.screenshot_report import find_browser, rendered_dom, screenshot
+from benchmarks.tools.screenshot_report import find_browser, rendered_dom, screenshot
 from engine.report_page import write_report
 
 

@@ -1,6 +1,6 @@
 """Render a report page in headless Chromium with the network cut off and save a PNG screenshot.
 
-    python benchmarks/screenshot_report.py runs/report/report.html [--out shot.png] [--width 1400 --height 3000]
+    python benchmarks/tools/screenshot_report.py runs/report/report.html [--out shot.png] [--width 1400 --height 3000]
 
 Exits 2 when no Chromium is installed (Debian: `apt-get install chromium`).
 """

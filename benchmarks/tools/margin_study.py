@@ -1,7 +1,7 @@
 """Table of a margin study: per setting (runs grouped by a folder-name pattern), the margin used, the share of
 pairs inside the hinge at w0, and the metric at the base, lowest, final and best (mean +- sd over seeds).
 
-    python -m benchmarks.margin_study --metric shapes-retrieval/mean_recall@1 \\
+    python -m benchmarks.tools.margin_study --metric shapes-retrieval/mean_recall@1 \\
         "m=0.1:runs/study/loss.margin=0.1,run.seed=*" "OSR+GCL:runs/demo/runs/osr+gcl/seed*"
 """
 
@@ -12,6 +12,8 @@ import glob
 import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine.evaluate import headline_metric
 from engine.summary import run_records

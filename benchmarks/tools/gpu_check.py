@@ -1,8 +1,8 @@
 """The python pieces of benchmarks/gpu_check.sh: each prints one JSON line `{"check": ..., "ok": ..., ...}`.
 
-    python benchmarks/gpu_check.py losses --device cuda        # loss vs the naive equations, fp32 and bf16
-    python benchmarks/gpu_check.py tune --device cuda          # a tiny OSR + fine-tuning job, single process
-    python benchmarks/gpu_check.py throughput --device cuda    # ViT-B-16 bf16: OpenCLIP step vs TuneCLIP step
+    python benchmarks/tools/gpu_check.py losses --device cuda        # loss vs the naive equations, fp32 and bf16
+    python benchmarks/tools/gpu_check.py tune --device cuda          # a tiny OSR + fine-tuning job, single process
+    python benchmarks/tools/gpu_check.py throughput --device cuda    # ViT-B-16 bf16: OpenCLIP step vs TuneCLIP step
 
 `--device cpu` with `--tiny` runs the same code small and quickly (the shell script's --cpu-dry-run).
 """
@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.harness import round_order
 
 # bf16 rounds features to 8 bits of mantissa: loss, log u and gradients are compared at this tolerance
 # (relative to each quantity's scale); fp32 uses the unit tests' tolerances.
@@ -177,7 +179,7 @@ def check_throughput(device: torch.device, *, tiny: bool) -> dict:
             for name in objectives:  # warm-up: kernels, autotuning, allocator
                 run(name, 2)
             for index in range(rounds):
-                for name in (objectives if index % 2 == 0 else reversed(list(objectives))):
+                for name in round_order(list(objectives), index):
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                     best[name] = min(best[name], run(name, steps))
