@@ -19,7 +19,7 @@ each rank's slice of a random global batch at the model's 224 px, HGCL through t
 Memory: `ru_maxrss` of each rank after build, wrap and each step. Time: wall seconds per step (forward,
 loss, backward, optimizer step), median over the `--steps` steps of each stage.
 
-    flock /tmp/heavy.lock python benchmarks/fsdp_vs_zero3.py            # ViT-H-14-quickgelu, ~15-25 min
+    python benchmarks/fsdp_vs_zero3.py            # ViT-H-14-quickgelu, ~15-25 min
     python benchmarks/fsdp_vs_zero3.py --model tiny-vit --global-batch 4 # plumbing check, ~1 min
 """
 
