@@ -14,7 +14,7 @@ same transform, workers and batch, `encode_image` under no_grad, nothing kept. E
 in a fresh process (peak RSS from getrusage: ru_maxrss of the process and of its largest worker).
 Throughput is the median of --repeats runs at --speed-images, engine and bare interleaved.
 
-    flock /tmp/heavy.lock python benchmarks/eval_memory.py          # ~10 min on 2 shared cores
+    python benchmarks/eval_memory.py          # ~10 min on 2 shared cores
     python benchmarks/eval_memory.py --quick                        # smoke run: 500 / 1,000 / 2,000 images
 """
 
