@@ -37,10 +37,15 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from engine.distributed import DistContext, barrier, gather_objects
 from engine.io import fsync_dir, write_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from models import ClipBundle
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ STATE = "state.json"
 LATEST = "latest"
 RANKS = "ranks"
 TRAIN_STATE = "train_state"  # the part whose state_dict describes the job (checked before loading)
+BACKEND_PART = "backend"  # the folder part holding the backend's own files (model and optimizer state)
+FINAL_WEIGHTS = "final.safetensors"  # a finished run's weights, in its run folder
 # What each use of a checkpoint reads of its TRAIN_STATE, with the JSON types a value may hold.
 _IDENTITY_FIELDS: dict[str, tuple[type, ...]] = {
     "model": (str,), "world_size": (int,), "config": (dict,), "manifest_fingerprint": (str,), "stage": (str,),
@@ -173,6 +180,70 @@ def latest_checkpoint(root: Path) -> Path | None:
             return candidate
         logger.warning("skipping checkpoint %s: %s", candidate, "; ".join(problems[:3]))
     return None
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """Whether `path` looks like a checkpoint folder (complete or not; `read_state` tells which)."""
+    path = Path(path)
+    return path.is_dir() and ((path / STATE).exists() or (path / COMPLETE).exists())
+
+
+def resolve_latest(weights: str | Path | None) -> str | Path | None:
+    """`weights`, or for a run's `checkpoints/latest` pointer the checkpoint folder it means (as --resume latest)."""
+    if weights is None or Path(weights).name != LATEST or not Path(weights).is_file():
+        return weights
+    found = latest_checkpoint(Path(weights).parent)
+    if found is None:
+        raise FileNotFoundError(f"--weights {weights}: no complete checkpoint in {Path(weights).parent}; pass a "
+                                "weights file or a finished run's folder")
+    return found
+
+
+def resolve_weights(weights: str | None) -> Path | None:
+    """`weights`, or the final weights of a run folder given instead, or a checkpoint folder (read only)."""
+    weights = resolve_latest(weights)
+    if not weights or not Path(weights).is_dir() or is_checkpoint_folder(Path(weights)):
+        return Path(weights) if weights else None
+    final = Path(weights) / FINAL_WEIGHTS
+    if not final.is_file():
+        raise FileNotFoundError(f"{weights} is a folder without {FINAL_WEIGHTS}; pass a weights file "
+                                f"(e.g. {Path(weights) / 'best.safetensors'}), a finished run's folder or a "
+                                f"checkpoint folder ({Path(weights) / 'checkpoints' / 'step_<N>'})")
+    return final
+
+
+def checkpoint_weights(step_dir: Path, model: nn.Module) -> dict[str, Tensor]:
+    """The model weights held by the checkpoint folder `step_dir` (`checkpoints/step_N` of a run on any
+    backend and number of ranks) as a state dict for `model` (its shapes and dtypes), read in one process."""
+    from engine.backends import backend_class
+
+    job = read_state(Path(step_dir))[TRAIN_STATE]
+    weights = backend_class(job["config"]["run"]["backend"]).read_weights(Path(step_dir) / BACKEND_PART, model)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise ValueError(f"{step_dir} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}); "
+                         f"it is a checkpoint of {job['model']!r}")
+    return {name: weights[name].reshape(tensor.shape).to(tensor.dtype) for name, tensor in own.items()}
+
+
+def build_model_from(name: str, kwargs: dict, weights: str | Path | None, *,
+                     seed: int | None = None) -> ClipBundle:
+    """`models.build_model(name, weights=weights, ...)`, where `weights` may also be a checkpoint folder
+    (`checkpoints/step_N` of a run on any backend and number of ranks): its weights are read in this process
+    (FSDP2: DCP; DeepSpeed: zero_to_fp32 after vetting its pickles) and nothing is written there."""
+    from models import build_model
+
+    weights = resolve_latest(weights)
+    if weights is None or not is_checkpoint_folder(Path(weights)):
+        return build_model(name, **{**kwargs, "weights": weights}, seed=seed)
+    trained = read_state(Path(weights))[TRAIN_STATE]["model"]
+    if trained != name:
+        raise ValueError(f"--weights {weights} is a checkpoint of model {trained!r}, not {name!r}; "
+                         f"pass --model {trained}")
+    bundle = build_model(name, **{**kwargs, "weights": None}, seed=seed)
+    bundle.model.load_state_dict(checkpoint_weights(Path(weights), bundle.model))
+    return bundle
 
 
 class CheckpointWriteError(ValueError):

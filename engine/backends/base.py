@@ -166,18 +166,3 @@ def full_bundle(cfg: JobConfig) -> tuple[ClipBundle, float]:
     bundle = build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
     return bundle, temperature(bundle.model)
 
-
-def checkpoint_weights(step_dir: Path, model: nn.Module) -> dict[str, Tensor]:
-    """The model weights held by the checkpoint folder `step_dir` (`checkpoints/step_N` of a run on any
-    backend and number of ranks) as a state dict for `model` (its shapes and dtypes), read in one process."""
-    from engine.backends import backend_class
-    from engine.checkpoint import TRAIN_STATE, read_state
-
-    job = read_state(Path(step_dir))[TRAIN_STATE]
-    weights = backend_class(job["config"]["run"]["backend"]).read_weights(Path(step_dir) / "backend", model)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    if missing:
-        raise ValueError(f"{step_dir} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}); "
-                         f"it is a checkpoint of {job['model']!r}")
-    return {name: weights[name].reshape(tensor.shape).to(tensor.dtype) for name, tensor in own.items()}
