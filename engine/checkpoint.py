@@ -13,7 +13,7 @@ A save is staged in a `.partial-*` folder and renamed once every rank has finish
 during a save leaves the previous checkpoint intact. Re-saving an existing step first renames
 the old folder away (`.old-*`), so at every instant some complete checkpoint exists.
 
-Background saves (`async_save=True`, parts with `save_async`): the part copies its state to host
+Background saves (`async_save=True`, parts declaring `supports_async_save`): the part copies its state to host
 memory and returns a future while its files are written; the JSON parts are written at once. The
 checkpoint counts only when every write has finished: rank 0 renames the staging folder (COMPLETE,
 `latest`, old ones purged) at the first `poll()` after that, or in `wait()`, which also reports a
@@ -75,6 +75,9 @@ class Stateful(Protocol):
 
 @runtime_checkable
 class FolderStateful(Protocol):
+    """A part with its own folder. One that declares `supports_async_save = True` also has
+    `save_async(directory) -> Future`, used for background checkpoints."""
+
     def save(self, directory: Path) -> None: ...
 
     def load(self, directory: Path, *, reshard: bool = False) -> None: ...
@@ -269,7 +272,8 @@ class CheckpointManager:
     `save(directory)`/`load(directory)` (its own folder, collective), or both. `rank_parts`: name ->
     Stateful whose state differs per rank (each rank writes its own file). The `train_state` part
     describes the job; `load` checks it against the live one before touching anything.
-    `async_save`: folder parts that have `save_async(directory) -> Future` write in the background
+    `async_save`: folder parts declaring `supports_async_save` write through `save_async(directory) -> Future`
+    in the background
     (see the module doc); call `poll()` now and then and `wait()` before the job ends.
     """
 
@@ -377,7 +381,7 @@ class CheckpointManager:
         futures = []
         for name, part in self.parts.items():
             if isinstance(part, FolderStateful):
-                if self.async_save and hasattr(part, "save_async"):
+                if self.async_save and getattr(part, "supports_async_save", False):
                     futures.append(part.save_async(staging / name))
                 else:
                     part.save(staging / name)

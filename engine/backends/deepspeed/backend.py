@@ -10,7 +10,6 @@ LR scheduler is ever attached.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import os
 from pathlib import Path
@@ -20,11 +19,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engine.backends.base import adamw_param_groups, full_bundle, tensors_digest
-from engine.backends.deepspeed.config import DEFAULT_ZERO_CONFIG, build_deepspeed_config
+from engine.backends.base import Backend, OptimSettings, adamw_param_groups, full_bundle, tensors_digest
+from engine.backends.deepspeed.config import DEFAULT_ZERO_CONFIG, job_deepspeed_config
 from engine.backends.deepspeed.shm import remove_shm_buffer, remove_stale_shm_buffers
 from engine.backends.deepspeed.universal import convert_to_universal
 from engine.backends.deepspeed.vetting import checkpoint_names, vet_checkpoint_folder
+from engine.distributed import init_process_group
 from engine.safe_load import deepspeed_globals, tensor_only_torch_load
 from models.weights import make_logit_scale_1d
 
@@ -53,7 +53,7 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(Backend):
     """Model + AdamW under DeepSpeed ZeRO 1/2/3; implements `engine.backends.base.Backend`.
 
     `model` is the unwrapped module (call `encode_image` / `encode_text` on it); `engine` is the
@@ -71,7 +71,7 @@ class DeepSpeedBackend:
         import deepspeed
 
         world_size = _world_size()
-        config = build_deepspeed_config(
+        config = job_deepspeed_config(
             zero_config, micro_batch_size=micro_batch_size, world_size=world_size, betas=betas,
             weight_decay=weight_decay, eps=eps, grad_clip=grad_clip, precision=precision,
         )
@@ -92,24 +92,23 @@ class DeepSpeedBackend:
 
     @classmethod
     def from_config(cls, cfg: JobConfig, model: nn.Module, *, ctx: DistContext, device: torch.device,
-                    micro_batch_size: int) -> DeepSpeedBackend:
-        """ZeRO settings from run.zero_config (default zero_configs/zero2.json), AdamW from the optim section."""
-        ocfg = cfg.optim
+                    micro_batch_size: int, optim: OptimSettings) -> DeepSpeedBackend:
+        """ZeRO settings from run.zero_config (default zero_configs/zero2.json), AdamW with `optim`."""
         return cls(model, device=device, zero_config=cfg.run.zero_config or DEFAULT_ZERO_CONFIG,
-                   micro_batch_size=micro_batch_size, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
-                   eps=ocfg.eps, grad_clip=ocfg.grad_clip, precision=cfg.model.precision)
+                   micro_batch_size=micro_batch_size, betas=optim.betas, weight_decay=optim.weight_decay,
+                   eps=optim.eps, grad_clip=optim.grad_clip, precision=cfg.model.precision)
 
     @classmethod
-    def build_bundle(cls, cfg: JobConfig, *, ctx: DistContext, micro_batch_size: int) -> tuple[ClipBundle, float]:
+    def build_bundle(cls, cfg: JobConfig, *, ctx: DistContext, micro_batch_size: int,
+                     optim: OptimSettings) -> tuple[ClipBundle, float]:
         """The model of `cfg` and its tau: under ZeRO-3 built partitioned (`deepspeed.zero.Init`) and loaded
         into the partitions, so no rank holds the whole model; under ZeRO-1/2 built whole on every rank."""
         from models import temperature
         from models.zero3 import build_model_zero3
 
-        ocfg = cfg.optim
-        config = build_deepspeed_config(
+        config = job_deepspeed_config(
             cfg.run.zero_config or DEFAULT_ZERO_CONFIG, micro_batch_size=micro_batch_size, world_size=_world_size(),
-            betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay, eps=ocfg.eps, grad_clip=ocfg.grad_clip,
+            betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps, grad_clip=optim.grad_clip,
             precision=cfg.model.precision,
         )
         if int(config["zero_optimization"]["stage"]) != 3:
@@ -119,15 +118,17 @@ class DeepSpeedBackend:
 
     @classmethod
     def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:
-        """DeepSpeed's own process-group set-up (nccl on GPUs, gloo on CPU); no-op for one process."""
+        """DeepSpeed's own process-group set-up (nccl on GPUs, gloo on CPU, and its communication layer);
+        no-op for one process. Buffers of dead jobs in /dev/shm are removed first (local rank 0)."""
         if not ctx.distributed or dist.is_initialized():
             return
         import deepspeed
 
         if ctx.local_rank == 0:
             remove_stale_shm_buffers()
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        init_process_group(ctx, timeout_s=timeout_s,
+                           create=lambda backend, timeout: deepspeed.init_distributed(dist_backend=backend,
+                                                                                      timeout=timeout))
 
     def forward(self, images: Tensor, texts: Tensor):
         """The model's forward as one engine forward (DeepSpeed's per-forward bookkeeping included)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from pathlib import Path
@@ -116,3 +117,25 @@ def build_deepspeed_config(
     if errors:
         raise ValueError("invalid DeepSpeed config:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def job_deepspeed_config(zero_config: str | os.PathLike | dict, *, micro_batch_size: int, world_size: int,
+                         betas: tuple[float, float], weight_decay: float, eps: float, grad_clip: float,
+                         precision: str) -> dict:
+    """`build_deepspeed_config`, merged once per job: the backend's model construction and the backend itself
+    ask for the same file and settings and get copies of one result (a file edited meanwhile is merged anew)."""
+    if isinstance(zero_config, dict):
+        return build_deepspeed_config(zero_config, micro_batch_size=micro_batch_size, world_size=world_size,
+                                      betas=betas, weight_decay=weight_decay, eps=eps, grad_clip=grad_clip,
+                                      precision=precision)
+    path = Path(zero_config)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+    return copy.deepcopy(_merged_file(str(path), stamp, micro_batch_size, world_size, tuple(betas), weight_decay,
+                                      eps, grad_clip, precision))
+
+
+@functools.lru_cache(maxsize=2)
+def _merged_file(path: str, stamp, micro_batch_size: int, world_size: int, betas: tuple[float, float],
+                 weight_decay: float, eps: float, grad_clip: float, precision: str) -> dict:
+    return build_deepspeed_config(path, micro_batch_size=micro_batch_size, world_size=world_size, betas=betas,
+                                  weight_decay=weight_decay, eps=eps, grad_clip=grad_clip, precision=precision)
