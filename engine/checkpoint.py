@@ -13,7 +13,7 @@ A save is staged in a `.partial-*` folder and renamed once every rank has finish
 during a save leaves the previous checkpoint intact. Re-saving an existing step first renames
 the old folder away (`.old-*`), so at every instant some complete checkpoint exists.
 
-Background saves (`async_save=True`, parts with `save_async`): the part copies its state to host
+Background saves (`async_save=True`, parts declaring `supports_async_save`): the part copies its state to host
 memory and returns a future while its files are written; the JSON parts are written at once. The
 checkpoint counts only when every write has finished: rank 0 renames the staging folder (COMPLETE,
 `latest`, old ones purged) at the first `poll()` after that, or in `wait()`, which also reports a
@@ -37,11 +37,16 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from engine.config import field_rule, keys_with
 from engine.distributed import DistContext, barrier, gather_objects
 from engine.io import fsync_dir, write_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from models import ClipBundle
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,8 @@ STATE = "state.json"
 LATEST = "latest"
 RANKS = "ranks"
 TRAIN_STATE = "train_state"  # the part whose state_dict describes the job (checked before loading)
+BACKEND_PART = "backend"  # the folder part holding the backend's own files (model and optimizer state)
+FINAL_WEIGHTS = "final.safetensors"  # a finished run's weights, in its run folder
 # What each use of a checkpoint reads of its TRAIN_STATE, with the JSON types a value may hold.
 _IDENTITY_FIELDS: dict[str, tuple[type, ...]] = {
     "model": (str,), "world_size": (int,), "config": (dict,), "manifest_fingerprint": (str,), "stage": (str,),
@@ -68,6 +75,9 @@ class Stateful(Protocol):
 
 @runtime_checkable
 class FolderStateful(Protocol):
+    """A part with its own folder. One that declares `supports_async_save = True` also has
+    `save_async(directory) -> Future`, used for background checkpoints."""
+
     def save(self, directory: Path) -> None: ...
 
     def load(self, directory: Path, *, reshard: bool = False) -> None: ...
@@ -175,6 +185,70 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
+def is_checkpoint_folder(path: Path) -> bool:
+    """Whether `path` looks like a checkpoint folder (complete or not; `read_state` tells which)."""
+    path = Path(path)
+    return path.is_dir() and ((path / STATE).exists() or (path / COMPLETE).exists())
+
+
+def resolve_latest(weights: str | Path | None) -> str | Path | None:
+    """`weights`, or for a run's `checkpoints/latest` pointer the checkpoint folder it means (as --resume latest)."""
+    if weights is None or Path(weights).name != LATEST or not Path(weights).is_file():
+        return weights
+    found = latest_checkpoint(Path(weights).parent)
+    if found is None:
+        raise FileNotFoundError(f"--weights {weights}: no complete checkpoint in {Path(weights).parent}; pass a "
+                                "weights file or a finished run's folder")
+    return found
+
+
+def resolve_weights(weights: str | None) -> Path | None:
+    """`weights`, or the final weights of a run folder given instead, or a checkpoint folder (read only)."""
+    weights = resolve_latest(weights)
+    if not weights or not Path(weights).is_dir() or is_checkpoint_folder(Path(weights)):
+        return Path(weights) if weights else None
+    final = Path(weights) / FINAL_WEIGHTS
+    if not final.is_file():
+        raise FileNotFoundError(f"{weights} is a folder without {FINAL_WEIGHTS}; pass a weights file "
+                                f"(e.g. {Path(weights) / 'best.safetensors'}), a finished run's folder or a "
+                                f"checkpoint folder ({Path(weights) / 'checkpoints' / 'step_<N>'})")
+    return final
+
+
+def checkpoint_weights(step_dir: Path, model: nn.Module) -> dict[str, Tensor]:
+    """The model weights held by the checkpoint folder `step_dir` (`checkpoints/step_N` of a run on any
+    backend and number of ranks) as a state dict for `model` (its shapes and dtypes), read in one process."""
+    from engine.backends import backend_class
+
+    job = read_state(Path(step_dir))[TRAIN_STATE]
+    weights = backend_class(job["config"]["run"]["backend"]).read_weights(Path(step_dir) / BACKEND_PART, model)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise ValueError(f"{step_dir} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}); "
+                         f"it is a checkpoint of {job['model']!r}")
+    return {name: weights[name].reshape(tensor.shape).to(tensor.dtype) for name, tensor in own.items()}
+
+
+def build_model_from(name: str, kwargs: dict, weights: str | Path | None, *,
+                     seed: int | None = None) -> ClipBundle:
+    """`models.build_model(name, weights=weights, ...)`, where `weights` may also be a checkpoint folder
+    (`checkpoints/step_N` of a run on any backend and number of ranks): its weights are read in this process
+    (FSDP2: DCP; DeepSpeed: zero_to_fp32 after vetting its pickles) and nothing is written there."""
+    from models import build_model
+
+    weights = resolve_latest(weights)
+    if weights is None or not is_checkpoint_folder(Path(weights)):
+        return build_model(name, **{**kwargs, "weights": weights}, seed=seed)
+    trained = read_state(Path(weights))[TRAIN_STATE]["model"]
+    if trained != name:
+        raise ValueError(f"--weights {weights} is a checkpoint of model {trained!r}, not {name!r}; "
+                         f"pass --model {trained}")
+    bundle = build_model(name, **{**kwargs, "weights": None}, seed=seed)
+    bundle.model.load_state_dict(checkpoint_weights(Path(weights), bundle.model))
+    return bundle
+
+
 class CheckpointWriteError(ValueError):
     """A checkpoint could not be written (disk full, permissions); nothing of it was kept."""
 
@@ -198,7 +272,8 @@ class CheckpointManager:
     `save(directory)`/`load(directory)` (its own folder, collective), or both. `rank_parts`: name ->
     Stateful whose state differs per rank (each rank writes its own file). The `train_state` part
     describes the job; `load` checks it against the live one before touching anything.
-    `async_save`: folder parts that have `save_async(directory) -> Future` write in the background
+    `async_save`: folder parts declaring `supports_async_save` write through `save_async(directory) -> Future`
+    in the background
     (see the module doc); call `poll()` now and then and `wait()` before the job ends.
     """
 
@@ -306,7 +381,7 @@ class CheckpointManager:
         futures = []
         for name, part in self.parts.items():
             if isinstance(part, FolderStateful):
-                if self.async_save and hasattr(part, "save_async"):
+                if self.async_save and getattr(part, "supports_async_save", False):
                     futures.append(part.save_async(staging / name))
                 else:
                     part.save(staging / name)

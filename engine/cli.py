@@ -231,40 +231,49 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "demo":
-        from engine.demo import run_demo
+    return COMMANDS[args.command](args)
 
-        run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
-        return 0
-    if args.command == "sweep":
-        from engine.config import load_config
-        from engine.sweep import run_sweep, split_grid
 
-        out = args.out or load_config(args.config, split_grid(args.overrides)[0]).run.out_dir
-        run_dirs, report = run_sweep(args.config, args.overrides, out=out, osr_from=args.osr_from,
-                                     local_rank=args.launcher_local_rank)
-        print(f"swept {len(run_dirs)} runs; report: {report}")
-        return 0
-    if args.command == "report":
-        from engine.report_page import write_report
+def _demo(args: argparse.Namespace) -> int:
+    from engine.demo import run_demo
 
-        common = Path(os.path.commonpath([str(Path(p).resolve()) for p in args.runs]))
-        out = args.out or (common.parent if len(args.runs) == 1 else common) / "report"
-        html_path, md_path = write_report(args.runs, out)
-        print(f"wrote {html_path} and {md_path}")
-        return 0
-    if args.command in ("export", "convert"):
-        from models import export_model
+    run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
+    return 0
 
-        bundle = _build_model_from(args.model, {"pretrained_tag": args.pretrained_tag}, args.weights)
-        export_model(bundle, bundle.model, args.out)
-        print(f"wrote {args.out}")
-        return 0
-    if args.command == "shards":
-        return _shards(args)
-    if args.command == "eval":
-        return _eval(args)
 
+def _sweep(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    from engine.sweep import run_sweep, split_grid
+
+    out = args.out or load_config(args.config, split_grid(args.overrides)[0]).run.out_dir
+    run_dirs, report = run_sweep(args.config, args.overrides, out=out, osr_from=args.osr_from,
+                                 local_rank=args.launcher_local_rank)
+    print(f"swept {len(run_dirs)} runs; report: {report}")
+    return 0
+
+
+def _report_page(args: argparse.Namespace) -> int:
+    from engine.report_page import write_report
+
+    common = Path(os.path.commonpath([str(Path(p).resolve()) for p in args.runs]))
+    out = args.out or (common.parent if len(args.runs) == 1 else common) / "report"
+    html_path, md_path = write_report(args.runs, out)
+    print(f"wrote {html_path} and {md_path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from engine.checkpoint import build_model_from
+    from models import export_model
+
+    bundle = build_model_from(args.model, {"pretrained_tag": args.pretrained_tag}, args.weights)
+    export_model(bundle, bundle.model, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _job(args: argparse.Namespace) -> int:
+    """tune / osr / finetune: one Trainer, run as the command says, then closed."""
     from engine.heartbeat import is_collective_timeout
     from engine.trainer import Trainer
 
@@ -272,15 +281,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
     trainer = Trainer(cfg, local_rank=local_rank, overwrite=args.overwrite)
     try:
-        if args.command == "tune":
-            trainer.tune()
-            _report(trainer)
-        elif args.command == "osr":
-            trainer.tune(finetune=False)
-            print(f"recovered statistics: {trainer.checkpoints.find('latest')} (reuse with --osr-from)")
-        elif args.command == "finetune":
-            trainer.tune(osr=False)
-            _report(trainer)
+        JOB_STAGES[args.command](trainer)
     except RuntimeError as exc:
         if trainer.heartbeat is None or not is_collective_timeout(exc):
             raise
@@ -288,6 +289,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     return 0
+
+
+def _tune(trainer) -> None:
+    trainer.tune()
+    _report(trainer)
+
+
+def _osr(trainer) -> None:
+    trainer.tune(finetune=False)
+    print(f"recovered statistics: {trainer.checkpoints.find('latest')} (reuse with --osr-from)")
+
+
+def _finetune(trainer) -> None:
+    trainer.tune(osr=False)
+    _report(trainer)
+
+
+JOB_STAGES = {"tune": _tune, "osr": _osr, "finetune": _finetune}
 
 
 def _report(trainer) -> None:
@@ -308,137 +327,51 @@ def _eval(args: argparse.Namespace) -> int:
     Under torchrun / deepspeed every rank evaluates its part of each task; rank 0 prints and writes.
     """
     from engine.config import load_config
-    from engine.distributed import context_from_env, default_device, destroy_process_group, init_process_group
-    from engine.evaluate import (
-        Evaluator,
-        aggregate_metrics,
-        build_tasks,
-        results_table,
-        write_eval_jsonl,
-        write_results,
-    )
-    from engine.io import write_json_atomic
+    from engine.evaluate.standalone import evaluate_standalone, read_task_file
 
     overrides = list(args.overrides)
     overrides += [f"{key}={getattr(args, flag)}" for flag, key in EVAL_FLAGS.items() if getattr(args, flag)]
-    cfg = load_config(args.config, overrides, base={"eval": _read_task_file(args.tasks)} if args.tasks else None,
+    cfg = load_config(args.config, overrides, base={"eval": read_task_file(args.tasks)} if args.tasks else None,
                       training=False)
-    tasks = build_tasks(cfg.eval, limits=cfg.data.limits)
-    if not tasks:
-        raise ValueError("no evaluation tasks: list them in --tasks FILE or under eval.zeroshot / eval.retrieval "
-                         "in --config, or --set 'eval.retrieval=[{name: NAME, csv: FILE}]'")
-    weights = _weights_file(cfg.model.weights)
-    ctx = context_from_env(args.launcher_local_rank)
-    init_process_group(ctx, timeout_s=cfg.run.collective_timeout_s)
-    try:
-        device = default_device(ctx, cfg.run.device)
-        bundle = _build_model_from(cfg.model.name, cfg.model.build_kwargs(), weights, seed=cfg.run.seed)
-        evaluator = Evaluator(tasks, batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.eval.num_workers)
-        results = evaluator(bundle.model.to(device), bundle.tokenizer, bundle.eval_transform)
-    finally:
-        destroy_process_group()
-    if not ctx.is_main:
+    measured = evaluate_standalone(cfg, local_rank=args.launcher_local_rank)
+    if measured is None:  # not rank 0
         return 0
-    aggregates = aggregate_metrics(results, evaluator.main_metrics, evaluator.kinds)
-    print(results_table(results, aggregates))
+    print(measured.table())
     if args.out:
-        out = Path(args.out)
-        paths = [write_results(out / "eval_results.json", results, model_name=bundle.model_name,
-                               pretrained=str(weights or "")),
-                 write_eval_jsonl(out / "eval_results.jsonl", results, evaluator.main_metrics),
-                 write_json_atomic(out / "eval_aggregates.json", aggregates)]
-        print(f"wrote {', '.join(str(p) for p in paths)}")
+        print(f"wrote {', '.join(str(p) for p in measured.write(Path(args.out)))}")
     return 0
 
 
-def _read_task_file(path: str) -> dict:
-    """The eval-section mapping a --tasks YAML file holds ({zeroshot: [...], retrieval: [...]})."""
-    from engine.config import read_yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--tasks {path}: file not found")
-    loaded = read_yaml(file, what="--tasks") or {}
-    if not isinstance(loaded, dict) or not set(loaded) <= {"zeroshot", "retrieval"}:
-        raise ValueError(f"--tasks {path}: must be a mapping with 'zeroshot' and/or 'retrieval' lists of tasks")
-    return loaded
-
-
-def _is_checkpoint_folder(path: Path) -> bool:
-    from engine.checkpoint import COMPLETE, STATE
-
-    return path.is_dir() and ((path / STATE).exists() or (path / COMPLETE).exists())
-
-
-def _resolve_latest(weights: str | Path | None) -> str | Path | None:
-    """`weights`, or for a run's `checkpoints/latest` pointer the checkpoint folder it means (as --resume latest)."""
-    from engine.checkpoint import LATEST, latest_checkpoint
-
-    if weights is None or Path(weights).name != LATEST or not Path(weights).is_file():
-        return weights
-    found = latest_checkpoint(Path(weights).parent)
-    if found is None:
-        raise FileNotFoundError(f"--weights {weights}: no complete checkpoint in {Path(weights).parent}; pass a "
-                                "weights file or a finished run's folder")
-    return found
-
-
-def _weights_file(weights: str | None) -> Path | None:
-    """`weights`, or the final weights of a run folder given instead, or a checkpoint folder (read only)."""
-    weights = _resolve_latest(weights)
-    if not weights or not Path(weights).is_dir() or _is_checkpoint_folder(Path(weights)):
-        return Path(weights) if weights else None
-    final = Path(weights) / "final.safetensors"
-    if not final.is_file():
-        raise FileNotFoundError(f"{weights} is a folder without final.safetensors; pass a weights file "
-                                f"(e.g. {Path(weights) / 'best.safetensors'}), a finished run's folder or a "
-                                f"checkpoint folder ({Path(weights) / 'checkpoints' / 'step_<N>'})")
-    return final
-
-
-def _build_model_from(name: str, kwargs: dict, weights: str | Path | None, *, seed: int | None = None):
-    """`models.build_model(name, weights=weights, ...)`, where `weights` may also be a checkpoint folder
-    (`checkpoints/step_N` of a run on any backend and number of ranks): its weights are read in this process
-    (FSDP2: DCP; DeepSpeed: zero_to_fp32 after vetting its pickles) and nothing is written there."""
-    from models import build_model
-
-    weights = _resolve_latest(weights)
-    if weights is None or not _is_checkpoint_folder(Path(weights)):
-        return build_model(name, **{**kwargs, "weights": weights}, seed=seed)
-    from engine.backends.base import checkpoint_weights
-    from engine.checkpoint import TRAIN_STATE, read_state
-
-    trained = read_state(Path(weights))[TRAIN_STATE]["model"]
-    if trained != name:
-        raise ValueError(f"--weights {weights} is a checkpoint of model {trained!r}, not {name!r}; "
-                         f"pass --model {trained}")
-    bundle = build_model(name, **{**kwargs, "weights": None}, seed=seed)
-    bundle.model.load_state_dict(checkpoint_weights(Path(weights), bundle.model))
-    return bundle
-
-
 def _shards(args: argparse.Namespace) -> int:
-    if args.shards_command == "build":
-        from engine.data.build import build_shards
+    return SHARDS_COMMANDS[args.shards_command](args)
 
-        manifest, report = build_shards(args.source, args.out_dir, samples_per_shard=args.samples_per_shard,
-                                        max_image_pixels=args.max_image_pixels,
-                                        max_member_bytes=args.max_member_bytes)
-        print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {args.out_dir}")
-        if report["num_skipped"]:
-            print(f"skipped {report['num_skipped']}: {json.dumps(report['skipped_by_reason'])}")
-        return 0
-    if args.shards_command == "check":
-        from engine.data.check import check_shards
 
-        report = check_shards(args.shards, min_size=args.min_size, num_workers=args.workers, progress=True,
-                              max_image_pixels=args.max_image_pixels, max_member_bytes=args.max_member_bytes)
-        print(report.table())
-        broken = report.broken
-        if broken:
-            print(f"{len(broken)} broken shard(s): {', '.join(shard.path for shard in broken[:5])}"
-                  + (" ..." if len(broken) > 5 else ""))
-        return 1 if broken else 0
+def _shards_build(args: argparse.Namespace) -> int:
+    from engine.data.build import build_shards
+
+    manifest, report = build_shards(args.source, args.out_dir, samples_per_shard=args.samples_per_shard,
+                                    max_image_pixels=args.max_image_pixels,
+                                    max_member_bytes=args.max_member_bytes)
+    print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {args.out_dir}")
+    if report["num_skipped"]:
+        print(f"skipped {report['num_skipped']}: {json.dumps(report['skipped_by_reason'])}")
+    return 0
+
+
+def _shards_check(args: argparse.Namespace) -> int:
+    from engine.data.check import check_shards
+
+    report = check_shards(args.shards, min_size=args.min_size, num_workers=args.workers, progress=True,
+                          max_image_pixels=args.max_image_pixels, max_member_bytes=args.max_member_bytes)
+    print(report.table())
+    broken = report.broken
+    if broken:
+        print(f"{len(broken)} broken shard(s): {', '.join(shard.path for shard in broken[:5])}"
+              + (" ..." if len(broken) > 5 else ""))
+    return 1 if broken else 0
+
+
+def _shards_index(args: argparse.Namespace) -> int:
     from engine.data.sources import index_shards
 
     manifest = index_shards(args.shards, read_tars=args.read_tars, num_workers=args.workers)
@@ -447,3 +380,17 @@ def _shards(args: argparse.Namespace) -> int:
         unread = sum(not shard.has_checksum for shard in manifest.shards)
         print(f"{unread} shard(s) counted from img2dataset/wids indexes without reading them (no checksums)")
     return 0
+
+
+SHARDS_COMMANDS = {"build": _shards_build, "check": _shards_check, "index": _shards_index}
+
+# The command table: `run.py <command>` -> its handler (argparse stores an alias as typed).
+COMMANDS = {
+    "tune": _job, "osr": _job, "finetune": _job,
+    "eval": _eval,
+    "export": _export, "convert": _export,
+    "shards": _shards,
+    "sweep": _sweep,
+    "report": _report_page,
+    "demo": _demo,
+}

@@ -10,6 +10,7 @@ import datetime
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,15 +57,19 @@ def default_device(ctx: DistContext, requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(ctx: DistContext, *, timeout_s: float = 600) -> None:
-    """Join the job's process group (nccl on GPUs, gloo on CPU) once; no-op for one process.
+def init_process_group(ctx: DistContext, *, timeout_s: float = 600, even_for_one_rank: bool = False,
+                       create: Callable[..., object] | None = None) -> None:
+    """Join the job's process group (nccl on GPUs, gloo on CPU) once; no-op for one process unless
+    `even_for_one_rank` (FSDP2 needs a group of one).
 
-    A collective that waits `timeout_s` for another rank fails instead of hanging.
+    A collective that waits `timeout_s` for another rank fails instead of hanging. `create(backend=...,
+    timeout=...)` creates the group (default torch's `init_process_group`; DeepSpeed passes its own, which
+    also sets up its communication layer). Every way of joining the group goes through here.
     """
-    if not ctx.distributed or dist.is_initialized():
+    if dist.is_initialized() or not (ctx.distributed or even_for_one_rank):
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    (create or dist.init_process_group)(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     logger.info("rank %d/%d joined process group (%s)", ctx.rank, ctx.world_size, backend)
 
 

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from engine import __version__
 from engine.backends import backend_class, backend_names, select_backend
-from engine.backends.base import build_bundle
-from engine.checkpoint import TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
+from engine.backends.base import OptimSettings
+from engine.checkpoint import BACKEND_PART, TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
 from engine.config import METHOD_RUNS_OSR, JobConfig
 from engine.cost import RunCost
 from engine.data import Batch, LoaderPlan, Manifest, ShardLoader
@@ -71,8 +71,8 @@ class Trainer:
         self.overwrite = overwrite
         self.ctx = context_from_env(local_rank)
         backend_cls = select_backend(cfg.run.backend, world_size=self.ctx.world_size)
-        if cfg.run.async_checkpoint and not hasattr(backend_cls, "save_async"):
-            able = [name for name in backend_names() if hasattr(backend_class(name), "save_async")]
+        if cfg.run.async_checkpoint and not backend_cls.supports_async_save:
+            able = [name for name in backend_names() if backend_class(name).supports_async_save]
             raise ValueError(f"run.async_checkpoint: run.backend={cfg.run.backend} writes checkpoints synchronously; "
                              f"use run.backend={' or '.join(able)} for background writes or remove run.async_checkpoint")
         if cfg.data.batch_size % self.ctx.world_size:
@@ -118,7 +118,9 @@ class Trainer:
             self.manifest.verify(checksums=cfg.data.verify_checksums)
 
         # The backend's way: ZeRO-3 partitions while building, FSDP2 builds on the meta device.
-        self.bundle, self.tau = build_bundle(backend_cls, cfg, ctx=self.ctx, micro_batch_size=self.local_batch)
+        optim = OptimSettings.from_config(cfg.optim)  # one object: every backend builds AdamW from it
+        self.bundle, self.tau = backend_cls.build_bundle(cfg, ctx=self.ctx, micro_batch_size=self.local_batch,
+                                                         optim=optim)
         model = self.bundle.model
         # The temperature stays fixed at the checkpoint's value (TuneCLIP never learns it); a bias only
         # an objective that uses it learns (SigLIP's loss).
@@ -129,7 +131,7 @@ class Trainer:
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.backend = backend_cls.from_config(cfg, model, ctx=self.ctx, device=self.device,
-                                               micro_batch_size=self.local_batch)
+                                               micro_batch_size=self.local_batch, optim=optim)
         self.loader = ShardLoader(
             self.manifest, batch_size=self.local_batch,
             image_transform=(self.bundle.eval_transform if cfg.data.train_transform == "eval"
@@ -167,7 +169,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n,
             async_save=cfg.run.async_checkpoint,
-            parts={TRAIN_STATE: self, "backend": self.backend, "normaliser": self.normaliser,
+            parts={TRAIN_STATE: self, BACKEND_PART: self.backend, "normaliser": self.normaliser,
                    "data_plan": LoaderPlan(self.loader), "cost": self.cost, "eval_policy": self.eval_policy},
             rank_parts={"loader": self.loader},
         )

@@ -77,6 +77,20 @@ def test_fills_batch_sizes_and_optimizer_without_touching_the_input():
     assert bf16["bf16"] == {"enabled": True}
 
 
+def test_job_config_is_merged_once_and_handed_out_as_copies(tmp_path):
+    from engine.backends.deepspeed.config import _merged_file, job_deepspeed_config
+
+    path = tmp_path / "zero2.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    settings = {**OURS, "precision": "fp32"}
+    first = job_deepspeed_config(path, **settings)
+    misses = _merged_file.cache_info().misses
+    first["optimizer"]["params"]["lr"] = 1.0  # DeepSpeed may change what it is given
+    second = job_deepspeed_config(path, **settings)
+    assert _merged_file.cache_info().misses == misses  # the file was not merged again
+    assert second == build_deepspeed_config(path, **OURS) and second["optimizer"]["params"]["lr"] == 0.0
+
+
 def test_agreeing_values_in_the_file_are_accepted():
     raw = {"zero_optimization": {"stage": 1}, "train_batch_size": 8, "train_micro_batch_size_per_gpu": 4,
            "gradient_accumulation_steps": 1, "gradient_clipping": 1,

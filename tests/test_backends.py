@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.backends import backend_class, backend_names, register_backend, select_backend
-from engine.backends.base import adamw_param_groups, tensors_digest
+from engine.backends.base import Backend, adamw_param_groups, tensors_digest
 from engine.config import load_config
 from engine.trainer import Trainer
 from tests.helpers.jobs import job
@@ -17,7 +17,7 @@ from tests.helpers.jobs import job
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class ToyBackend:
+class ToyBackend(Backend):
     """A backend written from the protocol alone: plain torch AdamW, one file per save, a call log."""
 
     name = "toy"
@@ -31,8 +31,8 @@ class ToyBackend:
         self.calls = lr_log
 
     @classmethod
-    def from_config(cls, cfg, model, *, ctx, device, micro_batch_size):
-        return cls(model, device=device, lr_log=[], weight_decay=cfg.optim.weight_decay)
+    def from_config(cls, cfg, model, *, ctx, device, micro_batch_size, optim):
+        return cls(model, device=device, lr_log=[], weight_decay=optim.weight_decay)
 
     @classmethod
     def init_distributed(cls, ctx, *, timeout_s=600):

@@ -470,6 +470,8 @@ class AsyncFolderPart(FolderPart):
     """A folder part written in the background: `save_async` snapshots the payload and returns a future that
     the test settles with `finish()` (write the files) or `fail(exc)`, as DCP's writer thread would."""
 
+    supports_async_save = True
+
     def __init__(self, payload: bytes):
         super().__init__(payload)
         self.writes = []  # (directory, snapshot, future) not yet settled

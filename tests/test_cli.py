@@ -99,3 +99,11 @@ def test_help_shows_defaults_and_choices_and_report_writes_the_page(tmp_path):
     out = run_cli("report", *runs)
     assert str(tmp_path / "runs" / "report" / "report.html") in out.stdout
     assert "<td>fastclip</td>" in (tmp_path / "runs" / "report" / "report.html").read_text()
+
+
+def test_every_command_has_one_handler_in_the_table():
+    from engine.cli import COMMANDS, SHARDS_COMMANDS, build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert set(commands) == set(COMMANDS)
+    assert set(commands["shards"]._subparsers._group_actions[0].choices) == set(SHARDS_COMMANDS)

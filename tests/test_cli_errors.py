@@ -272,10 +272,10 @@ def test_csv_field_over_the_csv_modules_limit(tmp_path, capsys):
 
 
 def test_stale_shm_cleanup_removes_only_regular_files(monkeypatch):
-    from engine.backends import deepspeed as ds_backend
+    from engine.backends.deepspeed import shm as ds_shm
 
-    prefix = f"{ds_backend.SHM_PREFIX}tuneclip-test-{uuid.uuid4().hex}-"  # named like buffers; only ours match
-    monkeypatch.setattr(ds_backend, "SHM_PREFIX", prefix)
+    prefix = f"{ds_shm.SHM_PREFIX}tuneclip-test-{uuid.uuid4().hex}-"  # named like buffers; only ours match
+    monkeypatch.setattr(ds_shm, "SHM_PREFIX", prefix)
     folder, stale = f"{prefix}dir_29500_0", f"{prefix}file_29500_1"
     os.mkdir(folder)
     try:
@@ -284,7 +284,7 @@ def test_stale_shm_cleanup_removes_only_regular_files(monkeypatch):
         old = time.time() - 3600
         for path in (folder, stale):
             os.utime(path, (old, old))
-        assert ds_backend.remove_stale_shm_buffers() == [stale]
+        assert ds_shm.remove_stale_shm_buffers() == [stale]
         assert os.path.isdir(folder) and not os.path.exists(stale)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -13,33 +15,62 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from engine.config import JobConfig
+    from engine.config import JobConfig, OptimConfig
     from engine.distributed import DistContext
     from models import ClipBundle
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """AdamW's settings, built once from the optim section and handed to every backend."""
+
+    betas: tuple[float, float]
+    weight_decay: float
+    eps: float
+    grad_clip: float = 0.0  # fine-tuning's max global grad norm; 0 = off
+
+    @classmethod
+    def from_config(cls, optim: OptimConfig) -> OptimSettings:
+        return cls(betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps,
+                   grad_clip=optim.grad_clip)
 
 
 class Backend(Protocol):
     """Owns the model and AdamW for one rank: forward, backward, step; moments for OSR; checkpoints.
 
     Every method that gathers or writes (`full_moments`, `full_state_dict`, `save`, `load`) is
-    collective: call it on every rank.
+    collective: call it on every rank. A backend subclasses this protocol to get the defaults of its
+    capabilities (`build_bundle`: the full model on every rank; no background `save_async`).
     """
 
     name: ClassVar[str]
     supports_reshard: ClassVar[bool]  # can `load` a checkpoint written by another number of ranks
     max_ranks: ClassVar[int | None]  # None: any number of ranks
+    supports_async_save: ClassVar[bool] = False  # has a background `save_async` (run.async_checkpoint)
     model: nn.Module
     device: torch.device
 
     @classmethod
+    def build_bundle(cls, cfg: JobConfig, *, ctx: DistContext, micro_batch_size: int,
+                     optim: OptimSettings) -> tuple[ClipBundle, float]:
+        """The job's model and its fixed temperature tau. Default: every rank builds the full model with its
+        weights; a backend overrides it so that no rank holds the whole model (ZeRO-3: partitioned while
+        constructing; FSDP2: on the meta device)."""
+        return full_bundle(cfg)
+
+    @classmethod
     def from_config(cls, cfg: JobConfig, model: nn.Module, *, ctx: DistContext, device: torch.device,
-                    micro_batch_size: int) -> Backend:
-        """Wrap `model` with the optimizer settings of `cfg` (its optim and model sections)."""
+                    micro_batch_size: int, optim: OptimSettings) -> Backend:
+        """Wrap `model` with AdamW's settings `optim` and the precision of `cfg`'s model section."""
 
     @classmethod
     def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:
-        """Join the job's process group the way this backend needs (no-op for one process); a
-        collective that waits `timeout_s` for a rank fails instead of hanging."""
+        """Join the job's process group the way this backend needs (default: no-op for one process); a
+        collective that waits `timeout_s` for a rank fails instead of hanging. Every backend joins through
+        `engine.distributed.init_process_group`."""
+        from engine.distributed import init_process_group
+
+        init_process_group(ctx, timeout_s=timeout_s)
 
     def forward(self, images: Tensor, texts: Tensor):
         """The model's forward on a batch, in this backend's precision (open_clip: normalised features)."""
@@ -71,6 +102,11 @@ class Backend(Protocol):
 
     def save(self, directory: Path) -> None:
         """Write model and optimizer state into `directory` (each rank its own part)."""
+
+    def save_async(self, directory: Path) -> Future:
+        """`save` in the background (collective; only where `supports_async_save`): the state is copied to host
+        memory before this returns, and the future says when (and whether) the files are written."""
+        raise NotImplementedError(f"run.backend={self.name} writes checkpoints synchronously")
 
     def load(self, directory: Path, *, reshard: bool = False) -> None:
         """Restore what `save` wrote; `reshard`: it was written by another number of ranks."""
@@ -145,20 +181,6 @@ def tensors_digest(tensors: Iterable[Tensor], *, names: Iterable[str] | None = N
     return digest.hexdigest()
 
 
-def build_bundle(backend_class: type, cfg: JobConfig, *, ctx: DistContext,
-                 micro_batch_size: int) -> tuple[ClipBundle, float]:
-    """The job's model for `backend_class` and its fixed temperature tau.
-
-    A backend with its own `build_bundle` classmethod decides how, so that no rank holds the whole model
-    (ZeRO-3: partitioned while constructing; FSDP2: on the meta device); otherwise every rank builds the
-    full model with its weights.
-    """
-    own = getattr(backend_class, "build_bundle", None)
-    if own is not None:
-        return own(cfg, ctx=ctx, micro_batch_size=micro_batch_size)
-    return full_bundle(cfg)
-
-
 def full_bundle(cfg: JobConfig) -> tuple[ClipBundle, float]:
     """The full model with its weights (random init from `run.seed` without), and its tau."""
     from models import build_model, temperature
@@ -166,18 +188,3 @@ def full_bundle(cfg: JobConfig) -> tuple[ClipBundle, float]:
     bundle = build_model(cfg.model.name, **cfg.model.build_kwargs(), seed=cfg.run.seed)
     return bundle, temperature(bundle.model)
 
-
-def checkpoint_weights(step_dir: Path, model: nn.Module) -> dict[str, Tensor]:
-    """The model weights held by the checkpoint folder `step_dir` (`checkpoints/step_N` of a run on any
-    backend and number of ranks) as a state dict for `model` (its shapes and dtypes), read in one process."""
-    from engine.backends import backend_class
-    from engine.checkpoint import TRAIN_STATE, read_state
-
-    job = read_state(Path(step_dir))[TRAIN_STATE]
-    weights = backend_class(job["config"]["run"]["backend"]).read_weights(Path(step_dir) / "backend", model)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    if missing:
-        raise ValueError(f"{step_dir} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}); "
-                         f"it is a checkpoint of {job['model']!r}")
-    return {name: weights[name].reshape(tensor.shape).to(tensor.dtype) for name, tensor in own.items()}

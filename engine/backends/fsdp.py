@@ -16,7 +16,6 @@ through an unpickler that accepts DCP's own metadata classes only, and only tens
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -43,8 +42,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from engine.backends.base import TorchAdamWState, adamw_param_groups, full_bundle, tensors_digest
-from engine.distributed import broadcast_object
+from engine.backends.base import (
+    Backend,
+    OptimSettings,
+    TorchAdamWState,
+    adamw_param_groups,
+    full_bundle,
+    tensors_digest,
+)
+from engine.distributed import broadcast_object, init_process_group
 from engine.safe_load import read_dcp_metadata
 from models.weights import SCALAR_PARAMS, make_logit_scale_1d
 
@@ -109,7 +115,7 @@ def parallelize_clip(model: nn.Module, *, mesh, precision: str) -> nn.Module:
     return model
 
 
-class FSDPBackend(TorchAdamWState):
+class FSDPBackend(TorchAdamWState, Backend):
     """Model sharded with FSDP2 + torch AdamW on the shards; implements `engine.backends.base.Backend`.
 
     `model` may be built on the meta device (no rank holds the full fp32 model): pass `weights`,
@@ -119,6 +125,7 @@ class FSDPBackend(TorchAdamWState):
     name: ClassVar[str] = "fsdp"
     supports_reshard: ClassVar[bool] = True  # DCP reshards on load
     max_ranks: ClassVar[int | None] = None
+    supports_async_save: ClassVar[bool] = True  # DCP's async_save
 
     def __init__(self, model: nn.Module, *, device: torch.device, betas: tuple[float, float], weight_decay: float,
                  eps: float, precision: str = "fp32", weights: dict[str, Tensor] | None = None):
@@ -143,7 +150,8 @@ class FSDPBackend(TorchAdamWState):
                     len(transformer_blocks(self.model)))
 
     @classmethod
-    def build_bundle(cls, cfg: JobConfig, *, ctx: DistContext, micro_batch_size: int) -> tuple[ClipBundle, float]:
+    def build_bundle(cls, cfg: JobConfig, *, ctx: DistContext, micro_batch_size: int,
+                     optim: OptimSettings) -> tuple[ClipBundle, float]:
         """With `model.weights`: the model on the meta device on every rank (no memory) and the checkpoint's
         temperature, read by rank 0. Without: the full random-init model (its values match one process)."""
         if cfg.model.weights is None:
@@ -159,28 +167,23 @@ class FSDPBackend(TorchAdamWState):
 
     @classmethod
     def from_config(cls, cfg: JobConfig, model: nn.Module, *, ctx: DistContext, device: torch.device,
-                    micro_batch_size: int) -> FSDPBackend:
-        """AdamW from the optim section, precision from the model section; a meta-device model gets its
+                    micro_batch_size: int, optim: OptimSettings) -> FSDPBackend:
+        """AdamW with `optim`, precision from the model section; a meta-device model gets its
         `model.weights` from rank 0, shard by shard."""
         weights = None
         if ctx.rank == 0 and any(p.is_meta for p in model.parameters()):
             from models.meta import read_matching_state_dict
 
             weights = read_matching_state_dict(model, cfg.model.weights)
-        ocfg = cfg.optim
-        return cls(model, device=device, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay, eps=ocfg.eps,
+        return cls(model, device=device, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps,
                    precision=cfg.model.precision, weights=weights)
 
     @classmethod
     def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:
         """Join torchrun's process group (gloo on CPU, nccl on CUDA), also for one rank: FSDP needs one."""
-        if dist.is_initialized():
-            return
-        if "MASTER_ADDR" not in os.environ:
+        if not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
             raise ValueError(NEEDS_LAUNCHER)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-        logger.info("rank %d/%d joined process group (%s)", ctx.rank, ctx.world_size, backend)
+        init_process_group(ctx, timeout_s=timeout_s, even_for_one_rank=True)
 
     def _materialise(self, weights: dict[str, Tensor] | None) -> None:
         """Allocate this rank's shards and fill them from rank 0's full state dict (broadcast)."""

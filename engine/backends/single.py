@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engine.backends.base import TorchAdamWState, adamw_param_groups, tensors_digest
+from engine.backends.base import Backend, OptimSettings, TorchAdamWState, adamw_param_groups, tensors_digest
 from engine.safe_load import load_tensor_file
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from engine.distributed import DistContext
 
 
-class SingleProcessBackend(TorchAdamWState):
+class SingleProcessBackend(TorchAdamWState, Backend):
     """Model + torch AdamW on one device; implements `engine.backends.base.Backend`."""
 
     name: ClassVar[str] = "single"
@@ -37,9 +37,8 @@ class SingleProcessBackend(TorchAdamWState):
 
     @classmethod
     def from_config(cls, cfg: JobConfig, model: nn.Module, *, ctx: DistContext, device: torch.device,
-                    micro_batch_size: int) -> SingleProcessBackend:
-        ocfg = cfg.optim
-        return cls(model, device=device, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay, eps=ocfg.eps,
+                    micro_batch_size: int, optim: OptimSettings) -> SingleProcessBackend:
+        return cls(model, device=device, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps,
                    precision=cfg.model.precision)
 
     @classmethod

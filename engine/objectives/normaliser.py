@@ -96,6 +96,8 @@ class TableNormaliser:
     of rank 0's replica at `close`.
     """
 
+    supports_async_save = True  # `save_async`: rows copied to host memory, written by a thread
+
     def __init__(self, live_dir: Path, *, num_rows: int, dataset_fingerprint: str, ctx: DistContext,
                  gamma_min: float, gamma_decay_epochs: int, fresh: bool, replicated: bool = False,
                  node_leader: bool | None = None, publish_dir: Path | None = None):

@@ -10,17 +10,8 @@ LR scheduler is ever attached.
 from __future__ import annotations
 
 import contextlib
-import copy
-import datetime
-import glob
-import json
 import logging
 import os
-import re
-import shutil
-import stat
-import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -28,9 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engine.backends.base import adamw_param_groups, full_bundle, tensors_digest
-from engine.config import PRECISIONS
-from engine.safe_load import UnsafeFileError, deepspeed_globals, load_tensor_file, tensor_only_torch_load
+from engine.backends.base import Backend, OptimSettings, adamw_param_groups, full_bundle, tensors_digest
+from engine.backends.deepspeed.config import DEFAULT_ZERO_CONFIG, job_deepspeed_config
+from engine.backends.deepspeed.shm import remove_shm_buffer, remove_stale_shm_buffers
+from engine.backends.deepspeed.universal import convert_to_universal
+from engine.backends.deepspeed.vetting import checkpoint_names, vet_checkpoint_folder
+from engine.distributed import init_process_group
+from engine.safe_load import deepspeed_globals, tensor_only_torch_load
 from models.weights import make_logit_scale_1d
 
 if TYPE_CHECKING:
@@ -40,118 +35,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ZERO_STAGES = (1, 2, 3)
-DEFAULT_ZERO_CONFIG = Path(__file__).resolve().parents[2] / "zero_configs" / "zero2.json"
 CHECKPOINT_TAG = "deepspeed"  # one DeepSpeed checkpoint per directory; the checkpoint manager names them
 UNIVERSAL_TAG = "universal"  # the same checkpoint converted for another world size
-SHM_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
-_ADAM_TYPES = ("adamw", "adam")
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 ENCODER_METHODS = ("encode_image", "encode_text")  # run through the engine (see _EngineRoutedEncoders)
-
-
-def _load_zero_config(zero_config: str | os.PathLike | dict) -> tuple[dict, str]:
-    """The config as a fresh dict, and how to name it in error messages."""
-    if isinstance(zero_config, dict):
-        return copy.deepcopy(zero_config), "the zero_config dict"
-    path = Path(zero_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} not found; pass a file from zero_configs/ "
-                                "or a dict")
-    try:
-        return json.loads(path.read_text()), str(path)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
-
-
-def _same(ours, theirs) -> bool:
-    if isinstance(ours, (list, tuple)):
-        return isinstance(theirs, (list, tuple)) and len(ours) == len(theirs) and all(
-            _same(a, b) for a, b in zip(ours, theirs))
-    return isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and float(ours) == float(theirs)
-
-
-def _fill(section: dict, key: str, ours, *, where: str, source: str, fix: str, errors: list[str]) -> None:
-    """Set `section[key]` to ours; a different value already there is reported, never overridden."""
-    if key in section and not _same(ours, section[key]):
-        errors.append(f"{source}: {where}{key} = {section[key]!r} disagrees with the engine's value "
-                      f"{ours!r}; {fix}")
-    section[key] = list(ours) if isinstance(ours, tuple) else ours
-
-
-def build_deepspeed_config(
-    zero_config: str | os.PathLike | dict,
-    *,
-    micro_batch_size: int,
-    world_size: int,
-    betas: tuple[float, float],
-    weight_decay: float,
-    eps: float,
-    grad_clip: float,
-    precision: str = "fp32",
-) -> dict:
-    """The DeepSpeed config dict: the ZeRO file (or dict) with batch sizes and AdamW settings filled in.
-
-    Raises ValueError listing every conflict (file, key, both values, fix), an unsupported ZeRO
-    stage or precision, an LR scheduler, or a non-Adam optimizer. The input is not modified.
-    """
-    cfg, source = _load_zero_config(zero_config)
-    errors: list[str] = []
-    if micro_batch_size < 1:
-        errors.append(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    if world_size < 1:
-        errors.append(f"world_size must be >= 1, got {world_size}")
-    if precision not in PRECISIONS:
-        errors.append(f"precision must be one of {PRECISIONS} with DeepSpeed, got {precision!r}")
-
-    zero = cfg.get("zero_optimization")
-    stage = zero.get("stage") if isinstance(zero, dict) else None
-    if stage not in ZERO_STAGES:
-        errors.append(f"{source}: zero_optimization.stage = {stage!r} is not a supported ZeRO stage; "
-                      f"set it to one of {ZERO_STAGES}")
-    offload = isinstance(zero, dict) and (zero.get("offload_optimizer") or {}).get("device", "none") != "none"
-
-    batch_fix = ("remove the key from the file: the engine sets batch sizes from data.batch_size and "
-                 "the world size")
-    for key, ours in (("train_micro_batch_size_per_gpu", micro_batch_size),
-                      ("gradient_accumulation_steps", 1),
-                      ("train_batch_size", micro_batch_size * world_size)):
-        _fill(cfg, key, ours, where="", source=source, fix=batch_fix, errors=errors)
-    _fill(cfg, "gradient_clipping", grad_clip, where="", source=source,
-          fix="remove the key from the file and set optim.grad_clip instead", errors=errors)
-
-    optimizer = cfg.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": not offload}})
-    if str(optimizer.get("type", "")).lower() not in _ADAM_TYPES:
-        errors.append(f"{source}: optimizer.type = {optimizer.get('type')!r} is not supported; use \"AdamW\" "
-                      "(the method seeds AdamW's moments)")
-    params = optimizer.setdefault("params", {})
-    if params.get("adam_w_mode") is False:
-        errors.append(f"{source}: optimizer.params.adam_w_mode = false gives L2-coupled Adam, whose weight "
-                      "decay leaks into the OSR moments; remove the key")
-    optim_fix = "remove the key from the file and set it in the optim section of the job config"
-    _fill(params, "lr", 0.0, where="optimizer.params.", source=source,
-          fix="remove the key from the file: the trainer sets lr every step (optim.lr and its schedule)",
-          errors=errors)
-    for key, ours in (("betas", tuple(betas)), ("eps", eps), ("weight_decay", weight_decay)):
-        _fill(params, key, ours, where="optimizer.params.", source=source, fix=optim_fix, errors=errors)
-    if "scheduler" in cfg:
-        errors.append(f"{source}: has a \"scheduler\" section; remove it: the trainer drives lr itself "
-                      "(a DeepSpeed scheduler would also move lr during OSR)")
-
-    if (cfg.get("fp16") or {}).get("enabled", False):
-        errors.append(f"{source}: fp16.enabled = true is not supported; use precision bf16 or fp32")
-    bf16_key = "bfloat16" if "bfloat16" in cfg else "bf16"  # DeepSpeed reads either name
-    file_bf16 = (cfg.get(bf16_key) or {}).get("enabled")
-    if file_bf16 is not None and bool(file_bf16) != (precision == "bf16"):
-        errors.append(f"{source}: {bf16_key}.enabled = {str(file_bf16).lower()} disagrees with the engine's "
-                      f"precision {precision!r}; pick the matching file (zero*_bf16.json for bf16) or change "
-                      "model.precision")
-    if precision == "bf16":
-        cfg.setdefault(bf16_key, {})["enabled"] = True
-
-    if errors:
-        raise ValueError("invalid DeepSpeed config:\n  " + "\n  ".join(errors))
-    return cfg
 
 
 def _world_size() -> int:
@@ -166,7 +53,7 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(Backend):
     """Model + AdamW under DeepSpeed ZeRO 1/2/3; implements `engine.backends.base.Backend`.
 
     `model` is the unwrapped module (call `encode_image` / `encode_text` on it); `engine` is the
@@ -184,7 +71,7 @@ class DeepSpeedBackend:
         import deepspeed
 
         world_size = _world_size()
-        config = build_deepspeed_config(
+        config = job_deepspeed_config(
             zero_config, micro_batch_size=micro_batch_size, world_size=world_size, betas=betas,
             weight_decay=weight_decay, eps=eps, grad_clip=grad_clip, precision=precision,
         )
@@ -205,24 +92,23 @@ class DeepSpeedBackend:
 
     @classmethod
     def from_config(cls, cfg: JobConfig, model: nn.Module, *, ctx: DistContext, device: torch.device,
-                    micro_batch_size: int) -> DeepSpeedBackend:
-        """ZeRO settings from run.zero_config (default zero_configs/zero2.json), AdamW from the optim section."""
-        ocfg = cfg.optim
+                    micro_batch_size: int, optim: OptimSettings) -> DeepSpeedBackend:
+        """ZeRO settings from run.zero_config (default zero_configs/zero2.json), AdamW with `optim`."""
         return cls(model, device=device, zero_config=cfg.run.zero_config or DEFAULT_ZERO_CONFIG,
-                   micro_batch_size=micro_batch_size, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
-                   eps=ocfg.eps, grad_clip=ocfg.grad_clip, precision=cfg.model.precision)
+                   micro_batch_size=micro_batch_size, betas=optim.betas, weight_decay=optim.weight_decay,
+                   eps=optim.eps, grad_clip=optim.grad_clip, precision=cfg.model.precision)
 
     @classmethod
-    def build_bundle(cls, cfg: JobConfig, *, ctx: DistContext, micro_batch_size: int) -> tuple[ClipBundle, float]:
+    def build_bundle(cls, cfg: JobConfig, *, ctx: DistContext, micro_batch_size: int,
+                     optim: OptimSettings) -> tuple[ClipBundle, float]:
         """The model of `cfg` and its tau: under ZeRO-3 built partitioned (`deepspeed.zero.Init`) and loaded
         into the partitions, so no rank holds the whole model; under ZeRO-1/2 built whole on every rank."""
         from models import temperature
         from models.zero3 import build_model_zero3
 
-        ocfg = cfg.optim
-        config = build_deepspeed_config(
+        config = job_deepspeed_config(
             cfg.run.zero_config or DEFAULT_ZERO_CONFIG, micro_batch_size=micro_batch_size, world_size=_world_size(),
-            betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay, eps=ocfg.eps, grad_clip=ocfg.grad_clip,
+            betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps, grad_clip=optim.grad_clip,
             precision=cfg.model.precision,
         )
         if int(config["zero_optimization"]["stage"]) != 3:
@@ -232,15 +118,17 @@ class DeepSpeedBackend:
 
     @classmethod
     def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:
-        """DeepSpeed's own process-group set-up (nccl on GPUs, gloo on CPU); no-op for one process."""
+        """DeepSpeed's own process-group set-up (nccl on GPUs, gloo on CPU, and its communication layer);
+        no-op for one process. Buffers of dead jobs in /dev/shm are removed first (local rank 0)."""
         if not ctx.distributed or dist.is_initialized():
             return
         import deepspeed
 
         if ctx.local_rank == 0:
             remove_stale_shm_buffers()
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        init_process_group(ctx, timeout_s=timeout_s,
+                           create=lambda backend, timeout: deepspeed.init_distributed(dist_backend=backend,
+                                                                                      timeout=timeout))
 
     def forward(self, images: Tensor, texts: Tensor):
         """The model's forward as one engine forward (DeepSpeed's per-forward bookkeeping included)."""
@@ -352,7 +240,7 @@ class DeepSpeedBackend:
         one process by DeepSpeed's own `zero_to_fp32`, after every pickle in it has been vetted."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        vet_checkpoint_folder(Path(directory) / CHECKPOINT_TAG, expected_names=_checkpoint_names(model))
+        vet_checkpoint_folder(Path(directory) / CHECKPOINT_TAG, expected_names=checkpoint_names(model))
         with tensor_only_torch_load(deepspeed_globals()):
             return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
 
@@ -365,7 +253,7 @@ class DeepSpeedBackend:
         """
         directory = Path(directory)
         tag = CHECKPOINT_TAG
-        names = _checkpoint_names(self.engine.module)
+        names = checkpoint_names(self.engine.module)
         if dist.get_rank() == 0:
             vet_checkpoint_folder(directory / CHECKPOINT_TAG, expected_names=names)
         dist.barrier()
@@ -373,7 +261,7 @@ class DeepSpeedBackend:
             tag = UNIVERSAL_TAG
             if dist.get_rank() == 0:
                 # Never trust a universal folder found on disk: it is rebuilt from the vetted files.
-                _convert_to_universal(directory / CHECKPOINT_TAG, directory / UNIVERSAL_TAG)
+                convert_to_universal(directory / CHECKPOINT_TAG, directory / UNIVERSAL_TAG)
                 vet_checkpoint_folder(directory / UNIVERSAL_TAG, expected_names=names)
             dist.barrier()
             self.engine._config.load_universal_checkpoint = True
@@ -390,146 +278,6 @@ class DeepSpeedBackend:
         self._encoders.remove()
         self.engine.destroy()
         remove_shm_buffer()
-
-
-_PARAM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
-# Entries of DeepSpeed's files whose keys (or items) are parameter names: the universal conversion builds
-# folder names from them.
-_NAME_FIELDS = ("param_shapes", "frozen_param_shapes", "shared_params", "buffer_names", "param_slice_mappings")
-
-
-def _names_in(value) -> list:
-    """Parameter names held by one of `_NAME_FIELDS` (a dict, or a list of dicts / names)."""
-    if isinstance(value, dict):
-        return [*value.keys(), *(v for v in value.values() if isinstance(v, str))]
-    if isinstance(value, (list, tuple)):
-        return [name for item in value for name in _names_in(item)] if any(isinstance(v, (dict, list, tuple))
-                                                                           for v in value) else list(value)
-    return []
-
-
-def _names_of_file(state) -> list:
-    names = []
-    if isinstance(state, dict):
-        for key, value in state.items():
-            if key in _NAME_FIELDS:
-                names.extend(_names_in(value))
-            elif isinstance(value, dict):
-                names.extend(_names_of_file(value))
-    return names
-
-
-def vet_checkpoint_folder(folder: Path, *, expected_names: set[str]) -> None:
-    """Refuse a DeepSpeed checkpoint folder before DeepSpeed reads it: a symlink in it, a file that needs more
-    than tensors and DeepSpeed's plain-data classes, or a parameter name that is not one of `expected_names`
-    (the model's; DeepSpeed's universal conversion turns names into paths)."""
-    folder = Path(folder)
-    if folder.is_symlink() or not folder.is_dir():
-        raise ValueError(f"{folder} is not a DeepSpeed checkpoint folder of this engine (missing or a symlink)")
-    for path in sorted(folder.rglob("*")):
-        if path.is_symlink():
-            raise UnsafeFileError(f"checkpoint {folder} holds a symlink ({path}); this engine writes none: "
-                                  "only load checkpoints written by this engine")
-        if path.suffix != ".pt":
-            continue
-        state = load_tensor_file(path, mmap=True, extra_globals=deepspeed_globals())
-        for name in _names_of_file(state):
-            if not (isinstance(name, str) and _PARAM_NAME.fullmatch(name) and name in expected_names):
-                raise UnsafeFileError(f"checkpoint file {path} names parameter {str(name)[:120]!r}, which the model "
-                                      "does not have; only load checkpoints this engine wrote for this model")
-
-
-def _checkpoint_names(model: nn.Module) -> set[str]:
-    return {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-
-
-def _convert_to_universal(source: Path, target: Path) -> None:
-    """DeepSpeed's own converter (ds_to_universal) into a fresh staging folder that replaces `target`; every
-    torch.load inside it is weights_only."""
-    from argparse import Namespace
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))  # new: no symlink
-    logger.info("converting %s to a universal checkpoint (world size changed)", source)
-    try:
-        with tensor_only_torch_load(deepspeed_globals()):
-            ds_to_universal(Namespace(input_folder=str(source), output_folder=str(staging), num_extract_workers=1,
-                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                      inject_missing_state=True))
-        if target.is_symlink() or target.is_file():
-            target.unlink()  # whatever was there is replaced, never loaded
-        elif target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except Exception as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, (ValueError, OSError)):
-            raise
-        raise ValueError(f"DeepSpeed could not convert {source} for another world size "
-                         f"({type(exc).__name__}: {exc}); resume on the world size it was written with") from None
-
-
-def shm_buffers(master_port: str | int | None = None) -> list[str]:
-    """DeepSpeed's CPU all-reduce shared-memory files (of one master port, or all)."""
-    pattern = f"{SHM_PREFIX}*" if master_port is None else f"{SHM_PREFIX}*_{master_port}_*"
-    return sorted(glob.glob(pattern))
-
-
-def _mapped_files() -> set[str] | None:
-    """Every file some process of this machine has mapped; None if any process could not be read."""
-    mapped: set[str] = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or entry.name == "1":  # the init process runs no job
-            continue
-        try:
-            with open(f"/proc/{entry.name}/maps") as fh:
-                mapped.update(line.split(maxsplit=5)[5].strip() for line in fh if line.count(" ") >= 5
-                              and "/dev/shm/" in line)
-        except FileNotFoundError:
-            continue  # exited meanwhile
-        except OSError:
-            return None  # another user's process: cannot tell what it maps
-    return mapped
-
-
-def remove_stale_shm_buffers(*, min_age_s: float = 60.0) -> list[str]:
-    """Remove DeepSpeed CPU all-reduce buffers no live process maps (left by killed jobs); returns them.
-
-    Only regular files are buffers: a folder or link that merely carries the name is left alone."""
-    candidates = []
-    for path in shm_buffers():
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            continue  # removed meanwhile
-        if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > min_age_s:
-            candidates.append(path)
-    if not candidates:
-        return []
-    mapped = _mapped_files()
-    if mapped is None:
-        return []
-    removed = []
-    for path in candidates:
-        if path not in mapped:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-                removed.append(path)
-    if removed:
-        logger.info("removed %d stale DeepSpeed shared-memory buffer(s) of dead jobs", len(removed))
-    return removed
-
-
-def remove_shm_buffer() -> None:
-    """Remove this rank's DeepSpeed CPU all-reduce buffer (DeepSpeed never deletes it)."""
-    port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK", "0")
-    if port is None:
-        return
-    for path in shm_buffers(port):
-        if path.endswith(f"_{port}_{rank}"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
 
 
 class _EngineRoutedEncoders:
