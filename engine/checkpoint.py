@@ -424,7 +424,8 @@ SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.grad_clip", "run.max_b
 GROW_ONLY_KEYS = ("run.epochs",)
 
 # Settings that may change between a run and its resumption (they do not change the method).
-RESUME_FREE_KEYS = ("run.progress", "run.log_every", "run.save_every_steps", "run.keep_last_n", "run.async_checkpoint",
+RESUME_FREE_KEYS = ("run.progress", "run.log_every", "run.save_every_steps", "run.save_every_epochs", "run.keep_last_n",
+                    "run.async_checkpoint",
                     "run.resume", "eval.every_steps", "eval.at_start", "eval.batch_size", "run.device",
                     "osr.load_from", "run.out_dir", "data.train", "model.weights",  # moved folders / files
                     "run.collective_timeout_s", "run.node_local_dir", "run.tensorboard", "run.wandb_project",

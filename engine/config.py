@@ -290,6 +290,7 @@ class RunConfig:
     zero_config: str | None = None
     progress: bool = True
     save_every_steps: int = 0  # 0 = no periodic checkpoints
+    save_every_epochs: int = 0  # also a checkpoint at every N-th epoch end of each stage (0 = off)
     keep_last_n: int = 2
     # Write checkpoints in the background (run.backend=fsdp): training goes on while the shards are written;
     # a checkpoint counts (latest, resume) only once every rank's write has finished.
@@ -306,6 +307,11 @@ class RunConfig:
     wandb_project: str | None = None  # also log to Weights & Biases (optional package `wandb`)
     wandb_mode: str = "offline"  # offline (files under <out_dir>/wandb, `wandb sync` later) | online
 
+    @property
+    def saves_periodically(self) -> bool:
+        """Whether checkpoints are written during the run (every N steps or epochs), not only when stopped."""
+        return self.save_every_steps > 0 or self.save_every_epochs > 0
+
     def errors(self) -> list[str]:
         out = []
         if self.epochs < 0:
@@ -316,6 +322,8 @@ class RunConfig:
             out.append(f"run.log_every must be >= 1, got {self.log_every}")
         if self.save_every_steps < 0:
             out.append(f"run.save_every_steps must be >= 0 (0 = off), got {self.save_every_steps}")
+        if self.save_every_epochs < 0:
+            out.append(f"run.save_every_epochs must be >= 0 (0 = off), got {self.save_every_epochs}")
         if self.keep_last_n < 1:
             out.append(f"run.keep_last_n must be >= 1, got {self.keep_last_n}")
         if self.collective_timeout_s < 1:

@@ -357,7 +357,8 @@ class Trainer:
                     self.evaluate(stage=stage)
                 if self.stopped_early:
                     break
-                if rcfg.save_every_steps and self.stage_step % rcfg.save_every_steps == 0:
+                if (rcfg.save_every_steps and self.stage_step % rcfg.save_every_steps == 0) or (
+                        epoch_ended and rcfg.save_every_epochs and self.stage_epoch % rcfg.save_every_epochs == 0):
                     self.save_checkpoint()
                 else:
                     self.checkpoints.poll()  # a background write that has finished now counts
@@ -452,7 +453,7 @@ class Trainer:
         if self.stage == "osr":
             self.osr()
             self._enter("finetune")
-            if self.cfg.run.save_every_steps or not finetune:
+            if self.cfg.run.saves_periodically or not finetune:
                 self.save_checkpoint()  # the recovered statistics, for stage II or reuse
         if self.stage == "done" and self._more_epochs:
             self.stage = "finetune"
@@ -463,7 +464,7 @@ class Trainer:
             self.finetune()
             self.stage = "done"  # its position stays: a resume with more run.epochs continues from it
             self.export(self.out_dir / "final.safetensors")
-            if self.cfg.run.save_every_steps:
+            if self.cfg.run.saves_periodically:
                 self.save_checkpoint()
         self.checkpoints.wait()  # a background checkpoint counts only once written
         if self.ctx.is_main:
@@ -635,8 +636,8 @@ class Trainer:
                             "reason": self.stopped_early})
 
     def export(self, path: Path) -> Path:
-        """Write the current weights as a stock open_clip safetensors file (and, for hf-hub:/local-dir:
-        models, a local-dir: folder beside it) (rank 0; collective)."""
+        """Write the current weights as a stock open_clip safetensors file (and, for models stock open_clip
+        cannot build by name, a local-dir: folder beside it) (rank 0; collective)."""
         state = self.backend.full_state_dict()
         if self.ctx.is_main:
             export_model(self.bundle, state, path)

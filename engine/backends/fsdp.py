@@ -46,7 +46,7 @@ from torch.distributed.tensor import DTensor
 from engine.backends.base import TorchAdamWState, adamw_param_groups, full_bundle, tensors_digest
 from engine.distributed import broadcast_object
 from engine.safe_load import read_dcp_metadata
-from models.weights import SCALAR_PARAMS, make_logit_scale_1d
+from models.weights import SCALAR_PARAMS, log_loaded_weights, make_logit_scale_1d
 
 if TYPE_CHECKING:
     from engine.config import JobConfig
@@ -168,8 +168,11 @@ class FSDPBackend(TorchAdamWState):
 
             weights = read_matching_state_dict(model, cfg.model.weights)
         ocfg = cfg.optim
-        return cls(model, device=device, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay, eps=ocfg.eps,
-                   precision=cfg.model.precision, weights=weights)
+        backend = cls(model, device=device, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay, eps=ocfg.eps,
+                      precision=cfg.model.precision, weights=weights)
+        if weights is not None:
+            log_loaded_weights(cfg.model.weights, cfg.model.name, len(weights), into="the FSDP2 shards")
+        return backend
 
     @classmethod
     def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:
