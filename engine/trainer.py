@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 # What a run writes in place inside run.out_dir (appends, memory maps, copies), so never through a link;
 # single files it writes atomically (final.safetensors, eval_step*.json) replace a link instead.
-RUN_ENTRIES = ("checkpoints", "u_table", "u_table_nodes", "log.jsonl", "skipped", "tensorboard", ".heartbeat")
+RUN_ENTRIES = ("checkpoints", "u_table", "u_table_nodes", "log.jsonl", "skipped", "tensorboard", ".heartbeat",
+               "final", "best")  # final/, best/: the local-dir: folders beside final/best.safetensors
 
 
 class Trainer:
