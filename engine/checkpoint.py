@@ -244,8 +244,13 @@ def build_model_from(name: str, kwargs: dict, weights: str | Path | None, *,
     if trained != name:
         raise ValueError(f"--weights {weights} is a checkpoint of model {trained!r}, not {name!r}; "
                          f"pass --model {trained}")
-    bundle = build_model(name, **{**kwargs, "weights": None}, seed=seed)
-    bundle.model.load_state_dict(checkpoint_weights(Path(weights), bundle.model))
+    from models.factory import weights_loaded_after
+    from models.weights import load_weights, log_loaded_weights
+
+    with weights_loaded_after():
+        bundle = build_model(name, **{**kwargs, "weights": None}, seed=seed)
+    num_tensors = load_weights(bundle.model, checkpoint_weights(Path(weights), bundle.model), source=weights)
+    log_loaded_weights(weights, bundle.model_name, num_tensors)
     return bundle
 
 

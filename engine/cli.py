@@ -40,6 +40,19 @@ COMMON_FLAGS = {
 }
 
 
+# open_clip_train's spellings with a one-to-one meaning here: flag -> (config key, accepted values -> value set).
+# Each is run as the `--set` it stands for, named once when the job starts.
+OPEN_CLIP_TRAIN_FLAGS = {
+    "wd": ("optim.weight_decay", None),
+    "warmup": ("optim.warmup_steps", None),  # steps, as in open_clip_train
+    "precision": ("model.precision", {"amp_bf16": "bf16", "amp_bfloat16": "bf16", "fp32": "fp32"}),
+    "report_to": (None, {"tensorboard": ["run.tensorboard=true"],  # comma-separated, as in open_clip_train
+                         "wandb": ["run.wandb_project=open-clip"],  # open_clip_train's default project name
+                         "all": ["run.tensorboard=true", "run.wandb_project=open-clip"]}),
+    "save_frequency": ("run.save_every_epochs", None),  # epochs, as in open_clip_train
+}
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default, except where there is none to show (None, off switches)."""
 
@@ -78,6 +91,19 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
                              "final weights, summary and later checkpoints")
     parser.add_argument("--no-seed-moments", action="store_true", help="ablation: do not seed AdamW from OSR")
     parser.add_argument("--no-seed-u", action="store_true", help="ablation: do not seed u from OSR")
+    aliases = parser.add_argument_group(
+        "open_clip_train spellings", "open_clip_train's names for fields of this engine: each runs as the --set "
+                                     "shown, named once at the start (--resume latest is the same as there)")
+    text = {"wd": ("WD", "= --set optim.weight_decay=WD"),
+            "warmup": ("STEPS", "= --set optim.warmup_steps=STEPS"),
+            "precision": ("{amp_bf16,fp32}", ("amp_bf16 (or amp_bfloat16) = --set model.precision=bf16; "
+                                              "fp32 = --set model.precision=fp32")),
+            "report_to": ("LIST", ("tensorboard = --set run.tensorboard=true; wandb = --set "
+                                   "run.wandb_project=open-clip; all = both (comma-separated, as there)")),
+            "save_frequency": ("EPOCHS", "= --set run.save_every_epochs=EPOCHS (a checkpoint every EPOCHS epochs)")}
+    for flag, (metavar, help_text) in text.items():
+        aliases.add_argument(f"--{flag.replace('_', '-')}", dest=f"alias_{flag}", default=None, metavar=metavar,
+                             help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,10 +203,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def open_clip_train_overrides(args: argparse.Namespace, *, say=print) -> list[str]:
+    """The `--set` overrides open_clip_train's spellings in `args` stand for; each is named once through `say`."""
+    overrides = []
+    for flag, (key, values) in OPEN_CLIP_TRAIN_FLAGS.items():
+        given = getattr(args, f"alias_{flag}", None)
+        if given is None:
+            continue
+        spelled = f"--{flag.replace('_', '-')}"
+        if values is None:
+            these = [f"{key}={given}"]
+        else:
+            words = [word.strip() for word in given.split(",")] if key is None else [given]
+            unknown = [word for word in words if word not in values]
+            if unknown:
+                fields = key or " / ".join(sorted({item.split("=")[0] for v in values.values() for item in v}))
+                raise ValueError(f"{spelled} {given}: {unknown[0]!r} has no one-to-one equivalent in {fields}; "
+                                 f"accepted: {', '.join(values)} (or --set the field, see run.py {args.command} --help)")
+            these = [item for word in words for item in
+                     (values[word] if isinstance(values[word], list) else [f"{key}={values[word]}"])]
+        say(f"note: {spelled} {given} is run as " + " ".join(f"--set {item}" for item in these))
+        overrides += these
+    return overrides
+
+
 def job_config_from_args(args: argparse.Namespace):
     from engine.config import load_config
 
-    overrides = list(args.overrides)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    # open_clip_train's spellings first: an explicit --set or shortcut of the same field wins.
+    overrides = open_clip_train_overrides(args, say=lambda line: print(line, file=sys.stderr) if main_rank else None)
+    overrides += list(args.overrides)
     for flag, key in COMMON_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -193,7 +246,10 @@ def job_config_from_args(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        print(f"error: {_unknown_arguments(args, unknown)}", file=sys.stderr)
+        return 2
     from engine.preemption import EXIT_PREEMPTED, Preempted
     # Our loggers at INFO; third-party chatter (open_clip's root-logger INFO lines) at WARNING.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -214,6 +270,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _unknown_arguments(args: argparse.Namespace, unknown: list[str]) -> str:
+    """The one-line complaint about arguments no parser took, naming --set where the command has it."""
+    command = " ".join(part for part in ("run.py", args.command, getattr(args, "shards_command", None)) if part)
+    option = next((item.split("=", 1)[0] for item in unknown if item.startswith("-")), None)
+    what = f"unknown option {option}" if option else f"unexpected argument {unknown[0]!r}"
+    if hasattr(args, "overrides"):
+        return (f"{what}; any config field can be set with --set section.key=value "
+                f"(see {command} --help)")
+    return f"{what} for {command} (see {command} --help)"
 
 
 # Errors a user can act on: bad input, a stopped run's reason, files and folders the OS refused.

@@ -326,6 +326,8 @@ class RunConfig:
     zero_config: str | None = setting(None, "DeepSpeed config (zero_configs/*.json) for run.backend=deepspeed")
     progress: bool = setting(True, "progress bars (rank 0)", resume="may_change")
     save_every_steps: int = setting(0, "steps between periodic checkpoints; 0 = none", resume="may_change")
+    save_every_epochs: int = setting(0, "also a checkpoint at every N-th epoch end of each stage; 0 = none",
+                                     resume="may_change")
     keep_last_n: int = setting(2, "complete checkpoints kept; older ones are removed", resume="may_change")
     async_checkpoint: bool = setting(
         False, "write checkpoints in the background (run.backend=fsdp): training goes on while the shards are "
@@ -348,6 +350,11 @@ class RunConfig:
     wandb_mode: WandbMode = setting("offline", "offline: files under <out_dir>/wandb (wandb sync later); online",
                                     resume="may_change")
 
+    @property
+    def saves_periodically(self) -> bool:
+        """Whether checkpoints are written during the run (every N steps or epochs), not only when stopped."""
+        return self.save_every_steps > 0 or self.save_every_epochs > 0
+
     def errors(self) -> list[str]:
         out = choice_errors(self, "run")
         if self.epochs < 0:
@@ -358,6 +365,8 @@ class RunConfig:
             out.append(f"run.log_every must be >= 1, got {self.log_every}")
         if self.save_every_steps < 0:
             out.append(f"run.save_every_steps must be >= 0 (0 = off), got {self.save_every_steps}")
+        if self.save_every_epochs < 0:
+            out.append(f"run.save_every_epochs must be >= 0 (0 = off), got {self.save_every_epochs}")
         if self.keep_last_n < 1:
             out.append(f"run.keep_last_n must be >= 1, got {self.keep_last_n}")
         if self.collective_timeout_s < 1:

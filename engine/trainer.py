@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 # What a run writes in place inside run.out_dir (appends, memory maps, copies), so never through a link;
 # single files it writes atomically (final.safetensors, eval_step*.json) replace a link instead.
-RUN_ENTRIES = ("checkpoints", "u_table", "u_table_nodes", "log.jsonl", "skipped", "tensorboard", ".heartbeat")
+RUN_ENTRIES = ("checkpoints", "u_table", "u_table_nodes", "log.jsonl", "skipped", "tensorboard", ".heartbeat",
+               "final", "best")  # final/, best/: the local-dir: folders beside final/best.safetensors
 
 
 class Trainer:
@@ -357,7 +358,8 @@ class Trainer:
                     self.evaluate(stage=stage)
                 if self.stopped_early:
                     break
-                if rcfg.save_every_steps and self.stage_step % rcfg.save_every_steps == 0:
+                if (rcfg.save_every_steps and self.stage_step % rcfg.save_every_steps == 0) or (
+                        epoch_ended and rcfg.save_every_epochs and self.stage_epoch % rcfg.save_every_epochs == 0):
                     self.save_checkpoint()
                 else:
                     self.checkpoints.poll()  # a background write that has finished now counts
@@ -433,7 +435,7 @@ class Trainer:
         if self.stage == "osr":
             self.osr()
             self._enter("finetune")
-            if self.cfg.run.save_every_steps or not finetune:
+            if self.cfg.run.saves_periodically or not finetune:
                 self.save_checkpoint()  # the recovered statistics, for stage II or reuse
         if self.stage == "done" and self._more_epochs:
             self.stage = "finetune"
@@ -444,7 +446,7 @@ class Trainer:
             self.finetune()
             self.stage = "done"  # its position stays: a resume with more run.epochs continues from it
             self.export(self.out_dir / "final.safetensors")
-            if self.cfg.run.save_every_steps:
+            if self.cfg.run.saves_periodically:
                 self.save_checkpoint()
         self.checkpoints.wait()  # a background checkpoint counts only once written
         if self.ctx.is_main:
@@ -594,8 +596,8 @@ class Trainer:
         return {"ft_step": self.stage_step if stage == "finetune" else 0} if stage != "osr" else {}
 
     def export(self, path: Path) -> Path:
-        """Write the current weights as a stock open_clip safetensors file (and, for hf-hub:/local-dir:
-        models, a local-dir: folder beside it) (rank 0; collective)."""
+        """Write the current weights as a stock open_clip safetensors file (and, for models stock open_clip
+        cannot build by name, a local-dir: folder beside it) (rank 0; collective)."""
         state = self.backend.full_state_dict()
         if self.ctx.is_main:
             export_model(self.bundle, state, path)

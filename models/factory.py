@@ -7,7 +7,8 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,14 @@ import torch
 
 from models.hub import HubModel, export_local_dir, resolve_hub_name
 from models.pretrained import PREPROCESS_FIELDS, Preprocessing, check_activation, identify
-from models.weights import OPENAI_LAYOUTS, export_weights, load_weights, read_checkpoint, weights_layout
+from models.weights import (
+    OPENAI_LAYOUTS,
+    export_weights,
+    load_weights,
+    log_loaded_weights,
+    read_checkpoint,
+    weights_layout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +37,20 @@ _REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 class _DropRandomInitNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def weights_loaded_after(enabled: bool = True) -> Iterator[None]:
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" while building a model whose
+    weights the caller loads itself afterwards (open_clip cannot know; the loader logs what it loaded)."""
+    quiet = _DropRandomInitNotice() if enabled else None
+    if quiet:
+        logging.getLogger().addFilter(quiet)  # open_clip logs through the root logger
+    try:
+        yield
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
 
 
 @dataclass
@@ -276,23 +298,18 @@ def build_model(
     spec = resolve_model(name, weights=weights, pretrained_tag=pretrained_tag, preprocess=preprocess,
                          tokenizer=tokenizer)
     checkpoint = read_checkpoint(spec.weights) if spec.weights is not None else None
-    quiet = _DropRandomInitNotice() if checkpoint is not None else None
-    if quiet:
-        logging.getLogger().addFilter(quiet)  # weights are loaded below; open_clip cannot know
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+    with torch.random.fork_rng(devices=[], enabled=seed is not None), weights_loaded_after(checkpoint is not None):
         if seed is not None:
             torch.manual_seed(seed)
         model, train_transform, eval_transform = open_clip.create_model_and_transforms(
             spec.arch, precision=precision, device=device, load_weights=False, **spec.preprocessing.create_kwargs(),
         )
-    if quiet:
-        logging.getLogger().removeFilter(quiet)
     if checkpoint is not None:
         try:
-            load_weights(model, checkpoint.state_dict, source=spec.weights)
+            num_tensors = load_weights(model, checkpoint.state_dict, source=spec.weights)
         except ValueError as err:
             raise ValueError(f"{err} [model was built as {spec.arch!r}]") from err
-        logger.info("loaded weights %s into %s", spec.weights, spec.arch)
+        log_loaded_weights(spec.weights, spec.arch, num_tensors)
     return ClipBundle(
         model=model,
         train_transform=train_transform,
@@ -317,13 +334,19 @@ def logit_bias_of(out) -> torch.Tensor | None:
     return out[3] if len(out) > 3 else None
 
 
+def is_stock_architecture(name: str) -> bool:
+    """Whether stock open_clip builds `name` from its own model configs (no add_model_config, no folder)."""
+    return (Path(open_clip.factory.__file__).parent / "model_configs" / f"{name}.json").is_file()
+
+
 def export_model(bundle: ClipBundle, weights: torch.nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write `weights` (the bundle's model or a full state dict) where open_clip loads them under the
-    model's own name: `path` (.safetensors) for `open_clip.create_model(name, pretrained=path)`, and for
-    `hf-hub:` / `local-dir:` models also the folder `path` without suffix, for `local-dir:<folder>`."""
+    """Write `weights` (the bundle's model or a full state dict) where stock open_clip loads them: `path`
+    (.safetensors) for `open_clip.create_model(name, pretrained=path)`, and for every model stock open_clip
+    cannot build by name (`hf-hub:` / `local-dir:` names, shipped and JSON configs) also the folder `path`
+    without suffix (model config, preprocessing, weights), for `open_clip.create_model("local-dir:<folder>")`."""
     path = Path(path)
     export_weights(weights, path)
-    if open_clip.factory.parse_model_name(bundle.model_name)[0] is not None:
+    if not is_stock_architecture(bundle.model_name):
         folder = export_local_dir(bundle.model, bundle.tokenizer, bundle.model_cfg, path, path.with_suffix(""))
-        logger.info("exported %s as local-dir:%s", bundle.model_name, folder)
+        logger.info("exported %s as local-dir:%s (stock open_clip loads it by that name)", bundle.model_name, folder)
     return path

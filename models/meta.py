@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from models.factory import ClipBundle, resolve_model
+from models.factory import ClipBundle, resolve_model, weights_loaded_after
 from models.weights import SCALAR_PARAMS, _describe_mismatch, read_state_dict
 
 
@@ -25,7 +25,7 @@ def build_model_on_meta(name: str, *, weights: str | os.PathLike | None = None, 
     train_transform, eval_transform = spec.transforms()
     preprocess_cfg = {key.removeprefix("image_"): value
                       for key, value in spec.preprocessing.create_kwargs().items() if value is not None}
-    with torch.device("meta"):
+    with torch.device("meta"), weights_loaded_after():  # a meta model has no values: the caller fills them
         model = open_clip.create_model(spec.arch, precision="fp32", device="meta", load_weights=False,
                                        force_preprocess_cfg=preprocess_cfg)
     return ClipBundle(model=model, train_transform=train_transform, eval_transform=eval_transform,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ _NUM_EXAMPLES = 5  # mismatches listed per kind in error messages
 # OpenAI's checkpoints carry these next to the weights; open_clip drops them (factory.load_state_dict).
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 OPENAI_LAYOUTS = ("openai-state-dict", "torchscript")  # layouts only OpenAI's CLIP files use
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,9 +143,9 @@ def _describe_mismatch(loaded: dict[str, torch.Tensor], expected: dict[str, torc
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike | dict[str, torch.Tensor], *,
-                 source: str | os.PathLike | None = None) -> None:
+                 source: str | os.PathLike | None = None) -> int:
     """Load `path` (or a state dict read from `source`) into the unwrapped `model` strictly;
-    `logit_scale` may be 0-dim or [1] on either side."""
+    `logit_scale` may be 0-dim or [1] on either side. Returns the number of tensors loaded."""
     if isinstance(path, dict):
         state_dict, path = dict(path), source
     else:
@@ -162,6 +165,13 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike | dict[str, tor
             "architecture the checkpoint was trained as (build_model name=...), or pass the right file"
         )
     model.load_state_dict(state_dict, strict=True)
+    return len(state_dict)
+
+
+def log_loaded_weights(source: str | os.PathLike, arch: str, num_tensors: int, *, into: str = "") -> None:
+    """The one line every loader logs for the weights it loaded (all strictly: nothing missing or unexpected)."""
+    logger.info("loaded weights %s into %s%s: %d tensors, 0 missing, 0 unexpected", source, into and f"{into} of ",
+                arch, num_tensors)
 
 
 def export_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -14,7 +14,6 @@ ZeRO-3 model differs from `build_model`'s with the same seed (trained checkpoint
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,10 +23,14 @@ import torch
 from torch import nn
 
 from engine.safe_load import load_tensor_file
-from models.factory import ClipBundle, resolve_model
-from models.weights import OPENAI_METADATA_KEYS, SCALAR_PARAMS, _describe_mismatch, read_state_dict
-
-logger = logging.getLogger(__name__)
+from models.factory import ClipBundle, resolve_model, weights_loaded_after
+from models.weights import (
+    OPENAI_METADATA_KEYS,
+    SCALAR_PARAMS,
+    _describe_mismatch,
+    log_loaded_weights,
+    read_state_dict,
+)
 
 LOAD_GROUP_NUMEL = 1 << 26  # parameters gathered together while loading: 64 M elements at most
 
@@ -83,8 +86,9 @@ def _partitioned_shapes(model: nn.Module) -> dict[str, torch.Size]:
     return shapes
 
 
-def load_weights_into_partitions(model: nn.Module, path: str | os.PathLike, *, rank: int) -> None:
-    """Load weights file `path` strictly into a ZeRO-3 partitioned `model` (collective; rank 0 reads the file)."""
+def load_weights_into_partitions(model: nn.Module, path: str | os.PathLike, *, rank: int) -> int:
+    """Load weights file `path` strictly into a ZeRO-3 partitioned `model` (collective; rank 0 reads the file);
+    returns the number of tensors loaded."""
     from deepspeed import zero
 
     from engine.distributed import broadcast_object
@@ -130,6 +134,7 @@ def load_weights_into_partitions(model: nn.Module, path: str | os.PathLike, *, r
             data = value(name, buf) if rank == 0 else torch.empty_like(buf)
             torch.distributed.broadcast(data, src=0)
             buf.copy_(data)
+    return len(expected)
 
 
 def build_model_zero3(
@@ -161,11 +166,12 @@ def build_model_zero3(
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        with _scalar_params_as_1d(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        with (_scalar_params_as_1d(), deepspeed.zero.Init(config_dict_or_path=ds_config),
+              weights_loaded_after(spec.weights is not None)):
             model = open_clip.create_model(spec.arch, precision="fp32", device=get_accelerator().current_device_name(),
                                            load_weights=False, force_preprocess_cfg=preprocess_cfg)
     if spec.weights is not None:
-        load_weights_into_partitions(model, spec.weights, rank=dist.get_rank())
-        logger.info("loaded weights %s into the ZeRO-3 partitions of %s", spec.weights, spec.arch)
+        num_tensors = load_weights_into_partitions(model, spec.weights, rank=dist.get_rank())
+        log_loaded_weights(spec.weights, spec.arch, num_tensors, into="the ZeRO-3 partitions")
     return ClipBundle(model=model, train_transform=train_transform, eval_transform=eval_transform,
                       tokenizer=spec.tokenizer, model_name=spec.arch, model_cfg=spec.config)

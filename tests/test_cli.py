@@ -90,6 +90,9 @@ def test_help_shows_defaults_and_choices_and_report_writes_the_page(tmp_path):
 
     text = run_cli("tune", "--help").stdout
     assert "{tuneclip,fastclip,openclip,siglip}" in text and "(config default: tuneclip)" in " ".join(text.split())
+    for alias in ("--wd WD", "= --set optim.weight_decay=WD", "--warmup STEPS", "--precision {amp_bf16,fp32}",
+                  "--report-to LIST", "--save-frequency EPOCHS", "--set run.save_every_epochs=EPOCHS"):
+        assert alias in " ".join(text.split()), alias  # open_clip_train's spellings, each with the field it sets
     for command in (["--help"], ["tune", "--help"], ["eval", "--help"], ["shards", "build", "--help"]):
         proc = subprocess.run([sys.executable, "-X", "importtime", "run.py", *command], cwd=ROOT, capture_output=True,
                               text=True, check=True)

@@ -2,7 +2,7 @@
 written: an output folder the OS refuses, the DeepSpeed backend started without a launcher, a symlinked run
 sub-folder, a demo folder that is not the demo's, bad YAML, damaged checkpoint metadata, an endless CSV field, a
 folder named like a DeepSpeed shared-memory buffer, a misspelt metric, a resume or a fresh run that would replace
-a run's results unasked."""
+a run's results unasked, an unknown option or an open_clip_train value without an equivalent."""
 
 import contextlib
 import errno
@@ -418,3 +418,21 @@ def test_resume_with_more_epochs_extends_a_finished_run_and_fewer_are_refused(fi
     [line] = [text for text in capsys.readouterr().err.splitlines() if "run.epochs" in text]
     assert line == ("  - config run.epochs: checkpoint has 2, this job 1: a resumed run may add epochs, not remove "
                     "them (to stop earlier, use a checkpoint's weights)")
+
+
+def test_unknown_options_and_open_clip_train_values_without_an_equivalent_are_one_error_line(tmp_path, capsys):
+    cases = {
+        ("tune", "--lock-image", "--train", "x"): "error: unknown option --lock-image; any config field can be set "
+                                                  "with --set section.key=value (see run.py tune --help)",
+        ("finetune", "--accum-freq=2"): "error: unknown option --accum-freq; any config field can be set with --set "
+                                        "section.key=value (see run.py finetune --help)",
+        ("export", "--model", "tiny-vit", "--out", "x.safetensors", "--torchcompile"):
+            "error: unknown option --torchcompile for run.py export (see run.py export --help)",
+        ("tune", "--precision", "amp", "--train", str(tmp_path)):
+            "error: --precision amp: 'amp' has no one-to-one equivalent in model.precision; accepted: amp_bf16, "
+            "amp_bfloat16, fp32 (or --set the field, see run.py tune --help)",
+    }
+    for argv, line in cases.items():
+        assert main(list(argv)) == 2
+        assert capsys.readouterr().err.splitlines() == [line]
+    assert not (tmp_path / "x.safetensors").exists()

@@ -36,7 +36,8 @@ def shards(tmp_path_factory):
     return root / "shards"
 
 
-def launch(commands: list[list[str]], port: int, timeout: float = 300) -> None:
+def launch(commands: list[list[str]], port: int, timeout: float = 300) -> list[str]:
+    """Run `commands` (one launcher each) to the end; their combined stdout and stderr."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for cmd in commands]
@@ -46,6 +47,7 @@ def launch(commands: list[list[str]], port: int, timeout: float = 300) -> None:
             assert proc.returncode == 0, out[-4000:]
         # The engine removes its own DeepSpeed shared-memory buffers at shutdown.
         assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer*_{port}_*") == []
+        return outputs
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -130,10 +132,11 @@ def weights(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zero2", "fsdp"])
-def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, weights, tmp_path, backend):
+def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, weights, tmp_path, backend, caplog):
     """Kill a 2-rank job (the whole launcher process group: `deepspeed`, or `torchrun` for FSDP2) started from
     a checkpoint mid-run, resume, compare. The killed FSDP2 job writes its checkpoints in the background
-    (run.async_checkpoint), the straight one does not: the same weights either way."""
+    (run.async_checkpoint), the straight one does not: the same weights either way. Each job and the export of a
+    checkpoint name the weights they loaded once, and open_clip's "initialized randomly" never shows."""
     def cmd(out, port, *extra):
         if backend == "fsdp":
             launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -146,7 +149,10 @@ def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, weights, 
                 "--weights", str(weights), *extra]
 
     straight_port = free_port()
-    launch([cmd(tmp_path / "straight", straight_port)], straight_port)
+    [output] = launch([cmd(tmp_path / "straight", straight_port)], straight_port)
+    assert "No pretrained weights loaded" not in output
+    loaded = [line for line in output.splitlines() if "loaded weights" in line]
+    assert len(loaded) == 1 and f"loaded weights {weights} into " in loaded[0], output[-3000:]
     check_run(tmp_path / "straight", world_size=2, osr_steps=6)
     start = json.loads((tmp_path / "straight" / "log.jsonl").read_text().splitlines()[0])
     assert start["tau"] == pytest.approx(torch.exp(torch.tensor(-3.0)).item(), rel=1e-6)  # the file's, not the init's
@@ -181,7 +187,9 @@ def test_sigkill_on_two_ranks_then_resume_matches_straight_run(shards, weights, 
     before = {p: p.stat().st_mtime_ns for p in last.rglob("*")}
     from engine.cli import main
 
+    caplog.clear()
     assert main(["export", "--model", "tiny-vit", "--weights", str(last), "--out", str(tmp_path / "ck.safetensors")]) == 0
+    assert "No pretrained weights loaded" not in caplog.text and f"loaded weights {last} into tiny-vit" in caplog.text
     c = load_file(tmp_path / "ck.safetensors")
     assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
     assert {p: p.stat().st_mtime_ns for p in last.rglob("*")} == before, "nothing written into the checkpoint"

@@ -52,7 +52,7 @@ from engine.backends.base import (
 )
 from engine.distributed import broadcast_object, init_process_group
 from engine.safe_load import read_dcp_metadata
-from models.weights import SCALAR_PARAMS, make_logit_scale_1d
+from models.weights import SCALAR_PARAMS, log_loaded_weights, make_logit_scale_1d
 
 if TYPE_CHECKING:
     from engine.config import JobConfig
@@ -175,8 +175,11 @@ class FSDPBackend(TorchAdamWState, Backend):
             from models.meta import read_matching_state_dict
 
             weights = read_matching_state_dict(model, cfg.model.weights)
-        return cls(model, device=device, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps,
-                   precision=cfg.model.precision, weights=weights)
+        backend = cls(model, device=device, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps,
+                      precision=cfg.model.precision, weights=weights)
+        if weights is not None:
+            log_loaded_weights(cfg.model.weights, cfg.model.name, len(weights), into="the FSDP2 shards")
+        return backend
 
     @classmethod
     def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:
