@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,9 +158,17 @@ class LossConfig:
     chunk_size: int = 0  # columns of the global batch per block; 0 = whole batch
     gamma_min: float = 0.9
     gamma_decay_epochs: int = 4
+    # Loss terms by name (engine.objectives.terms registry) and their weights; contrastive = the method's loss.
+    terms: dict[str, float] = field(default_factory=lambda: {"contrastive": 1.0})
+    normaliser: str = "table"  # the u estimates GCL/HGCL divide by (engine.objectives.normaliser registry)
 
     def errors(self) -> list[str]:
         out = []
+        if (not isinstance(self.terms, dict) or not self.terms
+                or not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                           and math.isfinite(v) for k, v in self.terms.items())):
+            out.append(f"loss.terms must map term names to finite weights, e.g. {{contrastive: 1.0}}, "
+                       f"got {self.terms!r}")
         if self.surrogate not in SURROGATE_CHOICES:
             out.append(f"loss.surrogate must be one of {SURROGATE_CHOICES}, got {self.surrogate!r}")
         if isinstance(self.margin, str) and self.margin != "auto":
@@ -305,6 +314,9 @@ class RunConfig:
     tensorboard: bool = False  # also log scalars to <out_dir>/tensorboard (per step and per evaluation)
     wandb_project: str | None = None  # also log to Weights & Biases (optional package `wandb`)
     wandb_mode: str = "offline"  # offline (files under <out_dir>/wandb, `wandb sync` later) | online
+    # Modules the trainer imports before it builds the job (in every rank): loss terms and normalisers they
+    # register can then be named in loss.terms / loss.normaliser, e.g. [mypackage.terms].
+    plugins: list[str] = field(default_factory=list)
 
     def errors(self) -> list[str]:
         out = []
