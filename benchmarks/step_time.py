@@ -125,7 +125,8 @@ def build_trainer(case: Case, *, shards: str, out_dir: str):
 
 def losses_of(trainer) -> dict:
     """The two objectives as the trainer builds them for its methods (MBCL for openclip, HGCL for tuneclip)."""
-    return {name: trainer.objective_for(name) for name in ("mbcl", "hgcl")}
+    term = trainer.objective.term("contrastive")
+    return {name: term.build(name) for name in ("mbcl", "hgcl")}
 
 
 def measure(trainer, case: Case, *, seed: int = 0) -> dict:
@@ -150,7 +151,8 @@ def measure(trainer, case: Case, *, seed: int = 0) -> dict:
             batch = Batch(images=images, texts=texts, rows=rows, keys=keys)
             barrier()
             started = time.perf_counter()
-            metrics = trainer.train_step(batch, objective=losses[name], lr=LR, grad_clip=grad_clip)
+            trainer.objective.term("contrastive").objective = losses[name]  # the kind this step measures
+            metrics = trainer.train_step(batch, lr=LR, grad_clip=grad_clip)
             elapsed = time.perf_counter() - started
             if metrics.get("skipped"):
                 raise FloatingPointError(f"{case.model}: the {name} step was skipped (non-finite values)")

@@ -67,7 +67,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, *, local_rank: int | None = None, overwrite: bool = False):
         """`overwrite`: a fresh job may replace an earlier run of this engine in run.out_dir (removed under the
         run lock, each entry named); a resumed one may continue a finished run, rewriting its results."""
-        import_plugins(cfg.run.plugins)  # registers their backends, terms and normalisers before anything is named
+        import_plugins(cfg.run.plugins)  # what they register (loss terms, normalisers) can be named below
         self.cfg = cfg.validate()
         self.overwrite = overwrite
         self.ctx = context_from_env(local_rank)
@@ -307,7 +307,8 @@ class Trainer:
         ocfg, rcfg = self.cfg.optim, self.cfg.run
         eval_every = self.cfg.eval.every_steps
         logger.info("%s: %d epochs x %d steps, objective %s, tau %.4g%s", stage, epochs, steps_per_epoch,
-                    self.objective.describe(), self.tau, f", resuming at step {self.stage_step}" if self.stage_step else "")
+                    self.objective.describe(), self.tau,
+                    f", resuming at step {self.stage_step}" if self.stage_step else "")
         bar = tqdm(total=total, initial=self.stage_step, desc=stage, unit="step", dynamic_ncols=True,
                    disable=not (rcfg.progress and self.ctx.is_main))
         stage_started = time.perf_counter()

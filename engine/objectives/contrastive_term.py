@@ -37,11 +37,16 @@ class ContrastiveTerm(TermBase):
         self.objective = None
 
     def begin_stage(self, stage: str) -> None:
-        ctx, lcfg = self.ctx, self.ctx.cfg.loss
         self.stage = stage
+        self.objective = self.build(self.kinds[stage])
+
+    def build(self, kind: str):
+        """The objective registered as `kind` (mbcl, gcl, hgcl, siglip) with this term's margin, over the job's
+        normaliser (the stage's is built by `begin_stage`; benchmarks compare kinds on one job)."""
+        ctx, lcfg = self.ctx, self.ctx.cfg.loss
         margin = self.margin if self.margin is not None else 0.0  # None: no hinge in this job
-        self.objective = build_objective(
-            self.kinds[stage], tau=ctx.tau, margin=margin, eps=lcfg.eps, chunk_size=lcfg.chunk_size,
+        return build_objective(
+            kind, tau=ctx.tau, margin=margin, eps=lcfg.eps, chunk_size=lcfg.chunk_size,
             normaliser=ctx.normaliser, rank=ctx.rank, world_size=ctx.world_size, local_batch=ctx.local_batch,
             gather=ctx.gather, reduce_sum=ctx.reduce_sum)
 
