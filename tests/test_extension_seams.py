@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.config import load_config
-from engine.objectives import TermBase, register_term
+from engine.objectives import ObjectiveTerms, TermBase, register_term, total_loss
 from engine.objectives.normaliser import average_gradients, register_normaliser
 from engine.preemption import Preempted
 from engine.trainer import Trainer
@@ -228,8 +228,44 @@ def test_unknown_term_and_normaliser_name_the_field(shards, tmp_path):
         Trainer(load_config(base=job(shards, tmp_path / "c", run={"plugins": ["no_such_module"]})))
 
 
+class Constant(TermBase):
+    def __init__(self, name, value):
+        self.name, self.value, self.calls = name, value, []
+
+    def __call__(self, batch, outputs):
+        return {f"{self.name}_loss": torch.tensor(self.value, requires_grad=True), f"{self.name}_seen_value": 3.0}
+
+    def after_step(self):
+        self.calls.append("after")
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state, *, origin=None):
+        self.value = state["value"]
+
+
+def test_weighted_terms_are_summed_logged_by_name_and_keep_their_state():
+    a, b = Constant("a", 2.0), Constant("b", 3.0)
+    objective = ObjectiveTerms({"a": (a, 1.0), "b": (b, 0.25)})
+    out = objective(None, None)
+    assert out["a_loss"].item() == 2.0 and out["b_loss"].item() == 0.75 and out["b_seen_value"] == 3.0
+    assert total_loss(out).item() == 2.75 and objective.describe() == "a + 0.25 b"
+    objective.after_step()
+    assert a.calls == b.calls == ["after"]
+    state = objective.state_dict()
+    a.value = b.value = 0.0
+    objective.load_state_dict(json.loads(json.dumps(state)))
+    assert (a.value, b.value) == (2.0, 3.0)
+
+
+def test_loss_terms_must_map_names_to_weights(shards, tmp_path):
+    with pytest.raises(ValueError, match=r"loss.terms must map term names to finite weights"):
+        load_config(base=job(shards, tmp_path, loss={"terms": {"contrastive": "heavy"}}))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])  # deepspeed: zero_configs/zero2.json, the default
 def test_terms_and_normaliser_resume_bitwise_on_two_ranks(shards, tmp_path, backend):
     straight = toy_job(shards, tmp_path / "a", backend=backend)
     stopped = toy_job(shards, tmp_path / "b", backend=backend)
