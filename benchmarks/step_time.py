@@ -126,7 +126,8 @@ def build_trainer(case: Case, *, shards: str, out_dir: str):
 
 def losses_of(trainer) -> dict:
     """The two objectives as the trainer builds them for its methods (MBCL for openclip, HGCL for tuneclip)."""
-    return {name: trainer.objective_for(name) for name in ("mbcl", "hgcl")}
+    term = trainer.objective.term("contrastive")
+    return {name: term.build(name) for name in ("mbcl", "hgcl")}
 
 
 def measure(trainer, case: Case, *, seed: int = 0) -> dict:
@@ -149,8 +150,9 @@ def measure(trainer, case: Case, *, seed: int = 0) -> dict:
             rows = torch.randint(0, TABLE_ROWS, (case.batch,), generator=gen)[lo : lo + local]
             batch = Batch(images=images, texts=texts, rows=rows, keys=keys)
             barrier()
+            trainer.objective.term("contrastive").objective = losses[name]  # the kind this step measures
             with timed() as timing:
-                metrics = trainer.train_step(batch, objective=losses[name], lr=LR, grad_clip=grad_clip)
+                metrics = trainer.train_step(batch, lr=LR, grad_clip=grad_clip)
             if metrics.get("skipped"):
                 raise FloatingPointError(f"{case.model}: the {name} step was skipped (non-finite values)")
             if round_index >= case.warmup:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import pickle
 import reprlib
@@ -62,7 +61,7 @@ _IDENTITY_FIELDS: dict[str, tuple[type, ...]] = {
     "model": (str,), "world_size": (int,), "config": (dict,), "manifest_fingerprint": (str,), "stage": (str,),
     "stage_step": (int,), "osr_surrogate": (str,),
 }
-OSR_FIELDS = {**_IDENTITY_FIELDS, "osr_steps": (int,), "data_epoch": (int,), "margin": (int, float, type(None))}
+OSR_FIELDS = {**_IDENTITY_FIELDS, "osr_steps": (int,), "data_epoch": (int,)}
 RESUME_FIELDS = {**OSR_FIELDS, "global_step": (int,), "num_bad_steps": (int,)}
 
 
@@ -169,9 +168,6 @@ def train_state_problems(saved: dict, fields: dict[str, tuple[type, ...]]) -> li
         elif not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             kinds = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             problems.append(f"{TRAIN_STATE}.{name} is {reprlib.repr(value)}, not {kinds}")
-    margin = saved.get("margin")
-    if isinstance(margin, (int, float)) and not isinstance(margin, bool) and not (math.isfinite(margin) and margin >= 0):
-        problems.append(f"{TRAIN_STATE}.margin is {margin!r}, not a number >= 0")
     return problems
 
 
@@ -550,8 +546,11 @@ def osr_reuse_conflicts(saved: dict, live: dict, *, can_reshard: bool = False) -
         return [(f"not an end-of-OSR checkpoint (stage {saved['stage']}, step {saved['stage_step']}); "
                  "use the one `run.py osr` wrote")]
     old, new = flatten(saved["config"]), flatten(live["config"])
-    problems = [f"{key}: statistics computed with {old.get(key)!r}, this job has {new.get(key)!r}"
-                for key in OSR_DEFINING_KEYS if old.get(key) != new.get(key)]
+    def under(flat: dict, key: str):  # a mapping field (loss.terms) is flattened into its entries
+        return flat.get(key, {k: v for k, v in flat.items() if k.startswith(key + ".")} or None)
+
+    problems = [f"{key}: statistics computed with {under(old, key)!r}, this job has {under(new, key)!r}"
+                for key in OSR_DEFINING_KEYS if under(old, key) != under(new, key)]
     if saved["osr_surrogate"] != live["osr_surrogate"]:
         problems.append(f"OSR loss {saved['osr_surrogate']!r} != this job's {live['osr_surrogate']!r}")
     if saved["manifest_fingerprint"] != live["manifest_fingerprint"]:

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import sys
 import types
 import typing
@@ -189,9 +190,18 @@ class LossConfig:
     chunk_size: int = setting(0, "columns of the global batch per block; 0 = whole batch")
     gamma_min: float = setting(0.9, "SogCLR moving-average weight gamma_t: its final value", osr=True)
     gamma_decay_epochs: int = setting(4, "epochs of gamma_t's cosine from 1 down to gamma_min", osr=True)
+    terms: dict[str, float] = setting({"contrastive": 1.0}, "loss terms by name (engine.objectives.terms registry) "
+                                      "and their weights; contrastive = the method's loss", osr=True)
+    normaliser: str = setting("table", "the u estimates GCL/HGCL divide by (engine.objectives.normaliser registry)",
+                              osr=True)
 
     def errors(self) -> list[str]:
         out = choice_errors(self, "loss")
+        if (not isinstance(self.terms, dict) or not self.terms
+                or not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                           and math.isfinite(v) for k, v in self.terms.items())):
+            out.append(f"loss.terms must map term names to finite weights, e.g. {{contrastive: 1.0}}, "
+                       f"got {self.terms!r}")
         if isinstance(self.margin, str) and self.margin != "auto":
             out.append(f"loss.margin must be a number >= 0 or 'auto', got {self.margin!r}")
         elif not isinstance(self.margin, str) and self.margin < 0:
@@ -349,6 +359,9 @@ class RunConfig:
                                         resume="may_change")
     wandb_mode: WandbMode = setting("offline", "offline: files under <out_dir>/wandb (wandb sync later); online",
                                     resume="may_change")
+    plugins: list[str] = setting([], "modules the trainer imports (on every rank) before it builds the job: the loss "
+                                 "terms and normalisers they register can be named in loss.terms / loss.normaliser",
+                                 resume="may_change")
 
     @property
     def saves_periodically(self) -> bool:

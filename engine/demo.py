@@ -176,8 +176,9 @@ def _run(root: Path, sizes: dict, *, quick: bool, started: float) -> dict:
             )))
             history = trainer.tune()
             histories[name][seed] = [{"step": r["ft_step"], "results": r["results"]} for r in history]
-            if trainer.margin is not None and trainer.cfg.surrogate == "hgcl":
-                margins[f"{name}/seed{seed}"] = trainer.margin
+            margin = trainer.objective.term("contrastive").margin
+            if margin is not None and trainer.cfg.surrogate == "hgcl":
+                margins[f"{name}/seed{seed}"] = margin
             trainer.close()
             run_dirs.append(root / out)
 

@@ -39,9 +39,9 @@ from engine.evaluate import Evaluator, build_tasks, write_results
 from engine.evaluate.policy import EvalPolicy
 from engine.heartbeat import Heartbeat
 from engine.livelog import build_live_sinks
-from engine.margin import QUANTILES, DistanceHistogram, auto_margin, margin_diagnostics, pair_distances
-from engine.objectives import Objective, build_objective, total_loss, trained_scalars
+from engine.objectives import StepOutputs, TermContext, build_terms, total_loss, trained_scalars
 from engine.objectives.normaliser import build_normaliser
+from engine.plugins import import_plugins
 from engine.preemption import Preempted, StopRequests
 from engine.run_folder import clear_run_folder, finished_outputs
 from engine.runlock import RunLock
@@ -68,6 +68,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, *, local_rank: int | None = None, overwrite: bool = False):
         """`overwrite`: a fresh job may replace an earlier run of this engine in run.out_dir (removed under the
         run lock, each entry named); a resumed one may continue a finished run, rewriting its results."""
+        import_plugins(cfg.run.plugins)  # what they register (loss terms, normalisers) can be named below
         self.cfg = cfg.validate()
         self.overwrite = overwrite
         self.ctx = context_from_env(local_rank)
@@ -160,17 +161,20 @@ class Trainer:
                                       below_base_tolerance=cfg.run.below_base_tolerance,
                                       stop_below_base=cfg.run.stop_below_base)
         self._base_pending = False
-        # HGCL's margin: the configured number, or chosen at w0 before OSR (loss.margin=auto).
-        self.margin: float | None = None if cfg.loss.margin == "auto" else cfg.loss.margin
-        self.d_histogram = DistanceHistogram()  # d = s_ij - s_ii over OSR (frozen w0)
         self.normaliser = build_normaliser(cfg.loss, out_dir=self.out_dir, num_rows=self.manifest.num_samples,
                                            dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh,
-                                           node_local_dir=cfg.run.node_local_dir)
+                                           node_local_dir=cfg.run.node_local_dir, device=self.device)
+        # The loss terms of loss.terms (registry in engine.objectives.terms); they keep their own state.
+        self.objective = build_terms(cfg.loss.terms, TermContext(
+            cfg=cfg, tau=self.tau, normaliser=self.normaliser, rank=self.ctx.rank, world_size=self.ctx.world_size,
+            local_batch=self.local_batch, gather=gather_no_grad, reduce_sum=all_reduce_sum,
+            log_event=lambda record: self.log.write(record)))
         self.cost = RunCost(world_size=self.ctx.world_size)  # every launch's share, carried by checkpoints
         self.checkpoints = CheckpointManager(
             self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n,
             async_save=cfg.run.async_checkpoint,
             parts={TRAIN_STATE: self, BACKEND_PART: self.backend, "normaliser": self.normaliser,
+                   "objective": self.objective,
                    "data_plan": LoaderPlan(self.loader), "cost": self.cost, "eval_policy": self.eval_policy},
             rank_parts={"loader": self.loader},
         )
@@ -219,16 +223,8 @@ class Trainer:
         logger.warning("--overwrite: resuming the finished run in %s from %s; its %s and later checkpoints "
                        "will be replaced", self.out_dir, self.cfg.run.resume, ", ".join(finished))
 
-    def objective_for(self, kind: str) -> Objective:
-        """The objective registered as `kind` (mbcl, gcl, hgcl) for this rank, over this job's normaliser."""
-        lcfg = self.cfg.loss
-        margin = self.margin if self.margin is not None else 0.0  # None: no hinge in this job
-        return build_objective(kind, tau=self.tau, margin=margin, eps=lcfg.eps, chunk_size=lcfg.chunk_size,
-                               normaliser=self.normaliser, rank=self.ctx.rank, world_size=self.ctx.world_size,
-                               local_batch=self.local_batch, gather=gather_no_grad, reduce_sum=all_reduce_sum)
-
     # ----- the step shared by both stages -----
-    def train_step(self, batch: Batch, *, objective: Objective, lr: float, grad_clip: float) -> dict:
+    def train_step(self, batch: Batch, *, lr: float, grad_clip: float) -> dict:
         """Forward, objective, backward of its terms' sum and one AdamW step at `lr` (0 = OSR).
 
         Returns scalar metrics: `loss` (the sum), every term, the objective's diagnostics. A
@@ -236,15 +232,8 @@ class Trainer:
         optimizer update, objective state untouched) and is logged with the batch's sample keys;
         after `run.max_bad_steps` consecutive ones the run stops.
         """
-        model_out = self.backend.forward(batch.images, batch.texts)
-        image_features, text_features = features_of(model_out)
-        # During OSR (w0 frozen), where the batch's d sits against the hinge: quantiles, share inside.
-        margin_stats = margin_diagnostics(
-            pair_distances(image_features, text_features, offset=self.ctx.rank * self.local_batch,
-                           gather=gather_no_grad),
-            margin=self.margin or 0.0, reduce_sum=all_reduce_sum, histogram=self.d_histogram,
-        ) if self.stage == "osr" else {}
-        out = objective(image_features, text_features, rows=batch.rows, logit_bias=logit_bias_of(model_out))
+        objective = self.objective
+        out = objective(batch, _step_outputs(self.backend.forward(batch.images, batch.texts)))
         total = total_loss(out)
         # Terms carry global values, so every rank takes the same decision without a collective.
         if not torch.isfinite(total).item():
@@ -264,9 +253,10 @@ class Trainer:
         objective.after_step()
         self.global_step += 1
         self.num_bad_steps = 0
-        values = {key.removesuffix("_value"): float(value.detach()) for key, value in out.items()}
+        values = {key.removesuffix("_value"): float(value.detach() if torch.is_tensor(value) else value)
+                  for key, value in out.items()}
         return {"loss": float(total.detach()), **values, "grad_norm": grad_norm, "lr": lr,
-                "gamma": self.normaliser.gamma(), **margin_stats}
+                **self.normaliser.metrics()}
 
     def _skip_step(self, batch: Batch, *, reason: str) -> dict:
         self.num_bad_steps += 1
@@ -292,8 +282,8 @@ class Trainer:
         cap = self.cfg.run.max_steps_per_epoch
         return min(n, cap) if cap > 0 else n
 
-    def run_stage(self, stage: str, *, epochs: int, objective_kind: str) -> None:
-        """Run (or continue, after a resume) `epochs` epochs of `stage` with objective `objective_kind`.
+    def run_stage(self, stage: str, *, epochs: int) -> None:
+        """Run (or continue, after a resume) `epochs` epochs of `stage` with the job's objective terms.
 
         'osr' keeps lr = 0; 'finetune' follows the cosine schedule. `self.stage_step` batches of
         this stage are already done when resuming mid-stage.
@@ -302,7 +292,7 @@ class Trainer:
             self._enter(stage)
         if epochs == 0:
             return
-        objective = self.objective_for(objective_kind)
+        self.objective.begin_stage(stage)
         steps_per_epoch = self._steps_per_epoch()
         if steps_per_epoch == 0:
             raise ValueError(
@@ -318,7 +308,8 @@ class Trainer:
         ocfg, rcfg = self.cfg.optim, self.cfg.run
         eval_every = self.cfg.eval.every_steps
         logger.info("%s: %d epochs x %d steps, objective %s, tau %.4g%s", stage, epochs, steps_per_epoch,
-                    objective_kind, self.tau, f", resuming at step {self.stage_step}" if self.stage_step else "")
+                    self.objective.describe(), self.tau,
+                    f", resuming at step {self.stage_step}" if self.stage_step else "")
         bar = tqdm(total=total, initial=self.stage_step, desc=stage, unit="step", dynamic_ncols=True,
                    disable=not (rcfg.progress and self.ctx.is_main))
         stage_started = time.perf_counter()
@@ -337,7 +328,7 @@ class Trainer:
                     lr = cosine_lr(self.stage_step, base_lr=ocfg.lr, total_steps=total,
                                    warmup_steps=ocfg.warmup_steps)
                     clip = ocfg.grad_clip
-                metrics = self.train_step(batch, objective=objective, lr=lr, grad_clip=clip)
+                metrics = self.train_step(batch, lr=lr, grad_clip=clip)
                 self.stage_step += 1
                 self.epoch_step += 1
                 num_samples += len(batch.keys) * self.ctx.world_size
@@ -397,18 +388,15 @@ class Trainer:
     def osr(self) -> None:
         """Stage I: recover AdamW moments and the normaliser at frozen w0 (paper Algorithm 1)."""
         before = self.backend.weights_digest()
-        self.run_stage("osr", epochs=self.cfg.osr.epochs, objective_kind=self.cfg.osr_surrogate)
+        self.run_stage("osr", epochs=self.cfg.osr.epochs)
         assert self.backend.weights_digest() == before, "OSR changed the weights"
         self.osr_steps = self.backend.optimizer_step_count()
         self.normaliser.set_provenance({
-            "surrogate": self.cfg.osr_surrogate, "margin": self.margin, "tau": self.tau,
+            **self.objective.provenance(), "tau": self.tau,
             "eps": self.cfg.loss.eps, "osr_epochs": self.cfg.osr.epochs, "osr_steps": self.osr_steps,
         })
-        hist = self.d_histogram
         self.log.write({"event": "osr_done", "step": self.global_step, "adam_step": self.osr_steps,
-                        **self.normaliser.summary(), "margin": self.margin,
-                        "d_quantiles": {f"{q:g}": hist.quantile(q) for q in QUANTILES},
-                        "inside_hinge": hist.share_above(-(self.margin or 0.0))})
+                        **self.normaliser.summary(), **self.objective.summary()})
         if not self.cfg.osr.seed_moments:
             self.backend.reset_optimizer_state()
         if not self.cfg.osr.seed_u:
@@ -416,7 +404,7 @@ class Trainer:
 
     def finetune(self) -> None:
         """Stage II: fine-tune with the method's objective from the current moments and estimates."""
-        self.run_stage("finetune", epochs=self.cfg.run.epochs, objective_kind=self.cfg.surrogate)
+        self.run_stage("finetune", epochs=self.cfg.run.epochs)
 
     def tune(self, *, osr: bool = True, finetune: bool = True) -> list[dict]:
         """The whole method: evaluate w0, OSR if the method uses it, fine-tune, export.
@@ -429,8 +417,7 @@ class Trainer:
             if self.cfg.eval.at_start:
                 self.evaluate(stage="start")
             run_osr = osr and METHOD_RUNS_OSR[self.cfg.method] and self.cfg.osr.epochs > 0
-            if self.margin is None and "hgcl" in (self.cfg.surrogate, self.cfg.osr_surrogate):
-                self.margin = self.choose_margin()
+            self.objective.prepare(self.probe)  # at w0, before OSR (e.g. HGCL's automatic hinge)
             self._enter("osr" if run_osr else "finetune")
         if self.stage == "osr":
             self.osr()
@@ -453,26 +440,13 @@ class Trainer:
             write_summary(self.out_dir, run_summary(self.out_dir, metric=self.eval_policy.best_metric))
         return self.history
 
-    def choose_margin(self) -> float:
-        """loss.margin=auto: the margin that puts loss.margin_inside_share of the pairs inside the hinge
-        (d > -m) at w0, read from the first loss.margin_probe_batches batches (no update)."""
-        lcfg = self.cfg.loss
-        hist = DistanceHistogram()
-        batches = self.loader.epoch(self.data_epoch)
-        with torch.no_grad():
-            for batch in itertools.islice(batches, lcfg.margin_probe_batches):
-                image_features, text_features = features_of(self.backend.forward(batch.images, batch.texts))
-                d = pair_distances(image_features, text_features, offset=self.ctx.rank * self.local_batch,
-                                   gather=gather_no_grad)
-                hist.add(d, reduce_sum=all_reduce_sum)
-        margin = auto_margin(hist, inside_share=lcfg.margin_inside_share)
-        rule = (f"auto: {lcfg.margin_inside_share:g} of the pairs inside the hinge at w0, m = -Q_"
-                f"{1 - lcfg.margin_inside_share:g}(d) over {lcfg.margin_probe_batches} batches")
-        logger.info("loss.margin=auto: m = %.4f (%s; d median %.3f, tau %.4g)", margin, rule, hist.quantile(0.5),
-                    self.tau)
-        self.log.write({"event": "margin_chosen", "margin": margin, "rule": rule,
-                        "d_quantiles": {f"{q:g}": hist.quantile(q) for q in QUANTILES}, "tau": self.tau})
-        return margin
+    def probe(self, num_batches: int):
+        """The first `num_batches` batches of the current data epoch with the model's outputs at the current
+        weights, without gradient or update (what terms read in `prepare`)."""
+        for batch in itertools.islice(self.loader.epoch(self.data_epoch), num_batches):
+            with torch.no_grad():
+                outputs = _step_outputs(self.backend.forward(batch.images, batch.texts))
+            yield batch, outputs
 
     def _enter(self, stage: str) -> None:
         self.stage, self.stage_step = stage, 0
@@ -485,7 +459,6 @@ class Trainer:
             "stage": self.stage, "stage_step": self.stage_step, "global_step": self.global_step,
             "stage_epoch": self.stage_epoch, "epoch_step": self.epoch_step,
             "data_epoch": self.data_epoch, "osr_steps": self.osr_steps,
-            "margin": self.margin,
             "num_bad_steps": self.num_bad_steps, "world_size": self.ctx.world_size,
             "num_workers": self.cfg.data.num_workers, "manifest_fingerprint": self.manifest.fingerprint(),
             "model": self.bundle.model_name, "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
@@ -498,7 +471,6 @@ class Trainer:
         self.stage_epoch, self.epoch_step = state.get("stage_epoch"), state.get("epoch_step")
         self.global_step, self.data_epoch = state["global_step"], state["data_epoch"]
         self.osr_steps, self.num_bad_steps = state["osr_steps"], state["num_bad_steps"]
-        self.margin = state.get("margin", self.margin)
 
     def resume(self, spec: str = "latest") -> dict:
         """Restore every part from a checkpoint (`latest` or a folder)."""
@@ -551,15 +523,15 @@ class Trainer:
     def load_osr(self, path: str | Path) -> None:
         """Start stage II from recovered statistics saved by an OSR run (e.g. for an lr sweep).
 
-        Refused when they were computed for another model, weights, data, loss, margin or eps.
+        Refused when they were computed for another model, weights, data, loss or eps.
         """
         saved = self.checkpoints.load(str(path), purpose="osr")
         self.normaliser.load_state_dict(saved["normaliser"])
         self.osr_steps, self.data_epoch = saved[TRAIN_STATE]["osr_steps"], saved[TRAIN_STATE]["data_epoch"]
-        if self.cfg.loss.margin == "auto":  # the margin OSR chose and used
-            self.margin = saved[TRAIN_STATE].get("margin")
-            self.log.write({"event": "margin_chosen", "margin": self.margin,
-                            "rule": f"auto, chosen at w0 by the OSR run of {path}"})
+        try:
+            self.objective.load_state_dict(saved.get("objective", {}), origin=f"the OSR run of {path}")
+        except ValueError as exc:
+            raise ValueError(f"{Path(saved['path']) / 'state.json'}: {exc}") from None
         self._enter("finetune")
         self._base_pending = True  # no evaluation ran at w0 in this run yet: tune() does it
         self.log.write({"event": "osr_loaded", "from": str(path), "adam_step": self.backend.optimizer_step_count()})
@@ -623,6 +595,11 @@ class Trainer:
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.lock.release()
+
+
+def _step_outputs(model_out) -> StepOutputs:
+    """The model's forward output as the terms see it."""
+    return StepOutputs(*features_of(model_out), logit_bias_of(model_out), model_out)
 
 
 def _manifest_path(train: str) -> Path:

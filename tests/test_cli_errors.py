@@ -239,15 +239,15 @@ def test_complete_marker_holding_a_list(osr_run, shards, tmp_path, capsys):
 def test_non_numeric_margin_in_the_statistics_of_osr_from(osr_run, shards, tmp_path, capsys):
     run = copy_run(osr_run, tmp_path)
     step = next((run / "checkpoints").glob("step_*"))
-    tamper_state(step, lambda state: state["train_state"].update(margin="wide"))
+    tamper_state(step, lambda state: state["objective"]["contrastive"].update(margin="wide"))
     capsys.readouterr()
     before = tree(run)
     out = tmp_path / "finetune"
     assert main(["finetune", "--train", str(shards), "--out", str(out), *JOB, "--margin", "auto",
                  "--osr-from", str(step)]) == 2
     assert error_lines(capsys) == [(
-        f"error: {step / 'state.json'}: train_state.margin is 'wide', not int or float or null: not a checkpoint "
-        "this engine wrote; use another step_* folder"
+        f"error: {step / 'state.json'}: objective.contrastive.margin is 'wide', not a number >= 0 or null: not a "
+        "checkpoint this engine wrote; use another step_* folder"
     )]
     assert tree(run) == before and not (out / "checkpoints").exists()
 

@@ -69,7 +69,7 @@ def test_margin_auto_is_chosen_at_w0_used_by_osr_and_written_in_the_summary(shar
                                run={"log_every": 1, "max_steps_per_epoch": 2}))
     trainer = Trainer(cfg)
     trainer.tune()
-    chosen_margin = trainer.margin
+    chosen_margin = trainer.objective.term("contrastive").margin
     trainer.close()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     chosen = next(r for r in log if r["event"] == "margin_chosen")

@@ -1,5 +1,9 @@
 """Objectives: what a training step minimises, as named terms.
 
+`engine.objectives.terms` composes the job's objective from `loss.terms` (the seam: a term sees the
+batch and the model outputs and may hold state); the built-in term `contrastive` is the method's loss,
+one of the objectives below, chosen per stage by the surrogate.
+
 An objective is called on this rank's features and batch and returns a dict. Every entry whose key
 ends in `_loss` is a term: a scalar tensor whose value is the term's global value (all ranks'
 batches) and whose gradient is this rank's share of the term's gradient, so the trainer
@@ -26,8 +30,18 @@ from engine.objectives.contrastive import (
 )
 from engine.objectives.normaliser import Normaliser
 from engine.objectives.sigmoid import SigmoidObjective
-
-TERM_SUFFIX = "_loss"
+from engine.objectives.terms import (  # noqa: F401 (the public seam)
+    TERM_SUFFIX,
+    ObjectiveTerms,
+    StepOutputs,
+    Term,
+    TermBase,
+    TermContext,
+    build_terms,
+    register_term,
+    term_names,
+    total_loss,
+)
 
 
 class Objective(Protocol):
@@ -43,11 +57,6 @@ class Objective(Protocol):
 
     def skip_step(self) -> None:
         """The step was skipped (non-finite values): forget what this step updated."""
-
-
-def total_loss(out: dict[str, Tensor]) -> Tensor:
-    """The sum of an objective's `*_loss` terms (what is back-propagated)."""
-    return sum(value for key, value in out.items() if key.endswith(TERM_SUFFIX))
 
 
 class MiniBatchObjective:
@@ -71,10 +80,11 @@ class MiniBatchObjective:
 
 
 class GlobalContrastiveObjective:
-    """GCL / HGCL with per-sample normalisers (SogCLR): term `contrastive_loss`.
+    """GCL / HGCL divided by a normaliser's estimates: term `contrastive_loss`.
 
-    The normaliser gives the prior estimates and gamma_t; the updated estimates are stored only
-    after the optimizer step is taken.
+    The loss gives the batch estimates log Phi; the normaliser turns them into the estimates u this
+    step divides by (the table: SogCLR's moving average) and keeps them only after the optimizer
+    step is taken.
     """
 
     def __init__(self, spec: SurrogateSpec, normaliser: Normaliser, *, offset: int,
@@ -85,10 +95,11 @@ class GlobalContrastiveObjective:
 
     def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor,
                  logit_bias: Tensor | None = None) -> dict[str, Tensor]:
-        prior = self.normaliser.prior(rows, device=image_features.device)
-        out = self.loss(image_features, text_features, log_u_x=prior.log_u_x, log_u_z=prior.log_u_z,
-                        seen=prior.seen, gamma=self.normaliser.gamma(), offset=self.offset, output_dict=True)
-        self.normaliser.stage(rows, out["log_u_x"], out["log_u_z"])
+        batch = self.loss.batch_estimates(image_features, text_features, offset=self.offset)
+        log_u_x, log_u_z = self.normaliser.estimate(rows, batch.log_phi_x, batch.log_phi_z,
+                                                    image_features=image_features, text_features=text_features)
+        out = self.loss.divided(image_features, text_features, batch, log_u_x=log_u_x, log_u_z=log_u_z,
+                                offset=self.offset, output_dict=True)
         # loss_value is summed over ranks, and a non-finite feature or u row on any rank makes it
         # non-finite: the term's value carries that to every rank.
         return {"contrastive_loss": out["loss"], "batch_loss_value": out["batch_loss_value"]}

@@ -26,10 +26,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from open_clip.loss import ClipLoss
 from torch import Tensor
+
+from engine.objectives.normaliser import update_log_estimate  # SogCLR's moving average: the table's rule
 
 SURROGATES = ("gcl", "hgcl")
 
@@ -196,22 +199,6 @@ def _coefficient_(d: Tensor, log_w: Tensor, diag: Tensor, spec: SurrogateSpec) -
     return weight.mul_(hinge).mul_(2.0).masked_fill_(diag, 0.0)  # l'(d) = 2 max(d + m, 0)
 
 
-def update_log_estimate(
-    log_u_prev: Tensor, seen: Tensor, log_phi: Tensor, gamma: float
-) -> Tensor:
-    """SogCLR moving average in log space: log((1-gamma) u + gamma Phi) (paper eq. 3).
-
-    Samples not `seen` before take the batch estimate (first-visit rule), whatever gamma is.
-    """
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-    log_u_prev, log_phi = _upcast(log_u_prev, log_phi)
-    if gamma == 1.0:
-        return log_phi.clone()
-    mixed = torch.logaddexp(log_u_prev + math.log1p(-gamma), log_phi + math.log(gamma))
-    return torch.where(seen, mixed, log_phi)
-
-
 def log_eps_plus(log_u: Tensor, eps: float) -> Tensor:
     """log(eps + u) from log u, without leaving log space."""
     (log_u,) = _upcast(log_u)
@@ -219,6 +206,15 @@ def log_eps_plus(log_u: Tensor, eps: float) -> Tensor:
 
 
 Gather = Callable[[Tensor], Tensor]
+
+
+class BatchEstimates(NamedTuple):
+    """What one step's batch gives a normaliser: the gathered global features and the local anchors' log Phi."""
+
+    f_global: Tensor
+    g_global: Tensor
+    log_phi_x: Tensor
+    log_phi_z: Tensor
 
 
 def _identity_gather(x: Tensor) -> Tensor:
@@ -255,23 +251,37 @@ class GlobalContrastiveLoss:
         offset: int = 0,
         output_dict: bool = False,
     ):
-        """Objective whose value is the u-based loss and whose gradient is G (eq. 4).
+        """Objective whose value is the u-based loss and whose gradient is G (eq. 4), with SogCLR's
+        moving average of the given rows (what `TableNormaliser` does, in one call).
 
         `log_u_x`, `log_u_z`, `seen` are the local anchors' table rows before this step. With
         `output_dict` also returns the updated rows (`log_u_x`, `log_u_z`) for the table, the
         batch-only loss value and the log Phi estimates.
         """
-        spec = self.spec
+        batch = self.batch_estimates(image_features, text_features, offset=offset)
+        new_log_u_x = update_log_estimate(log_u_x, seen, batch.log_phi_x, gamma)
+        new_log_u_z = update_log_estimate(log_u_z, seen, batch.log_phi_z, gamma)
+        return self.divided(image_features, text_features, batch, log_u_x=new_log_u_x, log_u_z=new_log_u_z,
+                            offset=offset, output_dict=output_dict)
+
+    def batch_estimates(self, image_features: Tensor, text_features: Tensor, *, offset: int = 0) -> BatchEstimates:
+        """The global batch's features (gathered, no gradient) and log Phi1, log Phi2 of the local anchors."""
         with torch.no_grad():
             f_global = self.gather(image_features.detach())
             g_global = self.gather(text_features.detach())
-        num_global = f_global.shape[0]
         log_phi_x, log_phi_z = anchor_log_phi(
-            image_features, text_features, f_global, g_global, offset=offset, spec=spec
+            image_features, text_features, f_global, g_global, offset=offset, spec=self.spec
         )
-        new_log_u_x = update_log_estimate(log_u_x, seen, log_phi_x, gamma)
-        new_log_u_z = update_log_estimate(log_u_z, seen, log_phi_z, gamma)
-        log_wx, log_wz = log_eps_plus(new_log_u_x, spec.eps), log_eps_plus(new_log_u_z, spec.eps)
+        return BatchEstimates(f_global, g_global, log_phi_x, log_phi_z)
+
+    def divided(self, image_features: Tensor, text_features: Tensor, batch: BatchEstimates, *, log_u_x: Tensor,
+                log_u_z: Tensor, offset: int = 0, output_dict: bool = False):
+        """The objective of `forward` for the normaliser's estimates `log_u_x`, `log_u_z` of the local anchors
+        (after this step's update): value tau/B sum_i [log(eps + u_x) + log(eps + u_z)], gradient G."""
+        spec = self.spec
+        f_global, g_global, log_phi_x, log_phi_z = batch
+        num_global = f_global.shape[0]
+        log_wx, log_wz = log_eps_plus(log_u_x, spec.eps), log_eps_plus(log_u_z, spec.eps)
         log_wx_global = self.gather(log_wx)
         log_wz_global = self.gather(log_wz)
         grad_f, grad_g = feature_gradients(
@@ -294,8 +304,8 @@ class GlobalContrastiveLoss:
             "loss": objective,
             "loss_value": value.detach(),
             "batch_loss_value": batch_value.detach(),
-            "log_u_x": new_log_u_x,
-            "log_u_z": new_log_u_z,
+            "log_u_x": log_u_x,
+            "log_u_z": log_u_z,
             "log_phi_x": log_phi_x,
             "log_phi_z": log_phi_z,
         }

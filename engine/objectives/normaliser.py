@@ -1,23 +1,34 @@
-"""Per-sample normalisers: the u estimates a global contrastive objective divides by.
+"""Normalisers: the u estimates a global contrastive objective divides by, chosen by `loss.normaliser`.
 
-`Normaliser` is what an objective needs from them: the prior estimates of a batch's samples, the
-moving-average weight gamma_t, and a place to put the updated estimates once the optimizer step
-they served has been taken. `TableNormaliser` keeps one (log u_x, log u_z) row per training sample
-in the memory-mapped `UTable` (SogCLR); a learned normaliser (NeuCLIP) is the next implementation.
-Everything that must survive a restart goes through `state_dict` (small, JSON) and `save`/`load`
-(the rows, into a checkpoint folder).
+`Normaliser` is what an objective needs from one: given a batch's sample ids, the batch estimates
+log Phi of its anchors and the features, the estimates log u the step's gradient divides by, held
+until the optimizer step they served has been taken (`commit`) or skipped (`discard`). How u is kept
+and updated is the normaliser's business: `TableNormaliser` (`table`, the default) keeps one
+(log u_x, log u_z) row per training sample in the memory-mapped `UTable` and applies SogCLR's moving
+average; a learned normaliser (NeuCLIP) predicts u from the features and trains its own parameters
+with its own optimizer in `commit` (replicated parameters: `average_gradients` makes their gradient
+the global batch's). `placement` says how its state is spread over ranks: `sharded` (each rank
+updates only its own samples' rows) or `replicated` (every rank holds and updates the same state).
+Everything that must survive a restart goes through `state_dict` (small, JSON) and, optionally,
+`save`/`load` (files, into the checkpoint folder).
+
+`register_normaliser(name, builder)` adds one from anywhere (a module named in `run.plugins`);
+`build_normaliser` builds `loss.normaliser`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from engine.distributed import DistContext, barrier, gather_no_grad, node_of_ranks
@@ -41,26 +52,27 @@ class Prior(NamedTuple):
 class Normaliser(Protocol):
     """What a global contrastive objective reads and updates, and what a checkpoint keeps."""
 
-    def prior(self, rows: Tensor, *, device: torch.device) -> Prior:
-        """The current estimates of samples `rows` ([b] int64, global sample ids)."""
+    placement: Literal["sharded", "replicated"]  # per-sample rows of each rank's samples | one state on every rank
 
-    def gamma(self) -> float:
-        """The moving-average weight gamma_t of this epoch (paper eq. 3)."""
-
-    def stage(self, rows: Tensor, log_u_x: Tensor, log_u_z: Tensor) -> None:
-        """Hold this step's updated estimates until `commit` (a skipped step discards them)."""
+    def estimate(self, rows: Tensor, log_phi_x: Tensor, log_phi_z: Tensor, *, image_features: Tensor,
+                 text_features: Tensor) -> tuple[Tensor, Tensor]:
+        """log u_x, log u_z ([b]) this step divides by, for this rank's samples `rows` ([b] int64, global sample
+        ids) with batch estimates log Phi1, log Phi2 ([b]) and this rank's features; held until `commit`."""
 
     def commit(self) -> None:
-        """Store the staged estimates: the optimizer step they belong to was taken."""
+        """The optimizer step was taken: keep this step's update (a learned normaliser steps its optimizer)."""
 
     def discard(self) -> None:
-        """Drop the staged estimates: the step was skipped."""
+        """The step was skipped: forget this step's update."""
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars for this step's log record (the table: gamma_t)."""
 
     def end_epoch(self) -> None:
-        """One more epoch of updates (advances gamma_t's schedule)."""
+        """One more epoch of updates (advances schedules such as gamma_t)."""
 
     def reset(self) -> None:
-        """Forget every estimate and restart gamma_t (the 'no seeding of u' ablation). Collective."""
+        """Forget every estimate and restart schedules (the 'no seeding of u' ablation). Collective."""
 
     def set_provenance(self, provenance: dict) -> None:
         """Record what computed the estimates (loss, margin, tau, eps, OSR steps). Collective."""
@@ -69,19 +81,48 @@ class Normaliser(Protocol):
         """Diagnostics for the run log (e.g. how many samples have an estimate)."""
 
     def state_dict(self) -> dict:
-        """Small JSON state (schedule position)."""
+        """Small JSON state (schedule position, small parameters)."""
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`."""
 
-    def save(self, directory: Path) -> None:
-        """Write the estimates into checkpoint folder `directory` (collective)."""
-
-    def load(self, directory: Path, *, reshard: bool = False) -> None:
-        """Replace the live estimates by those `save` wrote, by any number of ranks (collective)."""
-
     def close(self) -> None:
         """Flush and release files."""
+
+    # Optional, for state too large for JSON (found by the checkpoint manager):
+    # save(directory) / load(directory, *, reshard=False), both collective.
+
+
+def _upcast(*tensors: Tensor) -> list[Tensor]:
+    """Estimates are computed in float32 at least, float64 when given."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    return [t.to(dtype) for t in tensors]
+
+
+def update_log_estimate(log_u_prev: Tensor, seen: Tensor, log_phi: Tensor, gamma: float) -> Tensor:
+    """SogCLR moving average in log space: log((1-gamma) u + gamma Phi) (paper eq. 3).
+
+    Samples not `seen` before take the batch estimate (first-visit rule), whatever gamma is.
+    """
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    log_u_prev, log_phi = _upcast(log_u_prev, log_phi)
+    if gamma == 1.0:
+        return log_phi.clone()
+    mixed = torch.logaddexp(log_u_prev + math.log1p(-gamma), log_phi + math.log(gamma))
+    return torch.where(seen, mixed, log_phi)
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of replicated parameters over ranks (in place; nothing to do on one process):
+    each rank's gradient of its local batch becomes the global batch's, as backends do for the model."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(world)
 
 
 class TableNormaliser:
@@ -97,6 +138,7 @@ class TableNormaliser:
     """
 
     supports_async_save = True  # `save_async`: rows copied to host memory, written by a thread
+    placement = "sharded"
 
     def __init__(self, live_dir: Path, *, num_rows: int, dataset_fingerprint: str, ctx: DistContext,
                  gamma_min: float, gamma_decay_epochs: int, fresh: bool, replicated: bool = False,
@@ -121,7 +163,21 @@ class TableNormaliser:
         self.table = UTable.open(self.live_dir, dataset_fingerprint=dataset_fingerprint)
 
     def prior(self, rows: Tensor, *, device: torch.device) -> Prior:
+        """The stored estimates of samples `rows` before this step."""
         return Prior(*self.table.read(rows, device=device))
+
+    def estimate(self, rows: Tensor, log_phi_x: Tensor, log_phi_z: Tensor, *, image_features: Tensor,
+                 text_features: Tensor) -> tuple[Tensor, Tensor]:
+        """SogCLR: the moving average of the stored rows and this batch's Phi (first visit: Phi), staged."""
+        prior = self.prior(rows, device=image_features.device)
+        gamma = self.gamma()
+        log_u_x = update_log_estimate(prior.log_u_x, prior.seen, log_phi_x, gamma)
+        log_u_z = update_log_estimate(prior.log_u_z, prior.seen, log_phi_z, gamma)
+        self.stage(rows, log_u_x, log_u_z)
+        return log_u_x, log_u_z
+
+    def metrics(self) -> dict[str, float]:
+        return {"gamma": self.gamma()}
 
     def gamma(self) -> float:
         return gamma_at_epoch(self.epochs, gamma_min=self.gamma_min, decay_epochs=self.gamma_decay_epochs)
@@ -233,9 +289,9 @@ class TableNormaliser:
         self.table.close()
 
 
-def build_normaliser(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, dataset_fingerprint: str,
-                     ctx: DistContext, fresh: bool, node_local_dir: str | Path | None = None) -> Normaliser:
-    """This job's per-sample normaliser: SogCLR's u table, live under `<out_dir>/u_table` on one node.
+def _table(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, dataset_fingerprint: str, ctx: DistContext,
+           fresh: bool, node_local_dir: str | Path | None = None, **_) -> TableNormaliser:
+    """SogCLR's u table, live under `<out_dir>/u_table` on one node.
 
     On several nodes every node keeps its own replica, in `<node_local_dir>/u_table_node<k>` (a local
     disk) or by default `<out_dir>/u_table_nodes/node<k>` (one folder per node on the shared
@@ -255,3 +311,31 @@ def build_normaliser(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, data
                 else out_dir / "u_table_nodes" / f"node{node}")
     return TableNormaliser(live_dir, replicated=True, node_leader=nodes.index(node) == ctx.rank,
                            publish_dir=out_dir / "u_table", **common)
+
+
+NormaliserBuilder = Callable[..., Normaliser]
+_NORMALISERS: dict[str, NormaliserBuilder] = {"table": _table}
+
+
+def register_normaliser(name: str, builder: NormaliserBuilder) -> None:
+    """Make `builder` selectable as loss.normaliser=name. It is called as `builder(loss_cfg, *, out_dir,
+    num_rows, dataset_fingerprint, ctx, fresh, node_local_dir, device)` (take `**_` for what it does not use)."""
+    _NORMALISERS[name] = builder
+
+
+def normaliser_names() -> tuple[str, ...]:
+    """Every selectable loss.normaliser value."""
+    return tuple(sorted(_NORMALISERS))
+
+
+def build_normaliser(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, dataset_fingerprint: str,
+                     ctx: DistContext, fresh: bool, node_local_dir: str | Path | None = None,
+                     device: torch.device | None = None) -> Normaliser:
+    """This job's normaliser, the one registered as `loss.normaliser` (default `table`: SogCLR's u table)."""
+    name = getattr(loss_cfg, "normaliser", "table")
+    if name not in _NORMALISERS:
+        raise ValueError(f"loss.normaliser: unknown normaliser {name!r}; use one of {', '.join(normaliser_names())} "
+                         "(or register one in a module named in run.plugins)")
+    return _NORMALISERS[name](loss_cfg, out_dir=Path(out_dir), num_rows=num_rows,
+                              dataset_fingerprint=dataset_fingerprint, ctx=ctx, fresh=fresh,
+                              node_local_dir=node_local_dir, device=device)

@@ -1,0 +1,112 @@
+"""The `contrastive` term: the method's loss (MBCL, GCL, HGCL or SigLIP's), with HGCL's margin and its rule.
+
+Per stage it builds the registered objective of the stage's surrogate (`osr_surrogate` in OSR, the
+method's in fine-tuning) over the job's normaliser. HGCL's margin is `loss.margin`, or with
+`loss.margin=auto` chosen in `prepare()` at w0 from the distribution of d = s_ij - s_ii
+(engine/margin.py) and kept in the term's state, so a resumed run and a run reusing OSR statistics
+use the margin OSR used. During OSR (weights frozen) each step also reports where the batch's d sits
+against the hinge, and the OSR summary the quantiles over all of OSR.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from itertools import islice
+
+from engine.margin import QUANTILES, DistanceHistogram, auto_margin, margin_diagnostics, pair_distances
+from engine.objectives import build_objective
+from engine.objectives.terms import Probe, StepOutputs, TermBase, TermContext
+
+logger = logging.getLogger(__name__)
+
+
+class ContrastiveTerm(TermBase):
+    """The method's contrastive loss as the term `contrastive` (its entries keep the objective's names)."""
+
+    name = "contrastive"
+
+    def __init__(self, ctx: TermContext):
+        self.ctx = ctx
+        lcfg = ctx.cfg.loss
+        # The configured number, or None until `prepare` chooses it (loss.margin=auto).
+        self.margin: float | None = None if lcfg.margin == "auto" else lcfg.margin
+        self.kinds = {"osr": ctx.cfg.osr_surrogate, "finetune": ctx.cfg.surrogate}
+        self.histogram = DistanceHistogram()  # d over OSR (frozen w0)
+        self.stage: str | None = None
+        self.objective = None
+
+    def begin_stage(self, stage: str) -> None:
+        self.stage = stage
+        self.objective = self.build(self.kinds[stage])
+
+    def build(self, kind: str):
+        """The objective registered as `kind` (mbcl, gcl, hgcl, siglip) with this term's margin, over the job's
+        normaliser (the stage's is built by `begin_stage`; benchmarks compare kinds on one job)."""
+        ctx, lcfg = self.ctx, self.ctx.cfg.loss
+        margin = self.margin if self.margin is not None else 0.0  # None: no hinge in this job
+        return build_objective(
+            kind, tau=ctx.tau, margin=margin, eps=lcfg.eps, chunk_size=lcfg.chunk_size,
+            normaliser=ctx.normaliser, rank=ctx.rank, world_size=ctx.world_size, local_batch=ctx.local_batch,
+            gather=ctx.gather, reduce_sum=ctx.reduce_sum)
+
+    def prepare(self, probe: Probe) -> None:
+        if self.margin is None and "hgcl" in self.kinds.values():
+            self.margin = self.choose_margin(probe)
+
+    def choose_margin(self, probe: Probe) -> float:
+        """loss.margin=auto: the margin that puts loss.margin_inside_share of the pairs inside the hinge
+        (d > -m) at w0, read from the first loss.margin_probe_batches batches (no update)."""
+        ctx, lcfg = self.ctx, self.ctx.cfg.loss
+        hist = DistanceHistogram()
+        for _, outputs in islice(probe(lcfg.margin_probe_batches), lcfg.margin_probe_batches):
+            hist.add(self._distances(outputs), reduce_sum=ctx.reduce_sum)
+        margin = auto_margin(hist, inside_share=lcfg.margin_inside_share)
+        rule = (f"auto: {lcfg.margin_inside_share:g} of the pairs inside the hinge at w0, m = -Q_"
+                f"{1 - lcfg.margin_inside_share:g}(d) over {lcfg.margin_probe_batches} batches")
+        logger.info("loss.margin=auto: m = %.4f (%s; d median %.3f, tau %.4g)", margin, rule, hist.quantile(0.5),
+                    ctx.tau)
+        ctx.log_event({"event": "margin_chosen", "margin": margin, "rule": rule,
+                       "d_quantiles": {f"{q:g}": hist.quantile(q) for q in QUANTILES}, "tau": ctx.tau})
+        return margin
+
+    def _distances(self, outputs: StepOutputs):
+        return pair_distances(outputs.image_features, outputs.text_features,
+                              offset=self.ctx.rank * self.ctx.local_batch, gather=self.ctx.gather)
+
+    def __call__(self, batch, outputs: StepOutputs) -> dict:
+        # During OSR (w0 frozen), where the batch's d sits against the hinge: quantiles, share inside.
+        stats = margin_diagnostics(self._distances(outputs), margin=self.margin or 0.0,
+                                   reduce_sum=self.ctx.reduce_sum,
+                                   histogram=self.histogram) if self.stage == "osr" else {}
+        out = self.objective(outputs.image_features, outputs.text_features, rows=batch.rows,
+                             logit_bias=outputs.logit_bias)
+        return {**out, **stats}
+
+    def after_step(self) -> None:
+        self.objective.after_step()
+
+    def skip_step(self) -> None:
+        self.objective.skip_step()
+
+    def summary(self) -> dict:
+        hist = self.histogram
+        return {"margin": self.margin, "d_quantiles": {f"{q:g}": hist.quantile(q) for q in QUANTILES},
+                "inside_hinge": hist.share_above(-(self.margin or 0.0))}
+
+    def provenance(self) -> dict:
+        return {"surrogate": self.kinds["osr"], "margin": self.margin}
+
+    def state_dict(self) -> dict:
+        return {"margin": self.margin}
+
+    def load_state_dict(self, state: dict, *, origin: str | None = None) -> None:
+        margin = state.get("margin", self.margin)
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not (math.isfinite(margin) and margin >= 0)):
+            raise ValueError(f"objective.contrastive.margin is {margin!r}, not a number >= 0 or null: not a "
+                             "checkpoint this engine wrote; use another step_* folder")
+        self.margin = margin
+        if origin is not None and self.ctx.cfg.loss.margin == "auto":  # the margin OSR chose and used
+            self.ctx.log_event({"event": "margin_chosen", "margin": self.margin,
+                                "rule": f"auto, chosen at w0 by {origin}"})
