@@ -260,8 +260,12 @@ def test_weighted_terms_are_summed_logged_by_name_and_keep_their_state():
 
 
 def test_loss_terms_must_map_names_to_weights(shards, tmp_path):
-    with pytest.raises(ValueError, match=r"loss.terms must map term names to finite weights"):
+    with pytest.raises(ValueError, match=r"loss.terms.contrastive must be a number, got 'heavy'"):
         load_config(base=job(shards, tmp_path, loss={"terms": {"contrastive": "heavy"}}))
+    with pytest.raises(ValueError, match=r"loss.terms must map term names to finite weights"):
+        load_config(base=job(shards, tmp_path, loss={"terms": {"contrastive": float("inf")}}))
+    with pytest.raises(ValueError, match=r"loss.terms must map term names to finite weights"):
+        load_config(base=job(shards, tmp_path, loss={"terms": {}}))
 
 
 @pytest.mark.slow
