@@ -790,11 +790,15 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, b
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections")
         merge(values, loaded)
+    defaults = JobConfig()
     for text in overrides:
         keys, value = parse_override(text)
-        node = values
+        node, default = values, defaults
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            default = getattr(default, k, None) if dataclasses.is_dataclass(default) else None
+            # A key inside a mapping field (`loss.terms.toy=0.5`) adds to the mapping it has so far, its default
+            # included; the whole field given at once (`loss.terms={toy: 1}`) replaces it.
+            node = node.setdefault(k, copy.deepcopy(default) if isinstance(default, dict) else {})
         node[keys[-1]] = value
     cfg = JobConfig()
     problems: list[str] = []

@@ -252,3 +252,12 @@ def test_configuration_reference_is_up_to_date():
     text = path.read_text(encoding="utf-8")
     assert "| `data.train_transform` | \"augment\" \\| \"eval\" | `augment` | must match | yes |" in text
     assert "| `run.epochs` | int | `5` | may only grow (logged) |" in text
+
+
+def test_an_override_inside_a_mapping_field_adds_to_it_and_the_whole_field_replaces_it(tmp_path):
+    assert load_config(overrides=["loss.terms.toy=0.5"], training=False).loss.terms == {"contrastive": 1.0, "toy": 0.5}
+    assert load_config(overrides=["loss.terms={toy: 1}"], training=False).loss.terms == {"toy": 1.0}
+    job = tmp_path / "job.yaml"
+    job.write_text("loss: {terms: {toy: 1.0}}\n")
+    assert load_config(str(job), ["loss.terms.pull=0.25"], training=False).loss.terms == {"toy": 1.0, "pull": 0.25}
+    assert JobConfig().loss.terms == {"contrastive": 1.0}  # the default itself is never changed
