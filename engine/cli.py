@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     build = shards_sub.add_parser("build", help="CSV (filepath,caption) or image+caption folder -> shards")
     build.add_argument("source")
     build.add_argument("out_dir")
+    build.add_argument("--csv-separator", default=",", help="the CSV's column separator ('\\t' or 'tab': a TSV)")
+    build.add_argument("--csv-img-key", default="filepath", help="the CSV's column of image paths")
+    build.add_argument("--csv-caption-key", default="caption", help="the CSV's column of captions")
     build.add_argument("--samples-per-shard", type=int, default=1000)
     build.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                        help="skip larger images (width x height), as training does (data.max_image_pixels)")
@@ -423,7 +426,9 @@ def _shards(args: argparse.Namespace) -> int:
 
         manifest, report = build_shards(args.source, args.out_dir, samples_per_shard=args.samples_per_shard,
                                         max_image_pixels=args.max_image_pixels,
-                                        max_member_bytes=args.max_member_bytes)
+                                        max_member_bytes=args.max_member_bytes,
+                                        csv_separator=args.csv_separator, csv_img_key=args.csv_img_key,
+                                        csv_caption_key=args.csv_caption_key)
         print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {args.out_dir}")
         if report["num_skipped"]:
             print(f"skipped {report['num_skipped']}: {json.dumps(report['skipped_by_reason'])}")
