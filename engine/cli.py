@@ -268,10 +268,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         return _eval(args)
 
+    cfg = job_config_from_args(args)  # every field and path checked before torch loads or ranks meet
     from engine.heartbeat import is_collective_timeout
     from engine.trainer import Trainer
 
-    cfg = job_config_from_args(args)
     local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
     trainer = Trainer(cfg, local_rank=local_rank, overwrite=args.overwrite)
     try:
@@ -311,6 +311,11 @@ def _eval(args: argparse.Namespace) -> int:
     Under torchrun / deepspeed every rank evaluates its part of each task; rank 0 prints and writes.
     """
     from engine.config import load_config
+
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, flag)}" for flag, key in EVAL_FLAGS.items() if getattr(args, flag)]
+    cfg = load_config(args.config, overrides, base={"eval": _read_task_file(args.tasks)} if args.tasks else None,
+                      training=False)  # every field and path checked before torch loads
     from engine.distributed import context_from_env, default_device, destroy_process_group, init_process_group
     from engine.evaluate import (
         Evaluator,
@@ -322,10 +327,6 @@ def _eval(args: argparse.Namespace) -> int:
     )
     from engine.io import write_json_atomic
 
-    overrides = list(args.overrides)
-    overrides += [f"{key}={getattr(args, flag)}" for flag, key in EVAL_FLAGS.items() if getattr(args, flag)]
-    cfg = load_config(args.config, overrides, base={"eval": _read_task_file(args.tasks)} if args.tasks else None,
-                      training=False)
     tasks = build_tasks(cfg.eval, limits=cfg.data.limits)
     if not tasks:
         raise ValueError("no evaluation tasks: list them in --tasks FILE or under eval.zeroshot / eval.retrieval "

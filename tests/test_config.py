@@ -1,5 +1,7 @@
 """Job configuration: YAML + overrides, typed coercion, every error at once, stable round trip."""
 
+from pathlib import Path
+
 import pytest
 
 from engine import backends
@@ -17,26 +19,28 @@ def test_config_errors_are_reported_together(tmp_path):
         assert expected in text
 
 
-def test_training_data_is_required_for_training_only():
+def test_training_data_is_required_for_training_only(tmp_path):
     cfg = load_config(training=False)
     assert cfg.data.train == "" and cfg == JobConfig()
     with pytest.raises(ValueError, match="data.train is required") as info:
         load_config()
     assert str(info.value).count("\n  - ") == 1  # the only problem of the defaults
-    assert load_config(overrides=["data.train=/some/shards"]).data.train == "/some/shards"
+    (tmp_path / "manifest.json").write_text("{}")
+    assert load_config(overrides=[f"data.train={tmp_path}"]).data.train == str(tmp_path)
 
 
 def test_yaml_file_then_overrides(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
     path = tmp_path / "job.yaml"
     path.write_text(
         "method: fastclip\n"
-        "data:\n  train: /data/shards\n  batch_size: 32\n"
+        f"data:\n  train: {tmp_path}\n  batch_size: 32\n"
         "optim:\n  lr: 1e-5\n  betas: [0.8, 0.9]\n"  # YAML 1.1 reads 1e-5 (no dot) as a string
         "loss:\n  margin: 0.5\n  gamma_decay_epochs: 2\n"
     )
     cfg = load_config(path, ["loss.margin=0.2", "run.epochs=3", "optim.weight_decay=2e-2", "model.weights=null"])
     assert cfg.method == "fastclip"
-    assert cfg.data.train == "/data/shards" and cfg.data.batch_size == 32
+    assert cfg.data.train == str(tmp_path) and cfg.data.batch_size == 32
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-5
     assert cfg.optim.betas == (0.8, 0.9) and isinstance(cfg.optim.betas, tuple)
     assert cfg.loss.margin == 0.2  # the override wins over the file
@@ -82,15 +86,16 @@ def test_unknown_backend_is_refused_naming_the_choices(monkeypatch):
 def test_to_dict_round_trips_to_an_equal_config_and_digest(tmp_path):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")
+    (tmp_path / "manifest.json").write_text("{}")
     (tmp_path / "osr_ckpt").mkdir()
     cfg = load_config(base={
         "method": "openclip",
         "model": {"name": "ViT-B-32", "weights": str(weights), "preset": "dfn5b", "precision": "bf16"},
-        "data": {"train": "/d", "batch_size": 8, "resampled": True, "samples_per_epoch": 1000},
+        "data": {"train": str(tmp_path / "manifest.json"), "batch_size": 8, "resampled": True, "samples_per_epoch": 1000},
         "loss": {"margin": 0.3, "eps": 1e-10, "chunk_size": 4},
         "optim": {"betas": [0.85, 0.95], "lr": 3e-4},
         "osr": {"load_from": str(tmp_path / "osr_ckpt"), "seed_u": False},
-        "eval": {"zeroshot": [{"name": "in", "csv": "a.csv", "classnames": "c.txt"}], "every_steps": 7},
+        "eval": {"zeroshot": [{"name": "in", "csv": str(weights), "classnames": str(weights)}], "every_steps": 7},
         "run": {"seed": 123, "keep_last_n": 3, "resume": "latest"},
     })
     again = load_config(base=cfg.to_dict())
@@ -103,3 +108,38 @@ def test_to_dict_round_trips_to_an_equal_config_and_digest(tmp_path):
     assert changed != cfg and changed.digest() != cfg.digest()
     assert load_config(training=False).digest() == JobConfig().digest()
     assert JobConfig().digest() != cfg.digest()
+
+
+def test_shipped_zero_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from engine.backends.zero_configs import SHIPPED_ZERO_CONFIGS, resolve_zero_config, shipped_zero_configs
+
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    assert set(shipped_zero_configs()) == {p.stem for p in SHIPPED_ZERO_CONFIGS.glob("*.json")} >= {"zero2", "zero3"}
+    for given in ("zero3", "zero3.json", "zero_configs/zero3.json"):
+        assert resolve_zero_config(given) == SHIPPED_ZERO_CONFIGS / "zero3.json"
+    assert resolve_zero_config(None) == SHIPPED_ZERO_CONFIGS / "zero2.json"
+    own = tmp_path / "zero_configs" / "zero3.json"  # a path that exists wins over the shipped name
+    own.parent.mkdir()
+    own.write_text("{}")
+    assert resolve_zero_config("zero_configs/zero3.json") == Path("zero_configs/zero3.json")
+    cfg = load_config(overrides=["run.backend=deepspeed", "run.zero_config=zero3_bf16"], training=False)
+    assert cfg.run.zero_config == "zero3_bf16"  # kept as given (digest, resume); resolved where it is read
+
+
+def test_every_path_of_a_job_is_checked_with_the_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as info:
+        load_config(overrides=[
+            "data.train=shards", "model.weights=w.safetensors", "run.backend=deepspeed", "run.zero_config=zero9",
+            "run.resume=runs/x/checkpoints/step_9", "eval.retrieval=[{name: r, csv: pairs.csv}]",
+            "eval.zeroshot=[{name: z, csv: zs.csv, classnames: imagenet1k, templates: t.txt}]"])
+    problems = str(info.value).split("\n  - ")[1:]
+    assert len(problems) == 7, problems
+    expected = ["data.train: no manifest at shards", "model.weights: file w.safetensors does not exist",
+                "run.zero_config: zero9 is neither a file", "zero2, zero2_bf16, zero3",
+                "run.resume: runs/x/checkpoints/step_9 is not a checkpoint folder",
+                "eval.retrieval[0] 'r': csv pairs.csv does not exist", "eval.zeroshot[0] 'z': csv zs.csv does not exist",
+                "eval.zeroshot[0] 'z': templates t.txt does not exist"]
+    for text in expected:
+        assert any(text in problem for problem in problems), text
+    assert not any("imagenet1k" in problem for problem in problems)  # a built-in list, not a path

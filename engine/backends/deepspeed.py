@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from engine.backends.base import adamw_param_groups, full_bundle, tensors_digest
+from engine.backends.zero_configs import resolve_zero_config
 from engine.config import PRECISIONS
 from engine.safe_load import UnsafeFileError, deepspeed_globals, load_tensor_file, tensor_only_torch_load
 from models.weights import make_logit_scale_1d
@@ -54,14 +55,27 @@ def _load_zero_config(zero_config: str | os.PathLike | dict) -> tuple[dict, str]
     """The config as a fresh dict, and how to name it in error messages."""
     if isinstance(zero_config, dict):
         return copy.deepcopy(zero_config), "the zero_config dict"
-    path = Path(zero_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} not found; pass a file from zero_configs/ "
-                                "or a dict")
+    path = resolve_zero_config(zero_config)  # a file, or a shipped config's name (zero2, zero3_bf16, ...)
     try:
         return json.loads(path.read_text()), str(path)
     except json.JSONDecodeError as err:
         raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+
+
+def shm_op_build_folder() -> Path | None:
+    """The folder DeepSpeed's process-group set-up will compile its shared-memory op into (CPU, first launch:
+    ~40 s of silence), or None when the op is prebuilt, already in torch's extension cache, or not used."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # as deepspeed.comm's build_shm_op
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False) or installed_ops.get(
+            builder.NAME, False):
+        return None
+    folder = Path(_get_build_directory(builder.NAME, verbose=False))
+    return None if (folder / f"{builder.NAME}.so").is_file() else folder
 
 
 def _same(ours, theirs) -> bool:
@@ -239,6 +253,8 @@ class DeepSpeedBackend:
 
         if ctx.local_rank == 0:
             remove_stale_shm_buffers()
+        if ctx.is_main and (folder := shm_op_build_folder()) is not None:
+            logger.info("DeepSpeed is building its CPU communication op into %s (first launch only, ~1 min)", folder)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    timeout=datetime.timedelta(seconds=timeout_s))
 
