@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import json
@@ -198,16 +199,24 @@ def job_config_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from engine.preemption import EXIT_PREEMPTED, Preempted
+    rank = os.environ.get("RANK", "0")
+    main_rank = rank == "0"  # other ranks log only what is their own (skipped samples) and errors
     # Our loggers at INFO; third-party chatter (open_clip's root-logger INFO lines) at WARNING.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    main_rank = os.environ.get("RANK", "0") == "0"  # other ranks report warnings only
+                        format=("" if main_rank else f"rank {rank} ") + "%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     for name in ("engine", "models"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO if main_rank else logging.WARNING)
+    if not (main_rank or args.verbose):
+        from engine.progress import RankFilter
+
+        for handler in logging.root.handlers:
+            handler.addFilter(RankFilter())
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     try:
-        # Log lines go above the progress bars instead of being glued onto them.
-        with logging_redirect_tqdm(loggers=[logging.root]):
+        # On a terminal, log lines go above the progress bar instead of being glued onto it (rank 0 draws it).
+        redirect = main_rank and sys.stderr.isatty()
+        with logging_redirect_tqdm(loggers=[logging.root]) if redirect else contextlib.nullcontext():
             return _dispatch(args)
     except Preempted as stop:
         print(f"stopped: {stop}", file=sys.stderr)

@@ -19,7 +19,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from engine import __version__
 from engine.backends import backend_class, backend_names, select_backend
@@ -43,6 +42,7 @@ from engine.margin import QUANTILES, DistanceHistogram, auto_margin, margin_diag
 from engine.objectives import Objective, build_objective, total_loss, trained_scalars
 from engine.objectives.normaliser import build_normaliser
 from engine.preemption import Preempted, StopRequests
+from engine.progress import PER_RANK, StageProgress
 from engine.run_folder import FINISHED_OUTPUTS, clear_run_folder
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
@@ -318,8 +318,8 @@ class Trainer:
         eval_every = self.cfg.eval.every_steps
         logger.info("%s: %d epochs x %d steps, objective %s, tau %.4g%s", stage, epochs, steps_per_epoch,
                     objective_kind, self.tau, f", resuming at step {self.stage_step}" if self.stage_step else "")
-        bar = tqdm(total=total, initial=self.stage_step, desc=stage, unit="step", dynamic_ncols=True,
-                   disable=not (rcfg.progress and self.ctx.is_main))
+        bar = StageProgress(stage, total=total, initial=self.stage_step, enabled=rcfg.progress and self.ctx.is_main,
+                            every_steps=rcfg.log_every)
         stage_started = time.perf_counter()
         self.cost.start(stage)
         while self.stage_epoch < epochs and not self.stopped_early:
@@ -342,8 +342,9 @@ class Trainer:
                 num_samples += len(batch.keys) * self.ctx.world_size
                 self.cost.step(stage, num_samples=len(batch.keys) * self.ctx.world_size)
                 rate = num_samples / max(1e-9, time.perf_counter() - started)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=format_rate(rate))
+                # The batch-only contrastive loss: on one scale for every method (a surrogate's value is not).
+                shown = "batch_loss" if "batch_loss" in metrics else "loss"
+                bar.update(self.stage_step, {shown: f"{metrics[shown]:.4f}", "samples/s": format_rate(rate)})
                 if self.stage_step % rcfg.log_every == 0 or self.stage_step == total or metrics.get("skipped"):
                     self.log.write({"event": "step", "stage": stage, "epoch": epoch, "step": self.global_step,
                                     "stage_step": self.stage_step, **self._ft_step(stage),
@@ -409,7 +410,8 @@ class Trainer:
             by_shard.setdefault(record.shard, Counter())[record.reason] += 1
         for shard, reasons in sorted(by_shard.items()):
             logger.warning("epoch %d: shard %s: skipped %s (each sample in %s)", epoch, shard,
-                           ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())), self._skip_log.path)
+                           ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())), self._skip_log.path,
+                           extra={PER_RANK: True})
 
     def osr(self) -> None:
         """Stage I: recover AdamW moments and the normaliser at frozen w0 (paper Algorithm 1)."""
