@@ -316,8 +316,9 @@ class Trainer:
                  + max(0, epochs - self.stage_epoch - 1) * steps_per_epoch) if self.stage_epoch < epochs else 0
         ocfg, rcfg = self.cfg.optim, self.cfg.run
         eval_every = self.cfg.eval.every_steps
-        logger.info("%s: %d epochs x %d steps, objective %s, tau %.4g%s", stage, epochs, steps_per_epoch,
-                    objective_kind, self.tau, f", resuming at step {self.stage_step}" if self.stage_step else "")
+        logger.info("%s: %d epochs x %d steps, objective %s, tau %.4g%s", stage, epochs, steps_per_epoch, objective_kind,
+                    self.tau, f", resuming at {stage} step {self.stage_step} (step {self.global_step})"
+                    if self.stage_step else "")
         bar = StageProgress(stage, total=total, initial=self.stage_step, enabled=rcfg.progress and self.ctx.is_main,
                             every_steps=rcfg.log_every)
         stage_started = time.perf_counter()
@@ -541,7 +542,8 @@ class Trainer:
                            self.data_epoch, self.ctx.world_size)
         self.log.write({"event": "resume", "from": saved["path"], "step": self.global_step, "stage": self.stage,
                         "stage_step": self.stage_step})
-        logger.info("resumed from %s: stage %s, step %d", saved["path"], self.stage, self.global_step)
+        logger.info("resumed from %s: step %d (%s step %d)", saved["path"], self.global_step, self.stage,
+                    self.stage_step)
         return saved
 
     def _extend_epochs(self, old_epochs: int) -> None:
@@ -576,6 +578,7 @@ class Trainer:
         saved = self.checkpoints.load(str(path), purpose="osr")
         self.normaliser.load_state_dict(saved["normaliser"])
         self.osr_steps, self.data_epoch = saved[TRAIN_STATE]["osr_steps"], saved[TRAIN_STATE]["data_epoch"]
+        self.global_step = self.osr_steps  # the global step counts OSR steps, as in a run that ran its own OSR
         if self.cfg.loss.margin == "auto":  # the margin OSR chose and used
             self.margin = saved[TRAIN_STATE].get("margin")
             self.log.write({"event": "margin_chosen", "margin": self.margin,
@@ -591,20 +594,21 @@ class Trainer:
             return {}
         with self.backend.full_weights():  # ZeRO-3 gathers the partitions for evaluation
             results = self.evaluator(self.backend.model, self.bundle.tokenizer, self.bundle.eval_transform)
-        record = {"event": "eval", "stage": stage, "step": self.global_step, **self._ft_step(stage),
+        step = 0 if stage == "start" else self.global_step  # the base model is step 0, OSR run here or reused
+        record = {"event": "eval", "stage": stage, "step": step, **self._ft_step(stage),
                   "results": results, "seconds": dict(self.evaluator.seconds)}
         self.history.append(record)
         self.log.write(record)
         if self.ctx.is_main:
-            write_results(self.out_dir / f"eval_step{self.global_step:07d}.json", results,
+            write_results(self.out_dir / f"eval_step{step:07d}.json", results,
                           model_name=self.bundle.model_name, pretrained=self.cfg.model.weights or "")
         key = self.cfg.eval.best_metric or default_metric(results)
         score = headline_metric(results, key)
         # The base model is a candidate too: best.safetensors is never worse than the base on `key`.
         if score > self.best[0]:
-            self.best = (score, self.global_step)
+            self.best = (score, step)
             self.export(self.out_dir / "best.safetensors")
-        logger.info("eval at step %d (%s): %s = %.4f", self.global_step, stage, key, score)
+        logger.info("eval at step %d (%s): %s = %.4f", step, stage, key, score)
         if stage == "start":
             self.base_score = score
         else:
