@@ -277,7 +277,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         return _eval(args)
 
-    cfg = job_config_from_args(args)  # every field and path checked before torch loads or ranks meet
+    try:
+        cfg = job_config_from_args(args)  # every field and path checked before torch loads or ranks meet
+    except USER_ERRORS:
+        if os.environ.get("RANK", "0") != "0":
+            return 2  # every rank finds the same problems in the same config: rank 0 prints them, once
+        raise
     from engine.heartbeat import is_collective_timeout
     from engine.trainer import Trainer
 

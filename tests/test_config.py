@@ -143,3 +143,29 @@ def test_every_path_of_a_job_is_checked_with_the_config(tmp_path, monkeypatch):
     for text in expected:
         assert any(text in problem for problem in problems), text
     assert not any("imagenet1k" in problem for problem in problems)  # a built-in list, not a path
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_job_with_missing_paths_stops_before_torch_loads_from_any_folder(tmp_path, rank):
+    """`run.py tune` from outside the repository: the shipped ZeRO config is found by name, the missing paths are
+    named before torch, open_clip or deepspeed is imported; under a launcher only rank 0 prints them."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from engine.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, sorted(m for m in ('torch', 'open_clip', 'deepspeed') if m in sys.modules))")
+    args = ["tune", "--train", "shards", "--weights", "w.safetensors", "--set", "run.backend=deepspeed",
+            "--set", "run.zero_config=zero3_bf16", "--set", "eval.retrieval=[{name: r, csv: eval/r.csv}]"]
+    env = {**os.environ, "PYTHONPATH": str(root), "RANK": rank}
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == "2 []", proc.stderr
+    if rank != "0":
+        assert proc.stderr == ""
+        return
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == "error: invalid configuration:" and len(lines) == 4, proc.stderr
+    assert "data.train: no manifest at shards" in lines[1] and "model.weights" in lines[2] and "r.csv" in lines[3]
+    assert "zero_config" not in proc.stderr  # found by name
