@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import json
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     build = shards_sub.add_parser("build", help="CSV (filepath,caption) or image+caption folder -> shards")
     build.add_argument("source")
     build.add_argument("out_dir")
+    build.add_argument("--csv-separator", default=",", help="the CSV's column separator ('\\t' or 'tab': a TSV)")
+    build.add_argument("--csv-img-key", default="filepath", help="the CSV's column of image paths")
+    build.add_argument("--csv-caption-key", default="caption", help="the CSV's column of captions")
     build.add_argument("--samples-per-shard", type=int, default=1000)
     build.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                        help="skip larger images (width x height), as training does (data.max_image_pixels)")
@@ -251,16 +255,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_unknown_arguments(args, unknown)}", file=sys.stderr)
         return 2
     from engine.preemption import EXIT_PREEMPTED, Preempted
+    rank = os.environ.get("RANK", "0")
+    main_rank = rank == "0"  # other ranks log only what is their own (skipped samples) and errors
     # Our loggers at INFO; third-party chatter (open_clip's root-logger INFO lines) at WARNING.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    main_rank = os.environ.get("RANK", "0") == "0"  # other ranks report warnings only
+                        format=("" if main_rank else f"rank {rank} ") + "%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     for name in ("engine", "models"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO if main_rank else logging.WARNING)
+    if not (main_rank or args.verbose):
+        from engine.progress import RankFilter
+
+        for handler in logging.root.handlers:
+            handler.addFilter(RankFilter())
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     try:
-        # Log lines go above the progress bars instead of being glued onto them.
-        with logging_redirect_tqdm(loggers=[logging.root]):
+        # On a terminal, log lines go above the progress bar instead of being glued onto it (rank 0 draws it).
+        redirect = main_rank and sys.stderr.isatty()
+        with logging_redirect_tqdm(loggers=[logging.root]) if redirect else contextlib.nullcontext():
             return _dispatch(args)
     except Preempted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
@@ -341,10 +353,15 @@ def _export(args: argparse.Namespace) -> int:
 
 def _job(args: argparse.Namespace) -> int:
     """tune / osr / finetune: one Trainer, run as the command says, then closed."""
+    try:
+        cfg = job_config_from_args(args)  # every field and path checked before torch loads or ranks meet
+    except USER_ERRORS:
+        if os.environ.get("RANK", "0") != "0":
+            return 2  # every rank finds the same problems in the same config: rank 0 prints them, once
+        raise
     from engine.heartbeat import is_collective_timeout
     from engine.trainer import Trainer
 
-    cfg = job_config_from_args(args)
     local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
     trainer = Trainer(cfg, local_rank=local_rank, overwrite=args.overwrite)
     try:
@@ -399,7 +416,7 @@ def _eval(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     overrides += [f"{key}={getattr(args, flag)}" for flag, key in EVAL_FLAGS.items() if getattr(args, flag)]
     cfg = load_config(args.config, overrides, base={"eval": read_task_file(args.tasks)} if args.tasks else None,
-                      training=False)
+                      training=False)  # every field and path checked before torch loads
     measured = evaluate_standalone(cfg, local_rank=args.launcher_local_rank)
     if measured is None:  # not rank 0
         return 0
@@ -418,7 +435,9 @@ def _shards_build(args: argparse.Namespace) -> int:
 
     manifest, report = build_shards(args.source, args.out_dir, samples_per_shard=args.samples_per_shard,
                                     max_image_pixels=args.max_image_pixels,
-                                    max_member_bytes=args.max_member_bytes)
+                                    max_member_bytes=args.max_member_bytes,
+                                    csv_separator=args.csv_separator, csv_img_key=args.csv_img_key,
+                                    csv_caption_key=args.csv_caption_key)
     print(f"wrote {manifest.num_shards} shards, {manifest.num_samples} samples to {args.out_dir}")
     if report["num_skipped"]:
         print(f"skipped {report['num_skipped']}: {json.dumps(report['skipped_by_reason'])}")

@@ -160,6 +160,10 @@ class DataConfig:
         out = choice_errors(self, "data")
         if training and not self.train:
             out.append("data.train is required: a shard directory with manifest.json (see `run.py shards`)")
+        elif training and not (Path(self.train) / "manifest.json" if Path(self.train).is_dir()
+                               else Path(self.train)).is_file():
+            out.append(f"data.train: no manifest at {self.train} (relative to {Path.cwd()}); build shards with "
+                       "`run.py shards build <csv|dir> <out>` or index existing ones with `run.py shards index <dir>`")
         if self.batch_size < 2:
             out.append(f"data.batch_size must be >= 2 (contrastive losses need negatives), got {self.batch_size}")
         if self.num_workers < 0:
@@ -294,6 +298,8 @@ class EvalConfig:
                     out.append(f"eval.{section}[{i}] needs 'name'")
                 elif not any(key in task for key in ("csv", "wds", "clip_benchmark")):
                     out.append(f"eval.{section}[{i}] needs one of 'csv', 'wds', 'clip_benchmark'")
+                else:
+                    out.extend(_task_path_errors(f"eval.{section}[{i}] {task['name']!r}", task))
         out.extend(self._metric_errors())
         if self.every_steps < 0:
             out.append(f"eval.every_steps must be >= 0, got {self.every_steps}")
@@ -319,6 +325,25 @@ class EvalConfig:
             out.append(f"eval.best_metric {self.best_metric!r} is not a metric of the eval tasks; use "
                        f"'<task>/<metric>', one of: {', '.join(known)}")
         return out
+
+
+# Task keys naming files or folders; a value without a folder or suffix may be a built-in list (imagenet1k, openai).
+_TASK_PATH_KEYS = ("csv", "clip_benchmark", "classnames", "templates", "wds")
+
+
+def _task_path_errors(where: str, task: dict) -> list[str]:
+    """The paths of one eval task that do not exist (patterns and `::` lists of `wds` are left to the task)."""
+    out = []
+    for key in _TASK_PATH_KEYS:
+        value = task.get(key)
+        if not isinstance(value, str) or any(mark in value for mark in ("{", "*", "?", "[", "::")):
+            continue
+        path = Path(value)
+        if key in ("classnames", "templates") and path.parent == Path(".") and not path.suffix:
+            continue  # a built-in name; the task checks it
+        if not path.exists():
+            out.append(f"{where}: {key} {value} does not exist (paths are relative to {Path.cwd()}); fix the path")
+    return out
 
 
 @dataclass
@@ -390,6 +415,16 @@ class RunConfig:
             out.append(f"run.below_base_tolerance must be >= 0 (metric units), got {self.below_base_tolerance}")
         if self.stop_below_base < 0:
             out.append(f"run.stop_below_base must be >= 0 (0 = never stop), got {self.stop_below_base}")
+        if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
+            out.append(f"run.resume: {self.resume} is not a checkpoint folder; give 'latest' or a "
+                       "<run>/checkpoints/step_N folder")
+        if self.zero_config is not None or self.backend == "deepspeed":
+            from engine.backends.zero_configs import resolve_zero_config
+
+            try:
+                resolve_zero_config(self.zero_config)
+            except FileNotFoundError as exc:
+                out.append(str(exc))
         return out
 
 

@@ -12,10 +12,10 @@ import logging
 import os
 import signal
 import threading
+from typing import TYPE_CHECKING
 
-import torch
-
-from engine.distributed import all_reduce_sum
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,10 @@ class StopRequests:
 
     def agreed(self) -> str | None:
         """The reason to stop now if any rank was asked to (collective: call at every step end)."""
+        import torch  # here, not at the top: the CLI imports this module before it has checked the config
+
+        from engine.distributed import all_reduce_sum
+
         flag = all_reduce_sum(torch.tensor([1.0 if self.reason else 0.0], device=self.device))
         if flag.item() > 0:
             return self.reason or "a stop request on another rank"

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from engine import __version__
 from engine.backends import backend_class, backend_names, select_backend
@@ -43,6 +42,7 @@ from engine.objectives import StepOutputs, TermContext, build_terms, total_loss,
 from engine.objectives.normaliser import build_normaliser
 from engine.plugins import import_plugins
 from engine.preemption import Preempted, StopRequests
+from engine.progress import StageProgress
 from engine.run_folder import clear_run_folder, finished_outputs
 from engine.runlock import RunLock
 from engine.runlog import JsonlLogger
@@ -309,9 +309,9 @@ class Trainer:
         eval_every = self.cfg.eval.every_steps
         logger.info("%s: %d epochs x %d steps, objective %s, tau %.4g%s", stage, epochs, steps_per_epoch,
                     self.objective.describe(), self.tau,
-                    f", resuming at step {self.stage_step}" if self.stage_step else "")
-        bar = tqdm(total=total, initial=self.stage_step, desc=stage, unit="step", dynamic_ncols=True,
-                   disable=not (rcfg.progress and self.ctx.is_main))
+                    f", resuming at {stage} step {self.stage_step} (step {self.global_step})" if self.stage_step else "")
+        bar = StageProgress(stage, total=total, initial=self.stage_step, enabled=rcfg.progress and self.ctx.is_main,
+                            every_steps=rcfg.log_every)
         stage_started = time.perf_counter()
         self.cost.start(stage)
         while self.stage_epoch < epochs and not self.stopped_early:
@@ -334,8 +334,9 @@ class Trainer:
                 num_samples += len(batch.keys) * self.ctx.world_size
                 self.cost.step(stage, num_samples=len(batch.keys) * self.ctx.world_size)
                 rate = num_samples / max(1e-9, time.perf_counter() - started)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=format_rate(rate))
+                # The batch-only contrastive loss: on one scale for every method (a surrogate's value is not).
+                shown = "batch_loss" if "batch_loss" in metrics else "loss"
+                bar.update(self.stage_step, {shown: f"{metrics[shown]:.4f}", "samples/s": format_rate(rate)})
                 if self.stage_step % rcfg.log_every == 0 or self.stage_step == total or metrics.get("skipped"):
                     self.log.write({"event": "step", "stage": stage, "epoch": epoch, "step": self.global_step,
                                     "stage_step": self.stage_step, **self._ft_step(stage),
@@ -493,7 +494,8 @@ class Trainer:
                            self.data_epoch, self.ctx.world_size)
         self.log.write({"event": "resume", "from": saved["path"], "step": self.global_step, "stage": self.stage,
                         "stage_step": self.stage_step})
-        logger.info("resumed from %s: stage %s, step %d", saved["path"], self.stage, self.global_step)
+        logger.info("resumed from %s: step %d (%s step %d)", saved["path"], self.global_step, self.stage,
+                    self.stage_step)
         return saved
 
     def _extend_epochs(self, old_epochs: int) -> None:
@@ -528,6 +530,7 @@ class Trainer:
         saved = self.checkpoints.load(str(path), purpose="osr")
         self.normaliser.load_state_dict(saved["normaliser"])
         self.osr_steps, self.data_epoch = saved[TRAIN_STATE]["osr_steps"], saved[TRAIN_STATE]["data_epoch"]
+        self.global_step = self.osr_steps  # the global step counts OSR steps, as in a run that ran its own OSR
         try:
             self.objective.load_state_dict(saved.get("objective", {}), origin=f"the OSR run of {path}")
         except ValueError as exc:
@@ -543,14 +546,15 @@ class Trainer:
             return {}
         with self.backend.full_weights():  # ZeRO-3 gathers the partitions for evaluation
             results = self.evaluator(self.backend.model, self.bundle.tokenizer, self.bundle.eval_transform)
-        record = {"event": "eval", "stage": stage, "step": self.global_step, **self._ft_step(stage),
+        step = 0 if stage == "start" else self.global_step  # the base model is step 0, OSR run here or reused
+        record = {"event": "eval", "stage": stage, "step": step, **self._ft_step(stage),
                   "results": results, "seconds": dict(self.evaluator.seconds)}
         self.history.append(record)
         self.log.write(record)
         if self.ctx.is_main:
-            write_results(self.out_dir / f"eval_step{self.global_step:07d}.json", results,
+            write_results(self.out_dir / f"eval_step{step:07d}.json", results,
                           model_name=self.bundle.model_name, pretrained=self.cfg.model.weights or "")
-        verdict = self.eval_policy.observe(results, stage=stage, step=self.global_step, ft_step=self.stage_step)
+        verdict = self.eval_policy.observe(results, stage=stage, step=step, ft_step=self.stage_step)
         if verdict.is_best:  # the base model is a candidate too: best.safetensors is never worse than the base
             self.export(self.out_dir / "best.safetensors")
         for event in verdict.events:  # below_base, early_stop

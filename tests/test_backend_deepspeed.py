@@ -401,3 +401,18 @@ def test_checkpoint_with_code_in_a_pickle_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="needs more than tensors"):
         vet_checkpoint_folder(folder, expected_names={"w"})
     assert not marker.exists()
+
+
+def test_first_launch_build_of_the_cpu_communication_op_is_foreseen(tmp_path, monkeypatch):
+    """The log line before DeepSpeed compiles its shared-memory op appears only when that op will be built."""
+    from deepspeed.accelerator import get_accelerator
+
+    from engine.backends.deepspeed import shm_op_build_folder
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("the shared-memory op is DeepSpeed's CPU accelerator's")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty build cache: a first launch
+    folder = shm_op_build_folder()
+    assert folder is not None and folder.parent == tmp_path
+    (folder / f"{folder.name}.so").write_bytes(b"")  # built by an earlier launch
+    assert shm_op_build_folder() is None

@@ -198,5 +198,36 @@ def test_bad_arguments(csv_source, tmp_path):
         build_shards(tmp_path / "nothing.csv", tmp_path / "o3")
     bad_header = tmp_path / "bad.csv"
     bad_header.write_text("path,text\na.png,hello\n")
-    with pytest.raises(ValueError, match="filepath,caption"):
+    with pytest.raises(ValueError, match="no column 'filepath' or 'caption'.*'path', 'text'"):
         build_shards(bad_header, tmp_path / "o4")
+
+
+def test_tsv_with_other_column_names_through_the_cli(csv_source, tmp_path, capsys):
+    """open_clip_train's --csv-separator / --csv-img-key / --csv-caption-key: a TSV gives the CSV's shards."""
+    from engine.cli import main
+
+    rows = [line.split(b",", 1) for line in csv_source.read_bytes().split(b"\n")[1:] if line]
+    tsv = csv_source.with_name("pairs.tsv")
+    tsv.write_bytes(b"title\tid\timage\n" + b"".join(caption.replace(b'"', b"") + b"\t7\t" + path + b"\n"
+                                                     for path, caption in rows))
+    reference, _ = build_shards(csv_source, tmp_path / "csv", samples_per_shard=4)
+    for separator in ("\\t", "tab"):
+        out = tmp_path / f"tsv-{separator}"
+        assert main(["shards", "build", str(tsv), str(out), "--samples-per-shard", "4", "--csv-separator", separator,
+                     "--csv-img-key", "image", "--csv-caption-key", "title"]) == 0
+        built = Manifest.load(out / "manifest.json")
+        assert [s.num_samples for s in built.shards] == [s.num_samples for s in reference.shards]
+        assert [read_shard(out / s.path) for s in built.shards] == [
+            read_shard(tmp_path / "csv" / s.path) for s in reference.shards]
+    capsys.readouterr()
+
+    # Without the flags: one error line naming the missing columns and the columns found.
+    assert main(["shards", "build", str(tsv), str(tmp_path / "plain"), "--csv-separator", "tab"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert "'filepath' or 'caption'" in err[0] and "'title', 'id', 'image'" in err[0] and "--csv-img-key" in err[0]
+    assert main(["shards", "build", str(tsv), str(tmp_path / "plain"), "--csv-img-key", "image"]) == 2
+    err = capsys.readouterr().err
+    assert "no column 'image' or 'caption'" in err and "'title\\tid\\timage'" in err  # separator named too
+    assert main(["shards", "build", str(tsv), str(tmp_path / "plain"), "--csv-separator", "::"]) == 2
+    assert "--csv-separator '::' must be one character" in capsys.readouterr().err

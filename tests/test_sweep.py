@@ -18,7 +18,8 @@ def test_grid_axes_are_the_comma_separated_values():
 def test_lr_sweep_shares_one_osr_and_writes_one_report(shards, tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(job(shards, tmp_path / "unused", data={"batch_size": 16},
-                                         eval={"at_start": True, "retrieval": []},
+                                         eval={"at_start": True, "retrieval": [{"name": "pairs", "csv": str(
+                                             next((shards.parent / "raw").rglob("*.csv")))}]},
                                          run={"max_steps_per_epoch": 2})))
     run_dirs, report = run_sweep(str(config), ["optim.lr=1e-3,1e-4"], out=tmp_path / "sweep")
     assert [d.name for d in run_dirs] == ["optim.lr=1e-3", "optim.lr=1e-4"]
@@ -30,6 +31,15 @@ def test_lr_sweep_shares_one_osr_and_writes_one_report(shards, tmp_path):
         assert len(loaded) == 1 and "/sweep/osr/checkpoints/" in loaded[0]["from"]
         assert not any(r["event"] == "step" and r["stage"] == "osr" for r in log)
         assert (run_dir / "summary.json").exists()
+        # Steps as a tune run counts them: the base model at 0, then OSR steps + fine-tuning steps.
+        osr_log = (tmp_path / "sweep" / "osr" / "log.jsonl").read_text().splitlines()
+        osr_steps = next(r for r in map(json.loads, osr_log) if r["event"] == "osr_done")["adam_step"]
+        evals = [r for r in log if r["event"] == "eval"]
+        assert [(r["step"], r["ft_step"]) for r in evals] == [(0, 0)] + [(osr_steps + r["ft_step"], r["ft_step"])
+                                                                        for r in evals[1:]]
+        assert osr_steps > 0 and evals[-1]["ft_step"] > 0
+        assert sorted(p.name for p in run_dir.glob("eval_step*.json")) == [
+            f"eval_step{r['step']:07d}.json" for r in evals]
     page = report.read_text()
     assert "<td>optim.lr=1e-3</td>" in page and "<td>optim.lr=1e-4</td>" in page
 

@@ -76,19 +76,33 @@ def outside_source(path: Path, root: Path) -> Rejection | None:
                                           "copy the file into it, or put the CSV in the folder above the images)")
 
 
-def _items_from_csv(csv_path: Path) -> Iterator[_SourceItem]:
+def parse_csv_separator(text: str) -> str:
+    """The one-character column separator `text` names: ',' ';' '|', or a tab as '\\t', 'tab' or a tab itself."""
+    separator = {"\\t": "\t", "tab": "\t", "comma": ","}.get(text.lower(), text)
+    if len(separator) != 1 or separator in "\"\r\n":
+        raise ValueError(f"--csv-separator {text!r} must be one character (',', ';', '|') or '\\t' / 'tab' for TSV")
+    return separator
+
+
+def _items_from_csv(csv_path: Path, *, separator: str = ",", img_key: str = "filepath",
+                    caption_key: str = "caption") -> Iterator[_SourceItem]:
     # surrogateescape keeps undecodable bytes so one bad row is skipped instead of failing the file.
     with open(csv_path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"filepath", "caption"} - set(reader.fieldnames or [])
+        reader = csv.DictReader(f, delimiter=separator)
+        found = [name for name in (reader.fieldnames or []) if name is not None]
+        missing = [key for key in (img_key, caption_key) if key not in found]
         if missing:
+            flags = {img_key: "--csv-img-key", caption_key: "--csv-caption-key"}
+            shown = {"\t": "tab"}.get(separator, separator)
             raise ValueError(
-                f"{csv_path}: header must contain 'filepath,caption' (missing {', '.join(sorted(missing))})"
+                f"{csv_path}: no column {' or '.join(repr(key) for key in missing)} in the header (columns found "
+                f"with separator {shown!r}: {', '.join(repr(name) for name in found) or 'none'}); name the "
+                f"columns with {' / '.join(flags[key] for key in missing)}, or the separator with --csv-separator"
             )
         root = Path(os.path.realpath(csv_path.parent))
         for line, row in enumerate(csv_rows(reader, csv_path), start=2):
-            filepath = (row["filepath"] or "").strip()
-            caption = row["caption"]
+            filepath = (row[img_key] or "").strip()
+            caption = row[caption_key]
             image_path = csv_path.parent / filepath
             yield _SourceItem(
                 name=f"{csv_path}:{line} ({filepath})",
@@ -211,8 +225,14 @@ def build_shards(
     image_ext: str | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    csv_separator: str = ",",
+    csv_img_key: str = "filepath",
+    csv_caption_key: str = "caption",
 ) -> tuple[Manifest, dict[str, Any]]:
     """Write shards + `manifest.json` to `out_dir` from a `filepath,caption` CSV or an image/.txt folder.
+
+    A CSV's separator and column names are open_clip_train's `--csv-separator` (a TSV: '\\t'),
+    `--csv-img-key` and `--csv-caption-key`.
 
     Images stay in their own bytes when JPEG, PNG or WebP (other formats become PNG) unless `image_ext`
     ("jpg" | "png" | "webp") asks for one format. Images of more than `max_image_pixels` pixels are
@@ -232,7 +252,8 @@ def build_shards(
     if source.is_dir():
         items = _items_from_folder(source, max_member_bytes=max_member_bytes)
     elif source.is_file():
-        items = _items_from_csv(source)
+        items = _items_from_csv(source, separator=parse_csv_separator(csv_separator), img_key=csv_img_key,
+                                caption_key=csv_caption_key)
     else:
         raise ValueError(f"source {source} does not exist; give a CSV (filepath,caption) or a folder")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from engine.backends.base import Backend, OptimSettings, adamw_param_groups, full_bundle, tensors_digest
 from engine.backends.deepspeed.config import DEFAULT_ZERO_CONFIG, job_deepspeed_config
-from engine.backends.deepspeed.shm import remove_shm_buffer, remove_stale_shm_buffers
+from engine.backends.deepspeed.shm import remove_shm_buffer, remove_stale_shm_buffers, shm_op_build_folder
 from engine.backends.deepspeed.universal import convert_to_universal
 from engine.backends.deepspeed.vetting import checkpoint_names, vet_checkpoint_folder
 from engine.distributed import init_process_group
@@ -126,6 +126,8 @@ class DeepSpeedBackend(Backend):
 
         if ctx.local_rank == 0:
             remove_stale_shm_buffers()
+        if ctx.is_main and (folder := shm_op_build_folder()) is not None:
+            logger.info("DeepSpeed is building its CPU communication op into %s (first launch only, ~1 min)", folder)
         init_process_group(ctx, timeout_s=timeout_s,
                            create=lambda backend, timeout: deepspeed.init_distributed(dist_backend=backend,
                                                                                       timeout=timeout))

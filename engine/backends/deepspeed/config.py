@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from engine.backends.zero_configs import resolve_zero_config
 from engine.config import PRECISIONS
 
 ZERO_STAGES = (1, 2, 3)
@@ -19,10 +20,7 @@ def _load_zero_config(zero_config: str | os.PathLike | dict) -> tuple[dict, str]
     """The config as a fresh dict, and how to name it in error messages."""
     if isinstance(zero_config, dict):
         return copy.deepcopy(zero_config), "the zero_config dict"
-    path = Path(zero_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} not found; pass a file from zero_configs/ "
-                                "or a dict")
+    path = resolve_zero_config(zero_config)  # a file, or a shipped config's name (zero2, zero3_bf16, ...)
     try:
         return json.loads(path.read_text()), str(path)
     except json.JSONDecodeError as err:

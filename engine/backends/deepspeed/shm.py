@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 import time
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +75,19 @@ def remove_shm_buffer() -> None:
         if path.endswith(f"_{port}_{rank}"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+
+
+def shm_op_build_folder() -> Path | None:
+    """The folder DeepSpeed's process-group set-up will compile its shared-memory op into (CPU, first launch:
+    ~40 s of silence), or None when the op is prebuilt, already in torch's extension cache, or not used."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # as deepspeed.comm's build_shm_op
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False) or installed_ops.get(
+            builder.NAME, False):
+        return None
+    folder = Path(_get_build_directory(builder.NAME, verbose=False))
+    return None if (folder / f"{builder.NAME}.so").is_file() else folder
