@@ -4,7 +4,7 @@ Target: peak RSS (the evaluating process plus its largest loader worker) grows b
 2,000 to 50,000 images, and the engine's images/s is within 1.2x of a bare loop that decodes and
 forwards the same images (bare images/s / engine images/s <= 1.2). Exit status 1 when missed.
 
-Data: synthetic 224-px JPEG images (engine.synthetic shapes, --unique distinct images repeated under
+Data: synthetic 224-px JPEG images (engine.demo.synthetic shapes, --unique distinct images repeated under
 new keys) in webdataset tars of 1,000 samples with a `cls` label, cached under --cache (deleted at the
 end unless --keep). Model: a 2-layer ViT, patch 32, 224-px input (what is measured is the pipeline, not
 the model). Engine path: `Evaluator` on a zero-shot task over the tars (10 classes, 1 template),
@@ -55,7 +55,7 @@ MODEL_CONFIG = {
 
 def write_data(cache: Path, num_images: int, num_unique: int) -> None:
     """`num_images` samples in tars of SHARD_SIZE under cache/shards, and the model config (once)."""
-    from engine.synthetic import random_spec, render_image
+    from engine.demo.synthetic import random_spec, render_image
 
     shards = cache / "shards"
     needed = -(-num_images // SHARD_SIZE)

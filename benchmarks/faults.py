@@ -11,7 +11,7 @@ and takes over the dead job's stale run lock; a stop request ends the job with e
 record and checkpoint of its last logged step; a second job on a folder in use exits 2 with one `is in
 use by job` line naming the first job's pid and writes nothing. Exit status 1 when any of it is missed.
 
-Job: 64 synthetic image-caption pairs (engine.synthetic) in 4 shards, batch 8, tiny-vit, TuneCLIP with
+Job: 64 synthetic image-caption pairs (engine.demo.synthetic) in 4 shards, batch 8, tiny-vit, TuneCLIP with
 OSR 1 epoch (8 steps at lr 0) then fine-tuning 2 epochs (16 steps), a checkpoint every 2 steps, one
 step event per step in log.jsonl. Every launch is the real CLI in its own process group (one torch
 thread), killed with SIGKILL (no handler runs, nothing is flushed by the job) unless a scenario says
@@ -120,10 +120,10 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.harness import Column, Table
 from engine.checkpoint import COMPLETE, LATEST, is_complete
 from engine.data.build import build_shards
+from engine.demo.synthetic import render_pairs
 from engine.objectives.table import UTable
-from engine.preemption import EXIT_PREEMPTED, proc_stat
-from engine.runlock import read_owner
-from engine.synthetic import render_pairs
+from engine.run.lock import read_owner
+from engine.run.preemption import EXIT_PREEMPTED, proc_stat
 from tests.helpers.harness import kill_job
 from tests.helpers.planted import Planted
 

@@ -4,7 +4,7 @@ Target: with 2 worker processes the loader alone delivers at least as many sampl
 tiny model ("tiny-vit") trains on alone: loader(2 workers) / model step >= 1.0, i.e. the loader is not
 the bottleneck. Exit status 1 when missed.
 
-Data: synthetic image-caption pairs (engine.synthetic) rendered at --image-size pixels, written as JPEG
+Data: synthetic image-caption pairs (engine.demo.synthetic) rendered at --image-size pixels, written as JPEG
 webdataset shards (engine.data.build.build_shards) as img2dataset would store them. The loader runs the
 tiny model's own training transform (random resized crop to 32 px, normalisation) and tokenizer, with
 its seeded shard shuffle and shuffle buffer. One measurement = one full epoch, worker start-up included
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.harness import Column, Table, side_by_side, timed
 from engine.data import ShardLoader
 from engine.data.build import build_shards
-from engine.synthetic import render_pairs
+from engine.demo.synthetic import render_pairs
 from models import build_model
 
 MODEL = "tiny-vit"

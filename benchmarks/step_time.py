@@ -215,7 +215,7 @@ def rank_case(model: str, batch: int, warmup: int, rounds: int, shards: str, out
 
 def make_shards(root: Path) -> str:
     from engine.data.build import build_shards
-    from engine.synthetic import render_pairs
+    from engine.demo.synthetic import render_pairs
 
     csv = render_pairs(root / "raw", num_samples=NUM_SAMPLES, seed=0, split_name="train")
     build_shards(csv, root / "shards", samples_per_shard=NUM_SAMPLES)

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: {_unknown_arguments(args, unknown)}", file=sys.stderr)
         return 2
-    from engine.preemption import EXIT_PREEMPTED, Preempted
+    from engine.run.preemption import EXIT_PREEMPTED, Preempted
     rank = os.environ.get("RANK", "0")
     main_rank = rank == "0"  # other ranks log only what is their own (skipped samples) and errors
     # Our loggers at INFO; third-party chatter (open_clip's root-logger INFO lines) at WARNING.
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("engine", "models"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO if main_rank else logging.WARNING)
     if not (main_rank or args.verbose):
-        from engine.progress import RankFilter
+        from engine.run.progress import RankFilter
 
         for handler in logging.root.handlers:
             handler.addFilter(RankFilter())
@@ -314,7 +314,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from engine.demo import run_demo
+    from engine.demo.experiment import run_demo
 
     run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
     return 0
@@ -322,7 +322,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from engine.config import load_config
-    from engine.sweep import run_sweep, split_grid
+    from engine.results.sweep import run_sweep, split_grid
 
     out = args.out or load_config(args.config, split_grid(args.overrides)[0]).run.out_dir
     run_dirs, report = run_sweep(args.config, args.overrides, out=out, osr_from=args.osr_from,
@@ -332,7 +332,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report_page(args: argparse.Namespace) -> int:
-    from engine.report_page import write_report
+    from engine.results.report_page import write_report
 
     common = Path(os.path.commonpath([str(Path(p).resolve()) for p in args.runs]))
     out = args.out or (common.parent if len(args.runs) == 1 else common) / "report"
@@ -359,7 +359,7 @@ def _job(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") != "0":
             return 2  # every rank finds the same problems in the same config: rank 0 prints them, once
         raise
-    from engine.heartbeat import is_collective_timeout
+    from engine.run.heartbeat import is_collective_timeout
     from engine.trainer import Trainer
 
     local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
@@ -395,7 +395,7 @@ JOB_STAGES = {"tune": _tune, "osr": _osr, "finetune": _finetune}
 
 def _report(trainer) -> None:
     """Print the end-of-run report (rank 0)."""
-    from engine.report import run_report
+    from engine.results.report import run_report
 
     if trainer.ctx.is_main:
         print(run_report(trainer.out_dir, metric=trainer.cfg.eval.best_metric))

@@ -23,9 +23,6 @@ from typing import Literal
 
 import yaml
 
-if typing.TYPE_CHECKING:
-    from engine.data.samples import ReadLimits
-
 from engine.backends import backend_names
 
 Method = Literal["tuneclip", "fastclip", "openclip", "siglip"]
@@ -149,13 +146,6 @@ class DataConfig:
         "augment", "augment: the model's random-resized-crop train transform; eval: none (the eval transform)",
         osr=True)
 
-    @property
-    def limits(self) -> ReadLimits:
-        """The caps on one sample (pixels, tar member bytes), which evaluation applies too."""
-        from engine.data.samples import ReadLimits
-
-        return ReadLimits(self.max_image_pixels, self.max_member_bytes)
-
     def errors(self, *, training: bool = True) -> list[str]:
         out = choice_errors(self, "data")
         if training and not self.train:
@@ -185,7 +175,7 @@ class LossConfig:
 
     surrogate: Surrogate = setting("auto", "auto = the method's (tuneclip: hgcl, fastclip: gcl, openclip: mbcl, "
                                    "siglip: siglip)", osr="surrogate")
-    margin: float | str = setting(0.1, "HGCL margin m, or auto: the margin_inside_share rule at w0 (engine/margin.py)",
+    margin: float | str = setting(0.1, "HGCL margin m, or auto: the margin_inside_share rule at w0 (engine/objectives/margin.py)",
                                   osr=True)
     margin_inside_share: float = setting(0.5, "margin=auto: m puts this share of the pairs inside the hinge "
                                          "(d > -m) at w0", osr=True)

@@ -24,8 +24,8 @@ from engine.backends import backend_class, backend_names, select_backend
 from engine.backends.base import OptimSettings
 from engine.checkpoint import BACKEND_PART, TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
 from engine.config import METHOD_RUNS_OSR, JobConfig
-from engine.cost import RunCost
 from engine.data import Batch, LoaderPlan, Manifest, ShardLoader
+from engine.data.samples import read_limits
 from engine.distributed import (
     all_reduce_sum,
     barrier,
@@ -36,18 +36,19 @@ from engine.distributed import (
 )
 from engine.evaluate import Evaluator, build_tasks, write_results
 from engine.evaluate.policy import EvalPolicy
-from engine.heartbeat import Heartbeat
-from engine.livelog import build_live_sinks
 from engine.objectives import StepOutputs, TermContext, build_terms, total_loss, trained_scalars
 from engine.objectives.normaliser import build_normaliser
 from engine.plugins import import_plugins
-from engine.preemption import Preempted, StopRequests
-from engine.progress import StageProgress
-from engine.run_folder import clear_run_folder, finished_outputs
-from engine.runlock import RunLock
-from engine.runlog import JsonlLogger
+from engine.results.summary import earlier_run_outputs, format_rate, run_summary, write_summary
+from engine.run.cost import RunCost
+from engine.run.folder import clear_run_folder, finished_outputs
+from engine.run.heartbeat import Heartbeat
+from engine.run.live import build_live_sinks
+from engine.run.lock import RunLock
+from engine.run.log import JsonlLogger
+from engine.run.preemption import Preempted, StopRequests
+from engine.run.progress import StageProgress
 from engine.schedules import cosine_lr
-from engine.summary import earlier_run_outputs, format_rate, run_summary, write_summary
 from models import export_model, features_of, logit_bias_of
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Trainer:
             resampled=cfg.data.resampled, samples_per_epoch=cfg.data.samples_per_epoch,
             max_image_pixels=cfg.data.max_image_pixels, max_member_bytes=cfg.data.max_member_bytes,
         )
-        tasks = build_tasks(cfg.eval, limits=cfg.data.limits)
+        tasks = build_tasks(cfg.eval, limits=read_limits(cfg.data))
         self.evaluator = (Evaluator(tasks, batch_size=cfg.eval.batch_size, device=self.device,
                                     num_workers=cfg.eval.num_workers) if tasks else None)
         self.history: list[dict] = []  # evaluation records: stage, global step, results

@@ -38,7 +38,7 @@ def transform():
 def shards(tmp_path_factory):
     """48 synthetic pairs in uneven shards (20, 20, 8), for trainer and resume tests."""
     from engine.data.build import build_shards
-    from engine.synthetic import render_pairs
+    from engine.demo.synthetic import render_pairs
 
     root = tmp_path_factory.mktemp("pairs48")
     csv = render_pairs(root / "raw", num_samples=48, seed=0, split_name="train")

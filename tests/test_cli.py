@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.synthetic import render_pairs
+from engine.demo.synthetic import render_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 

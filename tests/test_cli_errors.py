@@ -115,9 +115,9 @@ def test_demo_overwrite_refuses_a_folder_no_demo_wrote(tmp_path, capsys):
 
 
 def test_demo_overwrite_takes_the_run_lock_first(tmp_path, capsys, monkeypatch):
-    import engine.demo
+    import engine.demo.experiment
     from engine.distributed import DistContext
-    from engine.runlock import RunLock
+    from engine.run.lock import RunLock
 
     demo = tmp_path / "demo"
     demo.mkdir()
@@ -131,7 +131,7 @@ def test_demo_overwrite_takes_the_run_lock_first(tmp_path, capsys, monkeypatch):
     assert (demo / "summary.json").exists() and (demo / "runs").is_dir()
     holder.release()
     ran = []
-    monkeypatch.setattr(engine.demo, "_run", lambda root, sizes, **_: ran.append(root) or {})
+    monkeypatch.setattr(engine.demo.experiment, "_run", lambda root, sizes, **_: ran.append(root) or {})
     assert main(["demo", "--quick", "--out", str(demo), "--overwrite"]) == 0
     assert ran == [demo] and not (demo / "summary.json").exists() and not (demo / "runs").exists()
     assert (demo / ".tuneclip-demo").is_file()

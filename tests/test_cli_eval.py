@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from engine.cli import main
+from engine.demo.synthetic import render_retrieval_task, render_zeroshot_task
 from engine.evaluate import Evaluator, RetrievalTask, ZeroShotTask
-from engine.synthetic import render_retrieval_task, render_zeroshot_task
 from models import build_model, export_weights
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from engine.config import load_config
 from engine.evaluate.policy import EvalPolicy
-from engine.runlog import read_jsonl
+from engine.run.log import read_jsonl
 from engine.trainer import Trainer
 from tests.helpers.eval_fixtures import ScriptedEvaluator
 from tests.helpers.jobs import job

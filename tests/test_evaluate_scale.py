@@ -9,10 +9,10 @@ import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from engine.config import EvalConfig, load_config
+from engine.demo.synthetic import render_retrieval_task, render_zeroshot_task
 from engine.evaluate import Evaluator, RetrievalTask, ZeroShotTask, build_tasks
 from engine.evaluate.sources import Part, list_plan, shard_plan
 from engine.evaluate.tasks import read_classnames, read_templates
-from engine.synthetic import render_retrieval_task, render_zeroshot_task
 from engine.trainer import Trainer
 from models import build_model
 from tests.helpers.eval_fixtures import clip_benchmark_copies

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.config import EVAL_METRICS, EvalConfig
+from engine.demo.synthetic import render_retrieval_task, render_zeroshot_task
 from engine.evaluate import EvalTask, RetrievalTask, ZeroShotTask, build_tasks
 from engine.evaluate.tasks import DEFAULT_TEMPLATES, retrieval_metrics, zero_shot_metrics
-from engine.synthetic import render_retrieval_task, render_zeroshot_task
 from tests.helpers.eval_fixtures import (
     naive_retrieval,
     naive_zero_shot,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.demo.synthetic import render_retrieval_task, render_zeroshot_task
 from engine.evaluate import (
     Evaluator,
     RetrievalTask,
@@ -16,7 +17,6 @@ from engine.evaluate import (
     results_table,
     write_results,
 )
-from engine.synthetic import render_retrieval_task, render_zeroshot_task
 from models import build_model
 from tests.helpers.eval_fixtures import IdTransform, naive_retrieval, naive_zero_shot, retrieval_fixture, unit
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from engine.config import load_config
 from engine.objectives import ObjectiveTerms, TermBase, register_term, total_loss
 from engine.objectives.normaliser import average_gradients, register_normaliser
-from engine.preemption import Preempted
+from engine.run.preemption import Preempted
 from engine.trainer import Trainer
 from tests.helpers.harness import run_ranks
 from tests.helpers.jobs import job

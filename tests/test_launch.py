@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from engine.data.build import build_shards
+from engine.demo.synthetic import render_pairs
 from engine.objectives.table import UTable
-from engine.preemption import parent_pid
-from engine.synthetic import render_pairs
+from engine.run.preemption import parent_pid
 from models import build_model, export_weights, register_shipped_configs
 from tests.helpers.harness import free_port, kill_job
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import load_config
-from engine.margin import DistanceHistogram, auto_margin, margin_diagnostics, pair_distances
+from engine.objectives.margin import DistanceHistogram, auto_margin, margin_diagnostics, pair_distances
 from engine.trainer import Trainer
 from tests.helpers.jobs import job
 

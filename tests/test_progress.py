@@ -3,7 +3,7 @@
 import io
 import logging
 
-from engine.progress import PER_RANK, RankFilter, StageProgress
+from engine.run.progress import PER_RANK, RankFilter, StageProgress
 
 
 class Terminal(io.StringIO):
@@ -12,13 +12,13 @@ class Terminal(io.StringIO):
 
 
 def run(stream, caplog, *, total=7, every_steps=3, enabled=True) -> list[str]:
-    with caplog.at_level(logging.INFO, logger="engine.progress"):
+    with caplog.at_level(logging.INFO, logger="engine.run.progress"):
         progress = StageProgress("finetune", total=total, initial=0, enabled=enabled, every_steps=every_steps,
                                  stream=stream)
         for step in range(1, total + 1):
             progress.update(step, {"batch_loss": f"{step / 10:.4f}", "samples/s": "12.0"})
         progress.close()
-    return [r.getMessage() for r in caplog.records if r.name == "engine.progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "engine.run.progress"]
 
 
 def test_redirected_output_gets_plain_lines_every_n_steps_and_at_the_end(caplog):

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.synthetic import render_pairs, render_retrieval_task, render_zeroshot_task
+from engine.demo.synthetic import render_pairs, render_retrieval_task, render_zeroshot_task
 from models import build_model, export_weights
 from tests.helpers.harness import free_port, kill_job
 

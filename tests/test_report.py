@@ -2,7 +2,7 @@
 
 import json
 
-from engine.report import run_report
+from engine.results.report import run_report
 
 
 def write_log(out, scores, *, task="zs"):

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from benchmarks.tools.screenshot_report import find_browser, rendered_dom, screenshot
-from engine.report_page import write_report
+from engine.results.report_page import write_report
 
 
 def fake_run(folder, *, method, seed_moments=True, seed_u=True, scores, osr_steps=0, skipped=None):

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from engine.checkpoint import CheckpointWriteError, is_complete
 from engine.config import load_config
 from engine.objectives.table import UTable
-from engine.preemption import EXIT_PREEMPTED
-from engine.runlog import read_jsonl
+from engine.run.log import read_jsonl
+from engine.run.preemption import EXIT_PREEMPTED
 from engine.trainer import Trainer
 from tests.helpers.jobs import job as base_job
 from tests.helpers.planted import Planted

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from engine import runlock
 from engine.config import load_config
 from engine.distributed import DistContext
-from engine.runlock import LEASE_EXPIRY_S, LOCK_FILE, OWNER_FILE, RunLock, read_owner
+from engine.run import lock as runlock
+from engine.run.lock import LEASE_EXPIRY_S, LOCK_FILE, OWNER_FILE, RunLock, read_owner
 from engine.trainer import Trainer
 from tests.helpers.jobs import job
 
@@ -39,7 +39,7 @@ def test_stale_lock_of_a_dead_job_is_reported_and_taken_over(tmp_path, caplog):
     (folder / OWNER_FILE).write_text(json.dumps(dead))
     unrenewed = time.time() - LEASE_EXPIRY_S - 1  # another machine: only an expired lease says it stopped
     os.utime(folder / OWNER_FILE, (unrenewed, unrenewed))
-    with caplog.at_level(logging.WARNING, logger="engine.runlock"):
+    with caplog.at_level(logging.WARNING, logger="engine.run.lock"):
         lock = RunLock(folder, DistContext())
     assert "stale lock of job deadbeef0000 (host node-7, pid 999999" in caplog.text
     assert read_owner(folder)["run_id"] == lock.run_id

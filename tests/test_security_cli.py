@@ -16,7 +16,7 @@ import yaml
 
 from engine.cli import main
 from engine.data.build import build_shards
-from engine.synthetic import render_pairs, render_retrieval_task
+from engine.demo.synthetic import render_pairs, render_retrieval_task
 from tests.helpers.harness import free_port
 from tests.helpers.planted import Planted
 from tests.test_safe_load import evil_torchscript, prepended, shell_payload

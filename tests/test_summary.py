@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.config import load_config
-from engine.summary import format_rate, run_summary
+from engine.results.summary import format_rate, run_summary
 from engine.trainer import Trainer
 from tests.helpers.eval_fixtures import ScriptedEvaluator
 from tests.helpers.jobs import job
@@ -125,7 +125,7 @@ def test_a_new_run_refuses_a_folder_with_an_earlier_run(shards, tmp_path):
 def test_wandb_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
     import builtins
 
-    from engine.livelog import build_live_sinks
+    from engine.run.live import build_live_sinks
 
     real_import = builtins.__import__
 

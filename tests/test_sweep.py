@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from engine.sweep import run_sweep, split_grid
+from engine.results.sweep import run_sweep, split_grid
 from tests.helpers.jobs import job
 
 

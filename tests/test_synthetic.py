@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.evaluate import RetrievalTask, ZeroShotTask
-from engine.synthetic import (
+from engine.demo.synthetic import (
     COLOR_WORDS,
     COLORS,
     SHAPE_WORDS,
@@ -20,6 +19,7 @@ from engine.synthetic import (
     render_zeroshot_task,
     zeroshot_classnames,
 )
+from engine.evaluate import RetrievalTask, ZeroShotTask
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:

@@ -87,7 +87,7 @@ def _rel(ours: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = Non
 
 def _shards(root: Path, num_samples: int) -> Path:
     from engine.data.build import build_shards
-    from engine.synthetic import render_pairs
+    from engine.demo.synthetic import render_pairs
 
     csv = render_pairs(root / "raw", num_samples=num_samples, seed=0, split_name="train")
     build_shards(csv, root / "shards", samples_per_shard=max(8, num_samples // 2))

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine.evaluate import headline_metric
-from engine.summary import run_records
+from engine.results.summary import run_records
 
 
 def _mean_sd(values: list[float]) -> str:

@@ -7,10 +7,6 @@ imported on first use (DeepSpeed is slow to import); `register_backend` adds one
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from engine.backends.base import Backend
 
 _BUILTIN = {
     "single": "engine.backends.single:SingleProcessBackend",
@@ -30,8 +26,8 @@ def backend_names() -> tuple[str, ...]:
     return tuple(sorted({*_BUILTIN, *_REGISTERED}))
 
 
-def backend_class(name: str) -> type[Backend]:
-    """The class registered as `name`."""
+def backend_class(name: str) -> type:
+    """The class registered as `name` (an `engine.backends.base.Backend`)."""
     if name in _REGISTERED:
         return _REGISTERED[name]
     if name not in _BUILTIN:
@@ -40,7 +36,7 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), attr)
 
 
-def select_backend(name: str, *, world_size: int) -> type[Backend]:
+def select_backend(name: str, *, world_size: int) -> type:
     """The backend class for run.backend=`name`, refused when it cannot run `world_size` ranks."""
     cls = backend_class(name)
     if cls.max_ranks is not None and world_size > cls.max_ranks:

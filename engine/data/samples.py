@@ -65,6 +65,11 @@ class ReadLimits(NamedTuple):
 DEFAULT_LIMITS = ReadLimits()
 
 
+def read_limits(data) -> ReadLimits:
+    """The caps of a job's data section (`cfg.data`), which evaluation applies too."""
+    return ReadLimits(data.max_image_pixels, data.max_member_bytes)
+
+
 class SkipRecord(NamedTuple):
     """One skipped sample (or, with key None, samples of a shard that were not read or not used)."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engine.data.batching import Skip
 from engine.data.samples import SkipRecord
-from engine.runlog import JsonlLogger
+from engine.run.log import JsonlLogger
 
 logger = logging.getLogger(__name__)
 

@@ -82,7 +82,7 @@ TASK_BUILDERS: dict[str, tuple[tuple[str, ...], Callable[[dict, ReadLimits], Eva
 def build_tasks(eval_cfg: EvalConfig, *, limits: ReadLimits = DEFAULT_LIMITS) -> list[EvalTask]:
     """The tasks of a validated eval section, zero-shot first, in config order; [] when it has none.
 
-    `limits` (the data section's, `cfg.data.limits`) caps every image and tar member the tasks read.
+    `limits` (the data section's, `read_limits(cfg.data)`) caps every image and tar member the tasks read.
 
     File paths are relative to the working directory. Raises one ValueError naming every spec
     (`eval.zeroshot[0] 'imagenet'`) whose files are missing or malformed or that has unknown keys.

@@ -60,10 +60,11 @@ def evaluate_standalone(cfg: JobConfig, *, local_rank: int | None = None) -> Sta
     other ranks None.
     """
     from engine.checkpoint import build_model_from, resolve_weights
+    from engine.data.samples import read_limits
     from engine.distributed import context_from_env, default_device, destroy_process_group, init_process_group
     from engine.evaluate import Evaluator, aggregate_metrics, build_tasks
 
-    tasks = build_tasks(cfg.eval, limits=cfg.data.limits)
+    tasks = build_tasks(cfg.eval, limits=read_limits(cfg.data))
     if not tasks:
         raise ValueError("no evaluation tasks: list them in --tasks FILE or under eval.zeroshot / eval.retrieval "
                          "in --config, or --set 'eval.retrieval=[{name: NAME, csv: FILE}]'")

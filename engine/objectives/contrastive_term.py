@@ -3,7 +3,7 @@
 Per stage it builds the registered objective of the stage's surrogate (`osr_surrogate` in OSR, the
 method's in fine-tuning) over the job's normaliser. HGCL's margin is `loss.margin`, or with
 `loss.margin=auto` chosen in `prepare()` at w0 from the distribution of d = s_ij - s_ii
-(engine/margin.py) and kept in the term's state, so a resumed run and a run reusing OSR statistics
+(engine/objectives/margin.py) and kept in the term's state, so a resumed run and a run reusing OSR statistics
 use the margin OSR used. During OSR (weights frozen) each step also reports where the batch's d sits
 against the hinge, and the OSR summary the quantiles over all of OSR.
 """
@@ -14,8 +14,14 @@ import logging
 import math
 from itertools import islice
 
-from engine.margin import QUANTILES, DistanceHistogram, auto_margin, margin_diagnostics, pair_distances
 from engine.objectives import build_objective
+from engine.objectives.margin import (
+    QUANTILES,
+    DistanceHistogram,
+    auto_margin,
+    margin_diagnostics,
+    pair_distances,
+)
 from engine.objectives.terms import Probe, StepOutputs, TermBase, TermContext
 
 logger = logging.getLogger(__name__)

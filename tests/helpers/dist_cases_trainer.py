@@ -6,7 +6,7 @@ import torch
 
 from engine.config import load_config
 from engine.objectives.table import UTable
-from engine.preemption import Preempted
+from engine.run.preemption import Preempted
 from engine.trainer import Trainer
 
 

@@ -16,7 +16,7 @@ def save_tiny_tokenizer(folder: Path, *, vocab_size: int = 256) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from engine.synthetic import COLORS, FULL_CAPTIONS, PARTIAL_CAPTIONS, SHAPES
+    from engine.demo.synthetic import COLORS, FULL_CAPTIONS, PARTIAL_CAPTIONS, SHAPES
 
     corpus = [*COLORS, *SHAPES, *FULL_CAPTIONS, *PARTIAL_CAPTIONS]
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))

@@ -74,7 +74,7 @@ def kill_job(pid: int) -> None:
     ranks running: they would see their launcher die and stop cleanly with a checkpoint instead)."""
     import signal
 
-    from engine.preemption import parent_pid
+    from engine.run.preemption import parent_pid
 
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):

@@ -15,7 +15,7 @@ class JsonlLogger:
         self.path = Path(path)
         self.enabled = enabled
         self._fh = open(self.path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 (kept open)
-        self.sinks = list(sinks)  # objects with write(record) and close(), e.g. engine.livelog's
+        self.sinks = list(sinks)  # objects with write(record) and close(), e.g. engine.run.live's
 
     def write(self, record: dict) -> None:
         if self._fh is None:

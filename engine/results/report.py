@@ -1,6 +1,6 @@
 """The end-of-run report: did fine-tuning help? Base, final and best on the selection metric, cost, paths.
 
-Built from the run's `log.jsonl` through `engine.summary` (every evaluation of every launch, so a
+Built from the run's `log.jsonl` through `engine.results.summary` (every evaluation of every launch, so a
 resumed run reports its whole history), never from memory.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.summary import default_metric, format_summary, run_summary
+from engine.results.summary import default_metric, format_summary, run_summary
 
 __all__ = ["default_metric", "run_report"]
 

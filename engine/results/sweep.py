@@ -45,7 +45,7 @@ def point_name(point: dict[str, str]) -> str:
 def run_sweep(config: str | None, overrides: list[str], *, out: str | Path, osr_from: str | None = None,
               local_rank: int | None = None) -> tuple[list[Path], Path]:
     """Run every grid point (fine-tuning from shared OSR statistics); returns the run folders and the report."""
-    from engine.report_page import write_report
+    from engine.results.report_page import write_report
     from engine.trainer import Trainer
 
     fixed, axes = split_grid(overrides)

@@ -1,6 +1,6 @@
 """Live views of the run log: TensorBoard (`run.tensorboard=true`) and Weights & Biases (`run.wandb_project`).
 
-Each sink receives the run log's records (`engine.runlog.JsonlLogger(sinks=...)`) and writes their
+Each sink receives the run log's records (`engine.run.log.JsonlLogger(sinks=...)`) and writes their
 scalars: step records as `<stage>/<name>` at the stage's step (fine-tuning steps for `finetune`,
 so methods with and without OSR line up), evaluations as `eval/<task>/<metric>` at the fine-tuning
 step (0 = the base model). W&B is optional: `pip install wandb`; offline mode writes under

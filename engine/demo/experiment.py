@@ -24,10 +24,10 @@ from pathlib import Path
 
 from engine.config import load_config
 from engine.data.build import build_shards
+from engine.demo.synthetic import render_pairs, render_retrieval_task, render_zeroshot_task
 from engine.distributed import DistContext
 from engine.io import write_json_atomic
-from engine.runlock import LOCK_FILE, OWNER_FILE, RunLock
-from engine.synthetic import render_pairs, render_retrieval_task, render_zeroshot_task
+from engine.run.lock import LOCK_FILE, OWNER_FILE, RunLock
 from engine.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def _run(root: Path, sizes: dict, *, quick: bool, started: float) -> dict:
             trainer.close()
             run_dirs.append(root / out)
 
-    from engine.report_page import write_report
+    from engine.results.report_page import write_report
 
     report, _ = write_report(run_dirs, root / "report")
     summary = {"histories": histories, "table": aggregate(histories), "margins": margins,

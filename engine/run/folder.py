@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from engine.runlock import LOCK_FILE, OWNER_FILE
+from engine.run.lock import LOCK_FILE, OWNER_FILE
 
 LOG_FILE = "log.jsonl"
 # Written only when fine-tuning has finished, summary.json last (after the final checkpoint is on disk): a folder

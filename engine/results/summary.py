@@ -1,7 +1,7 @@
 """The end-of-run summary (`summary.json`): did fine-tuning help, what did it cost, where are the files.
 
 Built from the run's `log.jsonl` (every launch of the run, so a resumed run summarises its whole
-history), never from memory. `engine.report.run_report` prints it.
+history), never from memory. `engine.results.report.run_report` prints it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from engine.evaluate import headline_metric
 from engine.evaluate.policy import default_metric, is_below_base
 from engine.io import write_json_atomic
-from engine.runlog import read_jsonl
+from engine.run.log import read_jsonl
 
 SUMMARY_FILE = "summary.json"
 # Results a run leaves in its folder; a new run never writes over them. (A run killed before any
@@ -131,7 +131,7 @@ def _margin(config: dict, log: list[dict]) -> dict | None:
 def _cost(log: list[dict]) -> dict:
     """Steps, samples, wall-clock seconds and device-hours (ranks x hours) of OSR and fine-tuning, with each
     launch's part: the cost the latest record carries (checkpoints carry it across launches, see
-    `engine.cost`); logs from before it was recorded: the sum of their stage ends."""
+    `engine.run.cost`); logs from before it was recorded: the sum of their stage ends."""
     carried = [r["cost"] for r in log if isinstance(r.get("cost"), dict)]
     if carried:
         return carried[-1]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.io import write_atomic
-from engine.summary import run_records, run_summary
+from engine.results.summary import run_records, run_summary
 
 STEP_SERIES = ("loss", "contrastive_loss", "batch_loss", "lr", "gamma", "grad_norm")
 

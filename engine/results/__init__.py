@@ -1,0 +1,7 @@
+"""What a run produced, read back: the summary, the report page, sweeps of runs.
+
+summary.py      `summary.json`: base, best and final on the selection metric, cost, paths, warnings
+report.py       the end-of-run report printed by `tune` / `finetune`
+report_page.py  `run.py report`: one HTML page (and its Markdown twin) comparing runs
+sweep.py        `run.py sweep`: a grid of fine-tuning runs from recovered OSR statistics, one report
+"""
