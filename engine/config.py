@@ -529,23 +529,28 @@ def reference_markdown() -> str:
     def cell(text) -> str:  # a table cell: pipes escaped, <out_dir> shown rather than read as HTML
         return str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
+    import textwrap
+
+    def prose(text: str) -> str:
+        return textwrap.fill(text, width=110, break_long_words=False, break_on_hyphens=False)
+
     lines = [
         "# Configuration reference",
         "",
         ("<!-- Generated from the fields of engine/config.py: python -m engine.config --reference "
          "> docs/configuration.md -->"),
         "",
-        ("A job is configured by a YAML file (`--config`) of these sections, and by overrides "
+        prose("A job is configured by a YAML file (`--config`) of these sections, and by overrides "
          "(`--set section.key=value`, or the shortcut flags such as `--out`), which win over the file."),
         "",
-        ("How values are read: an override is read by the field's type. A text field keeps the text exactly as "
+        prose("How values are read: an override is read by the field's type. A text field keeps the text exactly as "
          "typed (`--out 0123` is the folder `0123`); integers and numbers are parsed as such; booleans are "
          "`true`/`false` (also `yes`/`no`, `on`/`off`); a field that may be null takes `null`, `~` or empty "
          "text as null; lists are written in YAML flow syntax (`[0.9, 0.98]`) and each element is read by the "
          "element type; a choice must be one of the listed values. A config file is YAML, except that a text "
          "field given a number, boolean or date takes it as written (`train: 2024_01` is the folder `2024_01`)."),
         "",
-        ("Resume: *must match* = resuming a checkpoint with another value is refused; *may change* = free to "
+        prose("Resume: *must match* = resuming a checkpoint with another value is refused; *may change* = free to "
          "change; *(logged)* = a schedule setting whose change is logged; *may only grow* = may be raised, "
          "not lowered. OSR: *yes* = recovered OSR statistics (`osr.load_from`, sweeps) are reused only by a job "
          "with the same value; *via the OSR surrogate* = the field chooses the OSR loss, which must match."),
