@@ -407,7 +407,7 @@ def test_first_launch_build_of_the_cpu_communication_op_is_foreseen(tmp_path, mo
     """The log line before DeepSpeed compiles its shared-memory op appears only when that op will be built."""
     from deepspeed.accelerator import get_accelerator
 
-    from engine.backends.deepspeed import shm_op_build_folder
+    from engine.backends.deepspeed.shm import shm_op_build_folder
 
     if get_accelerator().device_name() != "cpu":
         pytest.skip("the shared-memory op is DeepSpeed's CPU accelerator's")
