@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from engine.config import field_rule, keys_with
+from engine.config import JobConfig, field_of, field_rule, keys_with
 from engine.distributed import DistContext, barrier, gather_objects
 from engine.io import fsync_dir, write_atomic, write_json_atomic
 
@@ -501,7 +501,7 @@ RESUME_FREE_KEYS = keys_with("resume", "may_change", "schedule", "may_grow")
 
 def schedule_changes(saved: dict, live: dict) -> list[str]:
     """The schedule-only settings (SCHEDULE_KEYS) a resuming job changes, as 'key: old -> new'."""
-    old, new = flatten(saved["config"]), flatten(live["config"])
+    old, new = saved_config(saved), flatten(live["config"])
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in SCHEDULE_KEYS if old.get(key) != new.get(key)]
 
 
@@ -516,6 +516,15 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def saved_config(saved: dict) -> dict:
+    """A checkpoint's config, flattened; a field added to the engine after the checkpoint was written (absent
+    there) takes its default, which is what the run it belongs to did."""
+    old = flatten(saved["config"])
+    present = {field_of(key) for key in old}
+    defaults = flatten(JobConfig().to_dict())
+    return {**{key: value for key, value in defaults.items() if field_of(key) not in present}, **old}
+
+
 def resume_conflicts(saved: dict, live: dict, *, can_reshard: bool) -> list[str]:
     """What differs between a checkpoint's job and the job trying to resume it (empty = compatible)."""
     problems = []
@@ -527,7 +536,7 @@ def resume_conflicts(saved: dict, live: dict, *, can_reshard: bool) -> list[str]
         problems.append(f"world size {live['world_size']} != checkpoint's {saved['world_size']}: this backend "
                         "cannot reshard; resume on the same number of ranks or use run.backend=deepspeed "
                         "(universal checkpoint) or fsdp (resharding load)")
-    old, new = flatten(saved["config"]), flatten(live["config"])
+    old, new = saved_config(saved), flatten(live["config"])
     for key in sorted(set(old) | set(new)):
         rule = field_rule(key, "resume")
         if rule == "may_grow" and new.get(key, 0) < old.get(key, 0):
@@ -545,7 +554,7 @@ def osr_reuse_conflicts(saved: dict, live: dict, *, can_reshard: bool = False) -
     if saved["stage"] != "finetune" or saved["stage_step"] != 0:
         return [(f"not an end-of-OSR checkpoint (stage {saved['stage']}, step {saved['stage_step']}); "
                  "use the one `run.py osr` wrote")]
-    old, new = flatten(saved["config"]), flatten(live["config"])
+    old, new = saved_config(saved), flatten(live["config"])
     def under(flat: dict, key: str):  # a mapping field (loss.terms) is flattened into its entries
         return flat.get(key, {k: v for k, v in flat.items() if k.startswith(key + ".")} or None)
 

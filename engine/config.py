@@ -485,6 +485,14 @@ def _field_metadata() -> dict[str, typing.Mapping]:
     return {key: f.metadata for key, f in config_fields().items()}
 
 
+def field_of(key: str) -> str | None:
+    """The config field a flattened `key` belongs to ('loss.terms.x' -> 'loss.terms'); None if there is none."""
+    fields = _field_metadata()
+    while key not in fields and "." in key:
+        key = key.rpartition(".")[0]
+    return key if key in fields else None
+
+
 def field_rule(key: str, rule: str):
     """Metadata `rule` ('resume', 'osr', 'doc') of the field at dotted `key`; a key inside a mapping field
     ('loss.terms.x') takes its field's; an unknown key (a removed field) the strict default."""

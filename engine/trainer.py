@@ -479,6 +479,8 @@ class Trainer:
         saved = self.checkpoints.load(spec, purpose="resume", can_reshard=self.backend.supports_reshard)
         if "eval_policy" not in saved:  # written before the policy was a part: its fields are in the train state
             self.eval_policy.load_state_dict(saved[TRAIN_STATE])
+        if "objective" not in saved:  # written before loss terms held their state: HGCL's margin in the train state
+            self.objective.load_state_dict(_objective_of_old_checkpoint(saved[TRAIN_STATE]))
         changes = schedule_changes(saved[TRAIN_STATE], self.state_dict())
         if changes:
             logger.warning("resuming with changed schedule settings: %s", "; ".join(changes))
@@ -533,7 +535,8 @@ class Trainer:
         self.osr_steps, self.data_epoch = saved[TRAIN_STATE]["osr_steps"], saved[TRAIN_STATE]["data_epoch"]
         self.global_step = self.osr_steps  # the global step counts OSR steps, as in a run that ran its own OSR
         try:
-            self.objective.load_state_dict(saved.get("objective", {}), origin=f"the OSR run of {path}")
+            self.objective.load_state_dict(saved.get("objective", _objective_of_old_checkpoint(saved[TRAIN_STATE])),
+                                           origin=f"the OSR run of {path}")
         except ValueError as exc:
             raise ValueError(f"{Path(saved['path']) / 'state.json'}: {exc}") from None
         self._enter("finetune")
@@ -600,6 +603,11 @@ class Trainer:
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.lock.release()
+
+
+def _objective_of_old_checkpoint(train_state: dict) -> dict:
+    """The loss terms' state of a checkpoint written before terms held it: the margin HGCL used."""
+    return {"contrastive": {"margin": train_state["margin"]}} if "margin" in train_state else {}
 
 
 def _step_outputs(model_out) -> StepOutputs:

@@ -90,6 +90,42 @@ def test_resume_after_crash_matches_straight_run(shards, tmp_path, straight_run,
     assert_same_state(final_state(tmp_path, shards), straight_run)
 
 
+def test_a_checkpoint_written_before_terms_policy_and_new_fields_resumes_exactly(shards, tmp_path, straight_run):
+    """A checkpoint of an earlier version of the engine: no `objective` / `eval_policy` parts (the margin and the
+    best-so-far in the train state) and none of the config fields added since: it resumes, the new fields taking
+    the defaults the old run had, and ends as the straight run."""
+    trainer = Trainer(load_config(base=job(shards, tmp_path)))
+    original, calls = trainer.train_step, {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        if calls["n"] == 9:
+            raise Crash("simulated failure")
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    trainer.train_step = crashing_step
+    with pytest.raises(Crash):
+        trainer.tune()
+    trainer.close()
+    latest = max(p for p in (tmp_path / "checkpoints").glob("step_*") if is_complete(p))
+    state = json.loads((latest / "state.json").read_text())
+    train = state["train_state"]
+    train["margin"] = state.pop("objective")["contrastive"]["margin"]
+    train.update(state.pop("eval_policy"))
+    for section, key in (("loss", "terms"), ("loss", "normaliser"), ("run", "plugins"), ("run", "save_every_epochs")):
+        del train["config"][section][key]
+    (latest / "state.json").write_text(json.dumps(state))
+    marker = json.loads((latest / "COMPLETE").read_text())  # the sizes of the files as written
+    marker["files"]["state.json"] = (latest / "state.json").stat().st_size
+    (latest / "COMPLETE").write_text(json.dumps(marker))
+    resumed = Trainer(load_config(base=job(shards, tmp_path, resume="latest")))
+    assert resumed.global_step == 8  # this very checkpoint
+    assert resumed.objective.term("contrastive").margin == train["margin"]
+    resumed.tune()
+    resumed.close()
+    assert_same_state(final_state(tmp_path, shards), straight_run)
+
+
 def test_crash_during_save_keeps_previous_checkpoint(shards, tmp_path):
     trainer = Trainer(load_config(base=job(shards, tmp_path)))
     trainer.cfg.run.max_steps_per_epoch = 0
