@@ -1,4 +1,4 @@
-"""Command line: `python run.py <command>` (tune, osr, finetune, eval, export, shards, demo)."""
+"""Command line: `python run.py <command>` (tune, osr, finetune, eval, export, shards, sweep, report, demo), one handler each."""
 
 from __future__ import annotations
 
