@@ -12,7 +12,7 @@ from engine.evaluate.policy import EvalPolicy
 from engine.run.log import read_jsonl
 from engine.trainer import Trainer
 from tests.helpers.eval_fixtures import ScriptedEvaluator
-from tests.helpers.jobs import job
+from tests.helpers.jobs import crash_after, job
 
 # The base model, a better fine-tuned step, then two below the base (tolerance 0.01) and a recovery.
 SCORES = [0.50, 0.60, 0.495, 0.40, 0.30, 0.70]
@@ -103,15 +103,7 @@ def test_resume_mid_run_keeps_the_best_and_the_count_below_the_base(shards, tmp_
     out = tmp_path / "resumed"
     first = Trainer(config(out))
     first.evaluator = ScriptedEvaluator(scores)
-    step, calls = first.train_step, {"n": 0}
-
-    def crash_at_finetune_step_3(*args, **kwargs):
-        if calls["n"] == 3 + 2:  # 3 OSR steps, 2 fine-tuning steps
-            raise Crash("stopped")
-        calls["n"] += 1
-        return step(*args, **kwargs)
-
-    first.train_step = crash_at_finetune_step_3
+    crash_after(first, 3 + 2, Crash("stopped"))  # 3 OSR steps, 2 fine-tuning steps
     with pytest.raises(Crash):
         first.tune()
     first.close()

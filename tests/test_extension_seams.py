@@ -17,7 +17,7 @@ from engine.objectives.normaliser import average_gradients, register_normaliser
 from engine.run.preemption import Preempted
 from engine.trainer import Trainer
 from tests.helpers.harness import run_ranks
-from tests.helpers.jobs import job
+from tests.helpers.jobs import job, stop_after
 
 PLUGIN = "tests.test_extension_seams"
 
@@ -146,15 +146,7 @@ def tune(config: dict, stop_at: int | None = None) -> dict:
     """`run.py tune` of `config`, stopped as by SIGTERM after global step `stop_at` (checkpoint, Preempted);
     a finished run returns its weights, AdamW moments and step, and the terms' and normaliser's states."""
     trainer = Trainer(load_config(base=config))
-    step = trainer.train_step
-
-    def train_step(*args, **kwargs):
-        metrics = step(*args, **kwargs)
-        if stop_at is not None and trainer.global_step == stop_at:
-            trainer.stop_requests.request("a test stop")
-        return metrics
-
-    trainer.train_step = train_step
+    stop_after(trainer, stop_at)
     try:
         trainer.tune()
     except Preempted:

@@ -18,6 +18,7 @@ from engine.objectives.table import UTable
 from engine.run.log import read_jsonl
 from engine.run.preemption import EXIT_PREEMPTED
 from engine.trainer import Trainer
+from tests.helpers.jobs import crash_after as crash_after_steps
 from tests.helpers.jobs import job as base_job
 from tests.helpers.planted import Planted
 
@@ -70,16 +71,7 @@ class Crash(RuntimeError):
 @pytest.mark.parametrize("crash_after", [3, 9])  # inside OSR (6 steps), inside fine-tuning
 def test_resume_after_crash_matches_straight_run(shards, tmp_path, straight_run, crash_after):
     trainer = Trainer(load_config(base=job(shards, tmp_path)))
-    original = trainer.train_step
-    calls = {"n": 0}
-
-    def crashing_step(*args, **kwargs):
-        if calls["n"] == crash_after:
-            raise Crash("simulated failure")
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    trainer.train_step = crashing_step
+    crash_after_steps(trainer, crash_after, Crash("simulated failure"))
     with pytest.raises(Crash):
         trainer.tune()
     trainer.close()
@@ -95,15 +87,7 @@ def test_a_checkpoint_written_before_terms_policy_and_new_fields_resumes_exactly
     best-so-far in the train state) and none of the config fields added since: it resumes, the new fields taking
     the defaults the old run had, and ends as the straight run."""
     trainer = Trainer(load_config(base=job(shards, tmp_path)))
-    original, calls = trainer.train_step, {"n": 0}
-
-    def crashing_step(*args, **kwargs):
-        if calls["n"] == 9:
-            raise Crash("simulated failure")
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    trainer.train_step = crashing_step
+    crash_after_steps(trainer, 9, Crash("simulated failure"))
     with pytest.raises(Crash):
         trainer.tune()
     trainer.close()

@@ -8,6 +8,7 @@ from engine.config import load_config
 from engine.objectives.table import UTable
 from engine.run.preemption import Preempted
 from engine.trainer import Trainer
+from tests.helpers.jobs import stop_after
 
 
 def tune_until(config: dict, stop_at: int | None = None) -> dict:
@@ -15,15 +16,7 @@ def tune_until(config: dict, stop_at: int | None = None) -> dict:
     `stop_at`: the ranks agree, checkpoint and raise Preempted. Returns the step reached and, once the job
     is complete, every row's u-table visit count."""
     trainer = Trainer(load_config(base=config))
-    step = trainer.train_step
-
-    def train_step(*args, **kwargs):
-        metrics = step(*args, **kwargs)
-        if stop_at is not None and trainer.global_step == stop_at:
-            trainer.stop_requests.request("a test stop")
-        return metrics
-
-    trainer.train_step = train_step
+    stop_after(trainer, stop_at)
     finished = True
     try:
         trainer.tune()

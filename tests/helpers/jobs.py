@@ -30,3 +30,30 @@ def merge(config: dict, **sections) -> dict:
         else:
             config[key] = value
     return config
+
+
+def crash_after(trainer, num_steps: int, error: Exception) -> None:
+    """Make `trainer` raise `error` instead of its step after `num_steps` steps of this launch (a crash)."""
+    step, calls = trainer.train_step, {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        if calls["n"] == num_steps:
+            raise error
+        calls["n"] += 1
+        return step(*args, **kwargs)
+
+    trainer.train_step = crashing_step
+
+
+def stop_after(trainer, global_step: int | None) -> None:
+    """Make `trainer` stop as by SIGTERM once it reaches `global_step` (the ranks agree, checkpoint and raise
+    Preempted); None leaves it running to the end."""
+    step = trainer.train_step
+
+    def train_step(*args, **kwargs):
+        metrics = step(*args, **kwargs)
+        if global_step is not None and trainer.global_step == global_step:
+            trainer.stop_requests.request("a test stop")
+        return metrics
+
+    trainer.train_step = train_step
