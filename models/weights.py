@@ -215,6 +215,10 @@ def temperature(model: torch.nn.Module) -> float:
     if hasattr(logit_scale, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: gather it (collective)
         from deepspeed import zero
 
+        loaded = getattr(logit_scale, LOADED_FP32_ATTR, None)
+        if loaded is not None:  # the file's value, not the partition's (maybe bf16-rounded) copy
+            return float(torch.exp(-loaded.float()).reshape(()))
+
         with zero.GatheredParameters([logit_scale]):
             return float(torch.exp(-logit_scale.detach().float()).reshape(()))
     if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1:

@@ -104,6 +104,8 @@ def test_deepspeed_bf16_final_and_best_are_the_fp32_masters(shards, start_weight
     masters = load_file(tmp_path / "ck.safetensors")
     start = load_file(start_weights)["logit_scale"]
     assert torch.equal(masters["logit_scale"], start)
+    first = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert first["tau"] == torch.exp(-start).item()  # the objective's temperature: the file's, unrounded
     for name in ("final", "best"):  # one evaluation, at the end: the best is the final model
         weights = load_file(tmp_path / f"{name}.safetensors")
         assert weights.keys() == masters.keys() and all(torch.equal(weights[k], masters[k]) for k in weights), name
