@@ -377,7 +377,8 @@ def _read_frozen_file(directory: Path, model: nn.Module) -> dict[str, Tensor]:
     path = Path(directory) / FROZEN_FILE
     if not (path.exists() or path.is_symlink()):
         return {}
-    return read_frozen_values(path, expected_names={name for name, _ in model.named_parameters()})
+    numel = {name: getattr(param, "ds_numel", param.numel()) for name, param in model.named_parameters()}
+    return read_frozen_values(path, expected_numel=numel)
 
 
 def _relink_optimizer_state(zero_optimizer) -> None:
