@@ -19,6 +19,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # open_clip keeps these 0-dim; make_logit_scale_1d turns them into shape [1] for DeepSpeed.
 SCALAR_PARAMS = ("logit_scale", "logit_bias")
+# Attribute a ZeRO-3 partitioned SCALAR_PARAMS parameter gets when loaded: its float32 value from the weights file
+# (the partition holds the run's precision, e.g. bf16-rounded), so a frozen one is exported as it was loaded.
+LOADED_FP32_ATTR = "loaded_fp32"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DeepSpeed engine, torch.compile
 _NUM_EXAMPLES = 5  # mismatches listed per kind in error messages
 # OpenAI's checkpoints carry these next to the weights; open_clip drops them (factory.load_state_dict).
@@ -211,6 +214,10 @@ def temperature(model: torch.nn.Module) -> float:
     logit_scale = getattr(model, "logit_scale", None)
     if hasattr(logit_scale, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: gather it (collective)
         from deepspeed import zero
+
+        loaded = getattr(logit_scale, LOADED_FP32_ATTR, None)
+        if loaded is not None:  # the file's value, not the partition's (maybe bf16-rounded) copy
+            return float(torch.exp(-loaded.float()).reshape(()))
 
         with zero.GatheredParameters([logit_scale]):
             return float(torch.exp(-logit_scale.detach().float()).reshape(()))

@@ -25,6 +25,7 @@ from torch import nn
 from engine.safe_load import load_tensor_file
 from models.factory import ClipBundle, resolve_model, weights_loaded_after
 from models.weights import (
+    LOADED_FP32_ATTR,
     OPENAI_METADATA_KEYS,
     SCALAR_PARAMS,
     _describe_mismatch,
@@ -128,6 +129,13 @@ def load_weights_into_partitions(model: nn.Module, path: str | os.PathLike, *, r
                 for key, p in group:
                     p.data.copy_(value(key, p.data))
         group = []
+    for name, param in params:  # the file's float32 scalars, kept beside their (maybe bf16) partitions
+        if name in SCALAR_PARAMS:
+            exact = (reader(name).reshape(param.ds_shape).float() if rank == 0
+                     else torch.empty(param.ds_shape, dtype=torch.float32))
+            exact = exact.to(param.ds_tensor.device)
+            torch.distributed.broadcast(exact, src=0)
+            setattr(param, LOADED_FP32_ATTR, exact.cpu())
     # Buffers are not partitioned: every rank holds them whole and takes rank 0's values.
     for name, buf in model.named_buffers():
         if name in expected:

@@ -403,6 +403,31 @@ def test_checkpoint_with_code_in_a_pickle_is_refused_before_loading(tmp_path):
     assert not marker.exists()
 
 
+def test_frozen_values_file_is_vetted(tmp_path):
+    """A checkpoint's fp32 values of frozen parameters: safetensors naming the model's own parameters, float32."""
+    from safetensors.torch import save_file
+
+    from engine.backends.deepspeed import read_frozen_values
+    from engine.safe_load import UnsafeFileError
+
+    path = tmp_path / "frozen_fp32.safetensors"
+    save_file({"logit_scale": torch.tensor([2.9])}, str(path))
+    assert torch.equal(read_frozen_values(path, expected_numel={"logit_scale": 1})["logit_scale"], torch.tensor([2.9]))
+    with pytest.raises(UnsafeFileError, match="names parameter 'logit_scale', which the model does not have"):
+        read_frozen_values(path, expected_numel={"logit_bias": 1})
+    for wrong in (torch.tensor([2.9], dtype=torch.bfloat16), torch.tensor([2.9, 2.9])):
+        save_file({"logit_scale": wrong}, str(path))
+        with pytest.raises(ValueError, match="not 1 float32"):
+            read_frozen_values(path, expected_numel={"logit_scale": 1})
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(path)
+    with pytest.raises(UnsafeFileError, match="symlink"):
+        read_frozen_values(link, expected_numel={"logit_scale": 1})
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_frozen_values(path, expected_numel={"logit_scale": 1})
+
+
 def test_first_launch_build_of_the_cpu_communication_op_is_foreseen(tmp_path, monkeypatch):
     """The log line before DeepSpeed compiles its shared-memory op appears only when that op will be built."""
     from deepspeed.accelerator import get_accelerator

@@ -73,16 +73,27 @@ def check_run(out: Path, *, world_size: int, osr_steps: int) -> None:
     assert visits.min().item() >= 1 and visits.sum().item() == 48 * (1 + (1 if osr_steps else 0))
 
 
+@pytest.fixture(scope="module")
+def start_weights(tmp_path_factory):
+    """tiny-vit weights whose temperature, log(1/0.07) as open_clip initialises it, bf16 cannot represent."""
+    model = build_model("tiny-vit", seed=5).model
+    assert model.logit_scale.item() != model.logit_scale.bfloat16().item()
+    path = tmp_path_factory.mktemp("start_weights") / "start.safetensors"
+    export_weights(model, path)
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_deepspeed_bf16_final_and_best_are_the_fp32_masters(shards, tmp_path, zero):
+def test_deepspeed_bf16_final_and_best_are_the_fp32_masters(shards, start_weights, tmp_path, zero):
     """A bf16 run on 2 ranks: final.safetensors and best.safetensors hold the fp32 masters, bit for bit what the
-    last checkpoint (saved after the export) gives read in one process by zero_to_fp32, not their bf16 rounding."""
+    last checkpoint (saved after the export) gives read in one process by zero_to_fp32, not their bf16 rounding;
+    the frozen temperature, which DeepSpeed holds in bf16 only, is the start weights' fp32 value in all three."""
     port = free_port()
     csv = next((shards.parent / "raw").rglob("*.csv"))  # the training pairs, as a retrieval task
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "run.py", "tune", "--train", str(shards),
            "--out", str(tmp_path), *JOB, "--set", f"run.zero_config=zero_configs/{zero}_bf16.json",
-           "--set", "model.precision=bf16", "--save-every", "6",
+           "--set", "model.precision=bf16", "--save-every", "6", "--weights", str(start_weights),
            "--set", f"eval.retrieval=[{{name: pairs, csv: {csv}}}]", "--set", "eval.batch_size=16"]
     launch([cmd], port)
     check_run(tmp_path, world_size=2, osr_steps=6)
@@ -91,11 +102,16 @@ def test_deepspeed_bf16_final_and_best_are_the_fp32_masters(shards, tmp_path, ze
     last = max((tmp_path / "checkpoints").glob("step_*"))
     assert main(["export", "--model", "tiny-vit", "--weights", str(last), "--out", str(tmp_path / "ck.safetensors")]) == 0
     masters = load_file(tmp_path / "ck.safetensors")
+    start = load_file(start_weights)["logit_scale"]
+    assert torch.equal(masters["logit_scale"], start)
+    first = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert first["tau"] == torch.exp(-start).item()  # the objective's temperature: the file's, unrounded
     for name in ("final", "best"):  # one evaluation, at the end: the best is the final model
         weights = load_file(tmp_path / f"{name}.safetensors")
         assert weights.keys() == masters.keys() and all(torch.equal(weights[k], masters[k]) for k in weights), name
-        trained = [k for k in weights if k != "logit_scale"]  # the temperature is frozen (kept in bf16)
+        trained = [k for k in weights if k != "logit_scale"]
         assert not all(torch.equal(weights[k], weights[k].bfloat16().float()) for k in trained), name
+        assert torch.equal(weights["logit_scale"], start), name
 
 
 @pytest.mark.slow

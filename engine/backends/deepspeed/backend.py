@@ -23,10 +23,10 @@ from engine.backends.base import Backend, OptimSettings, adamw_param_groups, ful
 from engine.backends.deepspeed.config import DEFAULT_ZERO_CONFIG, job_deepspeed_config
 from engine.backends.deepspeed.shm import remove_shm_buffer, remove_stale_shm_buffers, shm_op_build_folder
 from engine.backends.deepspeed.universal import convert_to_universal
-from engine.backends.deepspeed.vetting import checkpoint_names, vet_checkpoint_folder
+from engine.backends.deepspeed.vetting import checkpoint_names, read_frozen_values, vet_checkpoint_folder
 from engine.distributed import init_process_group
 from engine.safe_load import deepspeed_globals, tensor_only_torch_load
-from models.weights import make_logit_scale_1d
+from models.weights import LOADED_FP32_ATTR, make_logit_scale_1d
 
 if TYPE_CHECKING:
     from engine.config import JobConfig
@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "deepspeed"  # one DeepSpeed checkpoint per directory; the checkpoint manager names them
 UNIVERSAL_TAG = "universal"  # the same checkpoint converted for another world size
+# Beside the DeepSpeed checkpoint: the fp32 values of the frozen parameters, which DeepSpeed keeps only in the
+# module's precision (no fp32 master), so a bf16 run would otherwise round them.
+FROZEN_FILE = "frozen_fp32.safetensors"
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 ENCODER_METHODS = ("encode_image", "encode_text")  # run through the engine (see _EngineRoutedEncoders)
 
@@ -76,6 +79,8 @@ class DeepSpeedBackend(Backend):
             weight_decay=weight_decay, eps=eps, grad_clip=grad_clip, precision=precision,
         )
         make_logit_scale_1d(model)  # DeepSpeed's parameter broadcast rejects 0-dim tensors
+        # Taken before deepspeed.initialize casts the module; an fp32 module keeps them exactly itself.
+        self._frozen_fp32 = _frozen_fp32_values(model) if precision != "fp32" else {}
         groups = [g for g in adamw_param_groups(model, weight_decay) if g["params"]]
         if not any(hasattr(p, "ds_id") for p in model.parameters()):  # zero.Init placed its partitions already
             model = model.to(device)
@@ -158,7 +163,7 @@ class DeepSpeedBackend(Backend):
             state = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
         for name, master in self._fp32_masters().items():
             state[name] = master.reshape(state[name].shape)
-        return state
+        return _with_frozen_values(state, self._frozen_fp32)
 
     def _fp32_masters(self) -> dict[str, Tensor]:
         """Name -> complete fp32 master of every trained parameter held in lower precision (collective:
@@ -233,8 +238,14 @@ class DeepSpeedBackend(Backend):
         return out
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write this rank's partition of weights and optimizer state to `directory`."""
+        """Write this rank's partition of weights and optimizer state to `directory` (rank 0 also the frozen
+        parameters' fp32 values)."""
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+        if self._frozen_fp32 and dist.get_rank() == 0:
+            from safetensors.torch import save_file
+
+            save_file({name: value.contiguous() for name, value in self._frozen_fp32.items()},
+                      str(Path(directory) / FROZEN_FILE), metadata={"format": "pt"})
 
     @classmethod
     def read_weights(cls, directory: Path, model: nn.Module) -> dict[str, Tensor]:
@@ -242,9 +253,12 @@ class DeepSpeedBackend(Backend):
         one process by DeepSpeed's own `zero_to_fp32`, after every pickle in it has been vetted."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        vet_checkpoint_folder(Path(directory) / CHECKPOINT_TAG, expected_names=checkpoint_names(model))
+        directory = Path(directory)
+        vet_checkpoint_folder(directory / CHECKPOINT_TAG, expected_names=checkpoint_names(model))
+        frozen = _read_frozen_file(directory, model)
         with tensor_only_torch_load(deepspeed_globals()):
-            return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        return _with_frozen_values(state, frozen)
 
     def load(self, directory: str | os.PathLike, *, reshard: bool = False) -> None:
         """Restore weights, moments and step counter written by `save`.
@@ -258,6 +272,7 @@ class DeepSpeedBackend(Backend):
         names = checkpoint_names(self.engine.module)
         if dist.get_rank() == 0:
             vet_checkpoint_folder(directory / CHECKPOINT_TAG, expected_names=names)
+            _read_frozen_file(directory, self.model)
         dist.barrier()
         if reshard:
             tag = UNIVERSAL_TAG
@@ -274,6 +289,9 @@ class DeepSpeedBackend(Backend):
             self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' in {directory}")
+        # The run's start values travel with its checkpoints (older ones without the file keep this build's).
+        saved = _read_frozen_file(directory, self.model)
+        self._frozen_fp32.update({name: value for name, value in saved.items() if name in self._frozen_fp32})
 
     def close(self) -> None:
         """Release DeepSpeed's hooks, engine and this rank's CPU shared-memory buffer."""
@@ -326,6 +344,41 @@ class _EngineRoutedEncoders:
 
         call.__doc__ = method.__doc__
         return call
+
+
+def _frozen_fp32_values(model: nn.Module) -> dict[str, Tensor]:
+    """Name -> float32 value of every frozen parameter, taken before DeepSpeed casts the module: the module's
+    own value, or under ZeRO-3 (partitions already in the run's precision) the value read from the weights file
+    (`models.weights.LOADED_FP32_ATTR`); a partitioned one without it was created in that precision (random
+    init) and is its own start value."""
+    values = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            continue
+        loaded = getattr(param, LOADED_FP32_ATTR, None)
+        if loaded is not None:
+            values[name] = loaded.detach().float().cpu().reshape(getattr(param, "ds_shape", param.shape)).clone()
+        elif not hasattr(param, "ds_id"):
+            values[name] = param.detach().float().cpu().clone()
+    return values
+
+
+def _with_frozen_values(state: dict[str, Tensor], frozen: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` with each frozen parameter's fp32 value in place of DeepSpeed's (held in the run's precision)."""
+    for name, value in frozen.items():
+        if name in state:
+            state[name] = value.reshape(state[name].shape).clone()
+    return state
+
+
+def _read_frozen_file(directory: Path, model: nn.Module) -> dict[str, Tensor]:
+    """The frozen parameters' fp32 values `save` wrote into checkpoint `directory`, vetted ({} for a checkpoint
+    written before the file existed)."""
+    path = Path(directory) / FROZEN_FILE
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    numel = {name: getattr(param, "ds_numel", param.numel()) for name, param in model.named_parameters()}
+    return read_frozen_values(path, expected_numel=numel)
 
 
 def _relink_optimizer_state(zero_optimizer) -> None:

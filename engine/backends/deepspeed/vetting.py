@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from torch import nn
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
 
 from engine.safe_load import UnsafeFileError, deepspeed_globals, load_tensor_file
 
@@ -54,6 +57,28 @@ def vet_checkpoint_folder(folder: Path, *, expected_names: set[str]) -> None:
             if not (isinstance(name, str) and _PARAM_NAME.fullmatch(name) and name in expected_names):
                 raise UnsafeFileError(f"checkpoint file {path} names parameter {str(name)[:120]!r}, which the model "
                                       "does not have; only load checkpoints this engine wrote for this model")
+
+
+def read_frozen_values(path: Path, *, expected_numel: dict[str, int]) -> dict[str, Tensor]:
+    """The fp32 start values of a checkpoint's frozen parameters (`path`, safetensors), refused before use if it is
+    a symlink, unreadable, names a parameter that is not in `expected_numel` (the model's name -> number of
+    elements), holds another number of elements or anything but float32."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        raise UnsafeFileError(f"checkpoint file {path} is missing or a symlink; this engine writes a plain file: "
+                              "only load checkpoints written by this engine")
+    try:
+        values = load_file(path, device="cpu")
+    except SafetensorError as err:
+        raise ValueError(f"cannot read {path} as safetensors ({err}); is the checkpoint complete?") from None
+    for name, value in values.items():
+        if not (_PARAM_NAME.fullmatch(name) and name in expected_numel):
+            raise UnsafeFileError(f"checkpoint file {path} names parameter {name[:120]!r}, which the model does not "
+                                  "have; only load checkpoints this engine wrote for this model")
+        if value.dtype != torch.float32 or value.numel() != expected_numel[name]:
+            raise ValueError(f"checkpoint file {path} holds {name} as {value.numel()} {value.dtype} value(s), not "
+                             f"{expected_numel[name]} float32; only load checkpoints this engine wrote for this model")
+    return values
 
 
 def checkpoint_names(model: nn.Module) -> set[str]:
