@@ -144,7 +144,11 @@ def interpolate_run(run_dir: str | Path, *, alphas: list[float], select: str | N
     if not alphas:
         raise ValueError(f"--alphas: no interpolation weight given; {_ALPHAS_HELP}")
     saved = run_config(run_dir)
-    cfg = load_config(base=saved, overrides=[f"run.device={device}"] if device else [], training=False)
+    # What evaluation needs of it: the model, the eval tasks, the data section's read limits, the device and seed
+    # (a resumed run's checkpoint or reused OSR statistics may be gone by now, and do not matter here).
+    needed = {key: dict(saved[key]) for key in ("model", "eval", "data", "run") if isinstance(saved.get(key), dict)}
+    needed.get("run", {}).pop("resume", None)
+    cfg = load_config(base=needed, overrides=[f"run.device={device}"] if device else [], training=False)
     name = cfg.model.name
     if not cfg.model.weights and not name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"{run_dir}: the run started from a random init (model.weights is empty in its config), "
