@@ -130,3 +130,15 @@ def test_help_loads_no_torch():
                           capture_output=True, text=True, check=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
     assert "--select TASK/METRIC" in proc.stdout and not imported & {"torch", "deepspeed", "open_clip"}
+
+
+@pytest.mark.parametrize(("select", "problem"), [("nope/acc1", "not a task of the run's evaluation"),
+                                                 ("val/acc1", "headline metric 'val/acc1' not found")])
+def test_select_naming_no_metric_of_the_tasks_is_one_error_line(finished_run, tmp_path, capsys, select, problem):
+    run, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("interpolate*", "checkpoints"))
+    assert main(["interpolate", str(copy), "--alphas", "0", "--select", select]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --select {select}: ") and problem in err[0], err
+    assert not (copy / "interpolated.safetensors").exists() and not (copy / "interpolate.json").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,6 +142,9 @@ def interpolate_run(run_dir: str | Path, *, alphas: list[float], select: str | N
     from models import export_model
 
     run_dir = Path(run_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("run.py interpolate runs in one process (it reads checkpoints of any world size): start it "
+                         "with python, not torchrun or deepspeed")
     if not alphas:
         raise ValueError(f"--alphas: no interpolation weight given; {_ALPHAS_HELP}")
     saved = run_config(run_dir)
@@ -184,8 +188,11 @@ def interpolate_run(run_dir: str | Path, *, alphas: list[float], select: str | N
         results = evaluator(model, bundle.tokenizer, bundle.eval_transform)
         found.rows.append({"alpha": alpha, "results": results,
                            "aggregates": aggregate_metrics(results, evaluator.main_metrics, evaluator.kinds)})
-        if select is not None and len(found.rows) == 1:
-            headline_metric(results, select)  # a metric the tasks lack: said at once, naming those they have
+        if select is not None and len(found.rows) == 1:  # a metric the tasks lack: said at once, naming theirs
+            try:
+                headline_metric(results, select)
+            except ValueError as exc:
+                raise ValueError(f"--select {select}: {exc}") from None
         logger.info("interpolation a=%g evaluated", alpha)
     if select is not None:
         scores = [headline_metric(row["results"], select) for row in found.rows]
