@@ -1,5 +1,5 @@
-"""Command line: `python run.py <command>` (tune, osr, finetune, eval, export, shards, sweep, report, interpolate, demo),
-one handler each."""
+"""Command line: `python run.py <command>` (tune, osr, finetune, eval, export, shards, sweep, report, interpolate,
+demo), one handler each."""
 
 from __future__ import annotations
 
@@ -203,12 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     text = ("weight-space interpolation (WiSE-FT) of a finished run: (1 - a) * base + a * fine-tuned weights, "
             "each a evaluated on the run's eval tasks; interpolate.json in the run folder")
     interpolate = sub.add_parser("interpolate", help=text, description=text)
-    interpolate.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder (run.out_dir of tune / finetune)")
+    interpolate.add_argument("run_dir", metavar="RUN_DIR",
+                             help="a finished run's folder (run.out_dir of tune / finetune)")
     interpolate.add_argument("--alphas", default="0:1:0.25",
-                             help="the weights a of the fine-tuned end: START:STOP:STEP and/or a comma list, each in [0, 1]")
+                             help="the weights a of the fine-tuned end: START:STOP:STEP and/or a comma list, "
+                                  "each in [0, 1]")
     interpolate.add_argument("--select", default=None, metavar="TASK/METRIC",
-                             help="the metric of a task held out as validation that picks the best a, exported to --out "
-                                  "(without it nothing is exported: never chosen on the test tasks)")
+                             help="the metric of a task held out as validation that picks the best a, exported "
+                                  "to --out (without it nothing is exported: never chosen on the test tasks)")
     interpolate.add_argument("--weights", default=None,
                              help="the fine-tuned end: a weights file (e.g. RUN_DIR/best.safetensors) or a checkpoint "
                                   "folder (default: RUN_DIR/final.safetensors)")
