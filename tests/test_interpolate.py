@@ -142,3 +142,11 @@ def test_select_naming_no_metric_of_the_tasks_is_one_error_line(finished_run, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --select {select}: ") and problem in err[0], err
     assert not (copy / "interpolated.safetensors").exists() and not (copy / "interpolate.json").exists()
+
+
+def test_out_without_select_or_suffix_is_refused_before_evaluating(finished_run, capsys):
+    run, _ = finished_run
+    assert main(["interpolate", str(run), "--out", str(run / "mix.safetensors")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {run / 'mix.safetensors'}: only --select exports")
+    assert main(["interpolate", str(run), "--select", "val/mean_recall@1", "--out", str(run / "mix.pt")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err

@@ -147,6 +147,10 @@ def interpolate_run(run_dir: str | Path, *, alphas: list[float], select: str | N
                          "with python, not torchrun or deepspeed")
     if not alphas:
         raise ValueError(f"--alphas: no interpolation weight given; {_ALPHAS_HELP}")
+    if out is not None and select is None:
+        raise ValueError(f"--out {out}: only --select exports weights; add --select TASK/METRIC (a validation task)")
+    if out is not None and Path(out).suffix != ".safetensors":
+        raise ValueError(f"--out {out}: must end in .safetensors (open_clip picks a loader by suffix)")
     saved = run_config(run_dir)
     # What evaluation needs of it: the model, the eval tasks, the data section's read limits, the device and seed
     # (a resumed run's checkpoint or reused OSR statistics may be gone by now, and do not matter here).
