@@ -1,4 +1,5 @@
-"""Command line: `python run.py <command>` (tune, osr, finetune, eval, export, shards, sweep, report, demo), one handler each."""
+"""Command line: `python run.py <command>` (tune, osr, finetune, eval, export, shards, sweep, report, interpolate,
+demo), one handler each."""
 
 from __future__ import annotations
 
@@ -199,6 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None,
                         help="folder for report.html, report.md and figures/ (default: RUN_DIRs' parent/report)")
 
+    text = ("weight-space interpolation (WiSE-FT) of a finished run: (1 - a) * base + a * fine-tuned weights, "
+            "each a evaluated on the run's eval tasks; interpolate.json in the run folder")
+    interpolate = sub.add_parser("interpolate", help=text, description=text)
+    interpolate.add_argument("run_dir", metavar="RUN_DIR",
+                             help="a finished run's folder (run.out_dir of tune / finetune)")
+    interpolate.add_argument("--alphas", default="0:1:0.25",
+                             help="the weights a of the fine-tuned end: START:STOP:STEP and/or a comma list, "
+                                  "each in [0, 1]")
+    interpolate.add_argument("--select", default=None, metavar="TASK/METRIC",
+                             help="the metric of a task held out as validation that picks the best a, exported "
+                                  "to --out (without it nothing is exported: never chosen on the test tasks)")
+    interpolate.add_argument("--weights", default=None,
+                             help="the fine-tuned end: a weights file (e.g. RUN_DIR/best.safetensors) or a checkpoint "
+                                  "folder (default: RUN_DIR/final.safetensors)")
+    interpolate.add_argument("--out", default=None, help="where --select exports the chosen weights "
+                                                         "(default: RUN_DIR/interpolated.safetensors)")
+    interpolate.add_argument("--device", default=None, help="evaluation device (default: the run's run.device)")
+
     demo = sub.add_parser("demo", help="self-contained demo on synthetic data (no downloads)")
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's data, runs, table and plot")
     demo.add_argument("--quick", action="store_true", help="smaller and shorter (for tests)")
@@ -341,6 +360,23 @@ def _report_page(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interpolate(args: argparse.Namespace) -> int:
+    from engine.results.interpolate import parse_alphas
+
+    alphas = parse_alphas(args.alphas)  # checked before torch loads
+    from engine.results.interpolate import interpolate_run
+
+    found = interpolate_run(args.run_dir, alphas=alphas, select=args.select, weights=args.weights, out=args.out,
+                            device=args.device)
+    print(found.table())
+    if found.chosen is None:
+        print("no --select TASK/METRIC (a task held out as validation): nothing exported")
+    else:
+        print(f"chose a = {found.chosen:g} (best {args.select}); wrote {found.exported}")
+    print(f"wrote {found.written}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from engine.checkpoint import build_model_from
     from models import export_model
@@ -478,5 +514,6 @@ COMMANDS = {
     "shards": _shards,
     "sweep": _sweep,
     "report": _report_page,
+    "interpolate": _interpolate,
     "demo": _demo,
 }
