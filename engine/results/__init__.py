@@ -1,4 +1,4 @@
-"""What a run produced, read back: the summary, the report page, sweeps of runs.
+"""What a run produced, read back: the summary, the report page, sweeps of runs, interpolation with the base.
 
 summary.py      `summary.json`: base, best and final on the selection metric, cost, paths, warnings
 report.py       the end-of-run report printed by `tune` / `finetune`
