@@ -395,6 +395,13 @@ def _job(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") != "0":
             return 2  # every rank finds the same problems in the same config: rank 0 prints them, once
         raise
+    from engine.run.folder import nothing_left_to_do
+
+    if not args.overwrite and nothing_left_to_do(Path(cfg.run.out_dir), resume=cfg.run.resume, epochs=cfg.run.epochs):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{cfg.run.out_dir} holds a finished run (summary.json): --resume latest has nothing left to do; "
+                  "nothing was changed")
+        return 0
     from engine.run.heartbeat import is_collective_timeout
     from engine.trainer import Trainer
 

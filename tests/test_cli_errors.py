@@ -358,6 +358,20 @@ def test_resuming_a_finished_run_is_refused_unless_overwrite_and_its_cost_counts
     assert cost["osr"] == summary["cost"]["osr"]
 
 
+def test_resume_latest_of_a_finished_run_has_nothing_to_do(finished_run, shards, tmp_path, capsys):
+    """A job killed after it wrote its results, relaunched as it was (`--resume latest`): exit 0, nothing changed."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = files(run)
+    relaunch = ["tune", "--train", str(shards), "--out", str(run), *JOB, "--save-every", "2", "--resume", "latest"]
+    assert main(relaunch) == 0
+    assert f"{run} holds a finished run (summary.json): --resume latest has nothing left to do" in capsys.readouterr().out
+    assert files(run) == before
+    assert main([*relaunch, "--epochs", "3"]) == 2  # more epochs is a change of the finished run: refused as before
+    assert "holds a finished run (final.safetensors, summary.json)" in capsys.readouterr().err
+    assert files(run) == before
+
+
 def test_a_run_stopped_inside_its_last_save_resumes_without_overwrite(finished_run, shards, tmp_path):
     """final.safetensors is written before the last checkpoint and summary.json after it: a kill in between
     leaves final.safetensors without summary.json, an unfinished run that --resume latest completes."""

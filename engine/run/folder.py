@@ -21,6 +21,21 @@ def finished_outputs(folder: Path) -> list[str]:
     return present if len(present) == len(FINISHED_OUTPUTS) else []
 
 
+def nothing_left_to_do(folder: Path, *, resume: str | None, epochs: int) -> bool:
+    """Whether `--resume latest` into `folder` asks for nothing: the run there finished (its results written, the
+    newest checkpoint its end) with at least `epochs` fine-tuning epochs. A scheduler relaunching a job killed after
+    it wrote its results gets exit 0 instead of a refusal; nothing is read beyond the checkpoint's state."""
+    if resume != "latest" or not finished_outputs(folder):
+        return False
+    from engine.checkpoint import TRAIN_STATE, latest_checkpoint, read_state
+
+    latest = latest_checkpoint(Path(folder) / "checkpoints")
+    if latest is None:
+        return True  # a run without checkpoints that finished: there is nothing to resume either
+    state = read_state(latest)[TRAIN_STATE]
+    return state.get("stage") == "done" and epochs <= state["config"]["run"]["epochs"]
+
+
 def is_run_folder(folder: Path) -> bool:
     """Whether `folder` holds a run of this engine: its log.jsonl begins with the run's start record."""
     try:
