@@ -37,6 +37,7 @@ from engine.distributed import (
 from engine.evaluate import Evaluator, build_tasks, write_results
 from engine.evaluate.policy import EvalPolicy
 from engine.objectives import StepOutputs, TermContext, build_terms, total_loss, trained_scalars
+from engine.objectives.contrastive_term import terms_state_of_old_checkpoint
 from engine.objectives.normaliser import build_normaliser
 from engine.plugins import import_plugins
 from engine.results.summary import earlier_run_outputs, format_rate, run_summary, write_summary
@@ -479,8 +480,8 @@ class Trainer:
         saved = self.checkpoints.load(spec, purpose="resume", can_reshard=self.backend.supports_reshard)
         if "eval_policy" not in saved:  # written before the policy was a part: its fields are in the train state
             self.eval_policy.load_state_dict(saved[TRAIN_STATE])
-        if "objective" not in saved:  # written before loss terms held their state: HGCL's margin in the train state
-            self.objective.load_state_dict(_objective_of_old_checkpoint(saved[TRAIN_STATE]))
+        if "objective" not in saved:  # written before loss terms held their state (it was in the train state)
+            self.objective.load_state_dict(terms_state_of_old_checkpoint(saved[TRAIN_STATE]))
         changes = schedule_changes(saved[TRAIN_STATE], self.state_dict())
         if changes:
             logger.warning("resuming with changed schedule settings: %s", "; ".join(changes))
@@ -535,7 +536,7 @@ class Trainer:
         self.osr_steps, self.data_epoch = saved[TRAIN_STATE]["osr_steps"], saved[TRAIN_STATE]["data_epoch"]
         self.global_step = self.osr_steps  # the global step counts OSR steps, as in a run that ran its own OSR
         try:
-            self.objective.load_state_dict(saved.get("objective", _objective_of_old_checkpoint(saved[TRAIN_STATE])),
+            self.objective.load_state_dict(saved.get("objective", terms_state_of_old_checkpoint(saved[TRAIN_STATE])),
                                            origin=f"the OSR run of {path}")
         except ValueError as exc:
             raise ValueError(f"{Path(saved['path']) / 'state.json'}: {exc}") from None
@@ -603,11 +604,6 @@ class Trainer:
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.lock.release()
-
-
-def _objective_of_old_checkpoint(train_state: dict) -> dict:
-    """The loss terms' state of a checkpoint written before terms held it: the margin HGCL used."""
-    return {"contrastive": {"margin": train_state["margin"]}} if "margin" in train_state else {}
 
 
 def _step_outputs(model_out) -> StepOutputs:

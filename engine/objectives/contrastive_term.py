@@ -116,3 +116,8 @@ class ContrastiveTerm(TermBase):
         if origin is not None and self.ctx.cfg.loss.margin == "auto":  # the margin OSR chose and used
             self.ctx.log_event({"event": "margin_chosen", "margin": self.margin,
                                 "rule": f"auto, chosen at w0 by {origin}"})
+
+
+def terms_state_of_old_checkpoint(train_state: dict) -> dict:
+    """The loss terms' state of a checkpoint written before terms held it: HGCL's margin was in the train state."""
+    return {"contrastive": {"margin": train_state["margin"]}} if "margin" in train_state else {}
