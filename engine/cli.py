@@ -490,7 +490,7 @@ def _shards_build(args: argparse.Namespace) -> int:
 def _shards_check(args: argparse.Namespace) -> int:
     from engine.data.check import check_shards
 
-    report = check_shards(args.shards, min_size=args.min_size, num_workers=args.workers, progress=True,
+    report = check_shards(args.shards, min_size=args.min_size, num_workers=args.workers, progress=sys.stderr.isatty(),
                           max_image_pixels=args.max_image_pixels, max_member_bytes=args.max_member_bytes)
     print(report.table())
     broken = report.broken

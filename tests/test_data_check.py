@@ -174,7 +174,9 @@ def test_check_without_manifest_uses_declared_counts(tmp_path, capsys):
     assert (shard.num_samples, shard.expected_samples, shard.broken) == (2, 3, True)
     (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 2}))
     assert cli_main(["shards", "check", str(tmp_path)]) == 0
-    assert "0 broken of 1" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "0 broken of 1" in out
+    assert "shard/s" not in err and "it/s" not in err  # no progress bar in a log file (stderr not a terminal)
     assert check_shard(tmp_path / "00000.tar").num_samples == 2
     with pytest.raises(ValueError, match="min_size"):
         check_shards(tmp_path, min_size=-1)
