@@ -261,11 +261,11 @@ def test_choices_are_literal_types_shared_with_the_cli():
 def test_configuration_reference_is_up_to_date():
     from pathlib import Path
 
-    from engine.config import reference_markdown
+    from engine.config_reference import reference_markdown
 
     path = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert path.read_text(encoding="utf-8") == reference_markdown(), (
-        "docs/configuration.md is out of date: python -m engine.config --reference > docs/configuration.md")
+        "docs/configuration.md is out of date: python -m engine.config_reference > docs/configuration.md")
     text = path.read_text(encoding="utf-8")
     assert "| `data.train_transform` | \"augment\" \\| \"eval\" | `augment` | must match | yes |" in text
     assert "| `run.epochs` | int | `5` | may only grow (logged) |" in text
