@@ -69,12 +69,15 @@ def run_variant(demo: Path, out: Path, name: str, method: str, overrides: list[s
     runs = sorted(p for p in folder.glob("run.seed=*") if (p / "summary.json").is_file())
     if len(runs) < len(seeds.split(",")):
         command = [sys.executable, str(ROOT / "run.py"), "sweep", "--config", str(config_file), "--out", str(folder),
-                   "--set", f"run.seed={seeds}"]
+                   "--set", f"run.seed={seeds},"]  # the comma keeps one seed a grid axis
         for text in overrides:
             command += ["--set", text]
         print(f"[dip] {name}: {' '.join(command[2:])} (log: {folder / 'sweep.log'})", flush=True)
         with open(folder / "sweep.log", "w") as log:
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode:
+            tail = (folder / "sweep.log").read_text().strip().splitlines()[-1:]
+            raise SystemExit(f"error: variant {name!r} failed ({' '.join(tail)}); see {folder / 'sweep.log'}")
         runs = sorted(p for p in folder.glob("run.seed=*") if (p / "summary.json").is_file())
     return runs
 
