@@ -1,0 +1,1 @@
+"""DeepSpeed ZeRO configs shipped with the engine (JSON files, found by name: engine/backends/zero_configs.py)."""
