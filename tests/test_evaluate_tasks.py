@@ -11,7 +11,12 @@ from PIL import Image
 from engine.config import EVAL_METRICS, EvalConfig
 from engine.demo.synthetic import render_retrieval_task, render_zeroshot_task
 from engine.evaluate import EvalTask, RetrievalTask, ZeroShotTask, build_tasks
-from engine.evaluate.tasks import DEFAULT_TEMPLATES, retrieval_metrics, zero_shot_metrics
+from engine.evaluate.tasks import (
+    DEFAULT_TEMPLATES,
+    retrieval_metrics,
+    retrieval_metrics_blockwise,
+    zero_shot_metrics,
+)
 from tests.helpers.eval_fixtures import (
     naive_retrieval,
     naive_zero_shot,
@@ -53,6 +58,21 @@ def test_retrieval_metrics_match_naive_with_multiple_captions_per_image():
     got = retrieval_metrics(torch.tensor(similarity), torch.tensor(caption_to_image))
     assert got == pytest.approx(naive_retrieval(similarity, caption_to_image))
     assert tuple(got) == EVAL_METRICS["retrieval"]
+
+
+@pytest.mark.parametrize(("num_images", "block"), [(40, 7), (40, 1024), (3, 2), (50, 3)])
+def test_blockwise_retrieval_metrics_equal_the_full_matrix_ones(num_images, block):
+    """Blocks of captions (a last block of one, k above the number of candidates included) give the same numbers
+    as ranking the whole captions x images matrix."""
+    rng = np.random.default_rng(num_images + block)
+    caption_to_image = torch.tensor(list(range(num_images)) + list(rng.integers(0, num_images, size=2 * num_images)))
+    images = F.normalize(torch.tensor(rng.normal(size=(num_images, 16)), dtype=torch.float32), dim=-1)
+    texts = F.normalize(images[caption_to_image] + 0.8 * torch.randn(len(caption_to_image), 16,
+                                                                   generator=torch.Generator().manual_seed(0)), dim=-1)
+    got = retrieval_metrics_blockwise(texts, images, caption_to_image, block=block)
+    want = retrieval_metrics(texts @ images.t(), caption_to_image)
+    assert got == want
+    assert 0 < got["mean_recall@1"] < 1
 
 
 # ---------------------------------------------------------------------------- scoring fixed features

@@ -25,8 +25,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from engine.evaluate import headline_metric  # noqa: E402
-from engine.results.summary import run_records  # noqa: E402
+from engine.evaluate import headline_metric
+from engine.results.summary import run_records
 
 # name -> (the demo method it starts from, overrides). Warm-up lengths are in fine-tuning steps (the full demo
 # has 16 per epoch); the teacher variants need the `wma_teacher` term.
@@ -74,7 +74,7 @@ def run_variant(demo: Path, out: Path, name: str, method: str, overrides: list[s
             command += ["--set", text]
         print(f"[dip] {name}: {' '.join(command[2:])} (log: {folder / 'sweep.log'})", flush=True)
         with open(folder / "sweep.log", "w") as log:
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+            done = subprocess.run(command, check=False, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
             tail = (folder / "sweep.log").read_text().strip().splitlines()[-1:]
             raise SystemExit(f"error: variant {name!r} failed ({' '.join(tail)}); see {folder / 'sweep.log'}")

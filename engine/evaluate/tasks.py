@@ -52,6 +52,7 @@ BUILTIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "simple": tuple(t("{c}") for t in SIMPLE_IMAGENET_TEMPLATES),
 }
 RETRIEVAL_KS: tuple[int, ...] = (1, 5, 10)
+RETRIEVAL_BLOCK = 256  # captions scored against all images at once (memory: block x images scores)
 ZEROSHOT_CLASSIFICATION = "zeroshot_classification"
 ZEROSHOT_RETRIEVAL = "zeroshot_retrieval"
 
@@ -144,11 +145,54 @@ def retrieval_metrics(
         caption_hits = positive.t().gather(1, top_captions).any(dim=1)
         metrics[f"image_retrieval_recall@{k}"] = image_hits.double().mean().item()
         metrics[f"text_retrieval_recall@{k}"] = caption_hits.double().mean().item()
+    return _with_mean_recall(metrics, ks)
+
+
+def _with_mean_recall(metrics: dict[str, float], ks: Sequence[int]) -> dict[str, float]:
     if 1 in ks:
         metrics["mean_recall@1"] = (
             metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]
         ) / 2
     return metrics
+
+
+def retrieval_metrics_blockwise(
+    text_features: torch.Tensor, image_features: torch.Tensor, caption_to_image: torch.Tensor, *,
+    ks: Sequence[int] = RETRIEVAL_KS, block: int = RETRIEVAL_BLOCK,
+) -> dict[str, float]:
+    """`retrieval_metrics(text_features @ image_features.T, caption_to_image)` without the full matrix.
+
+    The matrix is computed `block` captions (rows) at a time: each caption ranks all images from its row, and
+    each image keeps a running top-k of the captions seen so far, merged with every block's column. Memory is
+    O((captions + images) x D + block x images) instead of captions x images; the scores are the full matrix's
+    rows, so the metrics are the same numbers (identical scores, ties, rank in an unspecified order in both).
+    """
+    num_captions, num_images = len(text_features), len(image_features)
+    caption_to_image = caption_to_image.to(text_features.device)
+    k_images, k_captions = min(max(ks), num_images), min(max(ks), num_captions)
+    image_hits = dict.fromkeys(ks, 0)  # captions whose image is in their top k
+    best_scores = text_features.new_empty((num_images, 0))  # per image: its best captions so far
+    best_captions = torch.empty((num_images, 0), dtype=torch.long, device=text_features.device)
+    for start in range(0, num_captions, block):
+        scores = text_features[start : start + block] @ image_features.t()
+        hit = scores.topk(k_images, dim=1).indices == caption_to_image[start : start + block, None]
+        for k in ks:
+            image_hits[k] += int(hit[:, :k].any(dim=1).sum())
+        merged = torch.cat([best_scores, scores.t()], dim=1)
+        del scores
+        top = merged.topk(min(k_captions, merged.shape[1]), dim=1)
+        del merged
+        kept = best_scores.shape[1]  # columns of `merged` below this are kept captions, the rest this block's
+        from_block = top.indices >= kept
+        best_captions = torch.where(from_block, top.indices - kept + start,
+                                    best_captions.gather(1, top.indices.clamp(max=max(kept - 1, 0))) if kept else 0)
+        best_scores = top.values
+    hit = caption_to_image[best_captions] == torch.arange(num_images, device=best_captions.device)[:, None]
+    metrics = {}
+    for k in ks:
+        metrics[f"image_retrieval_recall@{k}"] = image_hits[k] / num_captions
+        metrics[f"text_retrieval_recall@{k}"] = int(hit[:, :k].any(dim=1).sum()) / num_images
+    return _with_mean_recall(metrics, ks)
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -220,13 +264,13 @@ class RetrievalScoring:
                 "num_captions": torch.tensor([len(c) for c in targets], dtype=torch.long)}
 
     def metrics(self, prepared: None, kept: Kept, order: torch.Tensor) -> dict[str, float]:
-        """Image and text retrieval recall@1/5/10 and mean_recall@1 (see `retrieval_metrics`)."""
+        """Image and text retrieval recall@1/5/10 and mean_recall@1 (see `retrieval_metrics_blockwise`).
+
+        Recall counts captions and images: it does not depend on their order, so the features are scored in
+        the order they were kept (`order`, a permutation into key order, is not applied: no copy of them)."""
         num_captions = kept["num_captions"]
-        starts = torch.cumsum(num_captions, 0) - num_captions
-        caption_order = torch.cat([torch.arange(starts[i], starts[i] + num_captions[i]) for i in order.tolist()])
-        caption_to_image = torch.repeat_interleave(torch.arange(len(order)), num_captions[order])
-        similarity = kept["text_features"][caption_order] @ kept["image_features"][order].t()
-        return retrieval_metrics(similarity, caption_to_image)
+        caption_to_image = torch.repeat_interleave(torch.arange(len(num_captions)), num_captions)
+        return retrieval_metrics_blockwise(kept["text_features"], kept["image_features"], caption_to_image)
 
     def score(self, model: torch.nn.Module, tokenizer: Tokenizer, image_features: torch.Tensor, *,
               batch_size: int, device: str | torch.device) -> dict[str, float]:
