@@ -49,6 +49,7 @@ from engine.run.lock import RunLock
 from engine.run.log import JsonlLogger
 from engine.run.preemption import Preempted, StopRequests
 from engine.run.progress import StageProgress
+from engine.run.throughput import Throughput
 from engine.schedules import cosine_lr
 from models import export_model, features_of, logit_bias_of
 
@@ -171,6 +172,7 @@ class Trainer:
             cfg=cfg, tau=self.tau, normaliser=self.normaliser, rank=self.ctx.rank, world_size=self.ctx.world_size,
             local_batch=self.local_batch, gather=gather_no_grad, reduce_sum=all_reduce_sum,
             log_event=lambda record: self.log.write(record)))
+        self.throughput: Throughput | None = None  # FLOPs per sample and peak: at the first stage
         self.cost = RunCost(world_size=self.ctx.world_size)  # every launch's share, carried by checkpoints
         self.checkpoints = CheckpointManager(
             self.out_dir / "checkpoints", self.ctx, keep_last_n=cfg.run.keep_last_n,
@@ -284,6 +286,15 @@ class Trainer:
         cap = self.cfg.run.max_steps_per_epoch
         return min(n, cap) if cap > 0 else n
 
+    def _throughput(self) -> Throughput:
+        """FLOPs per sample and the device's peak, counted once per launch and recorded in the log."""
+        if self.throughput is None:
+            mcfg = self.cfg.model
+            self.throughput = Throughput.for_job(mcfg.name, mcfg.build_kwargs(), precision=mcfg.precision,
+                                                 device=self.device, world_size=self.ctx.world_size)
+            self.log.write({"event": "throughput_model", **self.throughput.describe()})
+        return self.throughput
+
     def run_stage(self, stage: str, *, epochs: int) -> None:
         """Run (or continue, after a resume) `epochs` epochs of `stage` with the job's objective terms.
 
@@ -314,6 +325,7 @@ class Trainer:
                     f", resuming at {stage} step {self.stage_step} (step {self.global_step})" if self.stage_step else "")
         bar = StageProgress(stage, total=total, initial=self.stage_step, enabled=rcfg.progress and self.ctx.is_main,
                             every_steps=rcfg.log_every)
+        throughput = self._throughput()
         stage_started = time.perf_counter()
         self.cost.start(stage)
         while self.stage_epoch < epochs and not self.stopped_early:
@@ -336,13 +348,15 @@ class Trainer:
                 num_samples += len(batch.keys) * self.ctx.world_size
                 self.cost.step(stage, num_samples=len(batch.keys) * self.ctx.world_size)
                 rate = num_samples / max(1e-9, time.perf_counter() - started)
+                speed = throughput.per_device(rate)
                 # The batch-only contrastive loss: on one scale for every method (a surrogate's value is not).
                 shown = "batch_loss" if "batch_loss" in metrics else "loss"
-                bar.update(self.stage_step, {shown: f"{metrics[shown]:.4f}", "samples/s": format_rate(rate)})
+                bar.update(self.stage_step, {shown: f"{metrics[shown]:.4f}", "samples/s": format_rate(rate),
+                                             **({"MFU": f"{100 * speed['mfu']:.1f}%"} if "mfu" in speed else {})})
                 if self.stage_step % rcfg.log_every == 0 or self.stage_step == total or metrics.get("skipped"):
                     self.log.write({"event": "step", "stage": stage, "epoch": epoch, "step": self.global_step,
                                     "stage_step": self.stage_step, **self._ft_step(stage),
-                                    "samples_per_s": rate, **metrics})
+                                    "samples_per_s": rate, **speed, **metrics})
                 epoch_ended = self.epoch_step == epoch_steps
                 if epoch_ended:
                     self._end_epoch(stage, epoch)

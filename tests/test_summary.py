@@ -2,13 +2,15 @@
 TensorBoard scalars."""
 
 import json
+import statistics
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from engine.config import load_config
-from engine.results.summary import format_rate, run_summary
+from engine.results.summary import format_rate, format_summary, run_summary
+from engine.run.throughput import model_flops_per_sample
 from engine.trainer import Trainer
 from tests.helpers.eval_fixtures import ScriptedEvaluator
 from tests.helpers.jobs import job
@@ -98,6 +100,16 @@ def test_a_run_below_base_keeps_the_base_as_best_stops_early_and_logs_to_tensorb
     assert summary["margin"]["value"] == 0.1
 
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # Throughput: FLOPs counted once for the architecture; per-device rates are the logged ones (1 rank); no MFU
+    # on a CPU. The medians are those of the steps' values.
+    steps = [r for r in log if r["event"] == "step"]
+    assert all(r["samples_per_s_per_device"] == r["samples_per_s"] and "mfu" not in r for r in steps)
+    assert summary["throughput"]["flops_per_sample"] == model_flops_per_sample(cfg.model.name)
+    for stage in ("osr", "finetune"):
+        rates = sorted(r["samples_per_s"] for r in steps if r["stage"] == stage)
+        assert summary["throughput"][stage] == {"samples_per_s_per_device": statistics.median(rates)}
+    assert f"{summary['throughput']['finetune']['samples_per_s_per_device']:.4g} samples/s per device" in \
+        format_summary(summary)
     evals = [r for r in log if r["event"] == "eval"]
     # Evaluation steps: global steps count OSR's 3; ft_step counts fine-tuning steps only.
     assert [(r["step"], r["ft_step"]) for r in evals] == [(0, 0), (4, 1), (5, 2)]

@@ -6,6 +6,7 @@ history), never from memory. `engine.results.report.run_report` prints it.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from engine.evaluate import headline_metric
@@ -71,6 +72,7 @@ def run_summary(out_dir: Path, *, metric: str = "") -> dict:
             summary["paths"][name] = None
     summary["margin"] = _margin(config, log)
     summary["cost"] = _cost(log)
+    summary["throughput"] = _throughput(log)
     epoch_ends = [r for r in log if r.get("event") == "epoch_end"]
     summary["num_skipped"] = (epoch_ends[-1].get("num_skipped_all_ranks", epoch_ends[-1].get("num_skipped", 0))
                               if epoch_ends else 0)
@@ -113,6 +115,21 @@ def run_summary(out_dir: Path, *, metric: str = "") -> dict:
     if summary["stopped_early"]:
         summary["warnings"].append(f"fine-tuning stopped early: {summary['stopped_early']}")
     return summary
+
+
+def _throughput(log: list[dict]) -> dict:
+    """Per stage, the median over its logged steps of samples/s per device and of MFU (where known), with the
+    model's FLOPs per sample and the device they were computed for (engine/run/throughput.py)."""
+    model = [r for r in log if r.get("event") == "throughput_model"]
+    out: dict = {"flops_per_sample": model[-1]["flops_per_sample"], "device": model[-1]["device"]} if model else {}
+    for stage in ("osr", "finetune"):
+        steps = [r for r in log if r.get("event") == "step" and r.get("stage") == stage
+                 and "samples_per_s_per_device" in r]
+        if steps:
+            out[stage] = {"samples_per_s_per_device": statistics.median(r["samples_per_s_per_device"] for r in steps)}
+            if all("mfu" in r for r in steps):
+                out[stage]["mfu"] = statistics.median(r["mfu"] for r in steps)
+    return out
 
 
 def _margin(config: dict, log: list[dict]) -> dict | None:
@@ -185,8 +202,11 @@ def format_summary(summary: dict) -> str:
             launches = cost.get("launches", [])
             ranks = (f"{len(launches)} launches on {' + '.join(str(e['world_size']) for e in launches)} rank(s)"
                      if len(launches) > 1 else f"{cost['world_size']} rank(s)")
+            speed = summary.get("throughput", {}).get(stage)
+            rate = (f", {speed['samples_per_s_per_device']:.4g} samples/s per device"
+                    + (f", MFU {100 * speed['mfu']:.1f}%" if "mfu" in speed else "")) if speed else ""
             lines.append(f"{name}: {cost['steps']} steps, {cost['seconds']:.1f} s wall-clock, "
-                         f"{cost['device_hours']:.4g} device-hours ({ranks})")
+                         f"{cost['device_hours']:.4g} device-hours ({ranks}){rate}")
     if summary.get("num_skipped"):
         lines.append(f"samples skipped: {summary['num_skipped']} (see skipped/rank_*.jsonl)")
     if key:
