@@ -1,14 +1,18 @@
-"""The first-evaluation dip: how far each fine-tuning setting falls below the base model early in the run.
+"""Keeping what the base knew: each method and remedy on the demo's data, its dip, its end, interpolated, its cost.
 
-    python run.py demo --out runs/demo                              # the data, the base model, the methods
-    python benchmarks/tools/dip_study.py --demo runs/demo --out runs/dip [--seeds 0,1,2] [--eval-every 1]
+    python run.py demo --out runs/demo                                   # the data, the base model, the methods
+    python benchmarks/tools/remedies_study.py --demo runs/demo --out runs/remedies \
+        [--only "osr+gcl,tuneclip + teacher"] [--seeds 0,1,2] [--eval-every 1] \
+        [--interpolate 0:1:0.25] [--report]
 
 Every variant is one `run.py sweep` over the seeds, started from the configuration the demo used for its
 method (its first run's log) with a few settings changed and evaluation every `--eval-every` fine-tuning
 steps, so the first steps are seen one by one. The table gives, per variant and metric (x100, mean +- sd over
 the seeds): the base, the first evaluation after it, the lowest, the step of the lowest, how many
-evaluations fall below the base (of how many), the final and the best. Nothing here is a target: it
-measures, and the user guide reports what it found.
+evaluations fall below the base (of how many), the final and the best; then the median fine-tuning
+samples/s relative to TuneCLIP's. `--interpolate` runs `run.py interpolate` on every run and tabulates the
+metrics at each a; `--report` writes one `run.py report` of all runs. Finished runs are reused when rerun.
+Nothing here is a target: it measures, and the user guide reports what it found.
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from engine.evaluate import headline_metric
+from engine.results.interpolate import parse_alphas
 from engine.results.summary import run_records
 
 # name -> (the demo method it starts from, overrides). Warm-up lengths are in fine-tuning steps (the full demo
 # has 16 per epoch); the teacher variants need the `wma_teacher` term.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "openclip": ("openclip", []),
+    "fastclip": ("fastclip", []),
+    "teacher alone": ("openclip", ["loss.terms.wma_teacher=1.0"]),
     "osr+gcl": ("osr+gcl", []),
     "osr+gcl warmup 4": ("osr+gcl", ["optim.warmup_steps=4"]),
     "osr+gcl warmup 16": ("osr+gcl", ["optim.warmup_steps=16"]),
@@ -43,6 +50,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "tuneclip warmup 16": ("tuneclip", ["optim.warmup_steps=16"]),
     "tuneclip + teacher": ("tuneclip", ["loss.terms.wma_teacher=1.0"]),
 }
+REFERENCE = "tuneclip"  # step times are relative to this variant's (when it is in the study)
 
 
 def demo_config(demo: Path, method: str) -> dict:
@@ -72,7 +80,7 @@ def run_variant(demo: Path, out: Path, name: str, method: str, overrides: list[s
                    "--set", f"run.seed={seeds},"]  # the comma keeps one seed a grid axis
         for text in overrides:
             command += ["--set", text]
-        print(f"[dip] {name}: {' '.join(command[2:])} (log: {folder / 'sweep.log'})", flush=True)
+        print(f"[study] {name}: {' '.join(command[2:])} (log: {folder / 'sweep.log'})", flush=True)
         with open(folder / "sweep.log", "w") as log:
             done = subprocess.run(command, check=False, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
@@ -123,6 +131,46 @@ def format_rows(rows: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
+def samples_per_s(run: Path) -> float:
+    """Median fine-tuning samples/s of a run's logged steps."""
+    rates = [r["samples_per_s"] for r in run_records(run / "log.jsonl")
+             if r.get("event") == "step" and r.get("stage") == "finetune"]
+    return statistics.median(rates)
+
+
+def step_times(results: dict[str, list[Path]]) -> str:
+    """Median fine-tuning seconds per sample of each variant relative to TuneCLIP's (same machine, same run)."""
+    speed = {name: statistics.median(samples_per_s(run) for run in runs) for name, runs in results.items()}
+    if REFERENCE not in speed:
+        return "step time: no tuneclip variant in this study to compare with"
+    lines = [f"fine-tuning time per sample relative to {REFERENCE} (median samples/s of logged steps):"]
+    lines += [f"  {name:<28} {speed[REFERENCE] / rate:5.2f}x  ({rate:.0f} samples/s)" for name, rate in speed.items()]
+    return "\n".join(lines)
+
+
+def interpolate(results: dict[str, list[Path]], alphas: str, metrics: list[str]) -> str:
+    """`run.py interpolate` of every run (reused when its interpolate.json has these alphas); per variant and
+    metric the mean over seeds at each a (a = 0 is the base, a = 1 the final model)."""
+    lines = []
+    for name, runs in results.items():
+        curves = []
+        for run in runs:
+            done = run / "interpolate.json"
+            if not done.is_file() or json.loads(done.read_text()).get("alphas") != parse_alphas(alphas):
+                command = [sys.executable, str(ROOT / "run.py"), "interpolate", str(run), "--alphas", alphas]
+                with open(run / "interpolate.log", "w") as log:
+                    subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+            curves.append(json.loads(done.read_text())["evaluations"])
+        for metric in metrics:
+            task, _, key = metric.partition("/")
+            points = [[100 * p["results"][task][key] for p in curve] for curve in curves]
+            alphas_seen = [p["alpha"] for p in curves[0]]
+            means = [statistics.fmean(values) for values in zip(*points)]
+            lines.append(f"  {name:<28} {metric:<36} " + "  ".join(f"a={a:g}: {m:6.2f}" for a, m in
+                                                                    zip(alphas_seen, means)))
+    return "interpolation with the base (x100, mean over seeds):\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, required=True, help="a finished `run.py demo --out` folder")
@@ -133,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", action="append", default=None,
                         help="TASK/METRIC to tabulate (repeatable; default: every task of the demo's eval section)")
     parser.add_argument("--tolerance", type=float, default=0.0, help="points below base that still count as equal")
+    parser.add_argument("--interpolate", default=None, metavar="ALPHAS",
+                        help="also interpolate every run with its base at these a (run.py interpolate --alphas)")
+    parser.add_argument("--report", action="store_true", help="one run.py report of all runs in OUT/report")
     args = parser.parse_args(argv)
     chosen = [v.strip() for v in args.only.split(",")] if args.only else list(VARIANTS)
     unknown = sorted(set(chosen) - set(VARIANTS))
@@ -148,7 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     tables = {metric: [row(name, runs, metric, args.tolerance) for name, runs in results.items()] for metric in metrics}
     for metric, rows in tables.items():
         print(format_rows(rows, metric) + "\n")
-    (args.out / "dip_study.json").write_text(json.dumps(tables, indent=1))
+    print(step_times(results) + "\n")
+    if args.interpolate:
+        print(interpolate(results, args.interpolate, metrics) + "\n")
+    if args.report:
+        runs = [str(run) for runs in results.values() for run in runs]
+        subprocess.run([sys.executable, str(ROOT / "run.py"), "report", "--out", str(args.out / "report"), *runs],
+                       check=True, stdout=subprocess.DEVNULL)
+        print(f"report: {args.out / 'report' / 'report.html'}")
+    (args.out / "study.json").write_text(json.dumps(tables, indent=1))
     return 0
 
 
