@@ -4,6 +4,7 @@ a training run (teacher = the average of the student's weights; kill + resume bi
 
 import math
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +196,60 @@ def test_teacher_kill_and_resume_is_bitwise_equal_to_a_straight_run(shards, tmp_
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+
+def tune_teacher(config: dict, stop_at: int | None = None) -> dict:
+    """A run of `config` (every rank), stopped as by SIGTERM after global step `stop_at`; a finished run returns
+    (rank 0) its final weights and the teacher's files of its last checkpoint (one per rank)."""
+    from safetensors.torch import load_file
+
+    from engine.run.preemption import Preempted
+    from tests.helpers.jobs import stop_after
+
+    trainer = Trainer(load_config(base=config))
+    stop_after(trainer, stop_at)
+    try:
+        trainer.tune()
+    except Preempted:
+        return {"finished": False}
+    finally:
+        trainer.close()
+    if not trainer.ctx.is_main:
+        return {"finished": True}
+    out = Path(config["run"]["out_dir"])
+    latest = max((out / "checkpoints").glob("step_*"))
+    files = sorted((latest / "objective" / "wma_teacher").glob("rank_*.safetensors"))
+    return {"finished": True, "weights": load_file(out / "final.safetensors"), "teacher": [load_file(f) for f in files]}
+
+
+def straight_then_stopped(straight: dict, stopped: dict, stop_at: int) -> dict:
+    """One launch: the straight run, then a run stopped after step `stop_at` (for `tune_teacher` to resume)."""
+    first = tune_teacher(straight)
+    assert not tune_teacher(stopped, stop_at=stop_at)["finished"]
+    return first
+
+
+@pytest.mark.slow
+def test_teacher_on_two_fsdp_ranks_is_sharded_and_resumes_bitwise(shards, tmp_path):
+    """2 FSDP2 ranks: each rank's teacher holds its half of every parameter (never a full copy), and a run stopped
+    inside fine-tuning and resumed ends bitwise where the straight run ends, teacher included."""
+    from tests.helpers.harness import run_ranks
+
+    def config(out, **run):
+        return {**teacher_job(shards, tmp_path / out, backend="fsdp", **run), "teacher": {"every_steps": 3}}
+
+    first = run_ranks("tests.test_objectives_teacher:straight_then_stopped", world_size=2,
+                      straight=config("a"), stopped=config("b"), stop_at=8)[0]
+    resumed = run_ranks("tests.test_objectives_teacher:tune_teacher", world_size=2,
+                        config=config("b", resume="latest"))[0]
+    assert len(first["teacher"]) == 2
+    for name, full in first["weights"].items():
+        if name in first["teacher"][0]:
+            assert sum(part[name].numel() for part in first["teacher"]) == full.numel()
+            assert first["teacher"][0][name].numel() < full.numel() or full.numel() == 1
+    for key in first["weights"]:
+        assert torch.equal(resumed["weights"][key], first["weights"][key]), key
+    for mine, theirs in zip(resumed["teacher"], first["teacher"]):
+        for name in theirs:
+            assert torch.equal(mine[name], theirs[name]), name
