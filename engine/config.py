@@ -32,6 +32,7 @@ ResizeMode = Literal["shortest", "longest", "squash"]  # open_clip.transform.ima
 Interpolation = Literal["bicubic", "bilinear", "random"]
 TrainTransform = Literal["augment", "eval"]
 WandbMode = Literal["offline", "online"]
+TeacherKind = Literal["wma", "ema"]
 METHODS = typing.get_args(Method)
 SURROGATE_CHOICES = typing.get_args(Surrogate)
 PRECISIONS = typing.get_args(Precision)
@@ -242,6 +243,28 @@ class OptimConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The moving-average teacher of the `wma_teacher` loss term (TRACER): how its weights follow the student."""
+
+    kind: TeacherKind = setting("wma", "wma = Beta-weighted average of the student's weights along fine-tuning "
+                                "(TRACER); ema = exponential moving average (for comparison)")
+    beta: float = setting(0.5, "wma: update k of K has weight BetaPDF((k + 0.5) / (K + 1); beta, beta); "
+                          "1 = plain average")
+    every_steps: int = setting(1, "fine-tuning optimizer steps between teacher updates")
+    ema_momentum: float = setting(0.999, "ema: teacher <- m teacher + (1 - m) student")
+
+    def errors(self) -> list[str]:
+        out = choice_errors(self, "teacher")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
+            out.append(f"teacher.beta must be a number > 0 (0.5: TRACER's default, 1: plain average), got {self.beta!r}")
+        if not (isinstance(self.every_steps, int) and self.every_steps >= 1):
+            out.append(f"teacher.every_steps must be an integer >= 1, got {self.every_steps!r}")
+        if not (isinstance(self.ema_momentum, (int, float)) and 0 <= self.ema_momentum < 1):
+            out.append(f"teacher.ema_momentum must be in [0, 1), got {self.ema_momentum!r}")
+        return out
+
+
+@dataclass
 class OSRConfig:
     """Stage I (paper Algorithm 1) and the stage-II seeding switches (paper Table 2)."""
 
@@ -428,6 +451,7 @@ class JobConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     osr: OSRConfig = field(default_factory=OSRConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -447,7 +471,7 @@ class JobConfig:
         """Every problem of the configuration; `training=False` (evaluation) needs no training data."""
         out = choice_errors(self, "")
         out.extend(self.data.errors(training=training))
-        for section in (self.model, self.loss, self.optim, self.osr, self.eval, self.run):
+        for section in (self.model, self.loss, self.optim, self.osr, self.teacher, self.eval, self.run):
             out.extend(section.errors())
         return out
 

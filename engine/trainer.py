@@ -36,7 +36,7 @@ from engine.distributed import (
 )
 from engine.evaluate import Evaluator, build_tasks, write_results
 from engine.evaluate.policy import EvalPolicy
-from engine.objectives import StepOutputs, TermContext, build_terms, total_loss, trained_scalars
+from engine.objectives import ModelAccess, StepOutputs, TermContext, build_terms, total_loss, trained_scalars
 from engine.objectives.contrastive_term import terms_state_of_old_checkpoint
 from engine.objectives.normaliser import build_normaliser
 from engine.plugins import import_plugins
@@ -171,7 +171,10 @@ class Trainer:
         self.objective = build_terms(cfg.loss.terms, TermContext(
             cfg=cfg, tau=self.tau, normaliser=self.normaliser, rank=self.ctx.rank, world_size=self.ctx.world_size,
             local_batch=self.local_batch, gather=gather_no_grad, reduce_sum=all_reduce_sum,
-            log_event=lambda record: self.log.write(record)))
+            log_event=lambda record: self.log.write(record),
+            model=ModelAccess(parameter_shards=self.backend.parameter_shards,
+                              forward_no_grad=lambda images, texts: _step_outputs(
+                                  self.backend.forward_no_grad(images, texts)))))
         self.throughput: Throughput | None = None  # FLOPs per sample and peak: at the first stage
         self.cost = RunCost(world_size=self.ctx.world_size)  # every launch's share, carried by checkpoints
         self.checkpoints = CheckpointManager(
@@ -305,7 +308,6 @@ class Trainer:
             self._enter(stage)
         if epochs == 0:
             return
-        self.objective.begin_stage(stage)
         steps_per_epoch = self._steps_per_epoch()
         if steps_per_epoch == 0:
             raise ValueError(
@@ -318,6 +320,7 @@ class Trainer:
         # current epoch was continued from another world size).
         total = (self.stage_step + max(0, self._steps_per_epoch(self.data_epoch) - self.epoch_step)
                  + max(0, epochs - self.stage_epoch - 1) * steps_per_epoch) if self.stage_epoch < epochs else 0
+        self.objective.begin_stage(stage, num_steps=total)
         ocfg, rcfg = self.cfg.optim, self.cfg.run
         eval_every = self.cfg.eval.every_steps
         logger.info("%s: %d epochs x %d steps, objective %s, tau %.4g%s", stage, epochs, steps_per_epoch,

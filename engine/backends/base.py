@@ -75,6 +75,19 @@ class Backend(Protocol):
     def forward(self, images: Tensor, texts: Tensor):
         """The model's forward on a batch, in this backend's precision (open_clip: normalised features)."""
 
+    def forward_no_grad(self, images: Tensor, texts: Tensor):
+        """`forward` without gradient, leaving no gathered weights behind, so the values in `parameter_shards()`
+        may be changed just before and after it (a teacher's forward between the step's forward and backward).
+        Default: `forward` under `torch.no_grad` (backends that keep nothing gathered after a forward)."""
+        with torch.no_grad():
+            return self.forward(images, texts)
+
+    def parameter_shards(self) -> dict[str, Tensor]:
+        """Name -> the tensor holding this rank's part of each trained parameter, the one the forward reads
+        (writable in place, no autograd history). Default: the whole parameter (`param.data`), as a replicated
+        model holds it (one process, ZeRO-1/2)."""
+        return {name: param.data for name, param in self.model.named_parameters() if param.requires_grad}
+
     def backward(self, loss: Tensor) -> None:
         """Accumulate the gradient of `loss` (this rank's share of the global objective)."""
 

@@ -209,6 +209,23 @@ class FSDPBackend(TorchAdamWState, Backend):
         images = images.to(self.device, dtype=torch.float32, non_blocking=True)
         return self.model(images, texts.to(self.device, non_blocking=True))
 
+    def forward_no_grad(self, images: Tensor, texts: Tensor):
+        """`forward` without gradient; every module is resharded before and after it, so it reads the shards'
+        current values and leaves none gathered (the root keeps its gathered weights after a forward)."""
+        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for module in modules:
+            module.reshard()  # the step's forward left the root gathered: the backward gathers it again
+        try:
+            with torch.no_grad():
+                return self.forward(images, texts)
+        finally:
+            for module in modules:
+                module.reshard()
+
+    def parameter_shards(self) -> dict[str, Tensor]:
+        """This rank's local shard of each trained parameter (the DTensor's local tensor FSDP all-gathers from)."""
+        return {name: _local(param.data) for name, param in self._trainable}
+
     def backward(self, loss: Tensor) -> None:
         """Backward; FSDP reduce-scatters the gradients (averaged over ranks) into each rank's shards."""
         loss.backward()

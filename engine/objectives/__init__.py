@@ -32,6 +32,7 @@ from engine.objectives.normaliser import Normaliser
 from engine.objectives.sigmoid import SigmoidObjective
 from engine.objectives.terms import (  # noqa: F401 (the public seam)
     TERM_SUFFIX,
+    ModelAccess,
     ObjectiveTerms,
     StepOutputs,
     Term,

@@ -42,7 +42,7 @@ class ContrastiveTerm(TermBase):
         self.stage: str | None = None
         self.objective = None
 
-    def begin_stage(self, stage: str) -> None:
+    def begin_stage(self, stage: str, *, num_steps: int) -> None:
         self.stage = stage
         self.objective = self.build(self.kinds[stage])
 

@@ -4,7 +4,8 @@ A term receives the batch and the model's outputs and returns a dict: `<name>_lo
 scalar tensors whose value is the term's global value (all ranks' batches) and whose gradient is
 this rank's share of the term's gradient (backends average gradients over ranks); other entries are
 detached diagnostics (global values), logged by name. A term may hold state (`state_dict` /
-`load_state_dict`, saved and restored with the checkpoint as part `objective`), may `prepare()` on
+`load_state_dict`, saved and restored with the checkpoint as part `objective`; tensors through `save` /
+`load` into its own folder `objective/<name>/` of the checkpoint), may `prepare()` on
 probe batches at w0 before OSR (HGCL's `loss.margin=auto`), and is told whether each optimizer step
 was taken (`after_step` / `skip_step`) so what it updates changes only with the weights.
 
@@ -12,12 +13,17 @@ was taken (`after_step` / `skip_step`) so what it updates changes only with the 
 trainer back-propagates the sum of the weighted `*_loss` entries and logs each, weighted, under its
 own key. `register_term(name, builder)` adds a term from anywhere (a module named in `run.plugins`);
 `builder(ctx: TermContext) -> Term`.
+
+A term that needs the model itself (a teacher held as a second set of weights) reads it through
+`TermContext.model` (`ModelAccess`): this rank's parameter shards as the forward reads them and a forward
+without gradient, whatever the backend; it never reaches into the trainer or the backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from torch import Tensor
@@ -44,10 +50,26 @@ class StepOutputs(NamedTuple):
 Probe = Callable[[int], Iterator[tuple["Batch", StepOutputs]]]
 
 
+class ModelAccess(NamedTuple):
+    """The trained model as a term may use it.
+
+    `parameter_shards()`: name -> the tensor holding this rank's part of each trained parameter, the one the
+    forward reads (one process and ZeRO-1/2: the whole parameter; FSDP2: the local shard), so a term may put
+    other values there around a `forward_no_grad` and put the student's back (the values must be restored
+    bit-exact before the step's backward). `forward_no_grad(images, texts)`: the model's outputs on this
+    rank's batch at the values the shards hold, without gradient, leaving no gathered copy behind
+    (collective under sharding backends: every rank calls it).
+    """
+
+    parameter_shards: Callable[[], dict[str, Tensor]]
+    forward_no_grad: Callable[[Tensor, Tensor], StepOutputs]
+
+
 @dataclass
 class TermContext:
     """What a term may build itself from: the job's config, fixed temperature, normaliser, this rank's place
-    in the global batch, collectives (no gradient) and the run log."""
+    in the global batch, collectives (no gradient), the run log and (`model`) the trained model (None where
+    there is none, e.g. a term built outside a trainer)."""
 
     cfg: JobConfig
     tau: float
@@ -58,6 +80,7 @@ class TermContext:
     gather: Callable[[Tensor], Tensor]
     reduce_sum: Callable[[Tensor], Tensor]
     log_event: Callable[[dict], None]
+    model: ModelAccess | None = None
 
 
 class Term(Protocol):
@@ -65,8 +88,9 @@ class Term(Protocol):
 
     name: str
 
-    def begin_stage(self, stage: str) -> None:
-        """The next steps belong to `stage` (`osr`: weights frozen at w0, `finetune`)."""
+    def begin_stage(self, stage: str, *, num_steps: int) -> None:
+        """The next steps belong to `stage` (`osr`: weights frozen at w0, `finetune`), which has `num_steps`
+        batches in all (those done before a resume included)."""
 
     def prepare(self, probe: Probe) -> None:
         """Before OSR, at w0: read what the term needs from `probe(n)` batches (collective when it probes)."""
@@ -92,13 +116,20 @@ class Term(Protocol):
     def load_state_dict(self, state: dict, *, origin: str | None = None) -> None:
         """Restore `state_dict()`; `origin` names an OSR run whose statistics are reused (None: a resume)."""
 
+    def save(self, directory: Path) -> None:
+        """Write the term's tensors (this rank's) into `directory` (collective; nothing to write: no folder)."""
+
+    def load(self, directory: Path, *, reshard: bool = False) -> None:
+        """Read what `save` wrote (before `load_state_dict`); `directory` may not exist (nothing was saved);
+        `reshard`: written by another number of ranks."""
+
 
 class TermBase:
     """Defaults for a stateless term: subclasses define `name` and `__call__`."""
 
     name = "term"
 
-    def begin_stage(self, stage: str) -> None:
+    def begin_stage(self, stage: str, *, num_steps: int) -> None:
         pass
 
     def prepare(self, probe: Probe) -> None:
@@ -122,9 +153,16 @@ class TermBase:
     def load_state_dict(self, state: dict, *, origin: str | None = None) -> None:
         pass
 
+    def save(self, directory: Path) -> None:
+        pass
+
+    def load(self, directory: Path, *, reshard: bool = False) -> None:
+        pass
+
 
 TermBuilder = Callable[[TermContext], Term]
-_TERMS: dict[str, TermBuilder | str] = {"contrastive": "engine.objectives.contrastive_term:ContrastiveTerm"}
+_TERMS: dict[str, TermBuilder | str] = {"contrastive": "engine.objectives.contrastive_term:ContrastiveTerm",
+                                        "wma_teacher": "engine.objectives.teacher_term:TeacherTerm"}
 
 
 def register_term(name: str, builder: TermBuilder) -> None:
@@ -168,9 +206,9 @@ class ObjectiveTerms:
     def describe(self) -> str:
         return " + ".join(name if weight == 1.0 else f"{weight:g} {name}" for name, (_, weight) in self.terms.items())
 
-    def begin_stage(self, stage: str) -> None:
+    def begin_stage(self, stage: str, *, num_steps: int) -> None:
         for term, _ in self.terms.values():
-            term.begin_stage(stage)
+            term.begin_stage(stage, num_steps=num_steps)
 
     def prepare(self, probe: Probe) -> None:
         for term, _ in self.terms.values():
@@ -207,6 +245,16 @@ class ObjectiveTerms:
         for name, (term, _) in self.terms.items():
             if name in state:
                 term.load_state_dict(state[name], origin=origin)
+
+    def save(self, directory: Path) -> None:
+        """Each term's tensors into `directory/<name>` (a checkpoint's folder part; collective)."""
+        for name, (term, _) in self.terms.items():
+            term.save(Path(directory) / name)
+
+    def load(self, directory: Path, *, reshard: bool = False) -> None:
+        """What `save` wrote (a checkpoint written before terms saved tensors has no such folder)."""
+        for name, (term, _) in self.terms.items():
+            term.load(Path(directory) / name, reshard=reshard)
 
 
 def build_terms(weights: dict[str, float], ctx: TermContext) -> ObjectiveTerms:

@@ -184,6 +184,14 @@ class DeepSpeedBackend(Backend):
         """The AdamW that owns this rank's fp32 partitions and their state."""
         return self.engine.optimizer.optimizer
 
+    def parameter_shards(self) -> dict[str, Tensor]:
+        """ZeRO-1/2: each trained parameter as the module holds it (replicated; bf16 runs: the bf16 copy the
+        forward reads). ZeRO-3 is refused: its persistent small parameters stay gathered outside `ds_tensor`."""
+        if self.zero_stage == 3:
+            raise ValueError("loss.terms.wma_teacher: not available under ZeRO-3 yet; use run.backend=fsdp "
+                             "(sharded teacher) or a ZeRO-1/2 config (run.zero_config)")
+        return super().parameter_shards()
+
     def backward(self, loss: Tensor) -> None:
         """Backward of this rank's objective; DeepSpeed averages gradients over ranks, unscaled here."""
         self.engine.backward(loss)

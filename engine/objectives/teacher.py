@@ -1,0 +1,134 @@
+"""The moving-average teacher's weights (TRACER): an average of the student's weights along fine-tuning.
+
+WMA (`kind="wma"`): theta_T = sum_k w_k theta_k / sum_k w_k over the teacher updates k = 0..K, theta_0 the
+student at the start of fine-tuning, theta_k the student after the k-th update (one every `every_steps` taken
+optimizer steps), w_k = BetaPDF((k + 0.5) / (K + 1); beta, beta). Kept incrementally: with r = w_k / W_{k-1},
+theta_T <- (theta_T + r theta_S) / (1 + r) and W_k = W_{k-1} + w_k. EMA (`kind="ema"`): theta_T <- m theta_T +
+(1 - m) theta_S.
+
+The teacher holds a float32 copy of this rank's parameter shards (the student's layout: a whole copy where the
+student is replicated, this rank's shard where it is sharded), so small updates are not lost to bf16 rounding;
+`swapped_into` puts its values (cast to the storage's dtype) into the student's storage for a forward and the
+student's back, bit-exact. Checkpoints: each rank writes its shards (`rank_<r>.safetensors`, float32); the
+small state (weight sum, update count, K) is JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+KINDS = ("wma", "ema")
+
+
+def beta_weight(k: int, num_updates: int, beta: float) -> float:
+    """w_k = BetaPDF((k + 0.5) / (K + 1); beta, beta) for update k of K (k = 0..K)."""
+    assert 0 <= k <= num_updates, (k, num_updates)
+    x = (k + 0.5) / (num_updates + 1)
+    log_norm = 2 * math.lgamma(beta) - math.lgamma(2 * beta)  # log B(beta, beta)
+    return math.exp((beta - 1) * (math.log(x) + math.log1p(-x)) - log_norm)
+
+
+def shard_file(rank: int) -> str:
+    return f"rank_{rank:05d}.safetensors"
+
+
+class MovingAverageTeacher:
+    """Float32 teacher shards averaged over the student's (`start` at theta_0, `update` after each teacher update)."""
+
+    def __init__(self, *, kind: str = "wma", beta: float = 0.5, ema_momentum: float = 0.999):
+        assert kind in KINDS, kind
+        self.kind, self.beta, self.ema_momentum = kind, beta, ema_momentum
+        self.shards: dict[str, Tensor] | None = None  # None until `start`
+        self.num_updates = 0  # K: the last update's index (wma weights)
+        self.update_index = 0  # k of the last update (0: theta_0 only)
+        self.weight_sum = 0.0  # W_k
+
+    @property
+    def started(self) -> bool:
+        return self.shards is not None
+
+    def start(self, student: dict[str, Tensor], *, num_updates: int) -> None:
+        """theta_T = theta_0 = the student's current values; updates 1..`num_updates` (K) will follow."""
+        self.shards = {name: value.detach().float().clone() for name, value in student.items()}
+        self.num_updates, self.update_index = num_updates, 0
+        self.weight_sum = beta_weight(0, num_updates, self.beta) if self.kind == "wma" else 1.0
+
+    def update(self, student: dict[str, Tensor]) -> None:
+        """Fold the student's current values in as the next update."""
+        assert self.shards is not None, "update before start"
+        self.update_index += 1
+        if self.kind == "ema":
+            m = self.ema_momentum
+            for name, theta in self.shards.items():
+                theta.mul_(m).add_(student[name].detach().float(), alpha=1.0 - m)
+            return
+        self.num_updates = max(self.num_updates, self.update_index)
+        weight = beta_weight(self.update_index, self.num_updates, self.beta)
+        ratio = weight / self.weight_sum
+        for name, theta in self.shards.items():
+            theta.add_(student[name].detach().float(), alpha=ratio).div_(1.0 + ratio)
+        self.weight_sum += weight
+
+    @contextlib.contextmanager
+    def swapped_into(self, storage: dict[str, Tensor]):
+        """Inside: `storage` (the student's shards) holds the teacher's values, cast to its dtype; after (also on
+        an error): the student's values again, bit-exact. Same-dtype storage swaps contents one tensor at a time
+        (no second copy of the model); other dtypes keep the student's values aside meanwhile."""
+        assert self.shards is not None, "forward before start"
+        aside: dict[str, Tensor] = {}
+        for name, target in storage.items():
+            teacher = self.shards[name]
+            if target.dtype == teacher.dtype:
+                _swap_(target, teacher)
+            else:
+                aside[name] = target.clone()
+                target.copy_(teacher)
+        try:
+            yield
+        finally:
+            for name, target in storage.items():
+                if name in aside:
+                    target.copy_(aside[name])
+                else:
+                    _swap_(target, self.shards[name])
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "beta": self.beta, "ema_momentum": self.ema_momentum, "started": self.started,
+                "num_updates": self.num_updates, "update_index": self.update_index, "weight_sum": self.weight_sum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_updates, self.update_index = int(state["num_updates"]), int(state["update_index"])
+        self.weight_sum = float(state["weight_sum"])
+
+    def save(self, directory: Path, *, rank: int, world_size: int) -> None:
+        """This rank's float32 shards as `directory/rank_<r>.safetensors` (nothing before `start`)."""
+        if self.shards is None:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({name: value.detach().cpu().contiguous() for name, value in self.shards.items()},
+                  str(directory / shard_file(rank)), metadata={"world_size": str(world_size), "kind": self.kind})
+
+    def load(self, directory: Path, *, rank: int, like: dict[str, Tensor]) -> bool:
+        """Read this rank's shards `save` wrote, shaped and placed like `like` (the student's); False when the
+        checkpoint holds none (written before the teacher started)."""
+        path = directory / shard_file(rank)
+        if not path.is_file():
+            return False
+        saved = load_file(str(path))
+        if set(saved) != set(like) or any(saved[n].shape != like[n].shape for n in like):
+            raise ValueError(f"{path}: the teacher's shards do not match this model's parameters (another model "
+                             "or layout)")
+        self.shards = {name: saved[name].to(like[name].device) for name in like}
+        return True
+
+
+def _swap_(a: Tensor, b: Tensor) -> None:
+    """Exchange the values of two same-shaped, same-dtype tensors in place."""
+    held = a.clone()
+    a.copy_(b)
+    b.copy_(held)

@@ -1,0 +1,255 @@
+"""The wma_teacher term: Beta weights and the moving average against naive references, the distillation term's
+value and gradient against autograd on the plain formula (one process and two simulated ranks), and the term in
+a training run (teacher = the average of the student's weights; kill + resume bitwise equal)."""
+
+import math
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.objectives.distill import similarity_distillation
+from engine.objectives.teacher import MovingAverageTeacher, beta_weight
+from engine.trainer import Trainer
+from tests.helpers.jobs import crash_after, job
+
+
+def naive_beta_pdf(x: float, a: float) -> float:
+    return x ** (a - 1) * (1 - x) ** (a - 1) * math.gamma(2 * a) / math.gamma(a) ** 2
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 2.0])
+def test_wma_teacher_is_the_beta_weighted_average_of_the_student_weights(beta):
+    torch.manual_seed(0)
+    num_updates = 6
+    thetas = [torch.randn(3, 4, dtype=torch.float64) for _ in range(num_updates + 1)]
+    weights = [naive_beta_pdf((k + 0.5) / (num_updates + 1), beta) for k in range(num_updates + 1)]
+    assert [beta_weight(k, num_updates, beta) for k in range(num_updates + 1)] == pytest.approx(weights, rel=1e-12)
+    teacher = MovingAverageTeacher(kind="wma", beta=beta)
+    teacher.start({"w": thetas[0]}, num_updates=num_updates)
+    for theta in thetas[1:]:
+        teacher.update({"w": theta})
+    expected = sum(w * t for w, t in zip(weights, thetas)) / sum(weights)
+    torch.testing.assert_close(teacher.shards["w"], expected.float(), rtol=1e-6, atol=1e-6)
+    assert teacher.weight_sum == pytest.approx(sum(weights), rel=1e-12)
+
+
+def test_beta_one_gives_the_plain_average_and_ema_its_own_rule():
+    teacher = MovingAverageTeacher(kind="wma", beta=1.0)
+    teacher.start({"w": torch.tensor([0.0, 10.0])}, num_updates=3)
+    for k in (1, 2, 3):
+        teacher.update({"w": torch.tensor([float(k), 10.0 - k])})
+    # (0 + 1 + 2 + 3) / 4, (10 + 9 + 8 + 7) / 4, to float32 rounding of the incremental form
+    assert teacher.shards["w"].tolist() == pytest.approx([1.5, 8.5], rel=1e-6)
+    ema = MovingAverageTeacher(kind="ema", ema_momentum=0.5)
+    ema.start({"w": torch.tensor([0.0])}, num_updates=2)
+    ema.update({"w": torch.tensor([4.0])})
+    ema.update({"w": torch.tensor([8.0])})
+    assert ema.shards["w"].tolist() == [5.0]  # 0.5 * (0.5 * 0 + 0.5 * 4) + 0.5 * 8
+
+
+def naive_distillation(f, g, tf, tg, tau):
+    """The plain formula: -(1/B) sum_i [softmax(T_i.) . log softmax(S_i.) + softmax(T^T_i.) . log softmax(S^T_i.)]."""
+    s, t = f @ g.T / tau, tf @ tg.T / tau
+    rows = (torch.softmax(t, 1) * torch.log_softmax(s, 1)).sum()
+    cols = (torch.softmax(t.T, 1) * torch.log_softmax(s.T, 1)).sum()
+    return -(rows + cols) / f.shape[0]
+
+
+def features(num: int, dim: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    out = [torch.nn.functional.normalize(torch.randn(num, dim, generator=gen, dtype=torch.float64), dim=1)
+           for _ in range(4)]
+    return out
+
+
+def test_distillation_value_and_gradients_equal_the_plain_formula_fp64():
+    f, g, tf, tg = features(8, 5, seed=1)
+    tau = 0.07
+    f, g = f.clone().requires_grad_(True), g.clone().requires_grad_(True)
+    weight = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)  # a parameter the features pass through
+    ident = lambda x: x
+    ours = similarity_distillation(f @ weight, g @ weight, tf, tg, tau=tau, offset=0, world_size=1,
+                                   gather=ident, reduce_sum=ident)
+    ours_grads = torch.autograd.grad(ours, [f, g, weight])
+    naive = naive_distillation(f @ weight, g @ weight, tf, tg, tau)
+    naive_grads = torch.autograd.grad(naive, [f, g, weight])
+    torch.testing.assert_close(ours, naive, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours_grads, naive_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+class ThreadRanks:
+    """Collectives between threads standing in for ranks (gather: concatenate; reduce_sum: sum)."""
+
+    def __init__(self, world_size: int):
+        self.world_size, self.barrier, self.slots = world_size, threading.Barrier(world_size), {}
+
+    def collective(self, rank: int, combine):
+        def call(x):
+            self.barrier.wait()
+            self.slots[rank] = x
+            self.barrier.wait()
+            out = combine([self.slots[r] for r in range(self.world_size)])
+            self.barrier.wait()
+            return out
+        return call
+
+
+def test_two_ranks_carry_the_global_value_and_world_size_times_their_share_of_the_gradient():
+    f, g, tf, tg = features(8, 5, seed=2)
+    tau, world, local = 0.05, 2, 4
+    naive_f, naive_g = f.clone().requires_grad_(True), g.clone().requires_grad_(True)
+    naive = naive_distillation(naive_f, naive_g, tf, tg, tau)
+    grad_f, grad_g = torch.autograd.grad(naive, [naive_f, naive_g])
+    ranks, results = ThreadRanks(world), {}
+
+    def run(rank):
+        part = slice(rank * local, (rank + 1) * local)
+        fl, gl = f[part].clone().requires_grad_(True), g[part].clone().requires_grad_(True)
+        value = similarity_distillation(fl, gl, tf, tg, tau=tau, offset=rank * local, world_size=world,
+                                        gather=ranks.collective(rank, lambda xs: torch.cat(xs)),
+                                        reduce_sum=ranks.collective(rank, lambda xs: sum(xs)))
+        results[rank] = (value.detach(), *torch.autograd.grad(value, [fl, gl]))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rank in range(world):
+        value, gf, gg = results[rank]
+        part = slice(rank * local, (rank + 1) * local)
+        torch.testing.assert_close(value, naive.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gf / world, grad_f[part], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gg / world, grad_g[part], rtol=1e-10, atol=1e-12)
+
+
+def teacher_job(shards, out, **run):
+    return job(shards, out, loss={"terms": {"contrastive": 1.0, "wma_teacher": 0.5}},
+               run={"epochs": 1, "save_every_steps": 2, "keep_last_n": 2, **run})
+
+
+def test_teacher_in_training_is_the_plain_average_of_the_student_weights(shards, tmp_path):
+    """beta = 1, every 2 steps: the teacher at the end is the mean of theta_0 (start of fine-tuning, after OSR)
+    and the student after every second fine-tuning step; its term is logged."""
+    trainer = Trainer(load_config(base={**teacher_job(shards, tmp_path), "teacher": {"beta": 1.0, "every_steps": 2}}))
+    term = trainer.objective.term("wma_teacher")
+    seen = []
+    update = term.teacher.update
+
+    def recording_update(student):
+        seen.append({k: v.detach().clone() for k, v in student.items()})
+        update(student)
+
+    term.teacher.update = recording_update
+    start = term.teacher.start
+
+    def recording_start(student, *, num_updates):
+        seen.append({k: v.detach().clone() for k, v in student.items()})
+        start(student, num_updates=num_updates)
+
+    term.teacher.start = recording_start
+    trainer.tune()
+    trainer.close()
+    assert len(seen) == 1 + 6 // 2  # theta_0 and 3 updates (6 fine-tuning steps)
+    for name, value in term.teacher.shards.items():
+        expected = torch.stack([s[name] for s in seen]).double().mean(0).float()
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(term.teacher.shards["visual.proj"], seen[-1]["visual.proj"])  # not the student
+    from engine.run.log import read_jsonl
+
+    steps = [r for r in read_jsonl(tmp_path / "log.jsonl") if r.get("event") == "step" and r["stage"] == "finetune"]
+    assert steps and all(math.isfinite(r["wma_teacher_loss"]) for r in steps)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_teacher_kill_and_resume_is_bitwise_equal_to_a_straight_run(shards, tmp_path):
+    """Killed 2 steps into fine-tuning (a checkpoint then, one teacher update every 3 steps), resumed: weights and
+    teacher bitwise as in a straight run."""
+    from safetensors.torch import load_file
+
+    def end_state(out):
+        latest = max((out / "checkpoints").glob("step_*"))
+        teacher = load_file(latest / "objective" / "wma_teacher" / "rank_00000.safetensors")
+        return load_file(out / "final.safetensors"), teacher
+
+    every_3 = {"teacher": {"every_steps": 3}}
+    straight = Trainer(load_config(base={**teacher_job(shards, tmp_path / "a"), **every_3}))
+    straight.tune()
+    straight.close()
+    crashed = Trainer(load_config(base={**teacher_job(shards, tmp_path / "b"), **every_3}))
+    crash_after(crashed, 9, Crash("simulated failure"))  # 6 OSR steps, then 3 of fine-tuning
+    with pytest.raises(Crash):
+        crashed.tune()
+    crashed.close()
+    resumed = Trainer(load_config(base={**teacher_job(shards, tmp_path / "b", resume="latest"), **every_3}))
+    assert resumed.global_step == 8 and resumed.objective.term("wma_teacher").num_steps == 2
+    resumed.tune()
+    resumed.close()
+    for a, b in zip(end_state(tmp_path / "a"), end_state(tmp_path / "b")):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+
+def tune_teacher(config: dict, stop_at: int | None = None) -> dict:
+    """A run of `config` (every rank), stopped as by SIGTERM after global step `stop_at`; a finished run returns
+    (rank 0) its final weights and the teacher's files of its last checkpoint (one per rank)."""
+    from safetensors.torch import load_file
+
+    from engine.run.preemption import Preempted
+    from tests.helpers.jobs import stop_after
+
+    trainer = Trainer(load_config(base=config))
+    stop_after(trainer, stop_at)
+    try:
+        trainer.tune()
+    except Preempted:
+        return {"finished": False}
+    finally:
+        trainer.close()
+    if not trainer.ctx.is_main:
+        return {"finished": True}
+    out = Path(config["run"]["out_dir"])
+    latest = max((out / "checkpoints").glob("step_*"))
+    files = sorted((latest / "objective" / "wma_teacher").glob("rank_*.safetensors"))
+    return {"finished": True, "weights": load_file(out / "final.safetensors"), "teacher": [load_file(f) for f in files]}
+
+
+def straight_then_stopped(straight: dict, stopped: dict, stop_at: int) -> dict:
+    """One launch: the straight run, then a run stopped after step `stop_at` (for `tune_teacher` to resume)."""
+    first = tune_teacher(straight)
+    assert not tune_teacher(stopped, stop_at=stop_at)["finished"]
+    return first
+
+
+@pytest.mark.slow
+def test_teacher_on_two_fsdp_ranks_is_sharded_and_resumes_bitwise(shards, tmp_path):
+    """2 FSDP2 ranks: each rank's teacher holds its half of every parameter (never a full copy), and a run stopped
+    inside fine-tuning and resumed ends bitwise where the straight run ends, teacher included."""
+    from tests.helpers.harness import run_ranks
+
+    def config(out, **run):
+        return {**teacher_job(shards, tmp_path / out, backend="fsdp", **run), "teacher": {"every_steps": 3}}
+
+    first = run_ranks("tests.test_objectives_teacher:straight_then_stopped", world_size=2,
+                      straight=config("a"), stopped=config("b"), stop_at=8)[0]
+    resumed = run_ranks("tests.test_objectives_teacher:tune_teacher", world_size=2,
+                        config=config("b", resume="latest"))[0]
+    assert len(first["teacher"]) == 2
+    for name, full in first["weights"].items():
+        if name in first["teacher"][0]:
+            assert sum(part[name].numel() for part in first["teacher"]) == full.numel()
+            assert first["teacher"][0][name].numel() < full.numel() or full.numel() == 1
+    for key in first["weights"]:
+        assert torch.equal(resumed["weights"][key], first["weights"][key]), key
+    for mine, theirs in zip(resumed["teacher"], first["teacher"]):
+        for name in theirs:
+            assert torch.equal(mine[name], theirs[name]), name
