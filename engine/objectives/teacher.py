@@ -6,8 +6,9 @@ optimizer steps), w_k = BetaPDF((k + 0.5) / (K + 1); beta, beta). Kept increment
 theta_T <- (theta_T + r theta_S) / (1 + r) and W_k = W_{k-1} + w_k. EMA (`kind="ema"`): theta_T <- m theta_T +
 (1 - m) theta_S.
 
-The teacher holds a float32 copy of this rank's parameter shards (the student's layout: a whole copy where the
-student is replicated, this rank's shard where it is sharded), so small updates are not lost to bf16 rounding;
+The teacher holds a float32 copy of this rank's parameter shards (the student's layout, `Backend.parameter_shards`:
+a whole copy where the student is replicated (one process, ZeRO-1/2), this rank's shard where it is sharded (FSDP2's
+local shards, ZeRO-3's partitions)), so small updates are not lost to bf16 rounding;
 `swapped_into` puts its values (cast to the storage's dtype) into the student's storage for a forward and the
 student's back, bit-exact. Checkpoints: each rank writes its shards (`rank_<r>.safetensors`, float32); the
 small state (weight sum, update count, K) is JSON.

@@ -185,12 +185,27 @@ class DeepSpeedBackend(Backend):
         return self.engine.optimizer.optimizer
 
     def parameter_shards(self) -> dict[str, Tensor]:
-        """ZeRO-1/2: each trained parameter as the module holds it (replicated; bf16 runs: the bf16 copy the
-        forward reads). ZeRO-3 is refused: its persistent small parameters stay gathered outside `ds_tensor`."""
-        if self.zero_stage == 3:
-            raise ValueError("loss.terms.wma_teacher: not available under ZeRO-3 yet; use run.backend=fsdp "
-                             "(sharded teacher) or a ZeRO-1/2 config (run.zero_config)")
-        return super().parameter_shards()
+        """This rank's part of each trained parameter, in the module's dtype (bf16 runs: the bf16 copy the forward
+        reads). ZeRO-1/2: the whole parameter (replicated). ZeRO-3: its partition `ds_tensor` (flat, the last
+        rank's zero-padded), also for the small parameters DeepSpeed keeps gathered (`ds_persist`): their gathered
+        copy is refreshed from the partitions after each step, and `forward_no_grad` gathers it afresh."""
+        if self.zero_stage != 3:
+            return super().parameter_shards()
+        return {name: param.ds_tensor for name, param in self._trainable}
+
+    def forward_no_grad(self, images: Tensor, texts: Tensor):
+        """`forward` without gradient, through the engine (its gathering hooks run). ZeRO-3: every gathered
+        parameter, persistent ones included, is released before and after, so this forward gathers the
+        partitions' current values and the step's backward gathers them again."""
+        if self.zero_stage != 3:
+            return super().forward_no_grad(images, texts)
+        offload = self.engine.optimizer.parameter_offload
+        offload.partition_all_parameters()  # the step's forward left some gathered (persistent, reused)
+        try:
+            with torch.no_grad():
+                return self.forward(images, texts)
+        finally:
+            offload.partition_all_parameters()
 
     def backward(self, loss: Tensor) -> None:
         """Backward of this rank's objective; DeepSpeed averages gradients over ranks, unscaled here."""
