@@ -165,6 +165,47 @@ def test_teacher_in_training_is_the_plain_average_of_the_student_weights(shards,
     assert steps and all(math.isfinite(r["wma_teacher_loss"]) for r in steps)
 
 
+@pytest.mark.parametrize("how", ["pointers", "copies"])
+def test_shards_replaced_forwards_at_other_values_and_restores_the_student_bitwise(shards, tmp_path, how):
+    """Inside `shards_replaced` the forward reads the given values (the single backend's pointer swap, and the
+    default copies every other backend uses); afterwards the student's values and a pending backward are
+    exactly as without it."""
+    import copy
+
+    from engine.backends.base import Backend
+    from models import features_of
+
+    trainer = Trainer(load_config(base=teacher_job(shards, tmp_path)))
+    backend = trainer.backend
+    batch = next(iter(trainer.loader.epoch(0)))
+    student = {name: value.clone() for name, value in backend.parameter_shards().items()}
+    gen = torch.Generator().manual_seed(0)
+    other = {name: value + 0.05 * torch.randn(value.shape, generator=gen) for name, value in student.items()}
+    reference = copy.deepcopy(backend.model)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name in other:
+                param.copy_(other[name])
+        expected = features_of(reference(batch.images, batch.texts))
+
+    def gradients(replace: bool) -> dict:
+        out = features_of(backend.forward(batch.images, batch.texts))
+        if replace:
+            replaced = backend.shards_replaced if how == "pointers" else lambda v: Backend.shards_replaced(backend, v)
+            with replaced(other):
+                at_other = features_of(backend.forward_no_grad(batch.images, batch.texts))
+            assert all(torch.equal(a, b) for a, b in zip(at_other, expected))
+        (out[0].square().sum() + out[1].sum()).backward()
+        grads = {name: param.grad.clone() for name, param in backend.model.named_parameters() if param.grad is not None}
+        backend.zero_grad()
+        return grads
+
+    plain, around = gradients(replace=False), gradients(replace=True)
+    assert all(torch.equal(around[name], plain[name]) for name in plain) and around.keys() == plain.keys()
+    assert all(torch.equal(value, student[name]) for name, value in backend.parameter_shards().items())
+    trainer.close()
+
+
 class Crash(RuntimeError):
     pass
 

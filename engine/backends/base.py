@@ -3,8 +3,9 @@ and the helpers every backend shares."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -87,6 +88,21 @@ class Backend(Protocol):
         (writable in place, no autograd history). Default: the whole parameter (`param.data`), as a replicated
         model holds it (one process, ZeRO-1/2)."""
         return {name: param.data for name, param in self.model.named_parameters() if param.requires_grad}
+
+    @contextlib.contextmanager
+    def shards_replaced(self, values: dict[str, Tensor]) -> Iterator[None]:
+        """Inside: the forward reads `values` (name -> a tensor shaped like `parameter_shards()[name]`, cast to
+        its dtype) in place of the trained parameters' shards; after (also on an error): the trained values
+        again, bit-exact. Default: copies into `parameter_shards()` (fused over all tensors), the trained values
+        kept aside meanwhile (a transient copy of this rank's shards in the module's dtype)."""
+        shards = self.parameter_shards()
+        targets = list(shards.values())
+        aside = [target.clone() for target in targets]
+        torch._foreach_copy_(targets, [values[name] for name in shards])
+        try:
+            yield
+        finally:
+            torch._foreach_copy_(targets, aside)
 
     def backward(self, loss: Tensor) -> None:
         """Accumulate the gradient of `loss` (this rank's share of the global objective)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -53,6 +54,20 @@ class SingleProcessBackend(TorchAdamWState, Backend):
             return self.model(images, texts)
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
             return self.model(images, texts)
+
+    @contextlib.contextmanager
+    def shards_replaced(self, values: dict[str, Tensor]) -> Iterator[None]:
+        """As `Backend.shards_replaced`, without copying: each trained parameter's storage is pointed at its
+        value (cast first where the dtype differs) and back afterwards (the parameters stay the same objects)."""
+        trained = [(param, values[name]) for name, param in self.model.named_parameters() if param.requires_grad]
+        held = [param.data for param, _ in trained]
+        try:
+            for param, value in trained:
+                param.data = value.to(param.dtype)
+            yield
+        finally:
+            for (param, _), data in zip(trained, held):
+                param.data = data
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()

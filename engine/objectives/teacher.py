@@ -2,24 +2,24 @@
 
 WMA (`kind="wma"`): theta_T = sum_k w_k theta_k / sum_k w_k over the teacher updates k = 0..K, theta_0 the
 student at the start of fine-tuning, theta_k the student after the k-th update (one every `every_steps` taken
-optimizer steps), w_k = BetaPDF((k + 0.5) / (K + 1); beta, beta). Kept incrementally: with r = w_k / W_{k-1},
-theta_T <- (theta_T + r theta_S) / (1 + r) and W_k = W_{k-1} + w_k. EMA (`kind="ema"`): theta_T <- m theta_T +
-(1 - m) theta_S.
+optimizer steps), w_k = BetaPDF((k + 0.5) / (K + 1); beta, beta). Kept incrementally: W_k = W_{k-1} + w_k and
+theta_T <- theta_T + (w_k / W_k) (theta_S - theta_T) (one fused lerp over all tensors). EMA (`kind="ema"`):
+theta_T <- m theta_T + (1 - m) theta_S, the same lerp with fraction 1 - m.
 
 The teacher holds a float32 copy of this rank's parameter shards (the student's layout, `Backend.parameter_shards`:
 a whole copy where the student is replicated (one process, ZeRO-1/2), this rank's shard where it is sharded (FSDP2's
-local shards, ZeRO-3's partitions)), so small updates are not lost to bf16 rounding;
-`swapped_into` puts its values (cast to the storage's dtype) into the student's storage for a forward and the
-student's back, bit-exact. Checkpoints: each rank writes its shards (`rank_<r>.safetensors`, float32); the
-small state (weight sum, update count, K) is JSON.
+local shards, ZeRO-3's partitions)), so small updates are not lost to bf16 rounding; the backend puts them in
+place of the student's for the teacher's forward (`Backend.shards_replaced`, cast to the module's dtype) and the
+student's back, bit-exact. Checkpoints: each rank writes its shards (`rank_<r>.safetensors`, float32); the small
+state (weight sum, update count, K) is JSON.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -64,39 +64,15 @@ class MovingAverageTeacher:
         assert self.shards is not None, "update before start"
         self.update_index += 1
         if self.kind == "ema":
-            m = self.ema_momentum
-            for name, theta in self.shards.items():
-                theta.mul_(m).add_(student[name].detach().float(), alpha=1.0 - m)
-            return
-        self.num_updates = max(self.num_updates, self.update_index)
-        weight = beta_weight(self.update_index, self.num_updates, self.beta)
-        ratio = weight / self.weight_sum
-        for name, theta in self.shards.items():
-            theta.add_(student[name].detach().float(), alpha=ratio).div_(1.0 + ratio)
-        self.weight_sum += weight
-
-    @contextlib.contextmanager
-    def swapped_into(self, storage: dict[str, Tensor]):
-        """Inside: `storage` (the student's shards) holds the teacher's values, cast to its dtype; after (also on
-        an error): the student's values again, bit-exact. Same-dtype storage swaps contents one tensor at a time
-        (no second copy of the model); other dtypes keep the student's values aside meanwhile."""
-        assert self.shards is not None, "forward before start"
-        aside: dict[str, Tensor] = {}
-        for name, target in storage.items():
-            teacher = self.shards[name]
-            if target.dtype == teacher.dtype:
-                _swap_(target, teacher)
-            else:
-                aside[name] = target.clone()
-                target.copy_(teacher)
-        try:
-            yield
-        finally:
-            for name, target in storage.items():
-                if name in aside:
-                    target.copy_(aside[name])
-                else:
-                    _swap_(target, self.shards[name])
+            fraction = 1.0 - self.ema_momentum
+        else:
+            self.num_updates = max(self.num_updates, self.update_index)
+            weight = beta_weight(self.update_index, self.num_updates, self.beta)
+            self.weight_sum += weight
+            fraction = weight / self.weight_sum  # w_k / W_k
+        # theta_T + fraction (theta_S - theta_T), fused over all tensors (float32: bf16 students are cast)
+        torch._foreach_lerp_(list(self.shards.values()),
+                             [student[name].detach().float() for name in self.shards], fraction)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "beta": self.beta, "ema_momentum": self.ema_momentum, "started": self.started,
@@ -127,9 +103,3 @@ class MovingAverageTeacher:
         self.shards = {name: saved[name].to(like[name].device) for name in like}
         return True
 
-
-def _swap_(a: Tensor, b: Tensor) -> None:
-    """Exchange the values of two same-shaped, same-dtype tensors in place."""
-    held = a.clone()
-    a.copy_(b)
-    b.copy_(held)

@@ -4,7 +4,7 @@ Enabled with `--set loss.terms.wma_teacher=LAMBDA` (added to the method's `contr
 the `teacher` config section (`engine.objectives.teacher`). The teacher starts at the student's weights when
 fine-tuning begins (after OSR, which moves no weight) and is updated after every `teacher.every_steps` taken
 fine-tuning steps (a skipped step updates nothing). Each fine-tuning step runs one extra forward without
-gradient at the teacher's weights (swapped into the student's shards through `TermContext.model`) and adds
+gradient at the teacher's weights (in place of the student's shards: `TermContext.model.shards_replaced`) and adds
 `engine.objectives.distill.similarity_distillation`, logged as `wma_teacher_loss` (weighted by lambda). During
 OSR the teacher is the student (w0), so the term's gradient is zero: its value is logged, no forward is run.
 """
@@ -54,7 +54,7 @@ class TeacherTerm(TermBase):
         ctx = self.ctx
         if self.stage == "finetune":
             model = ctx.model
-            with self.teacher.swapped_into(model.parameter_shards()):
+            with model.shards_replaced(self.teacher.shards):
                 teacher = model.forward_no_grad(batch.images, batch.texts)
             teacher_image, teacher_text = teacher.image_features, teacher.text_features
         else:  # OSR: the teacher is w0, the student itself (zero gradient)

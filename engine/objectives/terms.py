@@ -22,6 +22,7 @@ without gradient, whatever the backend; it never reaches into the trainer or the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -54,14 +55,16 @@ class ModelAccess(NamedTuple):
     """The trained model as a term may use it.
 
     `parameter_shards()`: name -> the tensor holding this rank's part of each trained parameter, the one the
-    forward reads (one process and ZeRO-1/2: the whole parameter; FSDP2: the local shard), so a term may put
-    other values there around a `forward_no_grad` and put the student's back (the values must be restored
-    bit-exact before the step's backward). `forward_no_grad(images, texts)`: the model's outputs on this
-    rank's batch at the values the shards hold, without gradient, leaving no gathered copy behind
-    (collective under sharding backends: every rank calls it).
+    forward reads (one process and ZeRO-1/2: the whole parameter; FSDP2: the local shard; ZeRO-3: the
+    partition). `shards_replaced(values)`: a context inside which the forward reads `values` (shaped like
+    `parameter_shards()`) instead, the student's values restored bit-exact after it (before the step's
+    backward). `forward_no_grad(images, texts)`: the model's outputs on this rank's batch at the values the
+    shards hold, without gradient, leaving no gathered copy behind (collective under sharding backends: every
+    rank calls it).
     """
 
     parameter_shards: Callable[[], dict[str, Tensor]]
+    shards_replaced: Callable[[dict[str, Tensor]], AbstractContextManager]
     forward_no_grad: Callable[[Tensor, Tensor], StepOutputs]
 
 
