@@ -151,6 +151,8 @@ def _interpolation_figure(runs: list[Run], plt, colors: dict[str, str]) -> str |
     if not interpolated:
         return None
     keys = _metrics([row for run in interpolated for row in run.interpolation["evaluations"]])
+    logged = _metrics([r for run in interpolated for r in run.evals])  # panels in the order of the metrics figure
+    keys.sort(key=lambda key: logged.index(key) if key in logged else len(logged))
     fig, axes = _panels(plt, keys)
     for ax, key in zip(axes, keys):
         for run in interpolated:
