@@ -138,11 +138,16 @@ def check_single_process() -> None:
 
 def interpolate_finished_job(cfg: JobConfig) -> Interpolation | None:
     """`run.interpolate`: interpolate the job's run folder once its training results are on disk (final.safetensors,
-    summary.json), in this process only when it is rank 0 (after the job's collectives are over); None when off, on
-    other ranks, or when the run did not finish (stopped, OSR only)."""
+    summary.json), in this process only when it is rank 0; None when off, on other ranks, or when the run did not
+    finish (stopped, OSR only). Every rank calls it after the trainer is closed: each leaves the job's process group,
+    so rank 0 evaluates alone instead of waiting for ranks that have exited."""
+    from engine.distributed import destroy_process_group
     from engine.run.folder import finished_outputs
 
-    if not cfg.run.interpolate or os.environ.get("RANK", "0") != "0":
+    if not cfg.run.interpolate:
+        return None
+    destroy_process_group()
+    if os.environ.get("RANK", "0") != "0":
         return None
     if not finished_outputs(Path(cfg.run.out_dir)):
         return None
