@@ -396,6 +396,15 @@ class RunConfig:
                                         resume="may_change")
     wandb_mode: WandbMode = setting("offline", "offline: files under <out_dir>/wandb (wandb sync later); online",
                                     resume="may_change")
+    interpolate: str | None = setting(
+        None, "weight-space interpolation at the end of fine-tuning (as run.py interpolate --alphas): a grid of a "
+        "(START:STOP:STEP and/or a comma list, each in [0, 1]) evaluated on the eval tasks in one process after "
+        "final.safetensors and summary.json are written; interpolate.json in out_dir; empty = off",
+        resume="may_change")
+    interpolate_select: str | None = setting(
+        None, "with run.interpolate: TASK/METRIC of a task held out as validation; the best a on it is exported "
+        "to out_dir/interpolated.safetensors (never chosen on the test tasks: empty = nothing exported)",
+        resume="may_change")
     plugins: list[str] = setting([], "modules the trainer imports (on every rank) before it builds the job: the loss "
                                  "terms and normalisers they register can be named in loss.terms / loss.normaliser",
                                  resume="may_change")
@@ -427,6 +436,16 @@ class RunConfig:
             out.append(f"run.below_base_tolerance must be >= 0 (metric units), got {self.below_base_tolerance}")
         if self.stop_below_base < 0:
             out.append(f"run.stop_below_base must be >= 0 (0 = never stop), got {self.stop_below_base}")
+        if self.interpolate:
+            from engine.results.interpolate import parse_alphas
+
+            try:
+                parse_alphas(self.interpolate, name="run.interpolate")
+            except ValueError as exc:
+                out.append(str(exc))
+        elif self.interpolate_select:
+            out.append(f"run.interpolate_select {self.interpolate_select!r} needs run.interpolate (the grid of a to "
+                       "choose from), e.g. run.interpolate=0:1:0.25")
         if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
             out.append(f"run.resume: {self.resume} is not a checkpoint folder; give 'latest' or a "
                        "<run>/checkpoints/step_N folder")
@@ -473,6 +492,25 @@ class JobConfig:
         out.extend(self.data.errors(training=training))
         for section in (self.model, self.loss, self.optim, self.osr, self.teacher, self.eval, self.run):
             out.extend(section.errors())
+        out.extend(self._interpolate_errors())
+        return out
+
+    def _interpolate_errors(self) -> list[str]:
+        """run.interpolate needs base weights to mix with and eval tasks to measure on; its select, one of them."""
+        if not self.run.interpolate:
+            return []
+        out = []
+        tasks = [str(task["name"]) for section in ("zeroshot", "retrieval") for task in getattr(self.eval, section)
+                 if isinstance(task, dict) and "name" in task]
+        if not self.model.weights and not self.model.name.startswith(("hf-hub:", "local-dir:")):
+            out.append("run.interpolate needs base weights (model.weights) to mix with; a run from a random init "
+                       "has none: unset run.interpolate")
+        if not tasks:
+            out.append("run.interpolate needs evaluation tasks (eval.zeroshot / eval.retrieval) to measure each a on")
+        select = self.run.interpolate_select
+        if select and tasks and select.rpartition("/")[0] not in tasks:
+            out.append(f"run.interpolate_select {select!r}: not an evaluation task; use TASK/METRIC with TASK one of "
+                       f"{', '.join(tasks)}")
         return out
 
     def validate(self, *, training: bool = True) -> JobConfig:

@@ -104,3 +104,21 @@ def test_report_renders_in_headless_chromium_without_network(runs, tmp_path):
     # Something was drawn: more than a blank page's single grey level, and dark pixels (text, lines).
     histogram = image.histogram()
     assert sum(1 for count in histogram if count) > 20 and sum(histogram[:100]) > 1000
+
+
+def test_interpolate_json_adds_the_metric_vs_a_curve_with_the_chosen_a(runs, tmp_path):
+    rows = [{"alpha": a, "results": {"zs": {"acc1": 0.40 + 0.1 * a}, "rt": {"mean_recall@1": 0.3 - 0.1 * a}}}
+            for a in (0.0, 0.5, 1.0)]
+    (runs[1] / "interpolate.json").write_text(json.dumps({"evaluations": rows, "chosen_alpha": 0.5}))
+    html_path, md_path = write_report(runs, tmp_path / "report")
+    page = html_path.read_text()
+    assert page.count("<svg") == 4 and "id='fig-interpolation'" in page and "Weight-space interpolation" in page
+    figure = (tmp_path / "report" / "figures" / "interpolation.svg").read_text()
+    assert "figures/interpolation.svg" in md_path.read_text()
+    # One panel per task/metric of the interpolation, a on the x axis (glyphs are paths; their text is a comment).
+    assert figure.count("a (0 = base, 1 = fine-tuned)") == 2 and figure.count('<g id="axes_') == 2
+    assert "<!-- zs/acc1 -->" in figure and "<!-- rt/mean_recall@1 -->" in figure
+    # Without interpolate.json there is no such figure.
+    (runs[1] / "interpolate.json").unlink()
+    page = write_report(runs, tmp_path / "report2")[0].read_text()
+    assert page.count("<svg") == 3 and "fig-interpolation" not in page
