@@ -27,7 +27,8 @@ def fake_run(folder, *, method, seed_moments=True, seed_u=True, scores, osr_step
     for k, score in enumerate(scores[1:], start=1):
         step = osr_steps + 2 * k
         log.append({"event": "step", "stage": "finetune", "step": step, "stage_step": 2 * k, "ft_step": 2 * k,
-                    "loss": 2.0 / k, "contrastive_loss": 2.0 / k, "lr": 1e-4 / k, "gamma": 1.0})
+                    "loss": 2.0 / k, "contrastive_loss": 2.0 / k, "lr": 1e-4 / k, "gamma": 1.0,
+                    "samples_per_s": 100.0 * k, "samples_per_s_per_device": 50.0 * k, "mfu": 0.1 * k})
         log.append({"event": "eval", "stage": "finetune", "step": step, "ft_step": 2 * k,
                     "results": {"zs": {"acc1": score, "acc5": 0.9}, "rt": {"mean_recall@1": 0.2 + 0.01 * k}}})
     log.append({"event": "epoch_end", "skipped": skipped or {}, "num_skipped": 0})
@@ -60,6 +61,7 @@ def test_report_holds_every_run_the_tables_and_no_network_reference(runs, tmp_pa
     assert "Ablation (paper Table 2)" in page
     assert "| tuneclip-no-seed | no | no | 40.00 | 39.00 | 40.00 |" in md
     assert "undecodable image" in page
+    assert "<td>100 (20.0%)</td>" in page  # fine-tuning's median samples/s per device over steps 50, 100, 150, MFU
     assert "final model is worse than the base" in page  # tuneclip-no-seed: 39 < 40
     # Figures: evaluation metrics (one line per run + base), training curves, OSR apart; inline SVG only.
     assert page.count("<svg") == 3 and "id='fig-osr'" in page

@@ -239,6 +239,14 @@ def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
+def _speed(summary: dict) -> str:
+    """Fine-tuning's median samples/s per device, with MFU where the device's peak is known."""
+    speed = summary.get("throughput", {}).get("finetune")
+    if not speed:
+        return ""
+    return f"{speed['samples_per_s_per_device']:.4g}" + (f" ({100 * speed['mfu']:.1f}%)" if "mfu" in speed else "")
+
+
 def _tables(runs: list[Run]) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Name -> (header, rows) of every table of the report."""
     tables = {}
@@ -257,11 +265,12 @@ def _tables(runs: list[Run]) -> dict[str, tuple[list[str], list[list[str]]]]:
                          f"{100 * final['change']:+.2f}" if "change" in final else "",
                          str(margin["value"]) if margin else "",
                          f"{osr['seconds']:.1f} s / {osr['device_hours']:.3g} dev-h" if osr else "",
-                         f"{ft['seconds']:.1f} s" if ft else "", str(s.get("num_skipped", 0))])
+                         f"{ft['seconds']:.1f} s" if ft else "", _speed(s), str(s.get("num_skipped", 0))])
         else:
-            rows.append([run.label, str(run.config.get("method", "")), "(no evaluation)"] + [""] * 8)
+            rows.append([run.label, str(run.config.get("method", "")), "(no evaluation)"] + [""] * 9)
     tables["results"] = (["run", "method", "metric (x100)", "base", "best @ ft step", "final @ ft step",
-                          "final - base", "margin m", "OSR cost", "fine-tuning time", "skipped"], rows)
+                          "final - base", "margin m", "OSR cost", "fine-tuning time", "samples/s per device (MFU)",
+                          "skipped"], rows)
     ablation = _ablation(runs)
     if ablation:
         tables["ablation"] = ablation
