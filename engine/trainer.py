@@ -11,6 +11,7 @@ normaliser it has (registries in `engine.backends` and `engine.objectives` choos
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -51,6 +52,7 @@ from engine.run.preemption import Preempted, StopRequests
 from engine.run.progress import StageProgress
 from engine.schedules import cosine_lr
 from models import export_model, features_of, logit_bias_of
+from models.towers import layer_decay_scales, lock_tower
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +130,10 @@ class Trainer:
         model = self.bundle.model
         # The temperature stays fixed at the checkpoint's value (TuneCLIP never learns it); a bias only
         # an objective that uses it learns (SigLIP's loss).
-        learned = trained_scalars(cfg.surrogate)
-        for name, param in model.named_parameters():
-            if ("logit_scale" in name or "logit_bias" in name) and name not in learned:
-                param.requires_grad_(False)
+        self._freeze(model)
+        # Layer decay's lr factors, by name: every backend builds its param groups from them.
+        optim = dataclasses.replace(optim, lr_scales=layer_decay_scales(
+            model, image=cfg.optim.layer_decay_image, text=cfg.optim.layer_decay_text))
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.backend = backend_cls.from_config(cfg, model, ctx=self.ctx, device=self.device,
@@ -194,6 +196,20 @@ class Trainer:
             self.resume(cfg.run.resume)
         elif cfg.osr.load_from:
             self.load_osr(cfg.osr.load_from)
+
+    def _freeze(self, model: torch.nn.Module) -> None:
+        """Freeze what is not trained (before the backend builds AdamW, which then holds no state for it): the
+        temperature (TuneCLIP never learns it), a bias unless the objective learns it (SigLIP's loss), and the
+        towers of model.lock_image / model.lock_text but their unlocked last groups (open_clip's lock methods)."""
+        learned = trained_scalars(self.cfg.surrogate)
+        for name, param in model.named_parameters():
+            if ("logit_scale" in name or "logit_bias" in name) and name not in learned:
+                param.requires_grad_(False)
+        for kind, unlocked in self.cfg.model.locks().items():
+            frozen = lock_tower(model, kind, unlocked=unlocked)
+            num_values = sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if n in frozen)
+            logger.info("locked the %s tower but its last %d group(s): %d parameters (%d values) frozen", kind,
+                        unlocked, len(frozen), num_values)
 
     def _clear_earlier_run(self) -> None:
         """--overwrite on a fresh job: empty run.out_dir of an earlier run of this engine (rank 0, holding the run
