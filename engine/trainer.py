@@ -37,7 +37,8 @@ from engine.distributed import (
 )
 from engine.evaluate import Evaluator, build_tasks, write_results
 from engine.evaluate.policy import EvalPolicy
-from engine.objectives import StepOutputs, TermContext, build_terms, total_loss, trained_scalars
+from engine.freezing import freeze_untrained
+from engine.objectives import StepOutputs, TermContext, build_terms, total_loss
 from engine.objectives.contrastive_term import terms_state_of_old_checkpoint
 from engine.objectives.normaliser import build_normaliser
 from engine.plugins import import_plugins
@@ -52,7 +53,7 @@ from engine.run.preemption import Preempted, StopRequests
 from engine.run.progress import StageProgress
 from engine.schedules import cosine_lr
 from models import export_model, features_of, logit_bias_of
-from models.towers import layer_decay_scales, lock_tower
+from models.towers import layer_decay_scales
 
 logger = logging.getLogger(__name__)
 
@@ -198,18 +199,12 @@ class Trainer:
             self.load_osr(cfg.osr.load_from)
 
     def _freeze(self, model: torch.nn.Module) -> None:
-        """Freeze what is not trained (before the backend builds AdamW, which then holds no state for it): the
-        temperature (TuneCLIP never learns it), a bias unless the objective learns it (SigLIP's loss), and the
-        towers of model.lock_image / model.lock_text but their unlocked last groups (open_clip's lock methods)."""
-        learned = trained_scalars(self.cfg.surrogate)
-        for name, param in model.named_parameters():
-            if ("logit_scale" in name or "logit_bias" in name) and name not in learned:
-                param.requires_grad_(False)
+        """Freeze what the job does not train (`engine.freezing`), before the backend builds AdamW."""
+        frozen = freeze_untrained(model, self.cfg)
+        numel = {name: getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters()}
         for kind, unlocked in self.cfg.model.locks().items():
-            frozen = lock_tower(model, kind, unlocked=unlocked)
-            num_values = sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if n in frozen)
             logger.info("locked the %s tower but its last %d group(s): %d parameters (%d values) frozen", kind,
-                        unlocked, len(frozen), num_values)
+                        unlocked, len(frozen[kind]), sum(numel[name] for name in frozen[kind]))
 
     def _clear_earlier_run(self) -> None:
         """--overwrite on a fresh job: empty run.out_dir of an earlier run of this engine (rank 0, holding the run

@@ -130,7 +130,8 @@ class DeepSpeedBackend(Backend):
         )
         if int(config["zero_optimization"]["stage"]) != 3:
             return full_bundle(cfg)
-        bundle = build_model_zero3(cfg.model.name, ds_config=config, **cfg.model.build_kwargs(), seed=cfg.run.seed)
+        bundle = build_model_zero3(cfg.model.name, ds_config=config, **cfg.model.build_kwargs(), seed=cfg.run.seed,
+                                   keep_fp32=_locked_names(cfg))
         return bundle, temperature(bundle.model)
 
     @classmethod
@@ -300,9 +301,11 @@ class DeepSpeedBackend(Backend):
             self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' in {directory}")
-        # The run's start values travel with its checkpoints (older ones without the file keep this build's).
+        # The run's start values travel with its checkpoints (older ones without the file keep this build's); a
+        # ZeRO-3 job resumed without model.weights gets them here only.
         saved = _read_frozen_file(directory, self.model)
-        self._frozen_fp32.update({name: value for name, value in saved.items() if name in self._frozen_fp32})
+        frozen = {name for name, param in self.model.named_parameters() if not param.requires_grad}
+        self._frozen_fp32.update({name: value for name, value in saved.items() if name in frozen})
 
     def close(self) -> None:
         """Release DeepSpeed's hooks, engine and this rank's CPU shared-memory buffer."""
@@ -355,6 +358,18 @@ class _EngineRoutedEncoders:
 
         call.__doc__ = method.__doc__
         return call
+
+
+def _locked_names(cfg: JobConfig) -> set[str]:
+    """The parameters model.lock_image / model.lock_text will freeze in a bf16 job that loads weights (read on a
+    model built on the meta device): ZeRO-3 rounds their partitions, so rank 0 keeps the file's values."""
+    if cfg.model.precision == "fp32" or cfg.model.weights is None or not cfg.model.locks():
+        return set()
+    from engine.freezing import freeze_untrained
+    from models.meta import build_model_on_meta
+
+    frozen = freeze_untrained(build_model_on_meta(cfg.model.name, **cfg.model.build_kwargs()).model, cfg)
+    return {name for kind in cfg.model.locks() for name in frozen[kind]}
 
 
 def _frozen_fp32_values(model: nn.Module) -> dict[str, Tensor]:
