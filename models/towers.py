@@ -53,8 +53,9 @@ def _lock_call(model: nn.Module, tower: Tower, unlocked: int) -> None:
             warnings.filterwarnings("ignore", message="Importing from timm.models.helpers", category=FutureWarning)
             method(**{tower.count_arg: unlocked})
     except (AssertionError, RuntimeError, NotImplementedError) as exc:  # e.g. ModifiedResNet: full lock only
-        raise ValueError(f"{tower.field}={unlocked}: the {tower.kind} tower of {type(model).__name__} cannot be "
-                         f"locked partially ({exc or type(exc).__name__}); use 0 (whole tower locked) and "
+        raise ValueError(f"the {tower.kind} tower of {type(model).__name__} cannot be locked partially "
+                         f"({exc or type(exc).__name__}), which {tower.field} > 0 and optim.layer_decay_{tower.kind} "
+                         f"< 1 need: use {tower.field}=0 (the whole tower locked) and "
                          f"optim.layer_decay_{tower.kind}=1.0") from None
 
 
@@ -74,8 +75,9 @@ def lock_groups(model: nn.Module, kind: str) -> list[list[str]]:
             now = [name for name, param in params.items() if not param.requires_grad]
             if frozen is not None:
                 if len(now) >= len(frozen):  # one more unlocked group unlocked nothing
-                    raise ValueError(f"{tower.field}: the {tower.kind} tower of {type(model).__name__} unlocks "
-                                     f"nothing more at {unlocked} groups; its lock groups cannot be read")
+                    raise ValueError(f"the {tower.kind} tower of {type(model).__name__} unlocks nothing more at "
+                                     f"{unlocked} groups, so its lock groups cannot be read for {tower.field} or "
+                                     f"optim.layer_decay_{tower.kind}; use 0 and 1.0")
                 groups.insert(0, [name for name in frozen if name not in set(now)])
             if not now:
                 break

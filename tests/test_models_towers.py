@@ -70,8 +70,10 @@ def test_lock_tower_leaves_its_last_groups_trainable():
 
 def test_a_tower_without_partial_lock_is_one_error_line():
     model = open_clip.create_model("RN50", device="meta")
-    with pytest.raises(ValueError, match=r"^model.lock_image_unlocked_groups=1: the image tower of CLIP cannot be "
-                                         r"locked partially") as info:
+    with pytest.raises(ValueError, match=r"^the image tower of CLIP cannot be locked partially .*use "
+                                         r"model.lock_image_unlocked_groups=0") as info:
         lock_tower(model, "image", unlocked=1)
+    with pytest.raises(ValueError, match=r"optim.layer_decay_image=1.0$"):
+        layer_decay_scales(model, image=0.9)
     assert "\n" not in str(info.value)
     assert lock_tower(model, "image", unlocked=0)  # the whole tower: open_clip's lock does it
