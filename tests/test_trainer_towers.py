@@ -134,7 +134,7 @@ def test_layer_decay_gives_each_parameter_its_table_lr_at_every_step(shards, tmp
     (["--set", "model.lock_text=true", "--set", "model.lock_text_unlocked_layers=-1"],
      "model.lock_text_unlocked_layers must be >= 0"),
     (["--set", "optim.layer_decay_text=1.5"], "optim.layer_decay_text must be in (0, 1]"),
-    (["--set", "model.lock_image=true", "--set", "model.lock_image_unlocked_groups=9"],
+    (["--lock-image", "--lock-image-unlocked-groups", "9"],  # open_clip_train's spellings
      "model.lock_image_unlocked_groups=9: the image tower of CLIP has 4 lock groups"),
 ])
 def test_bad_lock_and_decay_values_are_one_error_line(shards, tmp_path, capsys, flags, message):
