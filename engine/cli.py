@@ -52,6 +52,10 @@ OPEN_CLIP_TRAIN_FLAGS = {
                          "wandb": ["run.wandb_project=open-clip"],  # open_clip_train's default project name
                          "all": ["run.tensorboard=true", "run.wandb_project=open-clip"]}),
     "save_frequency": ("run.save_every_epochs", None),  # epochs, as in open_clip_train
+    "lock_image": ("model.lock_image", {"": "true"}),  # a switch there: given without a value
+    "lock_image_unlocked_groups": ("model.lock_image_unlocked_groups", None),
+    "lock_text": ("model.lock_text", {"": "true"}),
+    "lock_text_unlocked_layers": ("model.lock_text_unlocked_layers", None),
 }
 
 
@@ -102,10 +106,18 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
                                               "fp32 = --set model.precision=fp32")),
             "report_to": ("LIST", ("tensorboard = --set run.tensorboard=true; wandb = --set "
                                    "run.wandb_project=open-clip; all = both (comma-separated, as there)")),
-            "save_frequency": ("EPOCHS", "= --set run.save_every_epochs=EPOCHS (a checkpoint every EPOCHS epochs)")}
+            "save_frequency": ("EPOCHS", "= --set run.save_every_epochs=EPOCHS (a checkpoint every EPOCHS epochs)"),
+            "lock_image": (None, "= --set model.lock_image=true"),
+            "lock_image_unlocked_groups": ("N", "= --set model.lock_image_unlocked_groups=N"),
+            "lock_text": (None, "= --set model.lock_text=true"),
+            "lock_text_unlocked_layers": ("N", "= --set model.lock_text_unlocked_layers=N")}
     for flag, (metavar, help_text) in text.items():
-        aliases.add_argument(f"--{flag.replace('_', '-')}", dest=f"alias_{flag}", default=None, metavar=metavar,
-                             help=help_text)
+        if metavar is None:  # a switch: present or not
+            aliases.add_argument(f"--{flag.replace('_', '-')}", dest=f"alias_{flag}", default=None,
+                                 action="store_const", const="", help=help_text)
+        else:
+            aliases.add_argument(f"--{flag.replace('_', '-')}", dest=f"alias_{flag}", default=None, metavar=metavar,
+                                 help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,7 +260,7 @@ def open_clip_train_overrides(args: argparse.Namespace, *, say=print) -> list[st
                                  f"accepted: {', '.join(values)} (or --set the field, see run.py {args.command} --help)")
             these = [item for word in words for item in
                      (values[word] if isinstance(values[word], list) else [f"{key}={values[word]}"])]
-        say(f"note: {spelled} {given} is run as " + " ".join(f"--set {item}" for item in these))
+        say(f"note: {' '.join(filter(None, (spelled, given)))} is run as " + " ".join(f"--set {item}" for item in these))
         overrides += these
     return overrides
 

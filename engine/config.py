@@ -95,11 +95,28 @@ class ModelConfig:
     precision: Precision = setting("fp32", "training precision (bf16: autocast where the device supports it)",
                                    osr=True)
     grad_checkpointing: bool = setting(False, "recompute activations in backward (less memory, more time)")
+    lock_image: bool = setting(False, "freeze the image tower (open_clip's --lock-image) but its last "
+                               "lock_image_unlocked_groups groups; frozen weights are exported unchanged", osr=True)
+    lock_image_unlocked_groups: int = setting(
+        0, "with lock_image: the image tower's last N lock groups stay trainable (open_clip's groups: embeddings, "
+        "each block, the last block with the final norm, the projection; a timm trunk's: timm's)", osr=True)
+    lock_text: bool = setting(False, "freeze the text tower (open_clip's --lock-text) but its last "
+                              "lock_text_unlocked_layers groups", osr=True)
+    lock_text_unlocked_layers: int = setting(
+        0, "with lock_text: the text tower's last N lock groups stay trainable (open_clip's "
+        "--lock-text-unlocked-layers: embeddings, each block, the last block with the final norm, the projection)",
+        osr=True)
 
     @property
     def tag(self) -> str | None:
         """The pretrained tag (`pretrained_tag`, or the older `preset`)."""
         return self.pretrained_tag or self.preset
+
+    def locks(self) -> dict[str, int]:
+        """Tower ("image" / "text") -> its number of unlocked last groups, for each tower to lock."""
+        return {kind: unlocked for kind, locked, unlocked in (
+            ("image", self.lock_image, self.lock_image_unlocked_groups),
+            ("text", self.lock_text, self.lock_text_unlocked_layers)) if locked}
 
     def build_kwargs(self) -> dict:
         """Keyword arguments of `models.build_model` for this section (besides the name)."""
@@ -121,6 +138,15 @@ class ModelConfig:
             out.append(f"model.std must be > 0, got {self.std!r}")
         if not self.name:
             out.append("model.name must name an open_clip architecture or a JSON config")
+        for key, locked in (("lock_image_unlocked_groups", self.lock_image),
+                            ("lock_text_unlocked_layers", self.lock_text)):
+            value = getattr(self, key)
+            if value < 0:
+                out.append(f"model.{key} must be >= 0 (0 = the whole tower frozen), got {value}")
+            elif value > 0 and not locked:
+                tower = key.split("_")[1]
+                out.append(f"model.{key}={value} needs model.lock_{tower}=true (it says which groups of the locked "
+                           f"tower stay trainable); set model.lock_{tower}=true or remove model.{key}")
         if self.weights is not None and not Path(self.weights).exists():
             out.append(f"model.weights: file {self.weights} does not exist; give a local checkpoint path")
         return out
@@ -226,6 +252,12 @@ class OptimConfig:
     warmup_steps: int = setting(0, "linear warm-up steps before the cosine decay", resume="schedule")
     grad_clip: float = setting(0.0, "max global grad norm in fine-tuning; 0 = off (never applied in OSR)",
                                resume="schedule")
+    # osr=True: the statistics hold no lr, but AdamW's saved moments are laid out by these param groups.
+    layer_decay_image: float = setting(
+        1.0, "layer-wise lr decay of the image tower: a parameter at depth d of L blocks learns at lr * "
+        "decay^(L - d) (embeddings 0, block i i + 1, final norm and projection L); 1.0 = off", osr=True)
+    layer_decay_text: float = setting(1.0, "layer-wise lr decay of the text tower, as layer_decay_image; "
+                                      "logit_scale and logit_bias keep lr (factor 1); 1.0 = off", osr=True)
 
     def errors(self) -> list[str]:
         out = []
@@ -239,6 +271,9 @@ class OptimConfig:
             out.append(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.grad_clip < 0:
             out.append(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        for key in ("layer_decay_image", "layer_decay_text"):
+            if not 0 < getattr(self, key) <= 1:
+                out.append(f"optim.{key} must be in (0, 1] (1.0 = off), got {getattr(self, key)}")
         return out
 
 
