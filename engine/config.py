@@ -95,11 +95,28 @@ class ModelConfig:
     precision: Precision = setting("fp32", "training precision (bf16: autocast where the device supports it)",
                                    osr=True)
     grad_checkpointing: bool = setting(False, "recompute activations in backward (less memory, more time)")
+    lock_image: bool = setting(False, "freeze the image tower (open_clip's --lock-image) but its last "
+                               "lock_image_unlocked_groups groups; frozen weights are exported unchanged", osr=True)
+    lock_image_unlocked_groups: int = setting(
+        0, "with lock_image: the image tower's last N lock groups stay trainable (open_clip's groups: embeddings, "
+        "each block, the last block with the final norm, the projection; a timm trunk's: timm's)", osr=True)
+    lock_text: bool = setting(False, "freeze the text tower (open_clip's --lock-text) but its last "
+                              "lock_text_unlocked_layers groups", osr=True)
+    lock_text_unlocked_layers: int = setting(
+        0, "with lock_text: the text tower's last N lock groups stay trainable (open_clip's "
+        "--lock-text-unlocked-layers: embeddings, each block, the last block with the final norm, the projection)",
+        osr=True)
 
     @property
     def tag(self) -> str | None:
         """The pretrained tag (`pretrained_tag`, or the older `preset`)."""
         return self.pretrained_tag or self.preset
+
+    def locks(self) -> dict[str, int]:
+        """Tower ("image" / "text") -> its number of unlocked last groups, for each tower to lock."""
+        return {kind: unlocked for kind, locked, unlocked in (
+            ("image", self.lock_image, self.lock_image_unlocked_groups),
+            ("text", self.lock_text, self.lock_text_unlocked_layers)) if locked}
 
     def build_kwargs(self) -> dict:
         """Keyword arguments of `models.build_model` for this section (besides the name)."""
@@ -121,6 +138,15 @@ class ModelConfig:
             out.append(f"model.std must be > 0, got {self.std!r}")
         if not self.name:
             out.append("model.name must name an open_clip architecture or a JSON config")
+        for key, locked in (("lock_image_unlocked_groups", self.lock_image),
+                            ("lock_text_unlocked_layers", self.lock_text)):
+            value = getattr(self, key)
+            if value < 0:
+                out.append(f"model.{key} must be >= 0 (0 = the whole tower frozen), got {value}")
+            elif value > 0 and not locked:
+                tower = key.split("_")[1]
+                out.append(f"model.{key}={value} needs model.lock_{tower}=true (it says which groups of the locked "
+                           f"tower stay trainable); set model.lock_{tower}=true or remove model.{key}")
         if self.weights is not None and not Path(self.weights).exists():
             out.append(f"model.weights: file {self.weights} does not exist; give a local checkpoint path")
         return out
@@ -226,6 +252,12 @@ class OptimConfig:
     warmup_steps: int = setting(0, "linear warm-up steps before the cosine decay", resume="schedule")
     grad_clip: float = setting(0.0, "max global grad norm in fine-tuning; 0 = off (never applied in OSR)",
                                resume="schedule")
+    # osr=True: the statistics hold no lr, but AdamW's saved moments are laid out by these param groups.
+    layer_decay_image: float = setting(
+        1.0, "layer-wise lr decay of the image tower: a parameter at depth d of L blocks learns at lr * "
+        "decay^(L - d) (embeddings 0, block i i + 1, final norm and projection L); 1.0 = off", osr=True)
+    layer_decay_text: float = setting(1.0, "layer-wise lr decay of the text tower, as layer_decay_image; "
+                                      "logit_scale and logit_bias keep lr (factor 1); 1.0 = off", osr=True)
 
     def errors(self) -> list[str]:
         out = []
@@ -239,6 +271,9 @@ class OptimConfig:
             out.append(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.grad_clip < 0:
             out.append(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        for key in ("layer_decay_image", "layer_decay_text"):
+            if not 0 < getattr(self, key) <= 1:
+                out.append(f"optim.{key} must be in (0, 1] (1.0 = off), got {getattr(self, key)}")
         return out
 
 
@@ -396,6 +431,15 @@ class RunConfig:
                                         resume="may_change")
     wandb_mode: WandbMode = setting("offline", "offline: files under <out_dir>/wandb (wandb sync later); online",
                                     resume="may_change")
+    interpolate: str | None = setting(
+        None, "weight-space interpolation at the end of fine-tuning (as run.py interpolate --alphas): a grid of a "
+        "(START:STOP:STEP and/or a comma list, each in [0, 1]) evaluated on the eval tasks in one process after "
+        "final.safetensors and summary.json are written; interpolate.json in out_dir; empty = off",
+        resume="may_change")
+    interpolate_select: str | None = setting(
+        None, "with run.interpolate: TASK/METRIC of a task held out as validation; the best a on it is exported "
+        "to out_dir/interpolated.safetensors (never chosen on the test tasks: empty = nothing exported)",
+        resume="may_change")
     plugins: list[str] = setting([], "modules the trainer imports (on every rank) before it builds the job: the loss "
                                  "terms and normalisers they register can be named in loss.terms / loss.normaliser",
                                  resume="may_change")
@@ -427,6 +471,16 @@ class RunConfig:
             out.append(f"run.below_base_tolerance must be >= 0 (metric units), got {self.below_base_tolerance}")
         if self.stop_below_base < 0:
             out.append(f"run.stop_below_base must be >= 0 (0 = never stop), got {self.stop_below_base}")
+        if self.interpolate:
+            from engine.results.interpolate import parse_alphas
+
+            try:
+                parse_alphas(self.interpolate, name="run.interpolate")
+            except ValueError as exc:
+                out.append(str(exc))
+        elif self.interpolate_select:
+            out.append(f"run.interpolate_select {self.interpolate_select!r} needs run.interpolate (the grid of a to "
+                       "choose from), e.g. run.interpolate=0:1:0.25")
         if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
             out.append(f"run.resume: {self.resume} is not a checkpoint folder; give 'latest' or a "
                        "<run>/checkpoints/step_N folder")
@@ -473,6 +527,25 @@ class JobConfig:
         out.extend(self.data.errors(training=training))
         for section in (self.model, self.loss, self.optim, self.osr, self.teacher, self.eval, self.run):
             out.extend(section.errors())
+        out.extend(self._interpolate_errors())
+        return out
+
+    def _interpolate_errors(self) -> list[str]:
+        """run.interpolate needs base weights to mix with and eval tasks to measure on; its select, one of them."""
+        if not self.run.interpolate:
+            return []
+        out = []
+        tasks = [str(task["name"]) for section in ("zeroshot", "retrieval") for task in getattr(self.eval, section)
+                 if isinstance(task, dict) and "name" in task]
+        if not self.model.weights and not self.model.name.startswith(("hf-hub:", "local-dir:")):
+            out.append("run.interpolate needs base weights (model.weights) to mix with; a run from a random init "
+                       "has none: unset run.interpolate")
+        if not tasks:
+            out.append("run.interpolate needs evaluation tasks (eval.zeroshot / eval.retrieval) to measure each a on")
+        select = self.run.interpolate_select
+        if select and tasks and select.rpartition("/")[0] not in tasks:
+            out.append(f"run.interpolate_select {select!r}: not an evaluation task; use TASK/METRIC with TASK one of "
+                       f"{', '.join(tasks)}")
         return out
 
     def validate(self, *, training: bool = True) -> JobConfig:

@@ -11,6 +11,7 @@ normaliser it has (registries in `engine.backends` and `engine.objectives` choos
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -36,7 +37,8 @@ from engine.distributed import (
 )
 from engine.evaluate import Evaluator, build_tasks, write_results
 from engine.evaluate.policy import EvalPolicy
-from engine.objectives import ModelAccess, StepOutputs, TermContext, build_terms, total_loss, trained_scalars
+from engine.freezing import freeze_untrained
+from engine.objectives import ModelAccess, StepOutputs, TermContext, build_terms, total_loss
 from engine.objectives.contrastive_term import terms_state_of_old_checkpoint
 from engine.objectives.normaliser import build_normaliser
 from engine.plugins import import_plugins
@@ -52,6 +54,7 @@ from engine.run.progress import StageProgress
 from engine.run.throughput import Throughput
 from engine.schedules import cosine_lr
 from models import export_model, features_of, logit_bias_of
+from models.towers import layer_decay_scales
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +132,10 @@ class Trainer:
         model = self.bundle.model
         # The temperature stays fixed at the checkpoint's value (TuneCLIP never learns it); a bias only
         # an objective that uses it learns (SigLIP's loss).
-        learned = trained_scalars(cfg.surrogate)
-        for name, param in model.named_parameters():
-            if ("logit_scale" in name or "logit_bias" in name) and name not in learned:
-                param.requires_grad_(False)
+        self._freeze(model)
+        # Layer decay's lr factors, by name: every backend builds its param groups from them.
+        optim = dataclasses.replace(optim, lr_scales=layer_decay_scales(
+            model, image=cfg.optim.layer_decay_image, text=cfg.optim.layer_decay_text))
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.backend = backend_cls.from_config(cfg, model, ctx=self.ctx, device=self.device,
@@ -200,6 +203,14 @@ class Trainer:
             self.resume(cfg.run.resume)
         elif cfg.osr.load_from:
             self.load_osr(cfg.osr.load_from)
+
+    def _freeze(self, model: torch.nn.Module) -> None:
+        """Freeze what the job does not train (`engine.freezing`), before the backend builds AdamW."""
+        frozen = freeze_untrained(model, self.cfg)
+        numel = {name: getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters()}
+        for kind, unlocked in self.cfg.model.locks().items():
+            logger.info("locked the %s tower but its last %d group(s): %d parameters (%d values) frozen", kind,
+                        unlocked, len(frozen[kind]), sum(numel[name] for name in frozen[kind]))
 
     def _clear_earlier_run(self) -> None:
         """--overwrite on a fresh job: empty run.out_dir of an earlier run of this engine (rank 0, holding the run

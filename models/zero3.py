@@ -15,7 +15,7 @@ ZeRO-3 model differs from `build_model`'s with the same seed (trained checkpoint
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,9 +87,11 @@ def _partitioned_shapes(model: nn.Module) -> dict[str, torch.Size]:
     return shapes
 
 
-def load_weights_into_partitions(model: nn.Module, path: str | os.PathLike, *, rank: int) -> int:
+def load_weights_into_partitions(model: nn.Module, path: str | os.PathLike, *, rank: int,
+                                 keep_fp32: Collection[str] = ()) -> int:
     """Load weights file `path` strictly into a ZeRO-3 partitioned `model` (collective; rank 0 reads the file);
-    returns the number of tensors loaded."""
+    returns the number of tensors loaded. Rank 0 keeps the file's float32 values of the parameters named in
+    `keep_fp32` (those the job freezes: their partitions may hold them rounded to bf16)."""
     from deepspeed import zero
 
     from engine.distributed import broadcast_object
@@ -136,6 +138,8 @@ def load_weights_into_partitions(model: nn.Module, path: str | os.PathLike, *, r
             exact = exact.to(param.ds_tensor.device)
             torch.distributed.broadcast(exact, src=0)
             setattr(param, LOADED_FP32_ATTR, exact.cpu())
+        elif name in keep_fp32 and rank == 0:  # rank 0 exports and checkpoints them; the others need no copy
+            setattr(param, LOADED_FP32_ATTR, reader(name).reshape(param.ds_shape).float().cpu())
     # Buffers are not partitioned: every rank holds them whole and takes rank 0's values.
     for name, buf in model.named_buffers():
         if name in expected:
@@ -154,12 +158,14 @@ def build_model_zero3(
     preprocess: dict | None = None,
     tokenizer: str | None = None,
     seed: int | None = None,
+    keep_fp32: Collection[str] = (),
 ) -> ClipBundle:
     """`build_model(name, weights=..., pretrained_tag=..., ...)` for ZeRO-3: parameters partitioned as
     they are created (collective). Names, weights, tags and tokenizers resolve as in `build_model`.
 
     `ds_config` is the DeepSpeed config the engine will use (its bf16 setting gives the partitions'
     dtype). `logit_scale` comes out with shape [1]. Needs the process group (deepspeed.init_distributed).
+    `keep_fp32`: names of parameters the job will freeze, whose float32 values rank 0 keeps from `weights`.
     """
     import deepspeed
     import open_clip
@@ -179,7 +185,7 @@ def build_model_zero3(
             model = open_clip.create_model(spec.arch, precision="fp32", device=get_accelerator().current_device_name(),
                                            load_weights=False, force_preprocess_cfg=preprocess_cfg)
     if spec.weights is not None:
-        num_tensors = load_weights_into_partitions(model, spec.weights, rank=dist.get_rank())
+        num_tensors = load_weights_into_partitions(model, spec.weights, rank=dist.get_rank(), keep_fp32=keep_fp32)
         log_loaded_weights(spec.weights, spec.arch, num_tensors, into="the ZeRO-3 partitions")
     return ClipBundle(model=model, train_transform=train_transform, eval_transform=eval_transform,
                       tokenizer=spec.tokenizer, model_name=spec.arch, model_cfg=spec.config)

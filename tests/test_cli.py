@@ -31,18 +31,20 @@ def test_quick_demo_writes_table_plot_report_and_summary_quietly(tmp_path):
         for records in runs.values():
             assert records[0]["step"] == 0 and len(records) >= 3
             assert records[-1]["step"] > records[0]["step"]
-            assert 0.0 <= records[-1]["results"]["shapes-zeroshot"]["acc1"] <= 1.0
+            for task in ("shapes-zeroshot", "retained-zeroshot"):  # in-domain and held-out colours, every time
+                assert all(0.0 <= r["results"][task]["acc1"] <= 1.0 for r in records)
     # All methods and seeds start from the same base model: sd 0 for the base column.
     starts = {json.dumps(r[0]["results"], sort_keys=True) for runs in summary["histories"].values()
               for r in runs.values()}
     assert len(starts) == 1
     for method in methods:
-        cells = summary["table"][method]["shapes-retrieval/mean_recall@1"]
-        assert cells["base"]["sd"] == 0.0
-        finals = [100 * r[-1]["results"]["shapes-retrieval"]["mean_recall@1"]
-                  for r in summary["histories"][method].values()]
-        assert cells["final"]["mean"] == pytest.approx(sum(finals) / 2)
-        assert method in proc.stdout
+        for task in ("shapes-retrieval", "retained-retrieval"):
+            cells = summary["table"][method][f"{task}/mean_recall@1"]
+            assert cells["base"]["sd"] == 0.0
+            finals = [100 * r[-1]["results"][task]["mean_recall@1"] for r in summary["histories"][method].values()]
+            assert cells["final"]["mean"] == pytest.approx(sum(finals) / 2)
+        assert proc.stdout.count(f"\n{method} ") == 2  # a row in each group's table
+    assert "in-domain (fine-tuning colours" in proc.stdout and "retained (held-out colours" in proc.stdout
     assert "+-" in proc.stdout and set(summary["margins"]) == {"tuneclip/seed0", "tuneclip/seed1"}
     # Quiet: the engine's INFO lines are in demo.log, not on the console.
     assert " INFO " not in proc.stdout + proc.stderr and " INFO engine" in (tmp_path / "demo" / "demo.log").read_text()

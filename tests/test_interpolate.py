@@ -2,6 +2,7 @@
 per-tensor mean, --select exports the chosen a's weights, and bad input is one error line."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,26 +16,39 @@ from engine.cli import main
 from engine.demo.synthetic import render_retrieval_task
 from engine.results.interpolate import interpolate_into, parse_alphas
 from models import build_model, export_weights
+from tests.helpers.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def finished_run(shards, tmp_path_factory):
-    """A tiny fastclip run (2 steps) fine-tuned from saved weights, evaluated on two retrieval tasks at its start and
-    end: `val` (held out to choose with) and `test`."""
-    folder = tmp_path_factory.mktemp("interpolate")
+def finetune_args(shards, folder: Path, *settings: str) -> tuple[list[str], Path, Path]:
+    """The command line of a tiny fastclip run (2 steps) fine-tuned from saved weights into `folder/run`, evaluated on
+    two retrieval tasks at its start and end: `val` (held out to choose with) and `test`; `settings` are more --set
+    overrides. Returns (arguments, run folder, base weights)."""
     base = folder / "base.safetensors"
     export_weights(build_model("tiny-vit", seed=5).model, base)
     tasks = {name: render_retrieval_task(folder / name, num_images=6, seed=seed)
              for name, seed in (("val", 1), ("test", 2))}
     out = folder / "run"
-    assert main(["finetune", "--method", "fastclip", "--model", "tiny-vit", "--weights", str(base),
-                 "--train", str(shards), "--out", str(out), "--batch-size", "8", "--epochs", "1", "--lr", "1e-3",
-                 "--set", "run.max_steps_per_epoch=2", "--set", "run.progress=false",
-                 "--set", "eval.retrieval=[" + ", ".join(f"{{name: {n}, csv: {p}}}" for n, p in tasks.items()) + "]",
-                 ]) == 0
+    args = ["finetune", "--method", "fastclip", "--model", "tiny-vit", "--weights", str(base),
+            "--train", str(shards), "--out", str(out), "--batch-size", "8", "--epochs", "1", "--lr", "1e-3",
+            "--set", "run.max_steps_per_epoch=2", "--set", "run.progress=false",
+            "--set", "eval.retrieval=[" + ", ".join(f"{{name: {n}, csv: {p}}}" for n, p in tasks.items()) + "]",
+            *(arg for setting in settings for arg in ("--set", setting))]
+    return args, out, base
+
+
+def fine_tune(shards, folder: Path, *settings: str) -> tuple[Path, Path]:
+    """`finetune_args`' run, in this process."""
+    args, out, base = finetune_args(shards, folder, *settings)
+    assert main(args) == 0
     return out, base
+
+
+@pytest.fixture(scope="module")
+def finished_run(shards, tmp_path_factory):
+    """`fine_tune` without interpolation."""
+    return fine_tune(shards, tmp_path_factory.mktemp("interpolate"))
 
 
 def evals(run: Path) -> list[dict]:
@@ -150,3 +164,54 @@ def test_out_without_select_or_suffix_is_refused_before_evaluating(finished_run,
     assert capsys.readouterr().err.startswith(f"error: --out {run / 'mix.safetensors'}: only --select exports")
     assert main(["interpolate", str(run), "--select", "val/mean_recall@1", "--out", str(run / "mix.pt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
+
+
+def test_run_interpolate_in_a_tune_job_reproduces_both_ends_and_exports_the_validation_choice(shards, tmp_path,
+                                                                                             capsys):
+    run, _ = fine_tune(shards, tmp_path, "run.interpolate=0:1:0.5", "run.interpolate_select=val/mean_recall@1")
+    out = capsys.readouterr().out
+    written = json.loads((run / "interpolate.json").read_text())
+    rows = {row["alpha"]: row["results"] for row in written["evaluations"]}
+    assert sorted(rows) == [0.0, 0.5, 1.0]
+    start, final = evals(run)[0], evals(run)[-1]
+    assert rows[0.0] == start["results"] and rows[1.0] == final["results"]  # exactly the job's own evaluations
+    assert rows[0.0] != rows[1.0]
+    # Training results were on disk first; the choice is made on the validation task only.
+    assert (run / "final.safetensors").exists() and (run / "summary.json").exists()
+    scores = [rows[a]["val"]["mean_recall@1"] for a in (0.0, 0.5, 1.0)]
+    chosen = (0.0, 0.5, 1.0)[scores.index(max(scores))]
+    assert written["select"] == "val/mean_recall@1" and written["chosen_alpha"] == chosen
+    assert f"chose a = {chosen:g}" in out and (run / "interpolated.safetensors").exists()
+
+
+def test_run_interpolate_in_a_two_rank_fsdp_job_runs_on_rank_0_alone_and_reproduces_both_ends(shards, tmp_path):
+    args, run, _ = finetune_args(shards, tmp_path, "run.backend=fsdp", "run.interpolate=0,1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "run.py", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {row["alpha"]: row["results"] for row in json.loads((run / "interpolate.json").read_text())["evaluations"]}
+    start, final = evals(run)[0], evals(run)[-1]
+    assert rows[0.0] == start["results"] and rows[1.0] == final["results"] and rows[0.0] != rows[1.0]
+    assert proc.stdout.count("wrote " + str(run / "interpolate.json")) == 1  # rank 0 only
+
+
+@pytest.mark.parametrize(("settings", "problem"), [
+    (["run.interpolate=0:1"], "run.interpolate '0:1': range '0:1' must be START:STOP:STEP"),
+    (["run.interpolate_select=val/acc1"], "run.interpolate_select 'val/acc1' needs run.interpolate"),
+    (["run.interpolate=0,1", "run.interpolate_select=nope/acc1"],
+     "run.interpolate_select 'nope/acc1': not an evaluation task; use TASK/METRIC with TASK one of val"),
+    (["run.interpolate=0,1", "model.weights=null"], "run.interpolate needs base weights (model.weights)"),
+    (["run.interpolate=0,1", "eval.retrieval=[]"], "run.interpolate needs evaluation tasks"),
+])
+def test_run_interpolate_settings_are_checked_with_the_config(tmp_path, settings, problem):
+    from engine.config import load_config
+
+    base = tmp_path / "base.safetensors"
+    export_weights(build_model("tiny-vit", seed=5).model, base)
+    job = {"model": {"name": "tiny-vit", "weights": str(base)},
+           "eval": {"retrieval": [{"name": "val", "csv": str(render_retrieval_task(tmp_path, num_images=2, seed=1))}]}}
+    with pytest.raises(ValueError, match="invalid configuration") as caught:
+        load_config(base=job, overrides=settings, training=False)
+    assert problem in str(caught.value)

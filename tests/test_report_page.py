@@ -27,7 +27,8 @@ def fake_run(folder, *, method, seed_moments=True, seed_u=True, scores, osr_step
     for k, score in enumerate(scores[1:], start=1):
         step = osr_steps + 2 * k
         log.append({"event": "step", "stage": "finetune", "step": step, "stage_step": 2 * k, "ft_step": 2 * k,
-                    "loss": 2.0 / k, "contrastive_loss": 2.0 / k, "lr": 1e-4 / k, "gamma": 1.0})
+                    "loss": 2.0 / k, "contrastive_loss": 2.0 / k, "lr": 1e-4 / k, "gamma": 1.0,
+                    "samples_per_s": 100.0 * k, "samples_per_s_per_device": 50.0 * k, "mfu": 0.1 * k})
         log.append({"event": "eval", "stage": "finetune", "step": step, "ft_step": 2 * k,
                     "results": {"zs": {"acc1": score, "acc5": 0.9}, "rt": {"mean_recall@1": 0.2 + 0.01 * k}}})
     log.append({"event": "epoch_end", "skipped": skipped or {}, "num_skipped": 0})
@@ -60,6 +61,7 @@ def test_report_holds_every_run_the_tables_and_no_network_reference(runs, tmp_pa
     assert "Ablation (paper Table 2)" in page
     assert "| tuneclip-no-seed | no | no | 40.00 | 39.00 | 40.00 |" in md
     assert "undecodable image" in page
+    assert "<td>100 (20.0%)</td>" in page  # fine-tuning's median samples/s per device over steps 50, 100, 150, MFU
     assert "final model is worse than the base" in page  # tuneclip-no-seed: 39 < 40
     # Figures: evaluation metrics (one line per run + base), training curves, OSR apart; inline SVG only.
     assert page.count("<svg") == 3 and "id='fig-osr'" in page
@@ -104,3 +106,21 @@ def test_report_renders_in_headless_chromium_without_network(runs, tmp_path):
     # Something was drawn: more than a blank page's single grey level, and dark pixels (text, lines).
     histogram = image.histogram()
     assert sum(1 for count in histogram if count) > 20 and sum(histogram[:100]) > 1000
+
+
+def test_interpolate_json_adds_the_metric_vs_a_curve_with_the_chosen_a(runs, tmp_path):
+    rows = [{"alpha": a, "results": {"zs": {"acc1": 0.40 + 0.1 * a}, "rt": {"mean_recall@1": 0.3 - 0.1 * a}}}
+            for a in (0.0, 0.5, 1.0)]
+    (runs[1] / "interpolate.json").write_text(json.dumps({"evaluations": rows, "chosen_alpha": 0.5}))
+    html_path, md_path = write_report(runs, tmp_path / "report")
+    page = html_path.read_text()
+    assert page.count("<svg") == 4 and "id='fig-interpolation'" in page and "Weight-space interpolation" in page
+    figure = (tmp_path / "report" / "figures" / "interpolation.svg").read_text()
+    assert "figures/interpolation.svg" in md_path.read_text()
+    # One panel per task/metric of the interpolation, a on the x axis (glyphs are paths; their text is a comment).
+    assert figure.count("a (0 = base, 1 = fine-tuned)") == 2 and figure.count('<g id="axes_') == 2
+    assert "<!-- zs/acc1 -->" in figure and "<!-- rt/mean_recall@1 -->" in figure
+    # Without interpolate.json there is no such figure.
+    (runs[1] / "interpolate.json").unlink()
+    page = write_report(runs, tmp_path / "report2")[0].read_text()
+    assert page.count("<svg") == 3 and "fig-interpolation" not in page

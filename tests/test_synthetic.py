@@ -124,3 +124,23 @@ def test_render_functions_reject_bad_sizes(tmp_path):
         render_pairs(tmp_path, num_samples=0, seed=0, image_size=8)
     with pytest.raises(ValueError, match="num_per_class must be greater than 0"):
         render_zeroshot_task(tmp_path, num_per_class=0, seed=0)
+
+
+def test_colors_limit_what_each_renderer_draws_and_all_colours_is_the_default(tmp_path):
+    def named(captions):
+        return {c for c in COLORS if any(mentions(x, {c: COLOR_WORDS[c]}) for x in captions)}
+
+    csv_path = render_pairs(tmp_path / "p", num_samples=60, seed=0, partial_caption_prob=0.0, colors=("purple",))
+    assert named(RetrievalTask.from_csv(csv_path).captions) == {"purple"}
+    assert named(RetrievalTask.from_csv(render_retrieval_task(tmp_path / "r", num_images=30, seed=0,
+                                                              colors=("red", "blue"))).captions) == {"red", "blue"}
+    zs_csv, classnames, templates = render_zeroshot_task(tmp_path / "z", num_per_class=2, seed=0, colors=("blue",))
+    task = ZeroShotTask.from_csv(zs_csv, classnames, templates)
+    assert len(task.classnames) == 30 and len(task.labels) == 10
+    assert {task.classnames[label] for label in task.labels} == {f"blue {shape}" for shape in SHAPES}
+    # Naming every colour draws exactly what the default draws.
+    everything = render_pairs(tmp_path / "all", num_samples=20, seed=3, colors=tuple(COLORS)).parent
+    default = render_pairs(tmp_path / "default", num_samples=20, seed=3).parent
+    assert folder_bytes(everything) == folder_bytes(default)
+    with pytest.raises(ValueError, match="colors must be a non-empty subset"):
+        render_pairs(tmp_path / "bad", num_samples=2, seed=0, colors=("pink",))

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -65,7 +67,7 @@ def demo_config(demo: Path, method: str) -> dict:
 
 
 def run_variant(demo: Path, out: Path, name: str, method: str, overrides: list[str], *, seeds: str,
-                eval_every: int) -> list[Path]:
+                eval_every: int, threads: int = 0) -> list[Path]:
     """Sweep the seeds of one variant (skipped when its folders already hold finished runs)."""
     folder = out / name.replace(" ", "_").replace("/", "-").replace("+", "plus")
     config = demo_config(demo, method)
@@ -82,7 +84,8 @@ def run_variant(demo: Path, out: Path, name: str, method: str, overrides: list[s
             command += ["--set", text]
         print(f"[study] {name}: {' '.join(command[2:])} (log: {folder / 'sweep.log'})", flush=True)
         with open(folder / "sweep.log", "w") as log:
-            done = subprocess.run(command, check=False, stdout=log, stderr=subprocess.STDOUT)
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+            done = subprocess.run(command, check=False, stdout=log, stderr=subprocess.STDOUT, env=env)
         if done.returncode:
             tail = (folder / "sweep.log").read_text().strip().splitlines()[-1:]
             raise SystemExit(f"error: variant {name!r} failed ({' '.join(tail)}); see {folder / 'sweep.log'}")
@@ -184,13 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interpolate", default=None, metavar="ALPHAS",
                         help="also interpolate every run with its base at these a (run.py interpolate --alphas)")
     parser.add_argument("--report", action="store_true", help="one run.py report of all runs in OUT/report")
+    parser.add_argument("--jobs", type=int, default=1, help="variants run at once (step times then share the CPU)")
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each run (0: inherited)")
     args = parser.parse_args(argv)
     chosen = [v.strip() for v in args.only.split(",")] if args.only else list(VARIANTS)
     unknown = sorted(set(chosen) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"error: --only {', '.join(unknown)}: no such variant; use any of {', '.join(VARIANTS)}")
-    results = {name: run_variant(args.demo, args.out, name, *VARIANTS[name], seeds=args.seeds,
-                                 eval_every=args.eval_every) for name in chosen}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each variant is its own `run.py sweep` process
+        futures = {name: pool.submit(run_variant, args.demo, args.out, name, *VARIANTS[name], seeds=args.seeds,
+                                     eval_every=args.eval_every, threads=args.threads) for name in chosen}
+        results = {name: future.result() for name, future in futures.items()}
     metrics = args.metric
     if not metrics:
         base_eval = demo_config(args.demo, "osr+gcl")["eval"]

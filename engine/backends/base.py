@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -29,6 +29,8 @@ class OptimSettings:
     weight_decay: float
     eps: float
     grad_clip: float = 0.0  # fine-tuning's max global grad norm; 0 = off
+    # Parameter name -> learning-rate factor (layer decay, `models.towers.layer_decay_scales`); unlisted: 1.
+    lr_scales: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, optim: OptimConfig) -> OptimSettings:
@@ -108,7 +110,8 @@ class Backend(Protocol):
         """Accumulate the gradient of `loss` (this rank's share of the global objective)."""
 
     def step(self, *, lr: float, grad_clip: float = 0.0) -> float:
-        """One AdamW step at `lr` (0 in OSR: weights stay unchanged); returns the global grad norm.
+        """One AdamW step at `lr` (0 in OSR: weights stay unchanged), each group's at `lr` times its layer-decay
+        factor (`set_learning_rates`); returns the global grad norm.
 
         A backend that can see a non-finite norm before updating does not update (`state_finite`
         then still holds); one that cannot leaves the caller to find out through `state_finite`.
@@ -177,19 +180,35 @@ class TorchAdamWState:
         return 0
 
 
-def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; exempt biases, norms, embeddings' gains and scalars (open_clip's rule)."""
-    decay, no_decay = [], []
+def adamw_param_groups(model: nn.Module, weight_decay: float,
+                       lr_scales: Mapping[str, float] | None = None) -> list[dict]:
+    """AdamW's groups of the trained parameters (frozen ones get no state): decay matrices; exempt biases, norms,
+    embeddings' gains and scalars (open_clip's rule).
+
+    Without `lr_scales` these are two groups (exempt, decayed), as checkpoints of earlier versions hold. With it
+    (name -> lr factor; unlisted names 1), one such pair per factor, largest factor first, and no empty group
+    besides the pair of factor 1. Every group records its factor as `lr_scale` (see `set_learning_rates`).
+    """
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[float, bool], list] = {}
+    for scale in sorted({1.0, *lr_scales.values()}, reverse=True):
+        groups[(scale, True)], groups[(scale, False)] = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partitioned parameter's data is empty
         exempt = ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if exempt else decay).append(param)
-    return [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": weight_decay},
-    ]
+        groups[(lr_scales.get(name, 1.0), exempt)].append(param)
+    return [{"params": params, "weight_decay": 0.0 if exempt else weight_decay, "lr_scale": scale}
+            for (scale, exempt), params in groups.items() if params or scale == 1.0]
+
+
+def set_learning_rates(param_groups: Sequence[dict], lr: float, lr_scales: Sequence[float]) -> None:
+    """Set each group's lr to `lr` times its factor. The factors are the backend's, in the order
+    `adamw_param_groups` made the groups, never read back from the groups: a loaded optimizer state replaces
+    them with the saved ones (older checkpoints have no `lr_scale`)."""
+    for group, scale in zip(param_groups, lr_scales, strict=True):
+        group["lr"] = lr * scale
 
 
 def tensors_digest(tensors: Iterable[Tensor], *, names: Iterable[str] | None = None) -> str:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -48,10 +49,12 @@ from engine.backends.base import (
     TorchAdamWState,
     adamw_param_groups,
     full_bundle,
+    set_learning_rates,
     tensors_digest,
 )
 from engine.distributed import broadcast_object, init_process_group
 from engine.safe_load import read_dcp_metadata
+from models.towers import BLOCK_LISTS
 from models.weights import SCALAR_PARAMS, log_loaded_weights, make_logit_scale_1d
 
 if TYPE_CHECKING:
@@ -75,11 +78,6 @@ def _local(tensor: Tensor) -> Tensor:
 def _full(tensor: Tensor) -> Tensor:
     """The complete tensor (collective for a DTensor)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-# Where towers keep their repeated blocks: open_clip transformers (`resblocks`), timm vision towers such as
-# SigLIP's (`trunk.blocks`), Hugging Face text encoders (`encoder.layer` / `layers`).
-BLOCK_LISTS = ("resblocks", "blocks", "layer", "layers")
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -119,7 +117,8 @@ class FSDPBackend(TorchAdamWState, Backend):
     """Model sharded with FSDP2 + torch AdamW on the shards; implements `engine.backends.base.Backend`.
 
     `model` may be built on the meta device (no rank holds the full fp32 model): pass `weights`,
-    a full state dict that rank 0 holds (other ranks pass None); it is broadcast shard by shard.
+    a full state dict that rank 0 holds (other ranks pass None); it is broadcast shard by shard. `lr_scales`:
+    parameter name -> learning-rate factor (layer decay); frozen parameters get no optimizer state.
     """
 
     name: ClassVar[str] = "fsdp"
@@ -128,7 +127,8 @@ class FSDPBackend(TorchAdamWState, Backend):
     supports_async_save: ClassVar[bool] = True  # DCP's async_save
 
     def __init__(self, model: nn.Module, *, device: torch.device, betas: tuple[float, float], weight_decay: float,
-                 eps: float, precision: str = "fp32", weights: dict[str, Tensor] | None = None):
+                 eps: float, precision: str = "fp32", weights: dict[str, Tensor] | None = None,
+                 lr_scales: Mapping[str, float] | None = None):
         if not dist.is_initialized():
             raise ValueError(NEEDS_LAUNCHER)
         make_logit_scale_1d(model)  # fully_shard rejects 0-dim parameters
@@ -142,8 +142,9 @@ class FSDPBackend(TorchAdamWState, Backend):
             raise ValueError("weights are for a model built on the meta device; this one has its weights")
         # fused: one kernel per parameter list, no temporaries the size of the shards (foreach keeps several:
         # +2-4 GB per ViT-H rank at the step), and not the per-tensor loop torch picks on CPU (slow with DTensors).
-        self.optimizer = torch.optim.AdamW(adamw_param_groups(self.model, weight_decay), lr=0.0, betas=betas,
-                                           eps=eps, fused=True)
+        groups = adamw_param_groups(self.model, weight_decay, lr_scales)
+        self._lr_scales = [group["lr_scale"] for group in groups]
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=True)
         self._trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._checkpoint_group = None  # a gloo group for background checkpoint writes, made on first use
         logger.info("FSDP2, %s, %d rank(s), %d blocks sharded", precision, dist.get_world_size(),
@@ -176,7 +177,7 @@ class FSDPBackend(TorchAdamWState, Backend):
 
             weights = read_matching_state_dict(model, cfg.model.weights)
         backend = cls(model, device=device, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps,
-                      precision=cfg.model.precision, weights=weights)
+                      precision=cfg.model.precision, weights=weights, lr_scales=optim.lr_scales)
         if weights is not None:
             log_loaded_weights(cfg.model.weights, cfg.model.name, len(weights), into="the FSDP2 shards")
         return backend
@@ -244,8 +245,7 @@ class FSDPBackend(TorchAdamWState, Backend):
         finite = bool(torch.isfinite(norm))
         if finite and grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rates(self.optimizer.param_groups, lr, self._lr_scales)
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engine.backends.base import Backend, OptimSettings, TorchAdamWState, adamw_param_groups, tensors_digest
+from engine.backends.base import (
+    Backend,
+    OptimSettings,
+    TorchAdamWState,
+    adamw_param_groups,
+    set_learning_rates,
+    tensors_digest,
+)
 from engine.safe_load import load_tensor_file
 
 if TYPE_CHECKING:
@@ -27,12 +34,14 @@ class SingleProcessBackend(TorchAdamWState, Backend):
     max_ranks: ClassVar[int | None] = 1
 
     def __init__(self, model: nn.Module, *, device: torch.device, betas: tuple[float, float],
-                 weight_decay: float, eps: float, precision: str = "fp32"):
+                 weight_decay: float, eps: float, precision: str = "fp32",
+                 lr_scales: Mapping[str, float] | None = None):
+        """`lr_scales`: parameter name -> learning-rate factor (layer decay); frozen parameters are left out."""
         self.model = model.to(device)
         self.device = device
-        self.optimizer = torch.optim.AdamW(
-            adamw_param_groups(self.model, weight_decay), lr=0.0, betas=betas, eps=eps
-        )
+        groups = adamw_param_groups(self.model, weight_decay, lr_scales)
+        self._lr_scales = [group["lr_scale"] for group in groups]
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps)
         self._names = {id(p): n for n, p in self.model.named_parameters()}
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None  # fp32 weights either way
 
@@ -40,7 +49,7 @@ class SingleProcessBackend(TorchAdamWState, Backend):
     def from_config(cls, cfg: JobConfig, model: nn.Module, *, ctx: DistContext, device: torch.device,
                     micro_batch_size: int, optim: OptimSettings) -> SingleProcessBackend:
         return cls(model, device=device, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps,
-                   precision=cfg.model.precision)
+                   precision=cfg.model.precision, lr_scales=optim.lr_scales)
 
     @classmethod
     def init_distributed(cls, ctx: DistContext, *, timeout_s: float = 600) -> None:
@@ -78,8 +87,7 @@ class SingleProcessBackend(TorchAdamWState, Backend):
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rates(self.optimizer.param_groups, lr, self._lr_scales)
         if torch.isfinite(norm):  # a non-finite gradient would poison weights and moments: not applied
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

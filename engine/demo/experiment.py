@@ -1,10 +1,12 @@
 """The self-contained demo: synthetic data, a briefly pretrained tiny CLIP, four fine-tuning methods, 3 seeds.
 
-Renders image-caption pairs (no downloads), pretrains a tiny CLIP with the OpenCLIP loss to get
-a "pretrained" checkpoint, then fine-tunes it on a disjoint split whose captions are often partial
+Renders image-caption pairs (no downloads), pretrains a tiny CLIP with the OpenCLIP loss on all six colours to get
+a "pretrained" checkpoint, then fine-tunes it on a disjoint split of four colours whose captions are often partial
 ("a red shape" fits many images: false negatives, as in web data) with OpenCLIP, FastCLIP, OSR + GCL
 and TuneCLIP (OSR + HGCL with `loss.margin=auto`), each over 3 seeds, evaluating zero-shot
-classification and retrieval along the way. Prints a mean +- sd table and writes `curves.png`
+classification and retrieval along the way on two task groups: in-domain (the fine-tuning colours) and
+retained (the two held-out colours only pretraining showed: what fine-tuning can keep or forget, never trained on).
+Prints a mean +- sd table per group and writes `curves.png`
 (metric vs fine-tuning step, bands = +- sd: the shape of the paper's Figure 2), `summary.json`,
 `report/report.html` and the engine's detail in `demo.log`. Numbers are whatever the engine measures.
 The demo marks its folder (`.tuneclip-demo`) and holds its run lock while it runs: `--overwrite` replaces
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from engine.config import load_config
 from engine.data.build import build_shards
-from engine.demo.synthetic import render_pairs, render_retrieval_task, render_zeroshot_task
+from engine.demo.synthetic import COLORS, render_pairs, render_retrieval_task, render_zeroshot_task
 from engine.distributed import DistContext
 from engine.io import write_json_atomic
 from engine.run.lock import LOCK_FILE, OWNER_FILE, RunLock
@@ -40,6 +42,12 @@ METHODS: dict[str, dict] = {
     "tuneclip": {"method": "tuneclip", "loss": {"margin": "auto"}},
 }
 SEEDS = (0, 1, 2)
+# Pretraining shows every colour; fine-tuning never shows these, so the "retained" tasks measure what the base
+# knew and fine-tuning can only keep or lose.
+HELD_OUT_COLORS = ("purple", "orange")
+FINETUNE_COLORS = tuple(c for c in COLORS if c not in HELD_OUT_COLORS)
+# At 1e-4 the 48 fine-tuning steps hardly move the weights: no method changed either task group beyond seed noise.
+FINETUNE_LR = 5e-4
 DEMO_MARKER = ".tuneclip-demo"  # written into every folder the demo creates; --overwrite removes no other
 
 
@@ -52,21 +60,27 @@ def _sizes(quick: bool) -> dict:
 
 
 def _prepare_data(root: Path, sizes: dict) -> dict:
+    """Render the pretraining and fine-tuning pairs, shard them, and render the in-domain and retained tasks."""
     raw = root / "raw"
     pre_csv = render_pairs(raw, num_samples=sizes["pretrain"], seed=1, split_name="pretrain")
     # Half the fine-tuning captions are partial: many images share near-identical captions.
     ft_csv = render_pairs(raw, num_samples=sizes["finetune"], seed=2, split_name="finetune",
-                          partial_caption_prob=0.5)
-    zs_csv, classnames, templates = render_zeroshot_task(root / "eval" / "zeroshot", num_per_class=sizes["per_class"],
-                                                         seed=3)
-    rt_csv = render_retrieval_task(root / "eval" / "retrieval", num_images=sizes["retrieval"], seed=4)
+                          partial_caption_prob=0.5, colors=FINETUNE_COLORS)
     build_shards(pre_csv, root / "shards" / "pretrain", samples_per_shard=1000)
     build_shards(ft_csv, root / "shards" / "finetune", samples_per_shard=512)
-    return {
-        "zeroshot": [{"name": "shapes-zeroshot", "csv": str(zs_csv), "classnames": str(classnames),
-                      "templates": str(templates)}],
-        "retrieval": [{"name": "shapes-retrieval", "csv": str(rt_csv)}],
-    }
+    tasks: dict[str, list] = {"zeroshot": [], "retrieval": []}
+    for group, colors, seed in (("in-domain", FINETUNE_COLORS, 3), ("retained", HELD_OUT_COLORS, 5)):
+        (zs_name, _, _), (rt_name, _, _) = GROUPS[group]
+        # As many images in each group: fewer colours, more images per class.
+        per_class = sizes["per_class"] * len(FINETUNE_COLORS) // len(colors)
+        zs_csv, classnames, templates = render_zeroshot_task(
+            root / "eval" / zs_name, num_per_class=per_class, seed=seed, colors=colors)
+        rt_csv = render_retrieval_task(root / "eval" / rt_name, num_images=sizes["retrieval"], seed=seed + 1,
+                                       colors=colors)
+        tasks["zeroshot"].append({"name": zs_name, "csv": str(zs_csv), "classnames": str(classnames),
+                                  "templates": str(templates)})
+        tasks["retrieval"].append({"name": rt_name, "csv": str(rt_csv)})
+    return tasks
 
 
 def _job(root: Path, *, train: str, out: str, weights: str | None, eval_cfg: dict, sizes: dict, epochs: int,
@@ -171,7 +185,7 @@ def _run(root: Path, sizes: dict, *, quick: bool, started: float) -> dict:
             out = f"runs/{name}/seed{seed}"
             trainer = Trainer(load_config(base=_job(
                 root, train="finetune", out=out, weights=str(base), eval_cfg=eval_cfg, sizes=sizes,
-                epochs=sizes["ft_epochs"], lr=1e-4, eval_every=sizes["eval_every"], osr_epochs=sizes["osr_epochs"],
+                epochs=sizes["ft_epochs"], lr=FINETUNE_LR, eval_every=sizes["eval_every"], osr_epochs=sizes["osr_epochs"],
                 seed=seed, method=method,
             )))
             history = trainer.tune()
@@ -197,8 +211,16 @@ def _run(root: Path, sizes: dict, *, quick: bool, started: float) -> dict:
     return summary
 
 
-METRICS = (("shapes-zeroshot", "acc1", "zero-shot acc@1"),
-           ("shapes-retrieval", "mean_recall@1", "retrieval mean R@1"))
+# Task group -> (task, metric, label) per metric: the fine-tuning distribution, and what only pretraining showed.
+GROUPS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "in-domain": (("shapes-zeroshot", "acc1", "zero-shot acc@1"),
+                  ("shapes-retrieval", "mean_recall@1", "retrieval mean R@1")),
+    "retained": (("retained-zeroshot", "acc1", "zero-shot acc@1"),
+                 ("retained-retrieval", "mean_recall@1", "retrieval mean R@1")),
+}
+GROUP_TITLES = {"in-domain": f"in-domain (fine-tuning colours: {', '.join(FINETUNE_COLORS)})",
+                "retained": f"retained (held-out colours, pretraining only: {', '.join(HELD_OUT_COLORS)})"}
+METRICS = tuple(metric for metrics in GROUPS.values() for metric in metrics)
 STATS = ("base", "first", "lowest", "final", "best")
 
 
@@ -224,45 +246,60 @@ def aggregate(histories: dict[str, dict[int, list]]) -> dict:
 
 
 def format_table(table: dict) -> str:
-    """Per method and metric: base model, first evaluation, lowest, final and best (in %, mean +- sd over seeds)."""
+    """Per task group, method and metric: base model, first evaluation, lowest, final and best (in %, mean +- sd
+    over seeds)."""
     width = 11 * len(STATS) + len(STATS) - 1
-    lines = [f"{'':<9}" + "".join(f" | {label:^{width}}" for _, _, label in METRICS),
-             f"{'method':<9}" + " | ".join([""] + [" ".join(f"{c:>11}" for c in STATS)] * len(METRICS))]
-    lines.append("-" * len(lines[1]))
-    for method, metrics in table.items():
-        row = f"{method:<9}"
-        for task, metric, _ in METRICS:
-            cells = metrics[f"{task}/{metric}"]
-            row += " | " + " ".join(f"{cells[s]['mean']:>5.1f}+-{cells[s]['sd']:<4.1f}" for s in STATS)
-        lines.append(row)
-    return "\n".join(lines)
+    blocks = []
+    for group, metrics in GROUPS.items():
+        lines = [GROUP_TITLES[group],
+                 f"{'':<9}" + "".join(f" | {label:^{width}}" for _, _, label in metrics),
+                 f"{'method':<9}" + " | ".join([""] + [" ".join(f"{c:>11}" for c in STATS)] * len(metrics))]
+        lines.append("-" * len(lines[2]))
+        for method, cells_by_metric in table.items():
+            row = f"{method:<9}"
+            for task, metric, _ in metrics:
+                cells = cells_by_metric[f"{task}/{metric}"]
+                row += " | " + " ".join(f"{cells[s]['mean']:>5.1f}+-{cells[s]['sd']:<4.1f}" for s in STATS)
+            lines.append(row)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def plot_curves(histories: dict[str, dict[int, list]], path: Path) -> None:
-    """Zero-shot accuracy and retrieval R@1 vs fine-tuning step per method: mean over seeds, band = +- sd."""
+    """Per task group (rows) zero-shot accuracy and retrieval R@1 (columns) vs fine-tuning step per method: mean
+    over seeds, band = +- sd, dashed line = the base model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.6))
-    for ax, (task, metric, label) in zip(axes, METRICS):
-        for i, (method, runs) in enumerate(histories.items()):
-            curves = list(runs.values())
-            steps = [r["step"] for r in curves[0]]
-            values = [[r["results"][task][metric] * 100 for r in records] for records in curves]
-            mean = [statistics.fmean(v) for v in zip(*values)]
-            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*values)]
-            ax.plot(steps, mean, marker="o", markersize=3, label=method, color=f"C{i}")
-            ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
-                            color=f"C{i}", alpha=0.2)
-        base = next(iter(next(iter(histories.values())).values()))[0]["results"][task][metric] * 100
-        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model")
+    columns = max(len(metrics) for metrics in GROUPS.values())
+    fig, axes = plt.subplots(len(GROUPS), columns, figsize=(5 * columns, 3.4 * len(GROUPS)), squeeze=False)
+    for row, (group, metrics) in zip(axes, GROUPS.items()):
+        for ax, (task, metric, label) in zip(row, metrics):
+            _plot_metric(ax, histories, task, metric)
+            ax.set_title(f"{group}: {label}", fontsize=10)
+            ax.set_ylabel(label + " (%)")
+    for ax in axes[-1]:
         ax.set_xlabel("fine-tuning step")
-        ax.set_ylabel(label + " (%)")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0][0].legend(fontsize=8)
     fig.suptitle("Self-supervised fine-tuning of a tiny CLIP on synthetic shapes (mean +- sd over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_metric(ax, histories: dict[str, dict[int, list]], task: str, metric: str) -> None:
+    """One metric's mean curve and +- sd band per method, and the base model as a dashed line."""
+    for i, (method, runs) in enumerate(histories.items()):
+        curves = list(runs.values())
+        steps = [r["step"] for r in curves[0]]
+        values = [[r["results"][task][metric] * 100 for r in records] for records in curves]
+        mean = [statistics.fmean(v) for v in zip(*values)]
+        sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*values)]
+        ax.plot(steps, mean, marker="o", markersize=3, label=method, color=f"C{i}")
+        ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                        color=f"C{i}", alpha=0.2)
+    base = next(iter(next(iter(histories.values())).values()))[0]["results"][task][metric] * 100
+    ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model")
+    ax.grid(alpha=0.3)

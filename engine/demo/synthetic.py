@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,10 +115,16 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str
     return options[int(rng.integers(len(options)))]
 
 
-def random_spec(rng: np.random.Generator, *, color: str | None = None, shape: str | None = None) -> ShapeSpec:
-    """A uniformly random spec; `color`/`shape` fix those attributes when given."""
+def random_spec(
+    rng: np.random.Generator,
+    *,
+    color: str | None = None,
+    shape: str | None = None,
+    colors: Sequence[str] | None = None,
+) -> ShapeSpec:
+    """A uniformly random spec; `color`/`shape` fix those attributes when given, `colors` limits the colour."""
     return ShapeSpec(
-        color=color or _pick(rng, list(COLORS)),
+        color=color or _pick(rng, list(colors or COLORS)),
         shape=shape or _pick(rng, SHAPES),
         size=_pick(rng, list(SIZES)),
         position=_pick(rng, list(POSITIONS)),
@@ -179,8 +186,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
-def _check_args(*, image_size: int, **counts: int) -> None:
+def _check_args(*, image_size: int, colors: Sequence[str] | None = None, **counts: int) -> None:
     errors = [f"{name} must be greater than 0, got {value}" for name, value in counts.items() if value <= 0]
+    if colors is not None and (not colors or set(colors) - set(COLORS)):
+        errors.append(f"colors must be a non-empty subset of {list(COLORS)}, got {list(colors)}")
     if image_size < 16:
         errors.append(
             f"image_size must be at least 16 pixels for shapes to be recognisable, got {image_size}"
@@ -204,13 +213,15 @@ def render_pairs(
     image_size: int = 32,
     split_name: str = "train",
     partial_caption_prob: float = 0.2,
+    colors: Sequence[str] | None = None,
 ) -> Path:
     """Render `num_samples` image-caption pairs into `out_dir/split_name/`; returns its `captions.csv`.
 
     The CSV has header `filepath,caption` with paths relative to it. Output is a function of
-    (seed, split_name), so equal seeds still give different splits.
+    (seed, split_name, colors), so equal seeds still give different splits; `colors` (default: all)
+    are the only colours drawn, so a split can lack what another one has.
     """
-    _check_args(image_size=image_size, num_samples=num_samples)
+    _check_args(image_size=image_size, colors=colors, num_samples=num_samples)
     if not 0.0 <= partial_caption_prob <= 1.0:
         raise ValueError(f"partial_caption_prob must be in [0, 1], got {partial_caption_prob}")
     split_dir = Path(out_dir) / split_name
@@ -218,7 +229,7 @@ def render_pairs(
     rng = np.random.default_rng([seed, zlib.crc32(split_name.encode())])
     rows = []
     for i in range(num_samples):
-        spec = random_spec(rng)
+        spec = random_spec(rng, colors=colors)
         filepath = f"images/{i:06d}.png"
         render_image(spec, rng, image_size=image_size).save(split_dir / filepath)
         rows.append((filepath, describe(spec, rng, partial=bool(rng.random() < partial_caption_prob))))
@@ -233,21 +244,28 @@ def zeroshot_classnames() -> list[str]:
 
 
 def render_zeroshot_task(
-    out_dir: str | Path, *, num_per_class: int, seed: int, image_size: int = 32
+    out_dir: str | Path,
+    *,
+    num_per_class: int,
+    seed: int,
+    image_size: int = 32,
+    colors: Sequence[str] | None = None,
 ) -> tuple[Path, Path, Path]:
     """Render a balanced colour-shape classification task; returns (CSV, classnames, templates) paths.
 
     Writes `synthetic-zeroshot.csv` (`filepath,label`, label = class index), `classnames.txt`,
-    `templates.txt` and images under `synthetic-zeroshot/`, all inside `out_dir`.
+    `templates.txt` and images under `synthetic-zeroshot/`, all inside `out_dir`. Images show only the
+    classes of `colors` (default: all), while the classifier still chooses among every colour-shape pair.
     """
-    _check_args(image_size=image_size, num_per_class=num_per_class)
+    _check_args(image_size=image_size, colors=colors, num_per_class=num_per_class)
     out_dir = Path(out_dir)
     (out_dir / "synthetic-zeroshot").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, zlib.crc32(b"synthetic-zeroshot")])
     classnames = zeroshot_classnames()
+    shown = [label for label, name in enumerate(classnames) if colors is None or name.split(" ")[0] in colors]
     rows = []
-    for i in range(num_per_class * len(classnames)):
-        label = i % len(classnames)
+    for i in range(num_per_class * len(shown)):
+        label = shown[i % len(shown)]
         color, shape = classnames[label].split(" ")
         filepath = f"synthetic-zeroshot/{i:06d}.png"
         render_image(random_spec(rng, color=color, shape=shape), rng, image_size=image_size).save(
@@ -263,19 +281,27 @@ def render_zeroshot_task(
     return csv_path, classnames_path, templates_path
 
 
-def render_retrieval_task(out_dir: str | Path, *, num_images: int, seed: int, image_size: int = 32) -> Path:
-    """Render `num_images` images with 2 full captions each; returns `out_dir/synthetic-retrieval.csv`.
+def render_retrieval_task(
+    out_dir: str | Path,
+    *,
+    num_images: int,
+    seed: int,
+    image_size: int = 32,
+    colors: Sequence[str] | None = None,
+) -> Path:
+    """Render `num_images` images of `colors` (default: all) with 2 full captions each; returns
+    `out_dir/synthetic-retrieval.csv`.
 
     The CSV has header `filepath,caption`, two consecutive rows per image; images go under
     `out_dir/synthetic-retrieval/`.
     """
-    _check_args(image_size=image_size, num_images=num_images)
+    _check_args(image_size=image_size, colors=colors, num_images=num_images)
     out_dir = Path(out_dir)
     (out_dir / "synthetic-retrieval").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, zlib.crc32(b"synthetic-retrieval")])
     rows = []
     for i in range(num_images):
-        spec = random_spec(rng)
+        spec = random_spec(rng, colors=colors)
         filepath = f"synthetic-retrieval/{i:06d}.png"
         render_image(spec, rng, image_size=image_size).save(out_dir / filepath)
         first, second = rng.choice(len(FULL_CAPTIONS), size=2, replace=False)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from engine.config import JobConfig
+
 logger = logging.getLogger(__name__)
 
 INTERPOLATE_FILE = "interpolate.json"
@@ -26,37 +28,37 @@ _ALPHAS_HELP = "use a range START:STOP:STEP (e.g. 0:1:0.25) and/or a comma list 
 _NUM_DIGITS = 10  # a range's points are rounded to this many decimals (0.1 * 3 is 0.3)
 
 
-def parse_alphas(text: str) -> list[float]:
+def parse_alphas(text: str, *, name: str = "--alphas") -> list[float]:
     """The interpolation weights `text` names, ascending and without repeats: comma-separated numbers and
-    `START:STOP:STEP` ranges (STOP included), each in [0, 1]."""
+    `START:STOP:STEP` ranges (STOP included), each in [0, 1]. Errors name the input as `name`."""
     alphas: list[float] = []
     for item in str(text).split(","):
         item = item.strip()
         if ":" in item:
             parts = item.split(":")
             if len(parts) != 3:
-                raise ValueError(f"--alphas {text!r}: range {item!r} must be START:STOP:STEP; {_ALPHAS_HELP}")
-            start, stop, step = (_number(part, text) for part in parts)
+                raise ValueError(f"{name} {text!r}: range {item!r} must be START:STOP:STEP; {_ALPHAS_HELP}")
+            start, stop, step = (_number(part, text, name) for part in parts)
             if step <= 0 or stop < start:
-                raise ValueError(f"--alphas {text!r}: range {item!r} needs STEP > 0 and STOP >= START; "
+                raise ValueError(f"{name} {text!r}: range {item!r} needs STEP > 0 and STOP >= START; "
                                  f"{_ALPHAS_HELP}")
             count = math.floor((stop - start) / step + 1e-9) + 1
             alphas += [round(start + i * step, _NUM_DIGITS) for i in range(count)]
         else:
-            alphas.append(_number(item, text))
+            alphas.append(_number(item, text, name))
     outside = [a for a in alphas if not 0.0 <= a <= 1.0]
     if outside:
-        raise ValueError(f"--alphas {text!r}: {outside[0]:g} is outside [0, 1]; {_ALPHAS_HELP}")
+        raise ValueError(f"{name} {text!r}: {outside[0]:g} is outside [0, 1]; {_ALPHAS_HELP}")
     return sorted(set(alphas))
 
 
-def _number(item: str, text: str) -> float:
+def _number(item: str, text: str, name: str) -> float:
     try:
         value = float(item)
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise ValueError(f"--alphas {text!r}: {item!r} is not a number; {_ALPHAS_HELP}")
+        raise ValueError(f"{name} {text!r}: {item!r} is not a number; {_ALPHAS_HELP}")
     return value
 
 
@@ -126,6 +128,33 @@ def _clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
 
 
+def check_single_process() -> None:
+    """Refuse `run.py interpolate` started by a multi-process launcher (one process reads checkpoints of any world
+    size; several would each evaluate every a)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("run.py interpolate runs in one process (it reads checkpoints of any world size): start it "
+                         "with python, not torchrun or deepspeed")
+
+
+def interpolate_finished_job(cfg: JobConfig) -> Interpolation | None:
+    """`run.interpolate`: interpolate the job's run folder once its training results are on disk (final.safetensors,
+    summary.json), in this process only when it is rank 0; None when off, on other ranks, or when the run did not
+    finish (stopped, OSR only). Every rank calls it after the trainer is closed: each leaves the job's process group,
+    so rank 0 evaluates alone instead of waiting for ranks that have exited."""
+    from engine.distributed import destroy_process_group
+    from engine.run.folder import finished_outputs
+
+    if not cfg.run.interpolate:
+        return None
+    destroy_process_group()
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    if not finished_outputs(Path(cfg.run.out_dir)):
+        return None
+    return interpolate_run(cfg.run.out_dir, alphas=parse_alphas(cfg.run.interpolate, name="run.interpolate"),
+                           select=cfg.run.interpolate_select or None)
+
+
 def interpolate_run(run_dir: str | Path, *, alphas: list[float], select: str | None = None,
                     weights: str | None = None, out: str | Path | None = None,
                     device: str | None = None) -> Interpolation:
@@ -142,9 +171,6 @@ def interpolate_run(run_dir: str | Path, *, alphas: list[float], select: str | N
     from models import export_model
 
     run_dir = Path(run_dir)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("run.py interpolate runs in one process (it reads checkpoints of any world size): start it "
-                         "with python, not torchrun or deepspeed")
     if not alphas:
         raise ValueError(f"--alphas: no interpolation weight given; {_ALPHAS_HELP}")
     if out is not None and select is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class Run:
     steps: list[dict]
     osr_steps: list[dict]
     skipped: dict = field(default_factory=dict)
+    interpolation: dict | None = None  # interpolate.json, when run.py interpolate / run.interpolate wrote one
 
     @property
     def base(self) -> dict | None:
@@ -68,7 +70,23 @@ def load_run(path: Path, label: str) -> Run:
     epoch_ends = [r for r in records if r.get("event") == "epoch_end"]
     return Run(label=label, path=Path(path), config=starts[-1].get("config", {}) if starts else {},
                summary=run_summary(Path(path)), evals=evals, steps=steps, osr_steps=osr_steps,
-               skipped=epoch_ends[-1].get("skipped", {}) if epoch_ends else {})
+               skipped=epoch_ends[-1].get("skipped", {}) if epoch_ends else {},
+               interpolation=_read_interpolation(Path(path)))
+
+
+def _read_interpolation(path: Path) -> dict | None:
+    """The run's interpolate.json (its evaluations per a), or None when there is none."""
+    from engine.results.interpolate import INTERPOLATE_FILE
+
+    file = path / INTERPOLATE_FILE
+    if not file.is_file():
+        return None
+    found = json.loads(file.read_text(encoding="utf-8"))
+    if not isinstance(found, dict) or not isinstance(found.get("evaluations"), list):
+        raise ValueError(  # noqa: TRY004 (a user error: the CLI reports ValueErrors)
+            f"{file} holds no evaluations list: not written by run.py interpolate; remove it or rerun "
+            "run.py interpolate")
+    return found
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -80,14 +98,13 @@ def _labels(paths: list[Path]) -> list[str]:
     return [str(p.resolve().relative_to(common)) or p.name for p in paths]
 
 
-def _metrics(runs: list[Run]) -> list[str]:
-    """Every `task/metric` any run evaluated, in first-seen order."""
+def _metrics(records: list[dict]) -> list[str]:
+    """Every `task/metric` of the evaluation records' results, in first-seen order."""
     seen: dict[str, None] = {}
-    for run in runs:
-        for r in run.evals:
-            for task, metrics in r["results"].items():
-                for metric in metrics:
-                    seen[f"{task}/{metric}"] = None
+    for r in records:
+        for task, metrics in r["results"].items():
+            for metric in metrics:
+                seen[f"{task}/{metric}"] = None
     return list(seen)
 
 
@@ -117,15 +134,53 @@ def _figures(runs: list[Run]) -> dict[str, str]:
         return _draw_figures(runs, plt)
 
 
+def _panels(plt, keys: list[str]):
+    """A figure with one panel per key, 3 to a row (spare panels hidden), and its panels in key order."""
+    columns = min(3, max(1, len(keys)))
+    rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.3 * rows), squeeze=False)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:len(keys)]
+
+
+def _interpolation_figure(runs: list[Run], plt, colors: dict[str, str]) -> str | None:
+    """Every metric vs the interpolation weight a (0 = base, 1 = final), one line per run that has
+    interpolate.json, the chosen a (run.interpolate_select / --select) ringed; None when no run has one."""
+    interpolated = [run for run in runs if run.interpolation and run.interpolation["evaluations"]]
+    if not interpolated:
+        return None
+    keys = _metrics([row for run in interpolated for row in run.interpolation["evaluations"]])
+    logged = _metrics([r for run in interpolated for r in run.evals])  # panels in the order of the metrics figure
+    keys.sort(key=lambda key: logged.index(key) if key in logged else len(logged))
+    fig, axes = _panels(plt, keys)
+    for ax, key in zip(axes, keys):
+        for run in interpolated:
+            points = [(row["alpha"], _value(row, key)) for row in run.interpolation["evaluations"]
+                      if _value(row, key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, color=colors[run.label], label=run.label)
+            chosen = run.interpolation.get("chosen_alpha")
+            if chosen is not None and any(a == chosen for a, _ in points):
+                ax.plot([chosen], [dict(points)[chosen]], marker="o", markersize=9, fillstyle="none",
+                        color=colors[run.label])
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("a (0 = base, 1 = fine-tuned)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    svg = _svg(fig)
+    plt.close(fig)
+    return svg
+
+
 def _draw_figures(runs: list[Run], plt) -> dict[str, str]:
     colors = {run.label: f"C{i % 10}" for i, run in enumerate(runs)}
     figures = {}
-    metrics = _metrics(runs)
-    columns = min(3, max(1, len(metrics)))
-    rows = -(-len(metrics) // columns)
+    metrics = _metrics([r for run in runs for r in run.evals])
     if metrics:
-        fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.3 * rows), squeeze=False)
-        for ax, key in zip(axes.flat, metrics):
+        fig, axes = _panels(plt, metrics)
+        for ax, key in zip(axes, metrics):
             bases = set()
             for run in runs:
                 points = [(r["ft_step"], _value(r, key)) for r in run.evals if _value(r, key) is not None]
@@ -139,12 +194,13 @@ def _draw_figures(runs: list[Run], plt) -> dict[str, str]:
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("fine-tuning step")
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(metrics):]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
+        axes[0].legend(fontsize=7)
         fig.tight_layout()
         figures["metrics"] = _svg(fig)
         plt.close(fig)
+    interpolation = _interpolation_figure(runs, plt, colors)
+    if interpolation is not None:
+        figures["interpolation"] = interpolation
     series = [name for name in STEP_SERIES if any(name in r for run in runs for r in run.steps)]
     if series:
         fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3.0), squeeze=False)
@@ -183,6 +239,14 @@ def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
+def _speed(summary: dict) -> str:
+    """Fine-tuning's median samples/s per device, with MFU where the device's peak is known."""
+    speed = summary.get("throughput", {}).get("finetune")
+    if not speed:
+        return ""
+    return f"{speed['samples_per_s_per_device']:.4g}" + (f" ({100 * speed['mfu']:.1f}%)" if "mfu" in speed else "")
+
+
 def _tables(runs: list[Run]) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Name -> (header, rows) of every table of the report."""
     tables = {}
@@ -201,11 +265,12 @@ def _tables(runs: list[Run]) -> dict[str, tuple[list[str], list[list[str]]]]:
                          f"{100 * final['change']:+.2f}" if "change" in final else "",
                          str(margin["value"]) if margin else "",
                          f"{osr['seconds']:.1f} s / {osr['device_hours']:.3g} dev-h" if osr else "",
-                         f"{ft['seconds']:.1f} s" if ft else "", str(s.get("num_skipped", 0))])
+                         f"{ft['seconds']:.1f} s" if ft else "", _speed(s), str(s.get("num_skipped", 0))])
         else:
-            rows.append([run.label, str(run.config.get("method", "")), "(no evaluation)"] + [""] * 8)
+            rows.append([run.label, str(run.config.get("method", "")), "(no evaluation)"] + [""] * 9)
     tables["results"] = (["run", "method", "metric (x100)", "base", "best @ ft step", "final @ ft step",
-                          "final - base", "margin m", "OSR cost", "fine-tuning time", "skipped"], rows)
+                          "final - base", "margin m", "OSR cost", "fine-tuning time", "samples/s per device (MFU)",
+                          "skipped"], rows)
     ablation = _ablation(runs)
     if ablation:
         tables["ablation"] = ablation
@@ -240,6 +305,8 @@ TABLE_TITLES = {"results": "Before / best / final (selection metric)",
                 "skipped": "Skipped samples"}
 FIGURE_TITLES = {"metrics": "Evaluation metrics vs fine-tuning step (dashed: base model)",
                  "training": "Loss terms, learning rate and gamma vs fine-tuning step",
+                 "interpolation": "Weight-space interpolation: metric vs a, theta_a = (1 - a) base + a fine-tuned "
+                                  "(ringed: the a chosen on the validation metric)",
                  "osr": "OSR (weights frozen), drawn apart: steps not counted in fine-tuning"}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -19,7 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engine.backends.base import Backend, OptimSettings, adamw_param_groups, full_bundle, tensors_digest
+from engine.backends.base import (
+    Backend,
+    OptimSettings,
+    adamw_param_groups,
+    full_bundle,
+    set_learning_rates,
+    tensors_digest,
+)
 from engine.backends.deepspeed.config import DEFAULT_ZERO_CONFIG, job_deepspeed_config
 from engine.backends.deepspeed.shm import remove_shm_buffer, remove_stale_shm_buffers, shm_op_build_folder
 from engine.backends.deepspeed.universal import convert_to_universal
@@ -70,7 +78,9 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, model: nn.Module, *, device: torch.device, zero_config: str | os.PathLike | dict,
                  micro_batch_size: int, betas: tuple[float, float], weight_decay: float, eps: float,
-                 grad_clip: float = 0.0, precision: str = "fp32"):
+                 grad_clip: float = 0.0, precision: str = "fp32", lr_scales: Mapping[str, float] | None = None):
+        """`lr_scales`: parameter name -> learning-rate factor (layer decay); frozen parameters are left out of
+        the optimizer (no fp32 master, no moments)."""
         import deepspeed
 
         world_size = _world_size()
@@ -81,7 +91,8 @@ class DeepSpeedBackend(Backend):
         make_logit_scale_1d(model)  # DeepSpeed's parameter broadcast rejects 0-dim tensors
         # Taken before deepspeed.initialize casts the module; an fp32 module keeps them exactly itself.
         self._frozen_fp32 = _frozen_fp32_values(model) if precision != "fp32" else {}
-        groups = [g for g in adamw_param_groups(model, weight_decay) if g["params"]]
+        groups = [g for g in adamw_param_groups(model, weight_decay, lr_scales) if g["params"]]
+        self._lr_scales = [group["lr_scale"] for group in groups]  # ZeRO keeps the groups, in this order
         if not any(hasattr(p, "ds_id") for p in model.parameters()):  # zero.Init placed its partitions already
             model = model.to(device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
@@ -101,7 +112,8 @@ class DeepSpeedBackend(Backend):
         """ZeRO settings from run.zero_config (default zero_configs/zero2.json), AdamW with `optim`."""
         return cls(model, device=device, zero_config=cfg.run.zero_config or DEFAULT_ZERO_CONFIG,
                    micro_batch_size=micro_batch_size, betas=optim.betas, weight_decay=optim.weight_decay,
-                   eps=optim.eps, grad_clip=optim.grad_clip, precision=cfg.model.precision)
+                   eps=optim.eps, grad_clip=optim.grad_clip, precision=cfg.model.precision,
+                   lr_scales=optim.lr_scales)
 
     @classmethod
     def build_bundle(cls, cfg: JobConfig, *, ctx: DistContext, micro_batch_size: int,
@@ -118,7 +130,8 @@ class DeepSpeedBackend(Backend):
         )
         if int(config["zero_optimization"]["stage"]) != 3:
             return full_bundle(cfg)
-        bundle = build_model_zero3(cfg.model.name, ds_config=config, **cfg.model.build_kwargs(), seed=cfg.run.seed)
+        bundle = build_model_zero3(cfg.model.name, ds_config=config, **cfg.model.build_kwargs(), seed=cfg.run.seed,
+                                   keep_fp32=_locked_names(cfg))
         return bundle, temperature(bundle.model)
 
     @classmethod
@@ -213,8 +226,7 @@ class DeepSpeedBackend(Backend):
 
     def step(self, *, lr: float, grad_clip: float = 0.0) -> float:
         """AdamW step of every partition at `lr`, clipped to `grad_clip` if > 0; returns the grad norm."""
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rates(self.engine.optimizer.param_groups, lr, self._lr_scales)
         # Clipping lives in the ZeRO optimizer; off (0) in OSR so the moments see raw gradients.
         self.engine.optimizer.clip_grad = grad_clip
         self.engine.step()
@@ -312,9 +324,11 @@ class DeepSpeedBackend(Backend):
             self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' in {directory}")
-        # The run's start values travel with its checkpoints (older ones without the file keep this build's).
+        # The run's start values travel with its checkpoints (older ones without the file keep this build's); a
+        # ZeRO-3 job resumed without model.weights gets them here only.
         saved = _read_frozen_file(directory, self.model)
-        self._frozen_fp32.update({name: value for name, value in saved.items() if name in self._frozen_fp32})
+        frozen = {name for name, param in self.model.named_parameters() if not param.requires_grad}
+        self._frozen_fp32.update({name: value for name, value in saved.items() if name in frozen})
 
     def close(self) -> None:
         """Release DeepSpeed's hooks, engine and this rank's CPU shared-memory buffer."""
@@ -367,6 +381,18 @@ class _EngineRoutedEncoders:
 
         call.__doc__ = method.__doc__
         return call
+
+
+def _locked_names(cfg: JobConfig) -> set[str]:
+    """The parameters model.lock_image / model.lock_text will freeze in a bf16 job that loads weights (read on a
+    model built on the meta device): ZeRO-3 rounds their partitions, so rank 0 keeps the file's values."""
+    if cfg.model.precision == "fp32" or cfg.model.weights is None or not cfg.model.locks():
+        return set()
+    from engine.freezing import freeze_untrained
+    from models.meta import build_model_on_meta
+
+    frozen = freeze_untrained(build_model_on_meta(cfg.model.name, **cfg.model.build_kwargs()).model, cfg)
+    return {name for kind in cfg.model.locks() for name in frozen[kind]}
 
 
 def _frozen_fp32_values(model: nn.Module) -> dict[str, Tensor]:
