@@ -176,6 +176,7 @@ class Trainer:
             local_batch=self.local_batch, gather=gather_no_grad, reduce_sum=all_reduce_sum,
             log_event=lambda record: self.log.write(record),
             model=ModelAccess(parameter_shards=self.backend.parameter_shards,
+                              parameter_spans=self.backend.parameter_spans,
                               shards_replaced=self.backend.shards_replaced,
                               forward_no_grad=lambda images, texts: _step_outputs(
                                   self.backend.forward_no_grad(images, texts)))))

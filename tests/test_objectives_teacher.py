@@ -127,6 +127,57 @@ def test_two_ranks_carry_the_global_value_and_world_size_times_their_share_of_th
         torch.testing.assert_close(gg / world, grad_g[part], rtol=1e-10, atol=1e-12)
 
 
+def test_teacher_file_holds_whole_parameters_and_is_read_back_in_another_slicing(tmp_path):
+    """Written from 2 simulated ranks' padded flat partitions (ZeRO-3's layout), the file holds the whole
+    parameters; 3 ranks slicing rows (FSDP2's layout) or flat ranges, and 1 rank, read back exactly their parts."""
+    from safetensors.torch import load_file
+
+    from engine.objectives.teacher_checkpoint import read_parts, write_whole
+
+    gen = torch.Generator().manual_seed(0)
+    whole = {"w": torch.randn(5, 3, generator=gen), "b": torch.randn(7, generator=gen), "s": torch.randn((), generator=gen)}
+
+    def flat_partitions(rank, world):
+        spans, parts = {}, {}
+        for name, value in whole.items():
+            size = -(-value.numel() // world)
+            start = min(rank * size, value.numel())
+            stop = min(start + size, value.numel())
+            spans[name] = (start, stop, tuple(value.shape))
+            parts[name] = torch.cat([value.reshape(-1)[start:stop], torch.full((size - (stop - start),), 7.0)])
+        return spans, parts
+
+    ranks = ThreadRanks(2)
+
+    def write(rank):
+        spans, parts = flat_partitions(rank, 2)
+        write_whole(tmp_path / "teacher.safetensors", parts, spans, gather=ranks.collective(rank, torch.cat),
+                    is_main=rank == 0, metadata={"kind": "wma"})
+
+    threads = [threading.Thread(target=write, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = load_file(tmp_path / "teacher.safetensors")
+    assert stored.keys() == whole.keys() and all(torch.equal(stored[n], whole[n]) for n in whole)
+    def row_slices(rank, world):
+        spans = {}
+        for name, value in whole.items():
+            rows, row = (value.shape[0], value[0].numel()) if value.ndim else (1, 1)
+            first = min(rank * -(-rows // world), rows)
+            spans[name] = (first * row, min(first + -(-rows // world), rows) * row, tuple(value.shape))
+        return spans
+
+    layouts = [row_slices(r, 3) for r in range(3)] + [flat_partitions(r, 3)[0] for r in range(3)]
+    for spans in [*layouts, flat_partitions(0, 1)[0]]:
+        like = {name: torch.empty(stop - start + 1) for name, (start, stop, _) in spans.items()}  # one padding entry
+        parts = read_parts(tmp_path / "teacher.safetensors", spans, like)
+        for name, (start, stop, _) in spans.items():
+            assert torch.equal(parts[name][:stop - start], whole[name].reshape(-1)[start:stop]), (spans, name)
+            assert parts[name][stop - start:].eq(0).all()
+
+
 def teacher_job(shards, out, **run):
     return job(shards, out, loss={"terms": {"contrastive": 1.0, "wma_teacher": 0.5}},
                run={"epochs": 1, "save_every_steps": 2, "keep_last_n": 2, **run})
@@ -217,7 +268,7 @@ def test_teacher_kill_and_resume_is_bitwise_equal_to_a_straight_run(shards, tmp_
 
     def end_state(out):
         latest = max((out / "checkpoints").glob("step_*"))
-        teacher = load_file(latest / "objective" / "wma_teacher" / "rank_00000.safetensors")
+        teacher = load_file(latest / "objective" / "wma_teacher" / "teacher.safetensors")
         return load_file(out / "final.safetensors"), teacher
 
     every_3 = {"teacher": {"every_steps": 3}}
@@ -240,9 +291,9 @@ def test_teacher_kill_and_resume_is_bitwise_equal_to_a_straight_run(shards, tmp_
 
 
 def tune_teacher(config: dict, stop_at: int | None = None) -> dict:
-    """A run of `config` (every rank), stopped as by SIGTERM after global step `stop_at`; a finished run returns
-    (rank 0) its final weights, the teacher's files of its last checkpoint (one per rank) and its logged
-    fine-tuning `wma_teacher_loss` values."""
+    """A run of `config` (every rank), stopped as by SIGTERM after global step `stop_at`. A finished run returns the
+    number of elements of each of this rank's teacher shards and (rank 0) its final weights, the teacher file of its
+    last checkpoint and its logged fine-tuning `wma_teacher_loss` values."""
     from safetensors.torch import load_file
 
     from engine.run.log import read_jsonl
@@ -257,15 +308,15 @@ def tune_teacher(config: dict, stop_at: int | None = None) -> dict:
         return {"finished": False}
     finally:
         trainer.close()
+    shards = {name: shard.numel() for name, shard in trainer.objective.term("wma_teacher").teacher.shards.items()}
     if not trainer.ctx.is_main:
-        return {"finished": True}
+        return {"finished": True, "shard_numel": shards}
     out = Path(config["run"]["out_dir"])
     latest = max((out / "checkpoints").glob("step_*"))
-    files = sorted((latest / "objective" / "wma_teacher").glob("rank_*.safetensors"))
     losses = [r.get("wma_teacher_loss") for r in read_jsonl(out / "log.jsonl")
               if r.get("event") == "step" and r["stage"] == "finetune"]
-    return {"finished": True, "weights": load_file(out / "final.safetensors"), "teacher": [load_file(f) for f in files],
-            "losses": losses}
+    return {"finished": True, "shard_numel": shards, "weights": load_file(out / "final.safetensors"),
+            "teacher": load_file(latest / "objective" / "wma_teacher" / "teacher.safetensors"), "losses": losses}
 
 
 def tune_teachers(runs: list[dict]) -> list[dict]:
@@ -281,13 +332,6 @@ def full_batch_job(shards, out, **sections) -> dict:
     return merge(config, data={"batch_size": 48, "shuffle_buffer": 48}, teacher={"every_steps": 1}, **sections)
 
 
-def full_teacher(files: list[dict], like: dict) -> dict:
-    """Whole (flattened) teacher tensors shaped as in `like` from per-rank files of flat consecutive shards (FSDP2
-    shards dim 0, ZeRO-3 partitions padded at the end) or of whole tensors (replicated: the first file's)."""
-    return {name: torch.cat([part[name].reshape(-1) for part in files])[:like[name].numel()]
-            if files[0][name].numel() < like[name].numel() else files[0][name].reshape(-1) for name in like}
-
-
 # float32 rounding between 2 ranks and 1 (reduction orders differ), measured max |diff| of weights / teacher:
 # FSDP2 1.5e-6 / 8e-7, ZeRO-3 3.7e-6 / 1.9e-6, ZeRO-2 1.8e-6 / 8.8e-7. Without the distillation's column-gradient
 # all-reduce the weights differ by 2e-3; a ZeRO-3 teacher forward that reads stale gathered weights changes the
@@ -296,11 +340,11 @@ TWO_RANKS_ATOL = 1e-5
 
 
 def assert_close_to_one_rank(two: dict, one: dict, what: str) -> None:
-    """`two` (2 ranks) equals `one` (1 rank) to TWO_RANKS_ATOL: whole runs (final weights, whole teacher)."""
+    """`two` (2 ranks) equals `one` (1 rank) to TWO_RANKS_ATOL: whole runs (final weights, teacher)."""
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4), f"{what}: wma_teacher_loss"
     assert len(two["losses"]) == 4 and all(math.isfinite(v) for v in two["losses"]), what
-    teacher = full_teacher(two["teacher"], one["teacher"][0])
-    for kind, mine, theirs in (("weights", two["weights"], one["weights"]), ("teacher", teacher, one["teacher"][0])):
+    for kind in ("weights", "teacher"):
+        mine, theirs = two[kind], one[kind]
         assert mine.keys() == theirs.keys(), (what, kind)
         worst = max((mine[k].double().reshape(-1) - theirs[k].double().reshape(-1)).abs().max().item()
                     for k in theirs)
@@ -308,43 +352,50 @@ def assert_close_to_one_rank(two: dict, one: dict, what: str) -> None:
 
 
 def assert_bitwise(resumed: dict, straight: dict, what: str) -> None:
-    """A resumed run ended exactly where the straight one did (final weights, every rank's teacher file)."""
-    for key in straight["weights"]:
-        assert torch.equal(resumed["weights"][key], straight["weights"][key]), (what, key)
-    assert len(resumed["teacher"]) == len(straight["teacher"]), what
-    for mine, theirs in zip(resumed["teacher"], straight["teacher"]):
-        for name in theirs:
-            assert torch.equal(mine[name], theirs[name]), (what, name)
+    """A resumed run ended exactly where the straight one did (final weights, teacher)."""
+    for kind in ("weights", "teacher"):
+        assert resumed[kind].keys() == straight[kind].keys(), (what, kind)
+        for key, value in straight[kind].items():
+            assert torch.equal(resumed[kind][key], value), (what, kind, key)
 
 
-def assert_sharded(two: dict, what: str) -> None:
-    """Each rank's teacher file holds a part of every parameter of more than one element, never all of it."""
-    assert len(two["teacher"]) == 2, what
-    for name, full in two["weights"].items():
-        if name in two["teacher"][0] and full.numel() > 1:
-            assert all(part[name].numel() < full.numel() for part in two["teacher"]), (what, name)
-            assert sum(part[name].numel() for part in two["teacher"]) >= full.numel(), (what, name)
+def assert_sharded(ranks: list[dict], what: str) -> None:
+    """Each rank's teacher holds a part of every parameter of more than one element, never all of it."""
+    whole = ranks[0]["teacher"]
+    assert len(ranks) == 2 and whole.keys() == ranks[1]["shard_numel"].keys(), what
+    for name, value in whole.items():
+        if value.numel() > 1:
+            assert all(rank["shard_numel"][name] < value.numel() for rank in ranks), (what, name)
+            assert sum(rank["shard_numel"][name] for rank in ranks) >= value.numel(), (what, name)
 
 
 @pytest.mark.slow
-def test_teacher_on_two_fsdp_ranks_equals_one_rank_is_sharded_and_resumes_bitwise(shards, tmp_path):
+def test_teacher_on_two_fsdp_ranks_equals_one_rank_is_sharded_and_resumes(shards, tmp_path):
     """2 FSDP2 ranks: weights and teacher end equal to a 1-rank run's (the same global batches: float32
-    rounding), each rank's teacher holds its part of every parameter (never a full copy), and a run stopped
-    inside fine-tuning and resumed ends bitwise where the straight run ends, teacher included."""
+    rounding), each rank's teacher holds its part of every parameter (never a full copy), a run stopped inside
+    fine-tuning and resumed ends bitwise where the straight run ends, teacher included, and one resumed on 1 rank
+    (the teacher's file read in other slices) ends where the straight run does, to float32 rounding."""
+    import shutil
+
     from tests.helpers.harness import run_ranks
 
     def config(out, **run):
         return full_batch_job(shards, tmp_path / out, run={"backend": "fsdp", **run})
 
-    first, stopped = run_ranks("tests.test_objectives_teacher:tune_teachers", world_size=2, runs=[
-        {"config": config("a")}, {"config": config("b"), "stop_at": 3}])[0]
+    ranks = run_ranks("tests.test_objectives_teacher:tune_teachers", world_size=2, runs=[
+        {"config": config("a")}, {"config": config("b"), "stop_at": 3}])
+    (first, stopped), first_rank1 = ranks[0], ranks[1][0]
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
     resumed = run_ranks("tests.test_objectives_teacher:tune_teacher", world_size=2,
                         config=config("b", resume="latest"))[0]
+    on_one_rank = run_ranks("tests.test_objectives_teacher:tune_teacher", world_size=1,
+                            config=config("c", resume="latest"))[0]
     one = tune_teacher(full_batch_job(shards, tmp_path / "one"))
     assert not stopped["finished"]
-    assert_sharded(first, "fsdp")
+    assert_sharded([first, first_rank1], "fsdp")
     assert_close_to_one_rank(first, one, "fsdp")
     assert_bitwise(resumed, first, "fsdp")
+    assert_close_to_one_rank(on_one_rank, first, "fsdp resumed on 1 rank")
 
 
 @pytest.mark.slow
@@ -368,14 +419,15 @@ def test_teacher_under_zero3_and_zero2_equals_one_rank_and_resumes_bitwise(shard
         return full_batch_job(shards, tmp_path / out, run={"backend": "deepspeed", "zero_config": zero_config, **run},
                               model={"weights": str(base)})
 
-    z3, z3_stopped, z2, z2_stopped = run_ranks("tests.test_objectives_teacher:tune_teachers", world_size=2, runs=[
+    ranks = run_ranks("tests.test_objectives_teacher:tune_teachers", world_size=2, runs=[
         {"config": config("z3", 3)}, {"config": config("z3b", 3), "stop_at": 3},
-        {"config": config("z2", 2)}, {"config": config("z2b", 2), "stop_at": 3}])[0]
+        {"config": config("z2", 2)}, {"config": config("z2b", 2), "stop_at": 3}])
+    (z3, z3_stopped, z2, z2_stopped), z3_rank1 = ranks[0], ranks[1][0]
     z3_resumed, z2_resumed = run_ranks("tests.test_objectives_teacher:tune_teachers", world_size=2, runs=[
         {"config": config("z3b", 3, resume="latest")}, {"config": config("z2b", 2, resume="latest")}])[0]
     one = tune_teacher(full_batch_job(shards, tmp_path / "one", model={"weights": str(base)}))
     assert not z3_stopped["finished"] and not z2_stopped["finished"]
-    assert_sharded(z3, "zero3")
+    assert_sharded([z3, z3_rank1], "zero3")
     assert_close_to_one_rank(z3, one, "zero3")
     assert_close_to_one_rank(z2, one, "zero2")
     assert_bitwise(z3_resumed, z3, "zero3")

@@ -91,6 +91,11 @@ class Backend(Protocol):
         model holds it (one process, ZeRO-1/2)."""
         return {name: param.data for name, param in self.model.named_parameters() if param.requires_grad}
 
+    def parameter_spans(self) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+        """Name -> (start, stop, shape): `parameter_shards()[name]` holds elements start..stop-1 of the flattened
+        whole parameter of `shape`, in its first stop - start entries (any rest is padding). Default: all of it."""
+        return {name: (0, shard.numel(), tuple(shard.shape)) for name, shard in self.parameter_shards().items()}
+
     @contextlib.contextmanager
     def shards_replaced(self, values: dict[str, Tensor]) -> Iterator[None]:
         """Inside: the forward reads `values` (name -> a tensor shaped like `parameter_shards()[name]`, cast to

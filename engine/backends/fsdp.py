@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -226,6 +227,18 @@ class FSDPBackend(TorchAdamWState, Backend):
     def parameter_shards(self) -> dict[str, Tensor]:
         """This rank's local shard of each trained parameter (the DTensor's local tensor FSDP all-gathers from)."""
         return {name: _local(param.data) for name, param in self._trainable}
+
+    def parameter_spans(self) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+        """Where each local shard lies in its flattened parameter: FSDP2 gives rank r rows r * ceil(n / world) on
+        (dim 0, as `torch.chunk`)."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        spans = {}
+        for name, param in self._trainable:
+            shape = tuple(param.shape)
+            rows, row = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+            start = min(rank * -(-rows // world), rows) * row
+            spans[name] = (start, start + _local(param.data).numel(), shape)
+        return spans
 
     def backward(self, loss: Tensor) -> None:
         """Backward; FSDP reduce-scatters the gradients (averaged over ranks) into each rank's shards."""

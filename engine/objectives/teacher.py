@@ -10,18 +10,21 @@ The teacher holds a float32 copy of this rank's parameter shards (the student's 
 a whole copy where the student is replicated (one process, ZeRO-1/2), this rank's shard where it is sharded (FSDP2's
 local shards, ZeRO-3's partitions)), so small updates are not lost to bf16 rounding; the backend puts them in
 place of the student's for the teacher's forward (`Backend.shards_replaced`, cast to the module's dtype) and the
-student's back, bit-exact. Checkpoints: each rank writes its shards (`rank_<r>.safetensors`, float32); the small
-state (weight sum, update count, K) is JSON.
+student's back, bit-exact. Checkpoints: one file of the whole float32 parameters, whatever the number of ranks
+(`engine.objectives.teacher_checkpoint`); the small state (weight sum, update count, K) is JSON.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from engine.objectives.teacher_checkpoint import TEACHER_FILE, Span, read_parts, write_whole
 
 KINDS = ("wma", "ema")
 
@@ -82,24 +85,33 @@ class MovingAverageTeacher:
         self.num_updates, self.update_index = int(state["num_updates"]), int(state["update_index"])
         self.weight_sum = float(state["weight_sum"])
 
-    def save(self, directory: Path, *, rank: int, world_size: int) -> None:
-        """This rank's float32 shards as `directory/rank_<r>.safetensors` (nothing before `start`)."""
+    def save(self, directory: Path, *, spans: dict[str, Span], gather: Callable[[Tensor], Tensor],
+             is_main: bool) -> None:
+        """Collective: the whole float32 teacher into `directory/teacher.safetensors` (rank 0 writes; `spans`: the
+        part of each parameter this rank's shards hold). Nothing before `start`."""
         if self.shards is None:
             return
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({name: value.detach().cpu().contiguous() for name, value in self.shards.items()},
-                  str(directory / shard_file(rank)), metadata={"world_size": str(world_size), "kind": self.kind})
+        write_whole(directory / TEACHER_FILE, self.shards, spans, gather=gather, is_main=is_main,
+                    metadata={"kind": self.kind, "format": "pt"})
 
-    def load(self, directory: Path, *, rank: int, like: dict[str, Tensor]) -> bool:
-        """Read this rank's shards `save` wrote, shaped and placed like `like` (the student's); False when the
-        checkpoint holds none (written before the teacher started)."""
+    def load(self, directory: Path, *, spans: dict[str, Span], like: dict[str, Tensor], rank: int,
+             reshard: bool) -> bool:
+        """Read this rank's parts (`spans`) of the teacher `save` wrote, on any number of ranks, shaped and placed
+        like `like` (the student's shards); False when the checkpoint holds none (written before the teacher
+        started). Checkpoints of earlier versions (one `rank_<r>.safetensors` per rank) load on their own number
+        of ranks only (`reshard`: this is another)."""
+        if (directory / TEACHER_FILE).is_file():
+            self.shards = read_parts(directory / TEACHER_FILE, spans, like)
+            return True
         path = directory / shard_file(rank)
         if not path.is_file():
             return False
+        if reshard:
+            raise ValueError(f"{directory}: the teacher's shards were written per rank by an earlier version, on "
+                             "another number of ranks; resume on the checkpoint's number of ranks")
         saved = load_file(str(path))
         if set(saved) != set(like) or any(saved[n].shape != like[n].shape for n in like):
             raise ValueError(f"{path}: the teacher's shards do not match this model's parameters (another model "
                              "or layout)")
         self.shards = {name: saved[name].to(like[name].device) for name in like}
         return True
-

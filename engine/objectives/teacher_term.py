@@ -90,17 +90,16 @@ class TeacherTerm(TermBase):
                              + "; resume with the same teacher settings")
         if bool(state.get("started")) != self.teacher.started:
             raise ValueError("objective.wma_teacher: the checkpoint's teacher weights are missing (objective/"
-                             "wma_teacher/rank_*.safetensors); use another step_* folder")
+                             "wma_teacher/teacher.safetensors); use another step_* folder")
         self.teacher.load_state_dict(state)
         self.num_steps = int(state["num_steps"])
 
     def save(self, directory: Path) -> None:
-        self.teacher.save(directory, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self.teacher.save(directory, spans=self.ctx.model.parameter_spans(), gather=self.ctx.gather,
+                          is_main=self.ctx.rank == 0)
 
     def load(self, directory: Path, *, reshard: bool = False) -> None:
-        if reshard and directory.is_dir():
-            raise ValueError("loss.terms.wma_teacher: the teacher's shards were written by another number of ranks; "
-                             "resume on the checkpoint's number of ranks")
+        model = self.ctx.model
         self.teacher.shards = None
-        self.teacher.load(directory, rank=self.ctx.rank, like=self.ctx.model.parameter_shards())
-
+        self.teacher.load(directory, spans=model.parameter_spans(), like=model.parameter_shards(), rank=self.ctx.rank,
+                          reshard=reshard)

@@ -56,7 +56,8 @@ class ModelAccess(NamedTuple):
 
     `parameter_shards()`: name -> the tensor holding this rank's part of each trained parameter, the one the
     forward reads (one process and ZeRO-1/2: the whole parameter; FSDP2: the local shard; ZeRO-3: the
-    partition). `shards_replaced(values)`: a context inside which the forward reads `values` (shaped like
+    partition). `parameter_spans()`: name -> (start, stop, shape), the elements of the flattened whole
+    parameter its shard holds (`Backend.parameter_spans`). `shards_replaced(values)`: a context inside which the forward reads `values` (shaped like
     `parameter_shards()`) instead, the student's values restored bit-exact after it (before the step's
     backward). `forward_no_grad(images, texts)`: the model's outputs on this rank's batch at the values the
     shards hold, without gradient, leaving no gathered copy behind (collective under sharding backends: every
@@ -64,6 +65,7 @@ class ModelAccess(NamedTuple):
     """
 
     parameter_shards: Callable[[], dict[str, Tensor]]
+    parameter_spans: Callable[[], dict[str, tuple[int, int, tuple[int, ...]]]]
     shards_replaced: Callable[[dict[str, Tensor]], AbstractContextManager]
     forward_no_grad: Callable[[Tensor, Tensor], StepOutputs]
 

@@ -206,6 +206,18 @@ class DeepSpeedBackend(Backend):
             return super().parameter_shards()
         return {name: param.ds_tensor for name, param in self._trainable}
 
+    def parameter_spans(self) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+        """ZeRO-3: rank r's partition holds elements r * p on of the flattened parameter (p: the partition's size,
+        the last one's tail padding); ZeRO-1/2: whole parameters."""
+        if self.zero_stage != 3:
+            return super().parameter_spans()
+        rank, spans = dist.get_rank(), {}
+        for name, param in self._trainable:
+            size = param.ds_tensor.numel()
+            start = min(rank * size, param.ds_numel)
+            spans[name] = (start, min(start + size, param.ds_numel), tuple(param.ds_shape))
+        return spans
+
     def forward_no_grad(self, images: Tensor, texts: Tensor):
         """`forward` without gradient, through the engine (its gathering hooks run). ZeRO-3: every gathered
         parameter, persistent ones included, is released before and after, so this forward gathers the
