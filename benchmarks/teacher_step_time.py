@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 TARGET = 1.25
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build(shards: Path, out: Path, *, method: str, model: str, batch_size: int, teacher: bool):

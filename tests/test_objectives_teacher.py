@@ -313,10 +313,12 @@ def tune_teacher(config: dict, stop_at: int | None = None) -> dict:
         return {"finished": True, "shard_numel": shards}
     out = Path(config["run"]["out_dir"])
     latest = max((out / "checkpoints").glob("step_*"))
-    losses = [r.get("wma_teacher_loss") for r in read_jsonl(out / "log.jsonl")
-              if r.get("event") == "step" and r["stage"] == "finetune"]
+    log = read_jsonl(out / "log.jsonl")
+    losses = [r.get("wma_teacher_loss") for r in log if r.get("event") == "step" and r["stage"] == "finetune"]
+    started = [r for r in log if r.get("event") == "teacher_started"][-1]
     return {"finished": True, "shard_numel": shards, "weights": load_file(out / "final.safetensors"),
-            "teacher": load_file(latest / "objective" / "wma_teacher" / "teacher.safetensors"), "losses": losses}
+            "teacher": load_file(latest / "objective" / "wma_teacher" / "teacher.safetensors"), "losses": losses,
+            "bytes": (started["bytes_this_rank"], started["bytes_whole_fp32"])}
 
 
 def tune_teachers(runs: list[dict]) -> list[dict]:
@@ -428,6 +430,9 @@ def test_teacher_under_zero3_and_zero2_equals_one_rank_and_resumes_bitwise(shard
     one = tune_teacher(full_batch_job(shards, tmp_path / "one", model={"weights": str(base)}))
     assert not z3_stopped["finished"] and not z2_stopped["finished"]
     assert_sharded([z3, z3_rank1], "zero3")
+    # The logged cost: one rank holds the whole fp32 teacher; a ZeRO-3 rank about half of it (+ persistent ones).
+    assert one["bytes"][0] == one["bytes"][1] == z2["bytes"][0] == z3["bytes"][1]
+    assert 0.5 * z3["bytes"][1] <= z3["bytes"][0] < 0.6 * z3["bytes"][1]
     assert_close_to_one_rank(z3, one, "zero3")
     assert_close_to_one_rank(z2, one, "zero2")
     assert_bitwise(z3_resumed, z3, "zero3")

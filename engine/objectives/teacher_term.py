@@ -12,6 +12,7 @@ OSR the teacher is the student (w0), so the term's gradient is zero: its value i
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from engine.objectives.distill import similarity_distillation
@@ -43,8 +44,12 @@ class TeacherTerm(TermBase):
         num_updates = num_steps // self.every_steps  # K
         if not self.teacher.started:
             self.teacher.start(self.ctx.model.parameter_shards(), num_updates=num_updates)
+            # What the teacher costs this rank (fp32 shards) against one whole fp32 copy of the trained parameters.
+            whole = sum(math.prod(shape) for _, _, shape in self.ctx.model.parameter_spans().values())
             self.ctx.log_event({"event": "teacher_started", "kind": self.teacher.kind, "beta": self.teacher.beta,
-                                "every_steps": self.every_steps, "num_updates": num_updates})
+                                "every_steps": self.every_steps, "num_updates": num_updates,
+                                "bytes_this_rank": sum(t.nbytes for t in self.teacher.shards.values()),
+                                "bytes_whole_fp32": 4 * whole})
         elif num_updates != self.teacher.num_updates:  # a resume with more epochs: later weights use the new K
             logger.warning("wma_teacher: %d teacher updates planned instead of %d (run.epochs changed); updates "
                            "from now on are weighted over the new total", num_updates, self.teacher.num_updates)
