@@ -436,8 +436,8 @@ def test_resume_with_more_epochs_extends_a_finished_run_and_fewer_are_refused(fi
 
 def test_unknown_options_and_open_clip_train_values_without_an_equivalent_are_one_error_line(tmp_path, capsys):
     cases = {
-        ("tune", "--lock-image", "--train", "x"): "error: unknown option --lock-image; any config field can be set "
-                                                  "with --set section.key=value (see run.py tune --help)",
+        ("tune", "--distill-model", "x", "--train", "x"): "error: unknown option --distill-model; any config field can "
+                                                          "be set with --set section.key=value (see run.py tune --help)",
         ("finetune", "--accum-freq=2"): "error: unknown option --accum-freq; any config field can be set with --set "
                                         "section.key=value (see run.py finetune --help)",
         ("export", "--model", "tiny-vit", "--out", "x.safetensors", "--torchcompile"):
