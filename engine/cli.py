@@ -160,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoints/step_N folder (single, DeepSpeed or FSDP2, any number of ranks; "
                              "checkpoints/latest: the newest); "
                              "hf-hub:/local-dir: models default to their own file")
-    export.add_argument("--out", required=True, help="output .safetensors path")
+    export.add_argument("--out", required=True, help="output .safetensors path (--format transformers: a folder)")
+    export.add_argument("--format", default="open_clip", choices=("open_clip", "transformers"),
+                        help="open_clip safetensors, or a folder transformers' CLIPModel / CLIPProcessor "
+                             "from_pretrained loads (ViT CLIP architectures)")
     export.add_argument("--pretrained-tag", dest="pretrained_tag", default=None,
                         help="open_clip pretrained tag of the weights (checks the activation; OpenAI files imply openai)")
 
@@ -402,6 +405,13 @@ def _export(args: argparse.Namespace) -> int:
     from models import export_model
 
     bundle = build_model_from(args.model, {"pretrained_tag": args.pretrained_tag}, args.weights)
+    if args.format == "transformers":
+        from models import transformers_clip
+
+        missing = transformers_clip.export(bundle, bundle.model.state_dict(), args.out,
+                                           preprocessing=bundle.preprocessing)
+        print(f"wrote {args.out} (transformers CLIPModel){''.join(f'; not written: {item}' for item in missing)}")
+        return 0
     export_model(bundle, bundle.model, args.out)
     print(f"wrote {args.out}")
     return 0
