@@ -214,8 +214,9 @@ def transformers_config(oc_config: dict, *, arch: str) -> dict:
     vision, text = oc_config.get("vision_cfg", {}), oc_config.get("text_cfg", {})
     extra = (sorted(oc_config.keys() - _TOP_KEYS) + [f"vision_cfg.{k}" for k in sorted(vision.keys() - _VISION_KEYS)]
              + [f"text_cfg.{k}" for k in sorted(text.keys() - _TEXT_KEYS)])
-    if extra or "width" not in vision or "width" not in text:
-        raise ValueError(f"model {arch!r} has no transformers CLIPModel counterpart ({', '.join(extra) or 'no ViT'}"
+    is_vit = "patch_size" in vision and isinstance(vision.get("layers"), int) and "width" in text
+    if extra or not is_vit:
+        raise ValueError(f"model {arch!r} has no transformers CLIPModel counterpart ({', '.join(extra) or 'not a ViT'}"
                          "); only open_clip ViT CLIP architectures export to transformers")
     act = "quick_gelu" if oc_config.get("quick_gelu") else "gelu"
     width, text_width = vision["width"], text["width"]
