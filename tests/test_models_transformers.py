@@ -127,14 +127,20 @@ def test_round_trip_transformers_tune_transformers_through_the_cli(tmp_path, sha
     from tests.helpers.jobs import job
 
     _save_tiny_clip(tmp_path / "hf")
-    config = job(shards, tmp_path / "run", model={"name": str(tmp_path / "hf")})
+    config = job(shards, tmp_path / "run", model={"name": str(tmp_path / "hf")}, run={"save_every_epochs": 1})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     _run_cli("tune", "--config", tmp_path / "job.yaml")
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in log if r["event"] == "step"} == {"osr", "finetune"}
     _run_cli("export", "--model", tmp_path / "hf", "--weights", tmp_path / "run" / "final.safetensors",
              "--format", "transformers", "--out", tmp_path / "out")
+    # From the run's last checkpoint folder too: the same weights.
+    _run_cli("export", "--model", tmp_path / "hf", "--weights", tmp_path / "run" / "checkpoints" / "latest",
+             "--format", "transformers", "--out", tmp_path / "from-checkpoint")
     hf_model = transformers.CLIPModel.from_pretrained(tmp_path / "out").eval()
+    from_checkpoint = transformers.CLIPModel.from_pretrained(tmp_path / "from-checkpoint")
+    for key, value in from_checkpoint.state_dict().items():
+        assert torch.equal(value, hf_model.state_dict()[key]), key
     tuned = build_model(str(tmp_path / "hf"), weights=tmp_path / "run" / "final.safetensors")
     base = build_model(str(tmp_path / "hf"))
     assert not torch.equal(tuned.model.visual.proj, base.model.visual.proj)  # fine-tuning moved the weights
