@@ -95,7 +95,7 @@ def test_architecture_that_does_not_map_is_one_error(tmp_path, overrides, messag
 
 
 def test_export_loads_in_transformers_with_the_engine_features(tmp_path):
-    bundle = build_model("tiny-vit", seed=1)
+    bundle = build_model("tiny-vit", seed=1, preprocess={"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)})
     assert transformers_clip.export(bundle, bundle.model.state_dict(), tmp_path / "out",
                                     preprocessing=bundle.preprocessing) == []
     hf_model = transformers.CLIPModel.from_pretrained(tmp_path / "out").eval()
