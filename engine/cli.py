@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", aliases=["convert"],
                             help="convert a local checkpoint (open_clip, OpenAI state dict or TorchScript, or a "
                                  "run's checkpoints/step_N folder of any backend) to open_clip safetensors")
-    export.add_argument("--model", required=True, help="open_clip architecture or shipped config name")
+    export.add_argument("--model", required=True, help="open_clip architecture, shipped config name or a "
+                                                       "transformers CLIPModel folder")
     export.add_argument("--weights", default=None,
                         help="local .safetensors / .bin / .pt (an OpenAI TorchScript .pt too), or a run's "
                              "checkpoints/step_N folder (single, DeepSpeed or FSDP2, any number of ranks; "
@@ -402,12 +403,12 @@ def _print_interpolation(found, *, select_flag: str) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from engine.checkpoint import build_model_from
-    from models import export_model
+    from models import export_model, transformers_clip
 
+    if args.format == "transformers":
+        transformers_clip.require_transformers()  # before the model is built
     bundle = build_model_from(args.model, {"pretrained_tag": args.pretrained_tag}, args.weights)
     if args.format == "transformers":
-        from models import transformers_clip
-
         missing = transformers_clip.export(bundle, bundle.model.state_dict(), args.out,
                                            preprocessing=bundle.preprocessing)
         print(f"wrote {args.out} (transformers CLIPModel){''.join(f'; not written: {item}' for item in missing)}")

@@ -80,8 +80,11 @@ def setting(default, doc: str, *, resume: str = "must_match", osr: bool | str = 
 class ModelConfig:
     """Which open_clip model, from which local weights, with which preprocessing."""
 
-    name: str = setting("tiny-vit", "open_clip architecture, shipped config name or JSON path", osr=True)
-    weights: str | None = setting(None, "local .safetensors / .bin / .pt; null = random init",
+    name: str = setting("tiny-vit", "open_clip architecture, shipped config name, JSON path, or a local transformers "
+                        "CLIPModel folder (config.json + model.safetensors)", osr=True)
+    weights: str | None = setting(None, "local .safetensors / .bin / .pt, or a transformers CLIPModel folder "
+                                  "(model.name: the folder, or the open_clip architecture it matches); "
+                                  "null = random init",
                                   resume="may_change", osr=True)
     pretrained_tag: str | None = setting(
         None, "open_clip pretrained tag the weights were trained as (openai, webli, laion2b_s34b_b79k, dfn5b, ...): "

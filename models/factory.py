@@ -136,6 +136,10 @@ def _register_transformers_folder(name: str) -> tuple[dict, HubModel]:
     """Register the open_clip config of the transformers CLIPModel folder `name` with open_clip under that name
     (open_clip has no public way to add a config that is not a file); its weights and preprocessing come along."""
     config = transformers_clip.open_clip_config(name)
+    if (Path(name) / "vocab.json").is_file():
+        logger.info("%s: tokenizing with open_clip's CLIP BPE (the CLIPTokenizer's vocabulary, context length %d), "
+                    "not the folder's tokenizer files; model.tokenizer=%s uses those", name,
+                    config["text_cfg"]["context_length"], name)
     for key in {name, name.replace("/", "-")}:  # create_model looks `name` up with "/" as "-", get_tokenizer not
         open_clip.factory._MODEL_CONFIGS[key] = config
     hub = HubModel(name=name, schema="transformers", model_cfg=config,

@@ -235,7 +235,8 @@ def transformers_config(oc_config: dict, *, arch: str) -> dict:
     }
 
 
-def _require_transformers():
+def require_transformers():
+    """The `transformers` module, or ValueError with the install line."""
     try:
         import transformers
     except ImportError:
@@ -286,7 +287,7 @@ def export(bundle, state_dict: dict[str, torch.Tensor], folder: str | os.PathLik
     preprocessor_config.json and, for open_clip's BPE, the tokenizer files. Returns what could not be written."""
     oc_config = bundle.model_cfg
     hf_config = transformers_config(oc_config, arch=bundle.model_name)
-    transformers = _require_transformers()
+    transformers = require_transformers()
     image_size = hf_config["vision_config"]["image_size"]
     processor = _preprocessor(preprocessing, image_size)
     tensors = from_open_clip(state_dict, oc_config)
