@@ -94,6 +94,42 @@ def test_architecture_that_does_not_map_is_one_error(tmp_path, overrides, messag
         build_model(str(tmp_path / "hf"))
 
 
+def test_siglip_folder_is_refused_with_one_line(tmp_path):
+    (tmp_path / "siglip").mkdir()
+    (tmp_path / "siglip" / "config.json").write_text(json.dumps({"model_type": "siglip"}))
+    with pytest.raises(ValueError, match="SiglipModel does not map onto open_clip"):
+        build_model(str(tmp_path / "siglip"))
+
+
+# transformers' OpenAI CLIP configs (CLIPConfig's defaults are ViT-B/32's) and open_clip's architectures.
+OPENAI_CONFIGS = [
+    ("ViT-B-32-quickgelu", {}, {}, {}),
+    ("ViT-B-16-quickgelu", {}, {"patch_size": 16}, {}),
+    ("ViT-L-14-quickgelu", {"projection_dim": 768},
+     {"patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+      "num_attention_heads": 16},
+     {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12}),
+]
+
+
+@pytest.mark.parametrize(("name", "top", "vision", "text"), OPENAI_CONFIGS)
+def test_openai_transformers_configs_are_open_clip_quickgelu_architectures(tmp_path, name, top, vision, text):
+    transformers.CLIPConfig(vision_config=vision, text_config={"eos_token_id": 2, **text},
+                            **top).save_pretrained(tmp_path)
+    assert (transformers_clip.transformers_config(transformers_clip.open_clip_config(tmp_path), arch="folder")
+            == transformers_clip.transformers_config(open_clip.get_model_config(name), arch=name))
+
+
+def test_folder_loads_into_a_meta_built_model_as_sharding_backends_do(tmp_path):
+    from models.meta import build_model_on_meta, read_matching_state_dict
+
+    _save_tiny_clip(tmp_path / "hf")
+    skeleton = build_model_on_meta(str(tmp_path / "hf"))
+    state = read_matching_state_dict(skeleton.model, tmp_path / "hf")
+    for key, value in build_model(str(tmp_path / "hf")).model.state_dict().items():
+        assert torch.equal(state[key].reshape(value.shape), value), key
+
+
 def test_export_loads_in_transformers_with_the_engine_features(tmp_path):
     bundle = build_model("tiny-vit", seed=1, preprocess={"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)})
     assert transformers_clip.export(bundle, bundle.model.state_dict(), tmp_path / "out",
