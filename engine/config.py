@@ -115,6 +115,10 @@ class ModelConfig:
         """The pretrained tag (`pretrained_tag`, or the older `preset`)."""
         return self.pretrained_tag or self.preset
 
+    def has_own_weights(self) -> bool:
+        """Whether `name` brings its weights (an `hf-hub:` / `local-dir:` name, a transformers model folder)."""
+        return self.name.startswith(("hf-hub:", "local-dir:")) or (Path(self.name) / "config.json").is_file()
+
     def locks(self) -> dict[str, int]:
         """Tower ("image" / "text") -> its number of unlocked last groups, for each tower to lock."""
         return {kind: unlocked for kind, locked, unlocked in (
@@ -540,7 +544,7 @@ class JobConfig:
         out = []
         tasks = [str(task["name"]) for section in ("zeroshot", "retrieval") for task in getattr(self.eval, section)
                  if isinstance(task, dict) and "name" in task]
-        if not self.model.weights and not self.model.name.startswith(("hf-hub:", "local-dir:")):
+        if not self.model.weights and not self.model.has_own_weights():
             out.append("run.interpolate needs base weights (model.weights) to mix with; a run from a random init "
                        "has none: unset run.interpolate")
         if not tasks:
