@@ -154,13 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", aliases=["convert"],
                             help="convert a local checkpoint (open_clip, OpenAI state dict or TorchScript, or a "
                                  "run's checkpoints/step_N folder of any backend) to open_clip safetensors")
-    export.add_argument("--model", required=True, help="open_clip architecture or shipped config name")
+    export.add_argument("--model", required=True, help="open_clip architecture, shipped config name or a "
+                                                       "transformers CLIPModel folder")
     export.add_argument("--weights", default=None,
                         help="local .safetensors / .bin / .pt (an OpenAI TorchScript .pt too), or a run's "
                              "checkpoints/step_N folder (single, DeepSpeed or FSDP2, any number of ranks; "
                              "checkpoints/latest: the newest); "
                              "hf-hub:/local-dir: models default to their own file")
-    export.add_argument("--out", required=True, help="output .safetensors path")
+    export.add_argument("--out", required=True, help="output .safetensors path (--format transformers: a folder)")
+    export.add_argument("--format", default="open_clip", choices=("open_clip", "transformers"),
+                        help="open_clip safetensors, or a folder transformers' CLIPModel / CLIPProcessor "
+                             "from_pretrained loads (ViT CLIP architectures)")
     export.add_argument("--pretrained-tag", dest="pretrained_tag", default=None,
                         help="open_clip pretrained tag of the weights (checks the activation; OpenAI files imply openai)")
 
@@ -399,9 +403,16 @@ def _print_interpolation(found, *, select_flag: str) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from engine.checkpoint import build_model_from
-    from models import export_model
+    from models import export_model, transformers_clip
 
+    if args.format == "transformers":
+        transformers_clip.require_transformers()  # before the model is built
     bundle = build_model_from(args.model, {"pretrained_tag": args.pretrained_tag}, args.weights)
+    if args.format == "transformers":
+        missing = transformers_clip.export(bundle, bundle.model.state_dict(), args.out,
+                                           preprocessing=bundle.preprocessing)
+        print(f"wrote {args.out} (transformers CLIPModel){''.join(f'; not written: {item}' for item in missing)}")
+        return 0
     export_model(bundle, bundle.model, args.out)
     print(f"wrote {args.out}")
     return 0

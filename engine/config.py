@@ -80,8 +80,11 @@ def setting(default, doc: str, *, resume: str = "must_match", osr: bool | str = 
 class ModelConfig:
     """Which open_clip model, from which local weights, with which preprocessing."""
 
-    name: str = setting("tiny-vit", "open_clip architecture, shipped config name or JSON path", osr=True)
-    weights: str | None = setting(None, "local .safetensors / .bin / .pt; null = random init",
+    name: str = setting("tiny-vit", "open_clip architecture, shipped config name, JSON path, or a local transformers "
+                        "CLIPModel folder (config.json + model.safetensors)", osr=True)
+    weights: str | None = setting(None, "local .safetensors / .bin / .pt, or a transformers CLIPModel folder "
+                                  "(model.name: the folder, or the open_clip architecture it matches); "
+                                  "null = random init",
                                   resume="may_change", osr=True)
     pretrained_tag: str | None = setting(
         None, "open_clip pretrained tag the weights were trained as (openai, webli, laion2b_s34b_b79k, dfn5b, ...): "
@@ -111,6 +114,10 @@ class ModelConfig:
     def tag(self) -> str | None:
         """The pretrained tag (`pretrained_tag`, or the older `preset`)."""
         return self.pretrained_tag or self.preset
+
+    def has_own_weights(self) -> bool:
+        """Whether `name` brings its weights (an `hf-hub:` / `local-dir:` name, a transformers model folder)."""
+        return self.name.startswith(("hf-hub:", "local-dir:")) or (Path(self.name) / "config.json").is_file()
 
     def locks(self) -> dict[str, int]:
         """Tower ("image" / "text") -> its number of unlocked last groups, for each tower to lock."""
@@ -537,7 +544,7 @@ class JobConfig:
         out = []
         tasks = [str(task["name"]) for section in ("zeroshot", "retrieval") for task in getattr(self.eval, section)
                  if isinstance(task, dict) and "name" in task]
-        if not self.model.weights and not self.model.name.startswith(("hf-hub:", "local-dir:")):
+        if not self.model.weights and not self.model.has_own_weights():
             out.append("run.interpolate needs base weights (model.weights) to mix with; a run from a random init "
                        "has none: unset run.interpolate")
         if not tasks:

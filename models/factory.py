@@ -16,6 +16,7 @@ import open_clip
 import open_clip.factory
 import torch
 
+from models import transformers_clip
 from models.hub import HubModel, export_local_dir, resolve_hub_name
 from models.pretrained import PREPROCESS_FIELDS, Preprocessing, check_activation, identify
 from models.weights import (
@@ -63,6 +64,7 @@ class ClipBundle:
     tokenizer: Callable
     model_name: str  # open_clip architecture or hf-hub:/local-dir: name; open_clip.create_model(model_name) rebuilds it
     model_cfg: dict = field(default_factory=dict)  # the open_clip model config it was built from
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)  # what the transforms were built with
 
 
 def _read_model_config(path: Path) -> dict:
@@ -104,6 +106,8 @@ def _resolve_architecture(name: str) -> tuple[str, dict, HubModel | None]:
     """open_clip name and model config for `name` (architecture, shipped config, JSON path, or an
     `hf-hub:` / `local-dir:` name, which open_clip resolves itself)."""
     shipped = register_shipped_configs()
+    if transformers_clip.is_transformers_folder(name):
+        return name, *_register_transformers_folder(name)
     hub = resolve_hub_name(name)
     if hub is not None:
         return hub.name, hub.model_cfg, hub
@@ -126,6 +130,30 @@ def _resolve_architecture(name: str) -> tuple[str, dict, HubModel | None]:
             "hf-hub:org/name / local-dir:path"
         )
     return arch, config, None
+
+
+def _register_transformers_folder(name: str) -> tuple[dict, HubModel]:
+    """Register the open_clip config of the transformers CLIPModel folder `name` with open_clip under that name
+    (open_clip has no public way to add a config that is not a file); its weights and preprocessing come along."""
+    config = transformers_clip.open_clip_config(name)
+    if (Path(name) / "vocab.json").is_file():
+        logger.info("%s: tokenizing with open_clip's CLIP BPE (the CLIPTokenizer's vocabulary, context length %d), "
+                    "not the folder's tokenizer files; model.tokenizer=%s uses those", name,
+                    config["text_cfg"]["context_length"], name)
+    for key in {name, name.replace("/", "-")}:  # create_model looks `name` up with "/" as "-", get_tokenizer not
+        open_clip.factory._MODEL_CONFIGS[key] = config
+    hub = HubModel(name=name, schema="transformers", model_cfg=config,
+                   preprocess_cfg=transformers_clip.preprocess_config(name), weights=Path(name))
+    return config, hub
+
+
+def _check_transformers_weights(arch: str, config: dict, weights: Path) -> None:
+    """ValueError when transformers folder `weights` holds another architecture than model `arch`."""
+    folder = transformers_clip.transformers_config(transformers_clip.open_clip_config(weights), arch=str(weights))
+    if transformers_clip.transformers_config(config, arch=arch) != folder:
+        raise ValueError(f"model.weights {weights} is a transformers CLIPModel of another architecture than "
+                         f"{arch!r} (folder: {folder}); set model.name to the folder {weights} "
+                         "to build its own architecture")
 
 
 def _preprocessing(arch: str, config: dict, tag: str | None, overrides: dict | None,
@@ -244,9 +272,12 @@ def resolve_model(name: str, *, weights: str | os.PathLike | None = None, pretra
                   preprocess: dict | None = None, tokenizer: str | None = None) -> ModelSpec:
     """Architecture, weights file, preprocessing and tokenizer for `build_model`'s arguments (see there);
     fails fast, before the model is built. Weights in OpenAI's own layouts imply tag "openai"."""
-    if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(f"weights file not found: {weights}; pass an existing local file or None")
+    if weights is not None and not Path(weights).is_file() and not transformers_clip.is_transformers_folder(weights):
+        raise FileNotFoundError(f"weights file not found: {weights}; pass an existing local file, a transformers "
+                                "CLIPModel folder or None")
     arch, config, hub = _resolve_architecture(name)
+    if weights is not None and transformers_clip.is_transformers_folder(weights) and Path(weights) != Path(arch):
+        _check_transformers_weights(arch, config, Path(weights))
     if config.get("text_cfg", {}).get("hf_model_name"):  # a Hugging Face text tower: open_clip builds it by name
         refuse_remote_code(config["text_cfg"]["hf_model_name"], what=f"text encoder of model {arch!r}")
     if weights is None and hub is not None and hub.weights is not None:
@@ -317,6 +348,7 @@ def build_model(
         tokenizer=spec.tokenizer,
         model_name=spec.arch,
         model_cfg=spec.config,
+        preprocessing=spec.preprocessing,
     )
 
 

@@ -29,7 +29,8 @@ def build_model_on_meta(name: str, *, weights: str | os.PathLike | None = None, 
         model = open_clip.create_model(spec.arch, precision="fp32", device="meta", load_weights=False,
                                        force_preprocess_cfg=preprocess_cfg)
     return ClipBundle(model=model, train_transform=train_transform, eval_transform=eval_transform,
-                      tokenizer=spec.tokenizer, model_name=spec.arch, model_cfg=spec.config)
+                      tokenizer=spec.tokenizer, model_name=spec.arch, model_cfg=spec.config,
+                      preprocessing=spec.preprocessing)
 
 
 def init_non_persistent_buffers(model: nn.Module) -> None:

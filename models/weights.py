@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.io import atomic_path
 from engine.safe_load import load_tensor_file, read_torchscript_state_dict
+from models import transformers_clip
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -36,7 +37,7 @@ class Checkpoint:
     """A state dict read from a weights file and the layout it came in."""
 
     state_dict: dict[str, torch.Tensor]
-    layout: str  # "open_clip" | "openai-state-dict" (with OPENAI_METADATA_KEYS) | "torchscript"
+    layout: str  # "open_clip" | "openai-state-dict" (with OPENAI_METADATA_KEYS) | "torchscript" | "transformers"
 
 
 def is_torchscript_archive(path: str | os.PathLike) -> bool:
@@ -51,6 +52,8 @@ def weights_layout(path: str | os.PathLike) -> str:
     """The layout of weights file `path` ("open_clip", "openai-state-dict", "torchscript") from its keys
     only (a pickled checkpoint is memory-mapped, not read); read errors are left to the reader."""
     path = Path(path)
+    if path.is_dir() and transformers_clip.is_transformers_folder(path):
+        return "transformers"
     if path.suffix == ".safetensors":
         return "open_clip"
     if is_torchscript_archive(path):
@@ -91,6 +94,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """`read_state_dict` plus the layout the file was in (OpenAI layouts imply QuickGELU, OpenAI preprocessing)."""
     path = Path(path)
+    if transformers_clip.is_transformers_folder(path):
+        return Checkpoint(state_dict=transformers_clip.read_state_dict(path), layout="transformers")
     if not path.is_file():
         raise FileNotFoundError(
             f"weights file not found: {path}; pass an existing local {'/'.join(WEIGHT_SUFFIXES)} file"

@@ -63,6 +63,10 @@ def _weights_reader(path: Path) -> tuple[dict[str, torch.Size], Callable[[str], 
             # A mapping per tensor: pages read are unmapped again, so the file never piles up in RSS.
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 return handle.get_tensor(key)
+    elif path.is_dir():  # a transformers CLIPModel folder: renamed to open_clip's names whole
+        state = read_state_dict(path)
+        shapes = {key: value.shape for key, value in state.items()}
+        getter = state.__getitem__
     else:
         try:  # zip-format checkpoints map lazily; older ones are read whole (weights_only either way)
             state = load_tensor_file(path, mmap=True)
@@ -188,4 +192,5 @@ def build_model_zero3(
         num_tensors = load_weights_into_partitions(model, spec.weights, rank=dist.get_rank(), keep_fp32=keep_fp32)
         log_loaded_weights(spec.weights, spec.arch, num_tensors, into="the ZeRO-3 partitions")
     return ClipBundle(model=model, train_transform=train_transform, eval_transform=eval_transform,
-                      tokenizer=spec.tokenizer, model_name=spec.arch, model_cfg=spec.config)
+                      tokenizer=spec.tokenizer, model_name=spec.arch, model_cfg=spec.config,
+                      preprocessing=spec.preprocessing)

@@ -184,7 +184,7 @@ def interpolate_run(run_dir: str | Path, *, alphas: list[float], select: str | N
     needed.get("run", {}).pop("resume", None)
     cfg = load_config(base=needed, overrides=[f"run.device={device}"] if device else [], training=False)
     name = cfg.model.name
-    if not cfg.model.weights and not name.startswith(("hf-hub:", "local-dir:")):
+    if not cfg.model.weights and not cfg.model.has_own_weights():
         raise ValueError(f"{run_dir}: the run started from a random init (model.weights is empty in its config), "
                          "so it has no base weights to interpolate with; interpolate a run fine-tuned from weights")
     tasks = build_tasks(cfg.eval, limits=read_limits(cfg.data))
