@@ -19,6 +19,11 @@ the minimum is the estimate their load cannot bias. Median ms is printed next to
 
     python benchmarks/loss_speed.py            # B 1024 and 4096, 7 rounds (~1-2 min on 2 cores)
     python benchmarks/loss_speed.py --quick    # B 1024, 2 rounds, no check
+    python benchmarks/loss_speed.py --threads 1   # on cores shared with other jobs: see below
+
+On cores shared with other jobs, a 2-thread op waits for its slower thread, and the elementwise passes
+(many short ops) suffer more than one long matmul: the ratios then drift up for every loss alike.
+`--threads 1` measures the work itself.
 """
 
 from __future__ import annotations
@@ -114,9 +119,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="B 1024, 2 rounds, no target check")
     parser.add_argument("--rounds", type=int, default=NUM_ROUNDS, help="interleaved rounds")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batches = GLOBAL_BATCHES[:1] if args.quick else GLOBAL_BATCHES
     rounds = 2 if args.quick else args.rounds
     print(f"loss forward + backward, one process, D={FEATURE_DIM}, float32, {torch.get_num_threads()} threads, "

@@ -114,20 +114,37 @@ def _shift(max_s: Tensor, pos: Tensor, spec: SurrogateSpec) -> Tensor:
     return torch.where(max_s == -math.inf, 0.0, shift)
 
 
-def _exp_terms(s: Tensor, pos: Tensor, shift: Tensor, spec: SurrogateSpec, *,
-               in_place: bool) -> tuple[Tensor, Tensor | None]:
+class _Workspace:
+    """The [rows, chunk] blocks of one loss call, reused from chunk to chunk: the elementwise passes write into
+    them instead of into new tensors (a fresh block is page-faulted in on first touch, on CPU about the cost of
+    two passes over it)."""
+
+    def __init__(self, rows: int, like: Tensor):
+        self.rows, self.like = rows, like
+        self._blocks: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, columns: int) -> Tensor:
+        block = self._blocks.get(name)
+        if block is None or block.shape[1] != columns:
+            block = self._blocks[name] = self.like.new_empty((self.rows, columns))
+        return block
+
+
+def _exp_terms(s: Tensor, pos: Tensor, shift: Tensor, spec: SurrogateSpec, *, into: Tensor,
+               keep_hinge: bool = False) -> tuple[Tensor, Tensor | None]:
     """e = exp(l(s - pos)/tau - shift) over a similarity block, and HGCL's hinge h = max(s - pos + m, 0)
     (l = h^2, l' = 2h; None for GCL, where l' = 1); `pos`, `shift` broadcast along rows or columns.
 
-    In as few elementwise passes as possible; with `in_place` the block `s` is overwritten (it holds
-    e for GCL, h for HGCL), else it is left as it was.
+    Four elementwise passes for HGCL, three for GCL, written into `into` (which may be `s`); with
+    `keep_hinge` HGCL's e goes to a new tensor and h stays in `into`.
     """
     inv_tau = 1.0 / spec.tau
     if spec.kind == "gcl":
-        d = s.sub_(pos) if in_place else s - pos
+        d = torch.sub(s, pos, out=into)
         return torch.add(-shift, d, alpha=inv_tau, out=d).exp_(), None
-    hinge = (s.sub_(pos - spec.margin) if in_place else s - (pos - spec.margin)).clamp_(min=0.0)
-    return torch.addcmul(-shift, hinge, hinge, value=inv_tau).exp_(), hinge
+    hinge = torch.sub(s, pos - spec.margin, out=into).clamp_(min=0.0)
+    e = torch.addcmul(-shift, hinge, hinge, value=inv_tau, out=None if keep_hinge else hinge).exp_()
+    return e, (hinge if keep_hinge else None)
 
 
 def _log_sum(e: Tensor, shift: Tensor, positives: Tensor, *, dim: int) -> Tensor:
@@ -137,11 +154,14 @@ def _log_sum(e: Tensor, shift: Tensor, positives: Tensor, *, dim: int) -> Tensor
 
 
 def _coefficients(s: Tensor, pos: Tensor, log_w: Tensor, first_row: int, first_column: int, spec: SurrogateSpec,
-                  *, in_place: bool) -> Tensor:
-    """exp(l(d)/tau - log w) * l'(d) / (2 for HGCL), d = s - pos, zero on the positive pairs."""
-    e, hinge = _exp_terms(s, pos, log_w, spec, in_place=in_place)
-    if hinge is not None:
-        e.mul_(hinge)
+                  *, into: Tensor, spare: Tensor) -> Tensor:
+    """exp(l(d)/tau - log w) * l'(d) / (2 for HGCL), d = s - pos, zero on the positive pairs; in `into` (GCL)
+    or `spare` (HGCL, whose hinge stays in `into`, which may be `s`)."""
+    if spec.kind == "gcl":
+        e, _ = _exp_terms(s, pos, log_w, spec, into=into)
+    else:
+        hinge = torch.sub(s, pos - spec.margin, out=into).clamp_(min=0.0)
+        e = torch.addcmul(-log_w, hinge, hinge, value=1.0 / spec.tau, out=spare).exp_().mul_(hinge)
     _positives(e, first_row, first_column).zero_()
     return e
 
@@ -192,14 +212,15 @@ def _whole_batch_log_phi(f: Tensor, g: Tensor, pos: Tensor, spec: SurrogateSpec,
     along its rows and the chunk's text anchors' whole sums along its columns (s_ji = s^T)."""
     num = f.shape[0]
     row_parts, log_phi_z, kept = [], torch.empty(num, dtype=f.dtype, device=f.device), None
+    work = _Workspace(num, f)
     for start, stop in _chunks(num, spec.chunk_size):
-        s = f @ g[start:stop].T  # [B, c]: image anchor a (row) against text k (column)
+        s = torch.mm(f, g[start:stop].T, out=work("s", stop - start))  # image anchor a (row) vs text k (column)
         pos_column = pos[start:stop].T
         row_max, column_max = _off_positive_max(s, 0, start, columns=True)
         shift_row, shift_column = _shift(row_max, pos, spec), _shift(column_max, pos_column, spec)
-        e_row, hinge_row = _exp_terms(s, pos, shift_row, spec, in_place=False)
+        e_row, hinge_row = _exp_terms(s, pos, shift_row, spec, into=work("rows", stop - start), keep_hinge=keep)
         row_parts.append(_log_sum(e_row, shift_row, _positives(e_row, 0, start), dim=1))
-        e_column, hinge_column = _exp_terms(s, pos_column, shift_column, spec, in_place=True)
+        e_column, hinge_column = _exp_terms(s, pos_column, shift_column, spec, into=s, keep_hinge=keep)
         log_phi_z[start:stop] = _log_sum(e_column, shift_column, _positives(e_column, 0, start), dim=0)
         if keep:  # the gradient's coefficients are these terms times l' and a factor per anchor
             if hinge_row is not None:
@@ -213,13 +234,14 @@ def _rank_log_phi(f_local: Tensor, g_local: Tensor, f_global: Tensor, g_global: 
                   offset: int, spec: SurrogateSpec, keep: bool):
     """Local anchors against the gathered global batch: one block per anchor direction and chunk."""
     parts_x, parts_z, kept = [], [], None
+    work = _Workspace(f_local.shape[0], f_local)
     for start, stop in _chunks(f_global.shape[0], spec.chunk_size):
         s_img = f_local @ g_global[start:stop].T  # s_{a,k}: local image anchor a, text k
         s_txt = g_local @ f_global[start:stop].T  # s_{k,b}: local text anchor b, image k
         for s, parts in ((s_img, parts_x), (s_txt, parts_z)):
             row_max, _ = _off_positive_max(s, offset, start, columns=False)
             shift = _shift(row_max, pos, spec)
-            e, _ = _exp_terms(s, pos, shift, spec, in_place=not keep)
+            e, _ = _exp_terms(s, pos, shift, spec, into=work("rows", stop - start) if keep else s)
             parts.append(_log_sum(e, shift, _positives(e, offset, start), dim=1))
         if keep:
             kept = (s_img, s_txt)
@@ -294,7 +316,9 @@ def _whole_batch_gradients(f: Tensor, g: Tensor, log_wx: Tensor, log_wz: Tensor,
     pos = (f * g).sum(dim=1, keepdim=True)
     grad_f, grad_g = torch.zeros_like(f), torch.empty_like(g)
     row_sum = torch.zeros_like(pos)  # sum_k A_ak + C_ak
+    work = _Workspace(num, f)
     for start, stop in _chunks(num, spec.chunk_size):
+        width = stop - start
         if kept is not None:  # the log Phi pass's terms, exp(l/tau - shift) l', times exp(shift - log w)
             a_rows, shift_row, c_columns, shift_column = kept
             factor_row = (shift_row - log_wx.unsqueeze(1)).exp_()
@@ -303,11 +327,13 @@ def _whole_batch_gradients(f: Tensor, g: Tensor, log_wx: Tensor, log_wz: Tensor,
             row_sum[start:stop] += c_columns.sum(dim=0).unsqueeze(1).mul_(factor_column.T)
             block = a_rows.mul_(factor_row).addcmul_(c_columns, factor_column)
         else:
-            s = f @ g[start:stop].T
-            a_rows = _coefficients(s, pos, log_wx.unsqueeze(1), 0, start, spec, in_place=False)
-            c_columns = _coefficients(s, pos[start:stop].T, log_wz[start:stop].unsqueeze(0), 0, start, spec,
-                                      in_place=True)
+            s = torch.mm(f, g[start:stop].T, out=work("s", width))
+            a_rows = _coefficients(s, pos, log_wx.unsqueeze(1), 0, start, spec, into=work("rows", width),
+                                   spare=work("spare", width))
             row_sum += a_rows.sum(dim=1, keepdim=True)
+            # HGCL's row coefficients are in "spare", its hinge in "rows" is spent; GCL needs no spare.
+            c_columns = _coefficients(s, pos[start:stop].T, log_wz[start:stop].unsqueeze(0), 0, start, spec, into=s,
+                                      spare=work("rows", width))
             row_sum[start:stop] += c_columns.sum(dim=0).unsqueeze(1)
             block = a_rows.add_(c_columns)
         grad_f.addmm_(block, g[start:stop], alpha=scale)
@@ -330,7 +356,9 @@ def _rank_gradients(f_local: Tensor, g_local: Tensor, f_global: Tensor, g_global
     grad_f = torch.zeros_like(f_local)
     grad_g = torch.zeros_like(g_local)
     row_sum = torch.zeros_like(pos_local)  # sum_k A_ak + C_ak for local a
+    work = _Workspace(num_local, f_local)
     for start, stop in _chunks(num_global, spec.chunk_size):
+        width = stop - start
         pos_k = pos_global[start:stop].unsqueeze(0)
         g_chunk, f_chunk = g_global[start:stop], f_global[start:stop]
         s_fg, s_gf = kept if kept is not None else (f_local @ g_chunk.T, g_local @ f_chunk.T)
@@ -338,10 +366,11 @@ def _rank_gradients(f_local: Tensor, g_local: Tensor, f_global: Tensor, g_global
         # s_gf[b, k]: C[b,k] (text anchor b, local, vs image k) and A[k,b] (image anchor k vs text b).
         for s, local_w, column_w, grad, other in ((s_fg, lwx_local, log_wz_global, grad_f, g_chunk),
                                                    (s_gf, lwz_local, log_wx_global, grad_g, f_chunk)):
-            rows = _coefficients(s, pos_local, local_w, offset, start, spec, in_place=False)
-            columns = _coefficients(s, pos_k, column_w[start:stop].unsqueeze(0), offset, start, spec,
-                                    in_place=True)
+            rows = _coefficients(s, pos_local, local_w, offset, start, spec, into=work("rows", width),
+                                 spare=work("spare", width))
             row_sum += rows.sum(dim=1, keepdim=True)
+            columns = _coefficients(s, pos_k, column_w[start:stop].unsqueeze(0), offset, start, spec, into=s,
+                                    spare=work("rows", width))  # as in `_whole_batch_gradients`
             grad.addmm_(rows.add_(columns), other, alpha=scale)
         del s_fg, s_gf
     # s_aa enters every term of both of sample a's anchor rows with a minus sign.
