@@ -15,6 +15,18 @@ feature gradients are computed in closed form, chunk by chunk over the global ba
 memory is O(local batch x chunk); the encoders' backward then receives them through a scalar
 whose gradient is exactly G (`GlobalContrastiveLoss.forward`).
 
+Cost (benchmarks/loss_speed.py): the floor is three B x D x B products, the similarities s and
+the two feature gradients. In one process s_ji = (s^T)_ij, so each chunk's block s = f @ g_chunk^T
+serves both anchor directions (image anchors along its rows, the chunk's text anchors along its
+columns), for log Phi and again for the gradient coefficients, and one block M = A + C^T gives
+both df = M @ g_chunk and dg_chunk = M^T @ f. log Phi has to be complete before the normaliser
+updates u, and u weights the gradient, so the gradient pass recomputes the chunk's block (four
+products in all), except when the batch is one chunk: then the log Phi pass keeps its terms
+exp(l/tau - shift) l' (two B x B blocks, the size of s itself) and the gradient pass rescales them
+per anchor by exp(shift - log(eps + u)) (three products). Ranks (local rows against gathered
+columns) need one block per direction; a one-chunk batch keeps both. The elementwise work runs
+in place in a few reused blocks (`_Workspace`).
+
 Distribution: each rank passes its local features (with grad) plus the gathered global
 features (no grad) and the gathered log(eps + u) of every anchor. Local results depend on the
 global batch only through those arguments, so one process with offset 0 and local == global
@@ -131,20 +143,20 @@ class _Workspace:
 
 
 def _exp_terms(s: Tensor, pos: Tensor, shift: Tensor, spec: SurrogateSpec, *, into: Tensor,
-               keep_hinge: bool = False) -> tuple[Tensor, Tensor | None]:
+               exp_into: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """e = exp(l(s - pos)/tau - shift) over a similarity block, and HGCL's hinge h = max(s - pos + m, 0)
     (l = h^2, l' = 2h; None for GCL, where l' = 1); `pos`, `shift` broadcast along rows or columns.
 
-    Four elementwise passes for HGCL, three for GCL, written into `into` (which may be `s`); with
-    `keep_hinge` HGCL's e goes to a new tensor and h stays in `into`.
+    Four elementwise passes for HGCL, three for GCL, written into `into` (which may be `s`). HGCL writes e
+    into `exp_into` and keeps h in `into`; without `exp_into`, e overwrites h (returned as None).
     """
     inv_tau = 1.0 / spec.tau
     if spec.kind == "gcl":
         d = torch.sub(s, pos, out=into)
         return torch.add(-shift, d, alpha=inv_tau, out=d).exp_(), None
     hinge = torch.sub(s, pos - spec.margin, out=into).clamp_(min=0.0)
-    e = torch.addcmul(-shift, hinge, hinge, value=inv_tau, out=None if keep_hinge else hinge).exp_()
-    return e, (hinge if keep_hinge else None)
+    e = torch.addcmul(-shift, hinge, hinge, value=inv_tau, out=hinge if exp_into is None else exp_into).exp_()
+    return e, (None if exp_into is None else hinge)
 
 
 def _log_sum(e: Tensor, shift: Tensor, positives: Tensor, *, dim: int) -> Tensor:
@@ -156,12 +168,10 @@ def _log_sum(e: Tensor, shift: Tensor, positives: Tensor, *, dim: int) -> Tensor
 def _coefficients(s: Tensor, pos: Tensor, log_w: Tensor, first_row: int, first_column: int, spec: SurrogateSpec,
                   *, into: Tensor, spare: Tensor) -> Tensor:
     """exp(l(d)/tau - log w) * l'(d) / (2 for HGCL), d = s - pos, zero on the positive pairs; in `into` (GCL)
-    or `spare` (HGCL, whose hinge stays in `into`, which may be `s`)."""
-    if spec.kind == "gcl":
-        e, _ = _exp_terms(s, pos, log_w, spec, into=into)
-    else:
-        hinge = torch.sub(s, pos - spec.margin, out=into).clamp_(min=0.0)
-        e = torch.addcmul(-log_w, hinge, hinge, value=1.0 / spec.tau, out=spare).exp_().mul_(hinge)
+    or `spare` (HGCL, whose hinge is left in `into`, which may be `s`)."""
+    e, hinge = _exp_terms(s, pos, log_w, spec, into=into, exp_into=spare)
+    if hinge is not None:
+        e.mul_(hinge)
     _positives(e, first_row, first_column).zero_()
     return e
 
@@ -218,9 +228,14 @@ def _whole_batch_log_phi(f: Tensor, g: Tensor, pos: Tensor, spec: SurrogateSpec,
         pos_column = pos[start:stop].T
         row_max, column_max = _off_positive_max(s, 0, start, columns=True)
         shift_row, shift_column = _shift(row_max, pos, spec), _shift(column_max, pos_column, spec)
-        e_row, hinge_row = _exp_terms(s, pos, shift_row, spec, into=work("rows", stop - start), keep_hinge=keep)
+        # Kept, the terms need their own memory: exp(l/tau - shift) times the hinge, in new blocks.
+        # Kept, HGCL's terms need their own memory: exp(l/tau - shift), then times the hinge, in new blocks.
+        fresh = keep and spec.kind == "hgcl"
+        e_row, hinge_row = _exp_terms(s, pos, shift_row, spec, into=work("rows", stop - start),
+                                      exp_into=torch.empty_like(s) if fresh else None)
         row_parts.append(_log_sum(e_row, shift_row, _positives(e_row, 0, start), dim=1))
-        e_column, hinge_column = _exp_terms(s, pos_column, shift_column, spec, into=s, keep_hinge=keep)
+        e_column, hinge_column = _exp_terms(s, pos_column, shift_column, spec, into=s,
+                                            exp_into=torch.empty_like(s) if fresh else None)
         log_phi_z[start:stop] = _log_sum(e_column, shift_column, _positives(e_column, 0, start), dim=0)
         if keep:  # the gradient's coefficients are these terms times l' and a factor per anchor
             if hinge_row is not None:
