@@ -229,18 +229,18 @@ def _whole_batch_log_phi(f: Tensor, g: Tensor, pos: Tensor, spec: SurrogateSpec,
         row_max, column_max = _off_positive_max(s, 0, start, columns=True)
         shift_row, shift_column = _shift(row_max, pos, spec), _shift(column_max, pos_column, spec)
         # Kept, the terms need their own memory: exp(l/tau - shift) times the hinge, in new blocks.
-        # Kept, HGCL's terms need their own memory: exp(l/tau - shift), then times the hinge, in new blocks.
-        fresh = keep and spec.kind == "hgcl"
-        e_row, hinge_row = _exp_terms(s, pos, shift_row, spec, into=work("rows", stop - start),
-                                      exp_into=torch.empty_like(s) if fresh else None)
+        # Kept, the gradient's coefficients are these terms exp(l/tau - shift) times l' (HGCL: the hinge, which
+        # needs a block of its own meanwhile) and a factor per anchor.
+        spare = torch.empty_like(s) if keep and spec.kind == "hgcl" else None
+        e_row, hinge_row = _exp_terms(s, pos, shift_row, spec, into=work("rows", stop - start), exp_into=spare)
         row_parts.append(_log_sum(e_row, shift_row, _positives(e_row, 0, start), dim=1))
-        e_column, hinge_column = _exp_terms(s, pos_column, shift_column, spec, into=s,
-                                            exp_into=torch.empty_like(s) if fresh else None)
+        if hinge_row is not None:
+            e_row = torch.mul(e_row, hinge_row, out=hinge_row)
+        e_column, hinge_column = _exp_terms(s, pos_column, shift_column, spec, into=s, exp_into=spare)
         log_phi_z[start:stop] = _log_sum(e_column, shift_column, _positives(e_column, 0, start), dim=0)
-        if keep:  # the gradient's coefficients are these terms times l' and a factor per anchor
-            if hinge_row is not None:
-                e_row.mul_(hinge_row)
-                e_column.mul_(hinge_column)
+        if hinge_column is not None:
+            e_column = torch.mul(e_column, hinge_column, out=hinge_column)
+        if keep:
             kept = (e_row, shift_row, e_column, shift_column)
     return torch.logsumexp(torch.stack(row_parts, dim=1), dim=1), log_phi_z, kept
 
@@ -353,8 +353,8 @@ def _whole_batch_gradients(f: Tensor, g: Tensor, log_wx: Tensor, log_wz: Tensor,
             block = a_rows.add_(c_columns)
         grad_f.addmm_(block, g[start:stop], alpha=scale)
         torch.mm(block.T, f, out=grad_g[start:stop]).mul_(scale)
-    grad_f -= scale * row_sum * g
-    grad_g -= scale * row_sum * f
+    grad_f.addcmul_(row_sum, g, value=-scale)
+    grad_g.addcmul_(row_sum, f, value=-scale)
     return grad_f, grad_g
 
 
@@ -389,8 +389,8 @@ def _rank_gradients(f_local: Tensor, g_local: Tensor, f_global: Tensor, g_global
             grad.addmm_(rows.add_(columns), other, alpha=scale)
         del s_fg, s_gf
     # s_aa enters every term of both of sample a's anchor rows with a minus sign.
-    grad_f -= scale * row_sum * g_local
-    grad_g -= scale * row_sum * f_local
+    grad_f.addcmul_(row_sum, g_local, value=-scale)
+    grad_g.addcmul_(row_sum, f_local, value=-scale)
     return grad_f, grad_g
 
 
