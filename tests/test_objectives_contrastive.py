@@ -11,6 +11,7 @@ from engine.objectives.contrastive import (
     MiniBatchContrastiveLoss,
     SurrogateSpec,
     anchor_log_phi,
+    feature_gradients,
     pairwise_surrogate,
     update_log_estimate,
 )
@@ -154,6 +155,41 @@ def test_hgcl_gradient_vanishes_when_positive_beats_negatives_by_margin():
         f, g, log_u_x=zeros, log_u_z=zeros, seen=seen, gamma=1.0
     ).backward()
     assert f.grad.abs().sum() > 0
+
+
+def _gather_from(*global_tensors, rows):
+    """All-gather stand-in for the rank holding `rows`: the global tensor whose rows those are."""
+    def gather(local):
+        return next(full for full in global_tensors if torch.equal(full[rows], local))
+    return gather
+
+
+@pytest.mark.parametrize("kind", ["gcl", "hgcl"])
+@pytest.mark.parametrize("chunk_size", [0, 2, 4, 9])
+def test_one_process_blocks_equal_the_per_rank_blocks(kind, chunk_size):
+    """One process computes each chunk's similarity block once for both anchor directions (s_gf = s_fg^T)
+    and keeps a one-chunk batch's terms for the gradients; ranks (local rows against the gathered batch)
+    compute a block per direction. Same log Phi and feature gradients in float64, kept blocks or not."""
+    batch, dim, ranks = 9, 16, (slice(0, 4), slice(4, 9))
+    f, g = _features(batch, dim, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    log_wx, log_wz = (torch.randn(batch, generator=gen, dtype=torch.float64) for _ in range(2))
+    spec = SurrogateSpec(kind=kind, margin=0.1, tau=0.05, eps=1e-8, chunk_size=chunk_size)
+
+    whole = GlobalContrastiveLoss(spec).batch_estimates(f, g)
+    kept_grads = feature_gradients(f, g, f, g, log_wx, log_wz, offset=0, spec=spec, kept=whole.kept)
+    recomputed = feature_gradients(f, g, f, g, log_wx, log_wz, offset=0, spec=spec, kept=whole.kept)  # taken once
+    per_rank = []
+    for rows in ranks:
+        loss = GlobalContrastiveLoss(spec, gather=_gather_from(f, g, rows=rows), world_size=len(ranks))
+        part = loss.batch_estimates(f[rows], g[rows], offset=rows.start)
+        grads = feature_gradients(f[rows], g[rows], f, g, log_wx, log_wz, offset=rows.start, spec=spec,
+                                  kept=part.kept)
+        per_rank.append((part.log_phi_x, part.log_phi_z, *grads))
+    rank_results = [torch.cat(parts) for parts in zip(*per_rank)]
+    for ours in ((whole.log_phi_x, whole.log_phi_z, *kept_grads), (whole.log_phi_x, whole.log_phi_z, *recomputed)):
+        for a, b in zip(ours, rank_results):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * b.abs().max().item())
 
 
 def test_update_log_estimate_matches_linear_moving_average():
