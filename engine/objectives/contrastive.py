@@ -58,15 +58,6 @@ def pairwise_surrogate(d: Tensor, *, kind: str, margin: float) -> Tensor:
     raise ValueError(f"unknown surrogate {kind!r}; expected one of {SURROGATES}")
 
 
-def pairwise_surrogate_slope(d: Tensor, *, kind: str, margin: float) -> Tensor:
-    """l'(d), the derivative of `pairwise_surrogate` (zero on HGCL's flat side)."""
-    if kind == "gcl":
-        return torch.ones_like(d)
-    if kind == "hgcl":
-        return 2.0 * torch.clamp(d + margin, min=0.0)
-    raise ValueError(f"unknown surrogate {kind!r}; expected one of {SURROGATES}")
-
-
 @dataclass(frozen=True)
 class SurrogateSpec:
     """Which pairwise surrogate, its margin, the fixed temperature and eps of log(eps + u)."""
