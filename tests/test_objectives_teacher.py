@@ -216,6 +216,24 @@ def test_teacher_in_training_is_the_plain_average_of_the_student_weights(shards,
     assert steps and all(math.isfinite(r["wma_teacher_loss"]) for r in steps)
 
 
+def test_osr_with_the_teacher_recovers_the_same_moments_and_logs_zero(shards, tmp_path):
+    """In OSR (weights frozen at w0) the teacher is the student: the term computes nothing and adds exactly no
+    gradient, so the recovered moments equal those of the same job without it, bit for bit."""
+    from engine.run.log import read_jsonl
+
+    moments = {}
+    for name, terms in (("plain", {"contrastive": 1.0}), ("teacher", {"contrastive": 1.0, "wma_teacher": 0.5})):
+        trainer = Trainer(load_config(base=job(shards, tmp_path / name, loss={"terms": terms})))
+        trainer.tune(finetune=False)
+        moments[name] = trainer.backend.full_moments()
+        trainer.close()
+    assert moments["plain"].keys() == moments["teacher"].keys()
+    for key, (m, v) in moments["plain"].items():
+        assert torch.equal(m, moments["teacher"][key][0]) and torch.equal(v, moments["teacher"][key][1]), key
+    osr = [r for r in read_jsonl(tmp_path / "teacher" / "log.jsonl") if r.get("event") == "step"]
+    assert osr and all(r["stage"] == "osr" and r["wma_teacher_loss"] == 0.0 for r in osr)
+
+
 @pytest.mark.parametrize("how", ["pointers", "copies"])
 def test_shards_replaced_forwards_at_other_values_and_restores_the_student_bitwise(shards, tmp_path, how):
     """Inside `shards_replaced` the forward reads the given values (the single backend's pointer swap, and the

@@ -6,7 +6,7 @@ fine-tuning begins (after OSR, which moves no weight) and is updated after every
 fine-tuning steps (a skipped step updates nothing). Each fine-tuning step runs one extra forward without
 gradient at the teacher's weights (in place of the student's shards: `TermContext.model.shards_replaced`) and adds
 `engine.objectives.distill.similarity_distillation`, logged as `wma_teacher_loss` (weighted by lambda). During
-OSR the teacher is the student (w0), so the term's gradient is zero: its value is logged, no forward is run.
+OSR the teacher is the student (w0), so the term's gradient is zero: nothing is computed and 0 is logged.
 """
 
 from __future__ import annotations
@@ -56,20 +56,17 @@ class TeacherTerm(TermBase):
             self.teacher.num_updates = max(num_updates, self.teacher.update_index)
 
     def __call__(self, batch, outputs: StepOutputs) -> dict:
-        ctx = self.ctx
-        if self.stage == "finetune":
-            model = ctx.model
-            with model.shards_replaced(self.teacher.shards):
-                teacher = model.forward_no_grad(batch.images, batch.texts)
-            teacher_image, teacher_text = teacher.image_features, teacher.text_features
-        else:  # OSR: the teacher is w0, the student itself (zero gradient)
-            teacher_image, teacher_text = outputs.image_features, outputs.text_features
-        loss = similarity_distillation(
-            outputs.image_features, outputs.text_features, ctx.gather(teacher_image.detach()),
-            ctx.gather(teacher_text.detach()), tau=ctx.tau, offset=ctx.rank * ctx.local_batch,
-            world_size=ctx.world_size, gather=ctx.gather, reduce_sum=ctx.reduce_sum)
         if self.stage != "finetune":
-            loss = loss.detach() + 0.0 * outputs.image_features.sum()  # keeps a graph when it is the only term
+            # OSR: the teacher is w0, the student itself, so the term's gradient is exactly zero and its value is not
+            # computed (no forward, no collective; logged as 0); the product keeps a graph when it is the only term.
+            return {"wma_teacher_loss": 0.0 * outputs.image_features.sum()}
+        ctx = self.ctx
+        with ctx.model.shards_replaced(self.teacher.shards):
+            teacher = ctx.model.forward_no_grad(batch.images, batch.texts)
+        loss = similarity_distillation(
+            outputs.image_features, outputs.text_features, ctx.gather(teacher.image_features.detach()),
+            ctx.gather(teacher.text_features.detach()), tau=ctx.tau, offset=ctx.rank * ctx.local_batch,
+            world_size=ctx.world_size, gather=ctx.gather, reduce_sum=ctx.reduce_sum)
         return {"wma_teacher_loss": loss}
 
     def after_step(self) -> None:
