@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from engine.objectives.teacher_checkpoint import TEACHER_FILE, Span, read_parts, write_whole
@@ -35,10 +34,6 @@ def beta_weight(k: int, num_updates: int, beta: float) -> float:
     x = (k + 0.5) / (num_updates + 1)
     log_norm = 2 * math.lgamma(beta) - math.lgamma(2 * beta)  # log B(beta, beta)
     return math.exp((beta - 1) * (math.log(x) + math.log1p(-x)) - log_norm)
-
-
-def shard_file(rank: int) -> str:
-    return f"rank_{rank:05d}.safetensors"
 
 
 class MovingAverageTeacher:
@@ -94,24 +89,11 @@ class MovingAverageTeacher:
         write_whole(directory / TEACHER_FILE, self.shards, spans, gather=gather, is_main=is_main,
                     metadata={"kind": self.kind, "format": "pt"})
 
-    def load(self, directory: Path, *, spans: dict[str, Span], like: dict[str, Tensor], rank: int,
-             reshard: bool) -> bool:
+    def load(self, directory: Path, *, spans: dict[str, Span], like: dict[str, Tensor]) -> bool:
         """Read this rank's parts (`spans`) of the teacher `save` wrote, on any number of ranks, shaped and placed
         like `like` (the student's shards); False when the checkpoint holds none (written before the teacher
-        started). Checkpoints of earlier versions (one `rank_<r>.safetensors` per rank) load on their own number
-        of ranks only (`reshard`: this is another)."""
-        if (directory / TEACHER_FILE).is_file():
-            self.shards = read_parts(directory / TEACHER_FILE, spans, like)
-            return True
-        path = directory / shard_file(rank)
-        if not path.is_file():
+        started)."""
+        if not (directory / TEACHER_FILE).is_file():
             return False
-        if reshard:
-            raise ValueError(f"{directory}: the teacher's shards were written per rank by an earlier version, on "
-                             "another number of ranks; resume on the checkpoint's number of ranks")
-        saved = load_file(str(path))
-        if set(saved) != set(like) or any(saved[n].shape != like[n].shape for n in like):
-            raise ValueError(f"{path}: the teacher's shards do not match this model's parameters (another model "
-                             "or layout)")
-        self.shards = {name: saved[name].to(like[name].device) for name in like}
+        self.shards = read_parts(directory / TEACHER_FILE, spans, like)
         return True

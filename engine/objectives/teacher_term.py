@@ -101,7 +101,7 @@ class TeacherTerm(TermBase):
                           is_main=self.ctx.rank == 0)
 
     def load(self, directory: Path, *, reshard: bool = False) -> None:
+        # One file of whole parameters, read in this rank's slices: another number of ranks (reshard) reads it alike.
         model = self.ctx.model
         self.teacher.shards = None
-        self.teacher.load(directory, spans=model.parameter_spans(), like=model.parameter_shards(), rank=self.ctx.rank,
-                          reshard=reshard)
+        self.teacher.load(directory, spans=model.parameter_spans(), like=model.parameter_shards())
