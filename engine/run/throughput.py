@@ -10,8 +10,10 @@ are not counted, nor recomputation under gradient checkpointing). MFU = FLOPs pe
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -39,7 +41,20 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[str, float 
 
 
 def model_flops_per_sample(model_name: str, **build_kwargs) -> float:
-    """Forward + backward FLOPs of one image-caption pair through `model_name` (counted on the meta device)."""
+    """Forward + backward FLOPs of one image-caption pair through `model_name` (counted on the meta device);
+    counted once per architecture, file version and build arguments in a process (a second of CPU each)."""
+    path = Path(model_name)
+    key = (model_name, path.stat().st_mtime_ns if path.exists() else None,
+           json.dumps(build_kwargs, sort_keys=True, default=repr))
+    if key not in _COUNTED:
+        _COUNTED[key] = _count_flops(model_name, build_kwargs)
+    return _COUNTED[key]
+
+
+_COUNTED: dict[tuple, float] = {}
+
+
+def _count_flops(model_name: str, build_kwargs: dict) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from models.meta import build_model_on_meta
