@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["open_clip_config", "to_open_clip", "from_open_clip", "transformers_config", "register_trunk"]
+# timm.register_model appends the trunk names it registers to this list (it lists a module's model entry points).
+__all__ = ["from_open_clip", "open_clip_config", "register_trunk", "to_open_clip", "transformers_config"]
 
 TRUNK_PREFIX = "tuneclip_siglip_vit"
 _TRUNK_NAME = re.compile(TRUNK_PREFIX + r"_i(\d+)_p(\d+)_w(\d+)_d(\d+)_h(\d+)_m(\d+)_(gelu|gelu_tanh)")
@@ -286,9 +286,10 @@ def transformers_config(model: torch.nn.Module, *, arch: str) -> dict:
         raise refuse("not a timm ViT trunk with an attention-pool head and an open_clip text tower")
     state = model.state_dict()
     vision_layers, text_layers = len(trunk.blocks), len(text.transformer.resblocks)
-    extra = sorted(state.keys() - mapped_open_clip_names(vision_layers, text_layers))
+    extra = sorted({re.sub(r"\.\d+\.", ".N.", key) for key in state.keys() - mapped_open_clip_names(vision_layers,
+                                                                                                   text_layers)})
     if extra:
-        raise refuse(", ".join(extra[:4]))
+        raise refuse("no counterpart for " + ", ".join(extra[:6]))
     block, resblock = trunk.blocks[0], text.transformer.resblocks[0]
     acts = {"vision": _gelu_kind(block.mlp.act), "text": _gelu_kind(resblock.mlp.gelu)}
     why = [f"{tower} activation {type(m).__name__}" for tower, m in
