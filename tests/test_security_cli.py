@@ -225,10 +225,10 @@ def test_damaged_weights_file_is_one_error_line(tmp_path, capsys, content):
 
 
 def test_transformers_folder_pickles_and_code_never_run(data, tmp_path, capsys):
-    """A transformers CLIPModel (or SiglipModel) folder whose weights are a pickle (`pytorch_model.bin` that runs a shell command, no
-    model.safetensors) or whose config names Python code of its own (`auto_map`, with the module beside it): every
-    path that reads the folder (model name or weights of tune, eval, export to transformers) refuses it in one
-    line, and nothing runs or is written."""
+    """A transformers CLIPModel (or SiglipModel) folder whose weights are a pickle (`pytorch_model.bin` that runs a
+    shell command, no model.safetensors) or whose config names Python code of its own (`auto_map`, with the module
+    beside it): every path that reads the folder (model name or weights of tune, eval, export to transformers)
+    refuses it in one line, and nothing runs or is written."""
     from tests.test_models_transformers import _save_tiny_clip, _save_tiny_siglip
 
     marker = tmp_path / "ran"
