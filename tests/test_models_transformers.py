@@ -318,3 +318,20 @@ def test_siglip_export_of_open_clips_own_architecture_and_refusal(tmp_path):
     assert stock["text_config"]["hidden_act"] == "gelu" and stock["text_config"]["max_position_embeddings"] == 64
     with pytest.raises(ValueError, match=r"'tiny-siglip' has no transformers SiglipModel counterpart \(.*reg_token"):
         transformers_siglip.transformers_config(tiny_model, arch="tiny-siglip")
+
+
+def test_siglip_trunk_name_builds_in_a_process_that_never_saw_the_folder(tmp_path):
+    """A config naming a trunk of this engine (a `local-dir:` folder exported from an imported SigLIP folder does)
+    builds where the folder was never read: the name alone registers the trunk, its shape and activation."""
+    name = transformers_siglip.siglip_trunk_name(image_size=16, patch_size=8, width=16, depth=1, heads=2, mlp=40,
+                                                 act="gelu")
+    config = {"embed_dim": 16, "custom_text": True, "init_logit_bias": -10,
+              "vision_cfg": {"image_size": 16, "timm_model_name": name, "timm_model_pretrained": False,
+                             "timm_pool": "map", "timm_proj": "none"},
+              "text_cfg": {"context_length": 8, "width": 16, "heads": 2, "layers": 1, "no_causal_mask": True,
+                           "proj_bias": True, "pool_type": "last"}}
+    (tmp_path / "trunk-by-name.json").write_text(json.dumps(config))
+    trunk = build_model(str(tmp_path / "trunk-by-name.json")).model.visual.trunk
+    assert (trunk.patch_embed.proj.kernel_size, len(trunk.blocks), trunk.blocks[0].mlp.fc1.out_features,
+            trunk.pos_embed.shape[1], type(trunk.blocks[0].mlp.act).__name__) == ((8, 8), 1, 40, 4, "GELU")
+    assert int(1152 * transformers_siglip._mlp_ratio(4304, 1152)) == 4304  # so400m's MLP, as timm rounds it
