@@ -335,3 +335,18 @@ def test_siglip_trunk_name_builds_in_a_process_that_never_saw_the_folder(tmp_pat
     assert (trunk.patch_embed.proj.kernel_size, len(trunk.blocks), trunk.blocks[0].mlp.fc1.out_features,
             trunk.pos_embed.shape[1], type(trunk.blocks[0].mlp.act).__name__) == ((8, 8), 1, 40, 4, "GELU")
     assert int(1152 * transformers_siglip._mlp_ratio(4304, 1152)) == 4304  # so400m's MLP, as timm rounds it
+
+
+def test_sparse_siglip_config_reads_transformers_defaults(tmp_path):
+    """A hub config.json names only some fields (google/siglip-base-patch16-224's names no activation, eps or
+    context length): the missing ones are transformers' defaults, as SiglipConfig reads them."""
+    (tmp_path / "sparse").mkdir()
+    (tmp_path / "sparse" / "config.json").write_text(json.dumps({
+        "model_type": "siglip", "architectures": ["SiglipModel"],
+        "text_config": {"model_type": "siglip_text_model", "hidden_size": 768, "num_hidden_layers": 12},
+        "vision_config": {"model_type": "siglip_vision_model", "image_size": 224, "patch_size": 16}}))
+    transformers.SiglipConfig().save_pretrained(tmp_path / "full")
+    sparse, full = (transformers_clip.open_clip_config(tmp_path / name) for name in ("sparse", "full"))
+    assert transformers_siglip.same_architecture(sparse, full)
+    assert sparse["vision_cfg"]["timm_model_name"] == "tuneclip_siglip_vit_i224_p16_w768_d12_h12_m3072_gelu_tanh"
+    assert sparse["text_cfg"]["context_length"] == 64 and sparse["text_cfg"]["act_kwargs"] == {"approximate": "tanh"}
