@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="convert a local checkpoint (open_clip, OpenAI state dict or TorchScript, or a "
                                  "run's checkpoints/step_N folder of any backend) to open_clip safetensors")
     export.add_argument("--model", required=True, help="open_clip architecture, shipped config name or a "
-                                                       "transformers CLIPModel folder")
+                                                       "transformers CLIPModel / SiglipModel folder")
     export.add_argument("--weights", default=None,
                         help="local .safetensors / .bin / .pt (an OpenAI TorchScript .pt too), or a run's "
                              "checkpoints/step_N folder (single, DeepSpeed or FSDP2, any number of ranks; "
@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output .safetensors path (--format transformers: a folder)")
     export.add_argument("--format", default="open_clip", choices=("open_clip", "transformers"),
                         help="open_clip safetensors, or a folder transformers' CLIPModel / CLIPProcessor "
-                             "from_pretrained loads (ViT CLIP architectures)")
+                             "(SiglipModel / SiglipProcessor) from_pretrained loads (ViT CLIP and SigLIP "
+                             "architectures)")
     export.add_argument("--pretrained-tag", dest="pretrained_tag", default=None,
                         help="open_clip pretrained tag of the weights (checks the activation; OpenAI files imply openai)")
 
@@ -411,7 +412,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "transformers":
         missing = transformers_clip.export(bundle, bundle.model.state_dict(), args.out,
                                            preprocessing=bundle.preprocessing)
-        print(f"wrote {args.out} (transformers CLIPModel){''.join(f'; not written: {item}' for item in missing)}")
+        kind = "SiglipModel" if transformers_clip.is_siglip_model(bundle.model) else "CLIPModel"
+        print(f"wrote {args.out} (transformers {kind}){''.join(f'; not written: {item}' for item in missing)}")
         return 0
     export_model(bundle, bundle.model, args.out)
     print(f"wrote {args.out}")

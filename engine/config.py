@@ -81,8 +81,8 @@ class ModelConfig:
     """Which open_clip model, from which local weights, with which preprocessing."""
 
     name: str = setting("tiny-vit", "open_clip architecture, shipped config name, JSON path, or a local transformers "
-                        "CLIPModel folder (config.json + model.safetensors)", osr=True)
-    weights: str | None = setting(None, "local .safetensors / .bin / .pt, or a transformers CLIPModel folder "
+                        "CLIPModel / SiglipModel folder (config.json + model.safetensors)", osr=True)
+    weights: str | None = setting(None, "local .safetensors / .bin / .pt, or a transformers CLIPModel / SiglipModel folder "
                                   "(model.name: the folder, or the open_clip architecture it matches); "
                                   "null = random init",
                                   resume="may_change", osr=True)

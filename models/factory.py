@@ -16,7 +16,7 @@ import open_clip
 import open_clip.factory
 import torch
 
-from models import transformers_clip
+from models import transformers_clip, transformers_siglip
 from models.hub import HubModel, export_local_dir, resolve_hub_name
 from models.pretrained import PREPROCESS_FIELDS, Preprocessing, check_activation, identify
 from models.weights import (
@@ -110,6 +110,7 @@ def _resolve_architecture(name: str) -> tuple[str, dict, HubModel | None]:
         return name, *_register_transformers_folder(name)
     hub = resolve_hub_name(name)
     if hub is not None:
+        transformers_siglip.register_config_trunk(hub.model_cfg)  # a folder written from an imported SigLIP
         return hub.name, hub.model_cfg, hub
     if name.endswith(".json"):
         path = Path(name).expanduser()
@@ -129,14 +130,18 @@ def _resolve_architecture(name: str) -> tuple[str, dict, HubModel | None]:
             f"open_clip.list_models(), a shipped config {shipped}, a path to a JSON model config, or "
             "hf-hub:org/name / local-dir:path"
         )
+    transformers_siglip.register_config_trunk(config)
     return arch, config, None
 
 
 def _register_transformers_folder(name: str) -> tuple[dict, HubModel]:
-    """Register the open_clip config of the transformers CLIPModel folder `name` with open_clip under that name
-    (open_clip has no public way to add a config that is not a file); its weights and preprocessing come along."""
+    """Register the open_clip config of the transformers CLIPModel / SiglipModel folder `name` with open_clip under
+    that name (open_clip has no public way to add a config that is not a file); its weights and preprocessing come
+    along (a SigLIP folder's tokenizer too: it is the config's hf_tokenizer_name)."""
     config = transformers_clip.open_clip_config(name)
-    if (Path(name) / "vocab.json").is_file():
+    if transformers_clip.is_siglip(name):
+        transformers_siglip.check_tokenizer(Path(name))
+    elif (Path(name) / "vocab.json").is_file():
         logger.info("%s: tokenizing with open_clip's CLIP BPE (the CLIPTokenizer's vocabulary, context length %d), "
                     "not the folder's tokenizer files; model.tokenizer=%s uses those", name,
                     config["text_cfg"]["context_length"], name)
@@ -149,6 +154,12 @@ def _register_transformers_folder(name: str) -> tuple[dict, HubModel]:
 
 def _check_transformers_weights(arch: str, config: dict, weights: Path) -> None:
     """ValueError when transformers folder `weights` holds another architecture than model `arch`."""
+    if transformers_clip.is_siglip(weights):
+        if not transformers_siglip.same_architecture(transformers_clip.open_clip_config(weights), config):
+            raise ValueError(f"model.weights {weights} is a transformers SiglipModel of another architecture than "
+                             f"{arch!r} (its vision trunk is registered as its own timm model); set model.name to "
+                             f"the folder {weights} to build its own architecture")
+        return
     folder = transformers_clip.transformers_config(transformers_clip.open_clip_config(weights), arch=str(weights))
     if transformers_clip.transformers_config(config, arch=arch) != folder:
         raise ValueError(f"model.weights {weights} is a transformers CLIPModel of another architecture than "
@@ -274,7 +285,7 @@ def resolve_model(name: str, *, weights: str | os.PathLike | None = None, pretra
     fails fast, before the model is built. Weights in OpenAI's own layouts imply tag "openai"."""
     if weights is not None and not Path(weights).is_file() and not transformers_clip.is_transformers_folder(weights):
         raise FileNotFoundError(f"weights file not found: {weights}; pass an existing local file, a transformers "
-                                "CLIPModel folder or None")
+                                "CLIPModel / SiglipModel folder or None")
     arch, config, hub = _resolve_architecture(name)
     if weights is not None and transformers_clip.is_transformers_folder(weights) and Path(weights) != Path(arch):
         _check_transformers_weights(arch, config, Path(weights))

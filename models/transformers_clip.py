@@ -1,6 +1,7 @@
 """Hugging Face transformers `CLIPModel` folders <-> open_clip ViT CLIP: the architecture, the weight names and
-the preprocessing, both ways. Only safetensors are read, no code from a folder runs, and `transformers` itself
-is needed for export only (import reads JSON and safetensors)."""
+the preprocessing, both ways; `SiglipModel` folders go through models/transformers_siglip.py from here. Only
+safetensors are read, no code from a folder runs, and `transformers` itself is needed for export only (import
+reads JSON and safetensors; a SigLIP folder's tokenizer is read with it)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine.io import atomic_path
+from models import transformers_siglip
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +56,25 @@ def _refuse_unmappable(folder: Path, config: dict) -> None:
     if "auto_map" in config or config.get("trust_remote_code"):
         raise ValueError(f"{folder / CONFIG_FILE} names Python code of its own (auto_map); this engine never runs "
                          "code from a model folder")
-    if config["model_type"] == "siglip":
-        raise ValueError(f"{folder}: a transformers SiglipModel does not map onto open_clip's SigLIP (a timm trunk "
-                         "with another layout) yet; only CLIPModel folders are imported")
+
+
+def is_siglip(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a transformers SiglipModel (else a CLIPModel, or no transformers folder)."""
+    config = read_config(folder)
+    return config is not None and config["model_type"] == "siglip"
 
 
 def open_clip_config(folder: str | os.PathLike) -> dict:
-    """The open_clip model config of the transformers CLIPModel in `folder`; ValueError naming what has no
-    open_clip counterpart."""
+    """The open_clip model config of the transformers CLIPModel / SiglipModel in `folder`; ValueError naming what
+    has no open_clip counterpart."""
     folder = Path(folder)
     config = read_config(folder)
     if config is None:
-        raise ValueError(f"{folder} is not a transformers CLIPModel folder (config.json with model_type 'clip')")
+        raise ValueError(f"{folder} is not a transformers CLIPModel / SiglipModel folder (config.json with "
+                         "model_type 'clip' or 'siglip')")
     _refuse_unmappable(folder, config)
+    if config["model_type"] == "siglip":
+        return transformers_siglip.open_clip_config(folder.resolve(), config)
     vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
     acts = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
     differs = []
@@ -111,6 +119,12 @@ def preprocess_config(folder: str | os.PathLike) -> dict:
     if resample not in _RESAMPLE:
         raise ValueError(f"{path}: resample {resample} has no open_clip interpolation (2 bilinear, 3 bicubic)")
     size, crop = config.get("size"), config.get("crop_size")
+    if isinstance(size, dict) and "height" in size and "shortest_edge" not in size:  # SiglipImageProcessor's
+        if size.get("height") != size.get("width") or config.get("do_center_crop", False):
+            raise ValueError(f"{path}: resize to {size} (and crop) has no open_clip counterpart (it squashes to a "
+                             "square of the model's image size)")
+        return {"mean": config.get("image_mean"), "std": config.get("image_std"),
+                "interpolation": _RESAMPLE[resample], "resize_mode": "squash"}
     shortest = size.get("shortest_edge") if isinstance(size, dict) else size
     crop_edge = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
     if config.get("do_center_crop", True) and shortest is not None and crop_edge != (shortest, shortest):
@@ -195,7 +209,7 @@ def from_open_clip(oc_state: dict[str, torch.Tensor], oc_config: dict) -> dict[s
 
 
 def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The open_clip state dict of the transformers CLIPModel in `folder` (model.safetensors only)."""
+    """The open_clip state dict of the transformers CLIPModel / SiglipModel in `folder` (model.safetensors only)."""
     folder = Path(folder)
     config = open_clip_config(folder)
     path = folder / WEIGHTS_FILE
@@ -206,6 +220,8 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         hf_state = load_file(path, device="cpu")
     except SafetensorError as err:
         raise ValueError(f"cannot read {path} as safetensors ({err}); is the file complete?") from err
+    if is_siglip(folder):
+        return transformers_siglip.to_open_clip(hf_state, read_config(folder), source=str(path))
     return to_open_clip(hf_state, config, source=str(path))
 
 
@@ -282,9 +298,17 @@ def _write_tokenizer(tokenizer, text_cfg: dict, folder: Path) -> bool:
     return True
 
 
+def is_siglip_model(model: torch.nn.Module) -> bool:
+    """Whether an open_clip model is a SigLIP one (it learns a logit bias), exported as a SiglipModel."""
+    return getattr(model, "logit_bias", None) is not None
+
+
 def export(bundle, state_dict: dict[str, torch.Tensor], folder: str | os.PathLike, *, preprocessing) -> list[str]:
-    """Write `folder` for transformers' CLIPModel / CLIPProcessor.from_pretrained: config.json, model.safetensors,
-    preprocessor_config.json and, for open_clip's BPE, the tokenizer files. Returns what could not be written."""
+    """Write `folder` for transformers' CLIPModel / CLIPProcessor.from_pretrained (SiglipModel / SiglipProcessor
+    for SigLIP models): config.json, model.safetensors, preprocessor_config.json and the tokenizer files of
+    open_clip's BPE or of the model's Hugging Face tokenizer. Returns what could not be written."""
+    if is_siglip_model(bundle.model):
+        return _export_siglip(bundle, state_dict, Path(folder), preprocessing=preprocessing)
     oc_config = bundle.model_cfg
     hf_config = transformers_config(oc_config, arch=bundle.model_name)
     transformers = require_transformers()
@@ -305,3 +329,36 @@ def export(bundle, state_dict: dict[str, torch.Tensor], folder: str | os.PathLik
     if _write_tokenizer(bundle.tokenizer, oc_config["text_cfg"], folder):
         return []
     return [f"tokenizer files (model {bundle.model_name!r} does not use open_clip's CLIP BPE with its vocab size)"]
+
+
+def _export_siglip(bundle, state_dict: dict[str, torch.Tensor], folder: Path, *, preprocessing) -> list[str]:
+    import open_clip
+
+    hf_config = transformers_siglip.transformers_config(bundle.model, arch=bundle.model_name)
+    transformers = require_transformers()
+    image_size = hf_config["vision_config"]["image_size"]
+    resample = {name: code for code, name in _RESAMPLE.items()}
+    mean = preprocessing.mean or open_clip.OPENAI_DATASET_MEAN
+    std = preprocessing.std or open_clip.OPENAI_DATASET_STD
+    processor = transformers_siglip.preprocessor(preprocessing, image_size, resample, mean, std)
+    if processor is None:  # shortest-edge resize and crop: CLIPImageProcessor's, which SiglipProcessor takes
+        processor = _preprocessor(preprocessing, image_size)
+    try:
+        tensors = transformers_siglip.from_open_clip(state_dict, hf_config["vision_config"]["num_hidden_layers"],
+                                                     hf_config["text_config"]["num_hidden_layers"])
+    except KeyError as err:
+        raise ValueError(f"model {bundle.model_name!r}: the weights lack {err.args[0]}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    wrote_tokenizer = transformers_siglip.write_tokenizer(bundle.tokenizer, hf_config["text_config"], folder)
+    config = transformers.SiglipConfig(text_config=hf_config["text_config"], vision_config=hf_config["vision_config"])
+    config.architectures = ["SiglipModel"]
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        Path(tmp).write_text(config.to_json_string(), encoding="utf-8")
+    with atomic_path(folder / PREPROCESSOR_FILE) as tmp:
+        Path(tmp).write_text(json.dumps({**processor, "processor_class": "SiglipProcessor"}, indent=2),
+                             encoding="utf-8")
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    if wrote_tokenizer:
+        return []
+    return [f"tokenizer files (model {bundle.model_name!r} does not use a Hugging Face tokenizer of its vocab size)"]

@@ -1,6 +1,8 @@
-"""Hugging Face transformers CLIPModel folders in and out: tiny random models saved with `save_pretrained`,
-imported by the engine, exported back, and a transformers -> tune -> transformers round trip through the CLI."""
+"""Hugging Face transformers CLIPModel and SiglipModel folders in and out: tiny random models saved with
+`save_pretrained`, imported by the engine, exported back, and a transformers -> tune -> transformers round trip
+through the CLI."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from models import build_model, register_shipped_configs, transformers_clip
+from models import build_model, register_shipped_configs, transformers_clip, transformers_siglip
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,13 +94,6 @@ def test_architecture_that_does_not_map_is_one_error(tmp_path, overrides, messag
         (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"does not map onto open_clip: .*{message}"):
         build_model(str(tmp_path / "hf"))
-
-
-def test_siglip_folder_is_refused_with_one_line(tmp_path):
-    (tmp_path / "siglip").mkdir()
-    (tmp_path / "siglip" / "config.json").write_text(json.dumps({"model_type": "siglip"}))
-    with pytest.raises(ValueError, match="SiglipModel does not map onto open_clip"):
-        build_model(str(tmp_path / "siglip"))
 
 
 # transformers' OpenAI CLIP configs (CLIPConfig's defaults are ViT-B/32's) and open_clip's architectures.
@@ -182,3 +177,176 @@ def test_round_trip_transformers_tune_transformers_through_the_cli(tmp_path, sha
     assert not torch.equal(tuned.model.visual.proj, base.model.visual.proj)  # fine-tuning moved the weights
     pixels = torch.stack([tuned.eval_transform(image) for image in _images()])
     _assert_same_features(tuned, hf_model, pixels, tuned.tokenizer(TEXTS))
+
+
+# SigLIP: a timm ViT trunk pooled by its attention head, open_clip's text tower pooled at the last token.
+SIGLIP_TEXTS = ["a red circle", "a blue square on grey"]  # words of the tiny tokenizer, no punctuation
+
+
+def _save_tiny_siglip(folder: Path, *, vision: dict | None = None, text: dict | None = None,
+                      **overrides) -> transformers.SiglipModel:
+    """A random tiny transformers SiglipModel with the tests' tiny word-level tokenizer and a SiglipImageProcessor
+    (mean / std 0.5, bicubic squash), saved in `folder`."""
+    from tests.helpers.families import save_tiny_tokenizer
+
+    config = transformers.SiglipConfig(
+        text_config={"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 16, "pad_token_id": 0, "eos_token_id": 1,
+                     "bos_token_id": None, **(text or {})},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 96,
+                       "num_hidden_layers": 2, "num_attention_heads": 4, **(vision or {})}, **overrides)
+    torch.manual_seed(0)
+    model = transformers.SiglipModel(config).eval()
+    with torch.no_grad():  # make the norms, biases and the logit bias count (they start at 1 and 0)
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                      resample=3).save_pretrained(folder)
+    return model
+
+
+def _siglip_pixels(folder: Path) -> torch.Tensor:
+    """transformers' SigLIP preprocessing of the test images, PIL backend (its torchvision backend resizes the
+    tensor and lands a grey level away from PIL's, which open_clip's transform uses)."""
+    return transformers.SiglipImageProcessorPil.from_pretrained(folder)(images=_images(),
+                                                                       return_tensors="pt")["pixel_values"]
+
+
+def _assert_same_siglip_outputs(bundle, hf_model, pixels: torch.Tensor, ids: torch.Tensor) -> None:
+    """Image / text features and the logits with scale and bias of the engine's model and transformers'."""
+    from models.factory import features_of, logit_bias_of
+
+    with torch.no_grad():
+        output = bundle.model(pixels, ids)
+        theirs = hf_model(pixel_values=pixels, input_ids=ids)
+    image, text = features_of(output)
+    torch.testing.assert_close(image, F.normalize(theirs.image_embeds, dim=-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text, F.normalize(theirs.text_embeds, dim=-1), atol=1e-5, rtol=1e-5)
+    logits = text @ image.t() * output[2] + logit_bias_of(output)
+    torch.testing.assert_close(logits, theirs.logits_per_text, atol=1e-5, rtol=1e-5)
+    assert abs(logit_bias_of(output).item() - hf_model.logit_bias.item()) < 1e-7
+
+
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu"])  # SigLIP's own, and the exact GELU
+def test_imported_siglip_folder_gives_transformers_features_and_logits(tmp_path, act):
+    hf_model = _save_tiny_siglip(tmp_path / "hf", vision={"hidden_act": act}, text={"hidden_act": act})
+    bundle = build_model(str(tmp_path / "hf"))
+    pixels = _siglip_pixels(tmp_path / "hf")
+    torch.testing.assert_close(torch.stack([bundle.eval_transform(image) for image in _images()]), pixels,
+                               atol=1e-6, rtol=0)
+    ids = bundle.tokenizer(SIGLIP_TEXTS)
+    hf_ids = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(
+        SIGLIP_TEXTS, padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, hf_ids) and (ids == 1).sum() == 2  # one end-of-text each, padded with 0
+    _assert_same_siglip_outputs(bundle, hf_model, pixels, ids)
+
+
+@pytest.mark.parametrize(("vision", "text", "message"), [
+    ({"vision_use_head": False}, {}, "vision_use_head false"),
+    ({"hidden_act": "relu"}, {"projection_size": 16}, "vision hidden_act 'relu'.*projection_size 16"),
+])
+def test_siglip_architecture_that_does_not_map_is_one_error(tmp_path, vision, text, message):
+    _save_tiny_siglip(tmp_path / "hf", vision=vision, text=text)
+    with pytest.raises(ValueError, match=f"SiglipModel does not map onto open_clip: .*{message}"):
+        build_model(str(tmp_path / "hf"))
+
+
+def test_siglip_folder_without_a_readable_tokenizer_is_one_error(tmp_path):
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed: spiece.model is readable")
+    _save_tiny_siglip(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    (tmp_path / "hf" / "spiece.model").write_bytes(b"\x00")
+    with pytest.raises(ValueError, match="spiece.model .* needs the `sentencepiece` package"):
+        build_model(str(tmp_path / "hf"))
+
+
+def test_siglip_folder_meta_build_and_weights_of_another_architecture(tmp_path):
+    from models.meta import build_model_on_meta, read_matching_state_dict
+
+    _save_tiny_siglip(tmp_path / "hf")
+    skeleton = build_model_on_meta(str(tmp_path / "hf"))
+    state = read_matching_state_dict(skeleton.model, tmp_path / "hf")
+    for key, value in build_model(str(tmp_path / "hf")).model.state_dict().items():
+        assert torch.equal(state[key].reshape(value.shape), value), key
+    with pytest.raises(ValueError, match="SiglipModel of another architecture than 'tiny-siglip'"):
+        build_model("tiny-siglip", weights=tmp_path / "hf")
+
+
+def test_siglip_export_of_a_tuned_model_loads_in_transformers_with_the_engine_features(tmp_path, capsys):
+    """The engine's export (the CLI's, in this process) of an imported SigLIP folder whose weights moved, as
+    fine-tuning moves them: transformers' SiglipModel and SiglipProcessor give the engine's ids, pixels, features
+    and logits."""
+    from safetensors.torch import save_file
+
+    from engine.cli import main
+
+    _save_tiny_siglip(tmp_path / "hf")
+    torch.manual_seed(1)
+    tuned = {key: value + 0.05 * torch.randn_like(value)
+             for key, value in build_model(str(tmp_path / "hf")).model.state_dict().items()}
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    assert main(["export", "--model", str(tmp_path / "hf"), "--weights", str(tmp_path / "tuned.safetensors"),
+                 "--format", "transformers", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "(transformers SiglipModel)" in printed and "not written" not in printed  # tokenizer files too
+    bundle = build_model(str(tmp_path / "hf"), weights=tmp_path / "tuned.safetensors")
+    hf_model = transformers.SiglipModel.from_pretrained(tmp_path / "out").eval()
+    processor = transformers.SiglipProcessor.from_pretrained(tmp_path / "out")
+    hf_ids = processor.tokenizer(SIGLIP_TEXTS, padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
+    assert torch.equal(hf_ids, bundle.tokenizer(SIGLIP_TEXTS))
+    pixels = _siglip_pixels(tmp_path / "out")
+    torch.testing.assert_close(torch.stack([bundle.eval_transform(image) for image in _images()]), pixels,
+                               atol=1e-6, rtol=0)
+    _assert_same_siglip_outputs(bundle, hf_model, pixels, hf_ids)
+
+
+def test_siglip_export_of_open_clips_own_architecture_and_refusal(tmp_path):
+    """open_clip's ViT-B-16-SigLIP (a stock timm trunk, exact GELU) has a SiglipConfig; tiny-siglip (register token,
+    layer scale) has none, in one line."""
+    register_shipped_configs()
+    with torch.device("meta"):  # shapes only (and no time spent on initial values)
+        stock_model, tiny_model = (open_clip.create_model(name, device="meta") for name in ("ViT-B-16-SigLIP",
+                                                                                            "tiny-siglip"))
+    stock = transformers_siglip.transformers_config(stock_model, arch="ViT-B-16-SigLIP")
+    assert stock["vision_config"] == {"image_size": 224, "patch_size": 16, "hidden_size": 768, "num_hidden_layers": 12,
+                                      "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
+                                      "layer_norm_eps": 1e-6}
+    assert stock["text_config"]["hidden_act"] == "gelu" and stock["text_config"]["max_position_embeddings"] == 64
+    with pytest.raises(ValueError, match=r"'tiny-siglip' has no transformers SiglipModel counterpart \(.*reg_token"):
+        transformers_siglip.transformers_config(tiny_model, arch="tiny-siglip")
+
+
+def test_siglip_trunk_name_builds_in_a_process_that_never_saw_the_folder(tmp_path):
+    """A config naming a trunk of this engine (a `local-dir:` folder exported from an imported SigLIP folder does)
+    builds where the folder was never read: the name alone registers the trunk, its shape and activation."""
+    name = transformers_siglip.siglip_trunk_name(image_size=16, patch_size=8, width=16, depth=1, heads=2, mlp=40,
+                                                 act="gelu")
+    config = {"embed_dim": 16, "custom_text": True, "init_logit_bias": -10,
+              "vision_cfg": {"image_size": 16, "timm_model_name": name, "timm_model_pretrained": False,
+                             "timm_pool": "map", "timm_proj": "none"},
+              "text_cfg": {"context_length": 8, "width": 16, "heads": 2, "layers": 1, "no_causal_mask": True,
+                           "proj_bias": True, "pool_type": "last"}}
+    (tmp_path / "trunk-by-name.json").write_text(json.dumps(config))
+    trunk = build_model(str(tmp_path / "trunk-by-name.json")).model.visual.trunk
+    assert (trunk.patch_embed.proj.kernel_size, len(trunk.blocks), trunk.blocks[0].mlp.fc1.out_features,
+            trunk.pos_embed.shape[1], type(trunk.blocks[0].mlp.act).__name__) == ((8, 8), 1, 40, 4, "GELU")
+    assert int(1152 * transformers_siglip._mlp_ratio(4304, 1152)) == 4304  # so400m's MLP, as timm rounds it
+
+
+def test_sparse_siglip_config_reads_transformers_defaults(tmp_path):
+    """A hub config.json names only some fields (google/siglip-base-patch16-224's names no activation, eps or
+    context length): the missing ones are transformers' defaults, as SiglipConfig reads them."""
+    (tmp_path / "sparse").mkdir()
+    (tmp_path / "sparse" / "config.json").write_text(json.dumps({
+        "model_type": "siglip", "architectures": ["SiglipModel"],
+        "text_config": {"model_type": "siglip_text_model", "hidden_size": 768, "num_hidden_layers": 12},
+        "vision_config": {"model_type": "siglip_vision_model", "image_size": 224, "patch_size": 16}}))
+    transformers.SiglipConfig().save_pretrained(tmp_path / "full")
+    sparse, full = (transformers_clip.open_clip_config(tmp_path / name) for name in ("sparse", "full"))
+    assert transformers_siglip.same_architecture(sparse, full)
+    assert sparse["vision_cfg"]["timm_model_name"] == "tuneclip_siglip_vit_i224_p16_w768_d12_h12_m3072_gelu_tanh"
+    assert sparse["text_cfg"]["context_length"] == 64 and sparse["text_cfg"]["act_kwargs"] == {"approximate": "tanh"}

@@ -225,24 +225,29 @@ def test_damaged_weights_file_is_one_error_line(tmp_path, capsys, content):
 
 
 def test_transformers_folder_pickles_and_code_never_run(data, tmp_path, capsys):
-    """A transformers CLIPModel folder whose weights are a pickle (`pytorch_model.bin` that runs a shell command, no
-    model.safetensors) or whose config names Python code of its own (`auto_map`, with the module beside it): every
-    path that reads the folder (model name or weights of tune, eval, export to transformers) refuses it in one
-    line, and nothing runs or is written."""
-    from tests.test_models_transformers import _save_tiny_clip
+    """A transformers CLIPModel (or SiglipModel) folder whose weights are a pickle (`pytorch_model.bin` that runs a
+    shell command, no model.safetensors) or whose config names Python code of its own (`auto_map`, with the module
+    beside it): every path that reads the folder (model name or weights of tune, eval, export to transformers)
+    refuses it in one line, and nothing runs or is written."""
+    from tests.test_models_transformers import _save_tiny_clip, _save_tiny_siglip
 
     marker = tmp_path / "ran"
     pickled = tmp_path / "pickled"
     _save_tiny_clip(pickled)
     (pickled / "model.safetensors").unlink()
     (pickled / "pytorch_model.bin").write_bytes(shell_payload("torch.serialization", marker))
+    pickled_siglip = tmp_path / "pickled_siglip"
+    _save_tiny_siglip(pickled_siglip)
+    (pickled_siglip / "model.safetensors").unlink()
+    (pickled_siglip / "pytorch_model.bin").write_bytes(shell_payload("torch.serialization", marker))
     coded = tmp_path / "coded"
     _save_tiny_clip(coded)
     config = json.loads((coded / "config.json").read_text())
     config["auto_map"] = {"AutoModel": "evil_model.EvilModel"}
     (coded / "config.json").write_text(json.dumps(config))
     (coded / "evil_model.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass EvilModel: pass\n")
-    for folder, match in ((pickled, ".bin is never unpickled"), (coded, "auto_map")):
+    for folder, match in ((pickled, ".bin is never unpickled"), (pickled_siglip, ".bin is never unpickled"),
+                          (coded, "auto_map")):
         commands = {
             "tune (name)": ["tune", "--model", str(folder), "--train", str(data["shards"]),
                             "--out", str(tmp_path / "run"), *JOB],
@@ -254,7 +259,7 @@ def test_transformers_folder_pickles_and_code_never_run(data, tmp_path, capsys):
         for name, args in commands.items():
             assert main(args) == 2, (folder.name, name)
             # As weights of another named architecture the pickled folder is refused before its weights are read.
-            weights_route = "weights" in name and folder == pickled
+            weights_route = "weights" in name and folder in (pickled, pickled_siglip)
             one_error_line(capsys.readouterr().err, match="another architecture" if weights_route else match)
             assert not marker.exists(), (folder.name, name)
     assert not (tmp_path / "run" / "final.safetensors").exists() and not (tmp_path / "hf").exists()
