@@ -4,8 +4,6 @@ through the CLI."""
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -18,7 +16,6 @@ from PIL import Image
 from models import build_model, register_shipped_configs, transformers_clip, transformers_siglip
 
 transformers = pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _features(output) -> torch.Tensor:
@@ -147,36 +144,41 @@ def test_export_refuses_an_architecture_without_a_transformers_counterpart(name)
         transformers_clip.transformers_config(open_clip.get_model_config(name), arch=name)
 
 
-def _run_cli(*args) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "run.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          check=False, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def test_round_trip_transformers_tune_transformers_through_the_cli(tmp_path, shards):
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_round_trip_transformers_tune_transformers_through_the_cli(tmp_path, shards, family, capsys):
+    """transformers folder -> `run.py tune` (OSR + fine-tuning) -> `run.py export --format transformers`, from the
+    final weights and from the last checkpoint folder: transformers loads both, the same weights, and gives the
+    tuned engine model's features. The CLI's own `main`, in this process (as `python run.py` calls it)."""
+    from engine.cli import main
     from tests.helpers.jobs import job
 
-    _save_tiny_clip(tmp_path / "hf")
-    config = job(shards, tmp_path / "run", model={"name": str(tmp_path / "hf")}, run={"save_every_epochs": 1})
+    hf_class = transformers.CLIPModel if family == "clip" else transformers.SiglipModel
+    (_save_tiny_clip if family == "clip" else _save_tiny_siglip)(tmp_path / "hf")
+    config = job(shards, tmp_path / "run", model={"name": str(tmp_path / "hf")},
+                 run={"save_every_epochs": 1, "max_steps_per_epoch": 3})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
-    _run_cli("tune", "--config", tmp_path / "job.yaml")
+    assert main(["tune", "--config", str(tmp_path / "job.yaml")]) == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in log if r["event"] == "step"} == {"osr", "finetune"}
-    _run_cli("export", "--model", tmp_path / "hf", "--weights", tmp_path / "run" / "final.safetensors",
-             "--format", "transformers", "--out", tmp_path / "out")
-    # From the run's last checkpoint folder too: the same weights.
-    _run_cli("export", "--model", tmp_path / "hf", "--weights", tmp_path / "run" / "checkpoints" / "latest",
-             "--format", "transformers", "--out", tmp_path / "from-checkpoint")
-    hf_model = transformers.CLIPModel.from_pretrained(tmp_path / "out").eval()
-    from_checkpoint = transformers.CLIPModel.from_pretrained(tmp_path / "from-checkpoint")
+    for weights, out in (("final.safetensors", "out"), ("checkpoints/latest", "from-checkpoint")):
+        assert main(["export", "--model", str(tmp_path / "hf"), "--weights", str(tmp_path / "run" / weights),
+                     "--format", "transformers", "--out", str(tmp_path / out)]) == 0
+    capsys.readouterr()
+    hf_model = hf_class.from_pretrained(tmp_path / "out").eval()
+    from_checkpoint = hf_class.from_pretrained(tmp_path / "from-checkpoint")
     for key, value in from_checkpoint.state_dict().items():
         assert torch.equal(value, hf_model.state_dict()[key]), key
     tuned = build_model(str(tmp_path / "hf"), weights=tmp_path / "run" / "final.safetensors")
     base = build_model(str(tmp_path / "hf"))
-    assert not torch.equal(tuned.model.visual.proj, base.model.visual.proj)  # fine-tuning moved the weights
-    pixels = torch.stack([tuned.eval_transform(image) for image in _images()])
-    _assert_same_features(tuned, hf_model, pixels, tuned.tokenizer(TEXTS))
+    moved = [name for name, value in base.model.state_dict().items()
+             if not torch.equal(value, tuned.model.state_dict()[name])]
+    assert len(moved) > len(base.model.state_dict()) // 2  # fine-tuning moved the weights
+    if family == "clip":
+        pixels = torch.stack([tuned.eval_transform(image) for image in _images()])
+        _assert_same_features(tuned, hf_model, pixels, tuned.tokenizer(TEXTS))
+    else:
+        pixels = _siglip_pixels(tmp_path / "out")
+        _assert_same_siglip_outputs(tuned, hf_model, pixels, tuned.tokenizer(SIGLIP_TEXTS))
 
 
 # SigLIP: a timm ViT trunk pooled by its attention head, open_clip's text tower pooled at the last token.
