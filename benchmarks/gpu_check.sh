@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the engine (under 8 minutes on one GPU, no downloads): the loss checks on CUDA in fp32 and
-# bf16, a tiny `tune` in one process on CUDA, ViT-B-16 training throughput and peak GPU memory of the
-# OpenCLIP step vs the TuneCLIP step (HGCL + u table) with bf16 autocast, an FSDP2 bf16 tune under torchrun with
+# bf16, a tiny `tune` in one process on CUDA, training throughput (images/s per device, MFU) and peak GPU memory
+# of the OpenCLIP step vs the TuneCLIP step (HGCL + u table) with bf16 autocast, eager and run.compile=blocks,
+# for ViT-B-16 and ViT-L-14 (ViT-H-14 eager where memory allows), an FSDP2 bf16 tune under torchrun with
 # background checkpoints (its last checkpoint exported equals its final weights), and a 2-process NCCL run
 # when more than one GPU is present. Prints one table; exits non-zero on any failure.
 #
@@ -124,7 +125,9 @@ for r in rows:
     for f in r.get("failed", []):
         print(f"{'':<55} {f}")
     for s in r.get("rows", []):
-        print(f"{'':<6} {s['step']:<24} {s['images_per_s']:>9.1f} images/s   peak GPU memory {s['peak_gpu_gb']:.2f} GB")
+        mfu = f"MFU {100 * s['mfu']:.1f} %" if s.get("mfu") else "MFU -"
+        print(f"{'':<6} {s.get('model', ''):<9} compile={s.get('compile', 'none'):<7} {s['step']:<20} "
+              f"{s['images_per_s']:>9.1f} images/s/device  {mfu:<11} peak GPU memory {s['peak_gpu_gb']:.2f} GB")
 bad = [r["check"] for r in rows if not r["ok"]]
 print(f"\ngpu_check: {len(rows) - len(bad)}/{len(rows)} checks passed" + (f"; FAILED: {', '.join(bad)}" if bad else ""))
 sys.exit(1 if bad or len(rows) < 3 else 0)

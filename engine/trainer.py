@@ -24,6 +24,7 @@ from engine import __version__
 from engine.backends import backend_class, backend_names, select_backend
 from engine.backends.base import OptimSettings
 from engine.checkpoint import BACKEND_PART, TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
+from engine.compiling import compile_model
 from engine.config import METHOD_RUNS_OSR, JobConfig
 from engine.data import Batch, LoaderPlan, Manifest, ShardLoader
 from engine.data.samples import read_limits
@@ -140,6 +141,7 @@ class Trainer:
             model.set_grad_checkpointing(True)
         self.backend = backend_cls.from_config(cfg, model, ctx=self.ctx, device=self.device,
                                                micro_batch_size=self.local_batch, optim=optim)
+        compile_model(self.backend, cfg.run)
         self.loader = ShardLoader(
             self.manifest, batch_size=self.local_batch,
             image_transform=(self.bundle.eval_transform if cfg.data.train_transform == "eval"

@@ -131,22 +131,51 @@ def check_tune(device: torch.device, *, tiny: bool) -> dict:
 
 
 def check_throughput(device: torch.device, *, tiny: bool) -> dict:
-    """Images/s and peak GPU memory of a Trainer.train_step with the OpenCLIP loss (MBCL) vs TuneCLIP's
-    (HGCL + u table), ViT-B-16, bf16 autocast, the same Trainer, model and batch; best of interleaved rounds."""
+    """Images/s per device, MFU and peak GPU memory of a Trainer.train_step with the OpenCLIP loss (MBCL) vs
+    TuneCLIP's (HGCL + u table), eager and with run.compile=blocks, bf16 autocast: ViT-B-16 and ViT-L-14, and
+    ViT-H-14 where the device has the memory (eager only: its compile alone would take minutes); best of
+    interleaved rounds of the same Trainer, model and batch."""
+    sizes = [("tiny-vit", 16, 2, 2, ("none", "blocks"))] if tiny else [
+        ("ViT-B-16", 256, 6, 2, ("none", "blocks")), ("ViT-L-14", 128, 4, 2, ("none", "blocks"))]
+    if not tiny and device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory > 70e9:
+        sizes.append(("ViT-H-14", 64, 3, 2, ("none",)))
+    rows, failed, details = [], [], []
+    for model_name, batch_size, steps, rounds, modes in sizes:
+        for mode in modes:
+            try:
+                measured = _throughput(device, model_name, batch_size, steps, rounds, mode)
+            except Exception as exc:  # noqa: BLE001 (one size failing, e.g. out of memory, is a row)
+                traceback.print_exc()
+                failed.append(f"{model_name} compile={mode}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            rows.extend(measured["rows"])
+            details.append(measured["detail"])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"check": f"train step throughput, bf16 ({device.type})", "ok": not failed, "failed": failed,
+            "rows": rows, "detail": "; ".join(details)}
+
+
+def _throughput(device: torch.device, model_name: str, batch_size: int, steps: int, rounds: int,
+                compile_mode: str) -> dict:
+    """One model and compile mode of `check_throughput`: MBCL and HGCL steps on the same Trainer."""
     from engine.config import load_config
     from engine.data import Batch
     from engine.objectives.table import UTable
+    from engine.run.throughput import device_peak_flops, model_flops_per_sample
     from engine.trainer import Trainer
 
-    model_name, batch_size, steps, rounds = ("tiny-vit", 16, 2, 2) if tiny else ("ViT-B-16", 256, 10, 3)
     table_rows = 1_000_000
+    flops = model_flops_per_sample(model_name)
+    _, peak_flops = device_peak_flops(device, "bf16")
     with tempfile.TemporaryDirectory(prefix="gpu_check_speed_") as tmp:
         shards = _shards(Path(tmp), 16)
         cfg = load_config(base={
             "method": "tuneclip", "model": {"name": model_name, "precision": "bf16"},
             "data": {"train": str(shards), "batch_size": min(batch_size, 16), "shuffle_buffer": 1},
             "optim": {"lr": 1e-5}, "eval": {"at_start": False},
-            "run": {"out_dir": str(Path(tmp) / "run"), "progress": False, "seed": 0, "device": str(device)},
+            "run": {"out_dir": str(Path(tmp) / "run"), "progress": False, "seed": 0, "device": str(device),
+                    "compile": compile_mode},
         })
         trainer = Trainer(cfg)
         try:
@@ -177,8 +206,10 @@ def check_throughput(device: torch.device, *, tiny: bool) -> dict:
                 sync(device)
                 return time.perf_counter() - started
 
-            for name in objectives:  # warm-up: kernels, autotuning, allocator
+            compile_started = time.perf_counter()
+            for name in objectives:  # warm-up: compile, kernels, autotuning, allocator
                 run(name, 2)
+            warmup_s = time.perf_counter() - compile_started
             for index in range(rounds):
                 for name in round_order(list(objectives), index):
                     if device.type == "cuda":
@@ -190,9 +221,11 @@ def check_throughput(device: torch.device, *, tiny: bool) -> dict:
             trainer.close()
     rates = {name: batch_size * steps / seconds for name, seconds in best.items()}
     mbcl, hgcl = rates.values()
-    return {"check": f"{model_name} bf16 batch {batch_size} train step ({device.type})", "ok": True, "failed": [],
-            "rows": [{"step": name, "images_per_s": rates[name], "peak_gpu_gb": peak[name] / 1e9} for name in rates],
-            "detail": f"tuneclip/openclip throughput {hgcl / mbcl:.3f}"}
+    rows = [{"model": model_name, "compile": compile_mode, "step": name, "images_per_s": rates[name],
+             "mfu": (flops * rates[name] / peak_flops) if peak_flops else None, "peak_gpu_gb": peak[name] / 1e9}
+            for name in rates]
+    return {"rows": rows, "detail": f"{model_name} compile={compile_mode}: tuneclip/openclip {hgcl / mbcl:.3f}, "
+                                    f"warm-up incl. compile {warmup_s:.0f} s, {flops / 1e9:.1f} GFLOPs/sample"}
 
 
 def sync(device: torch.device) -> None:
