@@ -70,3 +70,13 @@ def test_backends_that_cannot_compile_are_refused_with_the_fix(mode, backend, st
 def test_an_unknown_mode_is_a_config_error(shards, tmp_path):
     with pytest.raises(ValueError, match="run.compile"):
         load_config(base=compiled_job(shards, tmp_path / "x", "fast"))
+
+
+def test_open_clip_trains_torchcompile_flag_is_run_compile_blocks():
+    from engine.cli import build_parser, open_clip_train_overrides
+
+    said = []
+    args = build_parser().parse_args(["tune", "--torchcompile"])
+    assert open_clip_train_overrides(args, say=said.append) == ["run.compile=blocks"]
+    assert said == ["note: --torchcompile is run as --set run.compile=blocks"]
+    assert open_clip_train_overrides(build_parser().parse_args(["tune"])) == []
