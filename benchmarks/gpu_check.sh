@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the engine (under 8 minutes on one GPU, no downloads): the loss checks on CUDA in fp32 and
+# GPU check of the engine (about 10 minutes on one GPU, compiles included; no downloads): the loss checks on CUDA in fp32 and
 # bf16, a tiny `tune` in one process on CUDA, training throughput (images/s per device, MFU) and peak GPU memory
 # of the OpenCLIP step vs the TuneCLIP step (HGCL + u table) with bf16 autocast, eager and run.compile=blocks,
 # for ViT-B-16 and ViT-L-14 (ViT-H-14 eager where memory allows), an FSDP2 bf16 tune under torchrun with
