@@ -77,8 +77,13 @@ class ContrastiveTerm(TermBase):
         return margin
 
     def _distances(self, outputs: StepOutputs):
-        return pair_distances(outputs.image_features, outputs.text_features,
-                              offset=self.ctx.rank * self.ctx.local_batch, gather=self.ctx.gather)
+        """d of the real samples' pairs (padding slots are no anchors and no negatives)."""
+        mask = outputs.mask
+        if mask is None:
+            return pair_distances(outputs.image_features, outputs.text_features,
+                                  offset=self.ctx.rank * self.ctx.local_batch, gather=self.ctx.gather)
+        return pair_distances(mask.real(outputs.image_features), mask.real(outputs.text_features),
+                              offset=mask.offset, gather=mask.gather)
 
     def __call__(self, batch, outputs: StepOutputs) -> dict:
         # During OSR (w0 frozen), where the batch's d sits against the hinge: quantiles, share inside.
@@ -86,7 +91,7 @@ class ContrastiveTerm(TermBase):
                                    reduce_sum=self.ctx.reduce_sum,
                                    histogram=self.histogram) if self.stage == "osr" else {}
         out = self.objective(outputs.image_features, outputs.text_features, rows=batch.rows,
-                             logit_bias=outputs.logit_bias)
+                             logit_bias=outputs.logit_bias, mask=outputs.mask)
         return {**out, **stats}
 
     def after_step(self) -> None:
