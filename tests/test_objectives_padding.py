@@ -7,8 +7,10 @@ the feature gradients (zero on padding slots) and the u rows (float64; padding s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +19,14 @@ import torch.nn.functional as F
 from engine.objectives import build_objective
 from engine.objectives.normaliser import update_log_estimate
 from engine.objectives.padding import BatchMask
-from engine.objectives.terms import ObjectiveTerms, StepOutputs
+from engine.objectives.terms import (
+    ModelAccess,
+    ObjectiveTerms,
+    StepOutputs,
+    TermContext,
+    build_terms,
+    total_loss,
+)
 
 IN_DIM, DIM, LOCAL = 6, 5, 4
 NUM_ROWS = 64
@@ -226,3 +235,64 @@ def test_the_terms_report_real_samples_and_call_no_term_for_a_batch_of_padding_o
     assert out["samples"] == 1 and calls[0].num_real == 1 and calls[0].local.tolist() == [True, False, False, False]
     out = terms(Tail(4), StepOutputs(features, features, None, None))
     assert out == {"samples": 0} and len(calls) == 1
+
+
+def job_terms(ctx_args: dict):
+    """`contrastive` (HGCL) + `wma_teacher` for one (thread) rank; the teacher's forward returns the batch's
+    `images` / `texts` as its features."""
+    cfg = SimpleNamespace(
+        loss=SimpleNamespace(margin=0.2, eps=1e-10, chunk_size=0), osr_surrogate="hgcl", surrogate="hgcl",
+        teacher=SimpleNamespace(kind="wma", beta=2.0, ema_momentum=0.99, every_steps=1))
+    model = ModelAccess(parameter_shards=lambda: {"w": torch.zeros(2)}, parameter_spans=lambda: {"w": (0, 2, (2,))},
+                        shards_replaced=lambda values: contextlib.nullcontext(),
+                        forward_no_grad=lambda images, texts: StepOutputs(images, texts, None, None))
+    ctx = TermContext(cfg=cfg, tau=0.07, log_event=lambda record: None, model=model, **ctx_args)
+    return build_terms({"contrastive": 1.0, "wma_teacher": 0.5}, ctx)
+
+
+def term_step(stage, terms, f, g, tf, tg, rows, valid):
+    terms.begin_stage(stage, num_steps=4)
+    f, g = f.clone().requires_grad_(True), g.clone().requires_grad_(True)
+    batch = SimpleNamespace(rows=rows, images=tf, texts=tg, **({} if valid is None else {"valid": valid}))
+    out = terms(batch, StepOutputs(f, g, None, None))
+    total_loss(out).backward()
+    values = {key: float(value.detach() if torch.is_tensor(value) else value) for key, value in out.items()}
+    return values, f.grad, g.grad
+
+
+@pytest.mark.parametrize("stage", ["osr", "finetune"])
+def test_loss_terms_and_osr_diagnostics_ignore_padding_slots(stage):
+    valid = MASKS["3 ranks, one all padding"]
+    world = len(valid)
+    torch.manual_seed(3)
+    f, g, tf, tg = (F.normalize(torch.randn(world * LOCAL, DIM, dtype=torch.float64), dim=1) for _ in range(4))
+    rows = torch.arange(world * LOCAL)
+    keep = torch.tensor(valid).reshape(-1)
+    _, _, _, _, log_u, seen = problem(valid)
+    one = job_terms({"normaliser": Float64Table(log_u, seen), "rank": 0, "world_size": 1, "local_batch": int(keep.sum()),
+                     "gather": lambda t: t.detach(), "reduce_sum": lambda t: t})
+    ref, ref_f, ref_g = term_step(stage, one, f[keep], g[keep], tf[keep], tg[keep], rows[keep], None)
+    collectives = Collectives(world)
+
+    def rank_step(rank):
+        part = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        terms = job_terms({"normaliser": Float64Table(log_u, seen), "rank": rank, "world_size": world,
+                           "local_batch": LOCAL, "gather": collectives.gather(rank),
+                           "reduce_sum": collectives.reduce_sum(rank)})
+        return term_step(stage, terms, f[part], g[part], tf[part], tg[part], rows[part], torch.tensor(valid[rank]))
+
+    rank_step.collectives = collectives
+    results = run_threads(world, rank_step)
+    if stage == "osr":
+        assert "d_q50" in ref and "inside_hinge" in ref  # where d sits against the hinge: real pairs only
+    else:
+        assert ref["wma_teacher_loss"] > 0
+    for values, _, _ in results:
+        assert values.keys() == ref.keys() and values["samples"] == int(keep.sum())
+        for key, value in ref.items():
+            assert values[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    grad_f = torch.cat([gf for _, gf, _ in results]) / world
+    grad_g = torch.cat([gg for _, _, gg in results]) / world
+    torch.testing.assert_close(grad_f[keep], ref_f, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad_g[keep], ref_g, rtol=1e-9, atol=1e-12)
+    assert not grad_f[~keep].any() and not grad_g[~keep].any()
