@@ -1,5 +1,5 @@
 """Every good sample exactly once per epoch with planted bad samples, on 1 and 2 ranks x 2 workers, and
-after resuming at any batch; ranks' short shares are filled by counted repeats of their first batch."""
+after resuming at any batch; ranks' short shares end in padding slots (copies of their first batch, masked by the objective)."""
 
 import itertools
 import json
@@ -113,7 +113,7 @@ def test_fill_batches_after_a_truncated_shard_and_a_resume_in_them(tmp_path, tok
         batches = list(loader.epoch(0))
     assert [b.num_padding for b in batches] == [0, 0, 0, 0, 0, 4, 4]
     assert loader.skipped == {"shard-000001.tar": {"truncated shard": 5}} and loader.num_padding == 8
-    assert "its usable samples fill all but its last 2 batch(es); 8 of its first samples" in caplog.text
+    assert "its usable samples fill all but its last 2 batch(es); 8 masked padding slot(s)" in caplog.text
     first = batches[0].rows.tolist()
     assert all(b.rows.tolist() == first for b in batches[-2:])
     # Resumed in the fill batches by a new loader: it reads its first batch again (counting nothing twice).
