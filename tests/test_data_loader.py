@@ -256,7 +256,7 @@ def test_short_rank_fills_its_last_batches_with_its_first_samples(
     assert loader.num_skipped == 8 and len(loader.skipped_log) == 8  # 4 per epoch, each counted once
     num_left = {4: 1, 3: 2}[batch_size]
     assert (
-        f"rank 0 epoch 0: its usable samples fill all but its last {num_left} batch(es); 4 of its first"
+        f"rank 0 epoch 0: its usable samples fill all but its last {num_left} batch(es); 4 masked padding"
         in (caplog.text)
     )
 
