@@ -296,3 +296,32 @@ def test_loss_terms_and_osr_diagnostics_ignore_padding_slots(stage):
     torch.testing.assert_close(grad_f[keep], ref_f, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grad_g[keep], ref_g, rtol=1e-9, atol=1e-12)
     assert not grad_f[~keep].any() and not grad_g[~keep].any()
+
+
+def test_node_replicas_commit_ranks_with_different_numbers_of_real_rows(tmp_path, monkeypatch):
+    """Several nodes: each step's rows of every rank are gathered (equal shapes) and written to every replica; a
+    padded batch's ranks stage different numbers of real rows (here 1, the other rank 3)."""
+    import engine.objectives.normaliser as normaliser_module
+    from engine.distributed import DistContext
+    from engine.objectives.normaliser import TableNormaliser
+
+    other = torch.tensor([[5.0, 0.5, 0.25], [6.0, 0.75, 1.5], [7.0, -1.0, 2.0]], dtype=torch.float64)
+
+    def two_ranks(x):  # this rank and a rank that staged `other`; refuses unequal shapes as all_gather does
+        if x.dtype == torch.int64:
+            return torch.cat([x, torch.tensor([len(other)])])
+        assert x.shape == other.shape, "all_gather needs equal shapes on every rank"
+        return torch.cat([x, other])
+
+    monkeypatch.setattr(normaliser_module, "gather_no_grad", two_ranks)
+    table = TableNormaliser(tmp_path / "u", num_rows=10, dataset_fingerprint="f", ctx=DistContext(), gamma_min=0.5,
+                            gamma_decay_epochs=1, fresh=True, replicated=True, node_leader=True)
+    try:
+        table.stage(torch.tensor([2]), torch.tensor([0.125]), torch.tensor([-0.5]))
+        table.commit()
+        log_u_x, log_u_z, seen = table.table.read(torch.arange(10))
+        assert seen.tolist() == [i in (2, 5, 6, 7) for i in range(10)]
+        assert log_u_x[[2, 5, 6, 7]].tolist() == [0.125, 0.5, 0.75, -1.0]
+        assert log_u_z[[2, 5, 6, 7]].tolist() == [-0.5, 0.25, 1.5, 2.0]
+    finally:
+        table.close()
