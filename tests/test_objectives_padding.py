@@ -325,3 +325,22 @@ def test_node_replicas_commit_ranks_with_different_numbers_of_real_rows(tmp_path
         assert log_u_z[[2, 5, 6, 7]].tolist() == [-0.5, 0.25, 1.5, 2.0]
     finally:
         table.close()
+
+
+def test_auto_margin_reads_the_real_pairs_of_padded_probe_batches():
+    from engine.objectives.contrastive_term import ContrastiveTerm
+
+    torch.manual_seed(5)
+    f, g = (F.normalize(torch.randn(8, DIM, dtype=torch.float64), dim=1) for _ in range(2))
+    f[5:], g[5:] = f[:3], g[:3]  # 5 real samples, 3 padding slots holding copies of the first ones
+    valid = torch.arange(8) < 5
+    cfg = SimpleNamespace(loss=SimpleNamespace(margin="auto", eps=1e-10, chunk_size=0, margin_probe_batches=1,
+                                               margin_inside_share=0.75), osr_surrogate="hgcl", surrogate="hgcl")
+
+    def margin(features, batch):
+        ctx = TermContext(cfg=cfg, tau=0.07, normaliser=None, rank=0, world_size=1, local_batch=len(features[0]),
+                          gather=lambda t: t.detach(), reduce_sum=lambda t: t, log_event=lambda record: None)
+        return ContrastiveTerm(ctx).choose_margin(lambda n: iter([(batch, StepOutputs(*features, None, None))]))
+
+    padded = margin((f, g), SimpleNamespace(valid=valid))
+    assert padded == margin((f[:5], g[:5]), SimpleNamespace()) and padded > 0
