@@ -256,11 +256,14 @@ class Trainer:
         """
         objective = self.objective
         out = objective(batch, _step_outputs(self.backend.forward(batch.images, batch.texts)))
+        if out["samples"] == 0:  # padding on every rank (skips emptied the tail): nothing to learn, no update
+            objective.skip_step()
+            return {"samples": 0, "lr": lr, "skipped": True}
         total = total_loss(out)
         # Terms carry global values, so every rank takes the same decision without a collective.
         if not torch.isfinite(total).item():
             objective.skip_step()
-            return self._skip_step(batch, reason="non-finite loss/features")
+            return self._skip_step(batch, reason="non-finite loss/features", samples=out["samples"])
         self.backend.backward(total)
         grad_norm = self.backend.step(lr=lr, grad_clip=grad_clip)
         if not math.isfinite(grad_norm):
@@ -271,7 +274,8 @@ class Trainer:
                     "state non-finite; nothing was saved after it. Resume from the last checkpoint with a lower "
                     "learning rate (--resume latest --lr ...) or check the data (batch keys in log.jsonl)"
                 )
-            return self._skip_step(batch, reason="non-finite gradient norm (update not applied)")
+            return self._skip_step(batch, reason="non-finite gradient norm (update not applied)",
+                                   samples=out["samples"])
         objective.after_step()
         self.global_step += 1
         self.num_bad_steps = 0
@@ -280,7 +284,7 @@ class Trainer:
         return {"loss": float(total.detach()), **values, "grad_norm": grad_norm, "lr": lr,
                 **self.normaliser.metrics()}
 
-    def _skip_step(self, batch: Batch, *, reason: str) -> dict:
+    def _skip_step(self, batch: Batch, *, reason: str, samples: float) -> dict:
         self.num_bad_steps += 1
         self.backend.zero_grad()
         logger.warning("%s at step %d: step skipped (%d in a row); batch keys %s",
@@ -294,7 +298,7 @@ class Trainer:
                 "(--resume latest --lr ...), check the data for broken samples (keys in log.jsonl), or use fp32"
             )
         return {"loss": float("nan"), "batch_loss": float("nan"), "grad_norm": float("nan"), "lr": 0.0,
-                "gamma": 0.0, "skipped": True}
+                "gamma": 0.0, "skipped": True, "samples": samples}
 
     # ----- stages -----
     def _steps_per_epoch(self, epoch: int | None = None) -> int:
@@ -363,13 +367,14 @@ class Trainer:
                 metrics = self.train_step(batch, lr=lr, grad_clip=clip)
                 self.stage_step += 1
                 self.epoch_step += 1
-                num_samples += len(batch.keys) * self.ctx.world_size
-                self.cost.step(stage, num_samples=len(batch.keys) * self.ctx.world_size)
+                num_real = int(metrics["samples"])  # of the global batch: its padding slots are not samples
+                num_samples += num_real
+                self.cost.step(stage, num_samples=num_real)
                 rate = num_samples / max(1e-9, time.perf_counter() - started)
                 speed = throughput.per_device(rate)
                 # The batch-only contrastive loss: on one scale for every method (a surrogate's value is not).
                 shown = "batch_loss" if "batch_loss" in metrics else "loss"
-                bar.update(self.stage_step, {shown: f"{metrics[shown]:.4f}", "samples/s": format_rate(rate),
+                bar.update(self.stage_step, {shown: f"{metrics.get(shown, math.nan):.4f}", "samples/s": format_rate(rate),
                                              **({"MFU": f"{100 * speed['mfu']:.1f}%"} if "mfu" in speed else {})})
                 if self.stage_step % rcfg.log_every == 0 or self.stage_step == total or metrics.get("skipped"):
                     self.log.write({"event": "step", "stage": stage, "epoch": epoch, "step": self.global_step,

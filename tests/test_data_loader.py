@@ -85,10 +85,10 @@ def split_epoch(loader: ShardLoader, epoch: int, manifest: Manifest) -> tuple[li
     used, repeated = [], []
     for batch in batches:
         rows = check_batch(batch, manifest, loader.batch_size)
-        num_used = len(rows) - batch.num_repeated
+        num_used = len(rows) - batch.num_padding
         used += rows[:num_used]
         repeated += rows[num_used:]
-        assert rows[num_used:] == used[: batch.num_repeated]  # a fill is the start of the first batch
+        assert rows[num_used:] == used[: batch.num_padding]  # a fill is the start of the first batch
     return used, repeated
 
 
@@ -124,11 +124,11 @@ def test_each_sample_once_per_epoch(tmp_path, tokenizer, transform, sizes, num_w
         rows = [row for rank_rows in used for row in rank_rows]
         assert sorted(rows) == list(range(manifest.num_samples)), "every sample exactly once"
         assert sum(map(len, repeated)) == world_size * num_batches * batch_size - manifest.num_samples
-    assert sum(loader.num_repeated for loader in loaders) == 2 * (
+    assert sum(loader.num_padding for loader in loaders) == 2 * (
         world_size * num_batches * batch_size - manifest.num_samples
     )
     if sizes == [8, 4]:  # 12 rows, 6 per rank: 2 batches of 3, nothing repeated
-        assert sum(loader.num_repeated for loader in loaders) == 0
+        assert sum(loader.num_padding for loader in loaders) == 0
     assert all(not loader.skipped for loader in loaders)
 
 
@@ -209,7 +209,7 @@ def test_bad_samples_skipped_counted_and_rows_kept(tmp_path, tokenizer, transfor
     # Counts accumulate across epochs.
     run_epoch(loader, 1, manifest)
     assert loader.skipped["shard-000001.tar"]["corrupt image"] == 2
-    assert loader.num_repeated == 12
+    assert loader.num_padding == 12
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -249,14 +249,14 @@ def test_short_rank_fills_its_last_batches_with_its_first_samples(
     assert loader.num_batches() == {4: 6, 3: 8}[batch_size]
     with caplog.at_level("INFO", logger="engine.data"):
         batches = list(loader.epoch(0))
-    assert [b.num_repeated for b in batches[-2:]] == {4: [0, 4], 3: [1, 3]}[batch_size]
+    assert [b.num_padding for b in batches[-2:]] == {4: [0, 4], 3: [1, 3]}[batch_size]
     used, repeated = split_epoch(loader, 0, manifest)
     assert sorted(used) == sorted(set(range(24)) - {manifest.row(s, p) for s, p in bad})
-    assert len(repeated) == 4 and loader.num_repeated == 8
+    assert len(repeated) == 4 and loader.num_padding == 8
     assert loader.num_skipped == 8 and len(loader.skipped_log) == 8  # 4 per epoch, each counted once
     num_left = {4: 1, 3: 2}[batch_size]
     assert (
-        f"rank 0 epoch 0: its usable samples fill all but its last {num_left} batch(es); 4 of its first"
+        f"rank 0 epoch 0: its usable samples fill all but its last {num_left} batch(es); 4 masked padding"
         in (caplog.text)
     )
 
@@ -398,7 +398,7 @@ def test_tar_with_more_or_fewer_samples_than_stated(tmp_path, tokenizer, transfo
     assert len(batches) == 13
     # (key, row) pairs: shard 0 keeps its first 4 at rows 0-3; s0p4 and s0p5 would have collided with shard 1.
     # 11 samples are read, the 2 shard 1 lacks are filled by repeats.
-    assert [b.num_repeated for b in batches] == [0] * 11 + [1, 1]
+    assert [b.num_padding for b in batches] == [0] * 11 + [1, 1]
     first_pass = [(b.keys[0], b.rows.item()) for b in batches[:11]]
     expected = [(f"s0p{p}", p) for p in range(4)] + [(f"s1p{p}", 4 + p) for p in range(3)]
     expected += [(f"s2p{p}", 9 + p) for p in range(4)]

@@ -1,5 +1,5 @@
 """Every good sample exactly once per epoch with planted bad samples, on 1 and 2 ranks x 2 workers, and
-after resuming at any batch; ranks' short shares are filled by counted repeats of their first batch."""
+after resuming at any batch; ranks' short shares end in padding slots (copies of their first batch, masked by the objective)."""
 
 import itertools
 import json
@@ -45,7 +45,7 @@ def used_and_repeated(batches, manifest) -> tuple[list[int], list[int]]:
     used, repeated = [], []
     for batch in batches:
         rows = check_batch(batch, manifest, 3)
-        num_used = len(rows) - batch.num_repeated
+        num_used = len(rows) - batch.num_padding
         used += rows[:num_used]
         repeated += rows[num_used:]
     return used, repeated
@@ -69,7 +69,7 @@ def test_every_good_sample_exactly_once_per_epoch(tmp_path, tokenizer, transform
             assert set(rank_repeated) <= set(rank_used[:3])  # repeats are the rank's first batch
         assert sorted(used) == good, "every good sample exactly once, no bad one"
         assert len(repeated) == world_size * num_batches * 3 - len(good)
-    assert sum(loader.num_repeated for loader in loaders) == 2 * (world_size * num_batches * 3 - len(good))
+    assert sum(loader.num_padding for loader in loaders) == 2 * (world_size * num_batches * 3 - len(good))
     assert sum(loader.num_skipped for loader in loaders) == 2 * len(BAD)
 
 
@@ -97,7 +97,7 @@ def test_resume_at_any_batch_keeps_every_good_sample_once(tmp_path, tokenizer, t
             assert [b.rows.tolist() for b in head + tail] == [
                 b.rows.tolist() for b in straight[rank]
             ]
-            assert [b.num_repeated for b in head + tail] == [b.num_repeated for b in straight[rank]]
+            assert [b.num_padding for b in head + tail] == [b.num_padding for b in straight[rank]]
             used += used_and_repeated(head + tail, manifest)[0]
             num_skipped += resumed.num_skipped
         assert sorted(used) == good
@@ -111,22 +111,22 @@ def test_fill_batches_after_a_truncated_shard_and_a_resume_in_them(tmp_path, tok
     assert loader.num_batches() == 7  # 25 rows by the manifest, 20 readable
     with caplog.at_level(logging.INFO, logger="engine.data"):
         batches = list(loader.epoch(0))
-    assert [b.num_repeated for b in batches] == [0, 0, 0, 0, 0, 4, 4]
-    assert loader.skipped == {"shard-000001.tar": {"truncated shard": 5}} and loader.num_repeated == 8
-    assert "its usable samples fill all but its last 2 batch(es); 8 of its first samples" in caplog.text
+    assert [b.num_padding for b in batches] == [0, 0, 0, 0, 0, 4, 4]
+    assert loader.skipped == {"shard-000001.tar": {"truncated shard": 5}} and loader.num_padding == 8
+    assert "its usable samples fill all but its last 2 batch(es); 8 masked padding slot(s)" in caplog.text
     first = batches[0].rows.tolist()
     assert all(b.rows.tolist() == first for b in batches[-2:])
     # Resumed in the fill batches by a new loader: it reads its first batch again (counting nothing twice).
     stopped = make_loader(manifest, tokenizer, transform, batch_size=4, num_workers=2, shuffle=False)
     head = stopped.epoch(0)
-    assert [b.num_repeated for b in itertools.islice(head, 6)] == [0, 0, 0, 0, 0, 4]
+    assert [b.num_padding for b in itertools.islice(head, 6)] == [0, 0, 0, 0, 0, 4]
     state = json.loads(json.dumps(stopped.state_dict()))
     del head
-    assert all(done for _, _, done in state["workers"]) and state["num_repeated"] == 4
+    assert all(done for _, _, done in state["workers"]) and state["num_padding"] == 4
     resumed = make_loader(manifest, tokenizer, transform, batch_size=4, num_workers=2, shuffle=False)
     resumed.load_state_dict(state)
     (last,) = resumed.epoch(0, start_batch=6)
-    assert last.rows.tolist() == first and last.num_repeated == 4
+    assert last.rows.tolist() == first and last.num_padding == 4
     assert resumed.skipped == loader.skipped  # reading the first batch again counts nothing
 
 
@@ -145,7 +145,7 @@ def test_version_1_state_continues_from_the_manifest_counts(tmp_path, tokenizer,
         "straddle": None,
         "skipped": {"shard-000000.tar": {"corrupt image": 2}},
     }
-    del old["num_repeated"]
+    del old["num_padding"]
     resumed = make_loader(manifest, tokenizer, transform, batch_size=3, num_workers=2, shuffle_buffer=5)
     with caplog.at_level(logging.WARNING, logger="engine.data"):
         resumed.load_state_dict(old)

@@ -54,7 +54,7 @@ def resume_everywhere(
         rest = [check_batch(b, manifest, batch_size) if check_pixels else b.rows.tolist() for b in tail]
         assert head + rest == straight  # same order, nothing repeated, nothing missing
         assert resumed.skipped == straight_loader.skipped  # skip counts continue, neither restart nor double
-        assert resumed.num_repeated == straight_loader.num_repeated
+        assert resumed.num_padding == straight_loader.num_padding
     return num_inside
 
 

@@ -34,7 +34,7 @@ def read(loader, manifest, *, start: int, count: int | None = None) -> tuple[lis
     used = []
     for batch in taken:
         rows = check_batch(batch, manifest, loader.batch_size)
-        used += rows[: len(rows) - batch.num_repeated]
+        used += rows[: len(rows) - batch.num_padding]
     return used, len(taken)
 
 

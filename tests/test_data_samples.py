@@ -203,7 +203,7 @@ def test_every_defect_judged_alike_by_check_loader_index_and_build(
     keys = [key for batch in batches for key in batch.keys]
     # 15 rows by the manifest, 4 usable: yielded once each, then repeated to fill the 15 batches.
     assert sorted(keys[:4]) == sorted(USABLE) and set(keys) == set(USABLE)
-    assert [batch.num_repeated for batch in batches] == [0] * 4 + [1] * 11
+    assert [batch.num_padding for batch in batches] == [0] * 4 + [1] * 11
     if num_workers == 0:
         assert keys[:4] == USABLE
     per_sample = [(r.key, r.reason) for r in loader.skipped_log if r.key is not None]

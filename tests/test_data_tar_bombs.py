@@ -77,7 +77,7 @@ def test_loader_skips_them_and_counts_each_reason(tmp_path, tokenizer, transform
     loader = ShardLoader(Manifest.load(tmp_path / "data"), batch_size=2, image_transform=transform,
                          tokenizer=tokenizer, shuffle=False, max_member_bytes=SMALL_CAP)
     keys = [key for batch in loader.epoch(0) for key in batch.keys]
-    assert keys == ["000", "003", "000", "003"] and loader.num_repeated == 2  # 4 rows: the usable 2 fill 2 batches
+    assert keys == ["000", "003", "000", "003"] and loader.num_padding == 2  # 4 rows: the usable 2 fill 2 batches
     assert {shard: dict(reasons) for shard, reasons in loader.skipped.items()} == {
         "bomb.tar": {SKIP_SPARSE_MEMBER: 1, SKIP_MEMBER_TOO_LARGE: 1}}
 

@@ -26,18 +26,29 @@ class Batch:
     """images [B,3,H,W] float, texts [B,ctx] long, rows [B] long (global sample rows: the manifest's
     numbering, also the u table's), tar keys.
 
-    The last `num_repeated` entries repeat samples already yielded this epoch (they fill a rank's last
-    batches when its share holds fewer usable samples than its batches take).
+    The last `num_padding` entries are padding slots (`valid` False): they complete a rank's last batch(es)
+    when its share holds fewer usable samples than its batches take, keep the batch's shape and hold copies
+    of the rank's first samples of the epoch, so the model sees ordinary inputs; the objective masks them
+    (no anchor, no negative, no estimate update, not counted as seen: `engine.objectives.padding`).
     """
 
     images: Tensor
     texts: Tensor
     rows: Tensor
     keys: list[str]
-    num_repeated: int = 0
+    num_padding: int = 0
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def valid(self) -> Tensor:
+        """[B] bool: True for the real samples, False for the padding slots at the end."""
+        return torch.arange(len(self.keys)) < len(self.keys) - self.num_padding
+
+    @property
+    def num_real(self) -> int:
+        return len(self.keys) - self.num_padding
 
 
 class Skip(NamedTuple):

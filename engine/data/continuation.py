@@ -11,7 +11,7 @@ slots' tails, the samples still in their shuffle buffers, the undelivered rest o
 the continuation: kept in epoch order, cut into near-equal contiguous parts for the new ranks' slots
 exactly as a whole epoch is, each part read through its own shuffle buffer. Its batch count is the old
 ranks' batches plus ceil(ceil(left / W) / B); a rank whose part runs out fills its last batch(es) with
-counted repeats (see `loader.py`). An interruption inside a continuation is continued the same way
+masked padding slots (see `loader.py`). An interruption inside a continuation is continued the same way
 (a continuation records what it continues, so a chain of world-size changes replays exactly).
 
 Exact as long as every tar holds the samples its manifest entry states (a truncated shard is logged as

@@ -10,9 +10,11 @@ without communicating:
   so no usable sample is ever left out (0 when the smallest share is under one batch);
 - a rank yields every usable sample of its share once; when they are fewer than its batches take (its
   share is not a multiple of B, is the smaller one, or had samples skipped), its last batch(es) are
-  completed with its first samples of the epoch, in order (its first batch). These repeats come last in
-  a batch, are counted (`num_repeated`, `Batch.num_repeated`) and logged; a rank with fewer usable
-  samples than one batch raises instead.
+  completed by padding slots (copies of its first samples of the epoch, in order, so shapes stay fixed
+  and the model sees ordinary inputs). Padding comes last in a batch, is flagged (`Batch.valid`,
+  `Batch.num_padding`), counted (`num_padding`) and logged, and the objective masks it: a padding slot
+  is never an anchor or a negative and updates no estimate (`engine.objectives.padding`), so no sample
+  counts twice in an epoch. A rank with fewer usable samples than one batch raises instead.
 
 In `resampled` mode (data too large for epochs) an epoch is `samples_per_epoch` samples over all ranks.
 
@@ -153,7 +155,7 @@ class ShardLoader(WorldSizeChange):
             max_member_bytes=max_member_bytes,
         )
         self.skips = SkipReport(rank=rank)  # counted, logged, written to a skip file by the run (`report`)
-        self.num_repeated = 0  # samples yielded again to fill last batches, over all epochs
+        self.num_padding = 0  # padding slots of last batches (masked copies), over all epochs
         # After the last batch yielded, as restored by load_state_dict, or where epoch() was asked to start.
         self._position = Position.start(0, self.workers_per_rank)
         self._fill: tuple[int, Piece] | None = None  # (epoch, its first batch): what fills its last batches
@@ -176,7 +178,7 @@ class ShardLoader(WorldSizeChange):
         elif self._num_batches * batch_size > share:
             logger.info(
                 "ShardLoader: rank %d is dealt %d of %d samples per epoch for %d batch(es) of %d: its last "
-                "batch repeats %d of its first samples (more if samples are skipped)",
+                "batch ends in %d masked padding slot(s) (more if samples are skipped)",
                 rank,
                 share,
                 manifest.num_samples,
@@ -329,17 +331,17 @@ class ShardLoader(WorldSizeChange):
                     logged = True
                 queue.append(self._first_batch(epoch))
             batch = take_batch(queue, self.batch_size, pin=self.pin_memory)
-            batch.num_repeated = num_fill
+            batch.num_padding = num_fill
             queue.clear()
             num_queued = 0
             num_yielded += 1
-            self.num_repeated += num_fill
+            self.num_padding += num_fill
             yield self._yielding(batch, Position(epoch, num_yielded, tuple(merger.progress())))
 
     def _yielding(self, batch: Batch, position: Position) -> Batch:
         """Note the position after `batch` (an epoch's end as its clean end); keep the epoch's first batch."""
         epoch, num_done = position.epoch, position.batches_done
-        if num_done == self._stream_start(epoch) + 1 and batch.num_repeated == 0:
+        if num_done == self._stream_start(epoch) + 1 and batch.num_padding == 0:
             self._fill = (epoch, as_piece(batch))
         if num_done == self.num_batches(epoch):
             position = Position.start(epoch, self.workers_per_rank, batches_done=num_done)
@@ -381,15 +383,15 @@ class ShardLoader(WorldSizeChange):
             del pieces
 
     def _log_fill(self, epoch: int, num_left: int, num_fill: int) -> None:
-        """Log that the last `num_left` batches are filled (the first with `num_fill` repeats)."""
-        num_repeats = num_fill + (num_left - 1) * self.batch_size
+        """Log that the last `num_left` batches are padded (the first with `num_fill` padding slots)."""
+        num_padded = num_fill + (num_left - 1) * self.batch_size
         logger.info(
             "rank %d epoch %d: its usable samples fill all but its last %d batch(es); "
-            "%d of its first samples are repeated to fill them",
+            "%d masked padding slot(s) complete them",
             self.rank,
             epoch,
             num_left,
-            num_repeats,
+            num_padded,
         )
 
     # ----- positions -----
@@ -452,7 +454,7 @@ class ShardLoader(WorldSizeChange):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able position of this rank, with the skip and repeat counts so far, for `load_state_dict`.
+        """JSON-able position of this rank, with the skip and padding counts so far, for `load_state_dict`.
 
         The position is the one after the last batch this loader yielded, else the one restored or asked
         of `epoch()` (before any: the start of epoch 0). Valid at any time, on every rank.
@@ -468,7 +470,7 @@ class ShardLoader(WorldSizeChange):
             "straddle": list(position.straddle) if position.straddle else None,
             "straddle_rest": list(position.straddle_rest) if position.straddle_rest is not None else None,
             "skipped": {shard: dict(reasons) for shard, reasons in self.skipped.items()},
-            "num_repeated": self.num_repeated,
+            "num_padding": self.num_padding,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -503,7 +505,7 @@ class ShardLoader(WorldSizeChange):
         workers = tuple(WorkerStart(int(n), int(raw), bool(done)) for n, raw, done in state["workers"])
         epoch, batches_done = int(state["epoch"]), int(state["batches_done"])
         self.skips.counts = defaultdict(Counter, {shard: Counter(r) for shard, r in state["skipped"].items()})
-        self.num_repeated = int(state.get("num_repeated", 0))
+        self.num_padding = int(state.get("num_padding", state.get("num_repeated", 0)))  # saved by older versions
         if version == 1:
             batches_done = min(batches_done, self.num_batches())
             logger.warning(

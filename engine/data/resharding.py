@@ -85,7 +85,7 @@ class WorldSizeChange:
 
         The rest of their epoch (what no old rank used) is dealt to this run's ranks, each sample once (see
         `continuation.py`); later epochs follow this world size's plan. Rank 0 takes over the old ranks'
-        skip and repeat counts. Call `load_plan_state_dict` with the same checkpoint's plan first. Returns
+        skip and padding counts. Call `load_plan_state_dict` with the same checkpoint's plan first. Returns
         the number of samples left in the epoch (0 at an epoch's clean end). ValueError names what does
         not fit (other data, workers, seed or batching).
         """
@@ -118,7 +118,7 @@ class WorldSizeChange:
             for state in states:
                 for shard, reasons in state["skipped"].items():
                     self.skipped[shard].update(reasons)
-                self.num_repeated += int(state.get("num_repeated", 0))
+                self.num_padding += int(state.get("num_padding", state.get("num_repeated", 0)))
         if self.resampled:
             # Resampled epochs are draws, not a partition: this world size's streams start where the old one stopped.
             self._position = self._position_at(epoch, min(batches_done, self.num_batches()))

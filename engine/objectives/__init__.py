@@ -29,6 +29,7 @@ from engine.objectives.contrastive import (
     SurrogateSpec,
 )
 from engine.objectives.normaliser import Normaliser
+from engine.objectives.padding import BatchMask, replicated_objective
 from engine.objectives.sigmoid import SigmoidObjective
 from engine.objectives.terms import (  # noqa: F401 (the public seam)
     TERM_SUFFIX,
@@ -49,9 +50,11 @@ class Objective(Protocol):
     """Named terms of one step; told afterwards whether the step was taken."""
 
     def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor,
-                 logit_bias: Tensor | None = None) -> dict[str, Tensor]:
+                 logit_bias: Tensor | None = None, mask: BatchMask | None = None) -> dict[str, Tensor]:
         """Terms (`*_loss`) and diagnostics of the global batch; `rows` are this rank's sample ids;
-        `logit_bias` is the model's (SigLIP models), from its forward."""
+        `logit_bias` is the model's (SigLIP models), from its forward; `mask` the batch's real slots (None: all
+        real): padding slots are neither anchors nor negatives, update no estimate and the terms are those of
+        the real batch alone (`engine.objectives.padding`)."""
 
     def after_step(self) -> None:
         """The optimizer step was taken: keep what this step updated."""
@@ -65,9 +68,15 @@ class MiniBatchObjective:
 
     def __init__(self, *, tau: float, rank: int, world_size: int, reduce_sum: Callable[[Tensor], Tensor]):
         self.loss = MiniBatchContrastiveLoss(tau=tau, rank=rank, world_size=world_size, reduce_sum=reduce_sum)
+        self.whole = MiniBatchContrastiveLoss(tau=tau)  # one process's form, for padded batches
+        self.world_size = world_size
 
     def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor,
-                 logit_bias: Tensor | None = None) -> dict[str, Tensor]:
+                 logit_bias: Tensor | None = None, mask: BatchMask | None = None) -> dict[str, Tensor]:
+        if mask is not None and mask.padded:  # the real batch, evaluated whole on every rank
+            term, value = replicated_objective(self.whole, image_features, text_features, mask,
+                                               world_size=self.world_size)
+            return {"contrastive_loss": term, "batch_loss_value": value}
         out = self.loss(image_features, text_features, output_dict=True)
         # Value of the global batch, gradient of this rank's local loss.
         term = out["loss"] + (out["loss_value"] - out["loss"]).detach()
@@ -95,12 +104,19 @@ class GlobalContrastiveObjective:
         self.offset = offset  # this rank's first index in the global batch
 
     def __call__(self, image_features: Tensor, text_features: Tensor, *, rows: Tensor,
-                 logit_bias: Tensor | None = None) -> dict[str, Tensor]:
-        batch = self.loss.batch_estimates(image_features, text_features, offset=self.offset)
+                 logit_bias: Tensor | None = None, mask: BatchMask | None = None) -> dict[str, Tensor]:
+        loss, offset = self.loss, self.offset
+        if mask is not None and mask.padded:  # the real batch: this rank's real rows, gathered real rows
+            image_features, text_features = mask.real(image_features), mask.real(text_features)
+            rows = rows[mask.local.to(rows.device)]
+            loss = GlobalContrastiveLoss(loss.spec, gather=mask.gather, reduce_sum=loss.reduce_sum,
+                                         world_size=int(loss.grad_scale))
+            offset = mask.offset
+        batch = loss.batch_estimates(image_features, text_features, offset=offset)
         log_u_x, log_u_z = self.normaliser.estimate(rows, batch.log_phi_x, batch.log_phi_z,
                                                     image_features=image_features, text_features=text_features)
-        out = self.loss.divided(image_features, text_features, batch, log_u_x=log_u_x, log_u_z=log_u_z,
-                                offset=self.offset, output_dict=True)
+        out = loss.divided(image_features, text_features, batch, log_u_x=log_u_x, log_u_z=log_u_z,
+                           offset=offset, output_dict=True)
         # loss_value is summed over ranks, and a non-finite feature or u row on any rank makes it
         # non-finite: the term's value carries that to every rank.
         return {"contrastive_loss": out["loss"], "batch_loss_value": out["batch_loss_value"]}

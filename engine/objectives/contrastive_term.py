@@ -22,6 +22,7 @@ from engine.objectives.margin import (
     margin_diagnostics,
     pair_distances,
 )
+from engine.objectives.padding import BatchMask
 from engine.objectives.terms import Probe, StepOutputs, TermBase, TermContext
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,11 @@ class ContrastiveTerm(TermBase):
         (d > -m) at w0, read from the first loss.margin_probe_batches batches (no update)."""
         ctx, lcfg = self.ctx, self.ctx.cfg.loss
         hist = DistanceHistogram()
-        for _, outputs in islice(probe(lcfg.margin_probe_batches), lcfg.margin_probe_batches):
-            hist.add(self._distances(outputs), reduce_sum=ctx.reduce_sum)
+        for batch, outputs in islice(probe(lcfg.margin_probe_batches), lcfg.margin_probe_batches):
+            features = outputs.image_features  # the real pairs only (a short epoch's probe may reach its tail)
+            mask = BatchMask.of(getattr(batch, "valid", None), num_local=features.shape[0], rank=ctx.rank,
+                                gather=ctx.gather, device=features.device)
+            hist.add(self._distances(outputs._replace(mask=mask)), reduce_sum=ctx.reduce_sum)
         margin = auto_margin(hist, inside_share=lcfg.margin_inside_share)
         rule = (f"auto: {lcfg.margin_inside_share:g} of the pairs inside the hinge at w0, m = -Q_"
                 f"{1 - lcfg.margin_inside_share:g}(d) over {lcfg.margin_probe_batches} batches")
@@ -77,8 +81,13 @@ class ContrastiveTerm(TermBase):
         return margin
 
     def _distances(self, outputs: StepOutputs):
-        return pair_distances(outputs.image_features, outputs.text_features,
-                              offset=self.ctx.rank * self.ctx.local_batch, gather=self.ctx.gather)
+        """d of the real samples' pairs (padding slots are no anchors and no negatives)."""
+        mask = outputs.mask
+        if mask is None:
+            return pair_distances(outputs.image_features, outputs.text_features,
+                                  offset=self.ctx.rank * self.ctx.local_batch, gather=self.ctx.gather)
+        return pair_distances(mask.real(outputs.image_features), mask.real(outputs.text_features),
+                              offset=mask.offset, gather=mask.gather)
 
     def __call__(self, batch, outputs: StepOutputs) -> dict:
         # During OSR (w0 frozen), where the batch's d sits against the hinge: quantiles, share inside.
@@ -86,7 +95,7 @@ class ContrastiveTerm(TermBase):
                                    reduce_sum=self.ctx.reduce_sum,
                                    histogram=self.histogram) if self.stage == "osr" else {}
         out = self.objective(outputs.image_features, outputs.text_features, rows=batch.rows,
-                             logit_bias=outputs.logit_bias)
+                             logit_bias=outputs.logit_bias, mask=outputs.mask)
         return {**out, **stats}
 
     def after_step(self) -> None:

@@ -193,7 +193,11 @@ class TableNormaliser:
             # float64 holds int64 row ids below 2**53 and float32 values exactly: one gather per step.
             packed = torch.stack([rows.to(log_u_x.device, torch.float64), log_u_x.detach().double(),
                                   log_u_z.detach().double()], dim=1)
+            # A padded batch's ranks stage different numbers of real rows: pad to the largest (row id -1).
+            most = int(gather_no_grad(torch.tensor([len(packed)], device=packed.device)).max())
+            packed = torch.cat([packed, packed.new_full((most - len(packed), 3), -1.0)])
             packed = gather_no_grad(packed).cpu()
+            packed = packed[packed[:, 0] >= 0]
             if self.owner:
                 self.table.write(packed[:, 0].long(), packed[:, 1].float(), packed[:, 2].float())
         else:

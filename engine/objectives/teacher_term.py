@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from engine.objectives.distill import similarity_distillation
+from engine.objectives.padding import BatchMask
 from engine.objectives.teacher import MovingAverageTeacher
 from engine.objectives.terms import StepOutputs, TermBase, TermContext
 
@@ -63,10 +64,14 @@ class TeacherTerm(TermBase):
         ctx = self.ctx
         with ctx.model.shards_replaced(self.teacher.shards):
             teacher = ctx.model.forward_no_grad(batch.images, batch.texts)
+        # The real batch only: padding slots are neither the student's nor the teacher's anchors or columns.
+        mask = outputs.mask or BatchMask.unpadded(num_local=outputs.image_features.shape[0], rank=ctx.rank,
+                                                  world_size=ctx.world_size, gather=ctx.gather)
         loss = similarity_distillation(
-            outputs.image_features, outputs.text_features, ctx.gather(teacher.image_features.detach()),
-            ctx.gather(teacher.text_features.detach()), tau=ctx.tau, offset=ctx.rank * ctx.local_batch,
-            world_size=ctx.world_size, gather=ctx.gather, reduce_sum=ctx.reduce_sum)
+            mask.real(outputs.image_features), mask.real(outputs.text_features),
+            mask.gather(mask.real(teacher.image_features.detach())),
+            mask.gather(mask.real(teacher.text_features.detach())), tau=ctx.tau, offset=mask.offset,
+            world_size=ctx.world_size, gather=mask.gather, reduce_sum=ctx.reduce_sum)
         return {"wma_teacher_loss": loss}
 
     def after_step(self) -> None:

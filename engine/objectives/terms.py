@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from torch import Tensor
 
+from engine.objectives.padding import BatchMask
+
 if TYPE_CHECKING:
     from engine.config import JobConfig
     from engine.data import Batch
@@ -38,12 +40,14 @@ TERM_SUFFIX = "_loss"
 
 
 class StepOutputs(NamedTuple):
-    """What the model gave for this rank's batch: L2-normalised features, the bias (SigLIP models), the raw output."""
+    """What the model gave for this rank's batch: L2-normalised features, the bias (SigLIP models), the raw output;
+    `mask`: the global batch's real slots (set by `ObjectiveTerms`; None: every slot is real)."""
 
     image_features: Tensor
     text_features: Tensor
     logit_bias: Tensor | None
     raw: Any
+    mask: BatchMask | None = None
 
 
 # probe(num_batches): the first batches of the current data epoch with the model's outputs at the current
@@ -101,7 +105,8 @@ class Term(Protocol):
         """Before OSR, at w0: read what the term needs from `probe(n)` batches (collective when it probes)."""
 
     def __call__(self, batch: Batch, outputs: StepOutputs) -> dict[str, Tensor | float]:
-        """`<name>_loss` term(s) and diagnostics of this step (global values)."""
+        """`<name>_loss` term(s) and diagnostics of this step (global values), of the real samples only:
+        `outputs.mask` marks the padding slots of a last batch (`engine.objectives.padding`)."""
 
     def after_step(self) -> None:
         """The optimizer step was taken: keep what this step updated."""
@@ -199,10 +204,18 @@ def total_loss(out: dict[str, Tensor]) -> Tensor:
 
 
 class ObjectiveTerms:
-    """The weighted terms of `loss.terms`, driven as one: the trainer's only view of the loss."""
+    """The weighted terms of `loss.terms`, driven as one: the trainer's only view of the loss.
 
-    def __init__(self, terms: dict[str, tuple[Term, float]]):
+    Each step it finds the global batch's real slots (`BatchMask`, collective with `gather`) and hands them to
+    the terms in `StepOutputs.mask`; its output's `samples` is the number of real samples of the global batch.
+    A batch with no real sample on any rank (padding only) calls no term and has no `*_loss` entry.
+    """
+
+    def __init__(self, terms: dict[str, tuple[Term, float]], *, rank: int = 0,
+                 gather: Callable[[Tensor], Tensor] | None = None):
         self.terms = terms
+        self.rank = rank
+        self.gather = gather if gather is not None else _no_gather
 
     def term(self, name: str) -> Term:
         """The term configured as `name`."""
@@ -222,6 +235,14 @@ class ObjectiveTerms:
     def __call__(self, batch: Batch, outputs: StepOutputs) -> dict:
         """Every term's entries; `*_loss` entries scaled by the term's weight (1.0 leaves them untouched)."""
         out: dict = {}
+        if isinstance(outputs, StepOutputs):
+            features = outputs.image_features
+            mask = BatchMask.of(getattr(batch, "valid", None), num_local=features.shape[0], rank=self.rank,
+                                gather=self.gather, device=features.device)
+            outputs = outputs._replace(mask=mask)
+            out["samples"] = float(mask.num_real)
+            if mask.num_real == 0:
+                return out
         for term, weight in self.terms.values():
             for key, value in term(batch, outputs).items():
                 if weight != 1.0 and key.endswith(TERM_SUFFIX):
@@ -264,4 +285,9 @@ class ObjectiveTerms:
 
 def build_terms(weights: dict[str, float], ctx: TermContext) -> ObjectiveTerms:
     """The objective of `loss.terms` (term name -> weight) for this rank of the job."""
-    return ObjectiveTerms({name: (_builder(name)(ctx), float(weight)) for name, weight in weights.items()})
+    return ObjectiveTerms({name: (_builder(name)(ctx), float(weight)) for name, weight in weights.items()},
+                          rank=ctx.rank, gather=ctx.gather)
+
+
+def _no_gather(x: Tensor) -> Tensor:
+    return x.detach()
