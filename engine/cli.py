@@ -112,8 +112,8 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
             "lock_image_unlocked_groups": ("N", "= --set model.lock_image_unlocked_groups=N"),
             "lock_text": (None, "= --set model.lock_text=true"),
             "lock_text_unlocked_layers": ("N", "= --set model.lock_text_unlocked_layers=N"),
-            "torchcompile": (None, "= --set run.compile=blocks (each transformer block compiled; "
-                                   "run.compile=model compiles the whole forward as open_clip_train does)")}
+            "torchcompile": (None, ("= --set run.compile=blocks (each transformer block compiled; "
+                                    "run.compile=model compiles the whole forward as open_clip_train does)"))}
     for flag, (metavar, help_text) in text.items():
         if metavar is None:  # a switch: present or not
             aliases.add_argument(f"--{flag.replace('_', '-')}", dest=f"alias_{flag}", default=None,
