@@ -35,7 +35,7 @@ class OffsetNormaliser:
         self.provenance: dict = {}
         self._staged = None
 
-    def estimate(self, rows, log_phi_x, log_phi_z, *, image_features, text_features):
+    def estimate(self, rows, log_phi_x, log_phi_z, *, image_features, text_features, surrogate):
         self._staged = (log_phi_x.detach(), log_phi_z.detach())
         c = self.c.detach().to(log_phi_x.dtype)
         return log_phi_x + c, log_phi_z + c

@@ -98,7 +98,8 @@ class GlobalContrastiveObjective:
                  logit_bias: Tensor | None = None) -> dict[str, Tensor]:
         batch = self.loss.batch_estimates(image_features, text_features, offset=self.offset)
         log_u_x, log_u_z = self.normaliser.estimate(rows, batch.log_phi_x, batch.log_phi_z,
-                                                    image_features=image_features, text_features=text_features)
+                                                    image_features=image_features, text_features=text_features,
+                                                    surrogate=self.loss.spec)
         out = self.loss.divided(image_features, text_features, batch, log_u_x=log_u_x, log_u_z=log_u_z,
                                 offset=self.offset, output_dict=True)
         # loss_value is summed over ranks, and a non-finite feature or u row on any rank makes it

@@ -1,0 +1,232 @@
+"""NeuCLIP's normaliser-prediction network (`loss.normaliser: neural`): log u from a sample's own embeddings.
+
+Instead of one stored (u_x, u_z) row per training sample, two sets of m prototype embeddings W1 (text-like,
+for image anchors) and W2 (image-like, for text anchors) predict every anchor's log-normaliser from its
+features (NeuCLIP, papers/neuclip.txt, eqs. 10-11, with TuneCLIP's surrogate l in place of the linear one):
+
+  log u_x(i) = log(1/m sum_j exp(l(cos(f_i, W1_j) - f_i.g_i) / tau))       eq. (10), alpha_1 = log(eps + u_x)
+  log u_z(i) = log(1/m sum_j exp(l(cos(g_i, W2_j) - f_i.g_i) / tau))       eq. (11), alpha_2 = log(eps + u_z)
+
+W1, W2 minimise the joint objective eq. (12) given the encoders, whose (W1, W2) part on a batch is
+
+  tau/B sum_i [exp(log(eps + Phi1_i) - alpha_1(i)) + alpha_1(i)] + (the same for Phi2, alpha_2)
+
+(its minimiser over a free alpha is log(eps + Phi): the network is fitted to the batch estimates, and
+its fit averages them over batches). Each CLIP step (paper Algorithm 1) first restarts W1 / W2 from the
+global batch's text / image embeddings when the step number is a multiple of T_r
+(`loss.neural_restart_every`), then takes T_u (`loss.neural_updates`) AdaGrad steps (`loss.neural_lr`) on
+this batch's detached embeddings, and only then predicts the log u this step's gradient divides by. The
+objective treats log u as a constant, as it does the table's; OSR trains the network on its batches at w0
+as it fills the table.
+
+Placement: replicated. W1, W2 and their AdaGrad sums are 4 m D floats (64 MB at m 4096, D 1024 in
+float32; 16 MB each), small next to the model. Every rank all-gathers the global batch's detached
+features and log Phi once per step (B (2D + 2) floats) and computes the same T_u updates on the same
+tensors, so the replicas stay identical bit for bit with no further communication; all-reducing the
+gradient instead would cost T_u all-reduces of 2 m D floats per step (10 x 32 MB at the defaults), for a
+saving of compute the network does not need (B m D per update, a few percent of the step: NeuCLIP's Table 5).
+The state goes into the checkpoint folder as one safetensors file written by rank 0 and read by every rank,
+so a checkpoint resumes on any world size.
+
+A restart draws its m prototypes from the global batch by a permutation seeded by the step number, so it is
+the same on every rank and on resume; when the batch holds fewer than m pairs, each pair is used
+ceil(m / B) times (copies move together: such a network has B distinct prototypes). AdaGrad's sums restart
+with the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from engine.distributed import DistContext, barrier, gather_no_grad
+from engine.objectives.contrastive import SurrogateSpec, log_eps_plus, pairwise_surrogate
+
+if TYPE_CHECKING:
+    from engine.config import LossConfig
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "neural_normaliser.safetensors"
+TENSORS = ("w1", "w2", "sum1", "sum2")  # prototypes for image / text anchors and their AdaGrad sums
+ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's default
+MAX_LOG_RATIO = 30.0  # exp(log(eps + Phi) - alpha) is capped at e^30: a far-off prediction's gradient stays finite
+RESTART_SEED = 0x5EED  # restarts draw prototypes with torch.Generator seeded RESTART_SEED + step
+
+
+def prototype_log_normaliser(anchors: Tensor, positives: Tensor, prototypes: Tensor, *, surrogate: SurrogateSpec) -> Tensor:
+    """log(1/m sum_j exp(l(cos(e_i, W_j) - s_ii) / tau)) ([n]) of anchors e ([n, D]) with positive similarities s_ii
+    ([n]) against prototypes W ([m, D]): eq. (10) / (11) without eps (the objective adds it)."""
+    cos = torch.nn.functional.normalize(anchors, dim=1) @ torch.nn.functional.normalize(prototypes, dim=1).T
+    scaled = pairwise_surrogate(cos - positives[:, None], kind=surrogate.kind, margin=surrogate.margin) / surrogate.tau
+    return torch.logsumexp(scaled, dim=1) - math.log(prototypes.shape[0])
+
+
+def network_objective(log_u_hat: Tensor, log_phi: Tensor, *, surrogate: SurrogateSpec) -> Tensor:
+    """Eq. (12)'s part in the network for one side: tau/B sum_i [exp(log(eps + Phi_i) - alpha_i) + alpha_i] with
+    alpha = log(eps + u_hat) (the constant 2 tau (rho - 1) left out)."""
+    alpha = log_eps_plus(log_u_hat, surrogate.eps)
+    ratio = torch.clamp(log_eps_plus(log_phi, surrogate.eps) - alpha, max=MAX_LOG_RATIO)
+    return surrogate.tau * (torch.exp(ratio) + alpha).mean()
+
+
+def adagrad_step(param: Tensor, grad: Tensor, grad_sum: Tensor, *, lr: float) -> tuple[Tensor, Tensor]:
+    """One AdaGrad step (torch.optim.Adagrad's rule, no decay), out of place: the new parameter and sum."""
+    grad_sum = grad_sum + grad * grad
+    return param - lr * grad / (grad_sum.sqrt() + ADAGRAD_EPS), grad_sum
+
+
+def restart_indices(num_pairs: int, num_prototypes: int, *, step: int) -> Tensor:
+    """Which pairs of a global batch of `num_pairs` become the m prototypes at a restart: a permutation
+    seeded by `step`, repeated when the batch is smaller than m."""
+    generator = torch.Generator().manual_seed(RESTART_SEED + step)
+    perm = torch.randperm(num_pairs, generator=generator)
+    return perm.repeat(-(-num_prototypes // num_pairs))[:num_prototypes]
+
+
+class NeuralNormaliser:
+    """NeuCLIP's prototype network as a normaliser: replicated, trained by AdaGrad inside each step (see module)."""
+
+    placement = "replicated"
+
+    def __init__(self, *, ctx: DistContext | None = None, num_prototypes: int = 4096, restart_every: int = 500,
+                 updates: int = 10, lr: float = 1.0, device: torch.device | None = None):
+        self.ctx = ctx
+        self.device = device
+        self.num_prototypes = num_prototypes
+        self.restart_every = restart_every
+        self.updates = updates
+        self.lr = lr
+        self.state: dict[str, Tensor] | None = None  # TENSORS, None before the first step (or after reset)
+        self.steps = 0  # CLIP steps taken (OSR and fine-tuning): t of Algorithm 1
+        self.restarts = 0
+        self.provenance: dict = {}
+        self._staged: tuple[dict[str, Tensor], bool] | None = None  # the updated network, whether it restarted
+        self._fit: Tensor | None = None
+
+    # ----- one step -----
+    def estimate(self, rows: Tensor, log_phi_x: Tensor, log_phi_z: Tensor, *, image_features: Tensor,
+                 text_features: Tensor, surrogate: SurrogateSpec) -> tuple[Tensor, Tensor]:
+        """Algorithm 1, lines 3-10: restart when due, T_u AdaGrad steps on the global batch, then this rank's
+        anchors' log u from the updated network (staged until `commit`)."""
+        with torch.no_grad():
+            f, g = self._upcast(image_features.detach()), self._upcast(text_features.detach())
+            f_all, g_all = gather_no_grad(f), gather_no_grad(g)
+            phi_x_all, phi_z_all = gather_no_grad(self._upcast(log_phi_x)), gather_no_grad(self._upcast(log_phi_z))
+            pos_all = (f_all * g_all).sum(dim=1)
+            restart = self.state is None or self.steps % self.restart_every == 0
+            state = self._restarted(f_all, g_all) if restart else self.state
+            state = {name: value.to(device=f.device, dtype=f.dtype) for name, value in state.items()}
+        for _ in range(self.updates):
+            state = self._update(state, f_all, g_all, pos_all, phi_x_all, phi_z_all, surrogate=surrogate)
+        self._staged = (state, restart)
+        with torch.no_grad():
+            pos = (f * g).sum(dim=1)
+            log_u_x = prototype_log_normaliser(f, pos, state["w1"], surrogate=surrogate)
+            log_u_z = prototype_log_normaliser(g, pos, state["w2"], surrogate=surrogate)
+        return log_u_x, log_u_z
+
+    @staticmethod
+    def _upcast(x: Tensor) -> Tensor:
+        return x.to(torch.promote_types(x.dtype, torch.float32))
+
+    def _restarted(self, f_all: Tensor, g_all: Tensor) -> dict[str, Tensor]:
+        """Algorithm 1, line 4: W1 from the batch's text embeddings, W2 from the same pairs' image embeddings."""
+        index = restart_indices(f_all.shape[0], self.num_prototypes, step=self.steps).to(f_all.device)
+        w1, w2 = g_all[index].clone(), f_all[index].clone()
+        return {"w1": w1, "w2": w2, "sum1": torch.zeros_like(w1), "sum2": torch.zeros_like(w2)}
+
+    def _update(self, state: dict, f: Tensor, g: Tensor, pos: Tensor, log_phi_x: Tensor, log_phi_z: Tensor, *,
+                surrogate: SurrogateSpec) -> dict:
+        """One AdaGrad step of W1, W2 on eq. (12) over the global batch (lines 7-8)."""
+        with torch.enable_grad():
+            w1 = state["w1"].detach().requires_grad_(True)
+            w2 = state["w2"].detach().requires_grad_(True)
+            fit_x = network_objective(prototype_log_normaliser(f, pos, w1, surrogate=surrogate), log_phi_x,
+                                      surrogate=surrogate)
+            fit_z = network_objective(prototype_log_normaliser(g, pos, w2, surrogate=surrogate), log_phi_z,
+                                      surrogate=surrogate)
+            grad1, grad2 = torch.autograd.grad(fit_x + fit_z, (w1, w2))
+        self._fit = (fit_x + fit_z).detach()
+        with torch.no_grad():
+            new_w1, sum1 = adagrad_step(state["w1"], grad1, state["sum1"], lr=self.lr)
+            new_w2, sum2 = adagrad_step(state["w2"], grad2, state["sum2"], lr=self.lr)
+        return {"w1": new_w1, "w2": new_w2, "sum1": sum1, "sum2": sum2}
+
+    def commit(self) -> None:
+        if self._staged is None:
+            return
+        self.state, restarted = self._staged
+        self.restarts += int(restarted)
+        self.steps += 1
+        self._staged = None
+
+    def discard(self) -> None:
+        self._staged = None
+
+    def metrics(self) -> dict[str, float]:
+        """eq. (12)'s network part on this batch before the last update (the fit the network is trained on)."""
+        return {} if self._fit is None else {"neural_fit": float(self._fit)}
+
+    def end_epoch(self) -> None:
+        """Nothing follows epochs (restarts follow steps)."""
+
+    def reset(self) -> None:
+        """Forget the network: the next step restarts it (and counts from 0 again)."""
+        self.state, self._staged, self._fit = None, None, None
+        self.steps = self.restarts = 0
+
+    def set_provenance(self, provenance: dict) -> None:
+        self.provenance = dict(provenance)
+
+    def summary(self) -> dict:
+        return {"neural_steps": self.steps, "neural_restarts": self.restarts}
+
+    # ----- checkpoint -----
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "restarts": self.restarts, "provenance": self.provenance,
+                "num_prototypes": self.num_prototypes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.restarts = int(state["steps"]), int(state["restarts"])
+        self.provenance = dict(state.get("provenance", {}))
+
+    def save(self, directory: Path) -> None:
+        """Rank 0 writes the network and its AdaGrad sums (empty before the first step); collective."""
+        directory = Path(directory)
+        if self.ctx is None or self.ctx.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            tensors = {} if self.state is None else {k: self.state[k].detach().cpu().contiguous() for k in TENSORS}
+            partial = directory / f".{STATE_FILE}.partial"
+            save_file(tensors, partial, metadata={"steps": str(self.steps)})
+            partial.replace(directory / STATE_FILE)
+        barrier()
+
+    def load(self, directory: Path, *, reshard: bool = False) -> None:
+        """Every rank reads the same file (replicated: any world size)."""
+        path = Path(directory) / STATE_FILE
+        tensors = load_file(path)
+        if tensors and set(tensors) != set(TENSORS):
+            raise ValueError(f"{path}: holds {sorted(tensors)}, not the network's {list(TENSORS)}")
+        if tensors and tensors["w1"].shape[0] != self.num_prototypes:
+            raise ValueError(f"{path}: {tensors['w1'].shape[0]} prototypes, loss.neural_prototypes is "
+                             f"{self.num_prototypes}; resume with the checkpoint's value")
+        self.state = {k: v.to(self.device) for k, v in tensors.items()} if tensors else None
+        self._staged = None
+
+    def close(self) -> None:
+        """Nothing is open."""
+
+
+def build_neural_normaliser(loss_cfg: LossConfig, *, ctx: DistContext, device: torch.device | None = None,
+                            **_) -> NeuralNormaliser:
+    """NeuCLIP's network, with the loss section's neural_* settings (no per-sample state: no folder of its own)."""
+    return NeuralNormaliser(ctx=ctx, num_prototypes=loss_cfg.neural_prototypes,
+                            restart_every=loss_cfg.neural_restart_every, updates=loss_cfg.neural_updates,
+                            lr=loss_cfg.neural_lr, device=device)
