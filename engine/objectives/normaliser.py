@@ -318,7 +318,8 @@ def _table(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, dataset_finger
 
 def _neural(loss_cfg: LossConfig, **kwargs) -> Normaliser:
     """NeuCLIP's normaliser-prediction network (engine/objectives/neural_normaliser.py), replicated on every rank."""
-    from engine.objectives.neural_normaliser import build_neural_normaliser  # it imports the losses, which import this
+    # Imported here: it imports the losses, which import this module.
+    from engine.objectives.neural_normaliser import build_neural_normaliser
 
     return build_neural_normaliser(loss_cfg, **kwargs)
 
