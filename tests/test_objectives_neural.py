@@ -229,3 +229,45 @@ def test_killed_run_resumes_bitwise_equal_to_the_straight_run(shards, tmp_path, 
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(moments[name], straight["optim"][pid][name]), (pid, name)
     assert state["steps"] == straight["steps"]
+
+
+# ----- 2 ranks: the same network as one process, replicas identical, stop + resume exact under ZeRO-2 and FSDP2 -----
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_and_resume_bitwise_under_zero2_and_fsdp2(shards, tmp_path):
+    from tests.helpers.dist_cases_neural import objective_steps
+    from tests.helpers.harness import run_ranks
+
+    jobs = {}
+    for backend, run in (("deepspeed", {"backend": "deepspeed", "zero_config": "zero2"}), ("fsdp", {"backend": "fsdp"})):
+        runs = [neural_job(shards, tmp_path / f"{backend}_{name}", **run, **extra)
+                for name, extra in (("straight", {}), ("stopped", {}))]
+        jobs[backend] = (*runs, neural_job(shards, tmp_path / f"{backend}_stopped", **run, resume="latest"))
+    ranks = run_ranks("tests.helpers.dist_cases_neural:neural_on_ranks", world_size=2, jobs=jobs, stop_at=10)
+
+    # The network on fixed global batches: every rank holds the same bits, equal to one process's network.
+    one = objective_steps()
+    for rank in ranks:
+        for key, value in one["network"].items():
+            assert torch.equal(rank["objective"]["network"][key], ranks[0]["objective"]["network"][key]), key
+            torch.testing.assert_close(rank["objective"]["network"][key], value, rtol=1e-9, atol=1e-12)
+        assert rank["objective"]["summary"] == one["summary"] == {"neural_steps": 4, "neural_restarts": 2}
+        torch.testing.assert_close(torch.stack(rank["objective"]["loss"]), torch.stack(one["loss"]), rtol=1e-9,
+                                   atol=1e-12)
+    for step, want in enumerate(one["grads"]):  # rows: image features, then text features
+        local = [r["objective"]["grads"][step].chunk(2) for r in ranks]
+        got = torch.cat([f for f, _ in local] + [g for _, g in local])
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+    # Trainer jobs: stopped at step 10 (between restarts), resumed: the same network and weights, bit for bit.
+    for backend in ("deepspeed", "fsdp"):
+        straight, stopped = (ranks[0][backend][k] for k in ("straight", "stopped"))
+        assert stopped["global_step"] == 10 and not stopped["finished"]
+        for rank in ranks:
+            resumed = rank[backend]["resumed"]
+            assert resumed["finished"] and resumed["state"] == straight["state"]
+            for key, value in straight["network"].items():
+                assert torch.equal(resumed["network"][key], value), (backend, key)
+                assert torch.equal(rank[backend]["straight"]["network"][key], value), (backend, key)  # replicas
+        for key, value in straight["weights"].items():
+            assert torch.equal(ranks[0][backend]["resumed"]["weights"][key], value), (backend, key)
