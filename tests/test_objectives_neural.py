@@ -63,7 +63,8 @@ def test_network_estimate_update_and_clip_gradient_equal_naive_eqs_10_to_12(kind
     sums = torch.rand(M, D, dtype=torch.float64), torch.rand(M, D, dtype=torch.float64)  # AdaGrad mid-way
     lr = 0.3
     norm = NeuralNormaliser(num_prototypes=M, restart_every=100, updates=1, lr=lr)
-    norm.state, norm.steps = {"w1": w1, "w2": w2, "sum1": sums[0], "sum2": sums[1]}, 1  # no restart at step 1
+    norm.state = {"w1": w1, "w2": w2, "sum1": sums[0], "sum2": sums[1], "counts": torch.ones(M, dtype=torch.float64)}
+    norm.steps = 1  # no restart at step 1
     objective = GlobalContrastiveObjective(spec, norm, offset=0, gather=lambda x: x, reduce_sum=lambda x: x,
                                            world_size=1)
     out = objective(f, g, rows=torch.arange(B))
@@ -118,7 +119,7 @@ def test_restarts_every_t_r_steps_t_u_updates_each_and_skipped_steps_change_noth
                       surrogate=spec)
         assert calls["n"] == 2  # T_u updates on this batch
         start = first_inputs[0]
-        index = restart_indices(B, 10, step=norm.steps)
+        index, _ = restart_indices(B, 10, step=norm.steps)
         is_restart = torch.equal(start["w1"], g[index]) and torch.equal(start["w2"], f[index])
         if is_restart:
             assert not start["sum1"].any() and not start["sum2"].any()  # AdaGrad restarts with the weights
@@ -133,8 +134,34 @@ def test_restarts_every_t_r_steps_t_u_updates_each_and_skipped_steps_change_noth
     # steps taken 0..6 (the 5th batch was skipped): restarts at taken steps 0, 3, 6
     assert restarted == [True, False, False, True, False, False, False, True]
     assert norm.steps == 7 and norm.summary() == {"neural_steps": 7, "neural_restarts": 3}
-    index = restart_indices(4, 10, step=0)  # a batch of 4 fills 10 prototypes: every pair 2 or 3 times
-    assert sorted(index[:4].tolist()) == [0, 1, 2, 3] and sorted(torch.bincount(index).tolist()) == [2, 2, 3, 3]
+    index, counts = restart_indices(4, 10, step=0)  # a batch of 4 fills 10 columns: every pair 2 or 3 times
+    assert sorted(index.tolist()) == [0, 1, 2, 3] and counts.tolist() == [3, 3, 2, 2]
+    index, counts = restart_indices(12, 10, step=0)
+    assert len(set(index.tolist())) == 10 and counts.tolist() == [1] * 10
+
+
+@pytest.mark.parametrize("kind", ["gcl", "hgcl"])
+def test_a_batch_smaller_than_m_gives_the_m_column_network_exactly(kind):
+    """B < m: each distinct prototype held once with its multiplicity equals the network of m explicit columns."""
+    spec = SurrogateSpec(kind=kind, margin=0.2, tau=0.05, eps=1e-6)
+    f, g = unit(4, D, seed=7), unit(4, D, seed=8)
+    phi = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    merged = NeuralNormaliser(num_prototypes=10, restart_every=100, updates=3, lr=0.5)
+    got = merged.estimate(torch.arange(4), *phi, image_features=f, text_features=g, surrogate=spec)
+    merged.commit()
+    index, counts = restart_indices(4, 10, step=0)
+    rows = index.repeat_interleave(counts)  # the 10 explicit columns
+    explicit = NeuralNormaliser(num_prototypes=10, restart_every=100, updates=3, lr=0.5)
+    explicit.state = {"w1": g[rows], "w2": f[rows], "sum1": torch.zeros(10, D, dtype=torch.float64),
+                      "sum2": torch.zeros(10, D, dtype=torch.float64), "counts": torch.ones(10, dtype=torch.float64)}
+    explicit.steps = 1  # no restart: it starts from the explicit columns
+    want = explicit.estimate(torch.arange(4), *phi, image_features=f, text_features=g, surrogate=spec)
+    explicit.commit()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    expand = torch.arange(4).repeat_interleave(counts)  # the merged row of each explicit column
+    for key in ("w1", "w2", "sum1", "sum2"):
+        torch.testing.assert_close(merged.state[key][expand], explicit.state[key], rtol=1e-12, atol=1e-15)
 
 
 def test_estimates_carry_no_gradient_to_the_encoders_and_reset_forgets_the_network():

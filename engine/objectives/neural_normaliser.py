@@ -29,9 +29,12 @@ The state goes into the checkpoint folder as one safetensors file written by ran
 so a checkpoint resumes on any world size.
 
 A restart draws its m prototypes from the global batch by a permutation seeded by the step number, so it is
-the same on every rank and on resume; when the batch holds fewer than m pairs, each pair is used
-ceil(m / B) times (copies move together: such a network has B distinct prototypes). AdaGrad's sums restart
-with the weights.
+the same on every rank and on resume; AdaGrad's sums restart with the weights. When the global batch holds
+fewer than m pairs, every pair fills floor(m / B) or ceil(m / B) of the m columns. Copies of one column
+start equal, receive equal gradients and so stay equal until the next restart: the network holds each
+distinct prototype once with its multiplicity c_j (`counts`), sum_j over m columns becomes sum_j c_j over
+min(m, B) rows, and each row's AdaGrad step uses one copy's gradient (its gradient / c_j). This is the
+m-column network exactly, at min(m, B) / m of its memory and compute (B 64, m 4096: 1/64).
 """
 
 from __future__ import annotations
@@ -54,18 +57,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "neural_normaliser.safetensors"
-TENSORS = ("w1", "w2", "sum1", "sum2")  # prototypes for image / text anchors and their AdaGrad sums
+# Prototypes for image / text anchors, their AdaGrad sums, and how many of the m columns each row stands for.
+TENSORS = ("w1", "w2", "sum1", "sum2", "counts")
 ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's default
 MAX_LOG_RATIO = 30.0  # exp(log(eps + Phi) - alpha) is capped at e^30: a far-off prediction's gradient stays finite
 RESTART_SEED = 0x5EED  # restarts draw prototypes with torch.Generator seeded RESTART_SEED + step
 
 
-def prototype_log_normaliser(anchors: Tensor, positives: Tensor, prototypes: Tensor, *, surrogate: SurrogateSpec) -> Tensor:
-    """log(1/m sum_j exp(l(cos(e_i, W_j) - s_ii) / tau)) ([n]) of anchors e ([n, D]) with positive similarities s_ii
-    ([n]) against prototypes W ([m, D]): eq. (10) / (11) without eps (the objective adds it)."""
+def prototype_log_normaliser(anchors: Tensor, positives: Tensor, prototypes: Tensor, *, surrogate: SurrogateSpec,
+                             counts: Tensor | None = None) -> Tensor:
+    """log(1/m sum_j c_j exp(l(cos(e_i, W_j) - s_ii) / tau)) ([n]) of anchors e ([n, D]) with positive similarities
+    s_ii ([n]) against prototypes W ([k, D]) standing for c_j columns each (m = sum c_j; default one each):
+    eq. (10) / (11) without eps (the objective adds it)."""
     cos = torch.nn.functional.normalize(anchors, dim=1) @ torch.nn.functional.normalize(prototypes, dim=1).T
     scaled = pairwise_surrogate(cos - positives[:, None], kind=surrogate.kind, margin=surrogate.margin) / surrogate.tau
-    return torch.logsumexp(scaled, dim=1) - math.log(prototypes.shape[0])
+    if counts is None:
+        return torch.logsumexp(scaled, dim=1) - math.log(prototypes.shape[0])
+    return torch.logsumexp(scaled + counts.log(), dim=1) - counts.sum().log()
 
 
 def network_objective(log_u_hat: Tensor, log_phi: Tensor, *, surrogate: SurrogateSpec) -> Tensor:
@@ -82,12 +90,17 @@ def adagrad_step(param: Tensor, grad: Tensor, grad_sum: Tensor, *, lr: float) ->
     return param - lr * grad / (grad_sum.sqrt() + ADAGRAD_EPS), grad_sum
 
 
-def restart_indices(num_pairs: int, num_prototypes: int, *, step: int) -> Tensor:
-    """Which pairs of a global batch of `num_pairs` become the m prototypes at a restart: a permutation
-    seeded by `step`, repeated when the batch is smaller than m."""
+def restart_indices(num_pairs: int, num_prototypes: int, *, step: int) -> tuple[Tensor, Tensor]:
+    """Which pairs of a global batch of `num_pairs` become the m prototypes at a restart, and how many columns
+    each fills: the first min(m, B) of a permutation seeded by `step`; when B < m the permutation repeated over
+    the m columns, so the first m mod B pairs fill one column more."""
     generator = torch.Generator().manual_seed(RESTART_SEED + step)
     perm = torch.randperm(num_pairs, generator=generator)
-    return perm.repeat(-(-num_prototypes // num_pairs))[:num_prototypes]
+    if num_pairs >= num_prototypes:
+        return perm[:num_prototypes], torch.ones(num_prototypes, dtype=torch.int64)
+    counts = torch.full((num_pairs,), num_prototypes // num_pairs, dtype=torch.int64)
+    counts[: num_prototypes % num_pairs] += 1
+    return perm, counts
 
 
 class NeuralNormaliser:
@@ -128,8 +141,8 @@ class NeuralNormaliser:
         self._staged = (state, restart)
         with torch.no_grad():
             pos = (f * g).sum(dim=1)
-            log_u_x = prototype_log_normaliser(f, pos, state["w1"], surrogate=surrogate)
-            log_u_z = prototype_log_normaliser(g, pos, state["w2"], surrogate=surrogate)
+            log_u_x = prototype_log_normaliser(f, pos, state["w1"], surrogate=surrogate, counts=state["counts"])
+            log_u_z = prototype_log_normaliser(g, pos, state["w2"], surrogate=surrogate, counts=state["counts"])
         return log_u_x, log_u_z
 
     @staticmethod
@@ -138,9 +151,11 @@ class NeuralNormaliser:
 
     def _restarted(self, f_all: Tensor, g_all: Tensor) -> dict[str, Tensor]:
         """Algorithm 1, line 4: W1 from the batch's text embeddings, W2 from the same pairs' image embeddings."""
-        index = restart_indices(f_all.shape[0], self.num_prototypes, step=self.steps).to(f_all.device)
+        index, counts = restart_indices(f_all.shape[0], self.num_prototypes, step=self.steps)
+        index = index.to(f_all.device)
         w1, w2 = g_all[index].clone(), f_all[index].clone()
-        return {"w1": w1, "w2": w2, "sum1": torch.zeros_like(w1), "sum2": torch.zeros_like(w2)}
+        return {"w1": w1, "w2": w2, "sum1": torch.zeros_like(w1), "sum2": torch.zeros_like(w2),
+                "counts": counts.to(device=f_all.device, dtype=f_all.dtype)}
 
     def _update(self, state: dict, f: Tensor, g: Tensor, pos: Tensor, log_phi_x: Tensor, log_phi_z: Tensor, *,
                 surrogate: SurrogateSpec) -> dict:
@@ -148,16 +163,17 @@ class NeuralNormaliser:
         with torch.enable_grad():
             w1 = state["w1"].detach().requires_grad_(True)
             w2 = state["w2"].detach().requires_grad_(True)
-            fit_x = network_objective(prototype_log_normaliser(f, pos, w1, surrogate=surrogate), log_phi_x,
-                                      surrogate=surrogate)
-            fit_z = network_objective(prototype_log_normaliser(g, pos, w2, surrogate=surrogate), log_phi_z,
-                                      surrogate=surrogate)
+            counts = state["counts"]
+            fit_x = network_objective(prototype_log_normaliser(f, pos, w1, surrogate=surrogate, counts=counts),
+                                      log_phi_x, surrogate=surrogate)
+            fit_z = network_objective(prototype_log_normaliser(g, pos, w2, surrogate=surrogate, counts=counts),
+                                      log_phi_z, surrogate=surrogate)
             grad1, grad2 = torch.autograd.grad(fit_x + fit_z, (w1, w2))
         self._fit = (fit_x + fit_z).detach()
-        with torch.no_grad():
-            new_w1, sum1 = adagrad_step(state["w1"], grad1, state["sum1"], lr=self.lr)
-            new_w2, sum2 = adagrad_step(state["w2"], grad2, state["sum2"], lr=self.lr)
-        return {"w1": new_w1, "w2": new_w2, "sum1": sum1, "sum2": sum2}
+        with torch.no_grad():  # a row's gradient is the sum over its c_j copies; AdaGrad steps each copy
+            new_w1, sum1 = adagrad_step(state["w1"], grad1 / counts[:, None], state["sum1"], lr=self.lr)
+            new_w2, sum2 = adagrad_step(state["w2"], grad2 / counts[:, None], state["sum2"], lr=self.lr)
+        return {"w1": new_w1, "w2": new_w2, "sum1": sum1, "sum2": sum2, "counts": counts}
 
     def commit(self) -> None:
         if self._staged is None:
@@ -214,8 +230,8 @@ class NeuralNormaliser:
         tensors = load_file(path)
         if tensors and set(tensors) != set(TENSORS):
             raise ValueError(f"{path}: holds {sorted(tensors)}, not the network's {list(TENSORS)}")
-        if tensors and tensors["w1"].shape[0] != self.num_prototypes:
-            raise ValueError(f"{path}: {tensors['w1'].shape[0]} prototypes, loss.neural_prototypes is "
+        if tensors and int(tensors["counts"].sum()) != self.num_prototypes:
+            raise ValueError(f"{path}: {int(tensors['counts'].sum())} prototypes, loss.neural_prototypes is "
                              f"{self.num_prototypes}; resume with the checkpoint's value")
         self.state = {k: v.to(self.device) for k, v in tensors.items()} if tensors else None
         self._staged = None
