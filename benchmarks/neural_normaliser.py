@@ -73,23 +73,38 @@ def exact_log_u(f: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, spec: Surr
     return tuple(out)
 
 
-def estimation_errors(n: int, batch: int, *, epochs: int, spec: SurrogateSpec, seed: int = 0) -> dict:
-    """Mean |log u - exact| (and the mean signed error) of the table and the network after `epochs` passes."""
-    f, g = synthetic_pairs(n, seed=seed)
+def estimation_errors(n: int, batch: int, *, epochs: int, spec: SurrogateSpec, seed: int = 0,
+                      drift: float = 0.0) -> dict:
+    """Mean |log u - exact| (and the mean signed error) of the table and the network after `epochs` passes.
+
+    `drift` > 0 stands for moving weights: every feature moves linearly along its own random direction of
+    norm `drift` over the run (renormalised), and the exact values are those of the final features."""
+    f0, g0 = synthetic_pairs(n, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     rows = torch.randperm(n, generator=gen)[:NUM_EVAL]
+    move_f, move_g = (drift * torch.nn.functional.normalize(torch.randn(n, DIM, generator=gen), dim=1)
+                      for _ in range(2))
+    total_steps = epochs * (n // batch)
+
+    def features(index: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        share = step / max(total_steps - 1, 1)
+        return (torch.nn.functional.normalize(f0[index] + share * move_f[index], dim=1),
+                torch.nn.functional.normalize(g0[index] + share * move_g[index], dim=1))
+
+    f, g = features(torch.arange(n), total_steps - 1)  # where the run ends (f0, g0 without drift)
     exact_x, exact_z = exact_log_u(f, g, rows, spec)
     loss = GlobalContrastiveLoss(spec)
     table = torch.zeros(2, n)
     seen = torch.zeros(n, dtype=torch.bool)
     network = NeuralNormaliser()  # the defaults: m 4096, T_r 500, T_u 10, lr 1.0
-    start = time.perf_counter()
+    start, step = time.perf_counter(), 0
     for epoch in range(epochs):
         gamma = gamma_at_epoch(epoch, gamma_min=0.9, decay_epochs=4)
         order = torch.randperm(n, generator=gen)
         for first in range(0, n - batch + 1, batch):  # whole batches only, as the loader cuts them
             index = order[first:first + batch]
-            fb, gb = f[index], g[index]
+            fb, gb = features(index, step)
+            step += 1
             est = loss.batch_estimates(fb, gb)
             for side, log_phi in enumerate((est.log_phi_x, est.log_phi_z)):
                 table[side, index] = update_log_estimate(table[side, index], seen[index], log_phi, gamma).float()
@@ -182,23 +197,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=0.1)
     parser.add_argument("--tau", type=float, default=0.01)
     parser.add_argument("--skip-error", action="store_true", help="state size and step time only")
+    parser.add_argument("--drift", type=float, default=0.0,
+                        help="moving weights: each feature moves by this norm over the run (0: frozen)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="dataset sizes (default 1k 10k 100k)")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 32 128 512)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # small ops: on shared cores a second, descheduled thread costs more than it gives
     spec = SurrogateSpec(kind=args.surrogate, margin=args.margin, tau=args.tau, eps=1e-14)
-    sizes = (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000)
-    batches = (32, 256) if args.quick else (32, 128, 512)
+    sizes = args.sizes or ((1_000, 10_000) if args.quick else (1_000, 10_000, 100_000))
+    batches = args.batches or ((32, 256) if args.quick else (32, 128, 512))
 
     if not args.skip_error:
         table = Table(Column("n", 8), Column("B", 5), Column("table |err|", 12), Column("table bias", 11),
                        Column("network |err|", 14), Column("network bias", 13), Column("sd(exact)", 10),
                        Column("visited", 8), Column("s", 6))
-        print(f"1. log-normaliser error at frozen features ({args.surrogate}, m {args.margin:g}, tau {args.tau:g}, "
+        what = f"features drifting by {args.drift:g}" if args.drift else "frozen features"
+        print(f"1. log-normaliser error at {what} ({args.surrogate}, m {args.margin:g}, tau {args.tau:g}, "
               f"{args.epochs} passes; mean over {NUM_EVAL} anchors x 2 sides)")
         print(table.header())
         for n in sizes:
             for batch in batches:
-                r = estimation_errors(n, batch, epochs=args.epochs, spec=spec)
+                r = estimation_errors(n, batch, epochs=args.epochs, spec=spec, drift=args.drift)
                 print(table.row(f"{n:,}", batch, f"{r['table_mae']:.3f}", f"{r['table_bias']:+.3f}",
                                 f"{r['net_mae']:.3f}", f"{r['net_bias']:+.3f}", f"{r['exact_sd']:.2f}",
                                 f"{r['visited']:.0%}", f"{r['seconds']:.0f}"), flush=True)

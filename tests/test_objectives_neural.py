@@ -103,10 +103,11 @@ def test_restarts_every_t_r_steps_t_u_updates_each_and_skipped_steps_change_noth
     first_inputs, calls = [], {"n": 0}
     update = norm._update
 
-    def counting_update(state, *args, **kwargs):
+    def counting_update(w, grad_sum, *args, **kwargs):
         calls["n"] += 1
-        first_inputs.append({k: v.clone() for k, v in state.items()})
-        return update(state, *args, **kwargs)
+        first_inputs.append({"w1": w[0].clone(), "w2": w[1].clone(), "sum1": grad_sum[0].clone(),
+                             "sum2": grad_sum[1].clone()})
+        return update(w, grad_sum, *args, **kwargs)
 
     monkeypatch.setattr(norm, "_update", counting_update)
     restarted = []
@@ -124,7 +125,7 @@ def test_restarts_every_t_r_steps_t_u_updates_each_and_skipped_steps_change_noth
         if is_restart:
             assert not start["sum1"].any() and not start["sum2"].any()  # AdaGrad restarts with the weights
         else:
-            assert all(torch.equal(start[k], before[k]) for k in before)  # continues from the last step
+            assert all(torch.equal(start[k], before[k]) for k in start)  # continues from the last step
         restarted.append(is_restart)
         if step == 4:  # a skipped step: nothing kept, the step number does not advance
             norm.discard()
@@ -162,6 +163,18 @@ def test_a_batch_smaller_than_m_gives_the_m_column_network_exactly(kind):
     expand = torch.arange(4).repeat_interleave(counts)  # the merged row of each explicit column
     for key in ("w1", "w2", "sum1", "sum2"):
         torch.testing.assert_close(merged.state[key][expand], explicit.state[key], rtol=1e-12, atol=1e-15)
+
+
+def test_a_prediction_far_below_the_batch_estimate_moves_up():
+    """exp(log(eps + Phi) - alpha) is capped in value and gradient alike: past the cap the step still raises alpha."""
+    spec = SurrogateSpec(kind="hgcl", margin=0.1, tau=0.05)
+    norm = NeuralNormaliser(num_prototypes=B, restart_every=100, updates=1, lr=1e-3)
+    f, g = unit(B, D, seed=5), unit(B, D, seed=6)
+    far = torch.full((B,), 200.0, dtype=torch.float64)  # log Phi e^200 above any prediction
+    before = norm.estimate(torch.arange(B), far, far, image_features=f, text_features=g, surrogate=spec)
+    norm.commit()
+    after = norm.estimate(torch.arange(B), far, far, image_features=f, text_features=g, surrogate=spec)
+    assert after[0].mean() > before[0].mean() and after[1].mean() > before[1].mean()
 
 
 def test_estimates_carry_no_gradient_to_the_encoders_and_reset_forgets_the_network():

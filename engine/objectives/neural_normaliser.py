@@ -76,12 +76,39 @@ def prototype_log_normaliser(anchors: Tensor, positives: Tensor, prototypes: Ten
     return torch.logsumexp(scaled + counts.log(), dim=1) - counts.sum().log()
 
 
-def network_objective(log_u_hat: Tensor, log_phi: Tensor, *, surrogate: SurrogateSpec) -> Tensor:
-    """Eq. (12)'s part in the network for one side: tau/B sum_i [exp(log(eps + Phi_i) - alpha_i) + alpha_i] with
-    alpha = log(eps + u_hat) (the constant 2 tau (rho - 1) left out)."""
-    alpha = log_eps_plus(log_u_hat, surrogate.eps)
-    ratio = torch.clamp(log_eps_plus(log_phi, surrogate.eps) - alpha, max=MAX_LOG_RATIO)
-    return surrogate.tau * (torch.exp(ratio) + alpha).mean()
+def network_fit_and_gradient(anchors: Tensor, positives: Tensor, prototypes: Tensor, counts: Tensor,
+                             log_phi: Tensor, *, surrogate: SurrogateSpec) -> tuple[Tensor, Tensor]:
+    """Eq. (12)'s part in the network, tau/B sum_i [exp(log(eps + Phi_i) - alpha_i) + alpha_i] summed over the two
+    sides (the constant 2 tau (rho - 1) left out), and its gradient in the prototypes, in closed form.
+
+    Side s of [2, ...]: unit anchors ([2, B, D]: image features, then text features), the pairs' positive
+    similarities s_ii ([B]), prototypes ([2, k, D]: W1, W2) standing for `counts` columns each ([k]), batch
+    estimates log Phi ([2, B]). The factor exp(log(eps + Phi) - alpha) is capped at e^MAX_LOG_RATIO (value and
+    gradient alike), so a prediction far below the batch estimate still moves up with a finite step.
+    """
+    tau, num_anchors = surrogate.tau, anchors.shape[1]
+    norms = prototypes.norm(dim=2, keepdim=True)
+    unit = prototypes / norms
+    d = torch.bmm(anchors, unit.transpose(1, 2)) - positives[None, :, None]  # cos(e_i, W_j) - s_ii
+    if surrogate.kind == "hgcl":
+        hinge = torch.clamp(d + surrogate.margin, min=0.0)
+        z, slope = hinge.square().div_(tau), hinge.mul_(2.0 / tau)  # l(d) / tau and l'(d) / tau
+    else:
+        z, slope = d.div_(tau), None
+    log_m = counts.sum().log()
+    z.add_(counts.log())
+    alpha = log_eps_plus(torch.logsumexp(z, dim=2) - log_m, surrogate.eps)  # eqs. (10), (11)
+    weight = torch.exp(torch.clamp(log_eps_plus(log_phi, surrogate.eps) - alpha, max=MAX_LOG_RATIO))
+    fit = tau * (weight + alpha).mean(dim=1).sum()
+    # d fit / d alpha_i = tau/B (1 - weight_i); d alpha_i / d z_ij = c_j exp(z_ij) / (m (eps + u_i)).
+    coef = z.sub_((alpha + log_m)[:, :, None]).exp_().mul_((tau / num_anchors * (1.0 - weight))[:, :, None])
+    if slope is not None:
+        coef.mul_(slope)
+    else:
+        coef.div_(tau)
+    grad_unit = torch.bmm(coef.transpose(1, 2), anchors)  # d fit / d (W_j / |W_j|)
+    grad = (grad_unit - (grad_unit * unit).sum(dim=2, keepdim=True) * unit) / norms
+    return fit, grad
 
 
 def adagrad_step(param: Tensor, grad: Tensor, grad_sum: Tensor, *, lr: float) -> tuple[Tensor, Tensor]:
@@ -131,18 +158,22 @@ class NeuralNormaliser:
         with torch.no_grad():
             f, g = self._upcast(image_features.detach()), self._upcast(text_features.detach())
             f_all, g_all = gather_no_grad(f), gather_no_grad(g)
-            phi_x_all, phi_z_all = gather_no_grad(self._upcast(log_phi_x)), gather_no_grad(self._upcast(log_phi_z))
-            pos_all = (f_all * g_all).sum(dim=1)
-            restart = self.state is None or self.steps % self.restart_every == 0
+            log_phi = torch.stack([gather_no_grad(self._upcast(log_phi_x)), gather_no_grad(self._upcast(log_phi_z))])
+            restart = self.state is None or self.steps % self.restart_every == 0  # line 3
             state = self._restarted(f_all, g_all) if restart else self.state
-            state = {name: value.to(device=f.device, dtype=f.dtype) for name, value in state.items()}
-        for _ in range(self.updates):
-            state = self._update(state, f_all, g_all, pos_all, phi_x_all, phi_z_all, surrogate=surrogate)
-        self._staged = (state, restart)
-        with torch.no_grad():
-            pos = (f * g).sum(dim=1)
-            log_u_x = prototype_log_normaliser(f, pos, state["w1"], surrogate=surrogate, counts=state["counts"])
-            log_u_z = prototype_log_normaliser(g, pos, state["w2"], surrogate=surrogate, counts=state["counts"])
+            counts = state["counts"].to(device=f.device, dtype=f.dtype)
+            w = torch.stack([state["w1"], state["w2"]]).to(device=f.device, dtype=f.dtype)
+            grad_sum = torch.stack([state["sum1"], state["sum2"]]).to(device=f.device, dtype=f.dtype)
+            anchors = torch.stack([torch.nn.functional.normalize(f_all, dim=1),
+                                   torch.nn.functional.normalize(g_all, dim=1)])
+            positives = (f_all * g_all).sum(dim=1)
+            for _ in range(self.updates):  # lines 6-8: T_u AdaGrad steps on this batch
+                w, grad_sum = self._update(w, grad_sum, counts, anchors, positives, log_phi, surrogate=surrogate)
+            self._staged = ({"w1": w[0], "w2": w[1], "sum1": grad_sum[0], "sum2": grad_sum[1], "counts": counts},
+                            restart)
+            pos = (f * g).sum(dim=1)  # line 10: this rank's anchors
+            log_u_x = prototype_log_normaliser(f, pos, w[0], surrogate=surrogate, counts=counts)
+            log_u_z = prototype_log_normaliser(g, pos, w[1], surrogate=surrogate, counts=counts)
         return log_u_x, log_u_z
 
     @staticmethod
@@ -157,23 +188,13 @@ class NeuralNormaliser:
         return {"w1": w1, "w2": w2, "sum1": torch.zeros_like(w1), "sum2": torch.zeros_like(w2),
                 "counts": counts.to(device=f_all.device, dtype=f_all.dtype)}
 
-    def _update(self, state: dict, f: Tensor, g: Tensor, pos: Tensor, log_phi_x: Tensor, log_phi_z: Tensor, *,
-                surrogate: SurrogateSpec) -> dict:
-        """One AdaGrad step of W1, W2 on eq. (12) over the global batch (lines 7-8)."""
-        with torch.enable_grad():
-            w1 = state["w1"].detach().requires_grad_(True)
-            w2 = state["w2"].detach().requires_grad_(True)
-            counts = state["counts"]
-            fit_x = network_objective(prototype_log_normaliser(f, pos, w1, surrogate=surrogate, counts=counts),
-                                      log_phi_x, surrogate=surrogate)
-            fit_z = network_objective(prototype_log_normaliser(g, pos, w2, surrogate=surrogate, counts=counts),
-                                      log_phi_z, surrogate=surrogate)
-            grad1, grad2 = torch.autograd.grad(fit_x + fit_z, (w1, w2))
-        self._fit = (fit_x + fit_z).detach()
-        with torch.no_grad():  # a row's gradient is the sum over its c_j copies; AdaGrad steps each copy
-            new_w1, sum1 = adagrad_step(state["w1"], grad1 / counts[:, None], state["sum1"], lr=self.lr)
-            new_w2, sum2 = adagrad_step(state["w2"], grad2 / counts[:, None], state["sum2"], lr=self.lr)
-        return {"w1": new_w1, "w2": new_w2, "sum1": sum1, "sum2": sum2, "counts": counts}
+    def _update(self, w: Tensor, grad_sum: Tensor, counts: Tensor, anchors: Tensor, positives: Tensor,
+                log_phi: Tensor, *, surrogate: SurrogateSpec) -> tuple[Tensor, Tensor]:
+        """One AdaGrad step of [W1, W2] on eq. (12) over the global batch."""
+        fit, grad = network_fit_and_gradient(anchors, positives, w, counts, log_phi, surrogate=surrogate)
+        self._fit = fit
+        # A row's gradient is the sum over the c_j columns it stands for; AdaGrad steps each column.
+        return adagrad_step(w, grad / counts[:, None], grad_sum, lr=self.lr)
 
     def commit(self) -> None:
         if self._staged is None:
