@@ -222,7 +222,7 @@ class LossConfig:
     normaliser: str = setting("table", "the u estimates GCL/HGCL divide by (engine.objectives.normaliser registry): "
                               "table = SogCLR's per-sample rows, neural = NeuCLIP's prototype network", osr=True)
     neural_prototypes: int = setting(4096, "normaliser=neural: prototypes m of each side (W1, W2: m x embed_dim; "
-                                     "a global batch smaller than m fills them with repeats)", osr=True)
+                                     "a global batch B < m fills them with repeats, held as B rows with counts)", osr=True)
     neural_restart_every: int = setting(500, "normaliser=neural: restart W1, W2 from the global batch's embeddings "
                                         "every T_r steps (OSR and fine-tuning counted together)", osr=True)
     neural_updates: int = setting(10, "normaliser=neural: AdaGrad updates T_u of the network per step, on the "

@@ -45,10 +45,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from engine.distributed import DistContext, barrier, gather_no_grad
+from engine.io import write_atomic
 from engine.objectives.contrastive import SurrogateSpec, log_eps_plus, pairwise_surrogate
 
 if TYPE_CHECKING:
@@ -240,9 +241,7 @@ class NeuralNormaliser:
         if self.ctx is None or self.ctx.is_main:
             directory.mkdir(parents=True, exist_ok=True)
             tensors = {} if self.state is None else {k: self.state[k].detach().cpu().contiguous() for k in TENSORS}
-            partial = directory / f".{STATE_FILE}.partial"
-            save_file(tensors, partial, metadata={"steps": str(self.steps)})
-            partial.replace(directory / STATE_FILE)
+            write_atomic(directory / STATE_FILE, save(tensors, metadata={"steps": str(self.steps)}))
         barrier()
 
     def load(self, directory: Path, *, reshard: bool = False) -> None:
