@@ -220,8 +220,15 @@ class LossConfig:
     gamma_decay_epochs: int = setting(4, "epochs of gamma_t's cosine from 1 down to gamma_min", osr=True)
     terms: dict[str, float] = setting({"contrastive": 1.0}, "loss terms by name (engine.objectives.terms registry) "
                                       "and their weights; contrastive = the method's loss", osr=True)
-    normaliser: str = setting("table", "the u estimates GCL/HGCL divide by (engine.objectives.normaliser registry)",
-                              osr=True)
+    normaliser: str = setting("table", "the u estimates GCL/HGCL divide by (engine.objectives.normaliser registry): "
+                              "table = SogCLR's per-sample rows, neural = NeuCLIP's prototype network", osr=True)
+    neural_prototypes: int = setting(4096, "normaliser=neural: prototypes m of each side (W1, W2: m x embed_dim; "
+                                     "a global batch B < m fills them with repeats, held as B rows with counts)", osr=True)
+    neural_restart_every: int = setting(500, "normaliser=neural: restart W1, W2 from the global batch's embeddings "
+                                        "every T_r steps (OSR and fine-tuning counted together)", osr=True)
+    neural_updates: int = setting(10, "normaliser=neural: AdaGrad updates T_u of the network per step, on the "
+                                  "step's batch", osr=True)
+    neural_lr: float = setting(1.0, "normaliser=neural: the network's AdaGrad learning rate", osr=True)
 
     def errors(self) -> list[str]:
         out = choice_errors(self, "loss")
@@ -246,6 +253,11 @@ class LossConfig:
             out.append(f"loss.gamma_min must be in (0, 1], got {self.gamma_min}")
         if self.gamma_decay_epochs < 0:
             out.append(f"loss.gamma_decay_epochs must be >= 0, got {self.gamma_decay_epochs}")
+        for key in ("neural_prototypes", "neural_restart_every", "neural_updates"):
+            if isinstance(getattr(self, key), bool) or getattr(self, key) < 1:
+                out.append(f"loss.{key} must be an integer >= 1, got {getattr(self, key)!r}")
+        if not (math.isfinite(self.neural_lr) and self.neural_lr > 0):
+            out.append(f"loss.neural_lr must be > 0 (NeuCLIP: 1.0), got {self.neural_lr}")
         return out
 
 

@@ -35,7 +35,7 @@ class OffsetNormaliser:
         self.provenance: dict = {}
         self._staged = None
 
-    def estimate(self, rows, log_phi_x, log_phi_z, *, image_features, text_features):
+    def estimate(self, rows, log_phi_x, log_phi_z, *, image_features, text_features, surrogate, gather):
         self._staged = (log_phi_x.detach(), log_phi_z.detach())
         c = self.c.detach().to(log_phi_x.dtype)
         return log_phi_x + c, log_phi_z + c
@@ -214,7 +214,7 @@ def test_terms_and_normaliser_by_config_resume_bitwise(shards, tmp_path):
 def test_unknown_term_and_normaliser_name_the_field(shards, tmp_path):
     with pytest.raises(ValueError, match=r"loss.terms: unknown term 'nope'; use any of .*toy_pull"):
         Trainer(load_config(base=job(shards, tmp_path / "a", loss={"terms": {"nope": 1.0}})))
-    with pytest.raises(ValueError, match=r"loss.normaliser: unknown normaliser 'nope'; use one of table"):
+    with pytest.raises(ValueError, match=r"loss.normaliser: unknown normaliser 'nope'; use one of neural, table"):
         Trainer(load_config(base=job(shards, tmp_path / "b", loss={"normaliser": "nope"})))
     with pytest.raises(ValueError, match=r"run.plugins: cannot import 'no_such_module'"):
         Trainer(load_config(base=job(shards, tmp_path / "c", run={"plugins": ["no_such_module"]})))

@@ -42,7 +42,7 @@ class Float64Table:
         self.log_u, self.seen, self.gamma = log_u.clone(), seen.clone(), gamma
         self.staged = []
 
-    def estimate(self, rows, log_phi_x, log_phi_z, *, image_features, text_features):
+    def estimate(self, rows, log_phi_x, log_phi_z, *, image_features, text_features, surrogate, gather):
         log_u_x = update_log_estimate(self.log_u[rows, 0], self.seen[rows], log_phi_x, self.gamma)
         log_u_z = update_log_estimate(self.log_u[rows, 1], self.seen[rows], log_phi_z, self.gamma)
         self.staged.append((rows, log_u_x, log_u_z))
@@ -344,3 +344,46 @@ def test_auto_margin_reads_the_real_pairs_of_padded_probe_batches():
 
     padded = margin((f, g), SimpleNamespace(valid=valid))
     assert padded == margin((f[:5], g[:5]), SimpleNamespace()) and padded > 0
+
+
+@pytest.mark.parametrize("kind", ["gcl", "hgcl"])
+def test_neural_normaliser_on_a_padded_batch_learns_from_the_real_samples_only(kind):
+    """The learned normaliser (replicated, it all-gathers the global batch): on 3 thread ranks with unequal
+    numbers of real samples (one rank all padding) every rank's network, loss and gradients equal those of one
+    process on the real samples (an equal-shape all-gather of the padded rows would train it on padding)."""
+    from engine.objectives.neural_normaliser import NeuralNormaliser
+
+    valid = MASKS["3 ranks, one all padding"]
+    world = len(valid)
+
+    def network():
+        return NeuralNormaliser(num_prototypes=8, restart_every=10, updates=2, lr=0.5)
+
+    enc_img, enc_txt, bias, ranks, _, _ = problem(valid)
+    x = torch.cat([r[0][torch.tensor(m)] for r, m in zip(ranks, valid)])
+    z = torch.cat([r[1][torch.tensor(m)] for r, m in zip(ranks, valid)])
+    rows = torch.cat([r[2][torch.tensor(m)] for r, m in zip(ranks, valid)])
+    ref_net = network()
+    ref_value, ref_params, *_ = step(kind, enc_img, enc_txt, bias, x, z, rows, table=ref_net, rank=0, world=1,
+                                     local=len(rows), gather=lambda t: t.detach(), reduce_sum=lambda t: t, mask=None)
+    collectives = Collectives(world)
+
+    def rank_step(rank):
+        xr, zr, rows_r, mask = ranks[rank]
+        gather = collectives.gather(rank)
+        batch_mask = BatchMask.of(mask, num_local=LOCAL, rank=rank, gather=gather)
+        net = network()
+        result = step(kind, *copy.deepcopy((enc_img, enc_txt, bias)), xr, zr, rows_r, table=net, rank=rank,
+                      world=world, local=LOCAL, gather=gather, reduce_sum=collectives.reduce_sum(rank),
+                      mask=batch_mask)
+        return (*result, net)
+
+    rank_step.collectives = collectives
+    results = run_threads(world, rank_step)
+    for value, *_, net in results:
+        assert value == pytest.approx(ref_value, rel=1e-9)
+        assert net.state.keys() == ref_net.state.keys() and net.steps == ref_net.steps == 1
+        for key, tensor in ref_net.state.items():
+            torch.testing.assert_close(net.state[key], tensor, rtol=1e-10, atol=1e-12)
+    for i, ref in enumerate(ref_params):
+        torch.testing.assert_close(sum(r[1][i] for r in results) / world, ref, rtol=1e-9, atol=1e-12)

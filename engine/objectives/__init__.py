@@ -114,7 +114,8 @@ class GlobalContrastiveObjective:
             offset = mask.offset
         batch = loss.batch_estimates(image_features, text_features, offset=offset)
         log_u_x, log_u_z = self.normaliser.estimate(rows, batch.log_phi_x, batch.log_phi_z,
-                                                    image_features=image_features, text_features=text_features)
+                                                    image_features=image_features, text_features=text_features,
+                                                    surrogate=loss.spec, gather=loss.gather)
         out = loss.divided(image_features, text_features, batch, log_u_x=log_u_x, log_u_z=log_u_z,
                            offset=offset, output_dict=True)
         # loss_value is summed over ranks, and a non-finite feature or u row on any rank makes it

@@ -5,9 +5,10 @@ log Phi of its anchors and the features, the estimates log u the step's gradient
 until the optimizer step they served has been taken (`commit`) or skipped (`discard`). How u is kept
 and updated is the normaliser's business: `TableNormaliser` (`table`, the default) keeps one
 (log u_x, log u_z) row per training sample in the memory-mapped `UTable` and applies SogCLR's moving
-average; a learned normaliser (NeuCLIP) predicts u from the features and trains its own parameters
-with its own optimizer in `commit` (replicated parameters: `average_gradients` makes their gradient
-the global batch's). `placement` says how its state is spread over ranks: `sharded` (each rank
+average; a learned normaliser predicts u from the features and trains its own parameters with its own
+optimizer (`neural`: NeuCLIP's prototype network, engine/objectives/neural_normaliser.py, updated in
+`estimate` on the all-gathered batch and kept in `commit`; a plugin may instead step in `commit` with
+`average_gradients` making its gradient the global batch's). `placement` says how its state is spread over ranks: `sharded` (each rank
 updates only its own samples' rows) or `replicated` (every rank holds and updates the same state).
 Everything that must survive a restart goes through `state_dict` (small, JSON) and, optionally,
 `save`/`load` (files, into the checkpoint folder).
@@ -37,6 +38,7 @@ from engine.schedules import gamma_at_epoch
 
 if TYPE_CHECKING:
     from engine.config import LossConfig
+    from engine.objectives.contrastive import SurrogateSpec
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +57,13 @@ class Normaliser(Protocol):
     placement: Literal["sharded", "replicated"]  # per-sample rows of each rank's samples | one state on every rank
 
     def estimate(self, rows: Tensor, log_phi_x: Tensor, log_phi_z: Tensor, *, image_features: Tensor,
-                 text_features: Tensor) -> tuple[Tensor, Tensor]:
+                 text_features: Tensor, surrogate: SurrogateSpec,
+                 gather: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
         """log u_x, log u_z ([b]) this step divides by, for this rank's samples `rows` ([b] int64, global sample
-        ids) with batch estimates log Phi1, log Phi2 ([b]) and this rank's features; held until `commit`."""
+        ids) with batch estimates log Phi1, log Phi2 ([b]) of the loss `surrogate` (kind, margin, tau, eps) and
+        this rank's features; held until `commit`. `gather` concatenates this rank's rows of a tensor over ranks
+        into the step's global batch of real samples, without gradient (ranks may hold different numbers of real
+        rows in an epoch's last batch: use it, not an equal-shape all-gather)."""
 
     def commit(self) -> None:
         """The optimizer step was taken: keep this step's update (a learned normaliser steps its optimizer)."""
@@ -167,7 +173,8 @@ class TableNormaliser:
         return Prior(*self.table.read(rows, device=device))
 
     def estimate(self, rows: Tensor, log_phi_x: Tensor, log_phi_z: Tensor, *, image_features: Tensor,
-                 text_features: Tensor) -> tuple[Tensor, Tensor]:
+                 text_features: Tensor, surrogate: SurrogateSpec | None = None,
+                 gather: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """SogCLR: the moving average of the stored rows and this batch's Phi (first visit: Phi), staged."""
         prior = self.prior(rows, device=image_features.device)
         gamma = self.gamma()
@@ -317,8 +324,16 @@ def _table(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, dataset_finger
                            publish_dir=out_dir / "u_table", **common)
 
 
+def _neural(loss_cfg: LossConfig, **kwargs) -> Normaliser:
+    """NeuCLIP's normaliser-prediction network (engine/objectives/neural_normaliser.py), replicated on every rank."""
+    # Imported here: it imports the losses, which import this module.
+    from engine.objectives.neural_normaliser import build_neural_normaliser
+
+    return build_neural_normaliser(loss_cfg, **kwargs)
+
+
 NormaliserBuilder = Callable[..., Normaliser]
-_NORMALISERS: dict[str, NormaliserBuilder] = {"table": _table}
+_NORMALISERS: dict[str, NormaliserBuilder] = {"table": _table, "neural": _neural}
 
 
 def register_normaliser(name: str, builder: NormaliserBuilder) -> None:
