@@ -51,6 +51,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "tuneclip": ("tuneclip", []),
     "tuneclip warmup 16": ("tuneclip", ["optim.warmup_steps=16"]),
     "tuneclip + teacher": ("tuneclip", ["loss.terms.wma_teacher=1.0"]),
+    "osr+gcl + neural": ("osr+gcl", ["loss.normaliser=neural"]),
+    "tuneclip + neural": ("tuneclip", ["loss.normaliser=neural"]),
 }
 REFERENCE = "tuneclip"  # step times are relative to this variant's (when it is in the study)
 
