@@ -12,7 +12,7 @@ Layout of a table directory:
                 margin, tau, eps) so they are never reused for another dataset or loss.
 
 Dirty pages: `write` marks the pages (PAGE_ROWS rows each) it touched in a bitmap of
-num_rows / PAGE_ROWS bits' worth of bytes (244 KB for 1 B rows), so a checkpoint can hold only
+num_rows / PAGE_ROWS bytes (1 MB for 1 B rows), so a checkpoint can hold only
 what changed since the previous one: a delta (`read_pages` / `write_delta` / `apply_delta`).
 
 A delta folder holds u_table.json (the header at that save), u_delta.bin (int64 page ids, then
@@ -40,9 +40,10 @@ HEADER_FILE = "u_table.json"
 FORMAT_VERSION = 1
 DELTA_FILE = "u_delta.bin"
 DELTA_HEADER = "u_delta.json"
-# 4096 rows = 48 KiB = 12 OS pages: page-aligned on disk, and rows written between two saves are
-# whole shards' regions (the loader streams shards), so a page is rarely touched for one row only.
-PAGE_ROWS = 4096
+# 1024 rows = 12 KiB = 3 OS pages, aligned on disk. Rows written between two saves are whole shards'
+# regions (the loader streams shards of ~10k samples), so a delta holds about the rows written plus one
+# page at each region's ends (~1.1x for 10k-row shards); the bitmap is 1 byte a page (1 MB for 1 B rows).
+PAGE_ROWS = 1024
 
 
 def _data_regions(fd: int, size: int, *, block: int):
