@@ -50,6 +50,8 @@ def touch(norm: TableNormaliser, rng: np.random.Generator, *, touched: int, regi
         values = torch.from_numpy(rng.standard_normal(region).astype(np.float32))
         norm.table.write(rows, values, -values)
     norm.table.flush()
+    with open(norm.live_dir / DATA_FILE, "rb") as fh:  # written back before either save is timed
+        os.fsync(fh.fileno())
 
 
 def fill(path: Path, num_rows: int, *, block_rows: int = 1 << 22) -> None:
