@@ -116,3 +116,13 @@ def test_a_delta_whose_parent_was_saved_again_is_never_read(tmp_path):
     (parent / "normaliser" / "u_chain.json").write_text(json.dumps(chain))
     with pytest.raises(ValueError, match="saved again"):
         load_bytes(tmp_path, manager.root / "step_00000002")
+
+
+def test_a_delta_naming_a_parent_outside_its_checkpoints_folder_is_refused(tmp_path):
+    manager, _ = saves(tmp_path, async_save=False, num_saves=2, keep_last_n=3, full_every=8)
+    header = manager.root / "step_00000002" / "normaliser" / "u_delta.json"
+    meta = json.loads(header.read_text())
+    meta["parent"]["checkpoint"] = "../../elsewhere"
+    header.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="names no parent checkpoint folder"):
+        load_bytes(tmp_path, manager.root / "step_00000002")

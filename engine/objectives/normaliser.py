@@ -354,10 +354,11 @@ class TableNormaliser:
         while meta is not None:
             here = chain[-1]
             link = meta.get("parent")
-            if not isinstance(link, dict) or not isinstance(link.get("checkpoint"), str):
-                raise ValueError(  # noqa: TRY004 (a damaged file, reported as the other load errors)
-                    f"{here / 'u_delta.json'} names no parent checkpoint; use another checkpoint")
-            parent = here.parent.parent / link["checkpoint"] / here.name
+            name = link.get("checkpoint") if isinstance(link, dict) else None
+            if not isinstance(name, str) or not name.startswith("step_") or Path(name).name != name:
+                raise ValueError(
+                    f"{here / 'u_delta.json'} names no parent checkpoint folder (step_N); use another checkpoint")
+            parent = here.parent.parent / name / here.name
             if _save_id(parent) != link.get("save_id"):
                 raise ValueError(f"{here} is a u table delta on {parent}, which is missing or was saved again "
                                  "since; use another checkpoint")
