@@ -126,3 +126,20 @@ def test_a_delta_naming_a_parent_outside_its_checkpoints_folder_is_refused(tmp_p
     header.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="names no parent checkpoint folder"):
         load_bytes(tmp_path, manager.root / "step_00000002")
+
+
+def test_the_save_after_its_parent_was_removed_is_a_full_base(tmp_path):
+    norm = normaliser(tmp_path / "live", full_every=8)
+    manager = CheckpointManager(tmp_path / "ckpt", DistContext(), parts={"normaliser": norm}, keep_last_n=3)
+    rng = np.random.default_rng(1)
+    for step in (1, 2):
+        write_region(norm, rng, 100 * step, 500)
+        manager.save(step)
+    shutil.rmtree(manager.root / "step_00000002")  # e.g. removed by hand while the run goes on
+    write_region(norm, rng, 2000, 500)
+    expected = table_bytes(norm)
+    folder = manager.save(3)
+    assert not required_folders(folder) and not (folder / "normaliser" / DELTA_FILE).exists()
+    assert latest_checkpoint(manager.root) == folder
+    assert load_bytes(tmp_path, folder) == expected
+    norm.close()

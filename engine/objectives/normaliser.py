@@ -254,8 +254,8 @@ class TableNormaliser:
         rank 0 decide what this save writes: None for a full base, else the page ids of a delta on the parent.
 
         A delta needs a parent that counts (`checkpoint_saved`), in the same checkpoint folder, under another
-        name (the same step saved again replaces its folder), fewer than `full_every` saves since its base and no
-        `reset` since."""
+        name (the same step saved again replaces its folder) and still there as it was saved, fewer than
+        `full_every` saves since its base and no `reset` since."""
         local = self.table.dirty_pages()
         self.table.clear_dirty()
         gathered = gather_objects(local)
@@ -268,7 +268,8 @@ class TableNormaliser:
         final = _checkpoint_of(directory)
         parent = self._parent
         delta = (not self._force_base and parent is not None and parent["path"].parent == final.parent
-                 and parent["path"].name != final.name and parent["since_base"] + 1 < self.full_every)
+                 and parent["path"].name != final.name and parent["since_base"] + 1 < self.full_every
+                 and _save_id(parent["path"] / Path(directory).name) == parent["save_id"])  # still there
         save_id = uuid.uuid4().hex
         if not delta:
             self._inflight = {"path": final, "save_id": save_id, "chain": [], "since_base": 0}
