@@ -5,8 +5,11 @@ Layout under `<out_dir>/checkpoints/`:
                               the normaliser's rows)
   step_00001234/ranks/<part>/rank_00000.json   per-rank parts (each rank's data position)
   step_00001234/state.json    the JSON parts (`state_dict()`: trainer position, schedules)
-  step_00001234/COMPLETE      written last: the size of every file in the folder; folders
-                              without it, or whose files no longer have those sizes, are skipped
+  step_00001234/COMPLETE      written last: the size of every file in the folder, an id, and the
+                              earlier folders (name -> their id) a part's files apply on (the u
+                              table's base and deltas); folders without it, whose files no longer
+                              have those sizes, or whose required folders are gone, damaged or
+                              saved again since, are skipped
   latest                      name of the newest complete folder (replaced atomically)
 
 A save is staged in a `.partial-*` folder and renamed once every rank has finished, so a crash
@@ -21,6 +24,10 @@ failed write. A crash during a background write leaves a `.partial-*` folder tha
 `latest` still names the previous checkpoint. One background save at a time (`save` waits for the
 previous one first).
 
+Parts saved as deltas (the u table) say which earlier checkpoints they need (`required_checkpoints()`, rank 0,
+right after their save) and hear when a save counts (`checkpoint_saved(final)`, rank 0). The purge keeps the
+last `keep_last_n` complete checkpoints and every folder one of them requires.
+
 What may be loaded into which job is decided here too (`resume_conflicts`, `osr_reuse_conflicts`).
 """
 
@@ -33,6 +40,7 @@ import pickle
 import reprlib
 import shutil
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,8 +99,24 @@ def _describe(exc: OSError, rank: int, where: Path) -> str:
     return f"rank {rank}: {exc.filename or where}: {exc.strerror or exc}"
 
 
-def checkpoint_problems(path: Path) -> list[str]:
-    """Why `path` is not a usable checkpoint (empty list: complete, every file at its written size)."""
+def _marker(path: Path) -> dict:
+    """The COMPLETE marker of folder `path` ({} when absent or unreadable)."""
+    try:
+        marker = json.loads((Path(path) / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def required_folders(path: Path) -> dict[str, str]:
+    """The earlier checkpoint folders (name -> their COMPLETE id) checkpoint `path` needs to be read."""
+    required = _marker(path).get("requires", {})
+    return required if isinstance(required, dict) else {}
+
+
+def checkpoint_problems(path: Path, *, chain: bool = True) -> list[str]:
+    """Why `path` is not a usable checkpoint (empty list: complete, every file at its written size, and with
+    `chain` every folder it requires likewise, as it was when `path` was saved)."""
     marker = path / COMPLETE
     if not marker.exists():
         return [f"no {COMPLETE} marker (interrupted while saving)"]
@@ -110,6 +134,17 @@ def checkpoint_problems(path: Path) -> list[str]:
             problems.append(f"{name} is missing")
         elif file.stat().st_size != size:
             problems.append(f"{name} has {file.stat().st_size} bytes, {size} were written")
+    if chain and not problems:
+        for name, marker_id in required_folders(path).items():
+            other = path.parent / str(name)
+            if not _inside(str(name)) or not other.is_dir():
+                problems.append(f"needs {name} (the u table's base or an earlier delta), which is missing")
+                continue
+            theirs = checkpoint_problems(other, chain=False)
+            if theirs:
+                problems.append(f"needs {name}, which is damaged ({theirs[0]})")
+            elif _marker(other).get("id") != marker_id:
+                problems.append(f"needs {name}, which was saved again since")
     return problems
 
 
@@ -262,6 +297,7 @@ class _Pending:
     staging: Path
     final: Path
     futures: list[Future]
+    requires: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     finalised: bool = False
 
@@ -301,9 +337,9 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier()
-        futures = []
+        futures, requires = [], []
         try:
-            futures = self._write_parts(staging, step)
+            futures, requires = self._write_parts(staging, step)
             failure = None
         except OSError as exc:  # disk full, quota, permissions: reported below on every rank
             failure = _describe(exc, self.ctx.rank, staging)
@@ -311,11 +347,11 @@ class CheckpointManager:
         if failures:
             self._abandon(staging, step, failures)
         if futures:
-            self._pending = _Pending(step, staging, final, futures)
+            self._pending = _Pending(step, staging, final, futures, requires)
             logger.info("checkpoint of step %d: writing in the background", step)
             return final
         if self.ctx.is_main:
-            self._finalise(staging, final)
+            self._finalise(staging, final, requires)
         barrier()
         return final
 
@@ -331,7 +367,7 @@ class CheckpointManager:
         if any(f.exception() is not None for f in pending.futures):
             return
         if self.ctx.is_main:
-            self._finalise(pending.staging, pending.final)
+            self._finalise(pending.staging, pending.final, pending.requires)
             logger.info("checkpoint of step %d written in the background in %.1f s", pending.step,
                         time.perf_counter() - pending.started)
         pending.finalised = True
@@ -354,7 +390,7 @@ class CheckpointManager:
         if failures:
             self._abandon(pending.staging, pending.step, failures)
         if self.ctx.is_main and not pending.finalised:
-            self._finalise(pending.staging, pending.final)
+            self._finalise(pending.staging, pending.final, pending.requires)
         barrier()
         return pending.final
 
@@ -363,9 +399,12 @@ class CheckpointManager:
         """The step of a background checkpoint not yet waited for (None: none)."""
         return None if self._pending is None else self._pending.step
 
-    def _finalise(self, staging: Path, final: Path) -> None:
+    def _finalise(self, staging: Path, final: Path, requires: list[str] = ()) -> None:
         """Rank 0: mark the staged folder complete, move it into place, point `latest` at it, purge old ones."""
-        write_json_atomic(staging / COMPLETE, {"files": _file_sizes(staging)}, indent=1)
+        marker = {"files": _file_sizes(staging), "id": uuid.uuid4().hex}
+        if requires:  # each by the id it has now: a folder saved again since is not the one this save applies on
+            marker["requires"] = {name: _marker(self.root / name).get("id") for name in requires}
+        write_json_atomic(staging / COMPLETE, marker, indent=1)
         old = self.root / f".old-{final.name}"
         if final.exists():  # the same step saved again: move the old copy away atomically first
             shutil.rmtree(old, ignore_errors=True)
@@ -374,24 +413,30 @@ class CheckpointManager:
         fsync_dir(self.root)
         shutil.rmtree(old, ignore_errors=True)
         write_atomic(self.root / LATEST, final.name + "\n")
+        for part in self.parts.values():
+            if hasattr(part, "checkpoint_saved"):
+                part.checkpoint_saved(final)
         self._purge()
         logger.info("checkpoint saved: %s", final)
 
-    def _write_parts(self, staging: Path, step: int) -> list[Future]:
-        """Every part's files; returns the futures of parts writing in the background."""
-        futures = []
+    def _write_parts(self, staging: Path, step: int) -> tuple[list[Future], list[str]]:
+        """Every part's files; returns the futures of parts writing in the background and (rank 0) the earlier
+        checkpoint folders the parts' files apply on."""
+        futures, requires = [], []
         for name, part in self.parts.items():
             if isinstance(part, FolderStateful):
                 if self.async_save and getattr(part, "supports_async_save", False):
                     futures.append(part.save_async(staging / name))
                 else:
                     part.save(staging / name)
+                if self.ctx.is_main and hasattr(part, "required_checkpoints"):
+                    requires += [n for n in part.required_checkpoints() if n not in requires]
         for name, part in self.rank_parts.items():
             write_json_atomic(staging / RANKS / name / f"rank_{self.ctx.rank:05d}.json", part.state_dict())
         if self.ctx.is_main:
             states = {name: part.state_dict() for name, part in self.parts.items() if isinstance(part, Stateful)}
             write_json_atomic(staging / STATE, {**states, "step": step})
-        return futures
+        return futures, requires
 
     def _abandon(self, staging: Path, step: int, failures: list[str]) -> None:
         """Remove a save that failed on some rank and raise one message saying why and what is intact."""
@@ -413,8 +458,11 @@ class CheckpointManager:
         if self.keep_last_n <= 0:
             return
         folders = [p for p in step_folders(self.root) if is_complete(p)]
+        kept = folders[-self.keep_last_n:]
+        needed = {name for folder in kept for name in required_folders(folder)}  # bases and deltas they apply on
         for old in folders[: -self.keep_last_n]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name not in needed:
+                shutil.rmtree(old, ignore_errors=True)
         for leftover in (*self.root.glob(".partial-*"), *self.root.glob(".old-*")):
             shutil.rmtree(leftover, ignore_errors=True)
 

@@ -430,7 +430,11 @@ class RunConfig:
     save_every_steps: int = setting(0, "steps between periodic checkpoints; 0 = none", resume="may_change")
     save_every_epochs: int = setting(0, "also a checkpoint at every N-th epoch end of each stage; 0 = none",
                                      resume="may_change")
-    keep_last_n: int = setting(2, "complete checkpoints kept; older ones are removed", resume="may_change")
+    keep_last_n: int = setting(2, "complete checkpoints kept; older ones are removed, except the u table's base "
+                               "and deltas a kept checkpoint applies on", resume="may_change")
+    u_table_full_every: int = setting(
+        8, "the u table's checkpoints: a full copy every this many saves, in between only the pages written since "
+        "the previous save (a delta on it); 1: a full copy every time", resume="may_change")
     async_checkpoint: bool = setting(
         False, "write checkpoints in the background (run.backend=fsdp): training goes on while the shards are "
         "written; a checkpoint counts (latest, resume) only once every rank's write has finished", resume="may_change")
@@ -489,6 +493,8 @@ class RunConfig:
             out.append(f"run.save_every_epochs must be >= 0 (0 = off), got {self.save_every_epochs}")
         if self.keep_last_n < 1:
             out.append(f"run.keep_last_n must be >= 1, got {self.keep_last_n}")
+        if self.u_table_full_every < 1:
+            out.append(f"run.u_table_full_every must be >= 1 (1: every save a full copy), got {self.u_table_full_every}")
         if self.collective_timeout_s < 1:
             out.append(f"run.collective_timeout_s must be >= 1 (seconds), got {self.collective_timeout_s}")
         if self.max_bad_steps < 1:

@@ -171,7 +171,8 @@ class Trainer:
         self._base_pending = False
         self.normaliser = build_normaliser(cfg.loss, out_dir=self.out_dir, num_rows=self.manifest.num_samples,
                                            dataset_fingerprint=self.manifest.fingerprint(), ctx=self.ctx, fresh=fresh,
-                                           node_local_dir=cfg.run.node_local_dir, device=self.device)
+                                           node_local_dir=cfg.run.node_local_dir, device=self.device,
+                                           u_table_full_every=cfg.run.u_table_full_every)
         # The loss terms of loss.terms (registry in engine.objectives.terms); they keep their own state.
         self.objective = build_terms(cfg.loss.terms, TermContext(
             cfg=cfg, tau=self.tau, normaliser=self.normaliser, rank=self.ctx.rank, world_size=self.ctx.world_size,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import CheckpointWriteError, is_complete
+from engine.checkpoint import CheckpointWriteError, is_complete, required_folders
 from engine.config import load_config
 from engine.objectives.table import UTable
 from engine.run.log import read_jsonl
@@ -68,8 +68,11 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("crash_after", [3, 9])  # inside OSR (6 steps), inside fine-tuning
+@pytest.mark.parametrize("crash_after", [3, 13])  # inside OSR (6 steps), inside fine-tuning
 def test_resume_after_crash_matches_straight_run(shards, tmp_path, straight_run, crash_after):
+    """The u table's checkpoints are a full base every 8 saves and deltas between (step 6 is saved twice, the
+    second a base): crashed after 3 steps it resumes from a base (step 2), after 13 from a delta on the deltas
+    of steps 10 and 8 on the base of step 6, which the purge (keep_last_n=2) kept."""
     trainer = Trainer(load_config(base=job(shards, tmp_path)))
     crash_after_steps(trainer, crash_after, Crash("simulated failure"))
     with pytest.raises(Crash):
@@ -77,6 +80,8 @@ def test_resume_after_crash_matches_straight_run(shards, tmp_path, straight_run,
     trainer.close()
     resumed = Trainer(load_config(base=job(shards, tmp_path, resume="latest")))
     assert resumed.global_step == (crash_after // 2) * 2  # the last checkpoint before the crash
+    chain = sorted(required_folders(tmp_path / "checkpoints" / f"step_{resumed.global_step:08d}"))
+    assert chain == ([] if crash_after == 3 else ["step_00000006", "step_00000008", "step_00000010"])
     resumed.tune()
     resumed.close()
     assert_same_state(final_state(tmp_path, shards), straight_run)

@@ -19,21 +19,25 @@ Everything that must survive a restart goes through `state_dict` (small, JSON) a
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from engine.distributed import DistContext, barrier, gather_no_grad, node_of_ranks
-from engine.objectives.table import UTable
+from engine.distributed import DistContext, barrier, gather_no_grad, gather_objects, node_of_ranks
+from engine.io import write_json_atomic
+from engine.objectives.table import UTable, read_delta_header
 from engine.schedules import gamma_at_epoch
 
 if TYPE_CHECKING:
@@ -148,7 +152,7 @@ class TableNormaliser:
 
     def __init__(self, live_dir: Path, *, num_rows: int, dataset_fingerprint: str, ctx: DistContext,
                  gamma_min: float, gamma_decay_epochs: int, fresh: bool, replicated: bool = False,
-                 node_leader: bool | None = None, publish_dir: Path | None = None):
+                 node_leader: bool | None = None, publish_dir: Path | None = None, full_every: int = 8):
         self.live_dir = Path(live_dir)
         self.num_rows = num_rows
         self.fingerprint = dataset_fingerprint
@@ -161,6 +165,12 @@ class TableNormaliser:
         self.publish_dir = Path(publish_dir) if publish_dir is not None else None
         self.epochs = 0  # epochs the estimates have been updated for (drives gamma_t)
         self._staged: tuple[Tensor, Tensor, Tensor] | None = None
+        # Checkpoints as base + deltas (rank 0's bookkeeping; see `save`): a full base every `full_every` saves.
+        self.full_every = max(1, int(full_every))
+        self._parent: dict | None = None  # the last checkpoint that counts: path, save_id, chain, since_base
+        self._inflight: dict | None = None  # the save being written, until `checkpoint_saved` names it
+        self._unsaved: np.ndarray | None = None  # pages written on any rank since the parent (rank 0)
+        self._force_base = False  # the next save writes a full base (after `reset`)
         # A fresh run starts from an empty table, even over the leftovers of a run killed before
         # its first checkpoint.
         if self.owner and (fresh or not (self.live_dir / "u_table.json").exists()):
@@ -234,6 +244,7 @@ class TableNormaliser:
             self.table.reset()
         barrier()
         self.epochs = 0
+        self._force_base = True  # emptied pages are holes, not written rows: the next save is a full base
 
     def set_provenance(self, provenance: dict) -> None:
         self.table.set_provenance(provenance, write=self.owner)
@@ -248,26 +259,95 @@ class TableNormaliser:
     def load_state_dict(self, state: dict) -> None:
         self.epochs = int(state["epochs"])
 
+    # ----- checkpoints: a full base every `full_every` saves, deltas (the pages written since) between -----
+    def _plan(self, directory: Path) -> np.ndarray | None:
+        """Collective (after every rank's flush): gather the pages written on every rank since the last save; on
+        rank 0 decide what this save writes: None for a full base, else the page ids of a delta on the parent.
+
+        A delta needs a parent that counts (`checkpoint_saved`), in the same checkpoint folder, under another
+        name (the same step saved again replaces its folder) and still there as it was saved, fewer than
+        `full_every` saves since its base and no `reset` since."""
+        local = self.table.dirty_pages()
+        self.table.clear_dirty()
+        gathered = gather_objects(local)
+        if not self.ctx.is_main:
+            return None
+        if self._unsaved is None:
+            self._unsaved = np.zeros(self.table.num_pages, dtype=bool)
+        for pages in gathered:
+            self._unsaved[pages] = True
+        final = _checkpoint_of(directory)
+        parent = self._parent
+        delta = (not self._force_base and parent is not None and parent["path"].parent == final.parent
+                 and parent["path"].name != final.name and parent["since_base"] + 1 < self.full_every
+                 and _save_id(parent["path"] / Path(directory).name) == parent["save_id"])  # still there
+        save_id = uuid.uuid4().hex
+        if not delta:
+            self._inflight = {"path": final, "save_id": save_id, "chain": [], "since_base": 0}
+            return None
+        self._inflight = {"path": final, "save_id": save_id, "chain": [*parent["chain"], parent["path"].name],
+                          "since_base": parent["since_base"] + 1}
+        return np.flatnonzero(self._unsaved).astype(np.int64)
+
+    def _chain_record(self) -> dict:
+        inflight = self._inflight
+        record = {"save_id": inflight["save_id"], "since_base": inflight["since_base"]}
+        if inflight["chain"]:
+            record["parent"] = {"checkpoint": self._parent["path"].name, "save_id": self._parent["save_id"]}
+        return record
+
+    def required_checkpoints(self) -> list[str]:
+        """Rank 0, right after `save`/`save_async`: the checkpoint folders (names, oldest first) this save's
+        delta applies on, base first; a checkpoint purge keeps them while a kept checkpoint needs them."""
+        return list(self._inflight["chain"]) if self._inflight else []
+
+    def checkpoint_saved(self, final: Path) -> None:
+        """Rank 0: the checkpoint `final` holding this part's last save counts now; later deltas apply on it."""
+        inflight = self._inflight
+        if inflight is None or Path(final) != inflight["path"]:
+            return
+        self._parent, self._inflight, self._force_base = inflight, None, False
+        if self._unsaved is not None:  # merged only in `_plan`: exactly the pages this save holds
+            self._unsaved[:] = False
+
     def save(self, directory: Path) -> None:
         self.table.flush()
         barrier()  # every rank's rows are on disk before the copy
+        pages = self._plan(directory)
         if self.ctx.is_main:
-            self.table.copy_to(directory).close()
+            if pages is None:
+                self.table.copy_to(directory).close()
+                write_json_atomic(Path(directory) / CHAIN_FILE, self._chain_record())
+            else:
+                self.table.read_pages(pages).write_to(directory, self._chain_record())
         barrier()
 
     def save_async(self, directory: Path) -> Future:
         """`save` with the write in the background (collective): every rank's rows are flushed, rank 0 reads
-        the table's allocated regions into host memory before any rank writes rows again, and a thread
-        writes them; the future says when (and whether) the copy is on disk."""
+        what this save holds (a full base: the table's allocated regions; a delta: the pages written since the
+        parent) into host memory before any rank writes rows again, and a thread writes them; the future says
+        when (and whether) the copy is on disk."""
         self.table.flush()
         barrier()
+        pages = self._plan(directory)
         written: Future = Future()
         if self.ctx.is_main:
-            snapshot = self.table.snapshot()
+            record = self._chain_record()
+            if pages is None:
+                snapshot = self.table.snapshot()
+
+                def write_files() -> None:
+                    snapshot.write_to(directory)
+                    write_json_atomic(Path(directory) / CHAIN_FILE, record)
+            else:
+                delta = self.table.read_pages(pages)
+
+                def write_files() -> None:
+                    delta.write_to(directory, record)
 
             def write() -> None:
                 try:
-                    snapshot.write_to(directory)
+                    write_files()
                 except BaseException as exc:  # noqa: BLE001 (reported through the future)
                     written.set_exception(exc)
                 else:
@@ -279,17 +359,54 @@ class TableNormaliser:
         barrier()
         return written
 
+    def _chain(self, directory: Path) -> list[Path]:
+        """The folders to read for the table saved in `directory`: its full base, then each delta up to it."""
+        chain = [Path(directory)]
+        meta = read_delta_header(directory)
+        while meta is not None:
+            here = chain[-1]
+            link = meta.get("parent")
+            name = link.get("checkpoint") if isinstance(link, dict) else None
+            if not isinstance(name, str) or not name.startswith("step_") or Path(name).name != name:
+                raise ValueError(
+                    f"{here / 'u_delta.json'} names no parent checkpoint folder (step_N); use another checkpoint")
+            parent = here.parent.parent / name / here.name
+            if _save_id(parent) != link.get("save_id"):
+                raise ValueError(f"{here} is a u table delta on {parent}, which is missing or was saved again "
+                                 "since; use another checkpoint")
+            if len(chain) > 100_000:
+                raise ValueError(f"{directory}: the u table's chain of deltas loops")
+            chain.append(parent)
+            meta = read_delta_header(parent)
+        return chain[::-1]
+
     def load(self, directory: Path, *, reshard: bool = False) -> None:
         # Rows are keyed by sample, not by rank: nothing to reshard. Every rank checks the snapshot
-        # (another dataset, truncated) before the live table is touched.
-        snapshot = UTable.open(directory, dataset_fingerprint=self.fingerprint, readonly=True)
+        # (another dataset, truncated, a delta's chain) before the live table is touched.
+        directory = Path(directory)
+        chain = self._chain(directory)
+        snapshot = UTable.open(chain[0], dataset_fingerprint=self.fingerprint, readonly=True)
+        header = json.loads((directory / "u_table.json").read_text())  # the newest provenance
+        if header.get("dataset_fingerprint") != self.fingerprint or header.get("num_rows") != self.num_rows:
+            raise ValueError(f"{directory / 'u_table.json'} is the u table of another dataset; use a checkpoint "
+                             "of this run")
         self.table.close()
-        if self.owner:  # one rank per live table (per node when replicated) reseeds it
+        if self.owner:  # one rank per live table (per node when replicated) reseeds it: the base, then deltas
             shutil.rmtree(self.live_dir, ignore_errors=True)
-            snapshot.copy_to(self.live_dir).close()
+            live = snapshot.copy_to(self.live_dir)
+            for delta in chain[1:]:
+                live.apply_delta(delta)
+            live.set_provenance(header.get("provenance", {}))
+            live.close()
         snapshot.close()
         barrier()
         self.table = UTable.open(self.live_dir, dataset_fingerprint=self.fingerprint)
+        # Later saves may be deltas on this checkpoint (if they go to the same checkpoint folder).
+        save_id = _save_id(directory)
+        self._parent = None if save_id is None else {
+            "path": directory.parent, "save_id": save_id, "chain": [p.parent.name for p in chain[:-1]],
+            "since_base": len(chain) - 1}
+        self._inflight, self._unsaved, self._force_base = None, None, False
 
     def close(self) -> None:
         self.table.flush()
@@ -300,8 +417,29 @@ class TableNormaliser:
         self.table.close()
 
 
+CHAIN_FILE = "u_chain.json"  # a full base's save id (a delta's is in its u_delta.json)
+
+
+def _checkpoint_of(directory: Path) -> Path:
+    """The checkpoint folder a part folder `directory` will be in once its staging folder is renamed."""
+    folder = Path(directory).parent
+    return folder.with_name(folder.name.removeprefix(".partial-"))
+
+
+def _save_id(directory: Path) -> str | None:
+    """The save id of the table saved in `directory` (None: a table saved before deltas existed, or none)."""
+    meta = read_delta_header(directory)
+    if meta is not None:
+        return meta.get("save_id")
+    try:
+        return json.loads((Path(directory) / CHAIN_FILE).read_text()).get("save_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _table(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, dataset_fingerprint: str, ctx: DistContext,
-           fresh: bool, node_local_dir: str | Path | None = None, **_) -> TableNormaliser:
+           fresh: bool, node_local_dir: str | Path | None = None, u_table_full_every: int = 8,
+           **_) -> TableNormaliser:
     """SogCLR's u table, live under `<out_dir>/u_table` on one node.
 
     On several nodes every node keeps its own replica, in `<node_local_dir>/u_table_node<k>` (a local
@@ -310,7 +448,8 @@ def _table(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, dataset_finger
     """
     out_dir = Path(out_dir)
     common = {"num_rows": num_rows, "dataset_fingerprint": dataset_fingerprint, "ctx": ctx,
-              "gamma_min": loss_cfg.gamma_min, "gamma_decay_epochs": loss_cfg.gamma_decay_epochs, "fresh": fresh}
+              "gamma_min": loss_cfg.gamma_min, "gamma_decay_epochs": loss_cfg.gamma_decay_epochs, "fresh": fresh,
+              "full_every": u_table_full_every}
     nodes = node_of_ranks(ctx)
     if len(set(nodes)) == 1:
         if node_local_dir and ctx.is_main:
@@ -338,7 +477,8 @@ _NORMALISERS: dict[str, NormaliserBuilder] = {"table": _table, "neural": _neural
 
 def register_normaliser(name: str, builder: NormaliserBuilder) -> None:
     """Make `builder` selectable as loss.normaliser=name. It is called as `builder(loss_cfg, *, out_dir,
-    num_rows, dataset_fingerprint, ctx, fresh, node_local_dir, device)` (take `**_` for what it does not use)."""
+    num_rows, dataset_fingerprint, ctx, fresh, node_local_dir, device, u_table_full_every)` (take `**_` for what it
+    does not use)."""
     _NORMALISERS[name] = builder
 
 
@@ -349,7 +489,7 @@ def normaliser_names() -> tuple[str, ...]:
 
 def build_normaliser(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, dataset_fingerprint: str,
                      ctx: DistContext, fresh: bool, node_local_dir: str | Path | None = None,
-                     device: torch.device | None = None) -> Normaliser:
+                     device: torch.device | None = None, u_table_full_every: int = 8) -> Normaliser:
     """This job's normaliser, the one registered as `loss.normaliser` (default `table`: SogCLR's u table)."""
     name = getattr(loss_cfg, "normaliser", "table")
     if name not in _NORMALISERS:
@@ -357,4 +497,4 @@ def build_normaliser(loss_cfg: LossConfig, *, out_dir: Path, num_rows: int, data
                          "(or register one in a module named in run.plugins)")
     return _NORMALISERS[name](loss_cfg, out_dir=Path(out_dir), num_rows=num_rows,
                               dataset_fingerprint=dataset_fingerprint, ctx=ctx, fresh=fresh,
-                              node_local_dir=node_local_dir, device=device)
+                              node_local_dir=node_local_dir, device=device, u_table_full_every=u_table_full_every)

@@ -10,10 +10,20 @@ Layout of a table directory:
                 created sparse, so all-zero rows (visits == 0) mean "never seen".
   u_table.json  header: num_rows, dataset fingerprint, and the statistics' provenance (loss,
                 margin, tau, eps) so they are never reused for another dataset or loss.
+
+Dirty pages: `write` marks the pages (PAGE_ROWS rows each) it touched in a bitmap of
+num_rows / PAGE_ROWS bytes (1 MB for 1 B rows), so a checkpoint can hold only
+what changed since the previous one: a delta (`read_pages` / `write_delta` / `apply_delta`).
+
+A delta folder holds u_table.json (the header at that save), u_delta.bin (int64 page ids, then
+those pages' bytes in id order; the last page of the table may be short) and u_delta.json
+(page_rows, num_pages, nbytes, sha256 of u_delta.bin, and what the normaliser records about the
+chain: its own save id and its parent's).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,6 +38,12 @@ ROW_DTYPE = np.dtype([("log_u_x", "<f4"), ("log_u_z", "<f4"), ("visits", "<u4")]
 DATA_FILE = "u_table.bin"
 HEADER_FILE = "u_table.json"
 FORMAT_VERSION = 1
+DELTA_FILE = "u_delta.bin"
+DELTA_HEADER = "u_delta.json"
+# 1024 rows = 12 KiB = 3 OS pages, aligned on disk. Rows written between two saves are whole shards'
+# regions (the loader streams shards of ~10k samples), so a delta holds about the rows written plus one
+# page at each region's ends (~1.1x for 10k-row shards); the bitmap is 1 byte a page (1 MB for 1 B rows).
+PAGE_ROWS = 1024
 
 
 def _data_regions(fd: int, size: int, *, block: int):
@@ -83,6 +99,57 @@ class TableSnapshot:
         write_json_atomic(directory / HEADER_FILE, self.header)
 
 
+def _page_runs(pages: np.ndarray):
+    """(first, count) of runs of consecutive page ids in sorted `pages`."""
+    if pages.size == 0:
+        return
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    for run in np.split(pages, breaks):
+        yield int(run[0]), int(run.size)
+
+
+class TableDelta:
+    """Pages of a table read into memory at one instant: their ids and bytes (what a delta checkpoint holds)."""
+
+    def __init__(self, header: dict, pages: np.ndarray, chunks: list[bytes], *, page_rows: int = PAGE_ROWS):
+        self.header, self.pages, self.chunks, self.page_rows = header, pages, chunks, page_rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.pages.nbytes + sum(len(chunk) for chunk in self.chunks)
+
+    def write_to(self, directory: str | os.PathLike, chain: dict) -> None:
+        """u_delta.bin, u_delta.json (with `chain`: the normaliser's save ids) and the header, fsync'ed."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        ids = self.pages.astype("<i8").tobytes()
+        with open(directory / DELTA_FILE, "wb") as fout:
+            for chunk in (ids, *self.chunks):
+                fout.write(chunk)
+                digest.update(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        write_json_atomic(directory / DELTA_HEADER, {
+            "format_version": FORMAT_VERSION, "page_rows": self.page_rows, "num_pages": int(self.pages.size),
+            "nbytes": self.nbytes, "sha256": digest.hexdigest(), **chain})
+        write_json_atomic(directory / HEADER_FILE, self.header)
+
+
+def read_delta_header(directory: str | os.PathLike) -> dict | None:
+    """A delta folder's u_delta.json (None: `directory` holds no delta, e.g. a full table)."""
+    path = Path(directory) / DELTA_HEADER
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or any(key not in meta for key in ("page_rows", "num_pages", "nbytes", "sha256")):
+        raise ValueError(f"{path} is not a u table delta header this engine wrote; use another checkpoint")
+    return meta
+
+
 class UTable:
     """Memory-mapped (log u_x, log u_z, visits) rows; see the module docstring for the layout."""
 
@@ -92,6 +159,8 @@ class UTable:
         self.num_rows = int(header["num_rows"])
         mode = "r" if readonly else "r+"
         self._rows = np.memmap(self.directory / DATA_FILE, dtype=ROW_DTYPE, mode=mode, shape=(self.num_rows,))
+        self.num_pages = -(-self.num_rows // PAGE_ROWS)
+        self.dirty = np.zeros(self.num_pages, dtype=bool)  # pages written since `clear_dirty`
 
     @classmethod
     def create(cls, directory: str | os.PathLike, *, num_rows: int, dataset_fingerprint: str,
@@ -171,6 +240,14 @@ class UTable:
         block["log_u_z"] = log_u_z.detach().float().cpu().numpy()
         block["visits"] = block["visits"] + 1
         self._rows[idx] = block
+        self.dirty[idx // PAGE_ROWS] = True
+
+    def dirty_pages(self) -> np.ndarray:
+        """Ids (sorted int64) of the pages written since `clear_dirty`."""
+        return np.flatnonzero(self.dirty).astype(np.int64)
+
+    def clear_dirty(self) -> None:
+        self.dirty[:] = False
 
     def visits(self, rows: Tensor) -> Tensor:
         """How many updates each row has received."""
@@ -215,6 +292,48 @@ class UTable:
             fd = fin.fileno()
             pieces = [(offset, os.pread(fd, length, offset)) for offset, length in _data_regions(fd, size, block=block)]
         return TableSnapshot(json.loads(json.dumps(self.header)), size, pieces)
+
+    def read_pages(self, pages: np.ndarray) -> TableDelta:
+        """Flush and read pages `pages` (sorted ids) into memory, one read per run of consecutive pages."""
+        self.flush()
+        pages = np.asarray(pages, dtype=np.int64)
+        row_bytes, chunks = ROW_DTYPE.itemsize, []
+        with open(self.directory / DATA_FILE, "rb") as fin:
+            for first, count in _page_runs(pages):
+                start = first * PAGE_ROWS
+                stop = min((first + count) * PAGE_ROWS, self.num_rows)
+                chunks.append(os.pread(fin.fileno(), (stop - start) * row_bytes, start * row_bytes))
+        return TableDelta(json.loads(json.dumps(self.header)), pages, chunks)
+
+    def apply_delta(self, directory: str | os.PathLike) -> None:
+        """Write the pages of delta folder `directory` into this table (checked: size, digest, page ids)."""
+        directory = Path(directory)
+        meta = read_delta_header(directory)
+        data = (directory / DELTA_FILE).read_bytes()
+        if len(data) != meta["nbytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{directory / DELTA_FILE} does not hold the bytes written ({len(data)} of "
+                             f"{meta['nbytes']}, or another digest): the delta is damaged; use an earlier checkpoint")
+        if meta["page_rows"] != PAGE_ROWS:
+            raise ValueError(f"{directory / DELTA_HEADER}: page_rows {meta['page_rows']} != {PAGE_ROWS}")
+        num_pages = int(meta["num_pages"])
+        pages = np.frombuffer(data, dtype="<i8", count=num_pages)
+        if num_pages and (pages.min() < 0 or pages.max() >= self.num_pages or np.any(np.diff(pages) <= 0)):
+            raise ValueError(f"{directory / DELTA_FILE}: page ids are not sorted ids of this table's pages")
+        self.flush()
+        row_bytes, pos = ROW_DTYPE.itemsize, pages.nbytes
+        with open(self.directory / DATA_FILE, "r+b") as fout:
+            for first, count in _page_runs(pages):
+                start = first * PAGE_ROWS
+                length = (min((first + count) * PAGE_ROWS, self.num_rows) - start) * row_bytes
+                if pos + length > len(data):
+                    raise ValueError(f"{directory / DELTA_FILE} is shorter than its page ids say")
+                os.pwrite(fout.fileno(), data[pos:pos + length], start * row_bytes)
+                pos += length
+            fout.flush()
+            os.fsync(fout.fileno())
+        if pos != len(data):
+            raise ValueError(f"{directory / DELTA_FILE} is longer than its page ids say")
+        # The memmap reads the file through the page cache: it sees the new bytes.
 
     def close(self) -> None:
         self.flush()

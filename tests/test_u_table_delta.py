@@ -1,0 +1,145 @@
+"""u table checkpoints as a full base + deltas (run.u_table_full_every): exact reads of the chain, a purge that
+keeps what kept checkpoints need, fallback past a damaged delta (a resumed run equal to a straight one, through a
+chain of deltas: tests/test_resume.py)."""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoint import CheckpointManager, checkpoint_problems, latest_checkpoint, required_folders
+from engine.distributed import DistContext
+from engine.objectives.normaliser import TableNormaliser
+from engine.objectives.table import DATA_FILE, DELTA_FILE, PAGE_ROWS
+
+NUM_ROWS = 10 * PAGE_ROWS + 123  # a short last page
+
+
+def normaliser(live, *, full_every=3):
+    return TableNormaliser(live, num_rows=NUM_ROWS, dataset_fingerprint="fp", ctx=DistContext(), gamma_min=0.5,
+                           gamma_decay_epochs=1, fresh=True, full_every=full_every)
+
+
+def write_region(norm, rng, first_row, count):
+    rows = torch.arange(first_row, min(first_row + count, NUM_ROWS))
+    norm.table.write(rows, torch.from_numpy(rng.standard_normal(rows.numel()).astype(np.float32)),
+                     torch.from_numpy(rng.standard_normal(rows.numel()).astype(np.float32)))
+
+
+def table_bytes(norm) -> bytes:
+    norm.table.flush()
+    return (norm.live_dir / DATA_FILE).read_bytes()
+
+
+def saves(tmp_path, *, async_save, num_saves=8, keep_last_n=2, full_every=3):
+    """A normaliser saved `num_saves` times, rows of one or two pages (and the last, short one) written between;
+    returns the manager and the table's bytes at each step."""
+    norm = normaliser(tmp_path / "live", full_every=full_every)
+    manager = CheckpointManager(tmp_path / "ckpt", DistContext(), parts={"normaliser": norm},
+                                keep_last_n=keep_last_n, async_save=async_save)
+    rng, expected = np.random.default_rng(0), {}
+    for step in range(1, num_saves + 1):
+        write_region(norm, rng, int(rng.integers(0, NUM_ROWS)), 1000)
+        write_region(norm, rng, NUM_ROWS - 50, 50)
+        expected[step] = table_bytes(norm)
+        manager.save(step)
+        manager.wait()
+    norm.close()
+    return manager, expected
+
+
+def load_bytes(tmp_path, folder) -> bytes:
+    fresh = normaliser(tmp_path / "reloaded")
+    fresh.load(folder / "normaliser")
+    data = table_bytes(fresh)
+    fresh.close()
+    return data
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_base_and_deltas_read_back_exactly_and_purge_keeps_the_chain(tmp_path, async_save):
+    manager, expected = saves(tmp_path, async_save=async_save)
+    root = manager.root
+    kinds = {f.name: (f / "normaliser" / DELTA_FILE).exists() for f in root.glob("step_*")}
+    # full_every=3: base at 1, 4, 7; deltas at 2, 3, 5, 6, 8. keep_last_n=2 keeps 7, 8 (8 needs 7 only).
+    assert sorted(kinds) == ["step_00000007", "step_00000008"] and kinds == {"step_00000007": False,
+                                                                            "step_00000008": True}
+    delta = root / "step_00000008" / "normaliser" / DELTA_FILE
+    assert delta.stat().st_size < (NUM_ROWS * 12) // 3  # a few pages, not the table
+    assert required_folders(root / "step_00000008") and not required_folders(root / "step_00000007")
+    for folder in sorted(root.glob("step_*")):
+        assert load_bytes(tmp_path, folder) == expected[int(folder.name.removeprefix("step_"))], folder
+
+
+def test_purge_keeps_bases_and_deltas_a_kept_checkpoint_needs(tmp_path):
+    manager, expected = saves(tmp_path, async_save=False, num_saves=6, keep_last_n=1, full_every=4)
+    # base at 1 and 5, deltas 2, 3, 4 on 1 and 6 on 5: keeping step 6 keeps 5, nothing older.
+    assert sorted(f.name for f in manager.root.glob("step_*")) == ["step_00000005", "step_00000006"]
+    manager, expected = saves(tmp_path / "b", async_save=False, num_saves=4, keep_last_n=1, full_every=8)
+    assert sorted(f.name for f in manager.root.glob("step_*")) == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    assert load_bytes(tmp_path, manager.root / "step_00000004") == expected[4]
+
+
+@pytest.mark.parametrize("damage", ["truncate_newest", "missing_middle", "middle_folder_gone"])
+def test_a_damaged_delta_falls_back_to_the_previous_complete_checkpoint_with_one_warning(tmp_path, caplog, damage):
+    manager, expected = saves(tmp_path, async_save=False, num_saves=3, keep_last_n=3, full_every=8)
+    root = manager.root  # step 1 base, 2 delta on 1, 3 delta on 2
+    if damage == "truncate_newest":
+        file = root / "step_00000003" / "normaliser" / DELTA_FILE
+        file.write_bytes(file.read_bytes()[:-7])
+    elif damage == "missing_middle":
+        (root / "step_00000002" / "normaliser" / DELTA_FILE).unlink()
+    else:
+        shutil.rmtree(root / "step_00000002")
+    with caplog.at_level(logging.WARNING, logger="engine.checkpoint"):
+        found = latest_checkpoint(root)
+    fallback = 2 if damage == "truncate_newest" else 1
+    assert found == root / f"step_0000000{fallback}"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == (1 if damage == "truncate_newest" else 1 + (damage == "missing_middle"))
+    assert "step_00000003" in warnings[0].getMessage()
+    assert load_bytes(tmp_path, found) == expected[fallback]
+
+
+def test_a_delta_whose_parent_was_saved_again_is_never_read(tmp_path):
+    manager, _ = saves(tmp_path, async_save=False, num_saves=2, keep_last_n=3, full_every=8)
+    parent = manager.root / "step_00000001"
+    marker = json.loads((parent / "COMPLETE").read_text())
+    marker["id"] = "another save"
+    (parent / "COMPLETE").write_text(json.dumps(marker))
+    assert checkpoint_problems(manager.root / "step_00000002") == ["needs step_00000001, which was saved again since"]
+    chain = json.loads((parent / "normaliser" / "u_chain.json").read_text())
+    chain["save_id"] = "another"
+    (parent / "normaliser" / "u_chain.json").write_text(json.dumps(chain))
+    with pytest.raises(ValueError, match="saved again"):
+        load_bytes(tmp_path, manager.root / "step_00000002")
+
+
+def test_a_delta_naming_a_parent_outside_its_checkpoints_folder_is_refused(tmp_path):
+    manager, _ = saves(tmp_path, async_save=False, num_saves=2, keep_last_n=3, full_every=8)
+    header = manager.root / "step_00000002" / "normaliser" / "u_delta.json"
+    meta = json.loads(header.read_text())
+    meta["parent"]["checkpoint"] = "../../elsewhere"
+    header.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="names no parent checkpoint folder"):
+        load_bytes(tmp_path, manager.root / "step_00000002")
+
+
+def test_the_save_after_its_parent_was_removed_is_a_full_base(tmp_path):
+    norm = normaliser(tmp_path / "live", full_every=8)
+    manager = CheckpointManager(tmp_path / "ckpt", DistContext(), parts={"normaliser": norm}, keep_last_n=3)
+    rng = np.random.default_rng(1)
+    for step in (1, 2):
+        write_region(norm, rng, 100 * step, 500)
+        manager.save(step)
+    shutil.rmtree(manager.root / "step_00000002")  # e.g. removed by hand while the run goes on
+    write_region(norm, rng, 2000, 500)
+    expected = table_bytes(norm)
+    folder = manager.save(3)
+    assert not required_folders(folder) and not (folder / "normaliser" / DELTA_FILE).exists()
+    assert latest_checkpoint(manager.root) == folder
+    assert load_bytes(tmp_path, folder) == expected
+    norm.close()
