@@ -132,3 +132,31 @@ def test_a_term_without_accumulation_is_refused_in_one_line(shards, tmp_path):
     assert "\n" not in message
     assert "data.accum_steps=2" in message and "loss.terms.wma_teacher" in message
     assert "contrastive" not in message.split(":")[1]  # only the refused term is named
+
+
+def test_resume_mid_epoch_with_micro_batches_equals_a_straight_run(shards, tmp_path):
+    """K=2 through the trainer: a crash in the middle of the fine-tuning epoch, resumed, ends bitwise equal."""
+    from engine.config import load_config
+    from engine.trainer import Trainer
+    from tests.helpers.jobs import crash_after, job
+    from tests.test_resume import assert_same_state, final_state
+
+    def config(out, **run):
+        return load_config(base=job(shards, out, method="fastclip", osr={"epochs": 0},
+                                    data={"train": str(shards), "batch_size": 8, "shuffle_buffer": 8, "accum_steps": 2},
+                                    run={"epochs": 1, "max_steps_per_epoch": 4, "save_every_steps": 2, "keep_last_n": 1,
+                                         **run}))
+
+    straight = Trainer(config(tmp_path / "straight"))
+    straight.tune()
+    straight.close()
+    crashed = Trainer(config(tmp_path / "resumed"))
+    crash_after(crashed, 2, RuntimeError("simulated failure"))  # at fine-tuning step 3 of 4
+    with pytest.raises(RuntimeError):
+        crashed.tune()
+    crashed.close()
+    resumed = Trainer(config(tmp_path / "resumed", resume="latest"))
+    assert (resumed.stage, resumed.epoch_step) == ("finetune", 2)
+    resumed.tune()
+    resumed.close()
+    assert_same_state(final_state(tmp_path / "straight", shards), final_state(tmp_path / "resumed", shards))
