@@ -66,7 +66,7 @@ def make_job(tmp_path, kind: str, *, accum_steps: int, dropout: float = 0.0):
 
 
 def one_step(tmp_path, kind: str, accum_steps: int):
-    model, backend, normaliser, objective, forward_backward = make_job(tmp_path, kind, accum_steps=accum_steps)
+    model, _, normaliser, objective, forward_backward = make_job(tmp_path, kind, accum_steps=accum_steps)
     batch = make_batch()
     out, total, backward = forward_backward(batch)
     backward()
@@ -96,7 +96,7 @@ def test_micro_batches_give_the_whole_batch_step(tmp_path, kind):
 
 def test_dropout_draws_the_same_masks_in_both_passes(tmp_path):
     """K=2 with dropout equals the graph-keeping step over the same two micro-batches (one random stream)."""
-    model, backend, _, objective, forward_backward = make_job(tmp_path, "hgcl", accum_steps=2, dropout=0.3)
+    model, _, _, objective, forward_backward = make_job(tmp_path, "hgcl", accum_steps=2, dropout=0.3)
     batch = make_batch()
     torch.manual_seed(123)
     _, total, backward = forward_backward(batch)

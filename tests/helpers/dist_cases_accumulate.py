@@ -12,7 +12,16 @@ from engine.data import Batch
 from engine.distributed import all_reduce_sum, context_from_env, gather_no_grad
 from engine.objectives import ObjectiveTerms, TermContext
 from engine.objectives.contrastive_term import ContrastiveTerm
-from tests.helpers.dist_cases_deepspeed import BETAS, EPS, ROOT, WEIGHT_DECAY, _gathered, fsdp_backend, global_batch, tiny_model
+from tests.helpers.dist_cases_deepspeed import (
+    BETAS,
+    EPS,
+    ROOT,
+    WEIGHT_DECAY,
+    _gathered,
+    fsdp_backend,
+    global_batch,
+    tiny_model,
+)
 
 LOCAL_BATCH, STEPS, LR = 4, 2, 1e-3
 
@@ -42,18 +51,19 @@ class RecordingNormaliser:
 def _backend(kind: str, micro_batch: int):
     if kind == "fsdp":
         return fsdp_backend(0)
-    return DeepSpeedBackend(tiny_model(0), device=torch.device("cpu"), zero_config=str(ROOT / "zero_configs" / "zero2.json"),
+    return DeepSpeedBackend(tiny_model(0), device=torch.device("cpu"), zero_config=str(ROOT / "zero_configs" / f"{kind}.json"),
                             micro_batch_size=micro_batch, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
 
 
-def accumulation_ranks() -> dict:
-    """Two HGCL steps on ZeRO-2 and on FSDP2 with data.accum_steps 1 and 2: losses, grad norms, u rows, weights."""
+def accumulation_ranks(kinds: tuple[str, ...] = ("zero2", "fsdp")) -> dict:
+    """Two HGCL steps on each of `kinds` (zero1/2/3: zero_configs/<kind>.json; fsdp: FSDP2) with data.accum_steps
+    1 and 2: losses, grad norms, u rows, weights."""
     ctx = context_from_env()
     DeepSpeedBackend.init_distributed(ctx)  # one gloo group, FSDP2 joins it
     cfg = SimpleNamespace(loss=SimpleNamespace(margin=0.1, eps=1e-10, chunk_size=3), surrogate="hgcl",
                           osr_surrogate="gcl")
     results = {}
-    for kind in ("zero2", "fsdp"):
+    for kind in kinds:
         for accum_steps in (1, 2):
             backend = _backend(kind, LOCAL_BATCH // accum_steps)
             normaliser = RecordingNormaliser()
