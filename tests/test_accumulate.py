@@ -179,3 +179,13 @@ def test_two_ranks_zero2_and_fsdp2_accumulate_exactly():
                 torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
             for name, value in whole["weights"].items():
                 torch.testing.assert_close(micro["weights"][name], value, rtol=1e-5, atol=1e-6, msg=f"{kind} {name}")
+
+
+@pytest.mark.parametrize("accum_steps, expected", [(0, "data.accum_steps must be >= 1"),
+                                                   (3, "not divisible by data.accum_steps=3")])
+def test_accum_steps_is_checked_with_the_config(shards, tmp_path, accum_steps, expected):
+    from engine.config import load_config
+    from tests.helpers.jobs import job
+
+    with pytest.raises(ValueError, match=expected):
+        load_config(base=job(shards, tmp_path, data={"train": str(shards), "batch_size": 8, "accum_steps": accum_steps}))
