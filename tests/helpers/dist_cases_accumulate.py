@@ -23,7 +23,8 @@ from tests.helpers.dist_cases_deepspeed import (
     tiny_model,
 )
 
-LOCAL_BATCH, STEPS, LR = 4, 2, 1e-3
+LOCAL_BATCH, LR = 4, 1e-3
+OBJECTIVES = ("mbcl", "gcl", "hgcl")  # one step each, in this order (SigLIP needs a model with a bias: one process)
 
 
 class RecordingNormaliser:
@@ -56,26 +57,26 @@ def _backend(kind: str, micro_batch: int):
 
 
 def accumulation_ranks(kinds: tuple[str, ...] = ("zero2", "fsdp")) -> dict:
-    """Two HGCL steps on each of `kinds` (zero1/2/3: zero_configs/<kind>.json; fsdp: FSDP2) with data.accum_steps
-    1 and 2: losses, grad norms, u rows, weights."""
+    """An MBCL, a GCL and an HGCL step on each of `kinds` (zero1/2/3: zero_configs/<kind>.json; fsdp: FSDP2) with
+    data.accum_steps 1 and 2: losses, grad norms, u rows, weights."""
     ctx = context_from_env()
     DeepSpeedBackend.init_distributed(ctx)  # one gloo group, FSDP2 joins it
-    cfg = SimpleNamespace(loss=SimpleNamespace(margin=0.1, eps=1e-10, chunk_size=3), surrogate="hgcl",
-                          osr_surrogate="gcl")
     results = {}
     for kind in kinds:
         for accum_steps in (1, 2):
             backend = _backend(kind, LOCAL_BATCH // accum_steps)
             normaliser = RecordingNormaliser()
-            term = ContrastiveTerm(TermContext(cfg=cfg, tau=0.05, normaliser=normaliser, rank=ctx.rank,
-                                               world_size=ctx.world_size, local_batch=LOCAL_BATCH,
-                                               gather=gather_no_grad, reduce_sum=all_reduce_sum,
-                                               log_event=lambda record: None))
-            term.begin_stage("finetune", num_steps=STEPS)
-            objective = ObjectiveTerms({"contrastive": (term, 1.0)})
-            forward_backward = ForwardBackward(backend, objective, accum_steps=accum_steps)
             losses, norms = [], []
-            for step in range(STEPS):
+            for step, objective_kind in enumerate(OBJECTIVES):
+                cfg = SimpleNamespace(loss=SimpleNamespace(margin=0.1, eps=1e-10, chunk_size=3),
+                                      surrogate=objective_kind, osr_surrogate="gcl")
+                term = ContrastiveTerm(TermContext(cfg=cfg, tau=0.05, normaliser=normaliser, rank=ctx.rank,
+                                                   world_size=ctx.world_size, local_batch=LOCAL_BATCH,
+                                                   gather=gather_no_grad, reduce_sum=all_reduce_sum,
+                                                   log_event=lambda record: None))
+                term.begin_stage("finetune", num_steps=len(OBJECTIVES))
+                objective = ObjectiveTerms({"contrastive": (term, 1.0)})
+                forward_backward = ForwardBackward(backend, objective, accum_steps=accum_steps)
                 images, texts = global_batch(10 + step, 2 * ctx.world_size)  # LOCAL_BATCH (4) per rank
                 mine = slice(ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH)
                 rows = torch.arange(len(images))[mine] + 100 * step
