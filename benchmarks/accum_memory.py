@@ -8,7 +8,9 @@ What runs: for each backend (ZeRO-2 with `zero_configs/zero2.json`, FSDP2) and e
 ranks (tests.helpers.harness: gloo, one thread each, fresh processes, so each peak is that job's): `--model`
 (random init, fp32), FastCLIP's loss, `--micro-batch` pairs per rank per forward, `--steps` steps of which the
 first is not timed, no evaluation. Per rank: peak RSS (`ru_maxrss`) at the end of fine-tuning, before any export;
-seconds per sample over the timed steps (wall clock of `train_step`).
+CPU and wall seconds per sample over the timed steps (of `train_step`). The time target reads CPU seconds (each
+rank runs one thread, so they count the work done), which a busy machine leaves nearly unchanged; wall seconds
+are printed beside them.
 
     python benchmarks/accum_memory.py                                  # ViT-B-16: long on 2 cores
     python benchmarks/accum_memory.py --model ViT-B-32 --ks 1 2 4      # smaller
@@ -47,21 +49,23 @@ def rank_run(model: str, shards: str, out: str, backend: str, micro_batch: int, 
         "eval": {"at_start": False},
         "run": {"out_dir": out, "progress": False, "seed": 0, **backend_run, "epochs": 1,
                 "max_steps_per_epoch": steps, "log_every": 1, "save_every_epochs": 0}}))
-    seconds = []
+    seconds, cpu = [], []
     step = trainer.train_step
 
     def timed_step(*args, **kwargs):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         metrics = step(*args, **kwargs)
         seconds.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
         return metrics
 
     trainer.train_step = timed_step
     trainer.run_stage("finetune", epochs=1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     trainer.close()
-    timed = seconds[1:] or seconds
-    return {"peak_bytes": peak, "s_per_sample": sum(timed) / (len(timed) * micro_batch * accum_steps)}
+    num = max(1, len(seconds) - 1) * micro_batch * accum_steps  # samples of the timed steps
+    return {"peak_bytes": peak, "s_per_sample": sum(seconds[1:] or seconds) / num,
+            "cpu_per_sample": sum(cpu[1:] or cpu) / num}
 
 
 def main() -> int:
@@ -90,21 +94,24 @@ def main() -> int:
                                   out=str(root / f"{backend}_k{k}"), backend=backend, micro_batch=args.micro_batch,
                                   accum_steps=k, steps=args.steps)
                 peak = max(r["peak_bytes"] for r in ranks) / MB
-                per_sample = max(r["s_per_sample"] for r in ranks)
-                base = base or (peak, per_sample)
+                per_sample = max(r["cpu_per_sample"] for r in ranks)
+                wall = max(r["s_per_sample"] for r in ranks)
+                base = base or (peak, per_sample, wall)
                 rss_ratio, time_ratio = peak / base[0], per_sample / base[1]
                 ok &= rss_ratio <= TARGET_RSS and time_ratio <= TARGET_TIME
-                rows.append((backend, k, 2 * args.micro_batch * k, peak, rss_ratio, per_sample, time_ratio))
-                print(f"{backend} K={k}: peak {peak:.0f} MB ({rss_ratio:.2f}x), {per_sample:.3f} s/sample "
-                      f"({time_ratio:.2f}x)", flush=True)
+                rows.append((backend, k, 2 * args.micro_batch * k, peak, rss_ratio, per_sample, time_ratio,
+                             wall / base[2]))
+                print(f"{backend} K={k}: peak {peak:.0f} MB ({rss_ratio:.2f}x), {per_sample:.3f} CPU s/sample "
+                      f"({time_ratio:.2f}x), wall {wall:.3f} s/sample ({wall / base[2]:.2f}x)", flush=True)
     print(f"\n{args.model}, 2 CPU ranks, fp32, micro-batch {args.micro_batch} per rank, {args.steps} steps "
           "(first not timed)")
-    print(f"{'backend':>8} {'K':>3} {'global':>6} {'peak RSS/rank MB':>17} {'vs K=1':>7} {'s/sample':>9} {'vs K=1':>7}")
-    for backend, k, global_batch, peak, rss_ratio, per_sample, time_ratio in rows:
-        print(f"{backend:>8} {k:>3} {global_batch:>6} {peak:>17.0f} {rss_ratio:>6.2f}x {per_sample:>9.3f} "
-              f"{time_ratio:>6.2f}x")
+    print(f"{'backend':>8} {'K':>3} {'global':>6} {'peak RSS/rank MB':>17} {'vs K=1':>7} {'CPU s/sample':>13} "
+          f"{'vs K=1':>7} {'wall vs K=1':>12}")
+    for backend, k, global_batch, peak, rss_ratio, per_sample, time_ratio, wall_ratio in rows:
+        print(f"{backend:>8} {k:>3} {global_batch:>6} {peak:>17.0f} {rss_ratio:>6.2f}x {per_sample:>13.3f} "
+              f"{time_ratio:>6.2f}x {wall_ratio:>11.2f}x")
     worst_rss, worst_time = max(r[4] for r in rows), max(r[6] for r in rows)
-    print(f"largest peak RSS vs K=1: {worst_rss:.2f}x (target <= {TARGET_RSS}); largest time per sample vs K=1: "
+    print(f"largest peak RSS vs K=1: {worst_rss:.2f}x (target <= {TARGET_RSS}); largest CPU time per sample vs K=1: "
           f"{worst_time:.2f}x (target <= {TARGET_TIME}): {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
