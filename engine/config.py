@@ -167,6 +167,9 @@ class DataConfig:
     train: str = setting("", "shard directory with manifest.json, or the manifest itself (see `run.py shards`)",
                          resume="may_change")
     batch_size: int = setting(64, "global batch across all ranks", osr=True)
+    accum_steps: int = setting(1, "micro-batches per step: each rank encodes its share of data.batch_size in this "
+                               "many pieces (a feature cache, two forwards), the step exactly that of the whole "
+                               "batch; memory of one micro-batch, ~1 extra forward of time", resume="may_change")
     num_workers: int = setting(0, "data loader processes per rank (0 = in the training process)")
     shuffle_buffer: int = setting(1000, "samples held for shuffling within a rank's stream")
     verify_checksums: bool = setting(False, "check every shard's sha256 against the manifest at start")
@@ -192,6 +195,11 @@ class DataConfig:
             out.append(f"data.batch_size must be >= 2 (contrastive losses need negatives), got {self.batch_size}")
         if self.num_workers < 0:
             out.append(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.accum_steps < 1:
+            out.append(f"data.accum_steps must be >= 1 (1 = no accumulation), got {self.accum_steps}")
+        elif self.batch_size % self.accum_steps:
+            out.append(f"data.batch_size={self.batch_size} is not divisible by data.accum_steps={self.accum_steps}; "
+                       "pick a batch size that is a multiple of world size x accum_steps")
         if self.resampled and not self.samples_per_epoch:
             out.append("data.samples_per_epoch is required with data.resampled=true (samples of all ranks per epoch)")
         if not self.resampled and self.samples_per_epoch is not None:

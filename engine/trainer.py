@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from engine import __version__
+from engine.accumulate import ForwardBackward, step_outputs
 from engine.backends import backend_class, backend_names, select_backend
 from engine.backends.base import OptimSettings
 from engine.checkpoint import BACKEND_PART, TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
@@ -39,7 +40,7 @@ from engine.distributed import (
 from engine.evaluate import Evaluator, build_tasks, write_results
 from engine.evaluate.policy import EvalPolicy
 from engine.freezing import freeze_untrained
-from engine.objectives import ModelAccess, StepOutputs, TermContext, build_terms, total_loss
+from engine.objectives import ModelAccess, TermContext, build_terms
 from engine.objectives.contrastive_term import terms_state_of_old_checkpoint
 from engine.objectives.normaliser import build_normaliser
 from engine.plugins import import_plugins
@@ -54,7 +55,7 @@ from engine.run.preemption import Preempted, StopRequests
 from engine.run.progress import StageProgress
 from engine.run.throughput import Throughput
 from engine.schedules import cosine_lr
-from models import export_model, features_of, logit_bias_of
+from models import export_model
 from models.towers import layer_decay_scales
 
 logger = logging.getLogger(__name__)
@@ -84,12 +85,13 @@ class Trainer:
             able = [name for name in backend_names() if backend_class(name).supports_async_save]
             raise ValueError(f"run.async_checkpoint: run.backend={cfg.run.backend} writes checkpoints synchronously; "
                              f"use run.backend={' or '.join(able)} for background writes or remove run.async_checkpoint")
-        if cfg.data.batch_size % self.ctx.world_size:
+        if cfg.data.batch_size % (self.ctx.world_size * cfg.data.accum_steps):
             raise ValueError(
                 f"data.batch_size={cfg.data.batch_size} (global) is not divisible by the {self.ctx.world_size} "
-                "ranks; pick a multiple of the world size"
+                f"ranks x data.accum_steps={cfg.data.accum_steps}; pick a multiple of their product"
             )
         self.local_batch = cfg.data.batch_size // self.ctx.world_size
+        self.micro_batch = self.local_batch // cfg.data.accum_steps  # what the model encodes at once
         backend_cls.init_distributed(self.ctx, timeout_s=cfg.run.collective_timeout_s)
         self.out_dir = Path(cfg.run.out_dir)
         self.lock = RunLock(self.out_dir, self.ctx, own_entries=RUN_ENTRIES)
@@ -128,7 +130,7 @@ class Trainer:
 
         # The backend's way: ZeRO-3 partitions while building, FSDP2 builds on the meta device.
         optim = OptimSettings.from_config(cfg.optim)  # one object: every backend builds AdamW from it
-        self.bundle, self.tau = backend_cls.build_bundle(cfg, ctx=self.ctx, micro_batch_size=self.local_batch,
+        self.bundle, self.tau = backend_cls.build_bundle(cfg, ctx=self.ctx, micro_batch_size=self.micro_batch,
                                                          optim=optim)
         model = self.bundle.model
         # The temperature stays fixed at the checkpoint's value (TuneCLIP never learns it); a bias only
@@ -140,7 +142,7 @@ class Trainer:
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.backend = backend_cls.from_config(cfg, model, ctx=self.ctx, device=self.device,
-                                               micro_batch_size=self.local_batch, optim=optim)
+                                               micro_batch_size=self.micro_batch, optim=optim)
         compile_model(self.backend, cfg.run)
         self.loader = ShardLoader(
             self.manifest, batch_size=self.local_batch,
@@ -181,8 +183,9 @@ class Trainer:
             model=ModelAccess(parameter_shards=self.backend.parameter_shards,
                               parameter_spans=self.backend.parameter_spans,
                               shards_replaced=self.backend.shards_replaced,
-                              forward_no_grad=lambda images, texts: _step_outputs(
+                              forward_no_grad=lambda images, texts: step_outputs(
                                   self.backend.forward_no_grad(images, texts)))))
+        self.forward_backward = ForwardBackward(self.backend, self.objective, accum_steps=cfg.data.accum_steps)
         self.throughput: Throughput | None = None  # FLOPs per sample and peak: at the first stage
         self.cost = RunCost(world_size=self.ctx.world_size)  # every launch's share, carried by checkpoints
         self.checkpoints = CheckpointManager(
@@ -256,16 +259,15 @@ class Trainer:
         after `run.max_bad_steps` consecutive ones the run stops.
         """
         objective = self.objective
-        out = objective(batch, _step_outputs(self.backend.forward(batch.images, batch.texts)))
+        out, total, backward = self.forward_backward(batch)  # in data.accum_steps micro-batches (engine.accumulate)
         if out["samples"] == 0:  # padding on every rank (skips emptied the tail): nothing to learn, no update
             objective.skip_step()
             return {"samples": 0, "lr": lr, "skipped": True}
-        total = total_loss(out)
         # Terms carry global values, so every rank takes the same decision without a collective.
         if not torch.isfinite(total).item():
             objective.skip_step()
             return self._skip_step(batch, reason="non-finite loss/features", samples=out["samples"])
-        self.backend.backward(total)
+        backward()
         grad_norm = self.backend.step(lr=lr, grad_clip=grad_clip)
         if not math.isfinite(grad_norm):
             objective.skip_step()
@@ -485,9 +487,7 @@ class Trainer:
         """The first `num_batches` batches of the current data epoch with the model's outputs at the current
         weights, without gradient or update (what terms read in `prepare`)."""
         for batch in itertools.islice(self.loader.epoch(self.data_epoch), num_batches):
-            with torch.no_grad():
-                outputs = _step_outputs(self.backend.forward(batch.images, batch.texts))
-            yield batch, outputs
+            yield batch, self.forward_backward.encode_no_grad(batch)
 
     def _enter(self, stage: str) -> None:
         self.stage, self.stage_step = stage, 0
@@ -642,11 +642,6 @@ class Trainer:
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.lock.release()
-
-
-def _step_outputs(model_out) -> StepOutputs:
-    """The model's forward output as the terms see it."""
-    return StepOutputs(*features_of(model_out), logit_bias_of(model_out), model_out)
 
 
 def _manifest_path(train: str) -> Path:

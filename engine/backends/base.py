@@ -111,6 +111,10 @@ class Backend(Protocol):
         finally:
             torch._foreach_copy_(targets, aside)
 
+    def begin_micro_batch(self, *, last: bool) -> None:
+        """The next forward and backward are one micro-batch of an accumulated step (`data.accum_steps` > 1);
+        `last`: the one after which `step` follows. Default: nothing (`backward` adds into the gradients)."""
+
     def backward(self, loss: Tensor) -> None:
         """Accumulate the gradient of `loss` (this rank's share of the global objective)."""
 

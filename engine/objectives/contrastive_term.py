@@ -32,6 +32,7 @@ class ContrastiveTerm(TermBase):
     """The method's contrastive loss as the term `contrastive` (its entries keep the objective's names)."""
 
     name = "contrastive"
+    supports_accumulation = True  # a function of the features (and bias) alone
 
     def __init__(self, ctx: TermContext):
         self.ctx = ctx

@@ -27,6 +27,7 @@ class TeacherTerm(TermBase):
     """Similarity distillation from a WMA (or EMA) teacher of the student's own weights."""
 
     name = "wma_teacher"
+    supports_accumulation = False  # its teacher forward reads the whole batch at once (data.accum_steps=1 only)
 
     def __init__(self, ctx: TermContext):
         if ctx.model is None:

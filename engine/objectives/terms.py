@@ -96,6 +96,9 @@ class Term(Protocol):
     """One named part of the objective."""
 
     name: str
+    # data.accum_steps > 1 calls the term once per global batch on cached outputs (features and bias detached
+    # from the model, `raw` None) and takes its gradient through them: a term that needs more is refused.
+    supports_accumulation: bool
 
     def begin_stage(self, stage: str, *, num_steps: int) -> None:
         """The next steps belong to `stage` (`osr`: weights frozen at w0, `finetune`), which has `num_steps`
@@ -138,6 +141,7 @@ class TermBase:
     """Defaults for a stateless term: subclasses define `name` and `__call__`."""
 
     name = "term"
+    supports_accumulation = False  # a term declares it (engine.accumulate)
 
     def begin_stage(self, stage: str, *, num_steps: int) -> None:
         pass

@@ -232,6 +232,11 @@ class DeepSpeedBackend(Backend):
         finally:
             offload.partition_all_parameters()
 
+    def begin_micro_batch(self, *, last: bool) -> None:
+        """DeepSpeed's own accumulation boundary: gradients reduce and the step applies only after the last
+        micro-batch (its gradient_accumulation_steps stays 1, so no backward is scaled by 1/K)."""
+        self.engine.set_gradient_accumulation_boundary(last)
+
     def backward(self, loss: Tensor) -> None:
         """Backward of this rank's objective; DeepSpeed averages gradients over ranks, unscaled here."""
         self.engine.backward(loss)
