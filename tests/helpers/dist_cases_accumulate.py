@@ -35,7 +35,7 @@ class RecordingNormaliser:
     def __init__(self):
         self.staged, self.kept, self.num_estimates = None, [], 0
 
-    def estimate(self, rows, log_phi_x, log_phi_z, *, image_features, text_features):
+    def estimate(self, rows, log_phi_x, log_phi_z, *, image_features, text_features, surrogate, gather):
         self.num_estimates += 1
         prior = torch.log(1.0 + rows.to(log_phi_x.dtype))
         half = torch.log(torch.tensor(0.5, dtype=log_phi_x.dtype))
