@@ -6,7 +6,8 @@ checkpoints and resume stay exactly as without it.
   for FSDP2 (as large FSDP trainers compile per block), and it works on one process and under ZeRO-1/2.
 - `model`: the whole forward (both towers, projections, normalisation) in one graph: single process and
   ZeRO-1/2, whose parameters are whole during the forward.
-ZeRO-3 gathers each layer's partitions in hooks of every sub-module, inside any graph: refused, in one line.
+Each backend says what it cannot compile (`Backend.compile_problem`): ZeRO-3, which gathers each layer's
+partitions in hooks of every sub-module, inside any graph, and FSDP2's whole-model mode; refused in one line.
 The evaluator calls the encoders directly and is not compiled (it runs rarely, at other batch sizes).
 """
 
@@ -20,19 +21,6 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 MODES = ("none", "blocks", "model")
-
-
-def compile_errors(mode: str, *, backend: str, zero_stage: int | None) -> str | None:
-    """Why `mode` cannot run on this backend, as the fix to make; None when it can."""
-    if mode == "none":
-        return None
-    if backend == "deepspeed" and zero_stage == 3:
-        return (f"run.compile={mode} is not supported under ZeRO-3 (its per-layer gathering hooks sit inside any "
-                "compiled graph): use run.backend=fsdp with run.compile=blocks, a ZeRO-1/2 config, or run.compile=none")
-    if backend == "fsdp" and mode == "model":
-        return ("run.compile=model is not supported with run.backend=fsdp (FSDP2's gathers sit between the "
-                "blocks of the graph): use run.compile=blocks")
-    return None
 
 
 def apply_compile(model: nn.Module, mode: str, *, compile_backend: str = "inductor") -> int:
@@ -61,7 +49,7 @@ def is_compiled(module: nn.Module) -> bool:
 
 def compile_model(backend, run) -> int:
     """`apply_compile` on the backend's model as the run section asks; one ValueError where the backend cannot."""
-    problem = compile_errors(run.compile, backend=backend.name, zero_stage=getattr(backend, "zero_stage", None))
+    problem = backend.compile_problem(run.compile) if run.compile != "none" else None
     if problem:
         raise ValueError(problem)
     return apply_compile(backend.model, run.compile, compile_backend=run.compile_backend)

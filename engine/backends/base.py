@@ -111,6 +111,12 @@ class Backend(Protocol):
         finally:
             torch._foreach_copy_(targets, aside)
 
+    def compile_problem(self, mode: str) -> str | None:
+        """Why `run.compile=mode` ('blocks': each transformer block; 'model': the whole forward) cannot run on
+        this backend, as the fix to make (one line); None when it can. Default: both run (whole parameters
+        during the forward, no hooks inside the blocks)."""
+        return None
+
     def begin_micro_batch(self, *, last: bool) -> None:
         """The next forward and backward are one micro-batch of an accumulated step (`data.accum_steps` > 1);
         `last`: the one after which `step` follows. Default: nothing (`backward` adds into the gradients)."""

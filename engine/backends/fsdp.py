@@ -205,6 +205,13 @@ class FSDPBackend(TorchAdamWState, Backend):
         set_model_state_dict(self.model, weights if dist.get_rank() == 0 else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
+    def compile_problem(self, mode: str) -> str | None:
+        """Blocks compile (FSDP2's gathers stay around them); the whole forward would hold the gathers."""
+        if mode == "model":
+            return ("run.compile=model is not supported with run.backend=fsdp (FSDP2's gathers sit between the "
+                    "blocks of the graph): use run.compile=blocks")
+        return None
+
     # ----- the step -----
     def forward(self, images: Tensor, texts: Tensor):
         """The model's forward (normalised image and text features); FSDP gathers each block in turn."""

@@ -150,6 +150,14 @@ class DeepSpeedBackend(Backend):
                            create=lambda backend, timeout: deepspeed.init_distributed(dist_backend=backend,
                                                                                       timeout=timeout))
 
+    def compile_problem(self, mode: str) -> str | None:
+        """ZeRO-1/2 compile (whole parameters in the forward); ZeRO-3 gathers in hooks of every sub-module."""
+        if self.zero_stage == 3:
+            return (f"run.compile={mode} is not supported under ZeRO-3 (its per-layer gathering hooks sit inside "
+                    "any compiled graph): use run.backend=fsdp with run.compile=blocks, a ZeRO-1/2 config, or "
+                    "run.compile=none")
+        return None
+
     def forward(self, images: Tensor, texts: Tensor):
         """The model's forward as one engine forward (DeepSpeed's per-forward bookkeeping included)."""
         images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
