@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.checkpoint import required_folders
 from engine.objectives.table import DATA_FILE, ROW_DTYPE, UTable
 from tests.helpers.harness import free_port
 
@@ -101,6 +102,9 @@ def test_two_node_replicas_equal_each_other_and_the_one_node_table_also_after_si
     saved = int(latest.read_text().strip().removeprefix("step_"))
     assert all(num_visits(r) > 8 * saved for r in replicas)  # the replicas ran ahead of the checkpoint
     assert not (killed / "final.safetensors").exists()
+    # Saves every 2 steps, a full base every 8 (run.u_table_full_every): OSR's end saves step 6 again as a base,
+    # so the checkpoint of step 8 or 10 each replica is reseeded from is a delta on it (and on step 8's).
+    assert "step_00000006" in required_folders(killed / "checkpoints" / f"step_{saved:08d}")
     port = free_port()
     finish(start(shards, killed, nodes=2, port=port, extra=("--resume", "latest")), port)
     assert [table_bytes(r) for r in replicas] == [one_node, one_node]
