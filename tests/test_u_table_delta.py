@@ -5,6 +5,7 @@ chain of deltas: tests/test_resume.py)."""
 import json
 import logging
 import shutil
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from engine.checkpoint import CheckpointManager, checkpoint_problems, latest_checkpoint, required_folders
 from engine.distributed import DistContext
-from engine.objectives.normaliser import TableNormaliser
+from engine.objectives.normaliser import SMALL_TABLE_BYTES, TableNormaliser
 from engine.objectives.table import DATA_FILE, DELTA_FILE, PAGE_ROWS
 
 NUM_ROWS = 10 * PAGE_ROWS + 123  # a short last page
@@ -143,3 +144,55 @@ def test_the_save_after_its_parent_was_removed_is_a_full_base(tmp_path):
     assert latest_checkpoint(manager.root) == folder
     assert load_bytes(tmp_path, folder) == expected
     norm.close()
+
+
+def test_a_delta_is_applied_in_pieces_and_a_flipped_byte_changes_nothing(tmp_path):
+    manager, expected = saves(tmp_path, async_save=False, num_saves=2, keep_last_n=3, full_every=8)
+    base, delta = manager.root / "step_00000001" / "normaliser", manager.root / "step_00000002" / "normaliser"
+    fresh = normaliser(tmp_path / "reloaded")
+    fresh.load(base)
+    tracemalloc.start()
+    fresh.table.apply_delta(delta, block=1024)  # pieces smaller than a page (12 KiB)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert table_bytes(fresh) == expected[2]
+    assert peak < (delta / DELTA_FILE).stat().st_size // 3  # never the whole delta (2 pages) in memory
+    fresh.load(base)
+    data = bytearray((delta / DELTA_FILE).read_bytes())
+    data[-1] ^= 0x40  # same size: only the digest tells
+    (delta / DELTA_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="the delta is damaged"):
+        fresh.table.apply_delta(delta, block=4096)
+    assert table_bytes(fresh) == expected[1]  # checked before anything is written
+    fresh.close()
+
+
+def test_rows_written_all_over_a_large_table_make_the_save_a_base(tmp_path):
+    num_rows = SMALL_TABLE_BYTES // 12 + 100 * PAGE_ROWS  # just large enough for the rule (a sparse file)
+    norm = TableNormaliser(tmp_path / "live", num_rows=num_rows, dataset_fingerprint="fp", ctx=DistContext(),
+                           gamma_min=0.5, gamma_decay_epochs=1, fresh=True, full_every=8)
+    manager = CheckpointManager(tmp_path / "ckpt", DistContext(), parts={"normaliser": norm}, keep_last_n=4)
+
+    def write(rows):
+        values = torch.linspace(-1, 1, rows.numel())
+        norm.table.write(rows, values, -values)
+
+    write(torch.arange(0, num_rows, 7))  # a first epoch: the whole table allocated
+    assert not required_folders(manager.save(1))
+    write(torch.arange(5 * PAGE_ROWS, 15 * PAGE_ROWS))  # 10 pages: a delta
+    assert list(required_folders(manager.save(2))) == ["step_00000001"]
+    write(torch.arange(3, num_rows, PAGE_ROWS))  # one row in every page (random order): a delta as large as the table
+    third = manager.save(3)
+    assert not required_folders(third) and not (third / "normaliser" / DELTA_FILE).exists()
+    expected = table_bytes(norm)
+    norm.close()
+    assert load_bytes_of(tmp_path, third, num_rows) == expected
+
+
+def load_bytes_of(tmp_path, folder, num_rows) -> bytes:
+    fresh = TableNormaliser(tmp_path / "reloaded_large", num_rows=num_rows, dataset_fingerprint="fp",
+                            ctx=DistContext(), gamma_min=0.5, gamma_decay_epochs=1, fresh=True)
+    fresh.load(folder / "normaliser")
+    data = table_bytes(fresh)
+    fresh.close()
+    return data

@@ -37,8 +37,14 @@ from torch import Tensor
 
 from engine.distributed import DistContext, barrier, gather_no_grad, gather_objects, node_of_ranks
 from engine.io import write_json_atomic
-from engine.objectives.table import UTable, read_delta_header
+from engine.objectives.table import PAGE_ROWS, ROW_DTYPE, UTable, read_delta_header
 from engine.schedules import gamma_at_epoch
+
+# A save writes a full base instead of a delta whose pages would exceed this share of the table's allocated bytes
+# (rows written all over the table): as cheap to write, and a resume then copies one base instead of applying
+# deltas as large. Tables smaller than SMALL_TABLE_BYTES always take the delta (their copies are cheap anyway).
+DELTA_AT_MOST = 0.5
+SMALL_TABLE_BYTES = 64 << 20
 
 if TYPE_CHECKING:
     from engine.config import LossConfig
@@ -281,13 +287,23 @@ class TableNormaliser:
         delta = (not self._force_base and parent is not None and parent["path"].parent == final.parent
                  and parent["path"].name != final.name and parent["since_base"] + 1 < self.full_every
                  and _save_id(parent["path"] / Path(directory).name) == parent["save_id"])  # still there
+        pages = np.flatnonzero(self._unsaved).astype(np.int64)
         save_id = uuid.uuid4().hex
-        if not delta:
+        if not delta or self._delta_costs_a_base(pages):
             self._inflight = {"path": final, "save_id": save_id, "chain": [], "since_base": 0}
             return None
         self._inflight = {"path": final, "save_id": save_id, "chain": [*parent["chain"], parent["path"].name],
                           "since_base": parent["since_base"] + 1}
-        return np.flatnonzero(self._unsaved).astype(np.int64)
+        return pages
+
+    def _delta_costs_a_base(self, pages: np.ndarray) -> bool:
+        """Whether a delta of `pages` would hold more than DELTA_AT_MOST of the table's allocated bytes (rows
+        written all over the table, e.g. in random order): then a base costs about as much to write and is
+        faster to resume from. Tables under SMALL_TABLE_BYTES always take the delta (their copies are cheap)."""
+        if self.table.num_rows * ROW_DTYPE.itemsize < SMALL_TABLE_BYTES:
+            return False
+        delta_bytes = pages.size * PAGE_ROWS * ROW_DTYPE.itemsize
+        return delta_bytes > DELTA_AT_MOST * self.table.allocated_bytes()
 
     def _chain_record(self) -> dict:
         inflight = self._inflight

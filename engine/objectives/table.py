@@ -274,6 +274,11 @@ class UTable:
         """Write dirty pages to disk."""
         self._rows.flush()
 
+    def allocated_bytes(self) -> int:
+        """Bytes the table's file occupies on disk (its written regions when sparse), after a flush."""
+        self.flush()
+        return os.stat(self.directory / DATA_FILE).st_blocks * 512
+
     def copy_to(self, directory: str | os.PathLike) -> UTable:
         """Flush and copy the table to `directory`, copying only allocated regions (holes stay holes)."""
         self.flush()
@@ -305,34 +310,46 @@ class UTable:
                 chunks.append(os.pread(fin.fileno(), (stop - start) * row_bytes, start * row_bytes))
         return TableDelta(json.loads(json.dumps(self.header)), pages, chunks)
 
-    def apply_delta(self, directory: str | os.PathLike) -> None:
-        """Write the pages of delta folder `directory` into this table (checked: size, digest, page ids)."""
+    def apply_delta(self, directory: str | os.PathLike, *, block: int = 1 << 24) -> None:
+        """Write the pages of delta folder `directory` into this table (checked first: size, digest, page ids).
+
+        Streamed in pieces of at most `block` bytes (read once to check the digest, once to write), so host
+        memory stays O(block + 8 B a page) whatever the delta's size."""
         directory = Path(directory)
         meta = read_delta_header(directory)
-        data = (directory / DELTA_FILE).read_bytes()
-        if len(data) != meta["nbytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise ValueError(f"{directory / DELTA_FILE} does not hold the bytes written ({len(data)} of "
-                             f"{meta['nbytes']}, or another digest): the delta is damaged; use an earlier checkpoint")
+        path = directory / DELTA_FILE
         if meta["page_rows"] != PAGE_ROWS:
             raise ValueError(f"{directory / DELTA_HEADER}: page_rows {meta['page_rows']} != {PAGE_ROWS}")
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with open(path, "rb") as fin:
+            for piece in iter(lambda: fin.read(block), b""):
+                digest.update(piece)
+        if size != meta["nbytes"] or digest.hexdigest() != meta["sha256"]:
+            raise ValueError(f"{path} does not hold the bytes written ({size} of {meta['nbytes']}, or another "
+                             "digest): the delta is damaged; use an earlier checkpoint")
         num_pages = int(meta["num_pages"])
-        pages = np.frombuffer(data, dtype="<i8", count=num_pages)
+        row_bytes, pos = ROW_DTYPE.itemsize, 8 * num_pages
+        if pos > size:
+            raise ValueError(f"{path} is shorter than its page ids say")
+        with open(path, "rb") as fin:
+            pages = np.frombuffer(fin.read(pos), dtype="<i8")
         if num_pages and (pages.min() < 0 or pages.max() >= self.num_pages or np.any(np.diff(pages) <= 0)):
-            raise ValueError(f"{directory / DELTA_FILE}: page ids are not sorted ids of this table's pages")
+            raise ValueError(f"{path}: page ids are not sorted ids of this table's pages")
+        runs = [(first * PAGE_ROWS, (min((first + count) * PAGE_ROWS, self.num_rows) - first * PAGE_ROWS) * row_bytes)
+                for first, count in _page_runs(pages)]
+        if pos + sum(length for _, length in runs) != size:
+            raise ValueError(f"{path} is {'shorter' if pos + sum(n for _, n in runs) > size else 'longer'} "
+                             "than its page ids say")
         self.flush()
-        row_bytes, pos = ROW_DTYPE.itemsize, pages.nbytes
-        with open(self.directory / DATA_FILE, "r+b") as fout:
-            for first, count in _page_runs(pages):
-                start = first * PAGE_ROWS
-                length = (min((first + count) * PAGE_ROWS, self.num_rows) - start) * row_bytes
-                if pos + length > len(data):
-                    raise ValueError(f"{directory / DELTA_FILE} is shorter than its page ids say")
-                os.pwrite(fout.fileno(), data[pos:pos + length], start * row_bytes)
+        with open(path, "rb") as fin, open(self.directory / DATA_FILE, "r+b") as fout:
+            for start, length in runs:
+                for offset in range(0, length, block):
+                    piece = os.pread(fin.fileno(), min(block, length - offset), pos + offset)
+                    os.pwrite(fout.fileno(), piece, start * row_bytes + offset)
                 pos += length
             fout.flush()
             os.fsync(fout.fileno())
-        if pos != len(data):
-            raise ValueError(f"{directory / DELTA_FILE} is longer than its page ids say")
         # The memmap reads the file through the page cache: it sees the new bytes.
 
     def close(self) -> None:
