@@ -10,6 +10,9 @@ Layout under `<out_dir>/checkpoints/`:
                               table's base and deltas); folders without it, whose files no longer
                               have those sizes, or whose required folders are gone, damaged or
                               saved again since, are skipped
+  step_00001000/COMPLETE      of a folder kept only because a kept checkpoint requires it: `trimmed_to`
+  step_00001000/normaliser/   names the parts it keeps (those saved as deltas), `files` lists only theirs;
+                              never a checkpoint to resume, evaluate, export or reuse (`latest` skips it)
   latest                      name of the newest complete folder (replaced atomically)
 
 A save is staged in a `.partial-*` folder and renamed once every rank has finished, so a crash
@@ -26,7 +29,9 @@ previous one first).
 
 Parts saved as deltas (the u table) say which earlier checkpoints they need (`required_checkpoints()`, rank 0,
 right after their save) and hear when a save counts (`checkpoint_saved(final)`, rank 0). The purge keeps the
-last `keep_last_n` complete checkpoints and every folder one of them requires.
+last `keep_last_n` whole complete checkpoints; every older folder one of them requires is trimmed to the files of
+those parts (its marker rewritten first, same id, then the rest deleted: crash-safe), the others are removed
+(engine/checkpoint_chain.py).
 
 What may be loaded into which job is decided here too (`resume_conflicts`, `osr_reuse_conflicts`).
 """
@@ -46,6 +51,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from engine.checkpoint_chain import (  # noqa: F401 (re-exported: checkpoint folders are read through this module)
+    COMPLETE,
+    checkpoint_problems,
+    is_trimmed,
+    purge,
+    read_marker,
+    required_folders,
+    step_folders,
+    trimmed_message,
+)
 from engine.config import JobConfig, field_of, field_rule, keys_with
 from engine.distributed import DistContext, barrier, gather_objects
 from engine.io import fsync_dir, write_atomic, write_json_atomic
@@ -57,7 +72,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
 STATE = "state.json"
 LATEST = "latest"
 RANKS = "ranks"
@@ -99,68 +113,9 @@ def _describe(exc: OSError, rank: int, where: Path) -> str:
     return f"rank {rank}: {exc.filename or where}: {exc.strerror or exc}"
 
 
-def _marker(path: Path) -> dict:
-    """The COMPLETE marker of folder `path` ({} when absent or unreadable)."""
-    try:
-        marker = json.loads((Path(path) / COMPLETE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return marker if isinstance(marker, dict) else {}
-
-
-def required_folders(path: Path) -> dict[str, str]:
-    """The earlier checkpoint folders (name -> their COMPLETE id) checkpoint `path` needs to be read."""
-    required = _marker(path).get("requires", {})
-    return required if isinstance(required, dict) else {}
-
-
-def checkpoint_problems(path: Path, *, chain: bool = True) -> list[str]:
-    """Why `path` is not a usable checkpoint (empty list: complete, every file at its written size, and with
-    `chain` every folder it requires likewise, as it was when `path` was saved)."""
-    marker = path / COMPLETE
-    if not marker.exists():
-        return [f"no {COMPLETE} marker (interrupted while saving)"]
-    try:
-        expected = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        return [f"unreadable {COMPLETE} marker"]
-    if not isinstance(expected, dict) or not all(
-            isinstance(name, str) and _inside(name) and isinstance(size, int) for name, size in expected.items()):
-        return [f"unreadable {COMPLETE} marker (not a mapping of the folder's file names to sizes)"]
-    problems = []
-    for name, size in expected.items():
-        file = path / name
-        if not file.exists():
-            problems.append(f"{name} is missing")
-        elif file.stat().st_size != size:
-            problems.append(f"{name} has {file.stat().st_size} bytes, {size} were written")
-    if chain and not problems:
-        for name, marker_id in required_folders(path).items():
-            other = path.parent / str(name)
-            if not _inside(str(name)) or not other.is_dir():
-                problems.append(f"needs {name} (the u table's base or an earlier delta), which is missing")
-                continue
-            theirs = checkpoint_problems(other, chain=False)
-            if theirs:
-                problems.append(f"needs {name}, which is damaged ({theirs[0]})")
-            elif _marker(other).get("id") != marker_id:
-                problems.append(f"needs {name}, which was saved again since")
-    return problems
-
-
-def _inside(name: str) -> bool:
-    """Whether relative file name `name` stays inside its folder (no absolute path, no `..`)."""
-    return bool(name) and not os.path.isabs(name) and ".." not in Path(name).parts
-
-
 def is_complete(path: Path) -> bool:
-    return not checkpoint_problems(path)
-
-
-def step_folders(root: Path) -> list[Path]:
-    """The `step_*` folders of `root`, oldest step first (by number: names outgrow their padding)."""
-    folders = [p for p in Path(root).glob("step_*") if p.name.removeprefix("step_").isdigit()]
-    return sorted(folders, key=lambda p: int(p.name.removeprefix("step_")))
+    """Whether `path` is a whole, usable checkpoint (not one trimmed to the u table chain)."""
+    return not checkpoint_problems(path) and not is_trimmed(path)
 
 
 def has_checkpoints(root: Path) -> bool:
@@ -170,6 +125,8 @@ def has_checkpoints(root: Path) -> bool:
 
 def read_state(path: Path) -> dict[str, dict]:
     """The JSON parts of a complete checkpoint folder (part name -> state_dict)."""
+    if is_trimmed(path):
+        raise ValueError(trimmed_message(path))
     problems = checkpoint_problems(path)
     if problems:
         raise FileNotFoundError(
@@ -207,8 +164,11 @@ def train_state_problems(saved: dict, fields: dict[str, tuple[type, ...]]) -> li
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete `step_*` folder of `root` (what `latest` means), skipping broken ones with a warning."""
+    """The newest complete `step_*` folder of `root` (what `latest` means), skipping broken ones with a warning
+    and trimmed ones (links of the u table chain) silently."""
     for candidate in reversed(step_folders(root)):
+        if is_trimmed(candidate):
+            continue
         problems = checkpoint_problems(candidate)
         if not problems:
             return candidate
@@ -403,7 +363,7 @@ class CheckpointManager:
         """Rank 0: mark the staged folder complete, move it into place, point `latest` at it, purge old ones."""
         marker = {"files": _file_sizes(staging), "id": uuid.uuid4().hex}
         if requires:  # each by the id it has now: a folder saved again since is not the one this save applies on
-            marker["requires"] = {name: _marker(self.root / name).get("id") for name in requires}
+            marker["requires"] = {name: read_marker(self.root / name).get("id") for name in requires}
         write_json_atomic(staging / COMPLETE, marker, indent=1)
         old = self.root / f".old-{final.name}"
         if final.exists():  # the same step saved again: move the old copy away atomically first
@@ -455,16 +415,9 @@ class CheckpointManager:
         )
 
     def _purge(self) -> None:
-        if self.keep_last_n <= 0:
-            return
-        folders = [p for p in step_folders(self.root) if is_complete(p)]
-        kept = folders[-self.keep_last_n:]
-        needed = {name for folder in kept for name in required_folders(folder)}  # bases and deltas they apply on
-        for old in folders[: -self.keep_last_n]:
-            if old.name not in needed:
-                shutil.rmtree(old, ignore_errors=True)
-        for leftover in (*self.root.glob(".partial-*"), *self.root.glob(".old-*")):
-            shutil.rmtree(leftover, ignore_errors=True)
+        if self.keep_last_n > 0:  # parts saved as deltas keep their files in the folders later ones apply on
+            chain_parts = [name for name, part in self.parts.items() if hasattr(part, "required_checkpoints")]
+            purge(self.root, keep_last_n=self.keep_last_n, chain_parts=chain_parts)
 
     # ----- find and load -----
     def find(self, spec: str) -> Path:

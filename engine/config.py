@@ -439,7 +439,8 @@ class RunConfig:
     save_every_epochs: int = setting(0, "also a checkpoint at every N-th epoch end of each stage; 0 = none",
                                      resume="may_change")
     keep_last_n: int = setting(2, "complete checkpoints kept; older ones are removed, except the u table's base "
-                               "and deltas a kept checkpoint applies on", resume="may_change")
+                               "and deltas a kept checkpoint applies on, trimmed to the u table's files",
+                               resume="may_change")
     u_table_full_every: int = setting(
         8, "the u table's checkpoints: a full copy every this many saves, in between only the pages written since "
         "the previous save (a delta on it); 1: a full copy every time", resume="may_change")

@@ -1,8 +1,9 @@
 """Bad environments, requests and tampered inputs end in one `error:` line (exit 2), no traceback, nothing
 written: an output folder the OS refuses, the DeepSpeed backend started without a launcher, a symlinked run
-sub-folder, a demo folder that is not the demo's, bad YAML, damaged checkpoint metadata, an endless CSV field, a
-folder named like a DeepSpeed shared-memory buffer, a misspelt metric, a resume or a fresh run that would replace
-a run's results unasked, an unknown option or an open_clip_train value without an equivalent."""
+sub-folder, a demo folder that is not the demo's, bad YAML, damaged checkpoint metadata, a checkpoint folder
+trimmed to the u table chain, an endless CSV field, a folder named like a DeepSpeed shared-memory buffer, a
+misspelt metric, a resume or a fresh run that would replace a run's results unasked, an unknown option or an
+open_clip_train value without an equivalent."""
 
 import contextlib
 import errno
@@ -370,6 +371,41 @@ def test_resume_latest_of_a_finished_run_has_nothing_to_do(finished_run, shards,
     assert main([*relaunch, "--epochs", "3"]) == 2  # more epochs is a change of the finished run: refused as before
     assert "holds a finished run (final.safetensors, summary.json)" in capsys.readouterr().err
     assert files(run) == before
+
+
+def test_a_folder_trimmed_to_the_u_table_chain_is_refused_as_a_checkpoint(finished_run, shards, tmp_path, capsys):
+    """Steps 6 (end of OSR, the u table's base) and 8 are kept only for the deltas of step 10: trimmed to normaliser/,
+    they are refused by every command that reads a checkpoint, in one line naming the whole ones."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "summary.json").unlink()  # not finished: the resume reaches the checkpoint
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in (ckpts / "step_00000008").iterdir()) == ["COMPLETE", "normaliser"]
+    before = files(run)
+
+    def expected(step):
+        return (f"error: {ckpts / step} was trimmed to the u table chain (it keeps only normaliser/, which later "
+                "checkpoints' deltas apply on): it cannot be resumed, evaluated, exported or reused; use a whole "
+                "checkpoint of that run instead (step_00000010, step_00000012; the newest is `latest`), or for OSR "
+                "statistics the last checkpoint of a `run.py osr` run")
+
+    capsys.readouterr()
+    step8 = str(ckpts / "step_00000008")
+    assert main(["tune", "--train", str(shards), "--out", str(run), *JOB, "--save-every", "2", "--resume", step8]) == 2
+    assert error_lines(capsys) == [expected("step_00000008")]
+    assert main(["export", "--model", "tiny-vit", "--weights", step8, "--out", str(tmp_path / "w.safetensors")]) == 2
+    assert error_lines(capsys) == [expected("step_00000008")]
+    (tmp_path / "a.png").write_bytes(png_bytes((200, 30, 30)))
+    (tmp_path / "pairs.csv").write_text("filepath,caption\na.png,a red square\n")
+    assert main(["eval", "--model", "tiny-vit", "--weights", step8, "--set",
+                 f"eval.retrieval=[{{name: r, csv: {tmp_path / 'pairs.csv'}}}]"]) == 2
+    assert error_lines(capsys) == [expected("step_00000008")]
+    assert main(["finetune", "--train", str(shards), "--out", str(tmp_path / "reuse"), *JOB,
+                 "--osr-from", str(ckpts / "step_00000006")]) == 2
+    assert error_lines(capsys) == [expected("step_00000006")]
+    assert {k: v for k, v in files(run).items() if k.name != "log.jsonl"} == {
+        k: v for k, v in before.items() if k.name != "log.jsonl"}
+    assert not (tmp_path / "w.safetensors").exists() and not (tmp_path / "reuse" / "checkpoints").exists()
 
 
 def test_a_run_stopped_inside_its_last_save_resumes_without_overwrite(finished_run, shards, tmp_path):

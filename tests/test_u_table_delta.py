@@ -1,6 +1,7 @@
 """u table checkpoints as a full base + deltas (run.u_table_full_every): exact reads of the chain, a purge that
-keeps what kept checkpoints need, fallback past a damaged delta (a resumed run equal to a straight one, through a
-chain of deltas: tests/test_resume.py)."""
+keeps what kept checkpoints need (folders kept only for the chain trimmed to the table's files, crash-safe),
+fallback past a damaged delta (a resumed run equal to a straight one, through a chain of deltas and trimmed
+folders: tests/test_resume.py)."""
 
 import json
 import logging
@@ -11,7 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointManager, checkpoint_problems, latest_checkpoint, required_folders
+from engine import checkpoint_chain
+from engine.checkpoint import (
+    CheckpointManager,
+    checkpoint_problems,
+    is_complete,
+    is_trimmed,
+    latest_checkpoint,
+    read_state,
+    required_folders,
+)
 from engine.distributed import DistContext
 from engine.objectives.normaliser import SMALL_TABLE_BYTES, TableNormaliser
 from engine.objectives.table import DATA_FILE, DELTA_FILE, PAGE_ROWS
@@ -35,12 +45,27 @@ def table_bytes(norm) -> bytes:
     return (norm.live_dir / DATA_FILE).read_bytes()
 
 
-def saves(tmp_path, *, async_save, num_saves=8, keep_last_n=2, full_every=3):
-    """A normaliser saved `num_saves` times, rows of one or two pages (and the last, short one) written between;
-    returns the manager and the table's bytes at each step."""
+class Weights:
+    """Stands for the backend's model and optimizer files (the bulk of a real checkpoint folder)."""
+
+    def save(self, directory):
+        directory.mkdir(parents=True)
+        (directory / "optim.pt").write_bytes(bytes(WEIGHT_BYTES))
+
+    def load(self, directory, *, reshard=False):
+        assert (directory / "optim.pt").stat().st_size == WEIGHT_BYTES
+
+
+WEIGHT_BYTES = 300_000
+
+
+def saves(tmp_path, *, async_save, num_saves=8, keep_last_n=2, full_every=3, weights=False):
+    """A normaliser saved `num_saves` times, rows of one or two pages (and the last, short one) written between
+    (`weights`: beside a stand-in for the backend's files); returns the manager and the table's bytes at each step."""
     norm = normaliser(tmp_path / "live", full_every=full_every)
-    manager = CheckpointManager(tmp_path / "ckpt", DistContext(), parts={"normaliser": norm},
-                                keep_last_n=keep_last_n, async_save=async_save)
+    parts = {"backend": Weights(), "normaliser": norm} if weights else {"normaliser": norm}
+    manager = CheckpointManager(tmp_path / "ckpt", DistContext(), parts=parts, keep_last_n=keep_last_n,
+                                async_save=async_save)
     rng, expected = np.random.default_rng(0), {}
     for step in range(1, num_saves + 1):
         write_region(norm, rng, int(rng.integers(0, NUM_ROWS)), 1000)
@@ -50,6 +75,10 @@ def saves(tmp_path, *, async_save, num_saves=8, keep_last_n=2, full_every=3):
         manager.wait()
     norm.close()
     return manager, expected
+
+
+def folder_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "COMPLETE")
 
 
 def load_bytes(tmp_path, folder) -> bytes:
@@ -203,3 +232,82 @@ def load_bytes_of(tmp_path, folder, num_rows) -> bytes:
     data = table_bytes(fresh)
     fresh.close()
     return data
+@pytest.mark.parametrize("async_save", [False, True])
+def test_folders_kept_only_for_the_chain_are_trimmed_to_the_table(tmp_path, async_save):
+    manager, expected = saves(tmp_path, async_save=async_save, num_saves=7, keep_last_n=2, full_every=4,
+                              weights=True)
+    root = manager.root  # base at 1 and 5, deltas 2, 3, 4 on 1 and 6, 7 on 5: keeping 6 and 7 keeps 5's table
+    assert sorted(f.name for f in root.glob("step_*")) == ["step_00000005", "step_00000006", "step_00000007"]
+    link, newest = root / "step_00000005", root / "step_00000007"
+    assert sorted(p.name for p in link.iterdir()) == ["COMPLETE", "normaliser"]  # weights and state.json gone
+    assert folder_bytes(link) == folder_bytes(link / "normaliser") < WEIGHT_BYTES
+    assert (newest / "backend" / "optim.pt").stat().st_size == WEIGHT_BYTES  # kept checkpoints stay whole
+    link_id = json.loads((link / "COMPLETE").read_text())["id"]  # the id the trim kept, which 6 and 7 match
+    assert sorted(required_folders(newest)) == ["step_00000005", "step_00000006"]
+    assert required_folders(newest)["step_00000005"] == link_id == required_folders(newest.parent / "step_00000006")[
+        "step_00000005"]
+    assert is_trimmed(link) and not is_complete(link) and checkpoint_problems(link) == []
+    assert latest_checkpoint(root) == newest and checkpoint_problems(newest) == []
+    for folder in (root / "step_00000006", newest):  # the newest read from 5's base and its own delta, exactly
+        assert load_bytes(tmp_path, folder) == expected[int(folder.name.removeprefix("step_"))], folder
+    with pytest.raises(ValueError, match=r"step_00000005 was trimmed to the u table chain \(it keeps only "
+                       r"normaliser/.*use a whole checkpoint of that run instead \(step_00000006, step_00000007;"):
+        read_state(link)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_a_crash_between_the_marker_rewrite_and_the_deletion_leaves_a_resumable_state(tmp_path, monkeypatch):
+    norm = normaliser(tmp_path / "live", full_every=8)
+    manager = CheckpointManager(tmp_path / "ckpt", DistContext(), parts={"backend": Weights(), "normaliser": norm},
+                                keep_last_n=2)
+    root, rng = manager.root, np.random.default_rng(2)
+    for step in (1, 2):
+        write_region(norm, rng, 300 * step, 700)
+        manager.save(step)
+    write_region(norm, rng, 5000, 900)
+    expected = table_bytes(norm)
+    real_delete, calls = checkpoint_chain._delete, []
+
+    def crashing_delete(entry):  # the first file goes, then the process dies
+        calls.append(entry.name)
+        if len(calls) > 1:
+            raise Crash("killed while trimming")
+        real_delete(entry)
+
+    monkeypatch.setattr(checkpoint_chain, "_delete", crashing_delete)
+    with pytest.raises(Crash):
+        manager.save(3)  # keeps 2 and 3, trims 1 (the base both apply on)
+    monkeypatch.undo()
+    assert latest_checkpoint(root) == root / "step_00000003" and checkpoint_problems(root / "step_00000002") == []
+    assert load_bytes(tmp_path, root / "step_00000003") == expected
+    first = root / "step_00000001"  # its marker lists the table's files, state.json is left over
+    assert calls == ["backend", "state.json"] and is_trimmed(first) and (first / "state.json").exists()
+    write_region(norm, rng, 7000, 300)
+    expected = table_bytes(norm)
+    manager.save(4)  # the next purge finishes the trim and trims 2
+    norm.close()
+    assert [sorted(p.name for p in (root / f"step_0000000{i}").iterdir()) for i in (1, 2)] == [
+        ["COMPLETE", "normaliser"]] * 2
+    assert load_bytes(tmp_path, root / "step_00000004") == expected
+
+
+def test_a_damaged_trimmed_folder_makes_the_checkpoints_needing_it_skipped(tmp_path, caplog):
+    manager, expected = saves(tmp_path, async_save=False, num_saves=5, keep_last_n=2, full_every=8, weights=True)
+    root = manager.root  # base at 1, deltas 2..5: 4 and 5 kept whole, 1, 2, 3 trimmed
+    assert [is_trimmed(root / f"step_0000000{i}") for i in range(1, 6)] == [True, True, True, False, False]
+    newest = root / "step_00000005" / "normaliser" / DELTA_FILE
+    newest.write_bytes(newest.read_bytes()[:-5])
+    with caplog.at_level(logging.WARNING, logger="engine.checkpoint"):
+        assert latest_checkpoint(root) == root / "step_00000004"  # one warning, trimmed ones unmentioned
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"skipping checkpoint {newest.parents[1]}"]
+    assert load_bytes(tmp_path, root / "step_00000004") == expected[4]
+    caplog.clear()
+    (root / "step_00000002" / "normaliser" / DELTA_FILE).unlink()
+    with caplog.at_level(logging.WARNING, logger="engine.checkpoint"):
+        assert latest_checkpoint(root) is None  # 4 applies on 2's delta, the trimmed ones are no checkpoints
+    assert len(caplog.records) == 2 and caplog.records[1].getMessage() == (
+        f"skipping checkpoint {root / 'step_00000004'}: needs step_00000002, which is damaged "
+        "(normaliser/u_delta.bin is missing)")
