@@ -119,8 +119,9 @@ def is_complete(path: Path) -> bool:
 
 
 def has_checkpoints(root: Path) -> bool:
-    """Whether folder `root` holds a complete checkpoint."""
-    return any(is_complete(p) for p in step_folders(root))
+    """Whether folder `root` holds a complete checkpoint, or an intact folder trimmed to the u table chain (its
+    whole checkpoints removed by hand: still an earlier run's, never to be purged by a fresh one)."""
+    return any(not checkpoint_problems(p, chain=False) for p in step_folders(root))
 
 
 def read_state(path: Path) -> dict[str, dict]:

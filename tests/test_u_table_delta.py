@@ -16,6 +16,7 @@ from engine import checkpoint_chain
 from engine.checkpoint import (
     CheckpointManager,
     checkpoint_problems,
+    has_checkpoints,
     is_complete,
     is_trimmed,
     latest_checkpoint,
@@ -311,3 +312,11 @@ def test_a_damaged_trimmed_folder_makes_the_checkpoints_needing_it_skipped(tmp_p
     assert len(caplog.records) == 2 and caplog.records[1].getMessage() == (
         f"skipping checkpoint {root / 'step_00000004'}: needs step_00000002, which is damaged "
         "(normaliser/u_delta.bin is missing)")
+
+
+def test_a_folder_left_with_only_trimmed_checkpoints_still_counts_as_an_earlier_runs(tmp_path):
+    manager, _ = saves(tmp_path, async_save=False, num_saves=3, keep_last_n=1, full_every=8)
+    root = manager.root  # step 3 whole, 1 and 2 trimmed to the chain it needs
+    assert [is_trimmed(f) for f in sorted(root.glob("step_*"))] == [True, True, False]
+    shutil.rmtree(root / "step_00000003")  # the whole checkpoints removed by hand
+    assert latest_checkpoint(root) is None and has_checkpoints(root)  # a fresh run refuses the folder
