@@ -1,5 +1,4 @@
-"""Building a `JobConfig` from defaults, a YAML file and `section.key=value` overrides, each value read by its
-field's declared type."""
+"""A YAML file and `section.key=value` overrides -> a `JobConfig`, each value read by its field's type."""
 
 from __future__ import annotations
 
