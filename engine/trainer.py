@@ -24,7 +24,7 @@ from engine import __version__
 from engine.accumulate import ForwardBackward, step_outputs
 from engine.backends import backend_class, backend_names, select_backend
 from engine.backends.base import OptimSettings
-from engine.checkpoint import BACKEND_PART, TRAIN_STATE, CheckpointManager, has_checkpoints, schedule_changes
+from engine.checkpoint import BACKEND_PART, TRAIN_STATE, CheckpointManager, schedule_changes
 from engine.compiling import compile_model
 from engine.config import METHOD_RUNS_OSR, JobConfig
 from engine.data import Batch, LoaderPlan, Manifest, ShardLoader
@@ -32,7 +32,6 @@ from engine.data.samples import read_limits
 from engine.distributed import (
     all_reduce_sum,
     barrier,
-    broadcast_object,
     context_from_env,
     default_device,
     gather_no_grad,
@@ -44,9 +43,9 @@ from engine.objectives import ModelAccess, TermContext, build_terms
 from engine.objectives.contrastive_term import terms_state_of_old_checkpoint
 from engine.objectives.normaliser import build_normaliser
 from engine.plugins import import_plugins
-from engine.results.summary import earlier_run_outputs, format_rate, run_summary, write_summary
+from engine.results.summary import format_rate, run_summary, write_summary
 from engine.run.cost import RunCost
-from engine.run.folder import clear_run_folder, finished_outputs
+from engine.run.folder_guard import guard_run_folder
 from engine.run.heartbeat import Heartbeat
 from engine.run.live import build_live_sinks
 from engine.run.lock import RunLock
@@ -106,21 +105,7 @@ class Trainer:
         """Every part of the job, then the state to continue from (a checkpoint or OSR statistics)."""
         cfg = self.cfg
         fresh = not (cfg.run.resume or cfg.osr.load_from)
-        if self.overwrite and fresh:
-            self._clear_earlier_run()
-        if cfg.run.resume:
-            self._check_resume_keeps_results()
-        if fresh and has_checkpoints(self.out_dir / "checkpoints"):
-            raise ValueError(
-                f"run.out_dir {self.out_dir} holds checkpoints of an earlier run: continue it with "
-                "--resume latest, or start a new run in another --out (nothing was overwritten)"
-            )
-        earlier = earlier_run_outputs(self.out_dir) if not cfg.run.resume else []
-        if earlier:
-            raise ValueError(
-                f"run.out_dir {self.out_dir} holds an earlier run's {', '.join(earlier)}: start a new run in "
-                "another --out, or continue a checkpointed run with --resume latest (nothing was overwritten)"
-            )
+        guard_run_folder(self.out_dir, self.ctx, resume=cfg.run.resume, fresh=fresh, overwrite=self.overwrite)
         torch.manual_seed(cfg.run.seed)
         self.device = default_device(self.ctx, cfg.run.device)
 
@@ -218,36 +203,6 @@ class Trainer:
         for kind, unlocked in self.cfg.model.locks().items():
             logger.info("locked the %s tower but its last %d group(s): %d parameters (%d values) frozen", kind,
                         unlocked, len(frozen[kind]), sum(numel[name] for name in frozen[kind]))
-
-    def _clear_earlier_run(self) -> None:
-        """--overwrite on a fresh job: empty run.out_dir of an earlier run of this engine (rank 0, holding the run
-        lock) and say what was removed; a folder that is not such a run folder is refused, nothing removed."""
-        outcome = None
-        if self.ctx.is_main:
-            try:
-                outcome = ("ok", clear_run_folder(self.out_dir))
-            except ValueError as exc:
-                outcome = ("refused", str(exc))
-        status, value = broadcast_object(outcome)
-        if status != "ok":
-            raise ValueError(value)
-        if value:
-            logger.warning("--overwrite: removed the earlier run in %s: %s", self.out_dir, ", ".join(value))
-
-    def _check_resume_keeps_results(self) -> None:
-        """A resume into the folder of a finished run would rewrite its results: refused unless `overwrite`."""
-        finished = finished_outputs(self.out_dir)
-        if not finished:
-            return
-        if not self.overwrite:
-            raise ValueError(
-                f"run.out_dir {self.out_dir} holds a finished run ({', '.join(finished)}): --resume "
-                f"{self.cfg.run.resume} would rewrite them; add --overwrite to continue it and replace them, or "
-                f"evaluate or export its checkpoints instead (--weights {self.out_dir}/checkpoints/step_<N>); "
-                "nothing was changed"
-            )
-        logger.warning("--overwrite: resuming the finished run in %s from %s; its %s and later checkpoints "
-                       "will be replaced", self.out_dir, self.cfg.run.resume, ", ".join(finished))
 
     # ----- the step shared by both stages -----
     def train_step(self, batch: Batch, *, lr: float, grad_clip: float) -> dict:

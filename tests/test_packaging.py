@@ -22,6 +22,9 @@ def test_wheel_installs_the_shipped_zero_configs_and_model_configs(tmp_path):
     shipped = sorted(p.name for p in (ROOT / "zero_configs").glob("*.json"))
     assert sorted(Path(n).name for n in names if n.startswith("zero_configs/") and n.endswith(".json")) == shipped
     assert any(n.startswith("models/configs/") and n.endswith(".json") for n in names)
+    # Every module of the engine ships: each subpackage (engine/config/, engine/backends/, ...) is found.
+    modules = sorted(p.relative_to(source).as_posix() for p in (source / "engine").rglob("*.py"))
+    assert [m for m in modules if m not in names] == []
     # Installed elsewhere, the engine finds the configs by name from any working directory.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True, cwd=tmp_path)

@@ -3,7 +3,7 @@
 `--set key=v1,v2,...` makes `key` an axis of the grid (a plain `--set key=v` stays fixed). Every grid
 point fine-tunes from OSR statistics: those of `--osr-from` when given (then no axis may change what
 defines them, e.g. `loss.margin` for HGCL's u*), otherwise one OSR per distinct value of the axes that
-define the statistics (the fields marked `osr` in engine/config.py), shared by every point that agrees on
+define the statistics (the fields marked `osr` in engine/config/), shared by every point that agrees on
 them: an lr sweep needs one OSR, a margin sweep one per margin. Each point is a run folder under
 `--out`; the sweep ends with `report.html` / `report.md` comparing them.
 """
