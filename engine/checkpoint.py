@@ -490,7 +490,7 @@ class CheckpointManager:
 
 # ----- what may be loaded into which job -----
 
-# The rules live on the config fields (engine/config.py `setting(..., resume=..., osr=...)`); these are read from them.
+# The rules live on the config fields (engine/config/ `setting(..., resume=..., osr=...)`); these are read from them.
 # Settings that define recovered OSR statistics: reusing them needs the same values.
 OSR_DEFINING_KEYS = keys_with("osr", True)
 # Schedule-only settings a resumed run may change (e.g. a lower lr after non-finite steps); logged.

@@ -1,4 +1,4 @@
-"""The configuration reference (docs/configuration.md), generated from the fields of engine/config.py.
+"""The configuration reference (docs/configuration.md), generated from the fields of engine/config/.
 
 `python -m engine.config_reference > docs/configuration.md`; a test fails when the committed file is out of date.
 """
@@ -51,7 +51,7 @@ def reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        ("<!-- Generated from the fields of engine/config.py: python -m engine.config_reference "
+        ("<!-- Generated from the fields of engine/config/: python -m engine.config_reference "
          "> docs/configuration.md -->"),
         "",
         prose("A job is configured by a YAML file (`--config`) of these sections, and by overrides "
