@@ -153,9 +153,14 @@ def identity(x):
     return x
 
 
+def compiled_kernels() -> set[str]:
+    """The block functions dynamo holds graphs of (since its last reset)."""
+    return {fn.__name__ for fn in BlockKernels.FUNCTIONS if _debug_get_cache_entry_list(fn.__code__)}
+
+
 def loss_steps(kind, chunk_size, kernels, *, num_steps=4):
-    """Steps of GCL / HGCL on batches of 8, every other one a padded tail with 5 real samples: per step the term,
-    the u rows and the feature gradients."""
+    """Steps of GCL / HGCL on batches of 8, every other one (the first too) a padded tail with 5 real samples: per
+    step the term, the u rows and the feature gradients."""
     table, results = Rows(64), []
     for step in range(num_steps):
         gen = torch.Generator().manual_seed(step)
@@ -164,7 +169,7 @@ def loss_steps(kind, chunk_size, kernels, *, num_steps=4):
         objective = build_objective(kind, tau=0.05, margin=0.1, eps=1e-10, chunk_size=chunk_size, normaliser=table,
                                     rank=0, world_size=1, local_batch=8, gather=identity, reduce_sum=identity,
                                     kernels=kernels)
-        mask = BatchMask.of(torch.arange(8) < (5 if step % 2 else 8), num_local=8, rank=0, gather=identity)
+        mask = BatchMask.of(torch.arange(8) < (8 if step % 2 else 5), num_local=8, rank=0, gather=identity)
         term = objective(f, g, rows=torch.arange(8) + 8 * step, mask=mask)["contrastive_loss"]
         term.backward()
         objective.after_step()
@@ -181,10 +186,13 @@ def test_step_kernels_captured_by_dynamo_change_no_number(kind, chunk_size):
     torch._dynamo.reset()
     counter = CompileCounter()
     eager = loss_steps(kind, chunk_size, None, num_steps=6)
+    loss_steps(kind, chunk_size, BlockKernels(counter), num_steps=1)
+    assert counter.frame_count > 0  # the padded batch's loss (the real rows) runs the kernels
     compiled = loss_steps(kind, chunk_size, BlockKernels(counter), num_steps=4)
     first_steps = counter.frame_count
     compiled += loss_steps(kind, chunk_size, BlockKernels(counter), num_steps=6)[4:]
     assert 0 < first_steps <= 8 and counter.frame_count == first_steps
+    assert compiled_kernels() == {"whole_log_phi_block", "coefficient_block" if chunk_size else "kept_coefficient_block"}
     for step, (ours, ref) in enumerate(zip(compiled, eager)):
         for a, b in zip(ours, ref):
             assert torch.equal(a, b), step
@@ -210,7 +218,7 @@ def test_step_kernels_on_ranks_change_no_number():
                 kernels=kernels)))
         for a, b in zip(*results):
             assert torch.equal(a, b)
-    assert counter.frame_count > 0
+    assert counter.frame_count > 0 and compiled_kernels() == {"rank_log_phi_block", "coefficient_block"}
 
 
 def test_step_kernels_with_inductor_match_eager():
