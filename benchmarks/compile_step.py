@@ -1,4 +1,4 @@
-"""Step time with `run.compile` (blocks, model) against eager, and the compile time, single-process backend.
+"""Step time with `run.compile` (blocks, model, step) against eager, and the compile time, single-process backend.
 
 Each side is a Trainer of the same job (TuneCLIP, ViT-B-32 at 224 px unless --model, fp32, batch 8 unless
 --batch-size) running `Trainer.train_step` in fine-tuning on the same batches (forward, GCL/HGCL objective,
@@ -10,6 +10,7 @@ Nothing is asserted: on CPU inductor's gains are small, the number that matters 
 
     python benchmarks/compile_step.py                          # ViT-B-32, ~10 min on 2 idle cores
     python benchmarks/compile_step.py --model tiny-vit --batch-size 64 --rounds 20
+    python benchmarks/compile_step.py --model tiny-vit --batch-size 256 --modes none,model,step
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ What is timed, per B, on the same features (random, L2-normalised, B x D, with g
                 feature gradients) + backward, tau 0.01, margin 0.1, u rows seen before (u near
                 Phi), at chunk 1024 (checked) and chunk 0 = the whole batch (shown, not checked;
                 at B = 1024 both are one block).
+  ... compiled   with `--compiled`: the same with run.compile=step's block kernels (inductor; shown, not
+                checked): the elementwise passes fused; the first (warm-up) call compiles, its time is printed.
 The floor of an exact step is three B x D x B products (the similarity block and the two feature
 gradients), so 3x plus the elementwise passes. Paths run in interleaved rounds (order rotated every
 round) after one warm-up call each; the table shows each path's fastest call and its ratio to the
@@ -20,6 +22,7 @@ the minimum is the estimate their load cannot bias. Median ms is printed next to
     python benchmarks/loss_speed.py            # B 1024 and 4096, 7 rounds (~1-2 min on 2 cores)
     python benchmarks/loss_speed.py --quick    # B 1024, 2 rounds, no check
     python benchmarks/loss_speed.py --threads 1   # on cores shared with other jobs: see below
+    python benchmarks/loss_speed.py --compiled    # also GCL / HGCL with the loss compiled (run.compile=step)
 
 On cores shared with other jobs, a 2-thread op waits for its slower thread, and the elementwise passes
 (many short ops) suffer more than one long matmul: the ratios then drift up for every loss alike.
@@ -41,6 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.harness import Column, Table, round_order, timed
+from engine.objectives.block_kernels import BlockKernels
 from engine.objectives.contrastive import GlobalContrastiveLoss, SurrogateSpec, anchor_log_phi
 
 FEATURE_DIM = 512
@@ -66,8 +70,9 @@ def _features(batch: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return f.requires_grad_(True), g.requires_grad_(True)
 
 
-def _paths(f: torch.Tensor, g: torch.Tensor) -> dict[tuple[str, int], callable]:
-    """Each timed path as a no-argument call; keys are (name, chunk), chunk -1 where it does not apply."""
+def _paths(f: torch.Tensor, g: torch.Tensor, *, compiled: bool) -> dict[tuple[str, int], callable]:
+    """Each timed path as a no-argument call; keys are (name, chunk), chunk -1 where it does not apply; with
+    `compiled` also GCL / HGCL with their block kernels compiled by inductor."""
     from open_clip.loss import ClipLoss
 
     clip_loss = ClipLoss()
@@ -84,8 +89,8 @@ def _paths(f: torch.Tensor, g: torch.Tensor) -> dict[tuple[str, int], callable]:
         f.grad = g.grad = None
         clip_loss(f, g, scale).backward()
 
-    def global_loss(kind: str, chunk_size: int):
-        loss = GlobalContrastiveLoss(SurrogateSpec(kind=kind, chunk_size=chunk_size))
+    def global_loss(kind: str, chunk_size: int, kernels: BlockKernels | None = None):
+        loss = GlobalContrastiveLoss(SurrogateSpec(kind=kind, chunk_size=chunk_size), kernels=kernels)
 
         def step():
             f.grad = g.grad = None
@@ -97,15 +102,25 @@ def _paths(f: torch.Tensor, g: torch.Tensor) -> dict[tuple[str, int], callable]:
     for kind in ("gcl", "hgcl"):
         for chunk_size in CHUNK_SIZES:
             paths[(kind.upper(), chunk_size)] = global_loss(kind, chunk_size)
+    if compiled:
+        kernels = BlockKernels("inductor")
+        for kind in ("gcl", "hgcl"):
+            for chunk_size in CHUNK_SIZES:
+                paths[(f"{kind.upper()} compiled", chunk_size)] = global_loss(kind, chunk_size, kernels)
     return paths
 
 
-def measure(batch: int, rounds: int) -> dict[tuple[str, int], list[float]]:
-    """Seconds per call of every path at one batch size, rounds interleaved."""
+def measure(batch: int, rounds: int, *, compiled: bool = False) -> dict[tuple[str, int], list[float]]:
+    """Seconds per call of every path at one batch size, rounds interleaved (the compiled paths' first call,
+    which compiles, printed)."""
     f, g = _features(batch, seed=batch)
-    paths = _paths(f, g)
-    for call in paths.values():  # warm-up: thread pool, allocator, kernels
-        call()
+    torch._dynamo.reset()  # each batch size compiles afresh, as a run of that batch size would
+    paths = _paths(f, g, compiled=compiled)
+    for key, call in paths.items():  # warm-up: thread pool, allocator, kernels (compiled paths: compilation)
+        with timed() as timing:
+            call()
+        if "compiled" in key[0]:
+            print(f"  B {batch} {key[0]} chunk {key[1]}: first call (compiles) {timing.wall_s:.1f} s", flush=True)
     times = {key: [] for key in paths}
     for round_index in range(rounds):
         for key in round_order(list(paths), round_index):
@@ -120,6 +135,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="B 1024, 2 rounds, no target check")
     parser.add_argument("--rounds", type=int, default=NUM_ROUNDS, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also GCL / HGCL with their block kernels compiled by inductor (run.compile=step)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
@@ -134,7 +151,7 @@ def main() -> None:
     print(TABLE.header())
     failures, headline = [], []
     for batch in batches:
-        times = measure(batch, rounds)
+        times = measure(batch, rounds, compiled=args.compiled)
         matmul, clip = min(times[("matmul", -1)]), min(times[("ClipLoss", -1)])
         for (name, chunk_size), values in times.items():
             checked = name in ("GCL", "HGCL") and chunk_size == CHECKED_CHUNK

@@ -1,11 +1,17 @@
 """`run.compile`: torch.compile of the model's forward, in place, so that parameter names, state dicts,
-checkpoints and resume stay exactly as without it.
+checkpoints and resume stay exactly as without it, and with `step` of the loss's elementwise work too.
 
 - `blocks`: each residual block of both towers gets a compiled `forward` (one graph per block shape; identical
   blocks share it). The sharding hooks FSDP2 puts around a block stay outside the graph, so this is the mode
   for FSDP2 (as large FSDP trainers compile per block), and it works on one process and under ZeRO-1/2.
 - `model`: the whole forward (both towers, projections, normalisation) in one graph: single process and
   ZeRO-1/2, whose parameters are whole during the forward.
+- `step`: what `model` compiles, and GCL / HGCL's elementwise work on each similarity block (masked maxima,
+  exp terms, hinge, sums: engine/objectives/block_kernels.py), so that inductor fuses those passes into a few
+  kernels around the loss's three matrix products. The chunk loop, the collectives and the u table stay eager
+  (host-side table reads and writes, gathers: no whole-step graph holds them). On a backend that cannot compile
+  the whole forward but can its blocks (FSDP2), the forward part is `blocks` (logged): the loss's kernels see
+  gathered features only and compile on every backend. MBCL and SigLIP's loss are not compiled.
 Each backend says what it cannot compile (`Backend.compile_problem`): ZeRO-3, which gathers each layer's
 partitions in hooks of every sub-module, inside any graph, and FSDP2's whole-model mode; refused in one line.
 The evaluator calls the encoders directly and is not compiled (it runs rarely, at other batch sizes).
@@ -18,9 +24,11 @@ import logging
 import torch
 from torch import nn
 
+from engine.objectives.block_kernels import BlockKernels
+
 logger = logging.getLogger(__name__)
 
-MODES = ("none", "blocks", "model")
+MODES = ("none", "blocks", "model", "step")
 
 
 def apply_compile(model: nn.Module, mode: str, *, compile_backend: str = "inductor") -> int:
@@ -52,4 +60,13 @@ def compile_model(backend, run) -> int:
     problem = backend.compile_problem(run.compile) if run.compile != "none" else None
     if problem:
         raise ValueError(problem)
-    return apply_compile(backend.model, run.compile, compile_backend=run.compile_backend)
+    mode = run.compile
+    if mode == "step":  # the whole forward where the backend can compile it, else its blocks
+        mode = "model" if backend.compile_problem("model") is None else "blocks"
+        logger.info("run.compile=step: the forward as run.compile=%s, and the loss's block kernels", mode)
+    return apply_compile(backend.model, mode, compile_backend=run.compile_backend)
+
+
+def loss_kernels(run) -> BlockKernels | None:
+    """GCL / HGCL's block functions compiled with `run.compile_backend` under run.compile=step; None otherwise."""
+    return BlockKernels(run.compile_backend) if run.compile == "step" else None

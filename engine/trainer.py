@@ -25,7 +25,7 @@ from engine.accumulate import ForwardBackward, step_outputs
 from engine.backends import backend_class, backend_names, select_backend
 from engine.backends.base import OptimSettings
 from engine.checkpoint import BACKEND_PART, TRAIN_STATE, CheckpointManager, schedule_changes
-from engine.compiling import compile_model
+from engine.compiling import compile_model, loss_kernels
 from engine.config import METHOD_RUNS_OSR, JobConfig
 from engine.data import Batch, LoaderPlan, Manifest, ShardLoader
 from engine.data.samples import read_limits
@@ -164,7 +164,7 @@ class Trainer:
         self.objective = build_terms(cfg.loss.terms, TermContext(
             cfg=cfg, tau=self.tau, normaliser=self.normaliser, rank=self.ctx.rank, world_size=self.ctx.world_size,
             local_batch=self.local_batch, gather=gather_no_grad, reduce_sum=all_reduce_sum,
-            log_event=lambda record: self.log.write(record),
+            log_event=lambda record: self.log.write(record), loss_kernels=loss_kernels(cfg.run),
             model=ModelAccess(parameter_shards=self.backend.parameter_shards,
                               parameter_spans=self.backend.parameter_spans,
                               shards_replaced=self.backend.shards_replaced,

@@ -64,8 +64,9 @@ class RunConfig:
         resume="may_change")
     compile: CompileMode = setting(
         "none", "torch.compile: none | blocks (each transformer block of both towers: every backend but ZeRO-3) | "
-        "model (the whole forward, both towers in one graph: single and ZeRO-1/2); weights, checkpoints and "
-        "resume unchanged", resume="may_change")
+        "model (the whole forward, both towers in one graph: single and ZeRO-1/2) | step (model's, blocks' on "
+        "FSDP2, and GCL/HGCL's elementwise work per similarity block, fused); weights, checkpoints and resume "
+        "unchanged", resume="may_change")
     compile_backend: str = setting("inductor", "torch.compile backend for run.compile (inductor; aot_eager or "
                                    "eager to debug a compile problem)", resume="may_change")
     plugins: list[str] = setting([], "modules the trainer imports (on every rank) before it builds the job: the loss "

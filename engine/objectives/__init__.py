@@ -23,6 +23,7 @@ from typing import Protocol
 
 from torch import Tensor
 
+from engine.objectives.block_kernels import BlockKernels
 from engine.objectives.contrastive import (
     GlobalContrastiveLoss,
     MiniBatchContrastiveLoss,
@@ -98,8 +99,10 @@ class GlobalContrastiveObjective:
     """
 
     def __init__(self, spec: SurrogateSpec, normaliser: Normaliser, *, offset: int,
-                 gather: Callable[[Tensor], Tensor], reduce_sum: Callable[[Tensor], Tensor], world_size: int):
-        self.loss = GlobalContrastiveLoss(spec, gather=gather, reduce_sum=reduce_sum, world_size=world_size)
+                 gather: Callable[[Tensor], Tensor], reduce_sum: Callable[[Tensor], Tensor], world_size: int,
+                 kernels: BlockKernels | None = None):
+        self.loss = GlobalContrastiveLoss(spec, gather=gather, reduce_sum=reduce_sum, world_size=world_size,
+                                          kernels=kernels)
         self.normaliser = normaliser
         self.offset = offset  # this rank's first index in the global batch
 
@@ -110,7 +113,7 @@ class GlobalContrastiveObjective:
             image_features, text_features = mask.real(image_features), mask.real(text_features)
             rows = rows[mask.local.to(rows.device)]
             loss = GlobalContrastiveLoss(loss.spec, gather=mask.gather, reduce_sum=loss.reduce_sum,
-                                         world_size=int(loss.grad_scale))
+                                         world_size=int(loss.grad_scale), kernels=loss.kernels)
             offset = mask.offset
         batch = loss.batch_estimates(image_features, text_features, offset=offset)
         log_u_x, log_u_z = self.normaliser.estimate(rows, batch.log_phi_x, batch.log_phi_z,
@@ -135,10 +138,10 @@ def _mbcl(*, tau: float, rank: int, world_size: int, reduce_sum, **_) -> Objecti
 
 def _global(kind: str):
     def build(*, tau: float, margin: float, eps: float, chunk_size: int, normaliser: Normaliser, rank: int,
-              world_size: int, local_batch: int, gather, reduce_sum) -> Objective:
+              world_size: int, local_batch: int, gather, reduce_sum, kernels: BlockKernels | None) -> Objective:
         spec = SurrogateSpec(kind=kind, margin=margin, tau=tau, eps=eps, chunk_size=chunk_size)
         return GlobalContrastiveObjective(spec, normaliser, offset=rank * local_batch, gather=gather,
-                                          reduce_sum=reduce_sum, world_size=world_size)
+                                          reduce_sum=reduce_sum, world_size=world_size, kernels=kernels)
 
     return build
 
@@ -159,10 +162,12 @@ def trained_scalars(kind: str) -> tuple[str, ...]:
 
 def build_objective(kind: str, *, tau: float, margin: float, eps: float, chunk_size: int,
                     normaliser: Normaliser, rank: int, world_size: int, local_batch: int,
-                    gather: Callable[[Tensor], Tensor], reduce_sum: Callable[[Tensor], Tensor]) -> Objective:
-    """The objective registered as `kind` (`mbcl`, `gcl`, `hgcl`, `siglip`) for this rank of the job."""
+                    gather: Callable[[Tensor], Tensor], reduce_sum: Callable[[Tensor], Tensor],
+                    kernels: BlockKernels | None = None) -> Objective:
+    """The objective registered as `kind` (`mbcl`, `gcl`, `hgcl`, `siglip`) for this rank of the job; `kernels`:
+    GCL / HGCL's block work compiled (`run.compile=step`), None eager (the other objectives take none)."""
     if kind not in OBJECTIVES:
         raise ValueError(f"unknown objective {kind!r}; registered: {', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[kind](tau=tau, margin=margin, eps=eps, chunk_size=chunk_size, normaliser=normaliser,
                             rank=rank, world_size=world_size, local_batch=local_batch, gather=gather,
-                            reduce_sum=reduce_sum)
+                            reduce_sum=reduce_sum, kernels=kernels)

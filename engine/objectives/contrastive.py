@@ -44,6 +44,7 @@ import torch
 from open_clip.loss import ClipLoss
 from torch import Tensor
 
+from engine.objectives.block_kernels import BlockKernels
 from engine.objectives.normaliser import update_log_estimate  # SogCLR's moving average: the table's rule
 
 SURROGATES = ("gcl", "hgcl")
@@ -192,23 +193,25 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
 
 
 def _log_phi(f_local: Tensor, g_local: Tensor, f_global: Tensor, g_global: Tensor, *, offset: int,
-             spec: SurrogateSpec, keep: bool) -> tuple[Tensor, Tensor, _Kept | None]:
+             spec: SurrogateSpec, keep: bool, kernels: BlockKernels | None = None) -> tuple[Tensor, Tensor, _Kept | None]:
     """log Phi1, log Phi2 of the local anchors (see `anchor_log_phi`), and with `keep`, when the global
-    batch is one block, what the gradient pass can reuse instead of recomputing it."""
+    batch is one block, what the gradient pass can reuse instead of recomputing it. `kernels`: each block's
+    elementwise work compiled (engine/objectives/block_kernels.py); None: eager, in place."""
     f_local, g_local, f_global, g_global = _upcast(f_local, g_local, f_global, g_global)
     num_global = f_global.shape[0]
     pos = (f_local * g_local).sum(dim=1, keepdim=True)  # s_ii of the local anchors
     keep = keep and num_global <= (spec.chunk_size or num_global)
     if _is_whole_batch(f_local, g_local, f_global, g_global):
-        log_phi_x, log_phi_z, kept = _whole_batch_log_phi(f_local, g_local, pos, spec, keep=keep)
+        log_phi_x, log_phi_z, kept = _whole_batch_log_phi(f_local, g_local, pos, spec, keep=keep, kernels=kernels)
     else:
         log_phi_x, log_phi_z, kept = _rank_log_phi(f_local, g_local, f_global, g_global, pos, offset=offset,
-                                                   spec=spec, keep=keep)
+                                                   spec=spec, keep=keep, kernels=kernels)
     log_b = math.log(num_global)
     return log_phi_x - log_b, log_phi_z - log_b, (_Kept(kept) if kept is not None else None)
 
 
-def _whole_batch_log_phi(f: Tensor, g: Tensor, pos: Tensor, spec: SurrogateSpec, *, keep: bool):
+def _whole_batch_log_phi(f: Tensor, g: Tensor, pos: Tensor, spec: SurrogateSpec, *, keep: bool,
+                         kernels: BlockKernels | None):
     """One process: per chunk of texts, one block s = f @ g_chunk^T gives the image anchors' partial sums
     along its rows and the chunk's text anchors' whole sums along its columns (s_ji = s^T)."""
     num = f.shape[0]
@@ -217,6 +220,11 @@ def _whole_batch_log_phi(f: Tensor, g: Tensor, pos: Tensor, spec: SurrogateSpec,
     for start, stop in _chunks(num, spec.chunk_size):
         s = torch.mm(f, g[start:stop].T, out=work("s", stop - start))  # image anchor a (row) vs text k (column)
         pos_column = pos[start:stop].T
+        if kernels is not None:
+            row_part, log_phi_z[start:stop], kept = kernels.whole_log_phi_block(
+                s, pos, pos_column, -start, spec.kind, spec.margin, spec.tau, keep)
+            row_parts.append(row_part)
+            continue
         row_max, column_max = _off_positive_max(s, 0, start, columns=True)
         shift_row, shift_column = _shift(row_max, pos, spec), _shift(column_max, pos_column, spec)
         # Kept, the terms need their own memory: exp(l/tau - shift) times the hinge, in new blocks.
@@ -237,7 +245,7 @@ def _whole_batch_log_phi(f: Tensor, g: Tensor, pos: Tensor, spec: SurrogateSpec,
 
 
 def _rank_log_phi(f_local: Tensor, g_local: Tensor, f_global: Tensor, g_global: Tensor, pos: Tensor, *,
-                  offset: int, spec: SurrogateSpec, keep: bool):
+                  offset: int, spec: SurrogateSpec, keep: bool, kernels: BlockKernels | None):
     """Local anchors against the gathered global batch: one block per anchor direction and chunk."""
     parts_x, parts_z, kept = [], [], None
     work = _Workspace(f_local.shape[0], f_local)
@@ -245,6 +253,9 @@ def _rank_log_phi(f_local: Tensor, g_local: Tensor, f_global: Tensor, g_global: 
         s_img = f_local @ g_global[start:stop].T  # s_{a,k}: local image anchor a, text k
         s_txt = g_local @ f_global[start:stop].T  # s_{k,b}: local text anchor b, image k
         for s, parts in ((s_img, parts_x), (s_txt, parts_z)):
+            if kernels is not None:
+                parts.append(kernels.rank_log_phi_block(s, pos, offset - start, spec.kind, spec.margin, spec.tau))
+                continue
             row_max, _ = _off_positive_max(s, offset, start, columns=False)
             shift = _shift(row_max, pos, spec)
             e, _ = _exp_terms(s, pos, shift, spec, into=work("rows", stop - start) if keep else s)
@@ -285,12 +296,14 @@ def feature_gradients(
     offset: int,
     spec: SurrogateSpec,
     kept: _Kept | None = None,
+    kernels: BlockKernels | None = None,
 ) -> tuple[Tensor, Tensor]:
     """dG/df, dG/dg for the local features: the paper's estimator G (eq. 4) in closed form.
 
     `log_wx_global`, `log_wz_global` are log(eps + u) of every anchor of the global batch
     ([B], after this step's update). Returns float32 tensors shaped like f_local, g_local.
-    `kept`: the blocks the log Phi pass of the same features kept (`_log_phi`), else recomputed.
+    `kept`: the blocks the log Phi pass of the same features kept (`_log_phi`), else recomputed; `kernels` as
+    in `_log_phi`.
 
     With coefficients A_ik (image anchor i vs text k) and C_ik (text anchor i vs image k),
     c = exp(l/tau - log(eps+u_i)) * l'(d) / B^2, the gradients are
@@ -303,9 +316,10 @@ def feature_gradients(
         log_wx_global, log_wz_global = log_wx_global.to(f_local.dtype), log_wz_global.to(f_local.dtype)
         blocks = kept.take() if kept is not None else None
         if _is_whole_batch(f_local, g_local, f_global, g_global):
-            return _whole_batch_gradients(f_local, g_local, log_wx_global, log_wz_global, spec=spec, kept=blocks)
+            return _whole_batch_gradients(f_local, g_local, log_wx_global, log_wz_global, spec=spec, kept=blocks,
+                                          kernels=kernels)
         return _rank_gradients(f_local, g_local, f_global, g_global, log_wx_global, log_wz_global, offset=offset,
-                               spec=spec, kept=blocks)
+                               spec=spec, kept=blocks, kernels=kernels)
 
 
 def _gradient_scale(num_global: int, spec: SurrogateSpec) -> float:
@@ -314,7 +328,7 @@ def _gradient_scale(num_global: int, spec: SurrogateSpec) -> float:
 
 
 def _whole_batch_gradients(f: Tensor, g: Tensor, log_wx: Tensor, log_wz: Tensor, *, spec: SurrogateSpec,
-                           kept: tuple[Tensor, ...] | None) -> tuple[Tensor, Tensor]:
+                           kept: tuple[Tensor, ...] | None, kernels: BlockKernels | None) -> tuple[Tensor, Tensor]:
     """One process: per chunk of texts k, the block M = A[:, k] + C[k, :]^T (both from s = f @ g_k^T) gives
     df += M @ g_k and the chunk's whole dg_k = M^T @ f."""
     num = f.shape[0]
@@ -325,7 +339,19 @@ def _whole_batch_gradients(f: Tensor, g: Tensor, log_wx: Tensor, log_wz: Tensor,
     work = _Workspace(num, f)
     for start, stop in _chunks(num, spec.chunk_size):
         width = stop - start
-        if kept is not None:  # the log Phi pass's terms, exp(l/tau - shift) l', times exp(shift - log w)
+        if kernels is not None:
+            if kept is not None:
+                a_rows, shift_row, c_columns, shift_column = kept
+                block, rows, columns = kernels.kept_coefficient_block(
+                    a_rows, shift_row, c_columns, shift_column, log_wx.unsqueeze(1), log_wz.unsqueeze(0))
+            else:
+                s = torch.mm(f, g[start:stop].T, out=work("s", width))
+                block, rows, columns = kernels.coefficient_block(
+                    s, pos, log_wx.unsqueeze(1), pos[start:stop].T, log_wz[start:stop].unsqueeze(0), -start,
+                    spec.kind, spec.margin, spec.tau, True)
+            row_sum += rows
+            row_sum[start:stop] += columns
+        elif kept is not None:  # the log Phi pass's terms, exp(l/tau - shift) l', times exp(shift - log w)
             a_rows, shift_row, c_columns, shift_column = kept
             factor_row = (shift_row - log_wx.unsqueeze(1)).exp_()
             factor_column = (shift_column - log_wz.unsqueeze(0)).exp_()
@@ -351,7 +377,7 @@ def _whole_batch_gradients(f: Tensor, g: Tensor, log_wx: Tensor, log_wz: Tensor,
 
 def _rank_gradients(f_local: Tensor, g_local: Tensor, f_global: Tensor, g_global: Tensor, log_wx_global: Tensor,
                     log_wz_global: Tensor, *, offset: int, spec: SurrogateSpec,
-                    kept: tuple[Tensor, ...] | None) -> tuple[Tensor, Tensor]:
+                    kept: tuple[Tensor, ...] | None, kernels: BlockKernels | None) -> tuple[Tensor, Tensor]:
     """Local rows against chunks of the gathered batch: per chunk, one block per anchor direction."""
     num_global, num_local = f_global.shape[0], f_local.shape[0]
     scale = _gradient_scale(num_global, spec)
@@ -372,6 +398,12 @@ def _rank_gradients(f_local: Tensor, g_local: Tensor, f_global: Tensor, g_global
         # s_gf[b, k]: C[b,k] (text anchor b, local, vs image k) and A[k,b] (image anchor k vs text b).
         for s, local_w, column_w, grad, other in ((s_fg, lwx_local, log_wz_global, grad_f, g_chunk),
                                                    (s_gf, lwz_local, log_wx_global, grad_g, f_chunk)):
+            if kernels is not None:
+                block, rows, _ = kernels.coefficient_block(s, pos_local, local_w, pos_k, column_w[start:stop].unsqueeze(0),
+                                                           offset - start, spec.kind, spec.margin, spec.tau, False)
+                row_sum += rows
+                grad.addmm_(block, other, alpha=scale)
+                continue
             rows = _coefficients(s, pos_local, local_w, offset, start, spec, into=work("rows", width),
                                  spare=work("spare", width))
             row_sum += rows.sum(dim=1, keepdim=True)
@@ -414,12 +446,14 @@ class GlobalContrastiveLoss:
     `gather` concatenates a tensor over ranks along dim 0 without gradient and `reduce_sum`
     sums over ranks (both identity for one process); `offset` is this rank's first index in the
     global batch. Reported values are global; the objective's gradient, averaged over ranks as
-    data-parallel backends do, is G.
+    data-parallel backends do, is G. `kernels`: each block's elementwise work compiled (`run.compile=step`);
+    None: eager, in place.
     """
 
     def __init__(self, spec: SurrogateSpec, *, gather: Gather = _identity_gather,
-                 reduce_sum: Gather = _identity_gather, world_size: int = 1):
+                 reduce_sum: Gather = _identity_gather, world_size: int = 1, kernels: BlockKernels | None = None):
         self.spec = spec
+        self.kernels = kernels
         self.gather = gather
         self.reduce_sum = reduce_sum
         # Backends average parameter gradients over ranks; each rank's objective carries the
@@ -457,7 +491,7 @@ class GlobalContrastiveLoss:
             f_global = self.gather(image_features.detach())
             g_global = self.gather(text_features.detach())
             log_phi_x, log_phi_z, kept = _log_phi(image_features, text_features, f_global, g_global, offset=offset,
-                                                  spec=self.spec, keep=True)
+                                                  spec=self.spec, keep=True, kernels=self.kernels)
         return BatchEstimates(f_global, g_global, log_phi_x, log_phi_z, kept)
 
     def divided(self, image_features: Tensor, text_features: Tensor, batch: BatchEstimates, *, log_u_x: Tensor,
@@ -472,7 +506,7 @@ class GlobalContrastiveLoss:
         log_wz_global = self.gather(log_wz)
         grad_f, grad_g = feature_gradients(
             image_features, text_features, f_global, g_global, log_wx_global, log_wz_global,
-            offset=offset, spec=spec, kept=batch.kept,
+            offset=offset, spec=spec, kept=batch.kept, kernels=self.kernels,
         )
         # Reported values (eq. 2/9): tau/B sum_i [...], summed over ranks' anchors.
         local_values = torch.stack([

@@ -56,7 +56,7 @@ class ContrastiveTerm(TermBase):
         return build_objective(
             kind, tau=ctx.tau, margin=margin, eps=lcfg.eps, chunk_size=lcfg.chunk_size,
             normaliser=ctx.normaliser, rank=ctx.rank, world_size=ctx.world_size, local_batch=ctx.local_batch,
-            gather=ctx.gather, reduce_sum=ctx.reduce_sum)
+            gather=ctx.gather, reduce_sum=ctx.reduce_sum, kernels=ctx.loss_kernels)
 
     def prepare(self, probe: Probe) -> None:
         if self.margin is None and "hgcl" in self.kinds.values():

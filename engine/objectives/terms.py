@@ -34,6 +34,7 @@ from engine.objectives.padding import BatchMask
 if TYPE_CHECKING:
     from engine.config import JobConfig
     from engine.data import Batch
+    from engine.objectives.block_kernels import BlockKernels
     from engine.objectives.normaliser import Normaliser
 
 TERM_SUFFIX = "_loss"
@@ -77,8 +78,9 @@ class ModelAccess(NamedTuple):
 @dataclass
 class TermContext:
     """What a term may build itself from: the job's config, fixed temperature, normaliser, this rank's place
-    in the global batch, collectives (no gradient), the run log and (`model`) the trained model (None where
-    there is none, e.g. a term built outside a trainer)."""
+    in the global batch, collectives (no gradient), the run log, (`model`) the trained model (None where
+    there is none, e.g. a term built outside a trainer) and (`loss_kernels`) the compiled block functions of
+    GCL / HGCL under `run.compile=step` (None: eager)."""
 
     cfg: JobConfig
     tau: float
@@ -90,6 +92,7 @@ class TermContext:
     reduce_sum: Callable[[Tensor], Tensor]
     log_event: Callable[[dict], None]
     model: ModelAccess | None = None
+    loss_kernels: BlockKernels | None = None
 
 
 class Term(Protocol):
