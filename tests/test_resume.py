@@ -68,11 +68,12 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("crash_after", [3, 13])  # inside OSR (6 steps), inside fine-tuning
+@pytest.mark.parametrize("crash_after", [3, 7, 13])  # inside OSR (6 steps), right after its end, in fine-tuning
 def test_resume_after_crash_matches_straight_run(shards, tmp_path, straight_run, crash_after):
     """The u table's checkpoints are a full base every 8 saves and deltas between (step 6 is saved twice, the
-    second a base): crashed after 3 steps it resumes from a base (step 2), after 13 from a delta on the deltas
-    of steps 10 and 8 on the base of step 6, which the purge (keep_last_n=2) kept trimmed to the u table's files."""
+    second a base, replacing a delta: a compaction): crashed after 3 steps it resumes from a base (step 2), after 7
+    from that new base, after 13 from a delta on the deltas of steps 10 and 8 on the base of step 6, which the
+    purge (keep_last_n=2) kept trimmed to the u table's files."""
     trainer = Trainer(load_config(base=job(shards, tmp_path)))
     crash_after_steps(trainer, crash_after, Crash("simulated failure"))
     with pytest.raises(Crash):
@@ -80,13 +81,14 @@ def test_resume_after_crash_matches_straight_run(shards, tmp_path, straight_run,
     trainer.close()
     folders = {f.name: sorted(p.name for p in f.iterdir()) for f in (tmp_path / "checkpoints").glob("step_*")}
     whole = ["COMPLETE", "backend", "normaliser", "ranks", "state.json"]
-    assert folders == ({"step_00000002": whole} if crash_after == 3 else {
+    assert folders == {3: {"step_00000002": whole}, 7: {
+        "step_00000002": ["COMPLETE", "normaliser"], "step_00000004": whole, "step_00000006": whole}, 13: {
         "step_00000006": ["COMPLETE", "normaliser"], "step_00000008": ["COMPLETE", "normaliser"],
-        "step_00000010": whole, "step_00000012": whole})
+        "step_00000010": whole, "step_00000012": whole}}[crash_after]
     resumed = Trainer(load_config(base=job(shards, tmp_path, resume="latest")))
     assert resumed.global_step == (crash_after // 2) * 2  # the last checkpoint before the crash
     chain = sorted(required_folders(tmp_path / "checkpoints" / f"step_{resumed.global_step:08d}"))
-    assert chain == ([] if crash_after == 3 else ["step_00000006", "step_00000008", "step_00000010"])
+    assert chain == ([] if crash_after < 13 else ["step_00000006", "step_00000008", "step_00000010"])
     resumed.tune()
     resumed.close()
     assert_same_state(final_state(tmp_path, shards), straight_run)
