@@ -132,11 +132,12 @@ def check_tune(device: torch.device, *, tiny: bool) -> dict:
 
 def check_throughput(device: torch.device, *, tiny: bool) -> dict:
     """Images/s per device, MFU and peak GPU memory of a Trainer.train_step with the OpenCLIP loss (MBCL) vs
-    TuneCLIP's (HGCL + u table), eager and with run.compile=blocks, bf16 autocast: ViT-B-16 and ViT-L-14, and
+    TuneCLIP's (HGCL + u table), eager and with run.compile=blocks (ViT-B-16 also =step: the whole forward and the
+    loss's block work), bf16 autocast: ViT-B-16 and ViT-L-14, and
     ViT-H-14 where the device has the memory (eager only: its compile alone would take minutes); best of
     interleaved rounds of the same Trainer, model and batch."""
-    sizes = [("tiny-vit", 16, 2, 2, ("none", "blocks"))] if tiny else [
-        ("ViT-B-16", 256, 6, 2, ("none", "blocks")), ("ViT-L-14", 128, 4, 2, ("none", "blocks"))]
+    sizes = [("tiny-vit", 16, 2, 2, ("none", "blocks", "step"))] if tiny else [
+        ("ViT-B-16", 256, 6, 2, ("none", "blocks", "step")), ("ViT-L-14", 128, 4, 2, ("none", "blocks"))]
     if not tiny and device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory > 70e9:
         sizes.append(("ViT-H-14", 64, 3, 2, ("none",)))
     rows, failed, details = [], [], []
