@@ -3,10 +3,14 @@ keeps what kept checkpoints need (folders kept only for the chain trimmed to the
 fallback past a damaged delta (a resumed run equal to a straight one, through a chain of deltas and trimmed
 folders: tests/test_resume.py)."""
 
+import errno
 import json
 import logging
+import os
 import shutil
+import tempfile
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +28,9 @@ from engine.checkpoint import (
     required_folders,
 )
 from engine.distributed import DistContext
+from engine.objectives import table as table_module
 from engine.objectives.normaliser import SMALL_TABLE_BYTES, TableNormaliser
-from engine.objectives.table import DATA_FILE, DELTA_FILE, PAGE_ROWS
+from engine.objectives.table import DATA_FILE, DELTA_FILE, PAGE_ROWS, UTable
 
 NUM_ROWS = 10 * PAGE_ROWS + 123  # a short last page
 
@@ -320,3 +325,50 @@ def test_a_folder_left_with_only_trimmed_checkpoints_still_counts_as_an_earlier_
     assert [is_trimmed(f) for f in sorted(root.glob("step_*"))] == [True, True, False]
     shutil.rmtree(root / "step_00000003")  # the whole checkpoints removed by hand
     assert latest_checkpoint(root) is None and has_checkpoints(root)  # a fresh run refuses the folder
+
+
+def _clone_by_copying(src, dst):  # stands in for a filesystem that clones (reflink)
+    shutil.copyfile(src, dst)
+    return True
+
+
+@pytest.mark.parametrize("reflink", ["stand-in", "real"])
+def test_a_base_is_cloned_where_the_filesystem_can_and_copied_elsewhere(tmp_path, monkeypatch, reflink):
+    """Where the filesystem clones, a background base save stages nothing in memory and later writes never reach
+    the checkpoint (copy on write); where it cannot, the copy is as before. "real" needs a folder on a filesystem
+    with reflink (XFS with reflink=1, btrfs) in TUNECLIP_REFLINK_DIR."""
+    if reflink == "real":
+        if not os.environ.get("TUNECLIP_REFLINK_DIR"):
+            pytest.skip("set TUNECLIP_REFLINK_DIR to a folder on a filesystem with reflink")
+        tmp_path = Path(tempfile.mkdtemp(dir=os.environ["TUNECLIP_REFLINK_DIR"]))
+    else:
+        monkeypatch.setattr(table_module, "try_clone", _clone_by_copying)
+    monkeypatch.setattr(UTable, "snapshot", lambda self, **_: pytest.fail("a clonable base was staged in memory"))
+    norm = normaliser(tmp_path / "live")
+    manager = CheckpointManager(tmp_path / "ckpt", DistContext(), parts={"normaliser": norm}, async_save=True)
+    write_region(norm, np.random.default_rng(3), 0, 3 * PAGE_ROWS)
+    expected = table_bytes(norm)
+    folder = manager.save(1)
+    write_region(norm, np.random.default_rng(4), 0, NUM_ROWS)  # every page written after the clone
+    manager.wait()
+    norm.close()
+    assert load_bytes(tmp_path, folder) == expected
+    if reflink == "real":
+        shutil.rmtree(tmp_path)
+
+
+def test_a_filesystem_that_cannot_clone_gets_a_copy_and_no_stray_file(tmp_path, monkeypatch):
+    import fcntl
+
+    def refuse(*_):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(fcntl, "ioctl", refuse)
+    (tmp_path / "src").write_bytes(b"x" * 5000)
+    assert not table_module.try_clone(tmp_path / "src", tmp_path / "dst") and not (tmp_path / "dst").exists()
+    norm = normaliser(tmp_path / "live")
+    write_region(norm, np.random.default_rng(5), 0, 2 * PAGE_ROWS)
+    expected = table_bytes(norm)
+    norm.table.copy_to(tmp_path / "copied").close()
+    norm.close()
+    assert (tmp_path / "copied" / DATA_FILE).read_bytes() == expected

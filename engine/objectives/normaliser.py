@@ -342,14 +342,19 @@ class TableNormaliser:
         """`save` with the write in the background (collective): every rank's rows are flushed, rank 0 reads
         what this save holds (a full base: the table's allocated regions; a delta: the pages written since the
         parent) into host memory before any rank writes rows again, and a thread writes them; the future says
-        when (and whether) the copy is on disk."""
+        when (and whether) the copy is on disk. A base on a filesystem that clones (reflink) is cloned at once
+        instead: nothing staged in memory."""
         self.table.flush()
         barrier()
         pages = self._plan(directory)
         written: Future = Future()
         if self.ctx.is_main:
             record = self._chain_record()
-            if pages is None:
+            if pages is None and self.table.clone_to(directory):  # a reflink: nothing to stage in memory
+
+                def write_files() -> None:
+                    write_json_atomic(Path(directory) / CHAIN_FILE, record)
+            elif pages is None:
                 snapshot = self.table.snapshot()
 
                 def write_files() -> None:

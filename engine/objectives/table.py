@@ -72,6 +72,24 @@ def _write_regions(dst: Path, size: int, pieces) -> None:
         os.fsync(fout.fileno())
 
 
+FICLONE = 0x40049409  # Linux ioctl: make `dst` share `src`'s extents, copy on write (XFS with reflink, btrfs, ...)
+
+
+def try_clone(src: Path, dst: Path) -> bool:
+    """Make `dst` a copy-on-write clone of `src` (reflink) and fsync it; False (and no `dst`) where the
+    filesystem cannot (ext4, tmpfs, another filesystem than `src`'s, not Linux)."""
+    try:
+        import fcntl
+
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+            os.fsync(fout.fileno())
+        return True
+    except (OSError, ImportError):
+        Path(dst).unlink(missing_ok=True)
+        return False
+
+
 def sparse_copy(src: Path, dst: Path, *, block: int = 1 << 24) -> None:
     """Copy `src` to `dst` reading only its data regions (SEEK_DATA/SEEK_HOLE), then fsync."""
     size = os.path.getsize(src)
@@ -280,13 +298,24 @@ class UTable:
         return os.stat(self.directory / DATA_FILE).st_blocks * 512
 
     def copy_to(self, directory: str | os.PathLike) -> UTable:
-        """Flush and copy the table to `directory`, copying only allocated regions (holes stay holes)."""
+        """Flush and copy the table to `directory`: a copy-on-write clone where the filesystem makes one (`clone_to`),
+        else a copy of its allocated regions only (holes stay holes)."""
+        if not self.clone_to(directory):
+            directory = Path(directory)
+            sparse_copy(self.directory / DATA_FILE, directory / DATA_FILE)
+            write_json_atomic(directory / HEADER_FILE, self.header)
+        return UTable(Path(directory), dict(self.header))
+
+    def clone_to(self, directory: str | os.PathLike) -> bool:
+        """Flush and clone the table into `directory` (reflink: instant, no bytes read or staged in memory, disk
+        shared until either side writes a page); False, with nothing written, where the filesystem cannot."""
         self.flush()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        sparse_copy(self.directory / DATA_FILE, directory / DATA_FILE)
+        if not try_clone(self.directory / DATA_FILE, directory / DATA_FILE):
+            return False
         write_json_atomic(directory / HEADER_FILE, self.header)
-        return UTable(directory, dict(self.header))
+        return True
 
     def snapshot(self, *, block: int = 1 << 24) -> TableSnapshot:
         """Flush and read the table's allocated regions into memory (its size at most, less when sparse)."""
