@@ -1,7 +1,9 @@
 import os
 import sys
 
-# Keep CPU tests deterministic and light on this 2-core machine.
+# Keep CPU tests deterministic and light on this 2-core machine. Under pytest-xdist (`-n 2`, what .ci/run runs)
+# each worker's torch takes one thread (see pytest_configure); subprocesses inherit it.
+USER_THREADS = os.environ.get("OMP_NUM_THREADS")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -12,6 +14,15 @@ from pathlib import Path
 import open_clip
 import pytest
 from torchvision import transforms
+
+
+def pytest_configure(config):
+    """With pytest-xdist workers (`-n N`), one torch thread each unless OMP_NUM_THREADS was given: two workers of
+    two threads on two cores spin against each other. Set here, in the controller, before it starts the workers,
+    which inherit it before they import torch; a CLI run and the in-process run it is compared with then use the
+    same thread count."""
+    if USER_THREADS is None and getattr(config.option, "numprocesses", None):
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
