@@ -35,8 +35,8 @@ from engine.objectives.table import DATA_FILE, DELTA_FILE, PAGE_ROWS, UTable
 NUM_ROWS = 10 * PAGE_ROWS + 123  # a short last page
 
 
-def normaliser(live, *, full_every=3):
-    return TableNormaliser(live, num_rows=NUM_ROWS, dataset_fingerprint="fp", ctx=DistContext(), gamma_min=0.5,
+def normaliser(live, *, full_every=3, num_rows=NUM_ROWS):
+    return TableNormaliser(live, num_rows=num_rows, dataset_fingerprint="fp", ctx=DistContext(), gamma_min=0.5,
                            gamma_decay_epochs=1, fresh=True, full_every=full_every)
 
 
@@ -87,8 +87,8 @@ def folder_bytes(folder) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "COMPLETE")
 
 
-def load_bytes(tmp_path, folder) -> bytes:
-    fresh = normaliser(tmp_path / "reloaded")
+def load_bytes(tmp_path, folder, *, num_rows=NUM_ROWS) -> bytes:
+    fresh = normaliser(tmp_path / "reloaded", num_rows=num_rows)
     fresh.load(folder / "normaliser")
     data = table_bytes(fresh)
     fresh.close()
@@ -211,8 +211,7 @@ def test_a_delta_is_applied_in_pieces_and_a_flipped_byte_changes_nothing(tmp_pat
 
 def test_rows_written_all_over_a_large_table_make_the_save_a_base(tmp_path):
     num_rows = SMALL_TABLE_BYTES // 12 + 100 * PAGE_ROWS  # just large enough for the rule (a sparse file)
-    norm = TableNormaliser(tmp_path / "live", num_rows=num_rows, dataset_fingerprint="fp", ctx=DistContext(),
-                           gamma_min=0.5, gamma_decay_epochs=1, fresh=True, full_every=8)
+    norm = normaliser(tmp_path / "live", full_every=8, num_rows=num_rows)
     manager = CheckpointManager(tmp_path / "ckpt", DistContext(), parts={"normaliser": norm}, keep_last_n=4)
 
     def write(rows):
@@ -228,16 +227,9 @@ def test_rows_written_all_over_a_large_table_make_the_save_a_base(tmp_path):
     assert not required_folders(third) and not (third / "normaliser" / DELTA_FILE).exists()
     expected = table_bytes(norm)
     norm.close()
-    assert load_bytes_of(tmp_path, third, num_rows) == expected
+    assert load_bytes(tmp_path, third, num_rows=num_rows) == expected
 
 
-def load_bytes_of(tmp_path, folder, num_rows) -> bytes:
-    fresh = TableNormaliser(tmp_path / "reloaded_large", num_rows=num_rows, dataset_fingerprint="fp",
-                            ctx=DistContext(), gamma_min=0.5, gamma_decay_epochs=1, fresh=True)
-    fresh.load(folder / "normaliser")
-    data = table_bytes(fresh)
-    fresh.close()
-    return data
 @pytest.mark.parametrize("async_save", [False, True])
 def test_folders_kept_only_for_the_chain_are_trimmed_to_the_table(tmp_path, async_save):
     manager, expected = saves(tmp_path, async_save=async_save, num_saves=7, keep_last_n=2, full_every=4,
